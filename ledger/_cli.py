@@ -1,0 +1,199 @@
+"""The ``ledger`` command: parse, call the library, render, map errors to exit codes.
+
+Exit codes: 0 pass, 1 verification failed (a damaged ledger included), 2 could not run (bad
+input, usage), 3 internal error. Errors are one line on stderr; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import sys
+import traceback
+from typing import Any
+
+import click
+
+from ledger._crypto import generate_keypair
+from ledger._reader import Ledger
+from ledger.errors import LedgerError
+
+EXIT_PASS, EXIT_FAIL, EXIT_CANNOT_RUN, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.version_option(package_name="training-ledger")
+def cli(debug: bool) -> None:
+    """Record and verify signed training ledgers."""
+
+
+@cli.command()
+@click.argument("prefix", type=click.Path(dir_okay=False))
+@click.option("--encrypt", is_flag=True, help="Encrypt the private key with a passphrase (prompted).")
+@click.option("--passphrase-env", metavar="VAR", help="Read the passphrase from environment variable VAR.")
+def keygen(prefix: str, encrypt: bool, passphrase_env: str | None) -> None:
+    """Write an Ed25519 key pair: PREFIX.pem (private, mode 0600) and PREFIX.pub (public)."""
+    passphrase = None
+    if passphrase_env:
+        value = os.environ.get(passphrase_env)
+        if not value:
+            raise click.UsageError(f"environment variable {passphrase_env} is empty or not set")
+        passphrase = value.encode()
+    elif encrypt:
+        passphrase = click.prompt("Passphrase", hide_input=True, confirmation_prompt=True).encode()
+    private_path, public_path = generate_keypair(prefix, passphrase)
+    click.echo(f"private key: {private_path} (keep it secret)")
+    click.echo(f"public key:  {public_path} (publish it with your ledgers)")
+
+
+def _iso(ns: int | None) -> str | None:
+    if ns is None:
+        return None
+    return _dt.datetime.fromtimestamp(ns / 1e9, tz=_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def ledger_info(path: str) -> dict[str, Any]:
+    """Facts about a ledger, without verifying it."""
+    ledger = Ledger(path)
+    genesis_entry, last = ledger.genesis_entry(), ledger.last_entry()
+    genesis = genesis_entry.body()
+    frame = ledger.to_pandas()
+    kinds = frame["kind"].value_counts().to_dict()
+    steps = frame.loc[frame["kind"] == "step", "step"]
+    return {
+        "path": str(ledger.path),
+        "run_id": genesis.get("run_id"),
+        "format": genesis.get("format"),
+        "created": _iso(genesis.get("created_ns")),
+        "key_id": genesis["key_id"].hex() if isinstance(genesis.get("key_id"), bytes) else None,
+        "entries": len(frame),
+        "kinds": {str(k): int(v) for k, v in sorted(kinds.items())},
+        "steps": [int(steps.min()), int(steps.max())] if len(steps) else None,
+        "sealed": last.kind.label == "seal",
+        "head": last.hash.hex(),
+        "last_time": _iso(last.time_ns),
+        "parts": sum(1 for s in ledger.sources() if s.name.startswith("parts/")),
+        "log_tail_entries": len(ledger.wal_tail()),
+        "torn_tail_bytes": len(ledger.wal_torn),
+        "metrics": [c for c in frame.columns if c not in ("seq", "kind", "step", "time", "hash")],
+        "genesis_fields": sorted(genesis),
+    }
+
+
+@cli.command()
+@click.argument("ledger_path", metavar="LEDGER")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info(ledger_path: str, as_json: bool) -> None:
+    """Show what a ledger holds (no verification)."""
+    facts = ledger_info(ledger_path)
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    for key, value in facts.items():
+        if isinstance(value, (list, dict)):
+            value = ", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else \
+                ", ".join(map(str, value))
+        click.echo(f"{key:>17}: {value}")
+
+
+@cli.command()
+@click.argument("ledger_path", metavar="LEDGER")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--kind", help="Only entries of this kind (step, checkpoint, …).")
+@click.option("--tail", type=click.IntRange(min=1), help="Only the last N entries.")
+def log(ledger_path: str, fmt: str, kind: str | None, tail: int | None) -> None:
+    """Print the entries, one row each, metrics as columns."""
+    frame = Ledger(ledger_path).to_pandas()
+    if kind:
+        frame = frame[frame["kind"] == kind]
+    if tail:
+        frame = frame.tail(tail)
+    if fmt == "csv":
+        click.echo(frame.to_csv(index=False), nl=False)
+    elif fmt == "json":
+        out = frame.assign(time=frame["time"].map(lambda t: t.isoformat()))
+        click.echo(out.to_json(orient="records", indent=1))
+    else:
+        import pandas as pd
+
+        with pd.option_context("display.max_rows", None, "display.width", 200):
+            click.echo(frame.drop(columns=["hash"]).to_string(index=False))
+
+
+class _Progress:
+    """Progress on stderr, only when stderr is a terminal."""
+
+    def __init__(self) -> None:
+        self.enabled = sys.stderr.isatty()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.enabled:
+            end = "\n" if done >= total else ""
+            sys.stderr.write(f"\r{stage}: {done}/{total} entries{end}")
+            sys.stderr.flush()
+
+
+_STATUS_COLOURS = {"pass": "green", "fail": "red", "warn": "yellow", "skip": "bright_black"}
+
+
+@cli.command()
+@click.argument("ledger_path", metavar="LEDGER")
+@click.option("--key", type=click.Path(), help="The trainer's public key (PEM). Without it signatures "
+              "are only self-consistent.")
+@click.option("--sample", type=click.IntRange(min=0), help="Quick look: check the head and N random entries' "
+              "signatures and bodies only.")
+@click.option("--sample-seed", type=int, help="Reproduce an earlier --sample draw.")
+@click.option("--require", "require", default="", metavar="CHECK,…", help="Checks that must pass; a warning or "
+              "skip of one of them fails the verdict.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object to stdout.")
+@click.option("--workers", type=click.IntRange(min=1), help="Processes for signature checks (default: all cores).")
+def verify(ledger_path: str, key: str | None, sample: int | None, sample_seed: int | None, require: str,
+           as_json: bool, workers: int | None) -> None:
+    """Verify a ledger; exit 0 when no check failed, 1 when one did."""
+    from ledger.verify import verify_ledger
+
+    names = [n.strip() for n in require.split(",") if n.strip()]
+    report = verify_ledger(ledger_path, key=key, sample=sample, sample_seed=sample_seed, require=names,
+                           workers=workers, progress=_Progress())
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        facts = report.ledger
+        click.echo(f"ledger {facts['path']}  run {facts.get('run_id')}  entries {facts['entries']}")
+        for check in report.checks:
+            status = click.style(f"{check.status:<4}", fg=_STATUS_COLOURS[check.status], bold=True)
+            click.echo(f"  {check.name:<11} {status}  {check.detail}")
+        click.echo(report.sentence())
+    sys.exit(EXIT_PASS if report.verdict == "pass" else EXIT_FAIL)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the CLI and map every outcome to a documented exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="ledger", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:  # usage errors and bad parameters
+        exc.show()
+        sys.exit(EXIT_CANNOT_RUN)
+    except click.exceptions.Abort:
+        click.echo("ledger: aborted", err=True)
+        sys.exit(EXIT_CANNOT_RUN)
+    except LedgerError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"ledger: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except SystemExit:
+        raise
+    except Exception as exc:  # a bug of ours
+        if debug:
+            traceback.print_exc()
+        click.echo(f"ledger: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+                   err=True)
+        sys.exit(EXIT_INTERNAL)
+    sys.exit(EXIT_PASS)

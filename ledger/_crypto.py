@@ -1,0 +1,152 @@
+"""Ed25519 keys and DSSE signatures: the only module that touches ``cryptography.hazmat``."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from ledger._record import pae
+from ledger.errors import ConfigurationError, KeyLoadError
+
+_RAW = serialization.Encoding.Raw
+_RAW_PUB = serialization.PublicFormat.Raw
+
+
+def key_id(public_raw: bytes) -> bytes:
+    """Key id: SHA-256 of the 32-byte raw Ed25519 public key."""
+    return hashlib.sha256(public_raw).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class PublicKey:
+    """An Ed25519 public key: raw bytes plus its key id."""
+
+    raw: bytes
+
+    @property
+    def key_id(self) -> bytes:
+        """SHA-256 of the raw key."""
+        return key_id(self.raw)
+
+    def verify(self, record: bytes, signature: bytes) -> bool:
+        """True when ``signature`` is a valid signature of ``PAE(record)`` under this key."""
+        return verify_raw(self.raw, record, signature)
+
+
+def verify_raw(public_raw: bytes, record: bytes, signature: bytes) -> bool:
+    """Verify a DSSE signature over ``record`` with a raw Ed25519 public key."""
+    try:
+        Ed25519PublicKey.from_public_bytes(public_raw).verify(signature, pae(record))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def verify_many(public_raw: bytes, records: list[bytes], signatures: list[bytes]) -> list[int]:
+    """Indices (into ``records``) whose signature does not verify. Runs in the caller's process."""
+    key = Ed25519PublicKey.from_public_bytes(public_raw)
+    bad = []
+    for i, (record, signature) in enumerate(zip(records, signatures)):
+        try:
+            key.verify(signature, pae(record))
+        except (InvalidSignature, ValueError):
+            bad.append(i)
+    return bad
+
+
+class Signer:
+    """Signs records with an Ed25519 private key."""
+
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        self._key = private_key
+        self.public = PublicKey(private_key.public_key().public_bytes(_RAW, _RAW_PUB))
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> Signer:
+        """A signer from a 32-byte Ed25519 seed (test vectors and tests only)."""
+        return cls(Ed25519PrivateKey.from_private_bytes(seed))
+
+    def sign(self, record: bytes) -> bytes:
+        """The 64-byte signature of ``PAE(record)``."""
+        return self._key.sign(pae(record))
+
+
+def generate_keypair(prefix: str | os.PathLike[str], passphrase: bytes | None = None) -> tuple[Path, Path]:
+    """Write a new Ed25519 key pair: ``PREFIX.pem`` (PKCS#8, mode 0600, encrypted when a
+    passphrase is given) and ``PREFIX.pub`` (SubjectPublicKeyInfo PEM). Never overwrites."""
+    prefix = Path(prefix)
+    private_path, public_path = prefix.with_name(prefix.name + ".pem"), prefix.with_name(prefix.name + ".pub")
+    for path in (private_path, public_path):
+        if path.exists():
+            raise ConfigurationError(f"{path} already exists; choose another prefix or remove it yourself")
+    if not prefix.parent.is_dir():
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
+    )
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+    fd = os.open(public_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pub)
+    return private_path, public_path
+
+
+def _read_key_file(path: str | os.PathLike[str]) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise KeyLoadError(f"key file {path} does not exist; create one with `ledger keygen`") from None
+    except IsADirectoryError:
+        raise KeyLoadError(f"key path {path} is a directory, not a key file") from None
+    except OSError as exc:
+        raise KeyLoadError(f"cannot read key file {path}: {exc.strerror}") from None
+
+
+def load_signer(path: str | os.PathLike[str], passphrase: bytes | None = None) -> Signer:
+    """Load an Ed25519 private key from a PEM file; one clear error for every way it can fail."""
+    data = _read_key_file(path)
+    try:
+        key = serialization.load_pem_private_key(data, password=passphrase)
+    except TypeError as exc:
+        if passphrase is None:
+            raise KeyLoadError(f"private key {path} is encrypted; give its passphrase "
+                               "(LEDGER_KEY_PASSPHRASE or passphrase=)") from exc
+        raise KeyLoadError(f"private key {path} is not encrypted; give no passphrase") from exc
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        if passphrase is not None and b"ENCRYPTED" in data:
+            raise KeyLoadError(f"wrong passphrase for private key {path}") from exc
+        raise KeyLoadError(f"{path} is not a PEM private key (expected the .pem from `ledger keygen`)") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise KeyLoadError(f"{path} holds a {type(key).__name__.removeprefix('_')}, not an Ed25519 key")
+    return Signer(key)
+
+
+def load_public_key(path: str | os.PathLike[str]) -> PublicKey:
+    """Load an Ed25519 public key from a PEM file (a private key file is refused)."""
+    data = _read_key_file(path)
+    if b"PRIVATE KEY" in data:
+        raise KeyLoadError(f"{path} is a private key; pass the public key (.pub) to verify")
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise KeyLoadError(f"{path} is not a PEM public key (expected the .pub from `ledger keygen`)") from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise KeyLoadError(f"{path} holds a {type(key).__name__.removeprefix('_')}, not an Ed25519 key")
+    return PublicKey(key.public_bytes(_RAW, _RAW_PUB))
+
+
+def public_key_pem(raw: bytes) -> bytes:
+    """PEM (SubjectPublicKeyInfo) of a raw Ed25519 public key."""
+    return Ed25519PublicKey.from_public_bytes(raw).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)

@@ -1,0 +1,159 @@
+"""Deterministic CBOR for record bodies (RFC 8949 §4.2.1 core deterministic encoding).
+
+Pure bytes-in/bytes-out. Rules (normative text in docs/FORMAT.md §3):
+
+- maps have text keys only, sorted bytewise by their encoded form (shortest key first);
+- integers use the shortest head; beyond 64 bits they become bignums (tags 2/3);
+- floats use the shortest of half/single/double that keeps the value exactly; NaN is always
+  the half-precision quiet NaN ``f97e00`` (payloads are not kept); ±Inf are ``f97c00``/``f9fc00``;
+  ``-0.0`` keeps its sign (``f98000``);
+- 1-D numeric arrays are RFC 8746 typed arrays (little-endian), e.g. tag 85 for float32;
+- numpy scalars and 0-d tensors are converted to Python numbers first; anything else
+  (sets, objects, datetimes, multi-dimensional arrays) is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import cbor2
+import numpy as np
+
+from ledger.errors import FormatError
+
+# RFC 8746 §2.1 typed-array tags, little-endian variants, by numpy dtype string.
+_TYPED_ARRAY_TAGS: dict[str, int] = {
+    "uint8": 64,
+    "uint16": 69,
+    "uint32": 70,
+    "uint64": 71,
+    "int8": 72,
+    "int16": 77,
+    "int32": 78,
+    "int64": 79,
+    "float16": 84,
+    "float32": 85,
+    "float64": 86,
+}
+_TAG_DTYPES: dict[int, np.dtype[Any]] = {
+    tag: np.dtype(name).newbyteorder("<") for name, tag in _TYPED_ARRAY_TAGS.items()
+}
+
+_MAX_DEPTH = 64
+
+
+def normalize(value: Any, _depth: int = 0) -> Any:
+    """Return ``value`` with every leaf converted to a type the body encoding allows.
+
+    numpy scalars and 0-d tensors become Python numbers; 1-D numpy arrays and tensors become
+    typed arrays; tuples become lists. Raises :class:`FormatError` for anything else.
+    """
+    if _depth > _MAX_DEPTH:
+        raise FormatError("record body nested deeper than 64 levels")
+    if value is None or isinstance(value, (bool, str, bytes)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise FormatError(f"record body map keys must be text, got {type(key).__name__}")
+            out[key] = normalize(item, _depth + 1)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [normalize(item, _depth + 1) for item in value]
+    if isinstance(value, np.generic):
+        return normalize(value.item(), _depth)
+    if isinstance(value, np.ndarray):
+        return _array_tag(value)
+    if _is_tensor(value):
+        return normalize(_tensor_to_numpy(value), _depth)
+    raise FormatError(f"cannot encode a {type(value).__name__} in a record body")
+
+
+def _is_tensor(value: Any) -> bool:
+    return type(value).__module__.startswith("torch") and hasattr(value, "detach")
+
+
+def _tensor_to_numpy(value: Any) -> Any:
+    tensor = value.detach()
+    if tensor.dim() == 0:
+        return tensor.item()
+    import torch  # only reached when the caller already holds a tensor
+
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()
+    return tensor.cpu().numpy()
+
+
+def _array_tag(array: np.ndarray) -> Any:
+    if array.ndim == 0:
+        return normalize(array.item())
+    if array.ndim != 1:
+        raise FormatError("only 1-D arrays can be encoded; flatten it and store the shape")
+    tag = _TYPED_ARRAY_TAGS.get(array.dtype.name)
+    if tag is None:
+        raise FormatError(f"arrays of dtype {array.dtype} cannot be encoded")
+    return cbor2.CBORTag(tag, np.ascontiguousarray(array, dtype=_TAG_DTYPES[tag]).tobytes())
+
+
+def encode_body(body: Mapping[str, Any]) -> bytes:
+    """Encode a record body (a map) in core deterministic CBOR."""
+    if not isinstance(body, Mapping):
+        raise FormatError("a record body must be a map")
+    try:
+        return cbor2.dumps(normalize(body), canonical=True)
+    except (cbor2.CBOREncodeError, ValueError, TypeError) as exc:
+        raise FormatError(f"cannot encode record body: {exc}") from exc
+
+
+def _tag_hook(*args: Any) -> Any:
+    # cbor2 5.x calls hook(decoder, tag); 6.x calls hook(tag, immutable).
+    tag = next(arg for arg in args if isinstance(arg, cbor2.CBORTag))
+    dtype = _TAG_DTYPES.get(tag.tag)
+    if dtype is None or not isinstance(tag.value, bytes):
+        raise FormatError(f"unknown CBOR tag {tag.tag} in record body")
+    if len(tag.value) % dtype.itemsize:
+        raise FormatError(f"typed array (tag {tag.tag}) length is not a multiple of its item size")
+    return np.frombuffer(tag.value, dtype=dtype).astype(dtype.newbyteorder("="))
+
+
+def decode_body(data: bytes, *, check_deterministic: bool = True) -> dict[str, Any]:
+    """Decode a record body; with ``check_deterministic`` refuse any non-canonical encoding.
+
+    Typed arrays come back as read-only-safe numpy arrays (native byte order).
+    """
+    try:
+        body = cbor2.loads(data, tag_hook=_tag_hook, max_depth=_MAX_DEPTH + 2,
+                           allow_indefinite=False, allow_duplicate_keys=False)
+    except FormatError:
+        raise
+    except Exception as exc:  # cbor2 raises several unrelated types on garbage
+        raise FormatError(f"record body is not valid CBOR: {exc}") from exc
+    if not isinstance(body, dict):
+        raise FormatError("record body is not a map")
+    if check_deterministic and encode_body(body) != data:
+        raise FormatError("record body is not in deterministic encoding")
+    return body
+
+
+def metric_value(value: Any) -> float:
+    """Convert a metric (float, int, numpy scalar, 0-d tensor) to a Python float."""
+    value = normalize(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FormatError(f"a metric must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def floats_equal(a: float, b: float) -> bool:
+    """Equality that treats NaN as equal to NaN and keeps the sign of zero."""
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)

@@ -1,0 +1,131 @@
+"""Immutable Parquet parts: the only module that touches pyarrow writers.
+
+Schema (docs/FORMAT.md §6): one row per entry, ``record`` holding the exact signed bytes and the
+other columns a decoded view of them that verify checks against the bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ledger._entry import Entry
+from ledger._record import FORMAT_VERSION, HASH_SIZE, SIGNATURE_SIZE
+from ledger.errors import FormatError
+
+SCHEMA = pa.schema([
+    pa.field("seq", pa.int64(), nullable=False),
+    pa.field("kind", pa.string(), nullable=False),
+    pa.field("step", pa.int64(), nullable=False),
+    pa.field("time_ns", pa.int64(), nullable=False),
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("key_id", pa.binary(HASH_SIZE), nullable=False),
+    pa.field("prev_hash", pa.binary(HASH_SIZE), nullable=False),
+    pa.field("hash", pa.binary(HASH_SIZE), nullable=False),
+    pa.field("metrics", pa.map_(pa.string(), pa.float64()), nullable=False),
+    pa.field("record", pa.binary(), nullable=False),
+    pa.field("signature", pa.binary(SIGNATURE_SIZE), nullable=False),
+])
+PART_DIGITS = 6
+
+
+def part_name(index: int) -> str:
+    """File name of the ``index``-th part (``000000.parquet``)."""
+    return f"{index:0{PART_DIGITS}d}.parquet"
+
+
+def list_parts(parts_dir: Path) -> list[Path]:
+    """Part files in order; stray names are ignored (temporary files of an interrupted roll)."""
+    if not parts_dir.is_dir():
+        return []
+    found = []
+    for path in parts_dir.iterdir():
+        stem = path.name.removesuffix(".parquet")
+        if path.name.endswith(".parquet") and len(stem) == PART_DIGITS and stem.isdigit():
+            found.append(path)
+    return sorted(found)
+
+
+def entries_table(entries: Sequence[Entry], run_id: str, metrics: Sequence[dict[str, float]]) -> pa.Table:
+    """The Arrow table of a run of entries (``metrics[i]`` is entry i's metrics map)."""
+    headers = [entry.header for entry in entries]
+    columns: dict[str, Any] = {
+        "seq": [h.seq for h in headers],
+        "kind": [h.kind.label for h in headers],
+        "step": [h.step for h in headers],
+        "time_ns": [h.time_ns for h in headers],
+        "run_id": [run_id] * len(entries),
+        "key_id": [e.key_id for e in entries],
+        "prev_hash": [h.prev_hash for h in headers],
+        "hash": [e.hash for e in entries],
+        "metrics": [list(m.items()) for m in metrics],
+        "record": [e.record for e in entries],
+        "signature": [e.signature for e in entries],
+    }
+    return pa.table(columns, schema=SCHEMA)
+
+
+def write_part(path: Path, table: pa.Table, run_id: str) -> None:
+    """Write a part durably: temporary file, fsync, rename, fsync of the directory.
+
+    Refuses to replace an existing part (parts are never rewritten)."""
+    if path.exists():
+        raise FormatError(f"part {path.name} already exists; parts are never rewritten")
+    first, last = table["seq"][0].as_py(), table["seq"][-1].as_py()
+    meta = {b"training_ledger.format": str(FORMAT_VERSION).encode(), b"training_ledger.run_id": run_id.encode(),
+            b"training_ledger.seq": f"{first}-{last}".encode()}
+    table = table.replace_schema_metadata(meta)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp, compression="zstd", row_group_size=65536,
+                   use_dictionary=["kind", "run_id", "key_id"], write_statistics=["seq", "step", "time_ns"])
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def read_part(path: Path) -> pa.Table:
+    """Read a part; a damaged or foreign file raises :class:`FormatError` naming it."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise FormatError(f"part {path.name} is unreadable ({exc})") from exc
+    if not table.schema.remove_metadata().equals(SCHEMA):
+        raise FormatError(f"part {path.name} does not have the ledger schema")
+    return table
+
+
+def table_entries(table: pa.Table) -> list[Entry]:
+    """Entries of a part table (record, signature and key id columns)."""
+    return [Entry(record=r, signature=s, key_id=k) for r, s, k in zip(
+        table["record"].to_pylist(), table["signature"].to_pylist(), table["key_id"].to_pylist())]
+
+
+def part_metadata(path: Path) -> dict[str, Any]:
+    """Rows, seq range and SHA-256 of a part file (for the manifest)."""
+    meta = pq.read_metadata(path)
+    seq_range = (meta.metadata or {}).get(b"training_ledger.seq", b"").decode()
+    return {"entries": meta.num_rows, "seq": seq_range, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory by path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Replace a small JSON file atomically (the manifest)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    fsync_path(tmp)
+    os.replace(tmp, path)

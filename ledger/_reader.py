@@ -1,0 +1,182 @@
+"""Reading a ledger: parts plus the log tail, strictly read-only."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from ledger import _parts, _wal
+from ledger._entry import Entry
+from ledger._layout import Layout
+from ledger._record import Kind
+from ledger.errors import FormatError
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """One stretch of the ledger as found on disk: a part file or the log tail.
+
+    ``table`` is None when the source could not be read; ``error`` says why."""
+
+    name: str
+    table: pa.Table | None
+    error: str | None = None
+
+
+class Ledger:
+    """A ledger directory opened for reading. Never writes, never takes the writer's lock."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.layout = Layout(Path(path)).require()
+        self.path = self.layout.root
+        self._sources: list[Source] | None = None
+        self.wal_torn = b""
+
+    # ----------------------------------------------------------------- raw access
+    def sources(self) -> list[Source]:
+        """Every part (in order) and the log tail, each read or with its read error."""
+        if self._sources is None:
+            self._sources = self._load()
+        return self._sources
+
+    def _load(self) -> list[Source]:
+        # A writer may roll the log into a new part while we read: list, read the log, list again.
+        for _ in range(5):
+            before = _parts.list_parts(self.layout.parts)
+            try:
+                scan = _wal.read(self.layout.wal)
+                wal_error = None
+            except FormatError as exc:
+                scan, wal_error = _wal.WalScan([], 0, b""), str(exc)
+            if _parts.list_parts(self.layout.parts) == before:
+                break
+        sources = []
+        last_seq = -1
+        for path in before:
+            try:
+                table = _parts.read_part(path)
+                if table.num_rows:
+                    last_seq = max(last_seq, table["seq"][-1].as_py())
+                sources.append(Source(f"parts/{path.name}", table))
+            except FormatError as exc:
+                sources.append(Source(f"parts/{path.name}", None, str(exc)))
+        if wal_error is not None:
+            sources.append(Source("wal.log", None, wal_error))
+        else:
+            # Frames already rolled into a part (a roll interrupted before the log was reset).
+            tail = [e for e in scan.entries if _safe_seq(e) > last_seq]
+            self.wal_torn = scan.torn
+            if tail:
+                run_id = next((src.table["run_id"][0].as_py() for src in sources
+                               if src.table is not None and src.table.num_rows), None)
+                try:
+                    sources.append(Source("wal.log", wal_table(tail, run_id)))
+                except FormatError as exc:
+                    sources.append(Source("wal.log", None, str(exc)))
+        return sources
+
+    def table(self) -> pa.Table:
+        """All readable rows as one Arrow table (raises on an unreadable part)."""
+        tables = []
+        for source in self.sources():
+            if source.table is None:
+                raise FormatError(f"{source.name}: {source.error}")
+            tables.append(source.table)
+        if not tables:
+            return _parts.SCHEMA.empty_table()
+        return pa.concat_tables(tables)
+
+    def entries(self) -> Iterator[Entry]:
+        """Every entry in order (raises on an unreadable part)."""
+        for source in self.sources():
+            if source.table is None:
+                raise FormatError(f"{source.name}: {source.error}")
+            yield from _parts.table_entries(source.table)
+
+    def genesis_entry(self) -> Entry:
+        """The first entry; it must be a genesis."""
+        first = next(self.entries(), None)
+        if first is None or first.kind is not Kind.GENESIS:
+            raise FormatError(f"{self.path} has no genesis entry")
+        return first
+
+    def last_entry(self) -> Entry:
+        """The head entry."""
+        for source in reversed(self.sources()):
+            if source.table is None:
+                raise FormatError(f"{source.name}: {source.error}")
+            if source.table.num_rows:
+                return _parts.table_entries(source.table.slice(source.table.num_rows - 1))[0]
+        raise FormatError(f"{self.path} holds no entries")
+
+    def wal_tail(self) -> list[Entry]:
+        """Entries still in the log (not yet in a part)."""
+        tail = [s for s in self.sources() if s.name == "wal.log" and s.table is not None]
+        return _parts.table_entries(tail[0].table) if tail else []
+
+    def __len__(self) -> int:
+        return sum(s.table.num_rows for s in self.sources() if s.table is not None)
+
+    # ----------------------------------------------------------------- views
+    def genesis(self) -> dict[str, Any]:
+        """The genesis body."""
+        return self.genesis_entry().body()
+
+    @property
+    def run_id(self) -> str:
+        """The run id from genesis."""
+        return str(self.genesis()["run_id"])
+
+    @property
+    def sealed(self) -> bool:
+        """True when the last entry is a seal."""
+        return self.last_entry().kind is Kind.SEAL
+
+    def to_pandas(self) -> Any:
+        """One row per entry: seq, kind, step, time (UTC), hash (hex), then one column per metric."""
+        import pandas as pd
+
+        table = self.table()
+        frame = pd.DataFrame({
+            "seq": table["seq"].to_numpy(),
+            "kind": table["kind"].to_pylist(),
+            "step": table["step"].to_numpy(),
+            "time": pd.to_datetime(table["time_ns"].to_numpy(), unit="ns", utc=True),
+            "hash": [h.hex() for h in table["hash"].to_pylist()],
+        })
+        metrics = pd.DataFrame([dict(m) for m in table["metrics"].to_pylist()], index=frame.index)
+        metrics = metrics.drop(columns=[c for c in metrics.columns if c in frame.columns])
+        return pd.concat([frame, metrics], axis=1)
+
+
+def _safe_seq(entry: Entry) -> int:
+    try:
+        return entry.seq
+    except FormatError:
+        return 1 << 62  # keep malformed records: verify reports them
+
+
+def wal_table(entries: list[Entry], run_id: str | None) -> pa.Table:
+    """The typed view of log entries (built here: the log stores only the signed bytes).
+
+    ``run_id`` comes from the parts; when the log holds the genesis, from its body."""
+    metrics = []
+    for entry in entries:
+        try:
+            body = entry.body()
+            metrics.append({k: float(v) for k, v in dict(body.get("metrics", {})).items()})
+            if run_id is None and entry.kind is Kind.GENESIS:
+                run_id = str(body["run_id"])
+        except (FormatError, TypeError, ValueError, AttributeError, KeyError):
+            metrics.append({})
+    return _parts.entries_table(entries, run_id or "", metrics)
+
+
+def open(path: str | os.PathLike[str]) -> Ledger:  # noqa: A001 - the public name is ledger.open
+    """Open a ledger directory for reading."""
+    return Ledger(path)

@@ -1,0 +1,270 @@
+"""Integrity checks that need only the ledger: ``chain``, ``signatures`` and ``seal``.
+
+The chain check works on the header bytes of every record with numpy (no body decoding), then
+decodes the bodies it must (genesis, seal, and every body or a sample) to check the typed
+columns against them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ledger import _record
+from ledger._crypto import PublicKey
+from ledger._encoding import decode_body, floats_equal
+from ledger._reader import Ledger
+from ledger._record import HEADER_SIZE, Kind, merkle_root
+from ledger.errors import FormatError
+from ledger.verify._result import CheckResult
+from ledger.verify._signatures import bad_signatures
+
+Progress = Callable[[str, int, int], None]
+_KIND_CODES = {k.label: int(k) for k in Kind}
+
+
+@dataclass(slots=True)
+class Loaded:
+    """The ledger's rows as arrays, with recomputed hashes (shared by the three checks)."""
+
+    table: pa.Table
+    records: list[bytes]
+    hashes: list[bytes]
+    errors: list[tuple[str, str]]  # (source, reason) for unreadable parts
+    genesis: dict[str, Any] | None
+    genesis_error: str | None
+
+
+def load(ledger: Ledger) -> Loaded:
+    """Read every readable source and recompute every entry hash."""
+    tables, errors = [], []
+    for source in ledger.sources():
+        if source.table is None:
+            errors.append((source.name, source.error or "unreadable"))
+        else:
+            tables.append(source.table)
+    table = pa.concat_tables(tables) if tables else None
+    if table is None:
+        from ledger._parts import SCHEMA
+
+        table = SCHEMA.empty_table()
+    records = table["record"].to_pylist()
+    sha = hashlib.sha256
+    hashes = [sha(b"\x00" + r).digest() for r in records]
+    genesis, genesis_error = None, None
+    if records:
+        try:
+            header = _record.decode_header(records[0])
+            if header.kind is not Kind.GENESIS:
+                raise FormatError("first entry is not a genesis")
+            genesis = decode_body(records[0][HEADER_SIZE:])
+        except FormatError as exc:
+            genesis_error = str(exc)
+    else:
+        genesis_error = "the ledger holds no entries"
+    return Loaded(table, records, hashes, errors, genesis, genesis_error)
+
+
+def _header_matrix(column: pa.ChunkedArray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 92) uint8 header bytes of every record, and the record lengths."""
+    array = column.cast(pa.large_binary()).combine_chunks() if n else pa.array([], pa.large_binary())
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int64, count=n + 1, offset=array.offset * 8)
+    data = np.frombuffer(array.buffers()[2], dtype=np.uint8) if n else np.zeros(0, np.uint8)
+    lengths = np.diff(offsets)
+    starts = np.where(lengths >= HEADER_SIZE, offsets[:-1], 0)
+    if data.size < HEADER_SIZE:
+        data = np.concatenate([data, np.zeros(HEADER_SIZE, np.uint8)])
+    return data[starts[:, None] + np.arange(HEADER_SIZE)], lengths
+
+
+def _field(headers: np.ndarray, lo: int, hi: int, dtype: str) -> np.ndarray:
+    return np.ascontiguousarray(headers[:, lo:hi]).view(dtype).ravel()
+
+
+def _bytes_rows(column: pa.ChunkedArray) -> np.ndarray:
+    values = column.to_pylist()
+    return np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), -1) if values else \
+        np.zeros((0, 32), np.uint8)
+
+
+def check_chain(loaded: Loaded, *, sample: int | None, rng: random.Random,
+                progress: Progress | None = None) -> CheckResult:
+    """Recompute every hash, check links, seq contiguity, run id, kinds and that the typed
+    columns equal the record bytes; name the first bad entry by seq."""
+    t, n = loaded.table, len(loaded.records)
+    problems: dict[int, list[str]] = {}
+
+    def flag(mask: np.ndarray, reason: str) -> None:
+        for i in np.flatnonzero(mask)[:1000]:
+            problems.setdefault(int(i), []).append(reason)
+
+    if n == 0:
+        return CheckResult("chain", "fail", "the ledger holds no entries", {"entries": 0})
+    headers, lengths = _header_matrix(t["record"], n)
+    flag(lengths < HEADER_SIZE, f"record shorter than the {HEADER_SIZE}-byte header")
+    version = _field(headers, 0, 2, ">u2")
+    kind = headers[:, 2].astype(np.int64)
+    seq = _field(headers, 4, 12, ">u8").astype(np.int64)
+    step = _field(headers, 12, 20, ">i8")
+    time_ns = _field(headers, 20, 28, ">i8")
+    run_dg, prev = headers[:, 28:60], headers[:, 60:92]
+    hashes = np.frombuffer(b"".join(loaded.hashes), dtype=np.uint8).reshape(n, 32)
+    flag(version != _record.FORMAT_VERSION, f"unknown format version (expected {_record.FORMAT_VERSION})")
+    flag(headers[:, 3] != 0, "reserved header byte is not zero")
+    flag(kind > max(Kind), "unknown entry kind")
+    flag(seq != np.arange(n), "seq is not contiguous here (an entry is missing, duplicated or moved)")
+    expected_prev = np.vstack([np.zeros((1, 32), np.uint8), hashes[:-1]])
+    flag((prev != expected_prev).any(axis=1), "prev_hash does not equal the previous entry's hash")
+    flag((kind == Kind.GENESIS) & (np.arange(n) != 0), "a genesis entry after the first position")
+    flag((kind == Kind.SEAL) & (np.arange(n) != n - 1), "entries follow the seal")
+    if kind[0] != Kind.GENESIS:
+        problems.setdefault(0, []).append("the first entry is not a genesis")
+    # run id: every header names the genesis run
+    if loaded.genesis is not None:
+        run_id = str(loaded.genesis.get("run_id", ""))
+        flag((run_dg != np.frombuffer(_record.run_digest(run_id), np.uint8)).any(axis=1),
+             "run-id digest differs from the genesis run (an entry from another run)")
+        flag(np.array([r != run_id for r in t["run_id"].to_pylist()]), "run_id column differs from genesis")
+        gkid = loaded.genesis.get("key_id", b"")
+        flag(np.array([k != gkid for k in t["key_id"].to_pylist()]), "key_id column differs from the genesis key id")
+    elif loaded.genesis_error:
+        problems.setdefault(0, []).append(f"genesis unreadable: {loaded.genesis_error}")
+    # typed columns against the header bytes
+    flag(t["seq"].to_numpy() != seq, "seq column differs from the record header")
+    flag(t["step"].to_numpy() != step, "step column differs from the record header")
+    flag(t["time_ns"].to_numpy() != time_ns, "time_ns column differs from the record header")
+    kinds_col = np.array([_KIND_CODES.get(k, -1) for k in t["kind"].to_pylist()])
+    flag(kinds_col != kind, "kind column differs from the record header")
+    flag((_bytes_rows(t["prev_hash"]) != prev).any(axis=1), "prev_hash column differs from the record header")
+    flag((_bytes_rows(t["hash"]) != hashes).any(axis=1), "hash column differs from the hash of the record bytes")
+    if progress:
+        progress("chain", n, n)
+    # bodies: genesis, seal and all others (or a sample) decoded and compared with the metrics column
+    decode = set(range(n)) if sample is None else {0, n - 1, *rng.sample(range(n), min(sample, n))}
+    metrics = t["metrics"]
+    for i in sorted(decode):
+        if lengths[i] < HEADER_SIZE:
+            continue
+        try:
+            body = decode_body(loaded.records[i][HEADER_SIZE:])
+            body_metrics = {str(k): float(v) for k, v in dict(body.get("metrics", {})).items()}
+        except (FormatError, TypeError, ValueError, AttributeError) as exc:
+            problems.setdefault(i, []).append(f"body: {exc}")
+            continue
+        column = dict(metrics[i].as_py())
+        if column.keys() != body_metrics.keys() or not all(
+                floats_equal(column[k], body_metrics[k]) for k in column):
+            problems.setdefault(i, []).append("metrics column differs from the record body")
+    data: dict[str, Any] = {"entries": n, "bodies_decoded": len(decode)}
+    failures = [f"{name}: {reason}" for name, reason in loaded.errors]
+    if problems or failures:
+        bad = sorted(problems)
+        data.update({"bad_entries": len(bad), "first_bad_seq": bad[0] if bad else n})
+        where = f"first bad entry seq {bad[0]}: {'; '.join(problems[bad[0]])}" if bad else ""
+        if failures:
+            data["unreadable"] = [name for name, _ in loaded.errors]
+            where = "; ".join(failures + ([where] if where else []))
+            if not bad:
+                data["first_bad_seq"] = n
+                where += f" (entries from seq {n} on cannot be read)"
+        return CheckResult("chain", "fail", where, data)
+    sampled = "" if sample is None else f"; bodies decoded for {len(decode)} of them (--sample)"
+    return CheckResult("chain", "pass", f"{n} entries linked from genesis to head {loaded.hashes[-1].hex()[:16]}…"
+                       f", every hash recomputed{sampled}", data)
+
+
+def check_signatures(loaded: Loaded, key: PublicKey | None, *, sample: int | None, rng: random.Random,
+                     workers: int | None = None, progress: Progress | None = None) -> CheckResult:
+    """Verify the Ed25519 signature of every entry (or the head and a sample) with the given
+    key, or with the genesis key when none is given (then at best a warning)."""
+    n = len(loaded.records)
+    if n == 0:
+        return CheckResult("signatures", "fail", "the ledger holds no entries")
+    embedded = loaded.genesis.get("public_key") if loaded.genesis else None
+    if key is None:
+        if not isinstance(embedded, bytes) or len(embedded) != 32:
+            return CheckResult("signatures", "fail", "no --key given and the genesis carries no usable public key")
+        used = PublicKey(embedded)
+        if loaded.genesis and loaded.genesis.get("key_id") != used.key_id:
+            return CheckResult("signatures", "fail", "genesis key_id is not the SHA-256 of its public key")
+    else:
+        used = key
+    index = list(range(n)) if sample is None else sorted({0, n - 1, *rng.sample(range(n), min(sample, n))})
+    signatures = loaded.table["signature"].to_pylist()
+    records = loaded.records if sample is None else [loaded.records[i] for i in index]
+    sigs = signatures if sample is None else [signatures[i] for i in index]
+    bad = [index[i] for i in bad_signatures(used.raw, records, sigs, workers=workers,
+                                            progress=(lambda d, t: progress("signatures", d, t)) if progress else None)]
+    data: dict[str, Any] = {"key_id": used.key_id.hex(), "checked": len(index), "entries": n,
+                            "key_source": "given" if key is not None else "embedded"}
+    signer = loaded.genesis.get("key_id") if loaded.genesis else None
+    if bad:
+        data.update({"bad_signatures": len(bad), "first_bad_seq": bad[0]})
+        why = ""
+        if key is not None and isinstance(signer, bytes) and signer != key.key_id:
+            why = f" (the ledger names signer key id {signer.hex()[:16]}…, the given key is {key.key_id.hex()[:16]}…)"
+        return CheckResult("signatures", "fail", f"{len(bad)} of {len(index)} signatures do not verify; "
+                           f"first bad entry seq {bad[0]}{why}", data)
+    scope = f"all {n}" if sample is None else f"head, genesis and a random sample: {len(index)} of {n}"
+    if sample is not None:
+        return CheckResult("signatures", "warn", f"only a sample was checked ({scope} signatures valid); "
+                           "run without --sample to check every entry", data,
+                           summary=f"only {len(index)} of {n} signatures checked (--sample)")
+    if key is None:
+        return CheckResult("signatures", "warn", f"self-consistent, signer not authenticated: {scope} "
+                           f"signatures verify with the key embedded in genesis (key id {used.key_id.hex()[:16]}…); "
+                           "pass --key with the trainer's published public key", data,
+                           summary="self-consistent, signer not authenticated: no --key given")
+    return CheckResult("signatures", "pass", f"{scope} signatures verify with key id {used.key_id.hex()[:16]}…", data)
+
+
+def check_seal(loaded: Loaded, ledger: Ledger) -> CheckResult:
+    """The seal is the last entry and its entry count, head and tree root match the entries."""
+    n = len(loaded.records)
+    if n == 0:
+        return CheckResult("seal", "fail", "the ledger holds no entries")
+    last = loaded.records[-1]
+    try:
+        header = _record.decode_header(last)
+    except FormatError as exc:
+        return CheckResult("seal", "fail", f"head entry unreadable: {exc}")
+    if header.kind is not Kind.SEAL:
+        return CheckResult("seal", "warn", "not sealed: the ledger ends at seq "
+                           f"{n - 1} without a seal (a run still open or interrupted, or entries dropped "
+                           f"from the end){_manifest_hint(ledger, n)}", {"sealed": False},
+                           summary="not sealed: the ledger may be cut short")
+    try:
+        body = decode_body(last[HEADER_SIZE:])
+    except FormatError as exc:
+        return CheckResult("seal", "fail", f"seal body unreadable: {exc}", {"sealed": True})
+    problems = []
+    if body.get("entry_count") != n - 1:
+        problems.append(f"entry_count {body.get('entry_count')} but {n - 1} entries precede the seal")
+    if body.get("head") != (loaded.hashes[-2] if n > 1 else _record.ZERO_HASH):
+        problems.append("head does not equal the hash of the entry before the seal")
+    if body.get("tree_root") != merkle_root(loaded.hashes[:-1]):
+        problems.append("tree_root does not equal the Merkle tree hash of the entries before the seal")
+    data = {"sealed": True, "entry_count": body.get("entry_count"),
+            "tree_root": body["tree_root"].hex() if isinstance(body.get("tree_root"), bytes) else None}
+    if problems:
+        return CheckResult("seal", "fail", "; ".join(problems), data)
+    return CheckResult("seal", "pass", f"sealed after {n - 1} entries; count, head and Merkle root match", data)
+
+
+def _manifest_hint(ledger: Ledger, n: int) -> str:
+    try:
+        manifest = json.loads(ledger.layout.manifest.read_text())
+    except (OSError, ValueError):
+        return ""
+    claimed = manifest.get("entries")
+    if isinstance(claimed, int) and (claimed > n or manifest.get("sealed")):
+        return (f"; note: manifest.json (not trusted) lists {claimed} entries"
+                f"{' and a seal' if manifest.get('sealed') else ''}, so entries may have been removed")
+    return ""
