@@ -177,8 +177,10 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=args, prog_name="ledger", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:  # usage errors and bad parameters
-        exc.show()
+    except click.ClickException as exc:  # usage errors and bad parameters: one line too
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        click.echo(f"ledger: error: {exc.format_message()}{hint}", err=True)
         sys.exit(EXIT_CANNOT_RUN)
     except click.exceptions.Abort:
         click.echo("ledger: aborted", err=True)

@@ -106,7 +106,8 @@ def check_chain(loaded: Loaded, *, sample: int | None, rng: random.Random,
             problems.setdefault(int(i), []).append(reason)
 
     if n == 0:
-        return CheckResult("chain", "fail", "the ledger holds no entries", {"entries": 0})
+        reasons = [f"{name}: {reason}" for name, reason in loaded.errors] or ["the ledger holds no entries"]
+        return CheckResult("chain", "fail", "; ".join(reasons), {"entries": 0, "first_bad_seq": 0})
     headers, lengths = _header_matrix(t["record"], n)
     flag(lengths < HEADER_SIZE, f"record shorter than the {HEADER_SIZE}-byte header")
     version = _field(headers, 0, 2, ">u2")

@@ -84,7 +84,7 @@ class Report:
         entries = self.ledger.get("entries", 0)
         failed = [c.name for c in self.checks if c.status == "fail"]
         if failed:
-            head = f"FAIL: {', '.join(failed)} failed on this ledger of {entries} entries"
+            head = f"FAIL: {_join(failed)} failed on this ledger of {entries} entries"
         else:
             head = f"PASS: {_join(self.rests_on) or 'nothing'} hold{'s' if len(self.rests_on) == 1 else ''} " \
                    f"for {entries} entries"
