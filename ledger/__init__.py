@@ -10,7 +10,7 @@ from __future__ import annotations
 from ledger._crypto import PublicKey, Signer, generate_keypair, load_public_key, load_signer
 from ledger._encoding import decode_body, encode_body
 from ledger._entry import Entry
-from ledger._reader import Ledger, open
+from ledger._reader import Ledger, open  # noqa: A004 - ledger.open is the public name
 from ledger._record import FORMAT_VERSION, PAYLOAD_TYPE, Kind, entry_hash, merkle_root, pae
 from ledger._writer import LedgerWriter, Recovery
 from ledger.errors import (

@@ -52,7 +52,7 @@ def verify_many(public_raw: bytes, records: list[bytes], signatures: list[bytes]
     """Indices (into ``records``) whose signature does not verify. Runs in the caller's process."""
     key = Ed25519PublicKey.from_public_bytes(public_raw)
     bad = []
-    for i, (record, signature) in enumerate(zip(records, signatures)):
+    for i, (record, signature) in enumerate(zip(records, signatures, strict=True)):
         try:
             key.verify(signature, pae(record))
         except (InvalidSignature, ValueError):

@@ -104,7 +104,7 @@ def read_part(path: Path) -> pa.Table:
 def table_entries(table: pa.Table) -> list[Entry]:
     """Entries of a part table (record, signature and key id columns)."""
     return [Entry(record=r, signature=s, key_id=k) for r, s, k in zip(
-        table["record"].to_pylist(), table["signature"].to_pylist(), table["key_id"].to_pylist())]
+        table["record"].to_pylist(), table["signature"].to_pylist(), table["key_id"].to_pylist(), strict=True)]
 
 
 def part_metadata(path: Path) -> dict[str, Any]:

@@ -18,8 +18,16 @@ from ledger._crypto import Signer, load_signer
 from ledger._encoding import encode_body, metric_value
 from ledger._entry import Entry
 from ledger._layout import Layout
-from ledger._record import (FORMAT_VERSION, PAYLOAD_TYPE, ZERO_HASH, Header, Kind, MerkleAccumulator,
-                            encode_record, run_digest)
+from ledger._record import (
+    FORMAT_VERSION,
+    PAYLOAD_TYPE,
+    ZERO_HASH,
+    Header,
+    Kind,
+    MerkleAccumulator,
+    encode_record,
+    run_digest,
+)
 from ledger.errors import ConfigurationError, FormatError, LedgerLockedError
 
 Clock = Callable[[], int]
@@ -147,8 +155,9 @@ class LedgerWriter:
         saved = None
         if torn:
             n = 0
-            while (saved := self.layout.root / f"wal.torn.{n}").exists():
+            while (self.layout.root / f"wal.torn.{n}").exists():
                 n += 1
+            saved = self.layout.root / f"wal.torn.{n}"
             saved.write_bytes(torn)
         if tail:
             self._pending = [(e, _metrics_of(e)) for e in tail]

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from ledger.verify import verify_ledger
 
 import ledger
-from ledger.verify import verify_ledger
 
 CHILD = r"""
 import sys, ledger
@@ -42,7 +42,7 @@ def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path: Path):
     for _ in range(24):
         child = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE, text=True)
         lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.extend(child.stdout), daemon=True)
+        reader = threading.Thread(target=lines.extend, args=(child.stdout,), daemon=True)
         reader.start()
         deadline = time.monotonic() + 60
         while not lines and time.monotonic() < deadline:

@@ -12,12 +12,13 @@ import random
 import secrets
 from collections.abc import Callable, Iterable
 
+from ledger.verify._integrity import check_chain, check_seal, check_signatures, load
+from ledger.verify._result import CheckResult, Report
+
 from ledger._crypto import PublicKey, load_public_key
 from ledger._reader import Ledger
 from ledger._record import Kind
 from ledger.errors import ConfigurationError
-from ledger.verify._integrity import check_chain, check_seal, check_signatures, load
-from ledger.verify._result import CheckResult, Report
 
 CHECKS = ("chain", "signatures", "seal")
 

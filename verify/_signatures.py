@@ -32,10 +32,10 @@ def bad_signatures(public_raw: bytes, records: Sequence[bytes], signatures: Sequ
     workers = workers or os.cpu_count() or 1
     methods = multiprocessing.get_all_start_methods()
     if n < _INLINE_BELOW or workers == 1 or "fork" not in methods:
-        bad = verify_many(public_raw, list(records), list(signatures))
+        inline = verify_many(public_raw, list(records), list(signatures))
         if progress:
             progress(n, n)
-        return bad
+        return inline
     chunk = max(512, min(16384, n // (workers * 8) or 1))
     bounds = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
     _SHARED = (public_raw, records, signatures)
@@ -43,7 +43,7 @@ def bad_signatures(public_raw: bytes, records: Sequence[bytes], signatures: Sequ
     try:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
             done = 0
-            for (lo, hi), result in zip(bounds, pool.map(_work, bounds)):
+            for (lo, hi), result in zip(bounds, pool.map(_work, bounds), strict=True):
                 bad.extend(result)
                 done += hi - lo
                 if progress:
