@@ -36,7 +36,7 @@ from ledger._reader import Ledger
 SEED = bytes(32)
 METRICS = ("loss", "lr", "grad_norm", "grad_norm_clipped", "weight_norm", "update_norm", "loss_scale",
            "tokens_per_s", "samples_per_s", "accuracy", "perplexity", "momentum")
-FRAMING = ["seq", "kind", "step", "time_ns", "run_id", "key_id", "prev_hash", "hash", "signature"]
+FRAMING = ["seq", "kind", "step", "time_ns", "run_id", "key_id", "hash", "signature"]
 SINGLE_CAP = 50_000  # the single-process raw verify rate is measured on at most this many messages
 Row = tuple[str, float, str, float | None]  # figure, value, "floor/target" label, floor value
 _RAW: tuple[bytes, list[bytes], list[bytes]] | None = None  # set before fork, read by children

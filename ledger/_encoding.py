@@ -40,8 +40,12 @@ _TYPED_ARRAY_TAGS: dict[str, int] = {
 _TAG_DTYPES: dict[int, np.dtype[Any]] = {
     tag: np.dtype(name).newbyteorder("<") for name, tag in _TYPED_ARRAY_TAGS.items()
 }
+_DTYPE_TAGS: dict[np.dtype[Any], int] = {np.dtype(name): tag for name, tag in _TYPED_ARRAY_TAGS.items()}
 
 _MAX_DEPTH = 64
+
+
+_PLAIN = (type(None), bool, str, bytes, int, float)
 
 
 def normalize(value: Any, _depth: int = 0) -> Any:
@@ -50,31 +54,39 @@ def normalize(value: Any, _depth: int = 0) -> Any:
     numpy scalars and 0-d tensors become Python numbers; 1-D numpy arrays and tensors become
     typed arrays; tuples become lists. Raises :class:`FormatError` for anything else.
     """
+    kind = type(value)
+    if kind in _PLAIN:
+        return value
     if _depth > _MAX_DEPTH:
         raise FormatError("record body nested deeper than 64 levels")
-    if value is None or isinstance(value, (bool, str, bytes)):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, (bytearray, memoryview)):
-        return bytes(value)
-    if isinstance(value, Mapping):
+    if kind is dict or isinstance(value, Mapping):
         out: dict[str, Any] = {}
         for key, item in value.items():
-            if not isinstance(key, str):
+            if type(key) is not str:
                 raise FormatError(f"record body map keys must be text, got {type(key).__name__}")
-            out[key] = normalize(item, _depth + 1)
+            out[key] = item if type(item) in _PLAIN else normalize(item, _depth + 1)
         return out
-    if isinstance(value, (list, tuple)):
-        return [normalize(item, _depth + 1) for item in value]
+    if kind is list or kind is tuple:
+        return [item if type(item) in _PLAIN else normalize(item, _depth + 1) for item in value]
+    if kind is np.ndarray:
+        return _array_tag(value)
+    if isinstance(value, (bool, str, bytes, int, float)):  # subclasses (IntEnum, numpy float64 …)
+        return value.item() if isinstance(value, np.generic) else _plain(value)
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
     if isinstance(value, np.generic):
         return normalize(value.item(), _depth)
     if isinstance(value, np.ndarray):
         return _array_tag(value)
     if _is_tensor(value):
         return normalize(_tensor_to_numpy(value), _depth)
+    raise FormatError(f"cannot encode a {type(value).__name__} in a record body")
+
+
+def _plain(value: Any) -> Any:
+    for base in (bool, int, float, str, bytes):
+        if isinstance(value, base):
+            return base(value)
     raise FormatError(f"cannot encode a {type(value).__name__} in a record body")
 
 
@@ -98,10 +110,12 @@ def _array_tag(array: np.ndarray) -> Any:
         return normalize(array.item())
     if array.ndim != 1:
         raise FormatError("only 1-D arrays can be encoded; flatten it and store the shape")
-    tag = _TYPED_ARRAY_TAGS.get(array.dtype.name)
+    tag = _DTYPE_TAGS.get(array.dtype)
     if tag is None:
-        raise FormatError(f"arrays of dtype {array.dtype} cannot be encoded")
-    return cbor2.CBORTag(tag, np.ascontiguousarray(array, dtype=_TAG_DTYPES[tag]).tobytes())
+        tag = _DTYPE_TAGS.get(array.dtype.newbyteorder("="))
+        if tag is None:
+            raise FormatError(f"arrays of dtype {array.dtype} cannot be encoded")
+    return cbor2.CBORTag(tag, array.astype(_TAG_DTYPES[tag], copy=False).tobytes())
 
 
 def encode_body(body: Mapping[str, Any]) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,44 +42,50 @@ class Ledger:
     def sources(self) -> list[Source]:
         """Every part (in order) and the log tail, each read or with its read error."""
         if self._sources is None:
-            self._sources = self._load()
+            self._sources = list(self.iter_sources())
         return self._sources
 
-    def _load(self) -> list[Source]:
+    def iter_sources(self) -> Iterator[Source]:
+        """Like :meth:`sources`, yielding each part as soon as it is read while the next one is
+        read in a background thread (so a caller can hash one part while the next decompresses)."""
+        if self._sources is not None:
+            yield from self._sources
+            return
         # A writer may roll the log into a new part while we read: list, read the log, list again.
         for _ in range(5):
             before = _parts.list_parts(self.layout.parts)
             try:
-                scan = _wal.read(self.layout.wal)
-                wal_error = None
+                scan, wal_error = _wal.read(self.layout.wal), None
             except FormatError as exc:
                 scan, wal_error = _wal.WalScan([], 0, b""), str(exc)
             if _parts.list_parts(self.layout.parts) == before:
                 break
-        sources = []
-        last_seq = -1
-        for path in before:
-            try:
-                table = _parts.read_part(path)
-                if table.num_rows:
-                    last_seq = max(last_seq, table["seq"][-1].as_py())
-                sources.append(Source(f"parts/{path.name}", table))
-            except FormatError as exc:
-                sources.append(Source(f"parts/{path.name}", None, str(exc)))
+        sources: list[Source] = []
+        last_seq, run_id = -1, None
+        with ThreadPoolExecutor(2, thread_name_prefix="ledger-read") as pool:
+            for path, future in [(p, pool.submit(_read_source, p)) for p in before]:
+                source = future.result()
+                if source.table is not None and source.table.num_rows:
+                    last_seq = max(last_seq, source.table["seq"][-1].as_py())
+                    run_id = run_id or source.table["run_id"][0].as_py()
+                sources.append(source)
+                yield source
         if wal_error is not None:
-            sources.append(Source("wal.log", None, wal_error))
+            tail_source: Source | None = Source("wal.log", None, wal_error)
         else:
             # Frames already rolled into a part (a roll interrupted before the log was reset).
             tail = [e for e in scan.entries if _safe_seq(e) > last_seq]
             self.wal_torn = scan.torn
+            tail_source = None
             if tail:
-                run_id = next((src.table["run_id"][0].as_py() for src in sources
-                               if src.table is not None and src.table.num_rows), None)
                 try:
-                    sources.append(Source("wal.log", wal_table(tail, run_id)))
+                    tail_source = Source("wal.log", wal_table(tail, run_id))
                 except FormatError as exc:
-                    sources.append(Source("wal.log", None, str(exc)))
-        return sources
+                    tail_source = Source("wal.log", None, str(exc))
+        if tail_source is not None:
+            sources.append(tail_source)
+            yield tail_source
+        self._sources = sources
 
     def table(self) -> pa.Table:
         """All readable rows as one Arrow table (raises on an unreadable part)."""
@@ -152,6 +159,13 @@ class Ledger:
         metrics = pd.DataFrame([dict(m) for m in table["metrics"].to_pylist()], index=frame.index)
         metrics = metrics.drop(columns=[c for c in metrics.columns if c in frame.columns])
         return pd.concat([frame, metrics], axis=1)
+
+
+def _read_source(path: Path) -> Source:
+    try:
+        return Source(f"parts/{path.name}", _parts.read_part(path))
+    except FormatError as exc:
+        return Source(f"parts/{path.name}", None, str(exc))
 
 
 def _safe_seq(entry: Entry) -> int:

@@ -124,10 +124,18 @@ def node_hash(left: bytes, right: bytes) -> bytes:
 def merkle_root(leaves: list[bytes]) -> bytes:
     """RFC 9162 §2.1.1 Merkle Tree Hash over already-hashed leaves (MTH of the empty list
     is SHA-256 of the empty string)."""
-    acc = MerkleAccumulator()
-    for leaf in leaves:
-        acc.add(leaf)
-    return acc.root()
+    if not leaves:
+        return hashlib.sha256(b"").digest()
+    sha, level = hashlib.sha256, list(leaves)
+    # Pairing left to right and carrying an odd last node up unchanged builds the same tree as
+    # RFC 9162's split at the largest power of two below n (tests compare with the recursive form
+    # and with MerkleAccumulator, the incremental form the writer uses).
+    while len(level) > 1:
+        paired = [sha(b"\x01" + level[i] + level[i + 1]).digest() for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            paired.append(level[-1])
+        level = paired
+    return level[0]
 
 
 class MerkleAccumulator:

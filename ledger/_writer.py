@@ -73,7 +73,8 @@ class LedgerWriter:
         self.head, self.next_seq = head, next_seq
         self._fsync, self._fsync_interval, self._clock = fsync, fsync_interval, clock
         self._rollover_entries, self._rollover_bytes = rollover_entries, rollover_bytes
-        self._pending: list[tuple[Entry, dict[str, float]]] = []
+        self._pending: list[tuple[Entry, bytes, dict[str, float]]] = []  # entry, its hash, metrics
+        self._manifest_parts: list[dict[str, Any]] = []
         self._pending_bytes = 0
         self._mutex = threading.Lock()
         self._last_sync = time.monotonic()
@@ -160,7 +161,7 @@ class LedgerWriter:
             saved = self.layout.root / f"wal.torn.{n}"
             saved.write_bytes(torn)
         if tail:
-            self._pending = [(e, _metrics_of(e)) for e in tail]
+            self._pending = [(e, e.hash, _metrics_of(e)) for e in tail]
         self._roll(force_reset=bool(torn) or bool(tail) or self.layout.wal.stat().st_size > len(_wal.MAGIC))
         self.recovery = Recovery(len(tail), len(torn), saved)
 
@@ -183,7 +184,7 @@ class LedgerWriter:
             self._wal.append(frame)
             self.head, self.next_seq, self._last_step = entry.hash, self.next_seq + 1, header.step
             self._tree.add(entry.hash)
-            self._pending.append((entry, metrics))
+            self._pending.append((entry, self.head, metrics))
             self._pending_bytes += len(frame)
             now = time.monotonic()
             if self._fsync == "always" or (self._fsync == "group" and now - self._last_sync >= self._fsync_interval):
@@ -236,9 +237,11 @@ class LedgerWriter:
     def _roll(self, force_reset: bool = False) -> None:
         if self._pending:
             index = len(_parts.list_parts(self.layout.parts))
-            entries = [e for e, _ in self._pending]
-            table = _parts.entries_table(entries, self.run_id, [m for _, m in self._pending])
-            _parts.write_part(self.layout.parts / _parts.part_name(index), table, self.run_id)
+            table = _parts.entries_table([e for e, _, _ in self._pending], self.run_id,
+                                         [m for _, _, m in self._pending], [h for _, h, _ in self._pending])
+            path = self.layout.parts / _parts.part_name(index)
+            _parts.write_part(path, table, self.run_id)
+            self._manifest_parts.append({"name": path.name, **_parts.part_metadata(path)})
         if self._pending or force_reset:
             self._wal.close()
             tmp = self.layout.wal.with_name("wal.log.tmp")
@@ -252,10 +255,12 @@ class LedgerWriter:
         self._last_sync = time.monotonic()
 
     def _write_manifest(self) -> None:
-        parts = []
-        for path in _parts.list_parts(self.layout.parts):
-            meta = _parts.part_metadata(path)
-            parts.append({"name": path.name, **meta})
+        known = {p["name"] for p in self._manifest_parts}
+        for path in _parts.list_parts(self.layout.parts):  # parts written before this writer opened
+            if path.name not in known:
+                self._manifest_parts.append({"name": path.name, **_parts.part_metadata(path)})
+        self._manifest_parts.sort(key=lambda p: p["name"])
+        parts = self._manifest_parts
         _parts.write_json_atomic(self.layout.manifest, {
             "format": FORMAT_VERSION, "run_id": self.run_id, "key_id": self._signer.public.key_id.hex(),
             "entries": self.next_seq, "head": self.head.hex(), "sealed": self.sealed, "parts": parts,

@@ -61,7 +61,6 @@ CELL_CHANGES = {
     "time_ns": (lambda v: v - 1, "chain"),
     "run_id": (lambda v: "someone-else", "chain"),
     "key_id": (lambda v: flip(v), "chain"),
-    "prev_hash": (lambda v: flip(v), "chain"),
     "hash": (lambda v: flip(v), "chain"),
     "metrics": (lambda v: [(k, x * 0.5) for k, x in v], "chain"),
     "record": (lambda v: flip(v), "chain"),

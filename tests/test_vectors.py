@@ -110,3 +110,22 @@ def test_golden_v1_ledger_still_verifies_and_matches_the_vectors():
     records = [e.record.hex() for e in ledger.open(GOLDEN / "v1").entries()]
     assert records == [e["record"] for e in documented_vectors()["entries"]]
     assert before == {p: p.read_bytes() for p in (GOLDEN / "v1").rglob("*") if p.is_file()}
+
+
+def test_merkle_batch_incremental_and_recursive_forms_agree():
+    from ledger._record import MerkleAccumulator, node_hash
+
+    def recursive(leaves):
+        if len(leaves) == 1:
+            return leaves[0]
+        k = 1
+        while k * 2 < len(leaves):
+            k *= 2
+        return node_hash(recursive(leaves[:k]), recursive(leaves[k:]))
+
+    for n in range(1, 70):
+        leaves = [entry_hash(n.to_bytes(2, "big") + bytes([i])) for i in range(n)]
+        acc = MerkleAccumulator()
+        for leaf in leaves:
+            acc.add(leaf)
+        assert merkle_root(leaves) == acc.root() == recursive(leaves), n

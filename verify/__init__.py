@@ -12,6 +12,7 @@ import random
 import secrets
 from collections.abc import Callable, Iterable
 
+import pyarrow.compute as pc
 from ledger.verify._integrity import check_chain, check_seal, check_signatures, load
 from ledger.verify._result import CheckResult, Report
 
@@ -51,14 +52,15 @@ def verify_ledger(path: str | os.PathLike[str], *, key: PublicKey | str | os.Pat
         check_signatures(loaded, public, sample=sample, rng=rng, workers=workers, progress=progress),
         check_seal(loaded, ledger),
     ]
-    kinds = loaded.table["kind"].to_pylist()
+    kinds = loaded.table["kind"]
+    last_kind = kinds[-1].as_py() if len(kinds) else None
     genesis = loaded.genesis or {}
     facts = {
         "path": str(ledger.path),
         "run_id": genesis.get("run_id"),
         "entries": len(loaded.records),
-        "steps": sum(1 for k in kinds if k == Kind.STEP.label),
-        "sealed": bool(kinds) and kinds[-1] == Kind.SEAL.label,
+        "steps": pc.sum(pc.equal(kinds, Kind.STEP.label)).as_py() or 0,
+        "sealed": last_kind == Kind.SEAL.label,
         "head": loaded.hashes[-1].hex() if loaded.hashes else None,
         "key_id": genesis["key_id"].hex() if isinstance(genesis.get("key_id"), bytes) else None,
         "torn_tail_bytes": len(ledger.wal_torn),

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from ledger.verify._result import CheckResult
 from ledger.verify._signatures import bad_signatures
 
@@ -27,7 +28,7 @@ from ledger._record import HEADER_SIZE, Kind, merkle_root
 from ledger.errors import FormatError
 
 Progress = Callable[[str, int, int], None]
-_KIND_CODES = {k.label: int(k) for k in Kind}
+_KIND_LABELS = pa.array([k.label for k in sorted(Kind)])  # index == kind code
 
 
 @dataclass(slots=True)
@@ -43,21 +44,24 @@ class Loaded:
 
 
 def load(ledger: Ledger) -> Loaded:
-    """Read every readable source and recompute every entry hash."""
-    tables, errors = [], []
-    for source in ledger.sources():
+    """Read every readable source and recompute every entry hash (hashing one part while the
+    reader decompresses the next)."""
+    tables, errors, records, hashes = [], [], [], []
+    sha = hashlib.sha256
+    for source in ledger.iter_sources():
         if source.table is None:
             errors.append((source.name, source.error or "unreadable"))
-        else:
-            tables.append(source.table)
-    table = pa.concat_tables(tables) if tables else None
-    if table is None:
+            continue
+        tables.append(source.table)
+        part_records = source.table["record"].to_pylist()
+        records.extend(part_records)
+        hashes.extend([sha(b"\x00" + r).digest() for r in part_records])  # RFC 9162 leaf hash, inlined
+    if tables:
+        table = pa.concat_tables(tables)
+    else:
         from ledger._parts import SCHEMA
 
         table = SCHEMA.empty_table()
-    records = table["record"].to_pylist()
-    sha = hashlib.sha256
-    hashes = [sha(b"\x00" + r).digest() for r in records]
     genesis, genesis_error = None, None
     if records:
         try:
@@ -72,26 +76,41 @@ def load(ledger: Ledger) -> Loaded:
     return Loaded(table, records, hashes, errors, genesis, genesis_error)
 
 
-def _header_matrix(column: pa.ChunkedArray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(n, 92) uint8 header bytes of every record, and the record lengths."""
-    array = column.cast(pa.large_binary()).combine_chunks() if n else pa.array([], pa.large_binary())
-    offsets = np.frombuffer(array.buffers()[1], dtype=np.int64, count=n + 1, offset=array.offset * 8)
-    data = np.frombuffer(array.buffers()[2], dtype=np.uint8) if n else np.zeros(0, np.uint8)
-    lengths = np.diff(offsets)
-    starts = np.where(lengths >= HEADER_SIZE, offsets[:-1], 0)
-    if data.size < HEADER_SIZE:
-        data = np.concatenate([data, np.zeros(HEADER_SIZE, np.uint8)])
-    return data[starts[:, None] + np.arange(HEADER_SIZE)], lengths
+def _header_matrix(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 92) uint8 header bytes of every record (zeros where a record is too short), and the
+    record lengths; read straight from Arrow's buffers, chunk by chunk, without copying records."""
+    rows, lengths = [np.zeros((0, HEADER_SIZE), np.uint8)], [np.zeros(0, np.int64)]
+    window = np.arange(HEADER_SIZE)
+    for chunk in column.chunks:
+        n = len(chunk)
+        if n == 0:
+            continue
+        width = 8 if pa.types.is_large_binary(chunk.type) else 4
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64 if width == 8 else np.int32,
+                                count=n + 1, offset=chunk.offset * width).astype(np.int64)
+        data = np.frombuffer(chunk.buffers()[2], dtype=np.uint8) if chunk.buffers()[2] else np.zeros(0, np.uint8)
+        size = np.diff(offsets)
+        ok = size >= HEADER_SIZE
+        block = np.zeros((n, HEADER_SIZE), np.uint8)
+        block[ok] = data[offsets[:-1][ok, None] + window]
+        rows.append(block)
+        lengths.append(size)
+    return np.concatenate(rows), np.concatenate(lengths)
+
+
+def _fixed_rows(column: pa.ChunkedArray) -> np.ndarray:
+    """(n, width) uint8 view of a fixed_size_binary column."""
+    width = column.type.byte_width
+    parts = [np.zeros((0, width), np.uint8)]
+    for chunk in column.chunks:
+        if len(chunk):
+            data = np.frombuffer(chunk.buffers()[1], dtype=np.uint8)
+            parts.append(data[chunk.offset * width:(chunk.offset + len(chunk)) * width].reshape(-1, width))
+    return np.concatenate(parts)
 
 
 def _field(headers: np.ndarray, lo: int, hi: int, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(headers[:, lo:hi]).view(dtype).ravel()
-
-
-def _bytes_rows(column: pa.ChunkedArray) -> np.ndarray:
-    values = column.to_pylist()
-    return np.frombuffer(b"".join(values), dtype=np.uint8).reshape(len(values), -1) if values else \
-        np.zeros((0, 32), np.uint8)
 
 
 def check_chain(loaded: Loaded, *, sample: int | None, rng: random.Random,
@@ -108,7 +127,7 @@ def check_chain(loaded: Loaded, *, sample: int | None, rng: random.Random,
     if n == 0:
         reasons = [f"{name}: {reason}" for name, reason in loaded.errors] or ["the ledger holds no entries"]
         return CheckResult("chain", "fail", "; ".join(reasons), {"entries": 0, "first_bad_seq": 0})
-    headers, lengths = _header_matrix(t["record"], n)
+    headers, lengths = _header_matrix(t["record"])
     flag(lengths < HEADER_SIZE, f"record shorter than the {HEADER_SIZE}-byte header")
     version = _field(headers, 0, 2, ">u2")
     kind = headers[:, 2].astype(np.int64)
@@ -117,52 +136,49 @@ def check_chain(loaded: Loaded, *, sample: int | None, rng: random.Random,
     time_ns = _field(headers, 20, 28, ">i8")
     run_dg, prev = headers[:, 28:60], headers[:, 60:92]
     hashes = np.frombuffer(b"".join(loaded.hashes), dtype=np.uint8).reshape(n, 32)
+    position = np.arange(n)
     flag(version != _record.FORMAT_VERSION, f"unknown format version (expected {_record.FORMAT_VERSION})")
     flag(headers[:, 3] != 0, "reserved header byte is not zero")
     flag(kind > max(Kind), "unknown entry kind")
-    flag(seq != np.arange(n), "seq is not contiguous here (an entry is missing, duplicated or moved)")
+    flag(seq != position, "seq is not contiguous here (an entry is missing, duplicated or moved)")
     expected_prev = np.vstack([np.zeros((1, 32), np.uint8), hashes[:-1]])
     flag((prev != expected_prev).any(axis=1), "prev_hash does not equal the previous entry's hash")
-    flag((kind == Kind.GENESIS) & (np.arange(n) != 0), "a genesis entry after the first position")
-    flag((kind == Kind.SEAL) & (np.arange(n) != n - 1), "entries follow the seal")
+    flag((kind == Kind.GENESIS) & (position != 0), "a genesis entry after the first position")
+    flag((kind == Kind.SEAL) & (position != n - 1), "entries follow the seal")
     if kind[0] != Kind.GENESIS:
         problems.setdefault(0, []).append("the first entry is not a genesis")
-    # run id: every header names the genesis run
+    # run id and signer: every entry names the genesis run and key
     if loaded.genesis is not None:
         run_id = str(loaded.genesis.get("run_id", ""))
         flag((run_dg != np.frombuffer(_record.run_digest(run_id), np.uint8)).any(axis=1),
              "run-id digest differs from the genesis run (an entry from another run)")
-        flag(np.array([r != run_id for r in t["run_id"].to_pylist()]), "run_id column differs from genesis")
+        flag(pc.not_equal(t["run_id"], run_id).to_numpy(zero_copy_only=False), "run_id column differs from genesis")
         gkid = loaded.genesis.get("key_id", b"")
-        flag(np.array([k != gkid for k in t["key_id"].to_pylist()]), "key_id column differs from the genesis key id")
+        gkid_row = np.frombuffer(gkid if isinstance(gkid, bytes) and len(gkid) == 32 else bytes(32), np.uint8)
+        flag((_fixed_rows(t["key_id"]) != gkid_row).any(axis=1), "key_id column differs from the genesis key id")
     elif loaded.genesis_error:
         problems.setdefault(0, []).append(f"genesis unreadable: {loaded.genesis_error}")
     # typed columns against the header bytes
     flag(t["seq"].to_numpy() != seq, "seq column differs from the record header")
     flag(t["step"].to_numpy() != step, "step column differs from the record header")
     flag(t["time_ns"].to_numpy() != time_ns, "time_ns column differs from the record header")
-    kinds_col = np.array([_KIND_CODES.get(k, -1) for k in t["kind"].to_pylist()])
+    kinds_col = pc.fill_null(pc.index_in(t["kind"], value_set=_KIND_LABELS), -1).to_numpy()
     flag(kinds_col != kind, "kind column differs from the record header")
-    flag((_bytes_rows(t["prev_hash"]) != prev).any(axis=1), "prev_hash column differs from the record header")
-    flag((_bytes_rows(t["hash"]) != hashes).any(axis=1), "hash column differs from the hash of the record bytes")
+    flag((_fixed_rows(t["hash"]) != hashes).any(axis=1), "hash column differs from the hash of the record bytes")
     if progress:
         progress("chain", n, n)
     # bodies: genesis, seal and all others (or a sample) decoded and compared with the metrics column
-    decode = set(range(n)) if sample is None else {0, n - 1, *rng.sample(range(n), min(sample, n))}
-    metrics = t["metrics"]
-    for i in sorted(decode):
+    decode = list(range(n)) if sample is None else sorted({0, n - 1, *rng.sample(range(n), min(sample, n))})
+    column_metrics = t["metrics"].to_pylist() if sample is None else t["metrics"].take(decode).to_pylist()
+    for i, column in zip(decode, column_metrics, strict=True):
         if lengths[i] < HEADER_SIZE:
             continue
         try:
             body = decode_body(loaded.records[i][HEADER_SIZE:])
-            body_metrics = {str(k): float(v) for k, v in dict(body.get("metrics", {})).items()}
+            if not _same_metrics(column, body.get("metrics", {})):
+                problems.setdefault(i, []).append("metrics column differs from the record body")
         except (FormatError, TypeError, ValueError, AttributeError) as exc:
             problems.setdefault(i, []).append(f"body: {exc}")
-            continue
-        column = dict(metrics[i].as_py())
-        if column.keys() != body_metrics.keys() or not all(
-                floats_equal(column[k], body_metrics[k]) for k in column):
-            problems.setdefault(i, []).append("metrics column differs from the record body")
     data: dict[str, Any] = {"entries": n, "bodies_decoded": len(decode)}
     failures = [f"{name}: {reason}" for name, reason in loaded.errors]
     if problems or failures:
@@ -179,6 +195,18 @@ def check_chain(loaded: Loaded, *, sample: int | None, rng: random.Random,
     sampled = "" if sample is None else f"; bodies decoded for {len(decode)} of them (--sample)"
     return CheckResult("chain", "pass", f"{n} entries linked from genesis to head {loaded.hashes[-1].hex()[:16]}…"
                        f", every hash recomputed{sampled}", data)
+
+
+def _same_metrics(column: list[tuple[str, float]], body: Any) -> bool:
+    """The Parquet metrics map equals the body's metrics exactly (NaN equals NaN, signed zeros
+    differ)."""
+    if not isinstance(body, dict) or len(column) != len(body):
+        return False
+    for name, value in column:
+        other = body.get(name)
+        if isinstance(other, bool) or not isinstance(other, (int, float)) or not floats_equal(value, float(other)):
+            return False
+    return True
 
 
 def check_signatures(loaded: Loaded, key: PublicKey | None, *, sample: int | None, rng: random.Random,
@@ -198,9 +226,9 @@ def check_signatures(loaded: Loaded, key: PublicKey | None, *, sample: int | Non
     else:
         used = key
     index = list(range(n)) if sample is None else sorted({0, n - 1, *rng.sample(range(n), min(sample, n))})
-    signatures = loaded.table["signature"].to_pylist()
+    column = loaded.table["signature"]
     records = loaded.records if sample is None else [loaded.records[i] for i in index]
-    sigs = signatures if sample is None else [signatures[i] for i in index]
+    sigs = column.to_pylist() if sample is None else column.take(index).to_pylist()
     bad = [index[i] for i in bad_signatures(used.raw, records, sigs, workers=workers,
                                             progress=(lambda d, t: progress("signatures", d, t)) if progress else None)]
     data: dict[str, Any] = {"key_id": used.key_id.hex(), "checked": len(index), "entries": n,
