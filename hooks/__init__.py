@@ -1,6 +1,14 @@
-"""Producers of ledger entries (the training side). The PyTorch ``Recorder`` and ``train``
-arrive here; this package may import torch, ``ledger`` never does at import time."""
+"""Producers of ledger entries (the training side): :class:`Recorder` for a plain PyTorch loop,
+:func:`train` for a fully recorded run from a recipe, and :func:`deterministic`.
+
+This package imports torch; ``ledger`` itself never does at import time.
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from ledger.hooks._recorder import Recorder
+from ledger.hooks._train import train
+
+from ledger._recipe import deterministic, run_step
+
+__all__ = ["Recorder", "deterministic", "run_step", "train"]

@@ -11,6 +11,7 @@ from ledger._crypto import PublicKey, Signer, generate_keypair, load_public_key,
 from ledger._encoding import decode_body, encode_body
 from ledger._entry import Entry
 from ledger._reader import Ledger, open  # noqa: A004 - ledger.open is the public name
+from ledger._recipe import Recipe, load_recipe, run_step
 from ledger._record import FORMAT_VERSION, PAYLOAD_TYPE, Kind, entry_hash, merkle_root, pae
 from ledger._writer import LedgerWriter, Recovery
 from ledger.errors import (
@@ -39,6 +40,7 @@ __all__ = [
     "LedgerWriter",
     "NotALedgerError",
     "PublicKey",
+    "Recipe",
     "Recovery",
     "Signer",
     "VerificationError",
@@ -47,9 +49,11 @@ __all__ = [
     "encode_body",
     "entry_hash",
     "generate_keypair",
+    "load_recipe",
     "load_public_key",
     "load_signer",
     "merkle_root",
     "open",
     "pae",
+    "run_step",
 ]

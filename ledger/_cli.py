@@ -142,6 +142,8 @@ _STATUS_COLOURS = {"pass": "green", "fail": "red", "warn": "yellow", "skip": "br
 @click.argument("ledger_path", metavar="LEDGER")
 @click.option("--key", type=click.Path(), help="The trainer's public key (PEM). Without it signatures "
               "are only self-consistent.")
+@click.option("--model", type=click.Path(), help="The released weights (safetensors, or a sharded *.index.json) "
+              "to compare with the sealed final weights.")
 @click.option("--sample", type=click.IntRange(min=0), help="Quick look: check the head and N random entries' "
               "signatures and bodies only.")
 @click.option("--sample-seed", type=int, help="Reproduce an earlier --sample draw.")
@@ -149,13 +151,13 @@ _STATUS_COLOURS = {"pass": "green", "fail": "red", "warn": "yellow", "skip": "br
               "skip of one of them fails the verdict.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object to stdout.")
 @click.option("--workers", type=click.IntRange(min=1), help="Processes for signature checks (default: all cores).")
-def verify(ledger_path: str, key: str | None, sample: int | None, sample_seed: int | None, require: str,
-           as_json: bool, workers: int | None) -> None:
+def verify(ledger_path: str, key: str | None, model: str | None, sample: int | None, sample_seed: int | None,
+           require: str, as_json: bool, workers: int | None) -> None:
     """Verify a ledger; exit 0 when no check failed, 1 when one did."""
     from ledger.verify import verify_ledger
 
     names = [n.strip() for n in require.split(",") if n.strip()]
-    report = verify_ledger(ledger_path, key=key, sample=sample, sample_seed=sample_seed, require=names,
+    report = verify_ledger(ledger_path, key=key, model=model, sample=sample, sample_seed=sample_seed, require=names,
                            workers=workers, progress=_Progress())
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))

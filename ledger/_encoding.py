@@ -86,7 +86,7 @@ def normalize(value: Any, _depth: int = 0) -> Any:
 def _plain(value: Any) -> Any:
     for base in (bool, int, float, str, bytes):
         if isinstance(value, base):
-            return base(value)
+            return base(value)  # type: ignore[call-overload,arg-type]
     raise FormatError(f"cannot encode a {type(value).__name__} in a record body")
 
 

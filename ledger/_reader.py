@@ -63,7 +63,7 @@ class Ledger:
         sources: list[Source] = []
         last_seq, run_id = -1, None
         with ThreadPoolExecutor(2, thread_name_prefix="ledger-read") as pool:
-            for path, future in [(p, pool.submit(_read_source, p)) for p in before]:
+            for future in [pool.submit(_read_source, p) for p in before]:
                 source = future.result()
                 if source.table is not None and source.table.num_rows:
                     last_seq = max(last_seq, source.table["seq"][-1].as_py())

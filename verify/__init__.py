@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 
 import pyarrow.compute as pc
 from ledger.verify._integrity import check_chain, check_seal, check_signatures, load
+from ledger.verify._model import check_model
 from ledger.verify._result import CheckResult, Report
 
 from ledger._crypto import PublicKey, load_public_key
@@ -21,19 +22,22 @@ from ledger._reader import Ledger
 from ledger._record import Kind
 from ledger.errors import ConfigurationError
 
-CHECKS = ("chain", "signatures", "seal")
+CHECKS = ("chain", "signatures", "seal", "model")
 
 Progress = Callable[[str, int, int], None]
 
 
 def verify_ledger(path: str | os.PathLike[str], *, key: PublicKey | str | os.PathLike[str] | None = None,
-                  sample: int | None = None, sample_seed: int | None = None, require: Iterable[str] = (),
-                  workers: int | None = None, progress: Progress | None = None) -> Report:
+                  model: str | os.PathLike[str] | None = None, sample: int | None = None,
+                  sample_seed: int | None = None, require: Iterable[str] = (), workers: int | None = None,
+                  progress: Progress | None = None) -> Report:
     """Run every check on the ledger at ``path`` and return the report (never raises for a
     damaged ledger: that is a failed check). ``key`` is the trainer's public key (a path or a
     :class:`~ledger.PublicKey`); without it the key embedded in genesis is used and
     ``signatures`` is at best a warning. ``sample=N`` checks the head and N random entries'
-    signatures and bodies only. ``require`` names checks that must pass (a warn or skip then fails).
+    signatures and bodies only. ``model`` is the released weights (safetensors file or sharded
+    ``*.index.json``), compared with the seal's final weights. ``require`` names checks that must
+    pass (a warn or skip then fails).
     """
     required = list(require)
     unknown = sorted(set(required) - set(CHECKS))
@@ -43,6 +47,8 @@ def verify_ledger(path: str | os.PathLike[str], *, key: PublicKey | str | os.Pat
     if sample is not None and sample < 0:
         raise ConfigurationError("--sample must be zero or more")
     public = load_public_key(key) if key is not None and not isinstance(key, PublicKey) else key
+    if model is not None and not os.path.exists(model):
+        raise ConfigurationError(f"weights file {model} does not exist")
     ledger = Ledger(path)
     seed = secrets.randbits(64) if sample_seed is None else sample_seed
     rng = random.Random(seed)
@@ -51,6 +57,7 @@ def verify_ledger(path: str | os.PathLike[str], *, key: PublicKey | str | os.Pat
         check_chain(loaded, sample=sample, rng=rng, progress=progress),
         check_signatures(loaded, public, sample=sample, rng=rng, workers=workers, progress=progress),
         check_seal(loaded, ledger),
+        check_model(loaded.records, model),
     ]
     kinds = loaded.table["kind"]
     last_kind = kinds[-1].as_py() if len(kinds) else None

@@ -1,0 +1,56 @@
+"""The ``model`` check: the released weights are the ones the sealed chain ends in."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ledger.verify._result import CheckResult
+
+from ledger._encoding import decode_body
+from ledger._fingerprint import safetensors_digests
+from ledger._record import HEADER_SIZE, Kind, decode_header
+from ledger.errors import FormatError
+
+
+def _seal_final(records: list[bytes]) -> dict[str, Any] | None:
+    if not records:
+        return None
+    try:
+        if decode_header(records[-1]).kind is not Kind.SEAL:
+            return None
+        final = decode_body(records[-1][HEADER_SIZE:]).get("final")
+    except FormatError:
+        return None
+    return final if isinstance(final, dict) else None
+
+
+def check_model(records: list[bytes], model: str | os.PathLike[str] | None) -> CheckResult:
+    """Compare the tensor digests of a safetensors file (or sharded index) with the seal's."""
+    if model is None:
+        return CheckResult("model", "skip", "no --model given: the released weights were not compared",
+                           summary="no --model given")
+    final = _seal_final(records)
+    if final is None or not isinstance(final.get("tensor_digests"), dict):
+        return CheckResult("model", "skip", "the ledger has no seal with final weights to compare --model against",
+                           summary="no sealed final weights in the ledger")
+    sealed: dict[str, bytes] = final["tensor_digests"]
+    try:
+        found = safetensors_digests(model)
+    except FormatError as exc:
+        return CheckResult("model", "fail", f"{model}: {exc}", {"file": str(model)})
+    missing = sorted(set(sealed) - set(found))
+    extra = sorted(set(found) - set(sealed))
+    differ = sorted(name for name in set(sealed) & set(found) if sealed[name] != found[name])
+    data = {"file": str(model), "tensors": len(sealed), "differ": differ, "missing": missing, "extra": extra}
+    if differ or missing or extra:
+        parts = []
+        if differ:
+            parts.append(f"{len(differ)} tensor(s) differ: {', '.join(differ[:8])}{' …' if len(differ) > 8 else ''}")
+        if missing:
+            parts.append(f"missing from the file: {', '.join(missing[:8])}")
+        if extra:
+            parts.append(f"not in the sealed weights: {', '.join(extra[:8])}")
+        return CheckResult("model", "fail", "; ".join(parts), data)
+    return CheckResult("model", "pass",
+                       f"all {len(sealed)} tensors of {os.fspath(model)} match the sealed final weights", data)
