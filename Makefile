@@ -5,7 +5,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/python examples/quickstart.py --out demo-out
+	.venv/bin/python examples/charlm.py --out demo-out
 
 test: setup
 	.venv/bin/python -m pytest -n 2 --dist loadfile

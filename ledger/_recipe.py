@@ -118,7 +118,7 @@ def load_recipe(spec: str) -> tuple[Any, bytes]:
         obj = getattr(module, name)
     except AttributeError:
         raise ConfigurationError(f"recipe file {path} defines no {name!r}") from None
-    recipe = obj() if callable(obj) and not isinstance(obj, Recipe) else obj
+    recipe = obj() if isinstance(obj, type) or (callable(obj) and not isinstance(obj, Recipe)) else obj
     if not isinstance(recipe, Recipe):
         raise ConfigurationError(f"{spec} is not a recipe (needs build_model, build_optimizer, batch, train_step)")
     return recipe, hashlib.sha256(source).digest()

@@ -31,39 +31,83 @@ Progress = Callable[[str, int, int], None]
 _KIND_LABELS = pa.array([k.label for k in sorted(Kind)])  # index == kind code
 
 
+class Records:
+    """The record bytes of every entry, read from Arrow buffers on demand; ``materialize`` turns
+    them into a list once (full verification), sampled checks take only what they need."""
+
+    def __init__(self, column: pa.ChunkedArray) -> None:
+        self._chunks = [c for c in column.chunks if len(c)]
+        self._starts = np.cumsum([0] + [len(c) for c in self._chunks])
+        self._list: list[bytes] | None = None
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, index: int) -> bytes:
+        if self._list is not None:
+            return self._list[index]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        chunk = int(np.searchsorted(self._starts, index, side="right")) - 1
+        value: bytes = self._chunks[chunk][index - int(self._starts[chunk])].as_py()
+        return value
+
+    def materialize(self) -> list[bytes]:
+        """All records as a list of bytes (kept)."""
+        if self._list is None:
+            self._list = [r for c in self._chunks for r in c.to_pylist()]
+        return self._list
+
+
 @dataclass(slots=True)
 class Loaded:
-    """The ledger's rows as arrays, with recomputed hashes (shared by the three checks)."""
+    """The ledger's rows, with recomputed hashes (shared by the checks)."""
 
     table: pa.Table
-    records: list[bytes]
+    records: Records
     hashes: list[bytes]
     errors: list[tuple[str, str]]  # (source, reason) for unreadable parts
     genesis: dict[str, Any] | None
     genesis_error: str | None
 
 
+def _leaf_hashes(column: pa.ChunkedArray) -> list[bytes]:
+    """RFC 9162 leaf hashes of every record, straight from the Arrow buffers (no bytes objects
+    are kept per record)."""
+    sha, out = hashlib.sha256, []
+    for chunk in column.chunks:
+        n = len(chunk)
+        if not n:
+            continue
+        width = 8 if pa.types.is_large_binary(chunk.type) else 4
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64 if width == 8 else np.int32, count=n + 1,
+                                offset=chunk.offset * width).tolist()
+        data = memoryview(chunk.buffers()[2] or b"")
+        out.extend([sha(b"\x00" + data[offsets[i]:offsets[i + 1]]).digest() for i in range(n)])
+    return out
+
+
 def load(ledger: Ledger) -> Loaded:
     """Read every readable source and recompute every entry hash (hashing one part while the
     reader decompresses the next)."""
-    tables, errors, records, hashes = [], [], [], []
-    sha = hashlib.sha256
+    tables, errors, hashes = [], [], []
     for source in ledger.iter_sources():
         if source.table is None:
             errors.append((source.name, source.error or "unreadable"))
             continue
         tables.append(source.table)
-        part_records = source.table["record"].to_pylist()
-        records.extend(part_records)
-        hashes.extend([sha(b"\x00" + r).digest() for r in part_records])  # RFC 9162 leaf hash, inlined
+        hashes.extend(_leaf_hashes(source.table["record"]))
     if tables:
         table = pa.concat_tables(tables)
     else:
         from ledger._parts import SCHEMA
 
         table = SCHEMA.empty_table()
+    records = Records(table["record"])
     genesis, genesis_error = None, None
-    if records:
+    if len(records):
         try:
             header = _record.decode_header(records[0])
             if header.kind is not Kind.GENESIS:
@@ -169,12 +213,13 @@ def check_chain(loaded: Loaded, *, sample: int | None, rng: random.Random,
         progress("chain", n, n)
     # bodies: genesis, seal and all others (or a sample) decoded and compared with the metrics column
     decode = list(range(n)) if sample is None else sorted({0, n - 1, *rng.sample(range(n), min(sample, n))})
+    records: Records | list[bytes] = loaded.records.materialize() if sample is None else loaded.records
     column_metrics = t["metrics"].to_pylist() if sample is None else t["metrics"].take(decode).to_pylist()
     for i, column in zip(decode, column_metrics, strict=True):
         if lengths[i] < HEADER_SIZE:
             continue
         try:
-            body = decode_body(loaded.records[i][HEADER_SIZE:])
+            body = decode_body(records[i][HEADER_SIZE:])
             if not _same_metrics(column, body.get("metrics", {})):
                 problems.setdefault(i, []).append("metrics column differs from the record body")
         except (FormatError, TypeError, ValueError, AttributeError) as exc:
@@ -227,7 +272,7 @@ def check_signatures(loaded: Loaded, key: PublicKey | None, *, sample: int | Non
         used = key
     index = list(range(n)) if sample is None else sorted({0, n - 1, *rng.sample(range(n), min(sample, n))})
     column = loaded.table["signature"]
-    records = loaded.records if sample is None else [loaded.records[i] for i in index]
+    records = loaded.records.materialize() if sample is None else [loaded.records[i] for i in index]
     sigs = column.to_pylist() if sample is None else column.take(index).to_pylist()
     bad = [index[i] for i in bad_signatures(used.raw, records, sigs, workers=workers,
                                             progress=(lambda d, t: progress("signatures", d, t)) if progress else None)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from ledger.verify._result import CheckResult
@@ -13,7 +14,7 @@ from ledger._record import HEADER_SIZE, Kind, decode_header
 from ledger.errors import FormatError
 
 
-def _seal_final(records: list[bytes]) -> dict[str, Any] | None:
+def _seal_final(records: Sequence[bytes]) -> dict[str, Any] | None:
     if not records:
         return None
     try:
@@ -25,7 +26,7 @@ def _seal_final(records: list[bytes]) -> dict[str, Any] | None:
     return final if isinstance(final, dict) else None
 
 
-def check_model(records: list[bytes], model: str | os.PathLike[str] | None) -> CheckResult:
+def check_model(records: Sequence[bytes], model: str | os.PathLike[str] | None) -> CheckResult:
     """Compare the tensor digests of a safetensors file (or sharded index) with the seal's."""
     if model is None:
         return CheckResult("model", "skip", "no --model given: the released weights were not compared",
