@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 import torch
+from ledger.hooks import Recorder
 from torch.nn import functional as F
 
 import ledger
-from ledger.hooks import Recorder
 
 
 def main() -> int:
