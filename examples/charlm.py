@@ -2,7 +2,8 @@
 
 ``python examples/charlm.py --out demo-out`` trains it with ``ledger.hooks.train`` (every step
 signed into a ledger, checkpoints for replay), saves the final weights as safetensors and runs
-``ledger verify --key … --model …``. The recipe object ``recipe`` is what a verifier names with
+``ledger verify --key … --model … --recipe examples/charlm.py:recipe`` (init regenerated, intervals
+replayed). The recipe object ``recipe`` is what a verifier names with
 ``--recipe examples/charlm.py:recipe`` to regenerate the init and replay intervals.
 """
 
@@ -129,8 +130,10 @@ def main() -> int:
     frame = ledger.open(path).to_pandas()
     losses = frame.loc[frame.kind == "step", "loss"]
     print(f"trained {args.steps} steps: loss {losses.iloc[0]:.3f} → {losses.iloc[-1]:.3f}; ledger in {path}")
-    command = [sys.executable, "-m", "ledger", "verify", str(path), "--key", str(public_key), "--model", str(weights)]
-    print("$ ledger verify", path, "--key", public_key, "--model", weights, flush=True)
+    recipe_spec = f"{Path(__file__).resolve()}:recipe"
+    command = [sys.executable, "-m", "ledger", "verify", str(path), "--key", str(public_key), "--model", str(weights),
+               "--recipe", recipe_spec]
+    print("$ ledger verify", path, "--key", public_key, "--model", weights, "--recipe", recipe_spec, flush=True)
     return subprocess.run(command).returncode
 
 

@@ -16,9 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from ledger.hooks import _environment
 
-from ledger import _state
+from ledger import _environment, _state
 from ledger._fingerprint import SKETCH_K, CountSketch, batch_digest, canonical_state, model_digest, torch_digests
 from ledger._reader import Ledger
 from ledger._record import Kind

@@ -144,6 +144,15 @@ _STATUS_COLOURS = {"pass": "green", "fail": "red", "warn": "yellow", "skip": "br
               "are only self-consistent.")
 @click.option("--model", type=click.Path(), help="The released weights (safetensors, or a sharded *.index.json) "
               "to compare with the sealed final weights.")
+@click.option("--checkpoints", "checkpoint_dir", type=click.Path(), help="Directory holding the run's checkpoints "
+              "(named by state digest) when they are not inside the ledger.")
+@click.option("--recipe", metavar="FILE.py:NAME", help="The training recipe: enables init regeneration and replay. "
+              "Only this file is imported.")
+@click.option("--replay", "replay", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Random intervals to replay, besides every continuity anomaly and the largest update.")
+@click.option("--replay-seed", type=int, help="Reproduce an earlier replay draw (the report prints the seed).")
+@click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), help="Compare replays with the relative "
+              "rule ‖W′−W‖ ≤ ρ·‖W−W_t‖ at this ρ instead of bit-exactly.")
 @click.option("--sample", type=click.IntRange(min=0), help="Quick look: check the head and N random entries' "
               "signatures and bodies only.")
 @click.option("--sample-seed", type=int, help="Reproduce an earlier --sample draw.")
@@ -151,14 +160,16 @@ _STATUS_COLOURS = {"pass": "green", "fail": "red", "warn": "yellow", "skip": "br
               "skip of one of them fails the verdict.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object to stdout.")
 @click.option("--workers", type=click.IntRange(min=1), help="Processes for signature checks (default: all cores).")
-def verify(ledger_path: str, key: str | None, model: str | None, sample: int | None, sample_seed: int | None,
-           require: str, as_json: bool, workers: int | None) -> None:
+def verify(ledger_path: str, key: str | None, model: str | None, checkpoint_dir: str | None, recipe: str | None,
+           replay: int, replay_seed: int | None, tolerance: float | None, sample: int | None,
+           sample_seed: int | None, require: str, as_json: bool, workers: int | None) -> None:
     """Verify a ledger; exit 0 when no check failed, 1 when one did."""
     from ledger.verify import verify_ledger
 
     names = [n.strip() for n in require.split(",") if n.strip()]
     report = verify_ledger(ledger_path, key=key, model=model, sample=sample, sample_seed=sample_seed, require=names,
-                           workers=workers, progress=_Progress())
+                           workers=workers, progress=_Progress(), checkpoints=checkpoint_dir, recipe=recipe,
+                           replay=replay, replay_seed=replay_seed, tolerance=tolerance)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
     else:

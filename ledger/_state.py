@@ -170,6 +170,13 @@ def digests_of(directory: Path) -> StateDigests:
     return StateDigests(model_d, md, od, meta_d, _state_digest(md, od, meta_d))
 
 
+def restore_weights_only(directory: Path) -> dict[str, Any]:
+    """The model tensors of a checkpoint (CPU, via safetensors)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / FILES[0]))
+
+
 def read_meta(directory: Path) -> dict[str, Any]:
     """The decoded ``state.cbor`` of a checkpoint."""
     return decode_body((directory / FILES[2]).read_bytes())

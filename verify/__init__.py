@@ -11,18 +11,27 @@ import os
 import random
 import secrets
 from collections.abc import Callable, Iterable
+from dataclasses import replace
+from typing import Any
 
 import pyarrow.compute as pc
+from ledger.verify._continuity import check_continuity
 from ledger.verify._integrity import check_chain, check_seal, check_signatures, load
 from ledger.verify._model import check_model
+from ledger.verify._provenance import check_checkpoints, check_init
+from ledger.verify._replay import check_replay
 from ledger.verify._result import CheckResult, Report
+from ledger.verify._run import build
 
 from ledger._crypto import PublicKey, load_public_key
+from ledger._environment import environment
 from ledger._reader import Ledger
+from ledger._recipe import load_recipe
 from ledger._record import Kind
+from ledger._state import restore_weights_only
 from ledger.errors import ConfigurationError
 
-CHECKS = ("chain", "signatures", "seal", "model")
+CHECKS = ("chain", "signatures", "seal", "model", "checkpoints", "init", "continuity", "replay")
 
 Progress = Callable[[str, int, int], None]
 
@@ -30,14 +39,20 @@ Progress = Callable[[str, int, int], None]
 def verify_ledger(path: str | os.PathLike[str], *, key: PublicKey | str | os.PathLike[str] | None = None,
                   model: str | os.PathLike[str] | None = None, sample: int | None = None,
                   sample_seed: int | None = None, require: Iterable[str] = (), workers: int | None = None,
-                  progress: Progress | None = None) -> Report:
+                  progress: Progress | None = None, checkpoints: str | os.PathLike[str] | None = None,
+                  recipe: Any = None, replay: int = 2, replay_seed: int | None = None,
+                  tolerance: float | None = None) -> Report:
     """Run every check on the ledger at ``path`` and return the report (never raises for a
     damaged ledger: that is a failed check). ``key`` is the trainer's public key (a path or a
     :class:`~ledger.PublicKey`); without it the key embedded in genesis is used and
     ``signatures`` is at best a warning. ``sample=N`` checks the head and N random entries'
     signatures and bodies only. ``model`` is the released weights (safetensors file or sharded
     ``*.index.json``), compared with the seal's final weights. ``require`` names checks that must
-    pass (a warn or skip then fails).
+    pass (a warn or skip then fails). ``checkpoints`` is a directory holding the checkpoints (named
+    by state digest) when they are not inside the ledger. ``recipe`` (``"FILE.py:NAME"`` or a recipe
+    object) enables ``init`` and ``replay``; ``replay`` random intervals are re-executed besides the
+    anomalies and the largest update, drawn with ``replay_seed`` (fresh randomness when None);
+    ``tolerance`` forces the relative rule with that ρ.
     """
     required = list(require)
     unknown = sorted(set(required) - set(CHECKS))
@@ -49,6 +64,13 @@ def verify_ledger(path: str | os.PathLike[str], *, key: PublicKey | str | os.Pat
     public = load_public_key(key) if key is not None and not isinstance(key, PublicKey) else key
     if model is not None and not os.path.exists(model):
         raise ConfigurationError(f"weights file {model} does not exist")
+    if checkpoints is not None and not os.path.isdir(checkpoints):
+        raise ConfigurationError(f"checkpoint directory {checkpoints} does not exist")
+    if replay < 0 or (tolerance is not None and tolerance <= 0):
+        raise ConfigurationError("--replay must be ≥ 0 and --tolerance > 0")
+    recipe_digest = None
+    if isinstance(recipe, str):
+        recipe, recipe_digest = load_recipe(recipe)
     ledger = Ledger(path)
     seed = secrets.randbits(64) if sample_seed is None else sample_seed
     rng = random.Random(seed)
@@ -59,6 +81,8 @@ def verify_ledger(path: str | os.PathLike[str], *, key: PublicKey | str | os.Pat
         check_seal(loaded, ledger),
         check_model(loaded.records, model),
     ]
+    checks += _provenance_checks(loaded, ledger, checkpoints, recipe, recipe_digest, replay,
+                                 secrets.randbits(63) if replay_seed is None else replay_seed, tolerance)
     kinds = loaded.table["kind"]
     last_kind = kinds[-1].as_py() if len(kinds) else None
     genesis = loaded.genesis or {}
@@ -75,6 +99,30 @@ def verify_ledger(path: str | os.PathLike[str], *, key: PublicKey | str | os.Pat
     if sample is not None:
         facts["sample"] = {"size": sample, "seed": seed}
     return Report(tuple(checks), facts).require(required)
+
+
+def _provenance_checks(loaded: Any, ledger: Ledger, checkpoint_dir: Any, recipe: Any, recipe_digest: bytes | None,
+                       replay: int, replay_seed: int, tolerance: float | None) -> list[CheckResult]:
+    """checkpoints, init, continuity, replay (each skips with its reason when it cannot run)."""
+    from pathlib import Path
+
+    if loaded.genesis is None:
+        return [CheckResult(name, "skip", "no readable genesis") for name in CHECKS[4:]]
+    view = build(loaded, ledger.path, Path(checkpoint_dir) if checkpoint_dir is not None else None)
+    here = environment(view.genesis.get("environment", {}).get("device", "cpu")) if recipe is not None or \
+        view.checkpoints else {}
+    results = [check_checkpoints(view)]
+    init = check_init(view, recipe, here)
+    recorded_source = (view.genesis.get("recipe") or {}).get("source_sha256")
+    if recipe_digest is not None and recorded_source is not None and recorded_source != recipe_digest:
+        init = replace(init, detail=init.detail + "; note: the recipe file differs from the one recorded in genesis")
+    results.append(init)
+    continuity = check_continuity(view, load_weights=restore_weights_only if view.checkpoints else None)
+    results.append(continuity)
+    results.append(check_replay(view, recipe, anomalies=list(continuity.data.get("anomalies", [])),
+                                movement=dict(continuity.data.get("movement", {})), n_random=replay, seed=replay_seed,
+                                tolerance=tolerance, environment_here=here))
+    return results
 
 
 __all__ = ["CHECKS", "CheckResult", "Report", "verify_ledger"]

@@ -1,0 +1,330 @@
+"""Benchmark of the Recorder's overhead on a training loop: step time, peak memory, cadence, cost split.
+
+Two reference workloads, both built from examples/charlm.py (loaded with importlib):
+
+- ``charlm``: ``CharRecipe()`` as shipped (dim 64, 2 layers, 4 heads, context 64, batch 32);
+- ``15M``: the same ``CharTransformer`` at dim 512, 5 layers, 8 heads, context 64, batch 8.
+
+For each, a plain and a recorded copy of the model (same seed, same batches) train in interleaved
+blocks (P R R P P R R P …) so machine noise hits both alike; warm-up blocks are dropped. The
+recorder runs at its defaults (sketch="auto", digests="auto", checkpoint_every=None); its step
+clock is reset at the start of each of its blocks so its cadence calibration does not count the
+plain blocks, and its queue is flushed (timed) at the end of each. Background costs are measured
+by wrapping the recorder's ``_put`` and ``LedgerWriter.append`` in this benchmark only. Peak
+memory: one subprocess per configuration, VmHWM reset once model and optimizer are built. One
+checkpoint of the 15M model (snapshot + write, fingerprinted, fsynced) is compared with plain
+``safetensors`` saves of the same tensors. Figures only, no assertions.
+
+    python benchmarks/recorder_overhead.py                  # defaults, ~2 min on 2 cores
+    python benchmarks/recorder_overhead.py --steps 400 40 --profile 100 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import importlib.util
+import os
+import pstats
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from ledger.hooks import Recorder
+from safetensors.torch import save_file
+from torch.nn import functional as F
+
+import ledger
+from ledger import Kind, Signer, encode_body
+from ledger._fingerprint import canonical_state
+from ledger._state import snapshot, snapshot_digests, write
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = Signer.from_seed(bytes(32))
+SEED = 0
+WORKLOADS: dict[str, dict[str, int]] = {
+    "charlm": {}, "15M": {"dim": 512, "layers": 5, "heads": 8, "context": 64, "batch_size": 8}}
+Row = tuple[str, float, str, float | None]  # figure, value, baseline/target label, baseline value
+
+
+def make_recipe(name: str) -> Any:
+    """The workload's CharRecipe (examples/charlm.py is loaded from its file, not installed)."""
+    if "charlm" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("charlm", ROOT / "examples" / "charlm.py")
+        assert spec is not None and spec.loader is not None
+        sys.modules["charlm"] = module = importlib.util.module_from_spec(spec)  # dataclasses look it up
+        spec.loader.exec_module(module)
+    return sys.modules["charlm"].CharRecipe(**WORKLOADS[name])
+
+
+def one_step(recipe: Any, model: torch.nn.Module, opt: torch.optim.Optimizer, rec: Recorder | None, step: int,
+             prof: cProfile.Profile | None = None) -> tuple[float, float]:
+    """Training step ``step`` (recorded when ``rec``); seconds of the whole step and of ``rec.step``."""
+    x, y = batch = recipe.batch(step)
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    loss.backward()
+    opt.step()
+    t1 = time.perf_counter()
+    if rec is not None:
+        if prof is not None:
+            prof.enable()
+        rec.step(loss=loss, batch=batch)
+        if prof is not None:
+            prof.disable()
+    t2 = time.perf_counter()
+    return t2 - t0, t2 - t1
+
+
+def us(values: list[float]) -> float:
+    """Median in microseconds (nan when empty)."""
+    return statistics.median(values) * 1e6 if values else float("nan")
+
+
+def per_call(fn: Callable[[], Any], n: int = 200) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
+
+
+class Probe:
+    """Times the background work of each step entry by wrapping the recorder's ``_put`` (the job:
+    body, batch digest) and its writer's ``append`` (encode, sign, WAL write, fsync, roll-over)."""
+
+    def __init__(self, rec: Recorder) -> None:
+        self.job: list[float] = []
+        self.append: list[float] = []
+        self.latency: list[float] = []  # enqueue → appended
+        self.body: dict[str, Any] | None = None
+        put, append, enqueued = rec._put, rec._writer.append, [0.0]
+
+        def timed_put(job: Callable[[], Any]) -> None:
+            t_put = time.perf_counter()
+
+            def timed_job() -> Any:
+                t0 = time.perf_counter()
+                result = job()
+                self.job.append(time.perf_counter() - t0)
+                enqueued[0] = t_put
+                return result
+            put(timed_job)
+
+        def timed_append(kind: Any, step: int, body: Any, **options: Any) -> Any:
+            t0 = time.perf_counter()
+            entry = append(kind, step, body, **options)
+            if kind is Kind.STEP:
+                self.append.append(time.perf_counter() - t0)
+                self.latency.append(time.perf_counter() - enqueued[0])
+                self.body = dict(body)
+            return entry
+
+        rec._put = timed_put  # type: ignore[method-assign]
+        rec._writer.append = timed_append  # type: ignore[method-assign]
+
+
+def interleaved(name: str, steps: int, block: int, warmup: int, tmp: Path) -> dict[str, Any]:
+    """Train a plain and a recorded copy in ABBA-ordered blocks; per-step times and recorder figures."""
+    recipe = make_recipe(name)
+    models = {mode: recipe.build_model(SEED) for mode in ("plain", "recorded")}
+    opts = {mode: recipe.build_optimizer(model) for mode, model in models.items()}
+    rec = Recorder(tmp / name, model=models["recorded"], optimizer=opts["recorded"], key=KEY, seed=SEED,
+                   checkpoint_every=None)
+    probe = Probe(rec)
+    r: dict[str, Any] = {"plain": [], "recorded": [], "rec_step": [], "flush": [],
+                         "costs": {k: [] for k in rec._costs}, "next": {"plain": 0, "recorded": 0}}
+
+    def run_block(mode: str, n: int, keep: bool) -> None:
+        recorder = rec if mode == "recorded" else None
+        if recorder is not None:
+            recorder._last_step_time = None  # its period estimate must not include the plain block
+        for _ in range(n):
+            total, part = one_step(recipe, models[mode], opts[mode], recorder, r["next"][mode])
+            r["next"][mode] += 1
+            if keep:
+                r[mode].append(total)
+                r["rec_step"] += [part] if recorder else []
+            for k, v in rec._costs.items() if recorder else ():  # a changed value is a new measurement
+                if v == v and (not r["costs"][k] or r["costs"][k][-1] != v):
+                    r["costs"][k].append(v)
+        if recorder is not None:
+            t0 = time.perf_counter()
+            recorder.flush()
+            r["flush"] += [time.perf_counter() - t0] if keep else []
+
+    for mode in ("plain", "recorded"):
+        run_block(mode, warmup, keep=False)
+    for i, lo in enumerate(range(0, steps, block)):
+        for mode in (("plain", "recorded") if i % 2 == 0 else ("recorded", "plain")):
+            run_block(mode, min(block, steps - lo), keep=True)
+    # the optimizer pre-step hook runs inside optimizer.step (so inside the step time): timed alone
+    r["hook"] = [per_call(lambda: rec._pre_step(opts["recorded"], (), {}), 1) for _ in range(50)]
+    r["cadence"] = (rec._sketch_every, rec._digest_every, rec._period)
+    t0 = time.perf_counter()
+    rec.close()
+    r["close"] = time.perf_counter() - t0
+    bodies = [e.body() for e in ledger.open(tmp / name).entries() if e.kind is Kind.STEP]
+    r["carries"] = {c: sum(c in b["carries"] for b in bodies) for c in ("norms", "sketch", "digests", "batch")}
+    r.update(params=sum(p.numel() for p in models["plain"].parameters()), probe=probe, entries=len(bodies))
+    return r
+
+
+def child_memory(name: str, mode: str, steps: int) -> None:
+    """In a subprocess: build the workload, reset the RSS high-water mark, run ``steps`` steps (plain,
+    or recorded from the Recorder's construction to its close) and print the peak RSS in KiB."""
+    recipe = make_recipe(name)
+    model = recipe.build_model(SEED)
+    opt = recipe.build_optimizer(model)
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS (ru_maxrss counts the parent's too)
+    with tempfile.TemporaryDirectory() as tmp:
+        rec = Recorder(Path(tmp) / "l", model=model, optimizer=opt, key=KEY, seed=SEED) if mode == "recorded" else None
+        for s in range(steps):
+            one_step(recipe, model, opt, rec, s)
+        if rec is not None:
+            rec.close()
+    print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")))
+
+
+def peak_rss(name: str, mode: str, steps: int, threads: int) -> float:
+    """Peak RSS (MiB) of a fresh process while it trains."""
+    out = subprocess.run([sys.executable, __file__, "--threads", str(threads), "--child-memory", name, mode,
+                          str(steps)], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[-1]) / 1024
+
+
+def report_workload(name: str, r: dict[str, Any], rss: tuple[float, float]) -> list[Row]:
+    plain, recorded = statistics.median(r["plain"]), statistics.median(r["recorded"])
+    mean_ratio = (sum(r["recorded"]) + sum(r["flush"])) / sum(r["plain"])
+    sketch_every, digest_every, period = r["cadence"]
+    c, probe, budget = r["costs"], r["probe"], plain * 1e4
+    print(f"\n== {name}: {r['params']:,} parameters, {len(r['plain'])} timed steps per side, "
+          f"torch threads {torch.get_num_threads()} ==")
+    print(f"median step: plain {1e3 * plain:.2f} ms, recorded {1e3 * recorded:.2f} ms → {recorded / plain:.4f}x "
+          f"(target ≤ 1.01x); mean incl. block flushes {mean_ratio:.4f}x")
+    print(f"rec.step on the training thread: median {us(r['rec_step']):.0f} µs (1% budget of the plain step: "
+          f"{budget:.0f} µs); optimizer pre-step hook {us(r['hook']):.0f} µs")
+    sk, dg = us(c["sketch"]), us(c["digests"])
+    print(f"  norms (state_dict + foreach_norm) {us(c['norms']):.0f} µs every step; sketch {sk:.0f} µs each "
+          f"({len(c['sketch'])} taken) /{sketch_every} = {sk / max(sketch_every, 1):.0f} µs/step; "
+          f"digests {dg:.0f} µs each ({len(c['digests'])} taken)")
+    print(f"cadence chosen: sketch every {sketch_every} steps, digests every step: {digest_every} (period "
+          f"estimate {1e3 * period:.2f} ms); {r['entries']} step entries carrying "
+          + ", ".join(f"{k} {v}" for k, v in r["carries"].items()))
+    enc = sign = float("nan")
+    if probe.body is not None:
+        body, record = probe.body, encode_body(probe.body)
+        enc, sign = per_call(lambda: encode_body(body)), per_call(lambda: KEY.sign(record))
+    job, app = us(probe.job), us(probe.append)
+    print(f"background per step: job (body, batch digest) {job:.0f} µs + append {app:.0f} µs (encode ≈ "
+          f"{enc * 1e6:.0f}, sign ≈ {sign * 1e6:.0f}, rest WAL/fsync/roll) = {job + app:.0f} µs; enqueue→appended "
+          f"{us(probe.latency):.0f} µs; block flush {us(r['flush']):.0f} µs; close {1e3 * r['close']:.0f} ms")
+    print(f"peak RSS while training (subprocess, from built model + optimizer): plain {rss[0]:.0f} MiB, "
+          f"recorded {rss[1]:.0f} MiB → +{rss[1] - rss[0]:.0f} MiB")
+    return [(f"{name} median step recorded (ms)", 1e3 * recorded, "plain step; target ≤ 1.01x", 1e3 * plain),
+            (f"{name} mean step incl. flushes (ratio)", mean_ratio, "target ≤ 1.01", None),
+            (f"{name} rec.step, training thread (µs)", us(r["rec_step"]), "1% of the plain step", budget),
+            (f"{name} background per step (µs)", job + app, "1% of the plain step", budget),
+            (f"{name} sketch every (steps)", sketch_every, f"digests every step: {digest_every}", None),
+            (f"{name} peak RSS recorded (MiB)", rss[1], "plain peak RSS", rss[0])]
+
+
+def bench_checkpoint(repeat: int, tmp: Path) -> list[Row]:
+    """snapshot + write (fingerprinted, fsynced) vs safetensors save_file of the same tensors."""
+    recipe = make_recipe("15M")
+    model = recipe.build_model(SEED)
+    opt = recipe.build_optimizer(model)
+    one_step(recipe, model, opt, None, 0)
+    tensors, _ = canonical_state(model)
+    opt_tensors = {f"state/{i}/{k}": v for i, state in opt.state_dict()["state"].items()
+                   for k, v in state.items() if hasattr(v, "detach")}
+    t: dict[str, list[float]] = {k: [] for k in ("snapshot", "write", "digests", "save", "save+fsync")}
+    size = base_size = 0
+    for n in range(repeat):
+        t0 = time.perf_counter()
+        snap = snapshot(0, model, opt)
+        t1 = time.perf_counter()
+        directory, _ = write(snap, tmp / f"ckpt{n}")
+        t2 = time.perf_counter()
+        snapshot_digests(snap)
+        t["digests"].append(time.perf_counter() - t2)
+        t["snapshot"].append(t1 - t0)
+        t["write"].append(t2 - t1)
+        base = tmp / f"plain{n}"
+        base.mkdir()
+        t0 = time.perf_counter()
+        save_file(tensors, str(base / "model.safetensors"))
+        save_file(opt_tensors, str(base / "optimizer.safetensors"))
+        t["save"].append(time.perf_counter() - t0)
+        for f in base.iterdir():
+            fd = os.open(f, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        t["save+fsync"].append(time.perf_counter() - t0)
+        size, base_size = (sum(f.stat().st_size for f in d.iterdir()) for d in (directory, base))
+    m = {k: 1e3 * statistics.median(v) for k, v in t.items()}
+    total = m["snapshot"] + m["write"]
+    print(f"\n== checkpoint of the 15M model + AdamW state after one step (median of {repeat}) ==")
+    print(f"snapshot (training thread) {m['snapshot']:.0f} ms; write (background) {m['write']:.0f} ms, of which "
+          f"digests ≈ {m['digests']:.0f} ms; total {total:.0f} ms, {size / 2**20:.1f} MiB")
+    print(f"plain save_file model + optimizer: {m['save']:.0f} ms, with fsync {m['save+fsync']:.0f} ms, "
+          f"{base_size / 2**20:.1f} MiB → checkpoint / (save_file + fsync) {total / m['save+fsync']:.2f}x")
+    return [("checkpoint snapshot+write (ms)", total, "save_file + fsync", m["save+fsync"]),
+            ("checkpoint training-thread part (ms)", m["snapshot"], "save_file + fsync", m["save+fsync"])]
+
+
+def profile(name: str, steps: int, tmp: Path) -> None:
+    """cProfile of rec.step on the training thread (the pre-step hook is timed separately)."""
+    recipe = make_recipe(name)
+    model = recipe.build_model(SEED)
+    opt = recipe.build_optimizer(model)
+    rec = Recorder(tmp / f"profile-{name}", model=model, optimizer=opt, key=KEY, seed=SEED)
+    prof = cProfile.Profile()
+    for s in range(steps):
+        one_step(recipe, model, opt, rec, s, prof if s >= 2 else None)
+    rec.close()
+    print(f"\n== cProfile of rec.step, {name}, steps 2..{steps - 1} (tottime, top 15) ==")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    pair: dict[str, Any] = {"type": int, "nargs": 2, "metavar": ("CHARLM", "15M")}
+    parser.add_argument("--steps", **pair, default=[200, 30], help="timed steps per side")
+    parser.add_argument("--block", **pair, default=[10, 5], help="steps per interleaved block")
+    parser.add_argument("--warmup", **pair, default=[10, 3], help="untimed steps per side first")
+    parser.add_argument("--memory-steps", **pair, default=[60, 8], help="steps of each memory subprocess")
+    parser.add_argument("--profile", **pair, help="also print a cProfile of rec.step over this many steps")
+    parser.add_argument("--checkpoints", type=int, default=3, help="checkpoint repetitions")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (both sides)")
+    parser.add_argument("--child-memory", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child_memory:
+        child_memory(args.child_memory[0], args.child_memory[1], int(args.child_memory[2]))
+        return
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, name in enumerate(WORKLOADS):
+            result = interleaved(name, args.steps[i], args.block[i], args.warmup[i], Path(tmp))
+            rss = (peak_rss(name, "plain", args.memory_steps[i], args.threads),
+                   peak_rss(name, "recorded", args.memory_steps[i], args.threads))
+            rows += report_workload(name, result, rss)
+        rows += bench_checkpoint(args.checkpoints, Path(tmp))
+        for i, name in enumerate(WORKLOADS if args.profile else ()):
+            profile(name, args.profile[i], Path(tmp))
+    print("\n== summary ==")
+    print(f"{'figure':40} {'value':>10}  {'baseline/target':28} {'ratio':>8}")
+    for figure, value, label, base in rows:
+        ratio = f"{value / base:.3f}x" if base else "-"
+        print(f"{figure:40} {value:10,.2f}  {label:28} {ratio:>8}" + (f"  (baseline {base:,.2f})" if base else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""``continuity``: every recorded update fits within what the optimizer can do.
+
+Adam/AdamW move each coordinate by at most α·B_t (+ α·λ·|θ| for decoupled weight decay), with
+B_t the finite-t form of the tight bound (1−β1)/√(1−β2)·1/√(1−β1²/β2) including bias correction
+(docs/VERIFYING.md). SGD moves a group by at most α·Σ μ^j (‖g_{s−j}‖ + λ‖θ‖), from the logged
+gradient norms. Evidence: per-tensor norms every step, sketches between sketched steps, and the
+real weights of consecutive checkpoints (per coordinate). Sketches and norms are also checked
+against the real weights wherever a checkpoint holds them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from ledger.verify._result import CheckResult
+from ledger.verify._run import RunView
+
+NORM_RTOL = 1e-6  # float32 norms: relative rounding slack
+SKETCH_RTOL = 1e-6  # sketch of the same weights, another summation order
+
+
+def adam_bound(beta1: float, beta2: float, t: int) -> float:
+    """max |m̂_t| / √v̂_t over all gradient sequences of length t (Cauchy–Schwarz, tight)."""
+    r = beta1 * beta1 / beta2
+    partial = t if r == 1 else (1 - r**t) / (1 - r)
+    return (1 - beta1) / math.sqrt(1 - beta2) * math.sqrt(partial) * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+
+
+def _family(optimizer_class: str) -> str | None:
+    name = optimizer_class.rsplit(".", 1)[-1]
+    if name in ("AdamW",):
+        return "adamw"
+    if name in ("Adam",):
+        return "adam"
+    if name == "SGD":
+        return "sgd"
+    return None
+
+
+class Bounds:
+    """Per-step, per-tensor L2 bounds on the update, from the committed hyperparameters."""
+
+    def __init__(self, view: RunView) -> None:
+        genesis = view.genesis
+        self.family = _family(genesis["optimizer"]["class"])
+        self.groups = genesis["optimizer"]["param_groups"]
+        order = view.tensor_order
+        sizes = {t["name"]: int(np.prod(t["shape"], dtype=np.int64)) for t in genesis["architecture"]["tensors"]}
+        self.group_of = np.full(len(order), -1)
+        index = {name: i for i, name in enumerate(order)}
+        for g, group in enumerate(self.groups):
+            for name in group.get("tensors", []):
+                if name in index:
+                    self.group_of[index[name]] = g
+        self.sqrt_d = np.sqrt(np.array([sizes.get(n, 0) for n in order], dtype=np.float64))
+        self.grad_history: list[np.ndarray] = []
+
+    def step(self, s: int, lrs: np.ndarray, prev_norms: np.ndarray, grad_norms: np.ndarray | None) -> np.ndarray:
+        """L2 bound on each tensor's update at step s (inf for tensors outside any group)."""
+        bound = np.full(len(self.group_of), np.inf)
+        for g, group in enumerate(self.groups):
+            mask = self.group_of == g
+            lr = float(lrs[g]) if g < len(lrs) else float(group["lr"])
+            wd = float(group.get("weight_decay", 0.0) or 0.0)
+            if self.family in ("adam", "adamw"):
+                beta1, beta2 = (float(b) for b in group["betas"])
+                b = lr * adam_bound(beta1, beta2, s + 1) * self.sqrt_d[mask]
+                if self.family == "adamw":
+                    b = b + lr * wd * prev_norms[mask]
+                bound[mask] = b * (1 + 1e-6)
+            elif self.family == "sgd" and grad_norms is not None:
+                mu = float(group.get("momentum", 0.0) or 0.0)
+                theta = float(np.sqrt(np.square(prev_norms[mask]).sum()))
+                history = [h[g] for h in self.grad_history] + [float(grad_norms[g])]
+                total = sum(mu**j * (gn + wd * theta) for j, gn in enumerate(reversed(history)))
+                if group.get("nesterov"):
+                    total = (float(grad_norms[g]) + wd * theta) + mu * total
+                bound[mask] = lr * total * (1 + 1e-6)
+        if grad_norms is not None:
+            self.grad_history.append(np.asarray(grad_norms, dtype=np.float64))
+        return bound
+
+
+def check_continuity(view: RunView, *, load_weights: Any = None) -> CheckResult:
+    """Check every step's update against the optimizer bound (norms, sketches, checkpoints)."""
+    if not view.recorded or not view.steps:
+        return CheckResult("continuity", "skip", "no recorded steps with fingerprints to check")
+    bounds = Bounds(view)
+    if bounds.family is None:
+        return CheckResult("continuity", "skip", f"no update bound is known for {view.genesis['optimizer']['class']}",
+                           summary="optimizer without a known bound")
+    k = int(view.genesis["fingerprints"]["sketch_k"])
+    jl = 1 + 3 / math.sqrt(k)
+    init = view.genesis["init"]
+    prev_norms = np.asarray(init["norms"], dtype=np.float64)
+    sketch_at, sketch_prev = -1, np.asarray(init["sketch"], dtype=np.float64)
+    sketch_budget = 0.0
+    anomalies: list[dict[str, Any]] = []
+    ratios: list[float] = []
+    per_step_bound: dict[int, float] = {}
+    distance_from_init: list[list[float]] = []
+    movement: dict[int, float] = {}
+    expected = 0
+    for s in sorted(view.steps):
+        body = view.steps[s]
+        if s != expected:
+            anomalies.append({"step": s, "ratio": math.inf, "evidence": "steps",
+                              "detail": f"steps {expected}…{s - 1} are missing"})
+        expected = s + 1
+        norms = np.asarray(body["norms"], dtype=np.float64)
+        lrs = np.asarray(body.get("lrs", [g["lr"] for g in bounds.groups]), dtype=np.float64)
+        grad_norms = np.asarray(body["grad_norms"], dtype=np.float64) if "grad_norms" in body else None
+        bound = bounds.step(s, lrs, prev_norms, grad_norms)
+        slack = NORM_RTOL * np.maximum(norms, prev_norms) + 1e-12
+        ratio = np.abs(norms - prev_norms) / (bound + slack)
+        worst = int(np.argmax(ratio))
+        per_step_bound[s] = float(np.sqrt(np.square(bound[np.isfinite(bound)]).sum()))
+        movement[s] = float(np.abs(norms - prev_norms).sum())
+        if ratio[worst] > 1:
+            anomalies.append({"step": s, "ratio": float(ratio[worst]), "evidence": "norms",
+                              "tensor": view.tensor_order[worst]})
+        else:
+            ratios.append(float(ratio[worst]))
+        sketch_budget += per_step_bound[s]
+        if "sketch" in body:
+            sketch = np.asarray(body["sketch"], dtype=np.float64)
+            moved = float(np.linalg.norm(sketch - sketch_prev))
+            r = moved / (jl * sketch_budget + 1e-12)
+            movement[s] = max(movement[s], moved)
+            if r > 1:
+                anomalies.append({"step": s, "ratio": r, "evidence": "sketch", "since_step": sketch_at})
+            else:
+                ratios.append(r)
+            distance_from_init.append([s, float(np.linalg.norm(sketch - np.asarray(init["sketch"])))])
+            sketch_at, sketch_prev, sketch_budget = s, sketch, 0.0
+        prev_norms = norms
+    checked_intervals = 0
+    if load_weights is not None:
+        checked_intervals = _check_checkpoints(view, bounds, load_weights, anomalies, ratios)
+    data: dict[str, Any] = {
+        "steps_checked": len(view.steps), "anomalies": anomalies,
+        "margin": max(ratios) if ratios else None, "superseded_steps": [s for _, s in view.superseded],
+        "checkpoint_intervals_checked": checked_intervals, "distance_from_init": distance_from_init,
+        "per_step_bound": per_step_bound, "movement": movement, "optimizer_family": bounds.family,
+    }
+    margin = f"largest honest ratio to the bound {max(ratios):.3g}" if ratios else "no ratios"
+    superseded = f"; {len(view.superseded)} superseded step entries excluded" if view.superseded else ""
+    if anomalies:
+        named = "; ".join(_describe(a) for a in anomalies[:6])
+        return CheckResult("continuity", "fail", f"{len(anomalies)} update(s) exceed the {bounds.family} bound: "
+                           f"{named}{' …' if len(anomalies) > 6 else ''}", data)
+    return CheckResult("continuity", "pass", f"{len(view.steps)} steps within the {bounds.family} update bound "
+                       f"(norms every step, sketches, {checked_intervals} checkpoint interval(s) per coordinate); "
+                       f"{margin}{superseded}", data)
+
+
+def _describe(anomaly: dict[str, Any]) -> str:
+    if anomaly["evidence"] == "steps":
+        return f"step {anomaly['step']}: {anomaly['detail']}"
+    where = f" ({anomaly['tensor']})" if "tensor" in anomaly else ""
+    span = f" since step {anomaly['since_step']}" if "since_step" in anomaly else ""
+    if anomaly["evidence"] == "checkpoint":
+        return (f"steps {anomaly['from_step'] + 1}…{anomaly['step']}: real weights moved {anomaly['ratio']:.3g}× "
+                f"the per-coordinate bound{where}")
+    if anomaly["evidence"] == "fingerprint":
+        return f"step {anomaly['step']}: {anomaly['detail']}"
+    return f"step {anomaly['step']}: {anomaly['evidence']} moved {anomaly['ratio']:.3g}× the bound{where}{span}"
+
+
+def _check_checkpoints(view: RunView, bounds: Bounds, load_weights: Any, anomalies: list[dict[str, Any]],
+                       ratios: list[float]) -> int:
+    """Per-coordinate (L∞) bound between consecutive stored checkpoints, and the logged sketches
+    and norms against the real weights."""
+    from ledger._fingerprint import CountSketch
+
+    stored = [cp for cp in view.checkpoints if not cp.pruned and cp.directory.is_dir()]
+    policy = view.genesis["fingerprints"]
+    sketcher = CountSketch(int(policy["sketch_seed"]), int(policy["sketch_k"]))
+    order = view.tensor_order
+    previous: tuple[int, dict[str, Any]] | None = None
+    intervals = 0
+    for cp in stored:
+        weights = load_weights(cp.directory)
+        logged = view.genesis["init"] if cp.step == -1 else view.steps.get(cp.step, {})
+        if "sketch" in logged:
+            real = sketcher({n: weights[n] for n in order if n in weights})
+            want = np.asarray(logged["sketch"], dtype=np.float64)
+            if float(np.linalg.norm(real - want)) > SKETCH_RTOL * max(float(np.linalg.norm(want)), 1e-12):
+                anomalies.append({"step": cp.step, "ratio": math.inf, "evidence": "fingerprint",
+                                  "detail": "the logged sketch does not match the checkpoint's weights"})
+        if "norms" in logged:
+            real_norms = np.array([float(weights[n].double().norm()) for n in order])
+            want_norms = np.asarray(logged["norms"], dtype=np.float64)
+            if np.any(np.abs(real_norms - want_norms) > 1e-5 * np.maximum(want_norms, 1e-12) + 1e-12):
+                anomalies.append({"step": cp.step, "ratio": math.inf, "evidence": "fingerprint",
+                                  "detail": "the logged norms do not match the checkpoint's weights"})
+        if previous is not None and bounds.family in ("adam", "adamw"):
+            t, before = previous
+            steps = [s for s in range(t + 1, cp.step + 1) if s in view.steps]
+            if steps:
+                intervals += 1
+                worst, worst_name = 0.0, ""
+                for name in order:
+                    g = int(bounds.group_of[order.index(name)])
+                    if g < 0 or name not in weights or name not in before:
+                        continue
+                    group = bounds.groups[g]
+                    beta1, beta2 = (float(b) for b in group["betas"])
+                    wd = float(group.get("weight_decay", 0.0) or 0.0) if bounds.family == "adamw" else 0.0
+                    lrs = [float(np.asarray(view.steps[s].get("lrs", [group["lr"]]))[g]) for s in steps]
+                    a = sum(lr * adam_bound(beta1, beta2, s + 1) for lr, s in zip(lrs, steps, strict=True))
+                    decay = wd * sum(lrs)
+                    old, new = before[name].double(), weights[name].double()
+                    limit = a + decay * (old.abs().maximum(new.abs()) + a)
+                    ratio = float(((new - old).abs() / (limit * (1 + 1e-6) + 1e-12)).max()) if old.numel() else 0.0
+                    if ratio > worst:
+                        worst, worst_name = ratio, name
+                if worst > 1:
+                    anomalies.append({"step": cp.step, "from_step": t, "ratio": worst, "evidence": "checkpoint",
+                                      "tensor": worst_name})
+                else:
+                    ratios.append(worst)
+        previous = (cp.step, weights)
+    return intervals

@@ -1,0 +1,104 @@
+"""``checkpoints`` and ``init``: stored states match their entries; the init is regenerated from
+the recipe and the genesis seed, bit for bit, and depends on that seed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ledger.verify._result import CheckResult
+from ledger.verify._run import RunView
+
+from ledger import _state
+from ledger.errors import FormatError
+
+
+def check_checkpoints(view: RunView) -> CheckResult:
+    """Every stored checkpoint matches its entry; pruned ones are reported as pruned, missing ones
+    as missing (a warning: they may be kept elsewhere, see --checkpoints)."""
+    if not view.checkpoints:
+        return CheckResult("checkpoints", "skip", "the run recorded no checkpoints", summary="no checkpoints recorded")
+    matched, pruned, missing, bad = [], [], [], []
+    for cp in view.checkpoints:
+        if cp.pruned:
+            pruned.append(cp.step)
+            continue
+        if not cp.directory.is_dir():
+            missing.append(cp.step)
+            continue
+        try:
+            found = _state.digests_of(cp.directory)
+            meta_step = _state.read_meta(cp.directory).get("step")
+        except FormatError as exc:
+            bad.append((cp.step, str(exc)))
+            continue
+        if found.state_digest != cp.body.get("state_digest"):
+            expected = cp.body.get("tensor_digests", {})
+            tensors = sorted(n for n in set(expected) | set(found.model) if expected.get(n) != found.model.get(n))
+            parts = [f"tensors {', '.join(tensors[:5])}"] if tensors else []
+            if found.optimizer_digest != cp.body.get("optimizer_digest"):
+                parts.append("optimizer state")
+            if found.meta_digest != cp.body.get("meta_digest"):
+                parts.append("state.cbor (step, hyperparameters, scheduler, RNG)")
+            bad.append((cp.step, f"differs in {'; '.join(parts) or 'its state digest'}"))
+        elif meta_step != cp.step:
+            bad.append((cp.step, f"holds step {meta_step}, its entry says {cp.step}"))
+        else:
+            matched.append(cp.step)
+    init = next((cp for cp in view.checkpoints if cp.step == -1), None)
+    if init is not None and view.recorded and init.body.get("model_digest") != view.genesis["init"].get("model_digest"):
+        bad.append((-1, "the init checkpoint's weights are not the genesis init fingerprint"))
+    data: dict[str, Any] = {"matched": matched, "pruned": pruned, "missing": missing,
+                            "bad": [{"step": s, "reason": r} for s, r in bad]}
+    summary = f"{len(matched)} matched, {len(pruned)} pruned, {len(missing)} missing"
+    if bad:
+        detail = "; ".join(f"checkpoint at step {s} {r}" for s, r in bad[:5])
+        return CheckResult("checkpoints", "fail", f"{detail} ({summary})", data)
+    if missing:
+        return CheckResult("checkpoints", "warn", f"{summary}: checkpoints at steps {missing[:8]} are not here "
+                           "(pass --checkpoints DIR if they are kept elsewhere)", data,
+                           summary=f"{len(missing)} checkpoint(s) missing")
+    return CheckResult("checkpoints", "pass", f"{summary}; every stored state matches its entry", data)
+
+
+def _constant(tensor: Any) -> bool:
+    flat = tensor.reshape(-1)
+    return flat.numel() == 0 or bool((flat == flat[0]).all())
+
+
+def check_init(view: RunView, recipe: Any, environment_here: dict[str, Any]) -> CheckResult:
+    """Rebuild the model with the recipe and the genesis seed; compare every tensor digest with the
+    genesis init fingerprint, and check that every non-constant floating-point tensor changes with
+    the seed (a recipe that loads stored weights would otherwise pass)."""
+    if recipe is None:
+        return CheckResult("init", "skip", "no --recipe given: the init could not be regenerated",
+                           summary="no --recipe given")
+    if not view.recorded:
+        return CheckResult("init", "skip", "the ledger has no init fingerprint (not written by the recorder)")
+    from ledger._fingerprint import canonical_state, torch_digests
+
+    seed = int(view.genesis["seed"])
+    recorded = dict(view.genesis["init"]["tensor_digests"])
+    tensors, _ = canonical_state(recipe.build_model(seed))
+    rebuilt = torch_digests(tensors)
+    other, _ = canonical_state(recipe.build_model(seed + 1))
+    differ = sorted(n for n in set(recorded) | set(rebuilt) if recorded.get(n) != rebuilt.get(n))
+    seed_blind = sorted(n for n, t in tensors.items() if t.is_floating_point() and not _constant(t)
+                        and n in other and bool((other[n] == t).all()))
+    data: dict[str, Any] = {"tensors": len(recorded), "differ": differ, "seed_independent": seed_blind,
+                            "seed": seed}
+    recorded_torch = view.genesis.get("environment", {}).get("torch")
+    problems = []
+    if differ:
+        problems.append(f"{len(differ)} of {len(recorded)} tensors differ from the genesis init fingerprint: "
+                        f"{', '.join(differ[:8])}{' …' if len(differ) > 8 else ''}")
+    if seed_blind:
+        problems.append(f"{len(seed_blind)} non-constant tensor(s) do not change with the seed "
+                        f"({', '.join(seed_blind[:8])}): the recipe does not draw them from its seed")
+    if differ and not seed_blind and recorded_torch != environment_here.get("torch"):
+        return CheckResult("init", "warn", f"{problems[0]}, but torch differs (recorded {recorded_torch}, here "
+                           f"{environment_here.get('torch')}): regeneration is only promised on the recorded "
+                           "version; this is not evidence of reuse", data, summary="torch version differs")
+    if problems:
+        return CheckResult("init", "fail", "; ".join(problems), data)
+    return CheckResult("init", "pass", f"all {len(recorded)} init tensors regenerated bit-exactly from the recipe "
+                       f"and seed {seed}, and every non-constant one depends on the seed", data)
