@@ -24,13 +24,13 @@ from __future__ import annotations
 import argparse
 import cProfile
 import importlib.util
-import os
 import pstats
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from torch.nn import functional as F
 import ledger
 from ledger import Kind, Signer, encode_body
 from ledger._fingerprint import canonical_state
+from ledger._parts import fsync_path
 from ledger._state import snapshot, snapshot_digests, write
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,13 +89,6 @@ def us(values: list[float]) -> float:
     return statistics.median(values) * 1e6 if values else float("nan")
 
 
-def per_call(fn: Callable[[], Any], n: int = 200) -> float:
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t0) / n
-
-
 class Probe:
     """Times the background work of each step entry by wrapping the recorder's ``_put`` (the job:
     body, batch digest) and its writer's ``append`` (encode, sign, WAL write, fsync, roll-over)."""
@@ -138,13 +132,14 @@ def interleaved(name: str, steps: int, block: int, warmup: int, tmp: Path) -> di
     rec = Recorder(tmp / name, model=models["recorded"], optimizer=opts["recorded"], key=KEY, seed=SEED,
                    checkpoint_every=None)
     probe = Probe(rec)
-    r: dict[str, Any] = {"plain": [], "recorded": [], "rec_step": [], "flush": [],
-                         "costs": {k: [] for k in rec._costs}, "next": {"plain": 0, "recorded": 0}}
+    r: dict[str, Any] = {"plain": [], "recorded": [], "rec_step": [], "flush": [], "costs": {k: [] for k in rec._costs},
+                         "blocks": {"plain": [], "recorded": []}, "next": {"plain": 0, "recorded": 0}}
 
     def run_block(mode: str, n: int, keep: bool) -> None:
         recorder = rec if mode == "recorded" else None
         if recorder is not None:
             recorder._last_step_time = None  # its period estimate must not include the plain block
+        first = len(r[mode])
         for _ in range(n):
             total, part = one_step(recipe, models[mode], opts[mode], recorder, r["next"][mode])
             r["next"][mode] += 1
@@ -154,6 +149,8 @@ def interleaved(name: str, steps: int, block: int, warmup: int, tmp: Path) -> di
             for k, v in rec._costs.items() if recorder else ():  # a changed value is a new measurement
                 if v == v and (not r["costs"][k] or r["costs"][k][-1] != v):
                     r["costs"][k].append(v)
+        if keep:
+            r["blocks"][mode].append(statistics.median(r[mode][first:]))
         if recorder is not None:
             t0 = time.perf_counter()
             recorder.flush()
@@ -165,7 +162,7 @@ def interleaved(name: str, steps: int, block: int, warmup: int, tmp: Path) -> di
         for mode in (("plain", "recorded") if i % 2 == 0 else ("recorded", "plain")):
             run_block(mode, min(block, steps - lo), keep=True)
     # the optimizer pre-step hook runs inside optimizer.step (so inside the step time): timed alone
-    r["hook"] = [per_call(lambda: rec._pre_step(opts["recorded"], (), {}), 1) for _ in range(50)]
+    r["hook"] = timeit.repeat(lambda: rec._pre_step(opts["recorded"], (), {}), number=1, repeat=50)
     r["cadence"] = (rec._sketch_every, rec._digest_every, rec._period)
     t0 = time.perf_counter()
     rec.close()
@@ -202,12 +199,13 @@ def peak_rss(name: str, mode: str, steps: int, threads: int) -> float:
 def report_workload(name: str, r: dict[str, Any], rss: tuple[float, float]) -> list[Row]:
     plain, recorded = statistics.median(r["plain"]), statistics.median(r["recorded"])
     mean_ratio = (sum(r["recorded"]) + sum(r["flush"])) / sum(r["plain"])
+    paired = statistics.median(b / a for a, b in zip(r["blocks"]["plain"], r["blocks"]["recorded"], strict=True))
     sketch_every, digest_every, period = r["cadence"]
     c, probe, budget = r["costs"], r["probe"], plain * 1e4
     print(f"\n== {name}: {r['params']:,} parameters, {len(r['plain'])} timed steps per side, "
           f"torch threads {torch.get_num_threads()} ==")
     print(f"median step: plain {1e3 * plain:.2f} ms, recorded {1e3 * recorded:.2f} ms → {recorded / plain:.4f}x "
-          f"(target ≤ 1.01x); mean incl. block flushes {mean_ratio:.4f}x")
+          f"(target ≤ 1.01x); paired blocks {paired:.4f}x; mean incl. block flushes {mean_ratio:.4f}x")
     print(f"rec.step on the training thread: median {us(r['rec_step']):.0f} µs (1% budget of the plain step: "
           f"{budget:.0f} µs); optimizer pre-step hook {us(r['hook']):.0f} µs")
     sk, dg = us(c["sketch"]), us(c["digests"])
@@ -219,8 +217,8 @@ def report_workload(name: str, r: dict[str, Any], rss: tuple[float, float]) -> l
           + ", ".join(f"{k} {v}" for k, v in r["carries"].items()))
     enc = sign = float("nan")
     if probe.body is not None:
-        body, record = probe.body, encode_body(probe.body)
-        enc, sign = per_call(lambda: encode_body(body)), per_call(lambda: KEY.sign(record))
+        body, encoded = probe.body, encode_body(probe.body)  # sign ≈ Ed25519 over a message of the body's size
+        enc, sign = (timeit.timeit(f, number=200) / 200 for f in (lambda: encode_body(body), lambda: KEY.sign(encoded)))
     job, app = us(probe.job), us(probe.append)
     print(f"background per step: job (body, batch digest) {job:.0f} µs + append {app:.0f} µs (encode ≈ "
           f"{enc * 1e6:.0f}, sign ≈ {sign * 1e6:.0f}, rest WAL/fsync/roll) = {job + app:.0f} µs; enqueue→appended "
@@ -228,6 +226,7 @@ def report_workload(name: str, r: dict[str, Any], rss: tuple[float, float]) -> l
     print(f"peak RSS while training (subprocess, from built model + optimizer): plain {rss[0]:.0f} MiB, "
           f"recorded {rss[1]:.0f} MiB → +{rss[1] - rss[0]:.0f} MiB")
     return [(f"{name} median step recorded (ms)", 1e3 * recorded, "plain step; target ≤ 1.01x", 1e3 * plain),
+            (f"{name} paired-block step ratio", paired, "target ≤ 1.01", None),
             (f"{name} mean step incl. flushes (ratio)", mean_ratio, "target ≤ 1.01", None),
             (f"{name} rec.step, training thread (µs)", us(r["rec_step"]), "1% of the plain step", budget),
             (f"{name} background per step (µs)", job + app, "1% of the plain step", budget),
@@ -263,9 +262,7 @@ def bench_checkpoint(repeat: int, tmp: Path) -> list[Row]:
         save_file(opt_tensors, str(base / "optimizer.safetensors"))
         t["save"].append(time.perf_counter() - t0)
         for f in base.iterdir():
-            fd = os.open(f, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
+            fsync_path(f)
         t["save+fsync"].append(time.perf_counter() - t0)
         size, base_size = (sum(f.stat().st_size for f in d.iterdir()) for d in (directory, base))
     m = {k: 1e3 * statistics.median(v) for k, v in t.items()}

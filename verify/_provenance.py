@@ -61,8 +61,14 @@ def check_checkpoints(view: RunView) -> CheckResult:
 
 
 def _constant(tensor: Any) -> bool:
+    """All elements equal (LayerNorm ones, zero biases); a single element counts as constant only
+    when it is 0 or ±1, so a random scalar must still change with the seed."""
     flat = tensor.reshape(-1)
-    return flat.numel() == 0 or bool((flat == flat[0]).all())
+    if flat.numel() == 0:
+        return True
+    if flat.numel() == 1:
+        return float(flat[0]) in (0.0, 1.0, -1.0)
+    return bool((flat == flat[0]).all())
 
 
 def check_init(view: RunView, recipe: Any, environment_here: dict[str, Any]) -> CheckResult:
