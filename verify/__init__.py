@@ -108,6 +108,9 @@ def _provenance_checks(loaded: Any, ledger: Ledger, checkpoint_dir: Any, recipe:
 
     if loaded.genesis is None:
         return [CheckResult(name, "skip", "no readable genesis") for name in CHECKS[4:]]
+    if not isinstance(loaded.genesis.get("fingerprints"), dict):  # not written by the recorder: nothing to decode
+        return [CheckResult(name, "skip", "the ledger carries no training fingerprints (not written by the recorder)",
+                            summary="no training fingerprints") for name in CHECKS[4:]]
     view = build(loaded, ledger.path, Path(checkpoint_dir) if checkpoint_dir is not None else None)
     here = environment(view.genesis.get("environment", {}).get("device", "cpu")) if recipe is not None or \
         view.checkpoints else {}
