@@ -128,4 +128,5 @@ def _provenance_checks(loaded: Any, ledger: Ledger, checkpoint_dir: Any, recipe:
     return results
 
 
-__all__ = ["CHECKS", "CheckResult", "Report", "verify_ledger"]
+__all__ = ["CHECKS", "CheckResult", "Report", "build", "check_chain", "check_checkpoints", "check_continuity",
+           "check_init", "check_model", "check_replay", "check_seal", "check_signatures", "load", "verify_ledger"]
