@@ -148,8 +148,8 @@ def interleaved(name: str, steps: int, block: int, warmup: int, tmp: Path) -> di
                 r[mode].append(total)
                 r["rec_step"] += [part] if recorder else []
             for k, v in rec._costs.items() if recorder else ():  # a changed value is a new measurement
-                if v == v and (not r["costs"][k] or r["costs"][k][-1] != v):
-                    r["costs"][k].append(v)
+                if v and (not r["costs"][k] or r["costs"][k][-1] != v[-1]):
+                    r["costs"][k].append(v[-1])
         if keep:
             r["blocks"][mode].append(statistics.median(r[mode][first:]))
         if recorder is not None:
@@ -164,7 +164,7 @@ def interleaved(name: str, steps: int, block: int, warmup: int, tmp: Path) -> di
             run_block(mode, min(block, steps - lo), keep=True)
     # the optimizer pre-step hook runs inside optimizer.step (so inside the step time): timed alone
     r["hook"] = timeit.repeat(lambda: rec._pre_step(opts["recorded"], (), {}), number=1, repeat=50)
-    r["cadence"] = (rec._sketch_every, rec._digest_every, rec._period)
+    r["cadence"] = (rec._sketch_every, rec._digest_every, statistics.median(rec._periods))
     t0 = time.perf_counter()
     rec.close()
     r["close"] = time.perf_counter() - t0

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import math
 import os
 import queue
 import shutil
+import statistics
 import sys
 import threading
 import time
@@ -94,8 +96,10 @@ class Recorder:
         self._hook_state: dict[str, Any] = {"steps": 0}
         self._hook = optimizer.register_step_pre_hook(self._pre_step)
         self._last_step_time: float | None = None
-        self._period = math.nan
-        self._costs = {"norms": 0.0, "sketch": math.nan, "digests": math.nan}
+        self._periods: collections.deque[float] = collections.deque(maxlen=32)
+        self._costs: dict[str, collections.deque[float]] = {
+            name: collections.deque(maxlen=5) for name in ("norms", "sketch", "digests")}
+        self._tensor_cache: dict[str, Any] | None = None
         self._sketch_every = 1 if sketch == "auto" else int(sketch)
         self._digest_every = digests in ("auto", "every")
         self._last_checkpoint_step: int | None = None
@@ -150,8 +154,7 @@ class Recorder:
             lr = group["lr"]
             lrs.append(float(lr.item() if hasattr(lr, "item") else lr))
             grads = [p.grad for p in group["params"] if p.grad is not None]
-            norms = torch._foreach_norm(grads) if grads else []
-            grad_norms.append(torch.stack([n.double() for n in norms]).square().sum().sqrt() if norms
+            grad_norms.append(torch.stack(torch._foreach_norm(grads)).double().square().sum().sqrt() if grads
                               else torch.zeros((), dtype=torch.float64))
         self._hook_state.update(lrs=lrs, grad_norms=torch.stack(grad_norms), steps=self._hook_state["steps"] + 1)
 
@@ -162,8 +165,7 @@ class Recorder:
         self._raise_background_error()
         now = time.perf_counter()
         if self._last_step_time is not None:
-            period = now - self._last_step_time
-            self._period = period if math.isnan(self._period) else 0.9 * self._period + 0.1 * period
+            self._periods.append(now - self._last_step_time)
         step = self._step
         if step % _RECALIBRATE_EVERY == 1:
             self._calibrate()
@@ -173,42 +175,50 @@ class Recorder:
         self._hook_state = {"steps": 0}
         t0 = time.perf_counter()
         tensors = self._tensors()
-        norms = torch.stack(torch._foreach_norm([t.detach() for t in tensors.values()])).float()
+        with torch.no_grad():
+            norms = torch.stack(torch._foreach_norm(list(tensors.values()))).float()
         t1 = time.perf_counter()
-        self._costs["norms"] = t1 - t0
+        self._costs["norms"].append(t1 - t0)
         sketch = None
         if self._sketch_every and step % self._sketch_every == 0:
             sketch = self._sketcher(tensors)
-            self._costs["sketch"] = time.perf_counter() - t1
+            self._costs["sketch"].append(time.perf_counter() - t1)
         digests = None
         if self._digest_every:
             t2 = time.perf_counter()
             digests = torch_digests(tensors)
-            self._costs["digests"] = time.perf_counter() - t2
+            self._costs["digests"].append(time.perf_counter() - t2)
         due = bool(self.checkpoint_every) and (step + 1) % int(self.checkpoint_every or 1) == 0
-        self._put(lambda: self._step_entry(step, values, hook, norms, sketch, digests, batch))
+        batch_d = batch_digest(batch) if batch is not None else None  # now: the caller may reuse the buffers
+        self._put(lambda: self._step_entry(step, values, hook, norms, sketch, digests, batch_d))
         self._step = step + 1
         if due:
             self._checkpoint(step)
         self._last_step_time = time.perf_counter()
 
     def _tensors(self) -> dict[str, Any]:
-        state = self.model.state_dict(keep_vars=True)
-        return {name: state[name] for name in self._names}
+        """The fingerprinted tensors (cached; refreshed at each calibration in case a module
+        reassigned a parameter or buffer)."""
+        if self._tensor_cache is None:
+            state = self.model.state_dict(keep_vars=True)
+            self._tensor_cache = {name: state[name] for name in self._names}
+        return self._tensor_cache
 
     def _calibrate(self) -> None:
-        """Choose the sketch cadence and whether full digests go in every step, from the measured
-        step time and costs, so the recorder stays near its overhead budget."""
-        if math.isnan(self._period) or self._period <= 0:
+        """Choose the sketch cadence and whether full digests go in every step, from the median of
+        the recent step times and of the recent costs, so the recorder stays near its budget."""
+        self._tensor_cache = None
+        if not self._periods:
             return
-        budget = OVERHEAD_BUDGET * self._period
-        if self._sketch_policy == "auto" and not math.isnan(self._costs["sketch"]):
-            self._sketch_every = max(1, math.ceil(self._costs["sketch"] / (0.4 * budget)))
-        if self._digest_policy == "auto" and not math.isnan(self._costs["digests"]):
-            self._digest_every = self._costs["digests"] < 0.5 * budget
+        budget = OVERHEAD_BUDGET * statistics.median(self._periods)
+        if self._sketch_policy == "auto" and self._costs["sketch"]:
+            self._sketch_every = max(1, math.ceil(statistics.median(self._costs["sketch"]) / (0.4 * budget)))
+        if self._digest_policy == "auto" and self._costs["digests"]:
+            self._digest_every = statistics.median(self._costs["digests"]) < 0.5 * budget
 
     def _step_entry(self, step: int, values: dict[str, Any], hook: dict[str, Any], norms: Any,
-                    sketch: np.ndarray | None, digests: dict[str, bytes] | None, batch: Any) -> tuple[Kind, int, dict]:
+                    sketch: np.ndarray | None, digests: dict[str, bytes] | None,
+                    batch_d: bytes | None) -> tuple[Kind, int, dict]:
         metrics = {name: float(v) for name, v in values.items()}
         carries = ["norms"]
         body: dict[str, Any] = {"norms": norms.cpu().numpy()}
@@ -226,8 +236,8 @@ class Recorder:
             body["tensor_digests"] = b"".join(digests[name] for name in self._names)
             body["model_digest"] = model_digest(digests)
             carries.append("digests")
-        if batch is not None:
-            body["batch_digest"] = batch_digest(batch)
+        if batch_d is not None:
+            body["batch_digest"] = batch_d
             carries.append("batch")
         body["metrics"] = metrics
         body["carries"] = carries

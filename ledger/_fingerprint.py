@@ -89,10 +89,25 @@ def safetensors_dtype(tensor: Any) -> str:
         raise FormatError(f"tensors of dtype {name} cannot be fingerprinted") from None
 
 
+_NUMPY_SAFE: set[Any] = set()
+
+
+def _numpy_safe_dtypes() -> set[Any]:
+    import torch
+
+    return {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
+            torch.uint8}
+
+
 def tensor_bytes(tensor: Any) -> memoryview:
     """Little-endian contiguous bytes of a tensor, on the CPU (a copy; never touches the live tensor)."""
     import torch
 
+    if not _NUMPY_SAFE:
+        _NUMPY_SAFE.update(_numpy_safe_dtypes())
+    if tensor.device.type == "cpu" and tensor.dtype in _NUMPY_SAFE and tensor.is_contiguous() \
+            and sys.byteorder == "little":
+        return memoryview(tensor.detach().numpy()).cast("B")  # zero-copy fast path (no torch ops)
     flat = tensor.detach().reshape(-1)
     if flat.device.type != "cpu":
         flat = flat.cpu()
@@ -207,21 +222,47 @@ def sketch_slots(torch: Any, seed: int, name: str, start: int, stop: int, k: int
     return bucket + k * (h >> 31)
 
 
+def _acc_dtype(flat: Any) -> Any:
+    import torch
+
+    return torch.float32 if flat.device.type == "mps" else torch.float64
+
+
+def _slot_dtype(torch: Any, k: int) -> Any:
+    return torch.int16 if 2 * k <= 32767 else torch.int32
+
+
+def _scatter(torch: Any, slots: Any, values: Any, size: int) -> Any:
+    """Sum ``values`` into ``size`` slots in the accumulation dtype. On the CPU ``bincount``
+    (deterministic); elsewhere ``index_add_``, whose summation order may vary (within the stated
+    tolerance), so deterministic-algorithms mode is lifted for this one call."""
+    dtype = _acc_dtype(values)
+    if values.device.type == "cpu":
+        return torch.bincount(slots, weights=values.to(dtype), minlength=size)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        return torch.zeros(size, dtype=dtype, device=values.device).index_add_(0, slots.long(), values.to(dtype))
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
 class CountSketch:
     """A seeded count-sketch with k buckets: bucket and sign of each coordinate come from an
     integer hash of (seed, tensor name, index), so the sketch is the same on any device up to
     floating-point summation order. Distances between sketches estimate L2 distances between the
     weights (relative error about 1/√k).
 
-    ``cache_limit`` (elements): below it the slots are computed once and kept (int64 per
-    coordinate, on the tensors' device); above it they are recomputed in chunks at each call.
+    ``cache_limit`` (elements): below it the slots are computed once and kept (2 bytes per
+    coordinate for k ≤ 16383, on the tensors' device); above it they are recomputed in chunks at
+    each call.
     """
 
     def __init__(self, seed: int, k: int = SKETCH_K, cache_limit: int = 1 << 25) -> None:
         if k < 2 or k & (k - 1):
             raise ConfigurationError("the sketch size k must be a power of two ≥ 2")
         self.seed, self.k, self.cache_limit = seed, k, cache_limit
-        self._cache: dict[tuple[str, int, str], Any] = {}
+        self._cache: dict[tuple[str, int, str], Any] = {}  # slots per tensor (a list while being built)
 
     def __call__(self, tensors: Mapping[str, Any]) -> np.ndarray:
         """The sketch (float64, k values) of the named tensors, summed over tensors."""
@@ -229,24 +270,28 @@ class CountSketch:
 
         total: Any = None
         cache_ok = sum(t.numel() for t in tensors.values()) <= self.cache_limit
-        for name, tensor in tensors.items():
-            flat = tensor.detach().reshape(-1)
-            acc_dtype = torch.float32 if flat.device.type == "mps" else torch.float64
-            acc = torch.zeros(2 * self.k, dtype=acc_dtype, device=flat.device)
-            n = flat.numel()
-            key = (name, n, str(flat.device))
-            if cache_ok and n:
-                slots = self._cache.get(key)
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                flat = tensor.detach().reshape(-1)
+                n = flat.numel()
+                if n == 0:
+                    continue
+                key = (name, n, str(flat.device))
+                slots = self._cache.get(key) if cache_ok else None
                 if slots is None:
-                    slots = self._cache[key] = sketch_slots(torch, self.seed, name, 0, n, self.k, flat.device)
-                acc.index_add_(0, slots, flat.to(acc_dtype))
-            else:
-                for lo in range(0, n, _CHUNK):
-                    hi = min(lo + _CHUNK, n)
-                    slots = sketch_slots(torch, self.seed, name, lo, hi, self.k, flat.device)
-                    acc.index_add_(0, slots, flat[lo:hi].to(acc_dtype))
-            signed = acc[: self.k] - acc[self.k:]
-            total = signed if total is None else total + signed.to(total.device)
+                    acc = torch.zeros(2 * self.k, dtype=_acc_dtype(flat), device=flat.device)
+                    for lo in range(0, n, _CHUNK):
+                        hi = min(lo + _CHUNK, n)
+                        chunk_slots = sketch_slots(torch, self.seed, name, lo, hi, self.k, flat.device)
+                        acc += _scatter(torch, chunk_slots, flat[lo:hi], 2 * self.k)
+                        if cache_ok:
+                            self._cache.setdefault(key, []).append(chunk_slots.to(_slot_dtype(torch, self.k)))
+                    if cache_ok:
+                        self._cache[key] = torch.cat(self._cache[key])
+                else:
+                    acc = _scatter(torch, slots, flat, 2 * self.k)
+                signed = acc[: self.k] - acc[self.k:]
+                total = signed if total is None else total + signed.to(total.device)
         if total is None:
             return np.zeros(self.k)
         return total.double().cpu().numpy()
