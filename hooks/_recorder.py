@@ -6,7 +6,6 @@ import collections
 import hashlib
 import math
 import os
-import queue
 import shutil
 import statistics
 import sys
@@ -26,9 +25,59 @@ from ledger._record import Kind
 from ledger._writer import LedgerWriter
 from ledger.errors import ConfigurationError, FormatError, LedgerError
 
-_STOP = object()
 OVERHEAD_BUDGET = 0.01  # the recorder's target: ≤ 1% of the step time
 _RECALIBRATE_EVERY = 50
+
+
+class _WriterQueue:
+    """Jobs run in order on one background thread, which wakes every ``interval`` seconds or when
+    ``bound`` jobs wait, not at every put: waking a thread per step would cost the training thread
+    a GIL hand-off each step. ``put`` blocks while ``bound`` jobs wait (the queue is bounded)."""
+
+    def __init__(self, run: Callable[[Any], None], bound: int, interval: float) -> None:
+        self._run, self._bound, self._interval = run, max(1, bound), interval
+        self._jobs: collections.deque[Any] = collections.deque()
+        self._wake = threading.Event()
+        self._changed = threading.Condition()
+        self._queued = self._done = 0
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="ledger-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, job: Any) -> None:
+        """Queue a job (from the training thread)."""
+        self._jobs.append(job)
+        self._queued += 1
+        if len(self._jobs) >= self._bound:
+            self._wake.set()
+            with self._changed:
+                self._changed.wait_for(lambda: len(self._jobs) < self._bound)
+
+    def join(self) -> None:
+        """Return once every job queued so far has run."""
+        target = self._queued
+        self._wake.set()
+        with self._changed:
+            self._changed.wait_for(lambda: self._done >= target)
+
+    def stop(self) -> None:
+        """Run what is queued, then end the thread."""
+        self.join()
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            while self._jobs:
+                self._run(self._jobs.popleft())
+                with self._changed:
+                    self._done += 1
+                    self._changed.notify_all()
+            if self._stopping:
+                return
 
 
 class Recorder:
@@ -50,14 +99,16 @@ class Recorder:
 
     ``sketch``: "auto", an interval in steps, or 0 (off). ``digests``: "auto", "every" or
     "checkpoints". ``keep``: checkpoint retention, None (all), ("last", n) or ("every", n).
+    Entries wait in a bounded queue (``queue_size``) that a background thread drains every
+    ``drain_interval`` seconds: a crash loses at most what waits there.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, model: Any, optimizer: Any, key: Any, seed: int,
                  checkpoint_every: int | None = None, config: Mapping[str, Any] | None = None, scheduler: Any = None,
                  sketch: str | int = "auto", digests: str = "auto", sketch_k: int = SKETCH_K,
                  checkpoint_dir: str | os.PathLike[str] | None = None, keep: tuple[str, int] | None = None,
-                 queue_size: int = 256, passphrase: bytes | None = None, recipe: Any = None,
-                 determinism: Mapping[str, Any] | None = None, fsync: str = "group",
+                 queue_size: int = 256, drain_interval: float = 0.05, passphrase: bytes | None = None,
+                 recipe: Any = None, determinism: Mapping[str, Any] | None = None, fsync: str = "group",
                  clock: Callable[[], int] = time.time_ns, _writer: LedgerWriter | None = None,
                  _genesis: Mapping[str, Any] | None = None, _first_step: int = 0) -> None:
         _check_policy(sketch, digests, checkpoint_every, keep)
@@ -89,10 +140,8 @@ class Recorder:
                 self.checkpoint_root = self.path / "checkpoints"
             self._sketcher = CountSketch(int(policy["sketch_seed"]), int(policy["sketch_k"]))
             self._writer, self._step = _writer, _first_step
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._drain, name="ledger-writer", daemon=True)
-        self._thread.start()
+        self._queue = _WriterQueue(self._run_job, queue_size, drain_interval)
         self._hook_state: dict[str, Any] = {"steps": 0}
         self._hook = optimizer.register_step_pre_hook(self._pre_step)
         self._last_step_time: float | None = None
@@ -279,21 +328,15 @@ class Recorder:
     def _put(self, job: Callable[[], Any]) -> None:
         self._queue.put(job)
 
-    def _drain(self) -> None:
-        while True:
-            job = self._queue.get()
-            try:
-                if job is _STOP:
-                    return
-                if self._error is None:
-                    result = job()
-                    if result is not None:
-                        kind, step, body = result
-                        self._writer.append(kind, step, body)
-            except BaseException as exc:  # surfaced on the training thread at the next call
-                self._error = exc
-            finally:
-                self._queue.task_done()
+    def _run_job(self, job: Callable[[], Any]) -> None:
+        try:
+            if self._error is None:
+                result = job()
+                if result is not None:
+                    kind, step, body = result
+                    self._writer.append(kind, step, body)
+        except BaseException as exc:  # surfaced on the training thread at the next call
+            self._error = exc
 
     def _raise_background_error(self) -> None:
         if self._error is not None:
@@ -362,8 +405,7 @@ class Recorder:
 
     def _stop_thread(self) -> None:
         self._hook.remove()
-        self._queue.put(_STOP)
-        self._thread.join()
+        self._queue.stop()
 
     def __enter__(self) -> Recorder:
         return self
