@@ -135,9 +135,8 @@ class Recorder:
             policy = genesis["fingerprints"]
             if policy["tensor_order"] != self._names:
                 raise ConfigurationError("this model's tensors differ from the ledger's genesis architecture")
-            self.checkpoint_root = Path(genesis.get("checkpoint_dir") or self.path / "checkpoints")
-            if not self.checkpoint_root.is_absolute() and genesis.get("checkpoint_dir") is None:
-                self.checkpoint_root = self.path / "checkpoints"
+            stored = genesis.get("checkpoint_dir")
+            self.checkpoint_root = Path(stored) if stored else self.path / "checkpoints"
             self._sketcher = CountSketch(int(policy["sketch_seed"]), int(policy["sketch_k"]))
             self._writer, self._step = _writer, _first_step
         self._error: BaseException | None = None

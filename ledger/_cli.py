@@ -131,7 +131,8 @@ class _Progress:
     def __call__(self, stage: str, done: int, total: int) -> None:
         if self.enabled:
             end = "\n" if done >= total else ""
-            sys.stderr.write(f"\r{stage}: {done}/{total} entries{end}")
+            unit = "intervals" if stage == "replay" else "entries"
+            sys.stderr.write(f"\r{stage}: {done}/{total} {unit}{end}")
             sys.stderr.flush()
 
 

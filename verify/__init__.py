@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 import pyarrow.compute as pc
-from ledger.verify._continuity import check_continuity
+from ledger.verify._continuity import check_continuity, movement
 from ledger.verify._integrity import check_chain, check_seal, check_signatures, load
 from ledger.verify._model import check_model
 from ledger.verify._provenance import check_checkpoints, check_init
@@ -82,7 +82,7 @@ def verify_ledger(path: str | os.PathLike[str], *, key: PublicKey | str | os.Pat
         check_model(loaded.records, model),
     ]
     checks += _provenance_checks(loaded, ledger, checkpoints, recipe, recipe_digest, replay,
-                                 secrets.randbits(63) if replay_seed is None else replay_seed, tolerance)
+                                 secrets.randbits(63) if replay_seed is None else replay_seed, tolerance, progress)
     kinds = loaded.table["kind"]
     last_kind = kinds[-1].as_py() if len(kinds) else None
     genesis = loaded.genesis or {}
@@ -102,7 +102,8 @@ def verify_ledger(path: str | os.PathLike[str], *, key: PublicKey | str | os.Pat
 
 
 def _provenance_checks(loaded: Any, ledger: Ledger, checkpoint_dir: Any, recipe: Any, recipe_digest: bytes | None,
-                       replay: int, replay_seed: int, tolerance: float | None) -> list[CheckResult]:
+                       replay: int, replay_seed: int, tolerance: float | None,
+                       progress: Progress | None) -> list[CheckResult]:
     """checkpoints, init, continuity, replay (each skips with its reason when it cannot run)."""
     from pathlib import Path
 
@@ -123,8 +124,8 @@ def _provenance_checks(loaded: Any, ledger: Ledger, checkpoint_dir: Any, recipe:
     continuity = check_continuity(view, load_weights=restore_weights_only if view.checkpoints else None)
     results.append(continuity)
     results.append(check_replay(view, recipe, anomalies=list(continuity.data.get("anomalies", [])),
-                                movement=dict(continuity.data.get("movement", {})), n_random=replay, seed=replay_seed,
-                                tolerance=tolerance, environment_here=here))
+                                movement=movement(view) if view.recorded else {}, n_random=replay, seed=replay_seed,
+                                tolerance=tolerance, environment_here=here, progress=progress))
     return results
 
 

@@ -60,7 +60,8 @@ def _vector(tensors: dict[str, Any]) -> Any:
 
 
 def check_replay(view: RunView, recipe: Any, *, anomalies: list[dict[str, Any]], movement: dict[int, float],
-                 n_random: int, seed: int, tolerance: float | None, environment_here: dict[str, Any]) -> CheckResult:
+                 n_random: int, seed: int, tolerance: float | None, environment_here: dict[str, Any],
+                 progress: Any = None) -> CheckResult:
     """Replay the chosen intervals; see the module docstring."""
     if recipe is None:
         return CheckResult("replay", "skip", "no --recipe given: no interval was re-executed",
@@ -86,7 +87,9 @@ def check_replay(view: RunView, recipe: Any, *, anomalies: list[dict[str, Any]],
     previous_threads = torch.get_num_threads()
     try:
         deterministic(threads=threads)
-        for i in sorted(chosen):
+        for done, i in enumerate(sorted(chosen)):
+            if progress:
+                progress("replay", done, len(chosen))
             a, b = pairs[i]
             result = _replay_one(view, recipe, a, b, run_seed, genesis_groups, mode, rho)
             result["why"] = chosen[i]
@@ -96,6 +99,8 @@ def check_replay(view: RunView, recipe: Any, *, anomalies: list[dict[str, Any]],
                 failures.append(result)
     finally:
         torch.set_num_threads(previous_threads)
+    if progress:
+        progress("replay", len(chosen), len(chosen))
     total_steps = max(view.last_step + 1, 1)
     data: dict[str, Any] = {
         "mode": mode, "rho": rho if mode == "tolerance" else None, "seed": seed, "threads": threads,
