@@ -4,7 +4,8 @@
 setup:
 	bash scripts/setup.sh
 
-demo: setup
+demo:
+	CHROMIUM=0 bash scripts/setup.sh
 	.venv/bin/python examples/charlm.py --out demo-out
 
 test: setup

@@ -17,7 +17,7 @@ import click
 
 from ledger._crypto import generate_keypair
 from ledger._reader import Ledger
-from ledger.errors import LedgerError
+from ledger.errors import ConfigurationError, LedgerError
 
 EXIT_PASS, EXIT_FAIL, EXIT_CANNOT_RUN, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -154,6 +154,8 @@ _STATUS_COLOURS = {"pass": "green", "fail": "red", "warn": "yellow", "skip": "br
 @click.option("--replay-seed", type=int, help="Reproduce an earlier replay draw (the report prints the seed).")
 @click.option("--tolerance", type=click.FloatRange(min=0, min_open=True), help="Compare replays with the relative "
               "rule ‖W′−W‖ ≤ ρ·‖W−W_t‖ at this ρ instead of bit-exactly.")
+@click.option("--against", "against", multiple=True, type=click.Path(), metavar="FOREIGN.safetensors",
+              help="Foreign weights to test lineage against (repeatable).")
 @click.option("--sample", type=click.IntRange(min=0), help="Quick look: check the head and N random entries' "
               "signatures and bodies only.")
 @click.option("--sample-seed", type=int, help="Reproduce an earlier --sample draw.")
@@ -161,16 +163,19 @@ _STATUS_COLOURS = {"pass": "green", "fail": "red", "warn": "yellow", "skip": "br
               "skip of one of them fails the verdict.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object to stdout.")
 @click.option("--workers", type=click.IntRange(min=1), help="Processes for signature checks (default: all cores).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), metavar="FILE.html",
+              help="Also write a one-file HTML report (checks, ledger facts, plots) to FILE.html.")
 def verify(ledger_path: str, key: str | None, model: str | None, checkpoint_dir: str | None, recipe: str | None,
-           replay: int, replay_seed: int | None, tolerance: float | None, sample: int | None,
-           sample_seed: int | None, require: str, as_json: bool, workers: int | None) -> None:
+           replay: int, replay_seed: int | None, tolerance: float | None, against: tuple[str, ...], sample: int | None,
+           sample_seed: int | None, require: str, as_json: bool, workers: int | None,
+           report_path: str | None) -> None:
     """Verify a ledger; exit 0 when no check failed, 1 when one did."""
     from ledger.verify import verify_ledger
 
     names = [n.strip() for n in require.split(",") if n.strip()]
     report = verify_ledger(ledger_path, key=key, model=model, sample=sample, sample_seed=sample_seed, require=names,
                            workers=workers, progress=_Progress(), checkpoints=checkpoint_dir, recipe=recipe,
-                           replay=replay, replay_seed=replay_seed, tolerance=tolerance)
+                           replay=replay, replay_seed=replay_seed, tolerance=tolerance, against=against)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=str))
     else:
@@ -180,7 +185,51 @@ def verify(ledger_path: str, key: str | None, model: str | None, checkpoint_dir:
             status = click.style(f"{check.status:<4}", fg=_STATUS_COLOURS[check.status], bold=True)
             click.echo(f"  {check.name:<11} {status}  {check.detail}")
         click.echo(report.sentence())
+    if report_path:
+        _write_report(report, ledger_path, report_path)
     sys.exit(EXIT_PASS if report.verdict == "pass" else EXIT_FAIL)
+
+
+def _write_report(report: Any, ledger_path: str, report_path: str) -> None:
+    """Render the HTML report and write it (parent directories created); the note goes to stderr."""
+    from pathlib import Path
+
+    from ledger.verify import render_html
+
+    page = render_html(report, ledger_path)
+    target = Path(report_path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write the report to {report_path}: {exc}") from exc
+    click.echo(f"report written to {report_path}", err=True)
+
+
+@cli.command(name="compare")
+@click.argument("first", metavar="A.safetensors", type=click.Path())
+@click.argument("second", metavar="B.safetensors", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def compare_cmd(first: str, second: str, as_json: bool) -> None:
+    """Test whether B is derived from A (or A from B) from the weights alone: "derived" (exit 1) or
+    "not shown to be derived" (exit 0). Without a ledger, independence cannot be shown."""
+    from ledger.verify._lineage import LN_SENTENCE, compare, load_numpy
+
+    for path in (first, second):
+        if not os.path.exists(path):
+            raise click.UsageError(f"weights file {path} does not exist")
+    result = compare(load_numpy(first), load_numpy(second))
+    out = {"a": first, "b": second, **result.to_dict()}
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+    else:
+        click.echo(f"{result.verdict}: {result.reason}")
+        click.echo(f"  constrained test (Hungarian + Spearman, {result.matrices} matrices): p = {result.p_csu:.3g}")
+        click.echo(f"  unconstrained test (two matchings, {result.mlp_pairs} MLP pairs): p = {result.p_match:.3g}")
+        if result.layernorm_cosine is not None:
+            click.echo(f"  LayerNorm cosine {result.layernorm_cosine:.4f} (null baseline "
+                       f"{result.layernorm_cosine_null:.4f}, Pearson {result.layernorm_pearson:.4f}): {LN_SENTENCE}")
+    sys.exit(EXIT_FAIL if result.verdict == "derived" else EXIT_PASS)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,10 +16,12 @@ from typing import Any
 
 import pyarrow.compute as pc
 from ledger.verify._continuity import check_continuity, movement
+from ledger.verify._independence import check_independence
 from ledger.verify._integrity import check_chain, check_seal, check_signatures, load
 from ledger.verify._model import check_model
 from ledger.verify._provenance import check_checkpoints, check_init
 from ledger.verify._replay import check_replay
+from ledger.verify._report_html import render_html
 from ledger.verify._result import CheckResult, Report
 from ledger.verify._run import build
 
@@ -31,7 +33,7 @@ from ledger._record import Kind
 from ledger._state import restore_weights_only
 from ledger.errors import ConfigurationError
 
-CHECKS = ("chain", "signatures", "seal", "model", "checkpoints", "init", "continuity", "replay")
+CHECKS = ("chain", "signatures", "seal", "model", "checkpoints", "init", "continuity", "replay", "independence")
 
 Progress = Callable[[str, int, int], None]
 
@@ -41,7 +43,7 @@ def verify_ledger(path: str | os.PathLike[str], *, key: PublicKey | str | os.Pat
                   sample_seed: int | None = None, require: Iterable[str] = (), workers: int | None = None,
                   progress: Progress | None = None, checkpoints: str | os.PathLike[str] | None = None,
                   recipe: Any = None, replay: int = 2, replay_seed: int | None = None,
-                  tolerance: float | None = None) -> Report:
+                  tolerance: float | None = None, against: Iterable[str | os.PathLike[str]] = ()) -> Report:
     """Run every check on the ledger at ``path`` and return the report (never raises for a
     damaged ledger: that is a failed check). ``key`` is the trainer's public key (a path or a
     :class:`~ledger.PublicKey`); without it the key embedded in genesis is used and
@@ -52,7 +54,8 @@ def verify_ledger(path: str | os.PathLike[str], *, key: PublicKey | str | os.Pat
     by state digest) when they are not inside the ledger. ``recipe`` (``"FILE.py:NAME"`` or a recipe
     object) enables ``init`` and ``replay``; ``replay`` random intervals are re-executed besides the
     anomalies and the largest update, drawn with ``replay_seed`` (fresh randomness when None);
-    ``tolerance`` forces the relative rule with that ρ.
+    ``tolerance`` forces the relative rule with that ρ. ``against`` names foreign weight files to
+    test lineage against (``independence``).
     """
     required = list(require)
     unknown = sorted(set(required) - set(CHECKS))
@@ -66,6 +69,10 @@ def verify_ledger(path: str | os.PathLike[str], *, key: PublicKey | str | os.Pat
         raise ConfigurationError(f"weights file {model} does not exist")
     if checkpoints is not None and not os.path.isdir(checkpoints):
         raise ConfigurationError(f"checkpoint directory {checkpoints} does not exist")
+    foreign = list(against)
+    for file in foreign:
+        if not os.path.exists(file):
+            raise ConfigurationError(f"--against file {file} does not exist")
     if replay < 0 or (tolerance is not None and tolerance <= 0):
         raise ConfigurationError("--replay must be ≥ 0 and --tolerance > 0")
     recipe_digest = None
@@ -82,7 +89,8 @@ def verify_ledger(path: str | os.PathLike[str], *, key: PublicKey | str | os.Pat
         check_model(loaded.records, model),
     ]
     checks += _provenance_checks(loaded, ledger, checkpoints, recipe, recipe_digest, replay,
-                                 secrets.randbits(63) if replay_seed is None else replay_seed, tolerance, progress)
+                                 secrets.randbits(63) if replay_seed is None else replay_seed, tolerance, progress,
+                                 model, foreign)
     kinds = loaded.table["kind"]
     last_kind = kinds[-1].as_py() if len(kinds) else None
     genesis = loaded.genesis or {}
@@ -103,7 +111,7 @@ def verify_ledger(path: str | os.PathLike[str], *, key: PublicKey | str | os.Pat
 
 def _provenance_checks(loaded: Any, ledger: Ledger, checkpoint_dir: Any, recipe: Any, recipe_digest: bytes | None,
                        replay: int, replay_seed: int, tolerance: float | None,
-                       progress: Progress | None) -> list[CheckResult]:
+                       progress: Progress | None, model: Any, foreign: list[Any]) -> list[CheckResult]:
     """checkpoints, init, continuity, replay (each skips with its reason when it cannot run)."""
     from pathlib import Path
 
@@ -111,7 +119,8 @@ def _provenance_checks(loaded: Any, ledger: Ledger, checkpoint_dir: Any, recipe:
         return [CheckResult(name, "skip", "no readable genesis") for name in CHECKS[4:]]
     if not isinstance(loaded.genesis.get("fingerprints"), dict):  # not written by the recorder: nothing to decode
         return [CheckResult(name, "skip", "the ledger carries no training fingerprints (not written by the recorder)",
-                            summary="no training fingerprints") for name in CHECKS[4:]]
+                            summary="no training fingerprints") for name in CHECKS[4:-1]] + [
+            check_independence(None, model, foreign)]
     view = build(loaded, ledger.path, Path(checkpoint_dir) if checkpoint_dir is not None else None)
     here = environment(view.genesis.get("environment", {}).get("device", "cpu")) if recipe is not None or \
         view.checkpoints else {}
@@ -126,8 +135,11 @@ def _provenance_checks(loaded: Any, ledger: Ledger, checkpoint_dir: Any, recipe:
     results.append(check_replay(view, recipe, anomalies=list(continuity.data.get("anomalies", [])),
                                 movement=movement(view) if view.recorded else {}, n_random=replay, seed=replay_seed,
                                 tolerance=tolerance, environment_here=here, progress=progress))
+    results.append(check_independence(view, model, foreign))
     return results
 
 
 __all__ = ["CHECKS", "CheckResult", "Report", "build", "check_chain", "check_checkpoints", "check_continuity",
-           "check_init", "check_model", "check_replay", "check_seal", "check_signatures", "load", "verify_ledger"]
+           "check_independence",
+           "check_init", "check_model", "check_replay", "check_seal", "check_signatures", "load", "render_html",
+           "verify_ledger"]

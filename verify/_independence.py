@@ -1,0 +1,54 @@
+"""The ``independence`` check: one lineage verdict per ``--against`` file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ledger.verify._lineage import LN_SENTENCE, compare, load_numpy, trajectory
+from ledger.verify._result import CheckResult
+from ledger.verify._run import RunView
+
+
+def our_weights(view: RunView | None, model: Any) -> tuple[Path | None, str]:
+    """The weights to test: --model, else the last stored checkpoint's weights."""
+    if model is not None:
+        return Path(model), "--model"
+    if view is not None:
+        stored = [cp for cp in view.checkpoints if not cp.pruned and (cp.directory / "model.safetensors").is_file()]
+        if stored:
+            return stored[-1].directory / "model.safetensors", f"the checkpoint at step {stored[-1].step}"
+    return None, ""
+
+
+def check_independence(view: RunView | None, model: Any, against: list[Any]) -> CheckResult:
+    """Matching tests, LayerNorm cosine with its null baseline, and the recorded trajectory, per
+    foreign file; fail if any is derived, warn if any is inconclusive."""
+    if not against:
+        return CheckResult("independence", "skip", "no --against given", summary="no --against given")
+    path, source = our_weights(view, model)
+    if path is None:
+        return CheckResult("independence", "skip", "no weights of this run to compare (give --model)",
+                           summary="no weights to compare")
+    ours = load_numpy(path)
+    results = []
+    for foreign_path in against:
+        foreign = load_numpy(foreign_path)
+        traj = trajectory(view, ours, foreign) if view is not None and view.recorded else None
+        lineage = compare(ours, foreign, n_foreign=len(against),
+                          trajectory_agrees=None if traj is None else bool(traj["agrees"]))
+        entry = {"file": str(foreign_path), **lineage.to_dict()}
+        if traj is not None:
+            entry["trajectory"] = traj
+        elif view is not None:
+            entry["trajectory"] = None
+            entry["reason"] += "; no trajectory: the foreign file does not cover every fingerprinted tensor"
+        results.append(entry)
+    data = {"against": results, "weights": str(path), "weights_from": source, "layernorm_note": LN_SENTENCE}
+    verdicts = [r["verdict"] for r in results]
+    summary = "; ".join(f"{Path(r['file']).name}: {r['verdict']} (p = {r['p_value']:.2g})" for r in results)
+    if "derived" in verdicts:
+        return CheckResult("independence", "fail", summary, data)
+    if any(v != "independent" for v in verdicts):
+        return CheckResult("independence", "warn", summary, data, summary="lineage inconclusive: " + summary)
+    return CheckResult("independence", "pass", summary, data)
