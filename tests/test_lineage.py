@@ -51,7 +51,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for name, seed in (("a", 1), ("b", 2)):
         train(small_recipe(), steps=30, path=root / name, key=SIGNER, seed=seed,
-              final_weights=root / f"{name}.safetensors", sketch=1)
+              final_weights=root / f"{name}.safetensors", sketch=1, checkpoint_every=15)
         out[name] = root / name
     out["c"] = fine_tune(root / "c", root / "a.safetensors")
     weights = load_numpy(root / "a.safetensors")
@@ -85,10 +85,15 @@ def test_two_runs_from_different_seeds_are_independent_despite_high_layernorm_co
     assert result["verdict"] == "independent" and status == "pass", result
     assert result["layernorm_cosine"] > 0.95  # the number of the public accusation, here meaningless
     assert abs(result["layernorm_cosine"] - result["layernorm_cosine_null"]) < 0.05
-    assert result["p_value"] > 0.01 and result["trajectory"]["min_ratio"] > 0.5
+    trajectory = result["trajectory"]
+    assert result["p_value"] > 0.01 and trajectory["min_ratio"] > 0.5
+    exact = trajectory["checkpoints"]  # exact distances at the stored checkpoints (init, 14, 29)
+    assert [c["step"] for c in exact] == [-1, 14, 29] and all(abs(c["cos_matrices"] or 0) < 0.5 for c in exact)
+    assert abs(exact[-1]["distance"] / exact[0]["distance"] - 1) < 0.5
     print(f"a vs b: p_csu {result['p_csu']:.3g} p_match {result['p_match']:.3g} "
           f"LN cosine {result['layernorm_cosine']:.4f} (null {result['layernorm_cosine_null']:.4f}, "
-          f"Pearson {result['layernorm_pearson']:.3f})")
+          f"Pearson {result['layernorm_pearson']:.3f}); exact distance to b {exact[0]['distance']:.2f} → "
+          f"{exact[-1]['distance']:.2f}, cos(W_t−W_0, F−W_0) {exact[-1]['cos_matrices']:.4f}")
 
 
 def test_fine_tuned_from_another_model_is_derived(runs):

@@ -251,6 +251,33 @@ def trajectory(view: Any, ours: dict[str, np.ndarray], foreign: dict[str, np.nda
             cosine.append(float(moved @ toward / denominator) if denominator else 0.0)
     baseline = distance[0]
     min_ratio = min(distance) / baseline if baseline else 0.0
+    exact = _exact_at_checkpoints(view, mapping, foreign)
     return {"steps": steps, "distance": distance, "baseline": baseline, "min_ratio": min_ratio,
-            "final_cos": cosine[-1], "cosine": cosine,
-            "agrees": baseline > 0 and min_ratio >= 0.5 and cosine[-1] < 0.5}
+            "final_cos": cosine[-1], "cosine": cosine, "checkpoints": exact,
+            "agrees": baseline > 0 and min_ratio >= 0.5 and cosine[-1] < 0.5
+            and all(c["cos_matrices"] is None or c["cos_matrices"] < 0.5 for c in exact)}
+
+
+def _exact_at_checkpoints(view: Any, mapping: dict[str, str], foreign: dict[str, np.ndarray],
+                          limit: int = 16) -> list[dict[str, Any]]:
+    """Exact ‖W_t − F‖ at stored checkpoints (at most ``limit``, evenly spread), and
+    cos(W_t − W₀, F − W₀) over the weight matrices when the init checkpoint is stored."""
+    stored = [cp for cp in view.checkpoints if not cp.pruned and (cp.directory / "model.safetensors").is_file()]
+    if len(stored) > limit:
+        stored = [stored[round(i * (len(stored) - 1) / (limit - 1))] for i in range(limit)]
+    init = next((cp for cp in stored if cp.step == -1), None)
+    w0 = load_numpy(init.directory / "model.safetensors") if init is not None else None
+    out = []
+    for cp in stored:
+        weights = load_numpy(cp.directory / "model.safetensors")
+        diff = [weights[n].astype(np.float64) - foreign[f] for n, f in mapping.items() if n in weights]
+        entry: dict[str, Any] = {"step": cp.step, "distance": float(np.sqrt(sum(np.square(d).sum() for d in diff))),
+                                 "cos_matrices": None}
+        if w0 is not None and cp.step != -1:
+            names = [n for n, f in mapping.items() if n in weights and weights[n].ndim == 2 and n in w0]
+            moved = np.concatenate([(weights[n] - w0[n]).ravel() for n in names]) if names else np.zeros(0)
+            toward = np.concatenate([(foreign[mapping[n]] - w0[n]).ravel() for n in names]) if names else np.zeros(0)
+            denominator = float(np.linalg.norm(moved) * np.linalg.norm(toward))
+            entry["cos_matrices"] = float(moved @ toward / denominator) if denominator else 0.0
+        out.append(entry)
+    return out
