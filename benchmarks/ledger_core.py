@@ -25,13 +25,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from ledger.verify import verify_ledger
-from ledger.verify._integrity import check_chain, check_seal, check_signatures, load
-from ledger.verify._signatures import bad_signatures
 
 from ledger import LedgerWriter, PublicKey, Signer, encode_body, pae
 from ledger._parts import list_parts, read_part
 from ledger._reader import Ledger
+from ledger.verify import verify_ledger
+from ledger.verify._integrity import check_chain, check_seal, check_signatures, load
+from ledger.verify._signatures import bad_signatures
 
 SEED = bytes(32)
 METRICS = ("loss", "lr", "grad_norm", "grad_norm_clipped", "weight_norm", "update_norm", "loss_scale",

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ledger.hooks import Recorder
 from safetensors.torch import save_file
 from torch.nn import functional as F
 
@@ -47,6 +46,7 @@ from ledger import Kind, Signer, encode_body
 from ledger._fingerprint import canonical_state
 from ledger._parts import fsync_path
 from ledger._state import snapshot, snapshot_digests, write
+from ledger.hooks import Recorder
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = Signer.from_seed(bytes(32))

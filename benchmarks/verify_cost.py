@@ -21,12 +21,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ledger.hooks import train
-from ledger.verify import _continuity, _integrity, _model, _provenance, _replay, _run, verify_ledger
-
 import ledger
 from ledger._environment import environment
 from ledger._state import restore_weights_only
+from ledger.hooks import train
+from ledger.verify import _continuity, _integrity, _model, _provenance, _replay, _run, verify_ledger
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = f"{ROOT / 'examples' / 'charlm.py'}:recipe"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -110,9 +109,10 @@ recipe = CharRecipe()
 
 
 def main() -> int:
-    from ledger.hooks import train
+    from _outdir import fresh_output  # examples/_outdir.py (the script's folder is on sys.path)
 
     import ledger
+    from ledger.hooks import train
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("demo-out"))
@@ -120,8 +120,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=40)
     args = parser.parse_args()
-    if args.out.exists():
-        shutil.rmtree(args.out)  # the demo's own output folder, recreated on every run
+    fresh_output(args.out)
     private_key, public_key = ledger.generate_keypair(args.out / "keys" / "trainer")
     weights = args.out / "model.safetensors"
     path = train(recipe, steps=args.steps, path=args.out / "ledger", key=private_key, seed=args.seed,

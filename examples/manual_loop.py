@@ -7,16 +7,16 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
-from ledger.hooks import Recorder
+from _outdir import fresh_output  # examples/_outdir.py (the script's folder is on sys.path)
 from torch.nn import functional as F
 
 import ledger
+from ledger.hooks import Recorder
 
 
 def main() -> int:
@@ -25,8 +25,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
-    if args.out.exists():
-        shutil.rmtree(args.out)
+    fresh_output(args.out)
     private_key, public_key = ledger.generate_keypair(args.out / "keys" / "trainer")
     data, _ = ledger.load_recipe(f"{Path(__file__).with_name('charlm.py')}:recipe")  # its model and data
 

@@ -6,9 +6,8 @@ This package imports torch; ``ledger`` itself never does at import time.
 
 from __future__ import annotations
 
+from ledger._recipe import deterministic, run_step
 from ledger.hooks._recorder import Recorder
 from ledger.hooks._train import train
-
-from ledger._recipe import deterministic, run_step
 
 __all__ = ["Recorder", "deterministic", "run_step", "train"]

@@ -7,9 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ledger.hooks._recorder import Recorder
-
 from ledger._recipe import build_scheduler, deterministic, run_step
+from ledger.hooks._recorder import Recorder
 
 
 def train(recipe: Any, *, steps: int, path: str | os.PathLike[str], key: Any, seed: int,

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from ledger.verify import verify_ledger
 
 import ledger
+from ledger.verify import verify_ledger
 
 CHILD = r"""
 import sys, ledger

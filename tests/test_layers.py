@@ -30,9 +30,8 @@ def test_only_one_module_touches_cryptography_hazmat_and_pyarrow_writers():
 
 
 def test_public_surface_is_declared():
-    import ledger.verify
-
     import ledger
+    import ledger.verify
 
     assert all(hasattr(ledger, name) for name in ledger.__all__)
     assert all(not name.startswith("_") or name == "__version__" for name in ledger.__all__)

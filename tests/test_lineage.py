@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import FIXED_SEED
-from ledger.hooks import Recorder, train
-from ledger.verify import verify_ledger
-from ledger.verify._lineage import compare, load_numpy
 from safetensors.torch import load_model, save_file
 
 import ledger
 from ledger import Signer
 from ledger._recipe import build_scheduler, deterministic, run_step
+from ledger.hooks import Recorder, train
+from ledger.verify import verify_ledger
+from ledger.verify._lineage import compare, load_numpy
 
 SIGNER = Signer.from_seed(FIXED_SEED)
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -11,14 +11,14 @@ from typing import Any
 import pytest
 import torch
 from conftest import FIXED_SEED
-from ledger.hooks import Recorder
-from ledger.verify import verify_ledger
 from recipes import TinyRecipe
 from safetensors.torch import load_file, save_file
 
 import ledger
 from ledger import Kind, LedgerWriter, Signer
 from ledger._recipe import build_scheduler, deterministic, run_step
+from ledger.hooks import Recorder
+from ledger.verify import verify_ledger
 
 SIGNER = Signer.from_seed(FIXED_SEED)
 STEPS, EVERY, SEED = 12, 4, 3

@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import FIXED_SEED
-from ledger.hooks import Recorder, train
-from ledger.verify import verify_ledger
 from recipes import TinyRecipe
 from safetensors.torch import load_file, save_file, save_model
 
@@ -20,6 +18,8 @@ import ledger
 from ledger import Kind, Signer, _state
 from ledger._fingerprint import CountSketch, canonical_state, model_digest, safetensors_digests, torch_digests
 from ledger._recipe import build_scheduler, run_step
+from ledger.hooks import Recorder, train
+from ledger.verify import verify_ledger
 
 SIGNER = Signer.from_seed(FIXED_SEED)
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 from conftest import FIXED_SEED
-from ledger.hooks import train
-from ledger.verify import CheckResult, Report, render_html
-from ledger.verify._report_html import LAYERNORM_NOTE
 from recipes import TinyRecipe
 
 from ledger import Signer
 from ledger._crypto import public_key_pem
+from ledger.hooks import train
+from ledger.verify import CheckResult, Report, render_html
+from ledger.verify._report_html import LAYERNORM_NOTE
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"

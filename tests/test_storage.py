@@ -10,10 +10,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from conftest import write_ledger
-from ledger.verify import verify_ledger
 
 import ledger
 from ledger import ConfigurationError, FormatError, LedgerLockedError, LedgerWriter
+from ledger.verify import verify_ledger
 
 
 def _snapshot(path: Path) -> dict[str, str]:

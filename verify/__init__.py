@@ -15,6 +15,14 @@ from dataclasses import replace
 from typing import Any
 
 import pyarrow.compute as pc
+
+from ledger._crypto import PublicKey, load_public_key
+from ledger._environment import environment
+from ledger._reader import Ledger
+from ledger._recipe import load_recipe
+from ledger._record import Kind
+from ledger._state import restore_weights_only
+from ledger.errors import ConfigurationError
 from ledger.verify._continuity import check_continuity, movement
 from ledger.verify._independence import check_independence
 from ledger.verify._integrity import check_chain, check_seal, check_signatures, load
@@ -24,14 +32,6 @@ from ledger.verify._replay import check_replay
 from ledger.verify._report_html import render_html
 from ledger.verify._result import CheckResult, Report
 from ledger.verify._run import build
-
-from ledger._crypto import PublicKey, load_public_key
-from ledger._environment import environment
-from ledger._reader import Ledger
-from ledger._recipe import load_recipe
-from ledger._record import Kind
-from ledger._state import restore_weights_only
-from ledger.errors import ConfigurationError
 
 CHECKS = ("chain", "signatures", "seal", "model", "checkpoints", "init", "continuity", "replay", "independence")
 

@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 import numpy as np
+
 from ledger.verify._result import CheckResult
 from ledger.verify._run import RunView
 

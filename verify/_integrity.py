@@ -17,8 +17,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from ledger.verify._result import CheckResult
-from ledger.verify._signatures import bad_signatures
 
 from ledger import _record
 from ledger._crypto import PublicKey
@@ -26,6 +24,8 @@ from ledger._encoding import decode_body, floats_equal
 from ledger._reader import Ledger
 from ledger._record import HEADER_SIZE, Kind, merkle_root
 from ledger.errors import FormatError
+from ledger.verify._result import CheckResult
+from ledger.verify._signatures import bad_signatures
 
 Progress = Callable[[str, int, int], None]
 _KIND_LABELS = pa.array([k.label for k in sorted(Kind)])  # index == kind code

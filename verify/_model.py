@@ -6,12 +6,11 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from ledger.verify._result import CheckResult
-
 from ledger._encoding import decode_body
 from ledger._fingerprint import safetensors_digests
 from ledger._record import HEADER_SIZE, Kind, decode_header
 from ledger.errors import FormatError
+from ledger.verify._result import CheckResult
 
 
 def _seal_final(records: Sequence[bytes]) -> dict[str, Any] | None:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ledger.verify._result import CheckResult
-from ledger.verify._run import RunView
-
 from ledger import _state
 from ledger.errors import FormatError
+from ledger.verify._result import CheckResult
+from ledger.verify._run import RunView
 
 
 def check_checkpoints(view: RunView) -> CheckResult:

@@ -13,11 +13,10 @@ import random
 import time
 from typing import Any
 
-from ledger.verify._result import CheckResult
-from ledger.verify._run import Checkpoint, RunView
-
 from ledger import _state
 from ledger._recipe import build_scheduler, deterministic, run_step
+from ledger.verify._result import CheckResult
+from ledger.verify._run import Checkpoint, RunView
 
 DEFAULT_RHO = 1e-3
 TOP_Q = 1

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from ledger.verify._result import CheckResult, Report
 
 LAYERNORM_NOTE = ("A raw LayerNorm cosine near 1 is not evidence of copying: norm gains are positive with small "
@@ -176,11 +177,10 @@ class _Series:
             self.lrs["lr"] = ([int(s) for s in rows["step"]], [float(v) for v in rows["lr"]])
 
     def _updates(self, ledger_path: str | os.PathLike[str]) -> None:
+        from ledger._reader import Ledger
         from ledger.verify._continuity import Bounds
         from ledger.verify._integrity import load
         from ledger.verify._run import build
-
-        from ledger._reader import Ledger
 
         ledger = Ledger(ledger_path)
         loaded = load(ledger)

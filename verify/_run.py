@@ -6,11 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ledger.verify._integrity import Loaded
-
 from ledger._encoding import decode_body
 from ledger._record import HEADER_SIZE, Kind, decode_header
 from ledger.errors import FormatError
+from ledger.verify._integrity import Loaded
 
 
 @dataclass
