@@ -9,7 +9,6 @@ import os
 import shutil
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,60 +23,10 @@ from ledger._reader import Ledger
 from ledger._record import Kind
 from ledger._writer import LedgerWriter
 from ledger.errors import ConfigurationError, FormatError, LedgerError
+from ledger.hooks._queue import WriterQueue
 
 OVERHEAD_BUDGET = 0.01  # the recorder's target: ≤ 1% of the step time
 _RECALIBRATE_EVERY = 50
-
-
-class _WriterQueue:
-    """Jobs run in order on one background thread, which wakes every ``interval`` seconds or when
-    ``bound`` jobs wait, not at every put: waking a thread per step would cost the training thread
-    a GIL hand-off each step. ``put`` blocks while ``bound`` jobs wait (the queue is bounded)."""
-
-    def __init__(self, run: Callable[[Any], None], bound: int, interval: float) -> None:
-        self._run, self._bound, self._interval = run, max(1, bound), interval
-        self._jobs: collections.deque[Any] = collections.deque()
-        self._wake = threading.Event()
-        self._changed = threading.Condition()
-        self._queued = self._done = 0
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="ledger-writer", daemon=True)
-        self._thread.start()
-
-    def put(self, job: Any) -> None:
-        """Queue a job (from the training thread)."""
-        self._jobs.append(job)
-        self._queued += 1
-        if len(self._jobs) >= self._bound:
-            self._wake.set()
-            with self._changed:
-                self._changed.wait_for(lambda: len(self._jobs) < self._bound)
-
-    def join(self) -> None:
-        """Return once every job queued so far has run."""
-        target = self._queued
-        self._wake.set()
-        with self._changed:
-            self._changed.wait_for(lambda: self._done >= target)
-
-    def stop(self) -> None:
-        """Run what is queued, then end the thread."""
-        self.join()
-        self._stopping = True
-        self._wake.set()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        while True:
-            self._wake.wait(self._interval)
-            self._wake.clear()
-            while self._jobs:
-                self._run(self._jobs.popleft())
-                with self._changed:
-                    self._done += 1
-                    self._changed.notify_all()
-            if self._stopping:
-                return
 
 
 class Recorder:
@@ -140,7 +89,7 @@ class Recorder:
             self._sketcher = CountSketch(int(policy["sketch_seed"]), int(policy["sketch_k"]))
             self._writer, self._step = _writer, _first_step
         self._error: BaseException | None = None
-        self._queue = _WriterQueue(self._run_job, queue_size, drain_interval)
+        self._queue = WriterQueue(self._run_job, queue_size, drain_interval)
         self._hook_state: dict[str, Any] = {"steps": 0}
         self._hook = optimizer.register_step_pre_hook(self._pre_step)
         self._last_step_time: float | None = None
