@@ -177,6 +177,13 @@ def restore_weights_only(directory: Path) -> dict[str, Any]:
     return load_file(str(directory / FILES[0]))
 
 
+def optimizer_tensors(directory: Path) -> dict[str, Any]:
+    """The optimizer-state tensors of a checkpoint (CPU, via safetensors)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / FILES[1]))
+
+
 def read_meta(directory: Path) -> dict[str, Any]:
     """The decoded ``state.cbor`` of a checkpoint."""
     return decode_body((directory / FILES[2]).read_bytes())

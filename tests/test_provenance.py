@@ -264,3 +264,24 @@ def test_cli_exit_codes_for_provenance(honest, tmp_path):
     assert "seed 7" in ok.stdout
     missing = subprocess.run(base[:-2] + ["--recipe", "nope.py:recipe"], capture_output=True, text=True)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_tolerance_mode_on_weights_and_optimizer_state(honest, tmp_path):
+    report = verify(honest, tolerance=1e-3)
+    replay = report.check("replay")
+    assert replay.status == "pass" and replay.data["mode"] == "tolerance" and replay.data["rho"] == 1e-3
+    assert all(i["ratio"] == 0 and i["optimizer_ratio"] == 0 for i in replay.data["intervals"])
+    assert "relative tolerance ρ=0.001" in replay.detail
+    foreign = foreign_state()
+
+    def drift(step, model):
+        if 4 <= step <= 7:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.add_(0.0005 * (foreign[name] - p))
+            return True
+        return False
+
+    drifted = verify(record(tmp_path / "L", during=drift), tolerance=1e-3).check("replay")
+    bad = next(i for i in drifted.data["intervals"] if i["from_step"] == 3)
+    assert drifted.status == "fail" and bad["ratio"] > 1e-3 and bad["optimizer_ratio"] > 1e-3

@@ -163,13 +163,13 @@ def _replay_one(view: RunView, recipe: Any, a: Checkpoint, b: Checkpoint, run_se
                             f"{float(logged_metrics[bad[0]])!r}")
         else:
             metrics_ok += 1
-    replayed = _state.snapshot_digests(_state.snapshot(b.step, model, optimizer, scheduler))
+    snap = _state.snapshot(b.step, model, optimizer, scheduler)
+    replayed = _state.snapshot_digests(snap)
     expected = b.body
     end_weights = _state.restore_weights_only(b.directory)
-    mine = {k: v for k, v in model.state_dict().items() if k in end_weights}
-    moved = float((_vector(end_weights) - _vector({k: before[k] for k in end_weights if k in before})).norm())
-    distance = float((_vector(mine) - _vector(end_weights)).norm())
-    ratio = distance / moved if moved > 0 else (0.0 if distance == 0 else math.inf)
+    distance, ratio = _relative(snap.model, end_weights, {k: before[k] for k in end_weights if k in before})
+    opt_distance, opt_ratio = _relative(snap.optimizer_tensors, _state.optimizer_tensors(b.directory),
+                                        _state.optimizer_tensors(a.directory))
     exact = replayed.state_digest == expected.get("state_digest")
     if mode == "bit-exact" and not exact:
         what = "weights" if replayed.model_digest != expected.get("model_digest") else \
@@ -177,13 +177,26 @@ def _replay_one(view: RunView, recipe: Any, a: Checkpoint, b: Checkpoint, run_se
             "scheduler/RNG/step state"
         problems.append(f"the replayed state differs from the checkpoint at step {b.step} in its {what} "
                         f"(distance {distance:.3g}, {ratio:.3g}× the interval's movement)")
-    elif mode == "tolerance" and ratio > rho:
-        problems.append(f"replayed weights are {ratio:.3g}× the interval's movement away from the checkpoint "
-                        f"(ρ = {rho:g})")
+    elif mode == "tolerance":
+        for what, r in (("weights", ratio), ("optimizer state", opt_ratio)):
+            if r > rho:
+                problems.append(f"replayed {what} are {r:.3g}× the interval's movement away from the checkpoint "
+                                f"(ρ = {rho:g})")
     del torch
     return {"from_step": a.step, "to_step": b.step, "steps": len(steps), "distance": distance, "ratio": ratio,
-            "bit_exact": exact, "batches_matched": batches_ok, "metrics_matched": metrics_ok,
-            "problems": problems}
+            "optimizer_distance": opt_distance, "optimizer_ratio": opt_ratio, "bit_exact": exact,
+            "batches_matched": batches_ok, "metrics_matched": metrics_ok, "problems": problems}
+
+
+def _relative(replayed: dict[str, Any], end: dict[str, Any], start: dict[str, Any]) -> tuple[float, float]:
+    """(‖R − E‖, ‖R − E‖ / ‖E − S‖) over the tensors of ``end`` (missing start tensors count as zero)."""
+    import torch
+
+    names = sorted(end)
+    zero = {n: torch.zeros_like(end[n]) for n in names}
+    distance = float((_vector({n: replayed.get(n, zero[n]) for n in names}) - _vector(end)).norm())
+    moved = float((_vector(end) - _vector({n: start.get(n, zero[n]) for n in names})).norm())
+    return distance, distance / moved if moved > 0 else (0.0 if distance == 0 else math.inf)
 
 
 def _close(a: float, b: float, mode: str, rho: float) -> bool:
