@@ -183,7 +183,7 @@ def verify(ledger_path: str, key: str | None, model: str | None, checkpoint_dir:
         click.echo(f"ledger {facts['path']}  run {facts.get('run_id')}  entries {facts['entries']}")
         for check in report.checks:
             status = click.style(f"{check.status:<4}", fg=_STATUS_COLOURS[check.status], bold=True)
-            click.echo(f"  {check.name:<11} {status}  {check.detail}")
+            click.echo(f"  {check.name:<12} {status}  {check.detail}")
         click.echo(report.sentence())
     if report_path:
         _write_report(report, ledger_path, report_path)

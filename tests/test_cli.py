@@ -114,7 +114,7 @@ def test_verify_fail_exit_1_names_the_entry(sealed):
     pq.write_table(table.take(pa.array(rows)), part)
     out = ledger_cli("verify", path, "--key", pub)
     assert out.returncode == 1
-    assert "chain       fail  first bad entry seq 8" in out.stdout and out.stdout.strip().startswith("ledger ")
+    assert "chain        fail  first bad entry seq 8" in out.stdout and out.stdout.strip().startswith("ledger ")
     assert out.stdout.strip().splitlines()[-1].startswith("FAIL: chain and seal failed")
 
 
