@@ -142,7 +142,7 @@ def check_continuity(view: RunView, *, load_weights: Any = None) -> CheckResult:
         "distance_from_init": distance_from_init[:: max(1, len(distance_from_init) // 1000)],
         "optimizer_family": bounds.family,
     }
-    margin = f"largest honest ratio to the bound {max(ratios):.3g}" if ratios else "no ratios"
+    margin = f"largest honest ratio to the bound {max(ratios):.4f}" if ratios else "no ratios"
     superseded = f"; {len(view.superseded)} superseded step entries excluded" if view.superseded else ""
     if anomalies:
         named = "; ".join(_describe(a) for a in anomalies[:6])
