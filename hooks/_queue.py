@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +48,7 @@ class WriterQueue:
         self._thread.join()
 
     def _loop(self) -> None:
+        _lower_priority()
         while True:
             self._wake.wait(self._interval)
             self._wake.clear()
@@ -57,3 +59,12 @@ class WriterQueue:
                     self._changed.notify_all()
             if self._stopping:
                 return
+
+
+def _lower_priority() -> None:
+    """Run this thread at the lowest CPU priority (Linux: per-thread nice 19), so that when training
+    keeps every core busy the writer takes idle time instead of stalling torch's worker threads."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
+        pass
