@@ -63,6 +63,20 @@ def foreign_state() -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def drift_toward(foreign: dict[str, torch.Tensor]) -> Callable[[int, Any], bool]:
+    """A ``during`` hook: steps 4…7 are never trained; the weights creep toward ``foreign``."""
+
+    def drift(step: int, model: Any) -> bool:
+        if 4 <= step <= 7:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.add_(0.0005 * (foreign[name] - p))
+            return True
+        return False
+
+    return drift
+
+
 def verify(path: Path, **kwargs: Any):
     kwargs.setdefault("key", SIGNER.public)
     kwargs.setdefault("recipe", RECIPE_SPEC)
@@ -161,16 +175,7 @@ def test_foreign_weights_swapped_in_at_step_6(tmp_path):
 
 
 def test_gradual_move_toward_another_model_without_training(tmp_path):
-    foreign = foreign_state()
-
-    def drift(step, model):
-        if 4 <= step <= 7:
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    p.add_(0.0005 * (foreign[name] - p))
-            return True
-        return False
-
+    drift = drift_toward(foreign_state())
     report = verify(record(tmp_path / "L", during=drift))
     replay = report.check("replay")
     assert replay.status == "fail" and report.verdict == "fail"
@@ -272,16 +277,7 @@ def test_tolerance_mode_on_weights_and_optimizer_state(honest, tmp_path):
     assert replay.status == "pass" and replay.data["mode"] == "tolerance" and replay.data["rho"] == 1e-3
     assert all(i["ratio"] == 0 and i["optimizer_ratio"] == 0 for i in replay.data["intervals"])
     assert "relative tolerance ρ=0.001" in replay.detail
-    foreign = foreign_state()
-
-    def drift(step, model):
-        if 4 <= step <= 7:
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    p.add_(0.0005 * (foreign[name] - p))
-            return True
-        return False
-
+    drift = drift_toward(foreign_state())
     drifted = verify(record(tmp_path / "L", during=drift), tolerance=1e-3).check("replay")
     bad = next(i for i in drifted.data["intervals"] if i["from_step"] == 3)
     assert drifted.status == "fail" and bad["ratio"] > 1e-3 and bad["optimizer_ratio"] > 1e-3
