@@ -173,7 +173,7 @@ class Recorder:
         t0 = time.perf_counter()
         tensors = self._tensors()
         with torch.no_grad():
-            norms = torch.stack(torch._foreach_norm(list(tensors.values()))).float()
+            norms = _norms(list(tensors.values()))
         t1 = time.perf_counter()
         self._costs["norms"].append(t1 - t0)
         sketch = None
@@ -407,6 +407,14 @@ class Recorder:
         recorder._alive_checkpoints = [(e.seq, e.step, e.body()) for e in checkpoints
                                        if bytes(e.body()["state_digest"]) not in pruned]
         return recorder
+
+
+def _norms(tensors: list[Any]) -> Any:
+    """Per-tensor L2 norms (float32), one fused call when every tensor is floating point; integer
+    buffers (e.g. BatchNorm's num_batches_tracked) are widened first."""
+    if all(t.is_floating_point() for t in tensors):
+        return torch.stack(torch._foreach_norm(tensors)).float()
+    return torch.stack([(t if t.is_floating_point() else t.double()).norm().float() for t in tensors])
 
 
 def _checkpoint_path(root: Path, stored: str) -> Path:

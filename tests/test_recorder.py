@@ -259,3 +259,22 @@ def test_kill_9_then_resume_continues_the_chain(tmp_path):
     clean = train(TinyRecipe(), steps=12, path=tmp_path / "clean", key=SIGNER, seed=5, checkpoint_every=4)
     final_clean = list(ledger.open(clean).entries())[-1].body()["final"]["model_digest"]
     assert entries[-1].body()["final"]["model_digest"] == final_clean
+
+
+def test_batchnorm_buffers_and_sgd_momentum(tmp_path):
+    """Integer buffers (num_batches_tracked) are fingerprinted too; SGD bounds come from grad norms."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    with Recorder(tmp_path / "L", model=model, optimizer=opt, key=SIGNER, seed=0, checkpoint_every=3) as rec:
+        for _ in range(7):
+            model(torch.randn(16, 4)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            rec.step(loss=1.0)
+    genesis = ledger.open(tmp_path / "L").genesis()
+    assert "1.num_batches_tracked" in genesis["fingerprints"]["tensor_order"]
+    report = verify_ledger(tmp_path / "L", key=SIGNER.public)
+    assert report.verdict == "pass", report.to_dict()["checks"]
+    continuity = report.check("continuity")
+    assert continuity.data["optimizer_family"] == "sgd" and "sketch evidence skipped" in continuity.detail

@@ -97,7 +97,7 @@ def check_continuity(view: RunView, *, load_weights: Any = None) -> CheckResult:
     init = view.genesis["init"]
     prev_norms = np.asarray(init["norms"], dtype=np.float64)
     sketch_at, sketch_prev = -1, np.asarray(init["sketch"], dtype=np.float64)
-    sketch_budget = 0.0
+    sketch_budget, sketch_unbounded, sketch_skipped = 0.0, False, 0
     anomalies: list[dict[str, Any]] = []
     ratios: list[float] = []
     distance_from_init: list[list[float]] = []
@@ -120,17 +120,23 @@ def check_continuity(view: RunView, *, load_weights: Any = None) -> CheckResult:
                               "tensor": view.tensor_order[worst]})
         else:
             ratios.append(float(ratio[worst]))
-        sketch_budget += float(np.sqrt(np.square(bound[np.isfinite(bound)]).sum()))
+        finite = np.isfinite(bound)
+        sketch_budget += float(np.sqrt(np.square(bound[finite]).sum()))
+        # a tensor outside every param group (e.g. BatchNorm running statistics) that moved has no
+        # bound, so the sketch interval holding that step cannot be checked as a whole
+        sketch_unbounded |= bool(np.any(~finite & (np.abs(norms - prev_norms) > slack)))
         if "sketch" in body:
             sketch = np.asarray(body["sketch"], dtype=np.float64)
             moved = float(np.linalg.norm(sketch - sketch_prev))
             r = moved / (jl * sketch_budget + 1e-12)
-            if r > 1:
+            if sketch_unbounded:
+                sketch_skipped += 1
+            elif r > 1:
                 anomalies.append({"step": s, "ratio": r, "evidence": "sketch", "since_step": sketch_at})
             else:
                 ratios.append(r)
             distance_from_init.append([s, float(np.linalg.norm(sketch - np.asarray(init["sketch"])))])
-            sketch_at, sketch_prev, sketch_budget = s, sketch, 0.0
+            sketch_at, sketch_prev, sketch_budget, sketch_unbounded = s, sketch, 0.0, False
         prev_norms = norms
     checked_intervals = 0
     if load_weights is not None:
@@ -140,10 +146,13 @@ def check_continuity(view: RunView, *, load_weights: Any = None) -> CheckResult:
         "margin": max(ratios) if ratios else None, "superseded_steps": [s for _, s in view.superseded],
         "checkpoint_intervals_checked": checked_intervals,
         "distance_from_init": distance_from_init[:: max(1, len(distance_from_init) // 1000)],
-        "optimizer_family": bounds.family,
+        "optimizer_family": bounds.family, "sketch_intervals_skipped": sketch_skipped,
     }
     margin = f"largest honest ratio to the bound {max(ratios):.4f}" if ratios else "no ratios"
     superseded = f"; {len(view.superseded)} superseded step entries excluded" if view.superseded else ""
+    if sketch_skipped:
+        superseded += (f"; sketch evidence skipped for {sketch_skipped} interval(s) in which tensors outside the "
+                       "optimizer (e.g. normalisation statistics) changed")
     if anomalies:
         named = "; ".join(_describe(a) for a in anomalies[:6])
         return CheckResult("continuity", "fail", f"{len(anomalies)} update(s) exceed the {bounds.family} bound: "
