@@ -281,3 +281,31 @@ def test_tolerance_mode_on_weights_and_optimizer_state(honest, tmp_path):
     drifted = verify(record(tmp_path / "L", during=drift), tolerance=1e-3).check("replay")
     bad = next(i for i in drifted.data["intervals"] if i["from_step"] == 3)
     assert drifted.status == "fail" and bad["ratio"] > 1e-3 and bad["optimizer_ratio"] > 1e-3
+
+
+def test_checkpoints_kept_elsewhere_missing_and_sharded_weights(tmp_path):
+    """Checkpoints under a user path; moved away they are reported missing (a warning), handed over
+    with --checkpoints they verify again; a sharded safetensors index works as --model."""
+    import json
+
+    from ledger.hooks import train
+
+    store = tmp_path / "store"
+    path = train(TinyRecipe(), steps=8, path=tmp_path / "L", key=SIGNER, seed=SEED, checkpoint_every=4,
+                 checkpoint_dir=store, final_weights=tmp_path / "model.safetensors")
+    assert verify(path).check("checkpoints").status == "pass"
+    moved = tmp_path / "elsewhere"
+    store.rename(moved)
+    missing = verify(path)
+    assert missing.check("checkpoints").status == "warn" and missing.check("checkpoints").data["missing"] == [-1, 3, 7]
+    assert missing.check("replay").status == "skip" and missing.verdict == "pass"
+    back = verify(path, checkpoints=moved)
+    assert back.check("checkpoints").status == "pass" and back.check("replay").status == "pass"
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    names = sorted(weights)
+    save_file({n: weights[n] for n in names[:3]}, str(tmp_path / "model-1.safetensors"))
+    save_file({n: weights[n] for n in names[3:]}, str(tmp_path / "model-2.safetensors"))
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {n: f"model-{1 if i < 3 else 2}.safetensors"
+                                                for i, n in enumerate(names)}}))
+    assert verify(path, model=index).check("model").status == "pass"
