@@ -131,7 +131,7 @@ class _Progress:
     def __call__(self, stage: str, done: int, total: int) -> None:
         if self.enabled:
             end = "\n" if done >= total else ""
-            unit = "intervals" if stage == "replay" else "entries"
+            unit = {"replay": "intervals", "lineage": "matrices"}.get(stage, "entries")
             sys.stderr.write(f"\r{stage}: {done}/{total} {unit}{end}")
             sys.stderr.flush()
 

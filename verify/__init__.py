@@ -120,7 +120,7 @@ def _provenance_checks(loaded: Any, ledger: Ledger, checkpoint_dir: Any, recipe:
     if not isinstance(loaded.genesis.get("fingerprints"), dict):  # not written by the recorder: nothing to decode
         return [CheckResult(name, "skip", "the ledger carries no training fingerprints (not written by the recorder)",
                             summary="no training fingerprints") for name in CHECKS[4:-1]] + [
-            check_independence(None, model, foreign)]
+            check_independence(None, model, foreign, progress)]
     view = build(loaded, ledger.path, Path(checkpoint_dir) if checkpoint_dir is not None else None)
     here = environment(view.genesis.get("environment", {}).get("device", "cpu")) if recipe is not None or \
         view.checkpoints else {}
@@ -135,7 +135,7 @@ def _provenance_checks(loaded: Any, ledger: Ledger, checkpoint_dir: Any, recipe:
     results.append(check_replay(view, recipe, anomalies=list(continuity.data.get("anomalies", [])),
                                 movement=movement(view) if view.recorded else {}, n_random=replay, seed=replay_seed,
                                 tolerance=tolerance, environment_here=here, progress=progress))
-    results.append(check_independence(view, model, foreign))
+    results.append(check_independence(view, model, foreign, progress))
     return results
 
 

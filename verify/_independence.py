@@ -21,7 +21,7 @@ def our_weights(view: RunView | None, model: Any) -> tuple[Path | None, str]:
     return None, ""
 
 
-def check_independence(view: RunView | None, model: Any, against: list[Any]) -> CheckResult:
+def check_independence(view: RunView | None, model: Any, against: list[Any], progress: Any = None) -> CheckResult:
     """Matching tests, LayerNorm cosine with its null baseline, and the recorded trajectory, per
     foreign file; fail if any is derived, warn if any is inconclusive."""
     if not against:
@@ -35,7 +35,7 @@ def check_independence(view: RunView | None, model: Any, against: list[Any]) -> 
     for foreign_path in against:
         foreign = load_numpy(foreign_path)
         traj = trajectory(view, ours, foreign) if view is not None and view.recorded else None
-        lineage = compare(ours, foreign, n_foreign=len(against),
+        lineage = compare(ours, foreign, n_foreign=len(against), progress=progress,
                           trajectory_agrees=None if traj is None else bool(traj["agrees"]))
         entry = {"file": str(foreign_path), **lineage.to_dict()}
         if traj is not None:

@@ -155,11 +155,18 @@ def layernorm_stats(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> tuple
 
 
 def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], *, n_foreign: int = 1,
-            trajectory_agrees: bool | None = None) -> Lineage:
+            trajectory_agrees: bool | None = None, progress: Any = None) -> Lineage:
     """Run both tests on two weight sets; ``trajectory_agrees`` None means no ledger (then the best
-    answer for unrelated weights is "not shown to be derived")."""
+    answer for unrelated weights is "not shown to be derived"). ``progress(stage, done, total)``
+    hears about each matched matrix (Hungarian matching is cubic in the hidden units)."""
     pairs = [(x, y) for x, y in pair_by_shape(a, b, 2) if MIN_UNITS <= a[x].shape[0] <= MAX_UNITS]
-    csu = [_spearman_p(np.arange(a[x].shape[0]), _match(a[x], b[y]))[1] for x, y in pairs]
+    csu = []
+    for done, (x, y) in enumerate(pairs):
+        if progress:
+            progress("lineage", done, len(pairs))
+        csu.append(_spearman_p(np.arange(a[x].shape[0]), _match(a[x], b[y]))[1])
+    if progress:
+        progress("lineage", len(pairs), len(pairs))
     order_a = [n for n in sorted(a, key=_natural) if a[n].ndim == 2]
     order_b = [n for n in sorted(b, key=_natural) if b[n].ndim == 2]
     mlp_a, mlp_b = _mlp_pairs(order_a, a), _mlp_pairs(order_b, b)
