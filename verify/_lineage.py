@@ -28,7 +28,8 @@ import numpy as np
 
 DERIVED_ALPHA = 1e-6  # "derived" below this, after Bonferroni over tests and foreign files
 INDEPENDENT_P = 0.01  # "independent" needs every test above this, enough power, and the trajectory
-MAX_UNITS = 4096  # matrices with more hidden units than this are not matched (cost m³)
+MAX_UNITS = 4096  # at most this many hidden units of ours are matched per matrix (an evenly spaced subset)
+MAX_FOREIGN_UNITS = 32768  # against at most this many foreign units (the cost matrix is subset × units)
 MIN_UNITS = 8
 MIN_MATRICES = 2
 LN_SENTENCE = ("A raw LayerNorm cosine near 1 is not evidence of copying: norm gains are positive with small "
@@ -65,11 +66,17 @@ def _unit(rows: np.ndarray) -> np.ndarray:
     return rows / np.where(norms == 0, 1, norms)
 
 
+def _subset(units: int) -> np.ndarray:
+    """Our hidden units that are matched: all of them, or MAX_UNITS evenly spaced ones."""
+    return np.arange(units) if units <= MAX_UNITS else np.linspace(0, units - 1, MAX_UNITS).round().astype(np.int64)
+
+
 def _match(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """π with row i of a matched to row π[i] of b (Hungarian, maximal total cosine)."""
+    """π with row i of a matched to row π[i] of b (Hungarian, maximal total cosine; a may have
+    fewer rows than b)."""
     from scipy.optimize import linear_sum_assignment
 
-    cost = _unit(a.astype(np.float64)) @ _unit(b.astype(np.float64)).T
+    cost = _unit(a.astype(np.float32)) @ _unit(b.astype(np.float32)).T
     rows, cols = linear_sum_assignment(cost, maximize=True)
     perm = np.empty(len(rows), dtype=np.int64)
     perm[rows] = cols
@@ -159,12 +166,13 @@ def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], *, n_foreign: in
     """Run both tests on two weight sets; ``trajectory_agrees`` None means no ledger (then the best
     answer for unrelated weights is "not shown to be derived"). ``progress(stage, done, total)``
     hears about each matched matrix (Hungarian matching is cubic in the hidden units)."""
-    pairs = [(x, y) for x, y in pair_by_shape(a, b, 2) if MIN_UNITS <= a[x].shape[0] <= MAX_UNITS]
+    pairs = [(x, y) for x, y in pair_by_shape(a, b, 2) if MIN_UNITS <= a[x].shape[0] <= MAX_FOREIGN_UNITS]
     csu = []
     for done, (x, y) in enumerate(pairs):
         if progress:
             progress("lineage", done, len(pairs))
-        csu.append(_spearman_p(np.arange(a[x].shape[0]), _match(a[x], b[y]))[1])
+        rows = _subset(a[x].shape[0])
+        csu.append(_spearman_p(rows, _match(a[x][rows], b[y]))[1])
     if progress:
         progress("lineage", len(pairs), len(pairs))
     order_a = [n for n in sorted(a, key=_natural) if a[n].ndim == 2]
@@ -177,11 +185,12 @@ def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], *, n_foreign: in
     match_p = []
     for up, down in mlp_a:
         key = (a[up].shape, a[down].shape)
-        if used[key] >= len(by_shape_b.get(key, [])) or not MIN_UNITS <= a[up].shape[0] <= MAX_UNITS:
+        if used[key] >= len(by_shape_b.get(key, [])) or not MIN_UNITS <= a[up].shape[0] <= MAX_FOREIGN_UNITS:
             continue
         up_b, down_b = by_shape_b[key][used[key]]
         used[key] += 1
-        first, second = _match(a[up], b[up_b]), _match(a[down].T, b[down_b].T)
+        rows = _subset(a[up].shape[0])
+        first, second = _match(a[up][rows], b[up_b]), _match(a[down].T[rows], b[down_b].T)
         match_p.append(_spearman_p(first, second)[1])
     p_csu, p_match = fisher(csu), fisher(match_p)
     tests = (1 if csu else 0) + (1 if match_p else 0)
