@@ -7,6 +7,7 @@ imported only inside the functions that take tensors.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import mmap
@@ -89,23 +90,19 @@ def safetensors_dtype(tensor: Any) -> str:
         raise FormatError(f"tensors of dtype {name} cannot be fingerprinted") from None
 
 
-_NUMPY_SAFE: set[Any] = set()
-
-
-def _numpy_safe_dtypes() -> set[Any]:
+@functools.cache
+def _numpy_safe_dtypes() -> frozenset[Any]:
     import torch
 
-    return {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
-            torch.uint8}
+    return frozenset({torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
+                      torch.uint8})
 
 
 def tensor_bytes(tensor: Any) -> memoryview:
     """Little-endian contiguous bytes of a tensor, on the CPU (a copy; never touches the live tensor)."""
     import torch
 
-    if not _NUMPY_SAFE:
-        _NUMPY_SAFE.update(_numpy_safe_dtypes())
-    if tensor.device.type == "cpu" and tensor.dtype in _NUMPY_SAFE and tensor.is_contiguous() \
+    if tensor.device.type == "cpu" and tensor.dtype in _numpy_safe_dtypes() and tensor.is_contiguous() \
             and sys.byteorder == "little":
         return memoryview(tensor.detach().numpy()).cast("B")  # zero-copy fast path (no torch ops)
     flat = tensor.detach().reshape(-1)

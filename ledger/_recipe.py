@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import inspect
 import os
 import random
 import struct
@@ -122,12 +121,3 @@ def load_recipe(spec: str) -> tuple[Any, bytes]:
     if not isinstance(recipe, Recipe):
         raise ConfigurationError(f"{spec} is not a recipe (needs build_model, build_optimizer, batch, train_step)")
     return recipe, hashlib.sha256(source).digest()
-
-
-def recipe_source_digest(recipe: Any) -> bytes | None:
-    """SHA-256 of the source file that defines the recipe's class (None when unavailable)."""
-    try:
-        file = inspect.getsourcefile(type(recipe))
-    except TypeError:
-        return None
-    return hashlib.sha256(Path(file).read_bytes()).digest() if file else None
