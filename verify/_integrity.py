@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,19 +73,26 @@ class Loaded:
     genesis_error: str | None
 
 
-def _leaf_hashes(column: pa.ChunkedArray) -> list[bytes]:
-    """RFC 9162 leaf hashes of every record, straight from the Arrow buffers (no bytes objects
-    are kept per record)."""
-    sha, out = hashlib.sha256, []
+def _binary_chunks(column: pa.ChunkedArray) -> Iterator[tuple[np.ndarray, memoryview]]:
+    """(int64 offsets, data bytes) of each non-empty chunk of a binary column, straight from the
+    Arrow buffers (nothing copied)."""
     for chunk in column.chunks:
         n = len(chunk)
         if not n:
             continue
         width = 8 if pa.types.is_large_binary(chunk.type) else 4
         offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64 if width == 8 else np.int32, count=n + 1,
-                                offset=chunk.offset * width).tolist()
-        data = memoryview(chunk.buffers()[2] or b"")
-        out.extend([sha(b"\x00" + data[offsets[i]:offsets[i + 1]]).digest() for i in range(n)])
+                                offset=chunk.offset * width).astype(np.int64)
+        yield offsets, memoryview(chunk.buffers()[2] or b"")
+
+
+def _leaf_hashes(column: pa.ChunkedArray) -> list[bytes]:
+    """RFC 9162 leaf hashes of every record, straight from the Arrow buffers (no bytes objects
+    are kept per record)."""
+    sha, out = hashlib.sha256, []
+    for offsets, data in _binary_chunks(column):
+        bounds = offsets.tolist()
+        out.extend([sha(b"\x00" + data[bounds[i]:bounds[i + 1]]).digest() for i in range(len(bounds) - 1)])
     return out
 
 
@@ -125,17 +132,11 @@ def _header_matrix(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     record lengths; read straight from Arrow's buffers, chunk by chunk, without copying records."""
     rows, lengths = [np.zeros((0, HEADER_SIZE), np.uint8)], [np.zeros(0, np.int64)]
     window = np.arange(HEADER_SIZE)
-    for chunk in column.chunks:
-        n = len(chunk)
-        if n == 0:
-            continue
-        width = 8 if pa.types.is_large_binary(chunk.type) else 4
-        offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64 if width == 8 else np.int32,
-                                count=n + 1, offset=chunk.offset * width).astype(np.int64)
-        data = np.frombuffer(chunk.buffers()[2], dtype=np.uint8) if chunk.buffers()[2] else np.zeros(0, np.uint8)
+    for offsets, raw in _binary_chunks(column):
+        data = np.frombuffer(raw, dtype=np.uint8)
         size = np.diff(offsets)
         ok = size >= HEADER_SIZE
-        block = np.zeros((n, HEADER_SIZE), np.uint8)
+        block = np.zeros((len(size), HEADER_SIZE), np.uint8)
         block[ok] = data[offsets[:-1][ok, None] + window]
         rows.append(block)
         lengths.append(size)
