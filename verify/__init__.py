@@ -124,7 +124,8 @@ def _provenance_checks(loaded: Any, ledger: Ledger, checkpoint_dir: Any, recipe:
     view = build(loaded, ledger.path, Path(checkpoint_dir) if checkpoint_dir is not None else None)
     here = environment(view.genesis.get("environment", {}).get("device", "cpu")) if recipe is not None or \
         view.checkpoints else {}
-    results = [check_checkpoints(view)]
+    checkpoints_result = check_checkpoints(view)
+    results = [checkpoints_result]
     init = check_init(view, recipe, here)
     recorded_source = (view.genesis.get("recipe") or {}).get("source_sha256")
     if recipe_digest is not None and recorded_source is not None and recorded_source != recipe_digest:
@@ -134,7 +135,8 @@ def _provenance_checks(loaded: Any, ledger: Ledger, checkpoint_dir: Any, recipe:
     results.append(continuity)
     results.append(check_replay(view, recipe, anomalies=list(continuity.data.get("anomalies", [])),
                                 movement=movement(view) if view.recorded else {}, n_random=replay, seed=replay_seed,
-                                tolerance=tolerance, environment_here=here, progress=progress))
+                                tolerance=tolerance, environment_here=here, progress=progress,
+                                verified_steps=frozenset(checkpoints_result.data.get("matched", []))))
     results.append(check_independence(view, model, foreign, progress))
     return results
 

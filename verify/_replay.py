@@ -60,8 +60,9 @@ def _vector(tensors: dict[str, Any]) -> Any:
 
 def check_replay(view: RunView, recipe: Any, *, anomalies: list[dict[str, Any]], movement: dict[int, float],
                  n_random: int, seed: int, tolerance: float | None, environment_here: dict[str, Any],
-                 progress: Any = None) -> CheckResult:
-    """Replay the chosen intervals; see the module docstring."""
+                 progress: Any = None, verified_steps: frozenset[int] = frozenset()) -> CheckResult:
+    """Replay the chosen intervals; see the module docstring. ``verified_steps``: checkpoints whose
+    files the ``checkpoints`` check already matched (not hashed again)."""
     if recipe is None:
         return CheckResult("replay", "skip", "no --recipe given: no interval was re-executed",
                            summary="no --recipe given")
@@ -90,7 +91,8 @@ def check_replay(view: RunView, recipe: Any, *, anomalies: list[dict[str, Any]],
             if progress:
                 progress("replay", done, len(chosen))
             a, b = pairs[i]
-            result = _replay_one(view, recipe, a, b, run_seed, genesis_groups, mode, rho)
+            result = _replay_one(view, recipe, a, b, run_seed, genesis_groups, mode, rho,
+                                 start_verified=a.step in verified_steps)
             result["why"] = chosen[i]
             replayed_steps += b.step - a.step
             reports.append(result)
@@ -119,14 +121,14 @@ def check_replay(view: RunView, recipe: Any, *, anomalies: list[dict[str, Any]],
 
 
 def _replay_one(view: RunView, recipe: Any, a: Checkpoint, b: Checkpoint, run_seed: int,
-                genesis_groups: list[dict[str, Any]], mode: str, rho: float) -> dict[str, Any]:
+                genesis_groups: list[dict[str, Any]], mode: str, rho: float,
+                start_verified: bool = False) -> dict[str, Any]:
     import torch
 
     from ledger._fingerprint import batch_digest
 
     problems: list[str] = []
-    found = _state.digests_of(a.directory)
-    if found.state_digest != a.body.get("state_digest"):
+    if not start_verified and _state.digests_of(a.directory).state_digest != a.body.get("state_digest"):
         return {"from_step": a.step, "to_step": b.step, "problems": ["the start checkpoint does not match its entry"]}
     model = recipe.build_model(run_seed)
     optimizer = recipe.build_optimizer(model)
