@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import multiprocessing
-import random
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +26,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ledger import LedgerWriter, PublicKey, Signer, encode_body, pae
+from ledger import LedgerWriter, PublicKey, Signer
 from ledger._parts import list_parts, read_part
-from ledger._reader import Ledger
-from ledger.verify import verify_ledger
-from ledger.verify._integrity import check_chain, check_seal, check_signatures, load
+from ledger.format import encode_body, pae
+from ledger.verify import check_chain, check_seal, check_signatures, load_context, verify_ledger
 from ledger.verify._signatures import bad_signatures
 
 SEED = bytes(32)
@@ -166,16 +165,15 @@ def bench_verify(tmp: Path, signer: Signer, n: int, seed: int, workers: int, rep
     pub, r = signer.public, repeat
     t_sample, rep_s = timed(verify_ledger, root, key=pub, sample=100, workers=workers, repeat=r)
     t_full, rep_f = timed(verify_ledger, root, key=pub, workers=workers, repeat=r)
-    lg = Ledger(root)
-    t_load, loaded = timed(lambda: load(Ledger(root)), repeat=r)  # a fresh Ledger: parts are read each time
+    # a fresh context each time: parts are read and every entry hashed again
+    t_load, ctx = timed(lambda: load_context(root, key=pub, workers=workers, sample_seed=0), repeat=r)
     stages = {"load": t_load}
     for label, sample in (("sample=100", 100), ("full", None)):
-        rng = random.Random(0)
-        stages[f"chain {label}"] = timed(check_chain, loaded, sample=sample, rng=rng, repeat=r)[0]
-        stages[f"signatures {label}"] = timed(check_signatures, loaded, pub, sample=sample, rng=rng,
-                                              workers=workers, repeat=r)[0]
-    stages["seal"] = timed(check_seal, loaded, lg, repeat=r)[0]
-    records, sigs = loaded.records, loaded.table["signature"].to_pylist()
+        sampled = replace(ctx, options=replace(ctx.options, sample=sample))
+        stages[f"chain {label}"] = timed(check_chain, sampled, repeat=r)[0]
+        stages[f"signatures {label}"] = timed(check_signatures, sampled, repeat=r)[0]
+    stages["seal"] = timed(check_seal, ctx, repeat=r)[0]
+    records, sigs = ctx.loaded.records, ctx.loaded.table["signature"].to_pylist()
     t_stage, bad = timed(bad_signatures, pub.raw, records, sigs, workers=workers, repeat=r)
     messages = [pae(rec) for rec in records]
     raw1 = max(raw_rate(pub.raw, messages[:SINGLE_CAP], sigs[:SINGLE_CAP], 1) for _ in range(r))

@@ -21,7 +21,7 @@ import torch
 from torch.nn import functional as F
 
 import ledger
-from ledger.hooks import Recorder
+from ledger.hooks import FingerprintOptions, Recorder
 
 VARIANTS = {
     "plain": None,
@@ -38,9 +38,9 @@ def build(recipe: Any, name: str, options: dict[str, Any] | None, root: Path) ->
     if options is None:
         return model, optimizer, None
     rec = Recorder(root / name.replace(" ", "_").replace(",", ""), model=model, optimizer=optimizer,
-                   key=ledger.Signer.from_seed(bytes(32)), seed=0, **options)
+                   key=ledger.Signer.from_seed(bytes(32)), seed=0, fingerprints=FingerprintOptions(**options))
     if name.endswith("writer off"):
-        rec._put = lambda job: None  # type: ignore[method-assign]  # the ablation: nothing is written
+        rec._queue.put = lambda job: None  # type: ignore[method-assign]  # the ablation: nothing is written
     return model, optimizer, rec
 
 

@@ -11,7 +11,7 @@ blocks (P R R P P R R P …) so machine noise hits both alike; warm-up blocks ar
 recorder runs at its defaults (sketch="auto", digests="auto", checkpoint_every=None); its step
 clock is reset at the start of each of its blocks so its cadence calibration does not count the
 plain blocks, and its queue is flushed (timed) at the end of each. Background costs are measured
-by wrapping the recorder's ``_put`` and ``LedgerWriter.append`` in this benchmark only. Peak
+by wrapping the recorder's queue ``put`` and ``LedgerWriter.append`` in this benchmark only. Peak
 memory: one subprocess per configuration, VmHWM reset once model and optimizer are built. One
 checkpoint of the 15M model (snapshot + write, fingerprinted, fsynced) is compared with plain
 ``safetensors`` saves of the same tensors. Figures only, no assertions.
@@ -42,11 +42,12 @@ from safetensors.torch import save_file
 from torch.nn import functional as F
 
 import ledger
-from ledger import Kind, Signer, encode_body
-from ledger._fingerprint import canonical_state
+from ledger import Kind, Signer
 from ledger._parts import fsync_path
-from ledger._state import snapshot, snapshot_digests, write
+from ledger.format import encode_body
 from ledger.hooks import Recorder
+from ledger.torch import canonical_state, snapshot, snapshot_digests
+from ledger.torch import write_checkpoint as write
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = Signer.from_seed(bytes(32))
@@ -90,14 +91,14 @@ def us(values: list[float]) -> float:
 
 class Probe:
     """Times the background work of each step entry, wall and CPU time of the writer thread, by
-    wrapping the recorder's ``_put`` (the job: body, batch digest) and its writer's ``append``
+    wrapping the recorder's queue ``put`` (the job: body, batch digest) and its writer's ``append``
     (encode, sign, WAL write, fsync, roll-over). Wall time includes waits for the GIL."""
 
     def __init__(self, rec: Recorder) -> None:
         self.wall: dict[str, list[float]] = {"job": [], "append": [], "latency": []}  # latency: enqueue → appended
         self.cpu: dict[str, list[float]] = {"job": [], "append": []}
         self.body: dict[str, Any] | None = None
-        put, append, enqueued = rec._put, rec._writer.append, [0.0]
+        put, append, enqueued = rec._queue.put, rec._writer.append, [0.0]
 
         def timed_put(job: Callable[[], Any]) -> None:
             t_put = time.perf_counter()
@@ -121,7 +122,7 @@ class Probe:
                 self.body = dict(body)
             return entry
 
-        rec._put = timed_put  # type: ignore[method-assign]
+        rec._queue.put = timed_put  # type: ignore[method-assign]
         rec._writer.append = timed_append  # type: ignore[method-assign]
 
 
@@ -133,8 +134,9 @@ def interleaved(name: str, steps: int, block: int, warmup: int, tmp: Path) -> di
     rec = Recorder(tmp / name, model=models["recorded"], optimizer=opts["recorded"], key=KEY, seed=SEED,
                    checkpoint_every=None)
     probe = Probe(rec)
-    r: dict[str, Any] = {"plain": [], "recorded": [], "rec_step": [], "flush": [], "costs": {k: [] for k in rec._costs},
-                         "blocks": {"plain": [], "recorded": []}, "next": {"plain": 0, "recorded": 0}}
+    r: dict[str, Any] = {"plain": [], "recorded": [], "rec_step": [], "flush": [],
+                         "costs": {k: [] for k in rec._cadence.costs}, "blocks": {"plain": [], "recorded": []},
+                         "next": {"plain": 0, "recorded": 0}}
 
     def run_block(mode: str, n: int, keep: bool) -> None:
         recorder = rec if mode == "recorded" else None
@@ -147,7 +149,7 @@ def interleaved(name: str, steps: int, block: int, warmup: int, tmp: Path) -> di
             if keep:
                 r[mode].append(total)
                 r["rec_step"] += [part] if recorder else []
-            for k, v in rec._costs.items() if recorder else ():  # a changed value is a new measurement
+            for k, v in rec._cadence.costs.items() if recorder else ():  # a changed value is a new measurement
                 if v and (not r["costs"][k] or r["costs"][k][-1] != v[-1]):
                     r["costs"][k].append(v[-1])
         if keep:
@@ -164,7 +166,7 @@ def interleaved(name: str, steps: int, block: int, warmup: int, tmp: Path) -> di
             run_block(mode, min(block, steps - lo), keep=True)
     # the optimizer pre-step hook runs inside optimizer.step (so inside the step time): timed alone
     r["hook"] = timeit.repeat(lambda: rec._pre_step(opts["recorded"], (), {}), number=1, repeat=50)
-    r["cadence"] = (rec._sketch_every, rec._digest_every, statistics.median(rec._periods))
+    r["cadence"] = (rec._cadence.sketch_every, rec._cadence.digests, statistics.median(rec._cadence.periods))
     t0 = time.perf_counter()
     rec.close()
     r["close"] = time.perf_counter() - t0

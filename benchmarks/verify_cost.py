@@ -14,18 +14,16 @@ seconds per replayed step with the recorded training's seconds per step. Figures
 from __future__ import annotations
 
 import argparse
-import random
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import ledger
-from ledger._environment import environment
-from ledger._state import restore_weights_only
 from ledger.hooks import train
-from ledger.verify import _continuity, _integrity, _model, _provenance, _replay, _run, verify_ledger
+from ledger.verify import CHECKS, load_context, run_checks, verify_ledger
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = f"{ROOT / 'examples' / 'charlm.py'}:recipe"
@@ -51,25 +49,15 @@ def timed(rows: list[Row], name: str, fn: Callable[..., T], *args: Any, **kwargs
 
 
 def pieces(path: Path, weights: Path, replay: int) -> list[Row]:
-    """Every step of ``verify_ledger`` timed on its own (same calls, same order, same arguments)."""
+    """Every step of ``verify_ledger`` timed on its own: loading the context, then each check of the
+    registry in order on it (the same calls ``verify_ledger`` makes)."""
     rows: list[Row] = []
-    recipe, _ = timed(rows, "load recipe", ledger.load_recipe, RECIPE)
-    book = ledger.Ledger(path)
-    rng = random.Random(0)
-    loaded = timed(rows, "load (read + hash)", _integrity.load, book)
-    timed(rows, "chain", _integrity.check_chain, loaded, sample=None, rng=rng)
-    timed(rows, "signatures", _integrity.check_signatures, loaded, SIGNER.public, sample=None, rng=rng)
-    timed(rows, "seal", _integrity.check_seal, loaded, book)
-    timed(rows, "model", _model.check_model, loaded.records, weights)
-    view = timed(rows, "build run view", _run.build, loaded, book.path, None)
-    here = timed(rows, "environment", environment, view.genesis.get("environment", {}).get("device", "cpu"))
-    timed(rows, "checkpoints", _provenance.check_checkpoints, view)
-    timed(rows, "init", _provenance.check_init, view, recipe, here)
-    continuity = timed(rows, "continuity", _continuity.check_continuity, view,
-                       load_weights=restore_weights_only if view.checkpoints else None)
-    timed(rows, "replay", _replay.check_replay, view, recipe, anomalies=list(continuity.data.get("anomalies", [])),
-          movement=dict(continuity.data.get("movement", {})), n_random=replay, seed=0, tolerance=None,
-          environment_here=here)
+    ctx = timed(rows, "load (read + hash)", load_context, path, key=SIGNER.public, model=weights, recipe=RECIPE,
+                replay=replay, replay_seed=0)
+    results: dict[str, Any] = {}
+    for check in CHECKS:
+        results[check.name] = timed(rows, check.name, lambda c=check: run_checks(replace(ctx, results=results),
+                                                                                  (c,))[0])
     return rows
 
 

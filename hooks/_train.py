@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ledger._recipe import build_scheduler, deterministic, run_step
 from ledger.hooks._recorder import Recorder
+from ledger.torch import build_scheduler, deterministic, run_step
 
 
 def train(recipe: Any, *, steps: int, path: str | os.PathLike[str], key: Any, seed: int,

@@ -1,18 +1,22 @@
 """training-ledger: a signed, hash-chained Parquet diary of a training run.
 
-The public surface is what ``__all__`` lists; modules starting with ``_`` are internal.
-``ledger`` never imports torch at import time (``ledger.hooks`` does the training side,
-``ledger.verify`` the checking side).
+The everyday API is what ``__all__`` lists: keys, the reader (``ledger.open``), the writer for other
+producers, recipes and the errors. Format primitives (hashes, encodings, typed bodies) are in
+:mod:`ledger.format`; the training side is :mod:`ledger.hooks`, the checking side
+:mod:`ledger.verify`, and everything that needs PyTorch :mod:`ledger.torch`. Modules starting with
+``_`` are internal. ``import ledger`` never imports torch.
 """
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 from ledger._crypto import PublicKey, Signer, generate_keypair, load_public_key, load_signer
-from ledger._encoding import decode_body, encode_body
 from ledger._entry import Entry
 from ledger._reader import Ledger, open  # noqa: A004 - ledger.open is the public name
-from ledger._recipe import Recipe, load_recipe, run_step
-from ledger._record import FORMAT_VERSION, PAYLOAD_TYPE, Kind, entry_hash, merkle_root, pae
+from ledger._recipe import Recipe, load_recipe
+from ledger._record import Kind
 from ledger._writer import LedgerWriter, Recovery
 from ledger.errors import (
     ConfigurationError,
@@ -21,14 +25,13 @@ from ledger.errors import (
     LedgerError,
     LedgerLockedError,
     NotALedgerError,
+    StorageError,
     VerificationError,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "FORMAT_VERSION",
-    "PAYLOAD_TYPE",
     "ConfigurationError",
     "Entry",
     "FormatError",
@@ -43,17 +46,30 @@ __all__ = [
     "Recipe",
     "Recovery",
     "Signer",
+    "StorageError",
     "VerificationError",
     "__version__",
-    "decode_body",
-    "encode_body",
-    "entry_hash",
     "generate_keypair",
-    "load_recipe",
     "load_public_key",
+    "load_recipe",
     "load_signer",
-    "merkle_root",
     "open",
-    "pae",
-    "run_step",
 ]
+
+# Names that lived here before 0.2 and moved; they keep working one release, with a warning.
+_MOVED = {name: "ledger.format" for name in ("FORMAT_VERSION", "PAYLOAD_TYPE", "decode_body", "encode_body",
+                                             "entry_hash", "merkle_root", "pae")}
+_MOVED["run_step"] = "ledger.torch"
+
+
+def __getattr__(name: str) -> Any:
+    """Old import paths of moved names (``ledger.pae`` → ``ledger.format.pae``), with a
+    ``DeprecationWarning``; removed in the next release."""
+    where = _MOVED.get(name)
+    if where is None:
+        raise AttributeError(f"module 'ledger' has no attribute {name!r}")
+    import importlib
+
+    warnings.warn(f"ledger.{name} moved to {where}.{name}; the old name goes away in the next release",
+                  DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(where), name)

@@ -22,7 +22,29 @@ from ledger.errors import ConfigurationError, LedgerError
 EXIT_PASS, EXIT_FAIL, EXIT_CANNOT_RUN, EXIT_INTERNAL = 0, 1, 2, 3
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The command group; errors raised by a command become one line and their exit code here,
+    where click's context knows whether ``--debug`` was given."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except LedgerError as exc:
+            if ctx.params.get("debug"):
+                traceback.print_exc()
+            click.echo(f"ledger: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except Exception as exc:  # a bug of ours
+            if ctx.params.get("debug"):
+                traceback.print_exc()
+            click.echo(f"ledger: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+                       err=True)
+            ctx.exit(EXIT_INTERNAL)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @click.version_option(package_name="training-ledger")
 def cli(debug: bool) -> None:
@@ -170,33 +192,33 @@ def verify(ledger_path: str, key: str | None, model: str | None, checkpoint_dir:
            sample_seed: int | None, require: str, as_json: bool, workers: int | None,
            report_path: str | None) -> None:
     """Verify a ledger; exit 0 when no check failed, 1 when one did."""
-    from ledger.verify import verify_ledger
+    from ledger.verify import render_json, render_text, verify_ledger
 
     names = [n.strip() for n in require.split(",") if n.strip()]
     report = verify_ledger(ledger_path, key=key, model=model, sample=sample, sample_seed=sample_seed, require=names,
                            workers=workers, progress=_Progress(), checkpoints=checkpoint_dir, recipe=recipe,
                            replay=replay, replay_seed=replay_seed, tolerance=tolerance, against=against)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+        click.echo(render_json(report))
     else:
-        facts = report.ledger
-        click.echo(f"ledger {facts['path']}  run {facts.get('run_id')}  entries {facts['entries']}")
-        for check in report.checks:
-            status = click.style(f"{check.status:<4}", fg=_STATUS_COLOURS[check.status], bold=True)
-            click.echo(f"  {check.name:<12} {status}  {check.detail}")
-        click.echo(report.sentence())
+        click.echo(render_text(report, lambda text, status: click.style(text, fg=_STATUS_COLOURS[status],
+                                                                        bold=True)))
     if report_path:
-        _write_report(report, ledger_path, report_path)
+        _write_report(report, report_path)
     sys.exit(EXIT_PASS if report.verdict == "pass" else EXIT_FAIL)
 
 
-def _write_report(report: Any, ledger_path: str, report_path: str) -> None:
+def _write_report(report: Any, report_path: str) -> None:
     """Render the HTML report and write it (parent directories created); the note goes to stderr."""
     from pathlib import Path
 
     from ledger.verify import render_html
 
-    page = render_html(report, ledger_path)
+    try:
+        page = render_html(report)
+    except ImportError as exc:
+        raise ConfigurationError(f"--report needs matplotlib ({exc.name} is not installed): "
+                                 "pip install 'training-ledger[report]'") from None
     target = Path(report_path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -213,12 +235,16 @@ def _write_report(report: Any, ledger_path: str, report_path: str) -> None:
 def compare_cmd(first: str, second: str, as_json: bool) -> None:
     """Test whether B is derived from A (or A from B) from the weights alone: "derived" (exit 1) or
     "not shown to be derived" (exit 0). Without a ledger, independence cannot be shown."""
-    from ledger.verify._lineage import LN_SENTENCE, compare, load_numpy
+    import importlib.util
+
+    from ledger.verify import compare_files
 
     for path in (first, second):
         if not os.path.exists(path):
             raise click.UsageError(f"weights file {path} does not exist")
-    result = compare(load_numpy(first), load_numpy(second))
+    if importlib.util.find_spec("scipy") is None:
+        raise ConfigurationError("ledger compare needs scipy: pip install 'training-ledger[lineage]'")
+    result = compare_files(first, second)
     out = {"a": first, "b": second, **result.to_dict()}
     if as_json:
         click.echo(json.dumps(out, indent=2))
@@ -228,16 +254,19 @@ def compare_cmd(first: str, second: str, as_json: bool) -> None:
         click.echo(f"  unconstrained test (two matchings, {result.mlp_pairs} MLP pairs): p = {result.p_match:.3g}")
         if result.layernorm_cosine is not None:
             click.echo(f"  LayerNorm cosine {result.layernorm_cosine:.4f} (null baseline "
-                       f"{result.layernorm_cosine_null:.4f}, Pearson {result.layernorm_pearson:.4f}): {LN_SENTENCE}")
+                       f"{result.layernorm_cosine_null:.4f}, Pearson {result.layernorm_pearson:.4f}): "
+                       f"{result.layernorm_note}")
     sys.exit(EXIT_FAIL if result.verdict == "derived" else EXIT_PASS)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI and map every outcome to a documented exit code."""
     args = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in args
     try:
-        cli.main(args=args, prog_name="ledger", standalone_mode=False)
+        # click returns a command's ctx.exit(code) as the value in this mode (errors of a command
+        # are mapped to their exit code by _Commands.invoke)
+        code = cli.main(args=args, prog_name="ledger", standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else EXIT_PASS)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:  # usage errors and bad parameters: one line too
@@ -248,17 +277,3 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("ledger: aborted", err=True)
         sys.exit(EXIT_CANNOT_RUN)
-    except LedgerError as exc:
-        if debug:
-            traceback.print_exc()
-        click.echo(f"ledger: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
-    except SystemExit:
-        raise
-    except Exception as exc:  # a bug of ours
-        if debug:
-            traceback.print_exc()
-        click.echo(f"ledger: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
-                   err=True)
-        sys.exit(EXIT_INTERNAL)
-    sys.exit(EXIT_PASS)

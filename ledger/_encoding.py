@@ -9,7 +9,9 @@ Pure bytes-in/bytes-out. Rules (normative text in docs/FORMAT.md §3):
   ``-0.0`` keeps its sign (``f98000``);
 - 1-D numeric arrays are RFC 8746 typed arrays (little-endian), e.g. tag 85 for float32;
 - numpy scalars and 0-d tensors are converted to Python numbers first; anything else
-  (sets, objects, datetimes, multi-dimensional arrays) is refused.
+  (sets, objects, datetimes, multi-dimensional arrays) is refused: encoding raises
+  :class:`~ledger.errors.ConfigurationError` (the caller's mistake), decoding
+  :class:`~ledger.errors.FormatError` (damaged or crafted bytes).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import cbor2
 import numpy as np
 
-from ledger.errors import FormatError
+from ledger.errors import ConfigurationError, FormatError
 
 # RFC 8746 §2.1 typed-array tags, little-endian variants, by numpy dtype string.
 _TYPED_ARRAY_TAGS: dict[str, int] = {
@@ -52,18 +54,18 @@ def normalize(value: Any, _depth: int = 0) -> Any:
     """Return ``value`` with every leaf converted to a type the body encoding allows.
 
     numpy scalars and 0-d tensors become Python numbers; 1-D numpy arrays and tensors become
-    typed arrays; tuples become lists. Raises :class:`FormatError` for anything else.
+    typed arrays; tuples become lists. Raises :class:`ConfigurationError` for anything else.
     """
     kind = type(value)
     if kind in _PLAIN:
         return value
     if _depth > _MAX_DEPTH:
-        raise FormatError("record body nested deeper than 64 levels")
+        raise ConfigurationError("record body nested deeper than 64 levels")
     if kind is dict or isinstance(value, Mapping):
         out: dict[str, Any] = {}
         for key, item in value.items():
             if type(key) is not str:
-                raise FormatError(f"record body map keys must be text, got {type(key).__name__}")
+                raise ConfigurationError(f"record body map keys must be text, got {type(key).__name__}")
             out[key] = item if type(item) in _PLAIN else normalize(item, _depth + 1)
         return out
     if kind is list or kind is tuple:
@@ -80,14 +82,14 @@ def normalize(value: Any, _depth: int = 0) -> Any:
         return _array_tag(value)
     if _is_tensor(value):
         return normalize(_tensor_to_numpy(value), _depth)
-    raise FormatError(f"cannot encode a {type(value).__name__} in a record body")
+    raise ConfigurationError(f"cannot encode a {type(value).__name__} in a record body")
 
 
 def _plain(value: Any) -> Any:
     for base in (bool, int, float, str, bytes):
         if isinstance(value, base):
             return base(value)  # type: ignore[call-overload,arg-type]
-    raise FormatError(f"cannot encode a {type(value).__name__} in a record body")
+    raise ConfigurationError(f"cannot encode a {type(value).__name__} in a record body")
 
 
 def _is_tensor(value: Any) -> bool:
@@ -98,9 +100,7 @@ def _tensor_to_numpy(value: Any) -> Any:
     tensor = value.detach()
     if tensor.dim() == 0:
         return tensor.item()
-    import torch  # only reached when the caller already holds a tensor
-
-    if tensor.dtype == torch.bfloat16:
+    if str(tensor.dtype) == "torch.bfloat16":  # no numpy dtype: widen (exactly) to float32
         tensor = tensor.float()
     return tensor.cpu().numpy()
 
@@ -109,23 +109,23 @@ def _array_tag(array: np.ndarray) -> Any:
     if array.ndim == 0:
         return normalize(array.item())
     if array.ndim != 1:
-        raise FormatError("only 1-D arrays can be encoded; flatten it and store the shape")
+        raise ConfigurationError("only 1-D arrays can be encoded; flatten it and store the shape")
     tag = _DTYPE_TAGS.get(array.dtype)
     if tag is None:
         tag = _DTYPE_TAGS.get(array.dtype.newbyteorder("="))
         if tag is None:
-            raise FormatError(f"arrays of dtype {array.dtype} cannot be encoded")
+            raise ConfigurationError(f"arrays of dtype {array.dtype} cannot be encoded")
     return cbor2.CBORTag(tag, array.astype(_TAG_DTYPES[tag], copy=False).tobytes())
 
 
 def encode_body(body: Mapping[str, Any]) -> bytes:
     """Encode a record body (a map) in core deterministic CBOR."""
     if not isinstance(body, Mapping):
-        raise FormatError("a record body must be a map")
+        raise ConfigurationError("a record body must be a map")
     try:
         return cbor2.dumps(normalize(body), canonical=True)
     except (cbor2.CBOREncodeError, ValueError, TypeError) as exc:
-        raise FormatError(f"cannot encode record body: {exc}") from exc
+        raise ConfigurationError(f"cannot encode record body: {exc}") from exc
 
 
 def _tag_hook(*args: Any) -> Any:
@@ -153,7 +153,11 @@ def decode_body(data: bytes, *, check_deterministic: bool = True) -> dict[str, A
         raise FormatError(f"record body is not valid CBOR: {exc}") from exc
     if not isinstance(body, dict):
         raise FormatError("record body is not a map")
-    if check_deterministic and encode_body(body) != data:
+    try:
+        canonical = encode_body(body) if check_deterministic else data
+    except ConfigurationError as exc:  # decoded values we would never have written
+        raise FormatError(f"record body holds a value the format does not allow: {exc}") from None
+    if canonical != data:
         raise FormatError("record body is not in deterministic encoding")
     return body
 
@@ -162,7 +166,7 @@ def metric_value(value: Any) -> float:
     """Convert a metric (float, int, numpy scalar, 0-d tensor) to a Python float."""
     value = normalize(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise FormatError(f"a metric must be a number, got {type(value).__name__}")
+        raise ConfigurationError(f"a metric must be a number, got {type(value).__name__}")
     return float(value)
 
 

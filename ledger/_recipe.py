@@ -1,23 +1,19 @@
 """Recipes: what init regeneration and replay need, and the one function that runs a step.
 
 A recipe builds the model from a seed, builds the optimizer (and optionally a scheduler), gives the
-deterministic batch of step ``s`` and performs one optimizer step. ``run_step`` is used both by
-``ledger.hooks.train`` when recording and by the verifier when replaying, so the two execute the
-same code path. torch is imported only inside the functions.
+deterministic batch of step ``s`` and performs one optimizer step. :func:`ledger.torch.run_step` runs
+step ``s`` of a recipe for both ``ledger.hooks.train`` when recording and the verifier when
+replaying, so the two execute the same code path. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
-import random
 import struct
 import sys
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
-
-import numpy as np
 
 from ledger.errors import ConfigurationError
 
@@ -47,53 +43,6 @@ def step_seed(seed: int, step: int) -> int:
     replayed without carrying RNG state along)."""
     digest = hashlib.sha256(STEP_SEED_DOMAIN + struct.pack(">qq", seed, step)).digest()
     return int.from_bytes(digest[:8], "big") >> 1
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), python's random and numpy's global generator."""
-    import torch
-
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-
-
-def deterministic(seed: int | None = None, threads: int | None = None) -> dict[str, Any]:
-    """Make torch deterministic: deterministic algorithms, a fixed CPU thread count (default:
-    the current one) and, when ``seed`` is given, every RNG seeded. Returns the settings, which
-    genesis records and replay re-applies."""
-    import torch
-
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    if torch.backends.cudnn.is_available():
-        torch.backends.cudnn.benchmark = False
-    threads = threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
-    if seed is not None:
-        seed_everything(seed)
-    return {"deterministic_algorithms": True, "threads": threads}
-
-
-def build_scheduler(recipe: Any, optimizer: Any) -> Any:
-    """The recipe's scheduler, or None when it defines none."""
-    builder = getattr(recipe, "build_scheduler", None)
-    return builder(optimizer) if builder is not None else None
-
-
-def run_step(recipe: Any, model: Any, optimizer: Any, scheduler: Any, seed: int,
-             step: int) -> tuple[dict[str, float], Any]:
-    """Run optimizer step ``step`` of a recipe: seed every RNG with :func:`step_seed`, take
-    ``recipe.batch(step)``, call ``recipe.train_step``, then advance the scheduler.
-    Returns (metrics as floats, the batch)."""
-    seed_everything(step_seed(seed, step))
-    batch = recipe.batch(step)
-    metrics = recipe.train_step(model, optimizer, batch)
-    if scheduler is not None:
-        scheduler.step()
-    if not isinstance(metrics, dict) or "loss" not in metrics:
-        raise ConfigurationError("recipe.train_step must return a dict of metrics with a 'loss'")
-    return {name: float(value) for name, value in metrics.items()}, batch
 
 
 def load_recipe(spec: str) -> tuple[Any, bytes]:

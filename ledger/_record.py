@@ -29,8 +29,15 @@ from ledger.errors import FormatError
 
 FORMAT_VERSION = 1
 PAYLOAD_TYPE = "application/vnd.training-ledger.record.v1"
-HEADER = struct.Struct(">HBBQqq32s32s")
+# (field, struct code) in order; big-endian. HEADER and HEADER_OFFSETS derive from this one table.
+HEADER_LAYOUT = (("version", "H"), ("kind", "B"), ("reserved", "B"), ("seq", "Q"), ("step", "q"),
+                 ("time_ns", "q"), ("run_digest", "32s"), ("prev_hash", "32s"))
+HEADER = struct.Struct(">" + "".join(code for _, code in HEADER_LAYOUT))
 HEADER_SIZE = HEADER.size  # 92
+HEADER_OFFSETS: dict[str, tuple[int, int]] = {
+    name: (struct.calcsize(">" + "".join(c for _, c in HEADER_LAYOUT[:i])), struct.calcsize(">" + code))
+    for i, (name, code) in enumerate(HEADER_LAYOUT)
+}  # field → (offset, size)
 HASH_SIZE = 32
 SIGNATURE_SIZE = 64
 ZERO_HASH = bytes(HASH_SIZE)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from ledger._record import (
     encode_record,
     run_digest,
 )
-from ledger.errors import ConfigurationError, FormatError, LedgerLockedError
+from ledger.errors import ConfigurationError, FormatError, LedgerLockedError, StorageError
 
 Clock = Callable[[], int]
 FSYNC_MODES = ("always", "group", "never")
@@ -181,24 +182,28 @@ class LedgerWriter:
             record = encode_record(header, body_bytes)
             entry = Entry(record=record, signature=self._signer.sign(record), key_id=self._signer.public.key_id)
             frame = _wal.encode_frame(entry)
-            self._wal.append(frame)
+            with _storage(f"append entry {self.next_seq} to {self.layout.wal}"):
+                self._wal.append(frame)
             self.head, self.next_seq, self._last_step = entry.hash, self.next_seq + 1, header.step
             self._tree.add(entry.hash)
             self._pending.append((entry, self.head, metrics))
             self._pending_bytes += len(frame)
             now = time.monotonic()
-            if self._fsync == "always" or (self._fsync == "group" and now - self._last_sync >= self._fsync_interval):
-                self._wal.fsync()
-                self._last_sync = now
-            if len(self._pending) >= self._rollover_entries or self._pending_bytes >= self._rollover_bytes:
-                self._roll()
+            with _storage(f"make {self.layout.wal} durable"):
+                if self._fsync == "always" or (self._fsync == "group"
+                                               and now - self._last_sync >= self._fsync_interval):
+                    self._wal.fsync()
+                    self._last_sync = now
+                if len(self._pending) >= self._rollover_entries or self._pending_bytes >= self._rollover_bytes:
+                    self._roll()
             return entry
 
     def sync(self) -> None:
         """Make everything appended so far durable (fsync the log), whatever the policy."""
         with self._mutex:
             if not self.closed and self._fsync != "never":
-                self._wal.fsync()
+                with _storage(f"fsync {self.layout.wal}"):
+                    self._wal.fsync()
                 self._last_sync = time.monotonic()
 
     def seal(self, body: Mapping[str, Any] | None = None, *, step: int | None = None) -> Entry:
@@ -222,7 +227,8 @@ class LedgerWriter:
         with self._mutex:
             if self.closed:
                 return
-            self._roll()
+            with _storage(f"roll {self.layout.wal} into a part"):
+                self._roll()
             self._wal.close()
             self.closed = True
             self._lock.release()
@@ -269,6 +275,15 @@ class LedgerWriter:
 
 def _metrics_of(entry: Entry) -> dict[str, float]:
     return {k: metric_value(v) for k, v in entry.metrics().items()}
+
+
+@contextlib.contextmanager
+def _storage(what: str) -> Iterator[None]:
+    """Turn an OS error while writing into :class:`StorageError` saying what could not be done."""
+    try:
+        yield
+    except OSError as exc:
+        raise StorageError(f"could not {what}: {exc.strerror or exc}") from exc
 
 
 def _acquire(layout: Layout) -> filelock.BaseFileLock:

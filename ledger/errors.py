@@ -1,8 +1,20 @@
 """One error hierarchy for the whole package.
 
-Every error raised on purpose is a :class:`LedgerError`. The CLI maps them to exit codes:
-``VerificationError`` → 1 (the ledger or a file is not what it claims), any other
-``LedgerError`` → 2 (could not run: bad input, usage, missing file), anything else → 3.
+Every error raised on purpose is a :class:`LedgerError`; its ``exit_code`` is what the CLI exits with:
+
+========================= ==== ====================================================================
+error                     exit meaning
+========================= ==== ====================================================================
+``FormatError``           1    bytes of a ledger, checkpoint or weights file break the format:
+                               damaged or crafted evidence (a verifier reports it as a failed check)
+``VerificationError``     1    a verification failed (``Report.raise_if_failed``); carries the report
+``ConfigurationError``    2    the caller's mistake: a bad argument, a missing input, a value that
+                               cannot be encoded (and its subclasses below)
+``StorageError``          2    the disk refused: a write, fsync or rename failed (full disk, no
+                               permission); nothing already written was changed
+anything else             3    a bug of ours
+========================= ==== ====================================================================
+
 Third-party exceptions are wrapped where they enter (pyarrow, cryptography, cbor2, OS errors).
 """
 
@@ -33,6 +45,10 @@ class LedgerLockedError(ConfigurationError):
     """Another writer holds the ledger's lock."""
 
 
+class StorageError(LedgerError):
+    """Writing to disk failed (ENOSPC, EACCES, EIO …): the operation could not run."""
+
+
 class FormatError(LedgerError):
     """Bytes do not follow the ledger format (see docs/FORMAT.md).
 
@@ -60,5 +76,6 @@ __all__ = [
     "LedgerError",
     "LedgerLockedError",
     "NotALedgerError",
+    "StorageError",
     "VerificationError",
 ]

@@ -12,15 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from ledger import FormatError
-from ledger._fingerprint import (
-    CountSketch,
-    batch_digest,
-    model_digest,
-    safetensors_digests,
-    sketch_slots,
-    tensor_digest,
-    torch_digests,
-)
+from ledger._fingerprint import model_digest, safetensors_digests, tensor_digest
+from ledger.torch import CountSketch, batch_digest, sketch_slots, torch_digests
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"
 
@@ -38,7 +31,7 @@ def test_documented_known_answers():
     d2 = torch_digests({"b": torch.tensor(1.5, dtype=torch.bfloat16)})["b"]
     assert d1.hex() == v["tensor_w_F32_[2]_[1.0,-2.0]"] and d2.hex() == v["tensor_b_BF16_[]_1.5"]
     assert model_digest({"w": d1, "b": d2}).hex() == v["model_{w,b}"]
-    assert sketch_slots(torch, 1, "w", 0, 8, 8, "cpu").tolist() == v["sketch_slots_seed1_k8_name_w_idx0-7"]
+    assert sketch_slots(1, "w", 0, 8, 8, "cpu").tolist() == v["sketch_slots_seed1_k8_name_w_idx0-7"]
     sketch = CountSketch(1, 8)({"w": torch.tensor([1.0, -2, 3, -4, 5, -6, 7, -8])})
     assert sketch.tolist() == v["sketch_seed1_k8_w=[1,-2,3,-4,5,-6,7,-8]"]
     assert batch_digest((torch.tensor([[1, 2]]), torch.tensor([0.5]))).hex() == v["batch_(int64[[1,2]],float32[0.5])"]

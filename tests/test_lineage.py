@@ -15,8 +15,8 @@ from safetensors.torch import load_model, save_file
 
 import ledger
 from ledger import Signer
-from ledger._recipe import build_scheduler, deterministic, run_step
-from ledger.hooks import Recorder, train
+from ledger.hooks import FingerprintOptions, Recorder, train
+from ledger.torch import build_scheduler, deterministic, run_step
 from ledger.verify import verify_ledger
 from ledger.verify._lineage import compare, load_numpy
 
@@ -37,7 +37,8 @@ def fine_tune(path: Path, start: Path, steps: int = 30) -> Path:
     load_model(model, str(start))
     opt = recipe.build_optimizer(model)
     sched = build_scheduler(recipe, opt)
-    rec = Recorder(path, model=model, optimizer=opt, scheduler=sched, key=SIGNER, seed=5, sketch=1)
+    rec = Recorder(path, model=model, optimizer=opt, scheduler=sched, key=SIGNER, seed=5,
+                   fingerprints=FingerprintOptions(sketch=1))
     for step in range(steps):
         metrics, batch = run_step(recipe, model, opt, sched, 5, step)
         rec.step(batch=batch, **metrics)
@@ -51,7 +52,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for name, seed in (("a", 1), ("b", 2)):
         train(small_recipe(), steps=30, path=root / name, key=SIGNER, seed=seed,
-              final_weights=root / f"{name}.safetensors", sketch=1, checkpoint_every=15)
+              final_weights=root / f"{name}.safetensors", fingerprints=FingerprintOptions(sketch=1),
+              checkpoint_every=15)
         out[name] = root / name
     out["c"] = fine_tune(root / "c", root / "a.safetensors")
     weights = load_numpy(root / "a.safetensors")

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 import ledger
 from ledger import Kind, LedgerWriter, Signer
-from ledger._recipe import build_scheduler, deterministic, run_step
 from ledger.hooks import Recorder
+from ledger.torch import build_scheduler, deterministic, run_step
 from ledger.verify import verify_ledger
 
 SIGNER = Signer.from_seed(FIXED_SEED)

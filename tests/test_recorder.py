@@ -16,9 +16,10 @@ from safetensors.torch import load_file, save_file, save_model
 
 import ledger
 from ledger import Kind, Signer, _state
-from ledger._fingerprint import CountSketch, canonical_state, model_digest, safetensors_digests, torch_digests
-from ledger._recipe import build_scheduler, run_step
+from ledger import torch as lt
+from ledger._fingerprint import model_digest, safetensors_digests
 from ledger.hooks import Recorder, train
+from ledger.torch import CountSketch, build_scheduler, canonical_state, run_step, torch_digests
 from ledger.verify import verify_ledger
 
 SIGNER = Signer.from_seed(FIXED_SEED)
@@ -76,7 +77,7 @@ def test_step_entries_carry_metrics_lr_grad_norm_batch(run):
     assert all(b["metrics"]["grad_norm"] > 0 and b["optimizer_steps"] == 1 for b in steps)
     assert all(b["norms"].shape == (6,) and "norms" in b["carries"] and "batch" in b["carries"] for b in steps)
     recipe = TinyRecipe()
-    from ledger._fingerprint import batch_digest
+    from ledger.torch import batch_digest
 
     assert [b["batch_digest"] for b in steps] == [batch_digest(recipe.batch(s)) for s in range(10)]
 
@@ -116,10 +117,10 @@ def test_recipe_run_replays_bit_exactly_on_cpu(run):
         model = recipe.build_model(0)  # a different seed: everything comes from the checkpoint
         optimizer = recipe.build_optimizer(model)
         scheduler = build_scheduler(recipe, optimizer)
-        _state.restore(run / "L" / checkpoints[t]["path"], model, optimizer, scheduler)
+        lt.restore(run / "L" / checkpoints[t]["path"], model, optimizer, scheduler)
         for step in range(t + 1, u + 1):
             run_step(recipe, model, optimizer, scheduler, 3, step)
-        replayed = _state.snapshot_digests(_state.snapshot(u, model, optimizer, scheduler))
+        replayed = lt.snapshot_digests(lt.snapshot(u, model, optimizer, scheduler))
         assert replayed.model == checkpoints[u]["tensor_digests"]
         assert replayed.state_digest == checkpoints[u]["state_digest"], (t, u)
 
@@ -141,10 +142,10 @@ def test_three_line_integration_and_context_manager(tmp_path, keys):
     assert ledger.open(tmp_path / "L").sealed
 
 
-def test_exception_leaves_a_valid_unsealed_ledger(tmp_path, capsys):
+def test_exception_leaves_a_valid_unsealed_ledger(tmp_path):
     model = torch.nn.Linear(4, 1)
     opt = torch.optim.Adam(model.parameters())
-    with pytest.raises(RuntimeError, match="diverged"):
+    with pytest.raises(RuntimeError, match="diverged"), pytest.warns(RuntimeWarning, match="valid but unsealed"):
         with Recorder(tmp_path / "L", model=model, optimizer=opt, key=SIGNER, seed=0, checkpoint_every=2) as rec:
             for step in range(5):
                 model(torch.randn(2, 4)).sum().backward()
@@ -152,7 +153,6 @@ def test_exception_leaves_a_valid_unsealed_ledger(tmp_path, capsys):
                 rec.step(loss=1.0)
                 if step == 2:
                     raise RuntimeError("diverged")
-    assert "valid but unsealed" in capsys.readouterr().err
     report = verify_ledger(tmp_path / "L", key=SIGNER.public)
     assert report.verdict == "pass" and report.check("seal").status == "warn"
     assert [k for k, _ in kinds_steps(tmp_path / "L")].count("step") == 3
@@ -172,7 +172,7 @@ def test_sketch_estimates_distances_and_is_order_independent():
     assert max(errors) < 3 / math.sqrt(256)
     # a differently ordered and chunked computation gives the same sketch within the stated tolerance
     reordered = dict(reversed(list(a.items())))
-    import ledger._fingerprint as fp
+    import ledger.torch as fp
 
     chunked = CountSketch(seed=7, cache_limit=0)
     old, fp._CHUNK = fp._CHUNK, 1000
@@ -212,7 +212,7 @@ sys.path.insert(0, sys.argv[2])
 from recipes import TinyRecipe
 from ledger import Signer
 from ledger.hooks import Recorder, deterministic
-from ledger._recipe import build_scheduler, run_step
+from ledger.torch import build_scheduler, run_step
 deterministic()
 recipe = TinyRecipe()
 model = recipe.build_model(5); opt = recipe.build_optimizer(model); sched = build_scheduler(recipe, opt)

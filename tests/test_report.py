@@ -18,9 +18,9 @@ from recipes import TinyRecipe
 
 from ledger import Signer
 from ledger._crypto import public_key_pem
-from ledger.hooks import train
+from ledger.hooks import FingerprintOptions, train
 from ledger.verify import CheckResult, Report, render_html
-from ledger.verify._report_html import LAYERNORM_NOTE
+from ledger.verify._lineage import LN_SENTENCE
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
@@ -57,7 +57,8 @@ def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
 def test_report_renders_in_a_real_browser(tmp_path):
     if shutil.which("chromium") is None:
         pytest.skip("no chromium binary on PATH (scripts/setup.sh installs it with apt-get when run as root)")
-    path = train(TinyRecipe(), steps=24, path=tmp_path / "L", key=SIGNER, seed=3, checkpoint_every=6, sketch=1,
+    path = train(TinyRecipe(), steps=24, path=tmp_path / "L", key=SIGNER, seed=3, checkpoint_every=6,
+                 fingerprints=FingerprintOptions(sketch=1),
                  final_weights=tmp_path / "model.safetensors")
     pub = tmp_path / "trainer.pub"
     pub.write_bytes(public_key_pem(SIGNER.public.raw))
@@ -111,11 +112,12 @@ def test_report_without_ledger_data_notes_absent_plots_and_shows_lineage(tmp_pat
                      CheckResult("continuity", "skip", "no recorded steps"),
                      CheckResult("independence", "fail", "derived", {"against": against})),
                     {"path": str(tmp_path / "missing"), "run_id": "r1", "entries": 3, "sealed": False})
-    text = render_html(report, tmp_path / "missing")
+    text = render_html(report)
     assert "<script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
     assert 'id="checks"' in text and 'id="lineage"' in text and "foreign&lt;b&gt;.safetensors" in text
     assert text.count("<img ") == 2  # the trajectory and the LayerNorm panel; the ledger's plots are notes
-    assert "No loss plot: the ledger&#x27;s metrics could not be read" in text
+    assert "No loss plot: the report holds no loss series" in text  # rendered from the report alone
+    assert "No update plot: continuity skip: no recorded steps" in text
     assert "No distance-from-init plot" in text
-    assert LAYERNORM_NOTE in text
+    assert LN_SENTENCE in text
     assert "independence" in text and "1e-12" in text

@@ -10,8 +10,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 import ledger
-from ledger import LedgerWriter, Signer, entry_hash, pae
+from ledger import LedgerWriter, Signer
 from ledger._record import merkle_root
+from ledger.format import entry_hash, pae
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"
 VECTOR_SEED = bytes(range(32))

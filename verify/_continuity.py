@@ -15,6 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from ledger._schema import StepBody
+from ledger._state import read_weights
+from ledger._weights import NumpySketch
+from ledger.verify._context import Context
 from ledger.verify._result import CheckResult
 from ledger.verify._run import RunView
 
@@ -44,11 +48,10 @@ class Bounds:
     """Per-step, per-tensor L2 bounds on the update, from the committed hyperparameters."""
 
     def __init__(self, view: RunView) -> None:
-        genesis = view.genesis
-        self.family = _family(genesis["optimizer"]["class"])
-        self.groups = genesis["optimizer"]["param_groups"]
+        self.family = _family(view.optimizer.class_name)
+        self.groups = view.optimizer.param_groups
         order = view.tensor_order
-        sizes = {t["name"]: int(np.prod(t["shape"], dtype=np.int64)) for t in genesis["architecture"]["tensors"]}
+        sizes = view.genesis.tensor_sizes()
         self.group_of = np.full(len(order), -1)
         index = {name: i for i, name in enumerate(order)}
         for g, group in enumerate(self.groups):
@@ -84,19 +87,26 @@ class Bounds:
         return bound
 
 
-def check_continuity(view: RunView, *, load_weights: Any = None) -> CheckResult:
+def _lrs(body: StepBody, bounds: Bounds) -> np.ndarray:
+    return body.lrs if body.lrs is not None else np.asarray([g["lr"] for g in bounds.groups], dtype=np.float64)
+
+
+def check_continuity(ctx: Context) -> CheckResult:
     """Check every step's update against the optimizer bound (norms, sketches, checkpoints)."""
-    if not view.recorded or not view.steps:
+    view = ctx.view
+    assert view is not None
+    if not view.steps:
         return CheckResult("continuity", "skip", "no recorded steps with fingerprints to check")
     bounds = Bounds(view)
     if bounds.family is None:
-        return CheckResult("continuity", "skip", f"no update bound is known for {view.genesis['optimizer']['class']}",
+        return CheckResult("continuity", "skip", f"no update bound is known for {view.optimizer.class_name}",
                            summary="optimizer without a known bound")
-    k = int(view.genesis["fingerprints"]["sketch_k"])
+    k = view.policy.sketch_k
     jl = 1 + 3 / math.sqrt(k)
-    init = view.genesis["init"]
-    prev_norms = np.asarray(init["norms"], dtype=np.float64)
-    sketch_at, sketch_prev = -1, np.asarray(init["sketch"], dtype=np.float64)
+    init = view.init
+    prev_norms = init.norms
+    sketch_at, sketch_prev = -1, init.sketch
+    series: dict[str, list[float]] = {"steps": [], "moved": [], "bound": [], "ratio": []}
     sketch_budget, sketch_unbounded, sketch_skipped = 0.0, False, 0
     anomalies: list[dict[str, Any]] = []
     ratios: list[float] = []
@@ -108,12 +118,11 @@ def check_continuity(view: RunView, *, load_weights: Any = None) -> CheckResult:
             anomalies.append({"step": s, "ratio": math.inf, "evidence": "steps",
                               "detail": f"steps {expected}…{s - 1} are missing"})
         expected = s + 1
-        norms = np.asarray(body["norms"], dtype=np.float64)
-        lrs = np.asarray(body.get("lrs", [g["lr"] for g in bounds.groups]), dtype=np.float64)
-        grad_norms = np.asarray(body["grad_norms"], dtype=np.float64) if "grad_norms" in body else None
-        bound = bounds.step(s, lrs, prev_norms, grad_norms)
+        norms = body.norms
+        bound = bounds.step(s, _lrs(body, bounds), prev_norms, body.grad_norms)
         slack = NORM_RTOL * np.maximum(norms, prev_norms) + 1e-12
-        ratio = np.abs(norms - prev_norms) / (bound + slack)
+        delta = np.abs(norms - prev_norms)
+        ratio = delta / (bound + slack)
         worst = int(np.argmax(ratio))
         if ratio[worst] > 1:
             anomalies.append({"step": s, "ratio": float(ratio[worst]), "evidence": "norms",
@@ -121,12 +130,16 @@ def check_continuity(view: RunView, *, load_weights: Any = None) -> CheckResult:
         else:
             ratios.append(float(ratio[worst]))
         finite = np.isfinite(bound)
+        series["steps"].append(s)
+        series["moved"].append(float(delta[finite].sum()))
+        series["bound"].append(float(bound[finite].sum()))
+        series["ratio"].append(float((delta[finite] / (bound[finite] + 1e-12)).max()) if finite.any() else 0.0)
         sketch_budget += float(np.sqrt(np.square(bound[finite]).sum()))
         # a tensor outside every param group (e.g. BatchNorm running statistics) that moved has no
         # bound, so the sketch interval holding that step cannot be checked as a whole
         sketch_unbounded |= bool(np.any(~finite & (np.abs(norms - prev_norms) > slack)))
-        if "sketch" in body:
-            sketch = np.asarray(body["sketch"], dtype=np.float64)
+        if body.sketch is not None:
+            sketch = body.sketch
             moved = float(np.linalg.norm(sketch - sketch_prev))
             r = moved / (jl * sketch_budget + 1e-12)
             if sketch_unbounded:
@@ -135,12 +148,10 @@ def check_continuity(view: RunView, *, load_weights: Any = None) -> CheckResult:
                 anomalies.append({"step": s, "ratio": r, "evidence": "sketch", "since_step": sketch_at})
             else:
                 ratios.append(r)
-            distance_from_init.append([s, float(np.linalg.norm(sketch - np.asarray(init["sketch"])))])
+            distance_from_init.append([s, float(np.linalg.norm(sketch - init.sketch))])
             sketch_at, sketch_prev, sketch_budget, sketch_unbounded = s, sketch, 0.0, False
         prev_norms = norms
-    checked_intervals = 0
-    if load_weights is not None:
-        checked_intervals = _check_checkpoints(view, bounds, load_weights, anomalies, ratios)
+    checked_intervals = _check_checkpoints(view, bounds, anomalies, ratios) if view.checkpoints else 0
     data: dict[str, Any] = {
         "steps_checked": len(view.steps), "anomalies": anomalies,
         "margin": max(ratios) if ratios else None, "superseded_steps": [s for _, s in view.superseded],
@@ -153,21 +164,22 @@ def check_continuity(view: RunView, *, load_weights: Any = None) -> CheckResult:
     if sketch_skipped:
         superseded += (f"; sketch evidence skipped for {sketch_skipped} interval(s) in which tensors outside the "
                        "optimizer (e.g. normalisation statistics) changed")
+    plot = {**series, "family": bounds.family, "distance_from_init": distance_from_init}
     if anomalies:
         named = "; ".join(_describe(a) for a in anomalies[:6])
         return CheckResult("continuity", "fail", f"{len(anomalies)} update(s) exceed the {bounds.family} bound: "
-                           f"{named}{' …' if len(anomalies) > 6 else ''}", data)
+                           f"{named}{' …' if len(anomalies) > 6 else ''}", data, series=plot)
     return CheckResult("continuity", "pass", f"{len(view.steps)} steps within the {bounds.family} update bound "
                        f"(norms every step, sketches, {checked_intervals} checkpoint interval(s) per coordinate); "
-                       f"{margin}{superseded}", data)
+                       f"{margin}{superseded}", data, series=plot)
 
 
 def movement(view: RunView) -> dict[int, float]:
     """How far each step moved the weights, by the sum of per-tensor norm changes (what replay
     uses to pick the interval with the largest update)."""
-    out, prev = {}, np.asarray(view.genesis["init"]["norms"], dtype=np.float64) if view.recorded else None
+    out, prev = {}, view.init.norms if view.recorded else None
     for s in sorted(view.steps):
-        norms = np.asarray(view.steps[s].get("norms", []), dtype=np.float64)
+        norms = view.steps[s].norms
         if prev is not None and norms.shape == prev.shape:
             out[s] = float(np.abs(norms - prev).sum())
         prev = norms
@@ -187,31 +199,30 @@ def _describe(anomaly: dict[str, Any]) -> str:
     return f"step {anomaly['step']}: {anomaly['evidence']} moved {anomaly['ratio']:.3g}× the bound{where}{span}"
 
 
-def _check_checkpoints(view: RunView, bounds: Bounds, load_weights: Any, anomalies: list[dict[str, Any]],
+def _check_checkpoints(view: RunView, bounds: Bounds, anomalies: list[dict[str, Any]],
                        ratios: list[float]) -> int:
     """Per-coordinate (L∞) bound between consecutive stored checkpoints, and the logged sketches
-    and norms against the real weights."""
-    from ledger._fingerprint import CountSketch
-
-    stored = [cp for cp in view.checkpoints if not cp.pruned and cp.directory.is_dir()]
-    policy = view.genesis["fingerprints"]
-    sketcher = CountSketch(int(policy["sketch_seed"]), int(policy["sketch_k"]))
+    and norms against the real weights (read with numpy: no torch needed)."""
+    policy = view.policy
+    sketcher = NumpySketch(policy.sketch_seed, policy.sketch_k)
     order = view.tensor_order
-    previous: tuple[int, dict[str, Any]] | None = None
+    position = {name: i for i, name in enumerate(order)}
+    previous: tuple[int, dict[str, np.ndarray]] | None = None
     intervals = 0
-    for cp in stored:
-        weights = load_weights(cp.directory)
-        logged = view.genesis["init"] if cp.step == -1 else view.steps.get(cp.step, {})
-        if "sketch" in logged:
+    for cp in view.stored_checkpoints():
+        weights = read_weights(cp.directory)
+        logged = view.steps.get(cp.step)
+        sketch = view.init.sketch if cp.step == -1 else logged.sketch if logged else None
+        norms = view.init.norms if cp.step == -1 else logged.norms if logged else None
+        if sketch is not None:
             real = sketcher({n: weights[n] for n in order if n in weights})
-            want = np.asarray(logged["sketch"], dtype=np.float64)
-            if float(np.linalg.norm(real - want)) > SKETCH_RTOL * max(float(np.linalg.norm(want)), 1e-12):
+            if float(np.linalg.norm(real - sketch)) > SKETCH_RTOL * max(float(np.linalg.norm(sketch)), 1e-12):
                 anomalies.append({"step": cp.step, "ratio": math.inf, "evidence": "fingerprint",
                                   "detail": "the logged sketch does not match the checkpoint's weights"})
-        if "norms" in logged:
-            real_norms = np.array([float(weights[n].double().norm()) for n in order])
-            want_norms = np.asarray(logged["norms"], dtype=np.float64)
-            if np.any(np.abs(real_norms - want_norms) > 1e-5 * np.maximum(want_norms, 1e-12) + 1e-12):
+        if norms is not None:
+            real_norms = np.array([float(np.linalg.norm(weights[n].astype(np.float64).ravel())) if n in weights
+                                   else math.nan for n in order])
+            if not np.all(np.abs(real_norms - norms) <= 1e-5 * np.maximum(norms, 1e-12) + 1e-12):
                 anomalies.append({"step": cp.step, "ratio": math.inf, "evidence": "fingerprint",
                                   "detail": "the logged norms do not match the checkpoint's weights"})
         if previous is not None and bounds.family in ("adam", "adamw"):
@@ -221,18 +232,18 @@ def _check_checkpoints(view: RunView, bounds: Bounds, load_weights: Any, anomali
                 intervals += 1
                 worst, worst_name = 0.0, ""
                 for name in order:
-                    g = int(bounds.group_of[order.index(name)])
+                    g = int(bounds.group_of[position[name]])
                     if g < 0 or name not in weights or name not in before:
                         continue
                     group = bounds.groups[g]
                     beta1, beta2 = (float(b) for b in group["betas"])
                     wd = float(group.get("weight_decay", 0.0) or 0.0) if bounds.family == "adamw" else 0.0
-                    lrs = [float(np.asarray(view.steps[s].get("lrs", [group["lr"]]))[g]) for s in steps]
+                    lrs = [float(_lrs(view.steps[s], bounds)[g]) for s in steps]
                     a = sum(lr * adam_bound(beta1, beta2, s + 1) for lr, s in zip(lrs, steps, strict=True))
                     decay = wd * sum(lrs)
-                    old, new = before[name].double(), weights[name].double()
-                    limit = a + decay * (old.abs().maximum(new.abs()) + a)
-                    ratio = float(((new - old).abs() / (limit * (1 + 1e-6) + 1e-12)).max()) if old.numel() else 0.0
+                    old, new = before[name].astype(np.float64), weights[name].astype(np.float64)
+                    limit = a + decay * (np.maximum(np.abs(old), np.abs(new)) + a)
+                    ratio = float((np.abs(new - old) / (limit * (1 + 1e-6) + 1e-12)).max()) if old.size else 0.0
                     if ratio > worst:
                         worst, worst_name = ratio, name
                 if worst > 1:

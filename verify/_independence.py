@@ -3,30 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+from ledger.verify._context import Context
 from ledger.verify._lineage import LN_SENTENCE, compare, load_numpy, trajectory
 from ledger.verify._result import CheckResult
 from ledger.verify._run import RunView
 
 
-def our_weights(view: RunView | None, model: Any) -> tuple[Path | None, str]:
+def our_weights(view: RunView | None, model: Path | None) -> tuple[Path | None, str]:
     """The weights to test: --model, else the last stored checkpoint's weights."""
     if model is not None:
-        return Path(model), "--model"
+        return model, "--model"
     if view is not None:
-        stored = [cp for cp in view.checkpoints if not cp.pruned and (cp.directory / "model.safetensors").is_file()]
+        stored = [cp for cp in view.stored_checkpoints() if (cp.directory / "model.safetensors").is_file()]
         if stored:
             return stored[-1].directory / "model.safetensors", f"the checkpoint at step {stored[-1].step}"
     return None, ""
 
 
-def check_independence(view: RunView | None, model: Any, against: list[Any], progress: Any = None) -> CheckResult:
+def check_independence(ctx: Context) -> CheckResult:
     """Matching tests, LayerNorm cosine with its null baseline, and the recorded trajectory, per
     foreign file; fail if any is derived, warn if any is inconclusive."""
-    if not against:
-        return CheckResult("independence", "skip", "no --against given", summary="no --against given")
-    path, source = our_weights(view, model)
+    view, against, progress = ctx.view, list(ctx.against), ctx.progress
+    path, source = our_weights(view, ctx.model)
     if path is None:
         return CheckResult("independence", "skip", "no weights of this run to compare (give --model)",
                            summary="no weights to compare")

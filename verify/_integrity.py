@@ -7,11 +7,7 @@ columns against them.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import random
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,144 +20,16 @@ from ledger._encoding import decode_body, floats_equal
 from ledger._reader import Ledger
 from ledger._record import HEADER_SIZE, Kind, merkle_root
 from ledger.errors import FormatError
+from ledger.verify._context import Context
+from ledger.verify._load import Records, fixed_rows, header_field, header_matrix
 from ledger.verify._result import CheckResult
 from ledger.verify._signatures import bad_signatures
 
-Progress = Callable[[str, int, int], None]
-_KIND_LABELS = pa.array([k.label for k in sorted(Kind)])  # index == kind code
 
-
-class Records:
-    """The record bytes of every entry, read from Arrow buffers on demand; ``materialize`` turns
-    them into a list once (full verification), sampled checks take only what they need."""
-
-    def __init__(self, column: pa.ChunkedArray) -> None:
-        self._chunks = [c for c in column.chunks if len(c)]
-        self._starts = np.cumsum([0] + [len(c) for c in self._chunks])
-        self._list: list[bytes] | None = None
-
-    def __len__(self) -> int:
-        return int(self._starts[-1])
-
-    def __getitem__(self, index: int) -> bytes:
-        if self._list is not None:
-            return self._list[index]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        chunk = int(np.searchsorted(self._starts, index, side="right")) - 1
-        value: bytes = self._chunks[chunk][index - int(self._starts[chunk])].as_py()
-        return value
-
-    def materialize(self) -> list[bytes]:
-        """All records as a list of bytes (kept)."""
-        if self._list is None:
-            self._list = [r for c in self._chunks for r in c.to_pylist()]
-        return self._list
-
-
-@dataclass(slots=True)
-class Loaded:
-    """The ledger's rows, with recomputed hashes (shared by the checks)."""
-
-    table: pa.Table
-    records: Records
-    hashes: list[bytes]
-    errors: list[tuple[str, str]]  # (source, reason) for unreadable parts
-    genesis: dict[str, Any] | None
-    genesis_error: str | None
-
-
-def _binary_chunks(column: pa.ChunkedArray) -> Iterator[tuple[np.ndarray, memoryview]]:
-    """(int64 offsets, data bytes) of each non-empty chunk of a binary column, straight from the
-    Arrow buffers (nothing copied)."""
-    for chunk in column.chunks:
-        n = len(chunk)
-        if not n:
-            continue
-        width = 8 if pa.types.is_large_binary(chunk.type) else 4
-        offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64 if width == 8 else np.int32, count=n + 1,
-                                offset=chunk.offset * width).astype(np.int64)
-        yield offsets, memoryview(chunk.buffers()[2] or b"")
-
-
-def _leaf_hashes(column: pa.ChunkedArray) -> list[bytes]:
-    """RFC 9162 leaf hashes of every record, straight from the Arrow buffers (no bytes objects
-    are kept per record)."""
-    sha, out = hashlib.sha256, []
-    for offsets, data in _binary_chunks(column):
-        bounds = offsets.tolist()
-        out.extend([sha(b"\x00" + data[bounds[i]:bounds[i + 1]]).digest() for i in range(len(bounds) - 1)])
-    return out
-
-
-def load(ledger: Ledger) -> Loaded:
-    """Read every readable source and recompute every entry hash (hashing one part while the
-    reader decompresses the next)."""
-    tables, errors, hashes = [], [], []
-    for source in ledger.iter_sources():
-        if source.table is None:
-            errors.append((source.name, source.error or "unreadable"))
-            continue
-        tables.append(source.table)
-        hashes.extend(_leaf_hashes(source.table["record"]))
-    if tables:
-        table = pa.concat_tables(tables)
-    else:
-        from ledger._parts import SCHEMA
-
-        table = SCHEMA.empty_table()
-    records = Records(table["record"])
-    genesis, genesis_error = None, None
-    if len(records):
-        try:
-            header = _record.decode_header(records[0])
-            if header.kind is not Kind.GENESIS:
-                raise FormatError("first entry is not a genesis")
-            genesis = decode_body(records[0][HEADER_SIZE:])
-        except FormatError as exc:
-            genesis_error = str(exc)
-    else:
-        genesis_error = "the ledger holds no entries"
-    return Loaded(table, records, hashes, errors, genesis, genesis_error)
-
-
-def _header_matrix(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """(n, 92) uint8 header bytes of every record (zeros where a record is too short), and the
-    record lengths; read straight from Arrow's buffers, chunk by chunk, without copying records."""
-    rows, lengths = [np.zeros((0, HEADER_SIZE), np.uint8)], [np.zeros(0, np.int64)]
-    window = np.arange(HEADER_SIZE)
-    for offsets, raw in _binary_chunks(column):
-        data = np.frombuffer(raw, dtype=np.uint8)
-        size = np.diff(offsets)
-        ok = size >= HEADER_SIZE
-        block = np.zeros((len(size), HEADER_SIZE), np.uint8)
-        block[ok] = data[offsets[:-1][ok, None] + window]
-        rows.append(block)
-        lengths.append(size)
-    return np.concatenate(rows), np.concatenate(lengths)
-
-
-def _fixed_rows(column: pa.ChunkedArray) -> np.ndarray:
-    """(n, width) uint8 view of a fixed_size_binary column."""
-    width = column.type.byte_width
-    parts = [np.zeros((0, width), np.uint8)]
-    for chunk in column.chunks:
-        if len(chunk):
-            data = np.frombuffer(chunk.buffers()[1], dtype=np.uint8)
-            parts.append(data[chunk.offset * width:(chunk.offset + len(chunk)) * width].reshape(-1, width))
-    return np.concatenate(parts)
-
-
-def _field(headers: np.ndarray, lo: int, hi: int, dtype: str) -> np.ndarray:
-    return np.ascontiguousarray(headers[:, lo:hi]).view(dtype).ravel()
-
-
-def check_chain(loaded: Loaded, *, sample: int | None, rng: random.Random,
-                progress: Progress | None = None) -> CheckResult:
+def check_chain(ctx: Context) -> CheckResult:
     """Recompute every hash, check links, seq contiguity, run id, kinds and that the typed
     columns equal the record bytes; name the first bad entry by seq."""
+    loaded, sample, rng, progress = ctx.loaded, ctx.options.sample, ctx.sample_rng(), ctx.progress
     t, n = loaded.table, len(loaded.records)
     problems: dict[int, list[str]] = {}
 
@@ -172,18 +40,15 @@ def check_chain(loaded: Loaded, *, sample: int | None, rng: random.Random,
     if n == 0:
         reasons = [f"{name}: {reason}" for name, reason in loaded.errors] or ["the ledger holds no entries"]
         return CheckResult("chain", "fail", "; ".join(reasons), {"entries": 0, "first_bad_seq": 0})
-    headers, lengths = _header_matrix(t["record"])
+    headers, lengths = header_matrix(t["record"])
     flag(lengths < HEADER_SIZE, f"record shorter than the {HEADER_SIZE}-byte header")
-    version = _field(headers, 0, 2, ">u2")
-    kind = headers[:, 2].astype(np.int64)
-    seq = _field(headers, 4, 12, ">u8").astype(np.int64)
-    step = _field(headers, 12, 20, ">i8")
-    time_ns = _field(headers, 20, 28, ">i8")
-    run_dg, prev = headers[:, 28:60], headers[:, 60:92]
+    version, kind, reserved = (header_field(headers, f) for f in ("version", "kind", "reserved"))
+    seq, step, time_ns = (header_field(headers, f) for f in ("seq", "step", "time_ns"))
+    run_dg, prev = header_field(headers, "run_digest"), header_field(headers, "prev_hash")
     hashes = np.frombuffer(b"".join(loaded.hashes), dtype=np.uint8).reshape(n, 32)
     position = np.arange(n)
     flag(version != _record.FORMAT_VERSION, f"unknown format version (expected {_record.FORMAT_VERSION})")
-    flag(headers[:, 3] != 0, "reserved header byte is not zero")
+    flag(reserved != 0, "reserved header byte is not zero")
     flag(kind > max(Kind), "unknown entry kind")
     flag(seq != position, "seq is not contiguous here (an entry is missing, duplicated or moved)")
     expected_prev = np.vstack([np.zeros((1, 32), np.uint8), hashes[:-1]])
@@ -200,16 +65,17 @@ def check_chain(loaded: Loaded, *, sample: int | None, rng: random.Random,
         flag(pc.not_equal(t["run_id"], run_id).to_numpy(zero_copy_only=False), "run_id column differs from genesis")
         gkid = loaded.genesis.get("key_id", b"")
         gkid_row = np.frombuffer(gkid if isinstance(gkid, bytes) and len(gkid) == 32 else bytes(32), np.uint8)
-        flag((_fixed_rows(t["key_id"]) != gkid_row).any(axis=1), "key_id column differs from the genesis key id")
+        flag((fixed_rows(t["key_id"]) != gkid_row).any(axis=1), "key_id column differs from the genesis key id")
     elif loaded.genesis_error:
         problems.setdefault(0, []).append(f"genesis unreadable: {loaded.genesis_error}")
     # typed columns against the header bytes
     flag(t["seq"].to_numpy() != seq, "seq column differs from the record header")
     flag(t["step"].to_numpy() != step, "step column differs from the record header")
     flag(t["time_ns"].to_numpy() != time_ns, "time_ns column differs from the record header")
-    kinds_col = pc.fill_null(pc.index_in(t["kind"], value_set=_KIND_LABELS), -1).to_numpy()
+    labels = pa.array([k.label for k in sorted(Kind)])  # index == kind code
+    kinds_col = pc.fill_null(pc.index_in(t["kind"], value_set=labels), -1).to_numpy()
     flag(kinds_col != kind, "kind column differs from the record header")
-    flag((_fixed_rows(t["hash"]) != hashes).any(axis=1), "hash column differs from the hash of the record bytes")
+    flag((fixed_rows(t["hash"]) != hashes).any(axis=1), "hash column differs from the hash of the record bytes")
     if progress:
         progress("chain", n, n)
     # bodies: genesis, seal and all others (or a sample) decoded and compared with the metrics column
@@ -255,10 +121,11 @@ def _same_metrics(column: list[tuple[str, float]], body: Any) -> bool:
     return True
 
 
-def check_signatures(loaded: Loaded, key: PublicKey | None, *, sample: int | None, rng: random.Random,
-                     workers: int | None = None, progress: Progress | None = None) -> CheckResult:
+def check_signatures(ctx: Context) -> CheckResult:
     """Verify the Ed25519 signature of every entry (or the head and a sample) with the given
     key, or with the genesis key when none is given (then at best a warning)."""
+    loaded, key, sample, rng = ctx.loaded, ctx.key, ctx.options.sample, ctx.sample_rng()
+    workers, progress = ctx.options.workers, ctx.progress
     n = len(loaded.records)
     if n == 0:
         return CheckResult("signatures", "fail", "the ledger holds no entries")
@@ -300,8 +167,9 @@ def check_signatures(loaded: Loaded, key: PublicKey | None, *, sample: int | Non
     return CheckResult("signatures", "pass", f"{scope} signatures verify with key id {used.key_id.hex()[:16]}…", data)
 
 
-def check_seal(loaded: Loaded, ledger: Ledger) -> CheckResult:
+def check_seal(ctx: Context) -> CheckResult:
     """The seal is the last entry and its entry count, head and tree root match the entries."""
+    loaded, ledger = ctx.loaded, ctx.ledger
     n = len(loaded.records)
     if n == 0:
         return CheckResult("seal", "fail", "the ledger holds no entries")

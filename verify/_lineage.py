@@ -19,6 +19,7 @@ with its null baseline (a ones-initialised gain vector against the foreign one) 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -120,6 +121,11 @@ class Lineage:
     layernorm_pearson: float | None
     paired: dict[str, str]
 
+    @property
+    def layernorm_note(self) -> str:
+        """Why the raw LayerNorm cosine is shown but never used as evidence."""
+        return LN_SENTENCE
+
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
         return {"verdict": self.verdict, "p_value": self.p_value, "p_csu": self.p_csu, "p_match": self.p_match,
@@ -220,30 +226,18 @@ def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], *, n_foreign: in
 
 
 def load_numpy(path: Any) -> dict[str, np.ndarray]:
-    """A safetensors file (or sharded index) as float arrays (bf16 widened), loaded safely."""
-    import json
-    from pathlib import Path
+    """A safetensors file (or sharded index) as arrays, floating point ones as float32 (bf16
+    widened exactly); read without torch and without unpickling."""
+    from ledger._weights import read_safetensors
 
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    files = [path]
-    if path.name.endswith(".index.json"):
-        files = [path.parent / f for f in sorted(set(json.loads(path.read_text())["weight_map"].values()))]
-    out: dict[str, np.ndarray] = {}
-    for file in files:
-        for name, tensor in load_file(str(file)).items():
-            out[name] = (tensor.float() if tensor.is_floating_point() else tensor).numpy()
-    return out
+    return {name: a.astype(np.float32) if a.dtype.kind == "f" else a for name, a in read_safetensors(path).items()}
 
 
 def trajectory(view: Any, ours: dict[str, np.ndarray], foreign: dict[str, np.ndarray]) -> dict[str, Any] | None:
     """Sketch distance of every sketched step to the foreign weights, beside the measured start
     distance d(W_0, F), and cos(W_t − W_0, F − W_0); None when the foreign weights do not cover
     every fingerprinted tensor (the logged sketches cover them all)."""
-    import torch
-
-    from ledger._fingerprint import CountSketch
+    from ledger._weights import NumpySketch
 
     order = view.tensor_order
     mapping: dict[str, str] = {}
@@ -251,15 +245,14 @@ def trajectory(view: Any, ours: dict[str, np.ndarray], foreign: dict[str, np.nda
         mapping.update(pair_by_shape({n: ours[n] for n in order if n in ours}, foreign, ndim))
     if any(name not in mapping for name in order):
         return None
-    policy = view.genesis["fingerprints"]
-    sketch_f = CountSketch(int(policy["sketch_seed"]), int(policy["sketch_k"]))(
-        {name: torch.from_numpy(np.ascontiguousarray(foreign[mapping[name]])) for name in order})
-    start = np.asarray(view.genesis["init"]["sketch"], dtype=np.float64)
+    policy = view.policy
+    sketch_f = NumpySketch(policy.sketch_seed, policy.sketch_k)({name: foreign[mapping[name]] for name in order})
+    start = view.init.sketch
     steps, distance, cosine = [-1], [float(np.linalg.norm(start - sketch_f))], [0.0]
     toward = sketch_f - start
     for s in sorted(view.steps):
-        if "sketch" in view.steps[s]:
-            sketch = np.asarray(view.steps[s]["sketch"], dtype=np.float64)
+        sketch = view.steps[s].sketch
+        if sketch is not None:
             moved = sketch - start
             steps.append(s)
             distance.append(float(np.linalg.norm(sketch - sketch_f)))
@@ -278,7 +271,7 @@ def _exact_at_checkpoints(view: Any, mapping: dict[str, str], foreign: dict[str,
                           limit: int = 16) -> list[dict[str, Any]]:
     """Exact ‖W_t − F‖ at stored checkpoints (at most ``limit``, evenly spread), and
     cos(W_t − W₀, F − W₀) over the weight matrices when the init checkpoint is stored."""
-    stored = [cp for cp in view.checkpoints if not cp.pruned and (cp.directory / "model.safetensors").is_file()]
+    stored = [cp for cp in view.stored_checkpoints() if (cp.directory / "model.safetensors").is_file()]
     if len(stored) > limit:
         stored = [stored[round(i * (len(stored) - 1) / (limit - 1))] for i in range(limit)]
     init = next((cp for cp in stored if cp.step == -1), None)
@@ -297,3 +290,10 @@ def _exact_at_checkpoints(view: Any, mapping: dict[str, str], foreign: dict[str,
             entry["cos_matrices"] = float(moved @ toward / denominator) if denominator else 0.0
         out.append(entry)
     return out
+
+
+def compare_files(first: str | os.PathLike[str], second: str | os.PathLike[str]) -> Lineage:
+    """Test whether two weight files (safetensors, or sharded ``*.index.json``) are related, from
+    the weights alone: "derived" or "not shown to be derived" (without a ledger, independence
+    cannot be shown)."""
+    return compare(load_numpy(first), load_numpy(second))

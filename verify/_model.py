@@ -4,37 +4,36 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
 
 from ledger._encoding import decode_body
 from ledger._fingerprint import safetensors_digests
 from ledger._record import HEADER_SIZE, Kind, decode_header
+from ledger._schema import FinalWeights, SealBody
 from ledger.errors import FormatError
+from ledger.verify._context import Context
 from ledger.verify._result import CheckResult
 
 
-def _seal_final(records: Sequence[bytes]) -> dict[str, Any] | None:
+def _seal_final(records: Sequence[bytes]) -> FinalWeights | None:
     if not records:
         return None
     try:
         if decode_header(records[-1]).kind is not Kind.SEAL:
             return None
-        final = decode_body(records[-1][HEADER_SIZE:]).get("final")
+        return SealBody.from_body(decode_body(records[-1][HEADER_SIZE:])).final
     except FormatError:
-        return None
-    return final if isinstance(final, dict) else None
+        return None  # the seal check reports it
 
 
-def check_model(records: Sequence[bytes], model: str | os.PathLike[str] | None) -> CheckResult:
+def check_model(ctx: Context) -> CheckResult:
     """Compare the tensor digests of a safetensors file (or sharded index) with the seal's."""
-    if model is None:
-        return CheckResult("model", "skip", "no --model given: the released weights were not compared",
-                           summary="no --model given")
-    final = _seal_final(records)
-    if final is None or not isinstance(final.get("tensor_digests"), dict):
+    model = ctx.model
+    assert model is not None  # the registry skips this check without --model
+    final = _seal_final(ctx.loaded.records)
+    if final is None:
         return CheckResult("model", "skip", "the ledger has no seal with final weights to compare --model against",
                            summary="no sealed final weights in the ledger")
-    sealed: dict[str, bytes] = final["tensor_digests"]
+    sealed = final.tensor_digests
     try:
         found = safetensors_digests(model)
     except FormatError as exc:

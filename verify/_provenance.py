@@ -7,13 +7,15 @@ from typing import Any
 
 from ledger import _state
 from ledger.errors import FormatError
+from ledger.verify._context import Context
 from ledger.verify._result import CheckResult
-from ledger.verify._run import RunView
 
 
-def check_checkpoints(view: RunView) -> CheckResult:
+def check_checkpoints(ctx: Context) -> CheckResult:
     """Every stored checkpoint matches its entry; pruned ones are reported as pruned, missing ones
     as missing (a warning: they may be kept elsewhere, see --checkpoints)."""
+    view = ctx.view
+    assert view is not None
     if not view.checkpoints:
         return CheckResult("checkpoints", "skip", "the run recorded no checkpoints", summary="no checkpoints recorded")
     matched, pruned, missing, bad = [], [], [], []
@@ -30,13 +32,13 @@ def check_checkpoints(view: RunView) -> CheckResult:
         except FormatError as exc:
             bad.append((cp.step, str(exc)))
             continue
-        if found.state_digest != cp.body.get("state_digest"):
-            expected = cp.body.get("tensor_digests", {})
+        if found.state_digest != cp.body.state_digest:
+            expected = cp.body.tensor_digests
             tensors = sorted(n for n in set(expected) | set(found.model) if expected.get(n) != found.model.get(n))
             parts = [f"tensors {', '.join(tensors[:5])}"] if tensors else []
-            if found.optimizer_digest != cp.body.get("optimizer_digest"):
+            if found.optimizer_digest != cp.body.optimizer_digest:
                 parts.append("optimizer state")
-            if found.meta_digest != cp.body.get("meta_digest"):
+            if found.meta_digest != cp.body.meta_digest:
                 parts.append("state.cbor (step, hyperparameters, scheduler, RNG)")
             bad.append((cp.step, f"differs in {'; '.join(parts) or 'its state digest'}"))
         elif meta_step != cp.step:
@@ -44,7 +46,7 @@ def check_checkpoints(view: RunView) -> CheckResult:
         else:
             matched.append(cp.step)
     init = next((cp for cp in view.checkpoints if cp.step == -1), None)
-    if init is not None and view.recorded and init.body.get("model_digest") != view.genesis["init"].get("model_digest"):
+    if init is not None and init.body.model_digest != view.init.model_digest:
         bad.append((-1, "the init checkpoint's weights are not the genesis init fingerprint"))
     data: dict[str, Any] = {"matched": matched, "pruned": pruned, "missing": missing,
                             "bad": [{"step": s, "reason": r} for s, r in bad]}
@@ -70,19 +72,16 @@ def _constant(tensor: Any) -> bool:
     return bool((flat == flat[0]).all())
 
 
-def check_init(view: RunView, recipe: Any, environment_here: dict[str, Any]) -> CheckResult:
+def check_init(ctx: Context) -> CheckResult:
     """Rebuild the model with the recipe and the genesis seed; compare every tensor digest with the
     genesis init fingerprint, and check that every non-constant floating-point tensor changes with
     the seed (a recipe that loads stored weights would otherwise pass)."""
-    if recipe is None:
-        return CheckResult("init", "skip", "no --recipe given: the init could not be regenerated",
-                           summary="no --recipe given")
-    if not view.recorded:
-        return CheckResult("init", "skip", "the ledger has no init fingerprint (not written by the recorder)")
-    from ledger._fingerprint import canonical_state, torch_digests
+    from ledger.torch import canonical_state, environment, torch_digests
 
-    seed = int(view.genesis["seed"])
-    recorded = dict(view.genesis["init"]["tensor_digests"])
+    view, recipe = ctx.view, ctx.recipe
+    assert view is not None
+    seed = int(view.genesis.seed or 0)
+    recorded = dict(view.init.tensor_digests)
     tensors, _ = canonical_state(recipe.build_model(seed))
     rebuilt = torch_digests(tensors)
     other, _ = canonical_state(recipe.build_model(seed + 1))
@@ -91,7 +90,8 @@ def check_init(view: RunView, recipe: Any, environment_here: dict[str, Any]) -> 
                         and n in other and bool((other[n] == t).all()))
     data: dict[str, Any] = {"tensors": len(recorded), "differ": differ, "seed_independent": seed_blind,
                             "seed": seed}
-    recorded_torch = view.genesis.get("environment", {}).get("torch")
+    recorded_torch = view.genesis.environment.get("torch")
+    environment_here = environment(str(view.genesis.environment.get("device", "cpu")))
     problems = []
     if differ:
         problems.append(f"{len(differ)} of {len(recorded)} tensors differ from the genesis init fingerprint: "
@@ -103,7 +103,11 @@ def check_init(view: RunView, recipe: Any, environment_here: dict[str, Any]) -> 
         return CheckResult("init", "warn", f"{problems[0]}, but torch differs (recorded {recorded_torch}, here "
                            f"{environment_here.get('torch')}): regeneration is only promised on the recorded "
                            "version; this is not evidence of reuse", data, summary="torch version differs")
+    note = ""
+    recorded_source = (view.genesis.recipe or {}).get("source_sha256")
+    if ctx.recipe_digest is not None and recorded_source is not None and recorded_source != ctx.recipe_digest:
+        note = "; note: the recipe file differs from the one recorded in genesis"
     if problems:
-        return CheckResult("init", "fail", "; ".join(problems), data)
+        return CheckResult("init", "fail", "; ".join(problems) + note, data)
     return CheckResult("init", "pass", f"all {len(recorded)} init tensors regenerated bit-exactly from the recipe "
-                       f"and seed {seed}, and every non-constant one depends on the seed", data)
+                       f"and seed {seed}, and every non-constant one depends on the seed{note}", data)

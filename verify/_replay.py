@@ -13,8 +13,9 @@ import random
 import time
 from typing import Any
 
-from ledger import _state
-from ledger._recipe import build_scheduler, deterministic, run_step
+from ledger._state import FILES, digests_of
+from ledger.verify._context import Context
+from ledger.verify._continuity import movement
 from ledger.verify._result import CheckResult
 from ledger.verify._run import Checkpoint, RunView
 
@@ -24,7 +25,7 @@ TOP_Q = 1
 
 def intervals(view: RunView) -> list[tuple[Checkpoint, Checkpoint]]:
     """Consecutive pairs of checkpoints whose files are here (pruned or missing ones break a pair)."""
-    stored = [cp for cp in view.checkpoints if not cp.pruned and cp.directory.is_dir()]
+    stored = view.stored_checkpoints()
     return [(a, b) for a, b in zip(stored, stored[1:], strict=False) if b.step > a.step]
 
 
@@ -58,30 +59,32 @@ def _vector(tensors: dict[str, Any]) -> Any:
         torch.zeros(0, dtype=torch.float64)
 
 
-def check_replay(view: RunView, recipe: Any, *, anomalies: list[dict[str, Any]], movement: dict[int, float],
-                 n_random: int, seed: int, tolerance: float | None, environment_here: dict[str, Any],
-                 progress: Any = None, verified_steps: frozenset[int] = frozenset()) -> CheckResult:
-    """Replay the chosen intervals; see the module docstring. ``verified_steps``: checkpoints whose
-    files the ``checkpoints`` check already matched (not hashed again)."""
-    if recipe is None:
-        return CheckResult("replay", "skip", "no --recipe given: no interval was re-executed",
-                           summary="no --recipe given")
-    if not view.recorded:
-        return CheckResult("replay", "skip", "the ledger was not written by the recorder")
+def check_replay(ctx: Context) -> CheckResult:
+    """Replay the chosen intervals (see the module docstring): every continuity anomaly, the
+    largest update and ``--replay`` random ones; checkpoints that the ``checkpoints`` check already
+    matched are not hashed again."""
+    view, recipe, progress = ctx.view, ctx.recipe, ctx.progress
+    assert view is not None
+    continuity, checkpoints = ctx.results.get("continuity"), ctx.results.get("checkpoints")
+    anomalies = list(continuity.data.get("anomalies", [])) if continuity is not None else []
+    verified_steps = frozenset(checkpoints.data.get("matched", [])) if checkpoints is not None else frozenset()
+    seed, tolerance = ctx.options.replay_seed, ctx.options.tolerance
     pairs = intervals(view)
     if not pairs:
         return CheckResult("replay", "skip", "fewer than two stored checkpoints: no interval can be replayed",
                            summary="no replayable interval")
     import torch
 
-    differences = _same_env(view.genesis.get("environment", {}), environment_here)
+    from ledger.torch import deterministic, environment
+
+    recorded_env = view.genesis.environment
+    differences = _same_env(recorded_env, environment(str(recorded_env.get("device", "cpu"))))
     mode = "tolerance" if tolerance is not None or differences else "bit-exact"
     rho = tolerance if tolerance is not None else DEFAULT_RHO
-    threads = int(view.genesis.get("determinism", {}).get("threads")
-                  or view.genesis.get("environment", {}).get("threads") or torch.get_num_threads())
-    chosen = choose(view, pairs, anomalies, movement, n_random, seed)
-    genesis_groups = view.genesis["optimizer"]["param_groups"]
-    run_seed = int(view.genesis["seed"])
+    threads = int(view.genesis.determinism.get("threads") or recorded_env.get("threads") or torch.get_num_threads())
+    chosen = choose(view, pairs, anomalies, movement(view), ctx.options.replay, seed)
+    genesis_groups = view.optimizer.param_groups
+    run_seed = int(view.genesis.seed or 0)
     reports, failures, replayed_steps = [], [], 0
     started = time.perf_counter()
     previous_threads = torch.get_num_threads()
@@ -123,41 +126,40 @@ def check_replay(view: RunView, recipe: Any, *, anomalies: list[dict[str, Any]],
 def _replay_one(view: RunView, recipe: Any, a: Checkpoint, b: Checkpoint, run_seed: int,
                 genesis_groups: list[dict[str, Any]], mode: str, rho: float,
                 start_verified: bool = False) -> dict[str, Any]:
-    import torch
-
-    from ledger._fingerprint import batch_digest
+    from ledger.torch import batch_digest, build_scheduler, load_tensors, restore, run_step, snapshot, snapshot_digests
 
     problems: list[str] = []
-    if not start_verified and _state.digests_of(a.directory).state_digest != a.body.get("state_digest"):
+    if not start_verified and digests_of(a.directory).state_digest != a.body.state_digest:
         return {"from_step": a.step, "to_step": b.step, "problems": ["the start checkpoint does not match its entry"]}
     model = recipe.build_model(run_seed)
     optimizer = recipe.build_optimizer(model)
     scheduler = build_scheduler(recipe, optimizer)
-    _state.restore(a.directory, model, optimizer, scheduler)
+    restore(a.directory, model, optimizer, scheduler)
     # hyperparameters: the restored optimizer against the ledger (genesis, and the lr logged for step t+1)
-    first = view.steps.get(a.step + 1, {})
+    first = view.steps.get(a.step + 1)
+    first_lrs = first.lrs if first is not None else None
     for g, (group, claimed) in enumerate(zip(optimizer.param_groups, genesis_groups, strict=False)):
         for key in ("betas", "eps", "weight_decay", "momentum", "dampening", "nesterov"):
             if key in claimed and key in group:
                 have = list(group[key]) if isinstance(group[key], tuple) else group[key]
                 if have != claimed[key]:
                     problems.append(f"group {g} {key}: restored {have!r}, ledger says {claimed[key]!r}")
-        if "lrs" in first and g < len(first["lrs"]):
+        if first_lrs is not None and g < len(first_lrs):
             lr = float(group["lr"].item() if hasattr(group["lr"], "item") else group["lr"])
-            if lr != float(first["lrs"][g]):
-                problems.append(f"group {g} learning rate: restored {lr!r}, ledger logs {float(first['lrs'][g])!r} "
+            if lr != float(first_lrs[g]):
+                problems.append(f"group {g} learning rate: restored {lr!r}, ledger logs {float(first_lrs[g])!r} "
                                 f"for step {a.step + 1}")
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     batches_ok, metrics_ok, steps = 0, 0, list(range(a.step + 1, b.step + 1))
     for s in steps:
         metrics, batch = run_step(recipe, model, optimizer, scheduler, run_seed, s)
-        logged = view.steps.get(s, {})
-        if "batch_digest" in logged:
-            if batch_digest(batch) == logged["batch_digest"]:
+        logged = view.steps.get(s)
+        if logged is not None and logged.batch_digest is not None:
+            if batch_digest(batch) == logged.batch_digest:
                 batches_ok += 1
             else:
                 problems.append(f"step {s}: the recipe's batch is not the logged batch")
-        logged_metrics = logged.get("metrics", {})
+        logged_metrics = logged.metrics if logged is not None else {}
         bad = [k for k, v in metrics.items() if k in logged_metrics and not _close(v, float(logged_metrics[k]),
                                                                                       mode, rho)]
         if bad:
@@ -165,17 +167,17 @@ def _replay_one(view: RunView, recipe: Any, a: Checkpoint, b: Checkpoint, run_se
                             f"{float(logged_metrics[bad[0]])!r}")
         else:
             metrics_ok += 1
-    snap = _state.snapshot(b.step, model, optimizer, scheduler)
-    replayed = _state.snapshot_digests(snap)
+    snap = snapshot(b.step, model, optimizer, scheduler)
+    replayed = snapshot_digests(snap)
     expected = b.body
-    end_weights = _state.restore_weights_only(b.directory)
+    end_weights = load_tensors(b.directory / FILES[0])
     distance, ratio = _relative(snap.model, end_weights, {k: before[k] for k in end_weights if k in before})
-    opt_distance, opt_ratio = _relative(snap.optimizer_tensors, _state.optimizer_tensors(b.directory),
-                                        _state.optimizer_tensors(a.directory))
-    exact = replayed.state_digest == expected.get("state_digest")
+    opt_distance, opt_ratio = _relative(snap.optimizer_tensors, load_tensors(b.directory / FILES[1]),
+                                        load_tensors(a.directory / FILES[1]))
+    exact = replayed.state_digest == expected.state_digest
     if mode == "bit-exact" and not exact:
-        what = "weights" if replayed.model_digest != expected.get("model_digest") else \
-            "optimizer state" if replayed.optimizer_digest != expected.get("optimizer_digest") else \
+        what = "weights" if replayed.model_digest != expected.model_digest else \
+            "optimizer state" if replayed.optimizer_digest != expected.optimizer_digest else \
             "scheduler/RNG/step state"
         problems.append(f"the replayed state differs from the checkpoint at step {b.step} in its {what} "
                         f"(distance {distance:.3g}, {ratio:.3g}× the interval's movement)")
@@ -184,7 +186,6 @@ def _replay_one(view: RunView, recipe: Any, a: Checkpoint, b: Checkpoint, run_se
             if r > rho:
                 problems.append(f"replayed {what} are {r:.3g}× the interval's movement away from the checkpoint "
                                 f"(ρ = {rho:g})")
-    del torch
     return {"from_step": a.step, "to_step": b.step, "steps": len(steps), "distance": distance, "ratio": ratio,
             "optimizer_distance": opt_distance, "optimizer_ratio": opt_ratio, "bit_exact": exact,
             "batches_matched": batches_ok, "metrics_matched": metrics_ok, "problems": problems}

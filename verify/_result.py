@@ -2,46 +2,72 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-STATUSES = ("pass", "fail", "warn", "skip")
+from ledger.errors import ConfigurationError, VerificationError
+
+
+class Status(str, enum.Enum):
+    """A check's outcome; the values are the strings of the JSON output."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    WARN = "warn"
+    SKIP = "skip"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
 @dataclass(frozen=True, slots=True)
 class CheckResult:
-    """The outcome of one named check: ``status`` is pass, fail, warn or skip; ``detail`` is one
-    plain sentence; ``data`` holds figures for JSON (first bad seq, counts, margins …)."""
+    """The outcome of one named check: ``status``; ``detail``, one plain sentence; ``data``, figures
+    for JSON (first bad seq, counts, margins …); ``series``, per-step series it computed for the
+    renderers (plots), left out of JSON unless asked for; ``summary``, a short reason for
+    ``not_shown`` and the final sentence (defaults to detail)."""
 
     name: str
-    status: str
+    status: Status
     detail: str
     data: Mapping[str, Any] = field(default_factory=dict)
-    summary: str = ""  # a short reason for ``not_shown`` and the final sentence (defaults to detail)
+    summary: str = ""
+    series: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise ValueError(f"unknown check status {self.status!r}")
+        try:
+            object.__setattr__(self, "status", Status(self.status))
+        except ValueError:
+            raise ConfigurationError(f"unknown check status {self.status!r} (one of pass, fail, warn, skip)") from None
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form: status, detail and the data fields."""
-        return {"status": self.status, "detail": self.detail, **self.data}
+    def to_dict(self, series: bool = False) -> dict[str, Any]:
+        """JSON form: status, detail and the data fields (and the series when asked)."""
+        out = {"status": self.status.value, "detail": self.detail, **self.data}
+        if series and self.series:
+            out["series"] = dict(self.series)
+        return out
 
 
 @dataclass(frozen=True, slots=True)
 class Report:
-    """All check results for one ledger, plus facts about the ledger itself."""
+    """All check results for one ledger, facts about the ledger itself, and the training series
+    (loss, learning rates) read while verifying: everything a renderer shows."""
 
     checks: tuple[CheckResult, ...]
     ledger: Mapping[str, Any]
+    series: Mapping[str, Any] = field(default_factory=dict)
 
     def require(self, names: Iterable[str]) -> Report:
         """A copy in which each named check that did not pass becomes a failure."""
         wanted = set(names)
         checks = tuple(
-            replace(c, status="fail", detail=f"required, but {c.status}: {c.detail}", summary="")
-            if c.name in wanted and c.status in ("warn", "skip") else c
+            replace(c, status=Status.FAIL, detail=f"required, but {c.status}: {c.detail}", summary="")
+            if c.name in wanted and c.status in (Status.WARN, Status.SKIP) else c
             for c in self.checks
         )
         return replace(self, checks=checks)
@@ -49,18 +75,18 @@ class Report:
     @property
     def verdict(self) -> str:
         """``fail`` if any check failed, else ``pass``."""
-        return "fail" if any(c.status == "fail" for c in self.checks) else "pass"
+        return "fail" if any(c.status is Status.FAIL for c in self.checks) else "pass"
 
     @property
     def rests_on(self) -> list[str]:
         """Names of the checks that passed."""
-        return [c.name for c in self.checks if c.status == "pass"]
+        return [c.name for c in self.checks if c.status is Status.PASS]
 
     @property
     def not_shown(self) -> list[dict[str, str]]:
         """Checks that were skipped or only warned, with their reasons."""
-        return [{"check": c.name, "status": c.status, "reason": c.summary or c.detail}
-                for c in self.checks if c.status in ("warn", "skip")]
+        return [{"check": c.name, "status": c.status.value, "reason": c.summary or c.detail}
+                for c in self.checks if c.status in (Status.WARN, Status.SKIP)]
 
     def check(self, name: str) -> CheckResult:
         """The result of the named check."""
@@ -69,20 +95,30 @@ class Report:
                 return c
         raise KeyError(name)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON object documented in docs/VERIFYING.md and design.md."""
-        return {
+    def raise_if_failed(self) -> Report:
+        """Raise :class:`~ledger.VerificationError` (carrying this report) when the verdict is
+        ``fail``; return the report otherwise."""
+        if self.verdict == "fail":
+            raise VerificationError(self.sentence(), self)
+        return self
+
+    def to_dict(self, series: bool = False) -> dict[str, Any]:
+        """The JSON object documented in docs/VERIFYING.md (per-step series only when asked)."""
+        out = {
             "verdict": self.verdict,
             "rests_on": self.rests_on,
             "not_shown": self.not_shown,
             "ledger": dict(self.ledger),
-            "checks": {c.name: c.to_dict() for c in self.checks},
+            "checks": {c.name: c.to_dict(series) for c in self.checks},
         }
+        if series:
+            out["series"] = dict(self.series)
+        return out
 
     def sentence(self) -> str:
         """One plain sentence: the verdict, what it rests on and what it does not show."""
         entries = self.ledger.get("entries", 0)
-        failed = [c.name for c in self.checks if c.status == "fail"]
+        failed = [c.name for c in self.checks if c.status is Status.FAIL]
         if failed:
             head = f"FAIL: {_join(failed)} failed on this ledger of {entries} entries"
         else:

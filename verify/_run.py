@@ -7,86 +7,141 @@ from pathlib import Path
 from typing import Any
 
 from ledger._encoding import decode_body
-from ledger._record import HEADER_SIZE, Kind, decode_header
+from ledger._record import HEADER_SIZE, Header, Kind, decode_header
+from ledger._schema import (
+    CheckpointBody,
+    FingerprintPolicy,
+    Genesis,
+    InitFingerprint,
+    OptimizerInfo,
+    PruneBody,
+    ResumeBody,
+    SealBody,
+    StepBody,
+    checkpoint_directory,
+)
 from ledger.errors import FormatError
-from ledger.verify._integrity import Loaded
+from ledger.verify._load import Loaded
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class Checkpoint:
     """A checkpoint entry and where its files are."""
 
     seq: int
     step: int
-    body: dict[str, Any]
+    body: CheckpointBody
     directory: Path
     pruned: bool = False
+
+    @property
+    def stored(self) -> bool:
+        """Its files are here (not pruned, the directory exists)."""
+        return not self.pruned and self.directory.is_dir()
 
 
 @dataclass
 class RunView:
-    """What the provenance checks read from a ledger (superseded step entries excluded)."""
+    """What the provenance checks read from a ledger (superseded step entries excluded). Entries
+    whose body does not follow the schema are left out and listed in ``malformed`` (the chain check
+    reports undecodable bodies)."""
 
-    genesis: dict[str, Any]
-    steps: dict[int, dict[str, Any]] = field(default_factory=dict)
+    genesis: Genesis
+    steps: dict[int, StepBody] = field(default_factory=dict)
     checkpoints: list[Checkpoint] = field(default_factory=list)
     superseded: list[tuple[int, int]] = field(default_factory=list)  # (seq, step) of superseded step entries
-    seal: dict[str, Any] | None = None
+    seal: SealBody | None = None
+    malformed: list[tuple[int, str]] = field(default_factory=list)  # (seq, why)
 
     @property
     def recorded(self) -> bool:
         """True when genesis comes from the recorder (has the fingerprint policy and init)."""
-        return isinstance(self.genesis.get("fingerprints"), dict) and isinstance(self.genesis.get("init"), dict)
+        return self.genesis.recorded
 
     @property
     def tensor_order(self) -> list[str]:
         """Names of the fingerprinted tensors, in the order of per-tensor arrays."""
-        return list(self.genesis["fingerprints"]["tensor_order"])
+        return self.genesis.tensor_order
+
+    @property
+    def init(self) -> InitFingerprint:
+        """The init fingerprint (only on a recorded run)."""
+        assert self.genesis.init is not None
+        return self.genesis.init
+
+    @property
+    def policy(self) -> FingerprintPolicy:
+        """The fingerprint policy (only on a recorded run)."""
+        assert self.genesis.fingerprints is not None
+        return self.genesis.fingerprints
+
+    @property
+    def optimizer(self) -> OptimizerInfo:
+        """The optimizer and its param groups (only on a recorded run)."""
+        assert self.genesis.optimizer is not None
+        return self.genesis.optimizer
 
     @property
     def last_step(self) -> int:
         """The highest recorded step (−1 when none)."""
         return max(self.steps, default=-1)
 
+    def stored_checkpoints(self) -> list[Checkpoint]:
+        """Checkpoints whose files are here, in chain order."""
+        return [cp for cp in self.checkpoints if cp.stored]
+
 
 def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None) -> RunView:
-    """Decode every entry the provenance checks need."""
+    """Decode every entry the provenance checks need when the recorder wrote the ledger (raises
+    FormatError for a genesis that breaks the schema)."""
+    view = RunView(genesis=Genesis.from_body(loaded.genesis or {}))
+    if not view.recorded:
+        return view  # nothing the provenance checks read: leave the bodies alone
     records = loaded.records.materialize()
-    headers = [decode_header(r) for r in records]
-    resumes = [(h.seq, decode_body(r[HEADER_SIZE:])) for h, r in zip(headers, records, strict=True)
-               if h.kind is Kind.RESUME]
+    tensors = len(view.tensor_order) if view.recorded else None
+    decoded: list[tuple[Header, dict[str, Any]]] = []
+    for record in records:
+        try:
+            header = decode_header(record)
+            if header.kind not in (Kind.GENESIS, Kind.EVAL):
+                decoded.append((header, decode_body(record[HEADER_SIZE:])))
+        except FormatError as exc:
+            view.malformed.append((_seq(record), str(exc)))
     superseded_seqs: set[int] = set()
-    for _, body in resumes:
-        span = body.get("superseded")
-        if isinstance(span, dict):
-            superseded_seqs.update(range(int(span["first_seq"]), int(span["last_seq"]) + 1))
-    view = RunView(genesis=loaded.genesis or {})
-    pruned: set[bytes] = set()
-    for header, record in zip(headers, records, strict=True):
-        if header.kind in (Kind.STEP, Kind.CHECKPOINT, Kind.PRUNE, Kind.SEAL):
+    for header, body in decoded:  # resume entries come after the steps they supersede
+        if header.kind is Kind.RESUME:
             try:
-                body = decode_body(record[HEADER_SIZE:])
-            except FormatError:
-                continue  # the chain check reports undecodable bodies
-        else:
-            continue
-        if header.kind is Kind.STEP:
-            if header.seq in superseded_seqs:
-                view.superseded.append((header.seq, header.step))
-            else:
-                view.steps[header.step] = body
-        elif header.kind is Kind.CHECKPOINT:
-            stored = Path(str(body.get("path", "")))
-            digest = body.get("state_digest", b"")
-            if checkpoint_dir is not None:
-                directory = checkpoint_dir / (digest.hex() if isinstance(digest, bytes) else "?")
-            else:
-                directory = stored if stored.is_absolute() else ledger_root / stored
-            view.checkpoints.append(Checkpoint(header.seq, header.step, body, directory))
-        elif header.kind is Kind.PRUNE and isinstance(body.get("state_digest"), bytes):
-            pruned.add(body["state_digest"])
-        elif header.kind is Kind.SEAL:
-            view.seal = body
-    for checkpoint in view.checkpoints:
-        checkpoint.pruned = checkpoint.body.get("state_digest") in pruned
+                span = ResumeBody.from_body(body).superseded
+            except FormatError as exc:
+                view.malformed.append((header.seq, str(exc)))
+                continue
+            if span is not None:
+                superseded_seqs.update(range(span.first_seq, span.last_seq + 1))
+    pruned: set[bytes] = set()
+    for header, body in decoded:
+        try:
+            if header.kind is Kind.STEP:
+                if header.seq in superseded_seqs:
+                    view.superseded.append((header.seq, header.step))
+                else:
+                    view.steps[header.step] = StepBody.from_body(body, tensors)
+            elif header.kind is Kind.CHECKPOINT:
+                cp = CheckpointBody.from_body(body)
+                view.checkpoints.append(Checkpoint(header.seq, header.step, cp,
+                                                   checkpoint_directory(ledger_root, cp, checkpoint_dir)))
+            elif header.kind is Kind.PRUNE:
+                pruned.add(PruneBody.from_body(body).state_digest)
+            elif header.kind is Kind.SEAL:
+                view.seal = SealBody.from_body(body)
+        except FormatError as exc:
+            view.malformed.append((header.seq, str(exc)))
+    view.checkpoints = [Checkpoint(cp.seq, cp.step, cp.body, cp.directory, cp.body.state_digest in pruned)
+                        for cp in view.checkpoints]
     return view
+
+
+def _seq(record: bytes) -> int:
+    try:
+        return decode_header(record).seq
+    except FormatError:
+        return -1

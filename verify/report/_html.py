@@ -2,9 +2,10 @@
 
 One self-contained page: the verdict and its sentence, the table of checks with their figures,
 facts about the ledger, and plots embedded as base64 PNG (matplotlib, Agg canvas, imported only
-when a report is rendered): loss, learning rate, per-step update against the optimizer bound
-(recomputed exactly as ``continuity`` does), distance from init, and the lineage results when the
-report holds an ``independence`` check. A plot whose data is absent is replaced by a short note.
+when a report is rendered): loss, learning rate, per-step update against the optimizer bound (the
+series ``continuity`` computed), distance from init, and the lineage results when the report holds
+an ``independence`` check. A plot whose data is absent is replaced by a short note. Everything comes
+from the :class:`Report`: this module never opens a ledger.
 """
 
 from __future__ import annotations
@@ -14,17 +15,15 @@ import datetime as _dt
 import html
 import io
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ledger.verify._lineage import LN_SENTENCE
 from ledger.verify._result import CheckResult, Report
 
-LAYERNORM_NOTE = ("A raw LayerNorm cosine near 1 is not evidence of copying: norm gains are positive with small "
-                  "spread, so unrelated models score 0.95–0.99; compare it with the null baseline of a fresh init.")
 MAX_POINTS = 4000  # longer series are binned (mean for metrics, max for update ratios) before plotting
 
 _CSS = """
@@ -46,7 +45,7 @@ footer { margin-top: 3em; color: #888; font-size: 0.85em; }
 """
 
 
-def render_html(report: Report, ledger_path: str | os.PathLike[str]) -> str:
+def render_html(report: Report) -> str:
     """The report as one self-contained HTML page (no external resources)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -57,7 +56,9 @@ def render_html(report: Report, ledger_path: str | os.PathLike[str]) -> str:
         axes = fig.subplots(1, ncols, squeeze=False)[0]
         return fig, axes
 
-    series = _Series(report, ledger_path)
+    training = report.series
+    notes = training.get("notes", {})
+    update = _data(report, "continuity", series=True)
     verdict = report.verdict
     out: list[str] = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -72,9 +73,9 @@ def render_html(report: Report, ledger_path: str | os.PathLike[str]) -> str:
 
     out.append("<h2>Training</h2>")
     # loss and learning rate
-    if series.loss is not None:
+    if training.get("loss"):
         fig, (ax,) = figure()
-        loss_x, loss_y = _thin(*series.loss, "mean")
+        loss_x, loss_y = _thin(*training["loss"], "mean")
         ax.plot(loss_x, loss_y, lw=1.2, color="C0")
         ax.set(xlabel="step", ylabel="loss", title="Loss (as logged)")
         if len(loss_y) and np.all(loss_y > 0) and np.nanmax(loss_y) / max(float(np.nanmin(loss_y)), 1e-300) > 50:
@@ -82,29 +83,30 @@ def render_html(report: Report, ledger_path: str | os.PathLike[str]) -> str:
         ax.grid(alpha=0.3)
         out.append(_img(fig, "loss curve"))
     else:
-        out.append(_note(f"No loss plot: {series.loss_note}."))
-    if series.lrs:
+        out.append(_note(f"No loss plot: {notes.get('loss', 'the report holds no loss series')}."))
+    lrs = training.get("lrs") or {}
+    if lrs:
         fig, (ax,) = figure()
-        for label, (lr_x, lr_y) in series.lrs.items():
+        for label, (lr_x, lr_y) in lrs.items():
             ax.plot(*_thin(lr_x, lr_y, "mean"), lw=1.2, label=label)
         ax.set(xlabel="step", ylabel="learning rate", title="Learning rate")
-        if len(series.lrs) > 1:
+        if len(lrs) > 1:
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         out.append(_img(fig, "learning rate"))
     else:
-        out.append(_note(f"No learning-rate plot: {series.lr_note}."))
+        out.append(_note(f"No learning-rate plot: {notes.get('lrs', 'the report holds no learning rates')}."))
 
     # update magnitude against the optimizer bound
     out.append("<h2>Updates against the optimizer bound</h2>")
-    if series.update is not None:
-        steps, moved, bound, ratio = series.update
+    if update.get("steps"):
+        steps, moved, bound, ratio = (update[k] for k in ("steps", "moved", "bound", "ratio"))
         fig, (left, right) = figure(11.0, 3.4, ncols=2)
         left.plot(*_thin(steps, bound, "max"), lw=1.2, color="C3", label=r"$\Sigma_i$ bound$_i$ (L2, per tensor)")
         left.plot(*_thin(steps, moved, "max"), lw=1.2, color="C0", label=r"$\Sigma_i\,|\Delta\|\theta_i\||$")
         if np.all(np.asarray(moved) > 0):
             left.set_yscale("log")
-        left.set(xlabel="step", title=f"Update magnitude vs {series.family} bound")
+        left.set(xlabel="step", title=f"Update magnitude vs {update.get('family', '')} bound")
         left.legend(fontsize=8)
         left.grid(alpha=0.3)
         right.plot(*_thin(steps, ratio, "max"), lw=1.2, color="C2")
@@ -116,10 +118,12 @@ def render_html(report: Report, ledger_path: str | os.PathLike[str]) -> str:
         out.append(_note("Per step, from the logged per-tensor norms: a norm can change by no more than the "
                          "tensor's L2 step bound, so every ratio must stay at or below 1 (docs/VERIFYING.md)."))
     else:
-        out.append(_note(f"No update plot: {series.update_note}."))
+        continuity = next((c for c in report.checks if c.name == "continuity"), None)
+        why = f"continuity {continuity.status}: {continuity.detail}" if continuity else "no continuity check ran"
+        out.append(_note(f"No update plot: {why}."))
 
     # distance from init
-    distance = _pairs(_data(report, "continuity").get("distance_from_init"))
+    distance = _pairs(update.get("distance_from_init") or _data(report, "continuity").get("distance_from_init"))
     if len(distance) >= 2:
         fig, (ax,) = figure()
         xs, ys = zip(*distance, strict=True)
@@ -136,97 +140,9 @@ def render_html(report: Report, ledger_path: str | os.PathLike[str]) -> str:
     out += _lineage(report, figure)
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     out.append(f"<footer>Generated {_e(now)} by <code>ledger verify --report</code> for "
-               f"<code>{_e(os.fspath(ledger_path))}</code>.</footer>")
+               f"<code>{_e(report.ledger.get('path', '?'))}</code>.</footer>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"
-
-
-# ---------------------------------------------------------------- data from the ledger
-
-
-class _Series:
-    """Per-step series read from the ledger; each absent one carries the reason as a note."""
-
-    def __init__(self, report: Report, ledger_path: str | os.PathLike[str]) -> None:
-        self.loss: tuple[list[int], list[float]] | None = None
-        self.lrs: dict[str, tuple[list[int], list[float]]] = {}
-        self.update: tuple[list[int], list[float], list[float], list[float]] | None = None
-        self.family = ""
-        self.loss_note = self.lr_note = self.update_note = "the ledger could not be read"
-        try:
-            self._metrics(ledger_path)
-        except Exception as exc:  # a damaged ledger is reported by the checks; the page still renders
-            self.loss_note = self.lr_note = f"the ledger's metrics could not be read ({_why(exc)})"
-        try:
-            self._updates(ledger_path)
-        except Exception as exc:
-            self.update_note = f"the per-step bound could not be recomputed ({_why(exc)})"
-
-    def _metrics(self, ledger_path: str | os.PathLike[str]) -> None:
-        from ledger._reader import Ledger
-
-        frame = Ledger(ledger_path).to_pandas()
-        steps = frame[frame["kind"] == "step"].drop_duplicates("step", keep="last").sort_values("step")
-        self.loss_note = "no step entry logs a 'loss' metric"
-        self.lr_note = "no step entry logs an 'lr' metric or per-group learning rates"
-        if "loss" in steps and steps["loss"].notna().any():
-            rows = steps[steps["loss"].notna()]
-            self.loss = ([int(s) for s in rows["step"]], [float(v) for v in rows["loss"]])
-        if "lr" in steps and steps["lr"].notna().any():
-            rows = steps[steps["lr"].notna()]
-            self.lrs["lr"] = ([int(s) for s in rows["step"]], [float(v) for v in rows["lr"]])
-
-    def _updates(self, ledger_path: str | os.PathLike[str]) -> None:
-        from ledger._reader import Ledger
-        from ledger.verify._continuity import Bounds
-        from ledger.verify._integrity import load
-        from ledger.verify._run import build
-
-        ledger = Ledger(ledger_path)
-        loaded = load(ledger)
-        if loaded.genesis is None:
-            self.update_note = "no readable genesis"
-            return
-        view = build(loaded, ledger.path, None)
-        if not view.recorded or not view.steps:
-            self.update_note = "the ledger holds no recorded steps with per-tensor norms"
-            return
-        if not self.lrs:  # no 'lr' metric: the per-group learning rates of the step bodies
-            per_group: dict[str, tuple[list[int], list[float]]] = {}
-            for s in sorted(view.steps):
-                for g, lr in enumerate(view.steps[s].get("lrs", [])):
-                    xs, ys = per_group.setdefault(f"group {g}", ([], []))
-                    xs.append(s)
-                    ys.append(float(lr))
-            self.lrs = per_group
-        bounds = Bounds(view)
-        if bounds.family is None:
-            self.update_note = f"no update bound is known for {view.genesis['optimizer']['class']}"
-            return
-        self.family = bounds.family
-        prev = np.asarray(view.genesis["init"]["norms"], dtype=np.float64)
-        steps: list[int] = []
-        moved: list[float] = []
-        bound_sum: list[float] = []
-        ratios: list[float] = []
-        for s in sorted(view.steps):  # the same sequence of Bounds.step calls as check_continuity
-            body = view.steps[s]
-            norms = np.asarray(body["norms"], dtype=np.float64)
-            lrs = np.asarray(body.get("lrs", [g["lr"] for g in bounds.groups]), dtype=np.float64)
-            grad_norms = np.asarray(body["grad_norms"], dtype=np.float64) if "grad_norms" in body else None
-            bound = bounds.step(s, lrs, prev, grad_norms)
-            delta = np.abs(norms - prev)
-            finite = np.isfinite(bound)
-            steps.append(s)
-            moved.append(float(delta[finite].sum()))
-            bound_sum.append(float(bound[finite].sum()))
-            ratios.append(float((delta[finite] / (bound[finite] + 1e-12)).max()) if finite.any() else 0.0)
-            prev = norms
-        self.update = (steps, moved, bound_sum, ratios)
-
-
-def _why(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {exc}"[:200]
 
 
 def _thin(xs: Any, ys: Any, how: str) -> tuple[np.ndarray, np.ndarray]:
@@ -241,10 +157,10 @@ def _thin(xs: Any, ys: Any, how: str) -> tuple[np.ndarray, np.ndarray]:
     return x[starts], np.add.reduceat(y, starts) / counts
 
 
-def _data(report: Report, name: str) -> Mapping[str, Any]:
+def _data(report: Report, name: str, series: bool = False) -> Mapping[str, Any]:
     for check in report.checks:
         if check.name == name:
-            return check.data
+            return check.series if series else check.data
     return {}
 
 
@@ -466,5 +382,5 @@ def _lineage(report: Report, figure: Any) -> list[str]:
         out.append(_img(fig, "LayerNorm cosine vs its null baseline"))
     else:
         out.append(_note("No LayerNorm panel: the independence check recorded no LayerNorm similarities."))
-    out.append(f'<p id="layernorm-note">{_e(LAYERNORM_NOTE)}</p>')
+    out.append(f'<p id="layernorm-note">{_e(LN_SENTENCE)}</p>')
     return out

@@ -1,0 +1,53 @@
+"""The genesis a recorder writes: what the run is, where it starts, and how it is fingerprinted."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ledger import torch as lt
+from ledger._environment import code_identity
+from ledger._fingerprint import model_digest
+from ledger._schema import FingerprintPolicy, Genesis, InitFingerprint, OptimizerInfo
+from ledger.hooks._options import OVERHEAD_BUDGET, FingerprintOptions
+
+STEP_CONVENTION = "step s is the s-th optimizer step; its entry is written after it; init is step -1"
+
+
+def build_genesis(*, model: Any, optimizer: Any, scheduler: Any, seed: int, config: Mapping[str, Any] | None,
+                  tensors: Mapping[str, torch.Tensor], aliases: Mapping[str, str], options: FingerprintOptions,
+                  sketcher: lt.CountSketch, recipe: Any, determinism: Mapping[str, Any] | None,
+                  checkpoint_every: int | None, checkpoint_dir: str | None,
+                  keep: tuple[str, int] | None) -> Genesis:
+    """Genesis of a new recorded run (the init state is fingerprinted here)."""
+    device = str(next(iter(tensors.values())).device) if tensors else "cpu"
+    names_by_id = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    recipe_files: list[Path] = []
+    if recipe is not None:
+        source = inspect.getsourcefile(type(recipe))
+        recipe_files = [Path(source)] if source else []
+    init_digests = lt.torch_digests(tensors)
+    norms = torch.stack([t.detach().double().norm() for t in tensors.values()]).cpu().numpy() if tensors \
+        else np.zeros(0)
+    return Genesis(
+        config=dict(config or {}), seed=seed, environment=lt.environment(device),
+        code=code_identity(recipe_files),
+        recipe={"class": f"{type(recipe).__module__}.{type(recipe).__qualname__}",
+                "source_sha256": hashlib.sha256(recipe_files[0].read_bytes()).digest() if recipe_files else None,
+                "run_step": "ledger.run_step/v1"} if recipe is not None else None,
+        determinism=dict(determinism or {}),
+        optimizer=OptimizerInfo(f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
+                                lt.optimizer_groups(optimizer, names_by_id)),
+        scheduler=type(scheduler).__name__ if scheduler is not None else None,
+        architecture=lt.architecture(model, tensors, aliases),
+        init=InitFingerprint(init_digests, model_digest(init_digests), sketcher(tensors), norms),
+        fingerprints=FingerprintPolicy(list(tensors), options.sketch, options.sketch_k, sketcher.seed,
+                                       options.digests, OVERHEAD_BUDGET),
+        checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir,
+        retention=list(keep) if keep else "all", step_convention=STEP_CONVENTION)

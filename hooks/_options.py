@@ -1,0 +1,64 @@
+"""What the recorder fingerprints and how often: the options a user sets, and the cadence that
+keeps the optional fingerprints within the overhead budget."""
+
+from __future__ import annotations
+
+import collections
+import math
+import statistics
+from dataclasses import dataclass
+
+from ledger._fingerprint import SKETCH_K, check_sketch_k
+from ledger.errors import ConfigurationError
+
+OVERHEAD_BUDGET = 0.01  # the recorder's target: ≤ 1% of the step time
+RECALIBRATE_EVERY = 50
+
+
+@dataclass(frozen=True, slots=True)
+class FingerprintOptions:
+    """The fingerprint policy of a recorded run (recorded in genesis ``fingerprints``).
+
+    ``sketch``: ``"auto"`` (a cadence that keeps its cost near 0.4 % of the step), an interval in
+    steps, or 0 (off). ``digests``: ``"auto"`` (every step when they cost < 0.5 % of the step, else
+    at checkpoints), ``"every"`` or ``"checkpoints"``. ``sketch_k``: buckets of the count-sketch (a
+    power of two). Per-tensor norms are taken every step whatever the policy."""
+
+    sketch: str | int = "auto"
+    digests: str = "auto"
+    sketch_k: int = SKETCH_K
+
+    def __post_init__(self) -> None:
+        if not (self.sketch == "auto" or (isinstance(self.sketch, int) and not isinstance(self.sketch, bool)
+                                          and self.sketch >= 0)):
+            raise ConfigurationError("sketch must be 'auto', 0 (off) or a positive interval in steps")
+        if self.digests not in ("auto", "every", "checkpoints"):
+            raise ConfigurationError("digests must be 'auto', 'every' or 'checkpoints'")
+        check_sketch_k(self.sketch_k)
+
+
+class Cadence:
+    """When the optional fingerprints are taken: chosen from the median of the recent step times and
+    of their recent costs, re-measured every ``RECALIBRATE_EVERY`` steps, under ``OVERHEAD_BUDGET``."""
+
+    def __init__(self, options: FingerprintOptions) -> None:
+        self.options = options
+        self.sketch_every = 1 if options.sketch == "auto" else int(options.sketch)
+        self.digests = options.digests in ("auto", "every")
+        self.periods: collections.deque[float] = collections.deque(maxlen=32)
+        self.costs: dict[str, collections.deque[float]] = {
+            name: collections.deque(maxlen=5) for name in ("norms", "sketch", "digests")}
+
+    def sketch_due(self, step: int) -> bool:
+        """True when step ``step`` carries a sketch."""
+        return bool(self.sketch_every) and step % self.sketch_every == 0
+
+    def calibrate(self) -> None:
+        """Choose the sketch interval and whether full digests go in every step."""
+        if not self.periods:
+            return
+        budget = OVERHEAD_BUDGET * statistics.median(self.periods)
+        if self.options.sketch == "auto" and self.costs["sketch"]:
+            self.sketch_every = max(1, math.ceil(statistics.median(self.costs["sketch"]) / (0.4 * budget)))
+        if self.options.digests == "auto" and self.costs["digests"]:
+            self.digests = statistics.median(self.costs["digests"]) < 0.5 * budget

@@ -1,0 +1,499 @@
+"""The typed bodies of the entries the recorder writes and the verifier reads (docs/FORMAT.md §12).
+
+One frozen dataclass per entry kind — :class:`Genesis`, :class:`StepBody`, :class:`CheckpointBody`,
+:class:`ResumeBody`, :class:`PruneBody`, :class:`SealBody` — each with ``to_body()`` (the exact map
+that is encoded and signed) and ``from_body(map)`` (validates what a hostile ledger could get wrong
+and raises :class:`~ledger.errors.FormatError` naming the field). Adding a body field means adding
+it here, once, for both sides (docs/ARCHITECTURE.md).
+
+Also here, once: where a checkpoint entry's files are (:func:`checkpoint_directory`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from ledger.errors import FormatError
+
+T = TypeVar("T")
+Floats = npt.NDArray[Any]
+HASH = 32
+
+
+# ----------------------------------------------------------------------------- field readers
+def _req(body: Mapping[str, Any], key: str, kind: type[T] | tuple[type, ...], where: str) -> T:
+    if key not in body:
+        raise FormatError(f"{where} body has no {key!r}")
+    return _typed(body[key], kind, f"{where} {key!r}")
+
+
+def _opt(body: Mapping[str, Any], key: str, kind: type[T] | tuple[type, ...], where: str) -> T | None:
+    value = body.get(key)
+    return None if value is None else _typed(value, kind, f"{where} {key!r}")
+
+
+def _typed(value: Any, kind: type[T] | tuple[type, ...], what: str) -> T:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise FormatError(f"{what} is a boolean, expected {' or '.join(k.__name__ for k in kinds)}")
+    if not isinstance(value, kinds):
+        raise FormatError(f"{what} is a {type(value).__name__}, expected {' or '.join(k.__name__ for k in kinds)}")
+    return value  # type: ignore[return-value]
+
+
+def _digest(value: Any, what: str) -> bytes:
+    if not isinstance(value, bytes) or len(value) != HASH:
+        raise FormatError(f"{what} is not a 32-byte digest")
+    return value
+
+
+def _digest_map(value: Any, what: str) -> dict[str, bytes]:
+    if not isinstance(value, Mapping):
+        raise FormatError(f"{what} is not a map of tensor digests")
+    return {str(name): _digest(d, f"{what}[{name!r}]") for name, d in value.items()}
+
+
+def _floats(value: Any, what: str) -> Floats:
+    """A 1-D float64 array from a typed array or a list of numbers."""
+    if isinstance(value, np.ndarray):
+        if value.ndim != 1 or value.dtype.kind not in "fiu":
+            raise FormatError(f"{what} is not a 1-D numeric array")
+        return value.astype(np.float64)
+    if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return np.asarray(value, dtype=np.float64)
+    raise FormatError(f"{what} is not a numeric array")
+
+
+def _int(value: Any, what: str) -> int:
+    return int(_typed(value, int, what))
+
+
+# ----------------------------------------------------------------------------- genesis
+@dataclass(frozen=True, slots=True)
+class InitFingerprint:
+    """The init state's fingerprint in genesis (step −1)."""
+
+    tensor_digests: dict[str, bytes]
+    model_digest: bytes
+    sketch: Floats
+    norms: Floats
+    step: int = -1
+
+    def to_body(self) -> dict[str, Any]:
+        """The ``init`` map of genesis."""
+        return {"step": self.step, "tensor_digests": dict(self.tensor_digests), "model_digest": self.model_digest,
+                "sketch": self.sketch, "norms": self.norms}
+
+    @classmethod
+    def from_body(cls, body: Any) -> InitFingerprint:
+        """Read and validate the ``init`` map."""
+        body = _typed(body, Mapping, "genesis 'init'")
+        return cls(_digest_map(_req(body, "tensor_digests", Mapping, "init"), "init tensor_digests"),
+                   _digest(body.get("model_digest"), "init model_digest"),
+                   _floats(body.get("sketch"), "init sketch"), _floats(body.get("norms"), "init norms"),
+                   _int(body.get("step", -1), "init step"))
+
+
+@dataclass(frozen=True, slots=True)
+class FingerprintPolicy:
+    """What the recorder fingerprints and how often (genesis ``fingerprints``)."""
+
+    tensor_order: list[str]
+    sketch: str | int
+    sketch_k: int
+    sketch_seed: int
+    digests: str
+    overhead_budget: float
+    norms: str = "every step (L2, float32, tensor_order)"
+    sketch_kind: str = "count-sketch/v1"
+
+    def to_body(self) -> dict[str, Any]:
+        """The ``fingerprints`` map of genesis."""
+        return {"tensor_order": list(self.tensor_order), "norms": self.norms, "sketch": self.sketch,
+                "sketch_k": self.sketch_k, "sketch_seed": self.sketch_seed, "sketch_kind": self.sketch_kind,
+                "digests": self.digests, "overhead_budget": self.overhead_budget}
+
+    @classmethod
+    def from_body(cls, body: Any) -> FingerprintPolicy:
+        """Read and validate the ``fingerprints`` map."""
+        body = _typed(body, Mapping, "genesis 'fingerprints'")
+        order = _req(body, "tensor_order", list, "fingerprints")
+        if not all(isinstance(n, str) for n in order):
+            raise FormatError("fingerprints 'tensor_order' holds a non-text name")
+        k = _int(_req(body, "sketch_k", int, "fingerprints"), "fingerprints 'sketch_k'")
+        if k < 2 or k & (k - 1) or k > 1 << 20:
+            raise FormatError(f"fingerprints 'sketch_k' {k} is not a power of two between 2 and 2^20")
+        return cls(list(order), _typed(body.get("sketch", "auto"), (str, int), "fingerprints 'sketch'"), k,
+                   _int(_req(body, "sketch_seed", int, "fingerprints"), "fingerprints 'sketch_seed'"),
+                   str(body.get("digests", "auto")),
+                   float(_typed(body.get("overhead_budget", 0.01), (int, float), "fingerprints 'overhead_budget'")),
+                   str(body.get("norms", "")), str(body.get("sketch_kind", "count-sketch/v1")))
+
+
+@dataclass(frozen=True, slots=True)
+class OptimizerInfo:
+    """The optimizer's class and its param groups (hyperparameters plus ``tensors``: names)."""
+
+    class_name: str
+    param_groups: list[dict[str, Any]]
+
+    def to_body(self) -> dict[str, Any]:
+        """The ``optimizer`` map of genesis."""
+        return {"class": self.class_name, "param_groups": [dict(g) for g in self.param_groups]}
+
+    @classmethod
+    def from_body(cls, body: Any) -> OptimizerInfo:
+        """Read and validate the ``optimizer`` map."""
+        body = _typed(body, Mapping, "genesis 'optimizer'")
+        groups = _req(body, "param_groups", list, "optimizer")
+        for i, group in enumerate(groups):
+            group = _typed(group, Mapping, f"optimizer param group {i}")
+            if not isinstance(group.get("tensors", []), list):
+                raise FormatError(f"optimizer param group {i} 'tensors' is not a list")
+        return cls(str(_req(body, "class", str, "optimizer")), [dict(g) for g in groups])
+
+
+@dataclass(frozen=True, slots=True)
+class Genesis:
+    """The genesis body. Writer fields (format, run id, creation time, key) are present on every
+    ledger; the training fields only when the recorder wrote it (:attr:`recorded`)."""
+
+    run_id: str = ""
+    format: int = 1
+    created_ns: int = 0
+    public_key: bytes = b""
+    key_id: bytes = b""
+    payload_type: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    environment: dict[str, Any] = field(default_factory=dict)
+    code: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] | None = None
+    determinism: dict[str, Any] = field(default_factory=dict)
+    optimizer: OptimizerInfo | None = None
+    scheduler: str | None = None
+    architecture: dict[str, Any] = field(default_factory=dict)
+    init: InitFingerprint | None = None
+    fingerprints: FingerprintPolicy | None = None
+    checkpoint_every: int | None = None
+    checkpoint_dir: str | None = None
+    retention: Any = "all"
+    step_convention: str = ""
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def recorded(self) -> bool:
+        """True when the recorder wrote this genesis (it carries the fingerprint policy and init)."""
+        return self.fingerprints is not None and self.init is not None and self.optimizer is not None
+
+    @property
+    def tensor_order(self) -> list[str]:
+        """Names of the fingerprinted tensors, in the order of per-tensor arrays."""
+        return list(self.fingerprints.tensor_order) if self.fingerprints else []
+
+    def tensor_sizes(self) -> dict[str, int]:
+        """Element count of each fingerprinted tensor, from the architecture."""
+        out = {}
+        for t in self.architecture.get("tensors", []):
+            if isinstance(t, Mapping) and isinstance(t.get("name"), str) and isinstance(t.get("shape"), list):
+                out[t["name"]] = int(np.prod(t["shape"], dtype=np.int64))
+        return out
+
+    def to_body(self) -> dict[str, Any]:
+        """The recorder's genesis fields (the writer adds format, run id, time and key)."""
+        if self.optimizer is None or self.init is None or self.fingerprints is None:
+            raise FormatError("a recorder genesis needs optimizer, init and fingerprints")
+        return {
+            "config": dict(self.config), "seed": self.seed, "environment": dict(self.environment),
+            "code": dict(self.code), "recipe": self.recipe, "determinism": dict(self.determinism),
+            "optimizer": self.optimizer.to_body(), "scheduler": self.scheduler,
+            "architecture": dict(self.architecture), "init": self.init.to_body(),
+            "fingerprints": self.fingerprints.to_body(), "checkpoint_every": self.checkpoint_every,
+            "checkpoint_dir": self.checkpoint_dir, "retention": self.retention,
+            "step_convention": self.step_convention,
+        }
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> Genesis:
+        """Read a genesis body; the training part is validated only when present."""
+        w = "genesis"
+        out = cls(run_id=str(_opt(body, "run_id", str, w) or ""), format=int(_opt(body, "format", int, w) or 0),
+                  created_ns=int(_opt(body, "created_ns", int, w) or 0),
+                  public_key=_opt(body, "public_key", bytes, w) or b"", key_id=_opt(body, "key_id", bytes, w) or b"",
+                  payload_type=str(_opt(body, "payload_type", str, w) or ""),
+                  config=dict(_opt(body, "config", Mapping, w) or {}), raw=body)
+        if not isinstance(body.get("fingerprints"), Mapping):
+            return out  # not written by the recorder
+        checkpoint_every = _opt(body, "checkpoint_every", int, w)
+        return _replace(
+            out, seed=_int(_req(body, "seed", int, w), "genesis 'seed'"),
+            environment=dict(_opt(body, "environment", Mapping, w) or {}),
+            code=dict(_opt(body, "code", Mapping, w) or {}),
+            recipe=dict(r) if (r := _opt(body, "recipe", Mapping, w)) is not None else None,
+            determinism=dict(_opt(body, "determinism", Mapping, w) or {}),
+            optimizer=OptimizerInfo.from_body(body.get("optimizer")),
+            scheduler=_opt(body, "scheduler", str, w),
+            architecture=dict(_opt(body, "architecture", Mapping, w) or {}),
+            init=InitFingerprint.from_body(body.get("init")),
+            fingerprints=FingerprintPolicy.from_body(body["fingerprints"]),
+            checkpoint_every=checkpoint_every, checkpoint_dir=_opt(body, "checkpoint_dir", str, w),
+            retention=body.get("retention", "all"), step_convention=str(body.get("step_convention", "")))
+
+
+def _replace(obj: T, **changes: Any) -> T:
+    from dataclasses import replace
+
+    return replace(obj, **changes)  # type: ignore[type-var]
+
+
+# ----------------------------------------------------------------------------- step
+@dataclass(frozen=True, slots=True)
+class StepBody:
+    """One optimizer step: per-tensor norms (always), learning rates and gradient norms per param
+    group, and — per ``carries`` — a sketch, full digests (concatenated in tensor order) and a batch
+    digest."""
+
+    norms: Floats
+    metrics: dict[str, float]
+    optimizer_steps: int = 0
+    lrs: Floats | None = None
+    grad_norms: Floats | None = None
+    sketch: Floats | None = None
+    tensor_digests: bytes | None = None
+    model_digest: bytes | None = None
+    batch_digest: bytes | None = None
+    carries: tuple[str, ...] = ("norms",)
+
+    def to_body(self) -> dict[str, Any]:
+        """The step map (optional fields only when present)."""
+        body: dict[str, Any] = {"norms": self.norms}
+        if self.lrs is not None:
+            body["lrs"] = self.lrs
+        if self.grad_norms is not None:
+            body["grad_norms"] = self.grad_norms
+        body["optimizer_steps"] = self.optimizer_steps
+        if self.sketch is not None:
+            body["sketch"] = self.sketch
+        if self.tensor_digests is not None:
+            body["tensor_digests"] = self.tensor_digests
+            body["model_digest"] = self.model_digest
+        if self.batch_digest is not None:
+            body["batch_digest"] = self.batch_digest
+        body["metrics"] = dict(self.metrics)
+        body["carries"] = list(self.carries)
+        return body
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any], tensors: int | None = None) -> StepBody:
+        """Read a step body; ``tensors`` (the genesis tensor count) checks the array lengths."""
+        w = "step"
+        norms = _floats(body.get("norms"), "step 'norms'")
+        if tensors is not None and len(norms) != tensors:
+            raise FormatError(f"step 'norms' has {len(norms)} values for {tensors} tensors")
+        metrics = _typed(body.get("metrics", {}), Mapping, "step 'metrics'")
+        digests = _opt(body, "tensor_digests", bytes, w)
+        if digests is not None and (len(digests) % HASH or (tensors is not None and len(digests) != HASH * tensors)):
+            raise FormatError("step 'tensor_digests' is not one 32-byte digest per tensor")
+        return cls(
+            norms=norms, metrics={str(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+            optimizer_steps=int(_opt(body, "optimizer_steps", int, w) or 0),
+            lrs=_floats(body["lrs"], "step 'lrs'") if body.get("lrs") is not None else None,
+            grad_norms=_floats(body["grad_norms"], "step 'grad_norms'") if body.get("grad_norms") is not None
+            else None,
+            sketch=_floats(body["sketch"], "step 'sketch'") if body.get("sketch") is not None else None,
+            tensor_digests=digests,
+            model_digest=_digest(body["model_digest"], "step 'model_digest'") if digests is not None else None,
+            batch_digest=_digest(body["batch_digest"], "step 'batch_digest'") if body.get("batch_digest") is not None
+            else None,
+            carries=tuple(str(c) for c in _typed(body.get("carries", ["norms"]), list, "step 'carries'")))
+
+    def digests_by_name(self, order: Sequence[str]) -> dict[str, bytes] | None:
+        """The full tensor digests as a map, when this step carries them."""
+        if self.tensor_digests is None:
+            return None
+        return {name: self.tensor_digests[HASH * i:HASH * (i + 1)] for i, name in enumerate(order)}
+
+
+# ----------------------------------------------------------------------------- checkpoints, resume, prune
+@dataclass(frozen=True, slots=True)
+class CheckpointBody:
+    """A stored training state: its digests (docs/FORMAT.md §11), where its files are, and the
+    optimizer hyperparameters it holds."""
+
+    tensor_digests: dict[str, bytes]
+    model_digest: bytes
+    optimizer_digest: bytes
+    meta_digest: bytes
+    state_digest: bytes
+    path: str
+    optimizer_hyper: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_body(self) -> dict[str, Any]:
+        """The checkpoint map."""
+        return {"tensor_digests": dict(self.tensor_digests), "model_digest": self.model_digest,
+                "optimizer_digest": self.optimizer_digest, "meta_digest": self.meta_digest,
+                "state_digest": self.state_digest, "path": self.path,
+                "optimizer_hyper": [dict(g) for g in self.optimizer_hyper]}
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> CheckpointBody:
+        """Read and validate a checkpoint body."""
+        w = "checkpoint"
+        return cls(_digest_map(_req(body, "tensor_digests", Mapping, w), "checkpoint 'tensor_digests'"),
+                   *(_digest(body.get(k), f"checkpoint {k!r}")
+                     for k in ("model_digest", "optimizer_digest", "meta_digest", "state_digest")),
+                   path=_req(body, "path", str, w),
+                   optimizer_hyper=[dict(g) for g in _opt(body, "optimizer_hyper", list, w) or []
+                                    if isinstance(g, Mapping)])
+
+
+@dataclass(frozen=True, slots=True)
+class Superseded:
+    """Step entries recorded after the checkpoint a run resumed from (kept, but not counted)."""
+
+    first_seq: int
+    last_seq: int
+    steps: tuple[int, int]
+    count: int
+
+    def to_body(self) -> dict[str, Any]:
+        """The ``superseded`` map of a resume entry."""
+        return {"first_seq": self.first_seq, "last_seq": self.last_seq, "steps": list(self.steps),
+                "count": self.count}
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeBody:
+    """A run continued from checkpoint ``checkpoint_seq`` after a crash."""
+
+    checkpoint_seq: int
+    checkpoint_step: int
+    state_digest: bytes
+    recovered_torn_bytes: int = 0
+    superseded: Superseded | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        """The resume map."""
+        body: dict[str, Any] = {"checkpoint_seq": self.checkpoint_seq, "checkpoint_step": self.checkpoint_step,
+                                "state_digest": self.state_digest, "recovered_torn_bytes": self.recovered_torn_bytes}
+        if self.superseded is not None:
+            body["superseded"] = self.superseded.to_body()
+        return body
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> ResumeBody:
+        """Read and validate a resume body."""
+        w = "resume"
+        span = _opt(body, "superseded", Mapping, w)
+        superseded = None
+        if span is not None:
+            steps = _typed(span.get("steps", [0, 0]), list, "resume superseded 'steps'")
+            first, last = (_int(span.get(k), f"resume superseded {k!r}") for k in ("first_seq", "last_seq"))
+            if not 0 <= first <= last:
+                raise FormatError("resume 'superseded' range is empty or negative")
+            superseded = Superseded(first, last, (int(steps[0]), int(steps[-1])) if steps else (0, 0),
+                                    int(span.get("count", last - first + 1)))
+        return cls(_int(_req(body, "checkpoint_seq", int, w), "resume 'checkpoint_seq'"),
+                   _int(_req(body, "checkpoint_step", int, w), "resume 'checkpoint_step'"),
+                   _digest(body.get("state_digest"), "resume 'state_digest'"),
+                   int(_opt(body, "recovered_torn_bytes", int, w) or 0), superseded)
+
+
+@dataclass(frozen=True, slots=True)
+class PruneBody:
+    """A checkpoint deliberately deleted by retention (so verify can tell pruned from missing)."""
+
+    checkpoint_seq: int
+    state_digest: bytes
+    reason: str
+
+    def to_body(self) -> dict[str, Any]:
+        """The prune map."""
+        return {"checkpoint_seq": self.checkpoint_seq, "state_digest": self.state_digest, "reason": self.reason}
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> PruneBody:
+        """Read and validate a prune body."""
+        return cls(_int(_req(body, "checkpoint_seq", int, "prune"), "prune 'checkpoint_seq'"),
+                   _digest(body.get("state_digest"), "prune 'state_digest'"), str(body.get("reason", "")))
+
+
+# ----------------------------------------------------------------------------- seal
+@dataclass(frozen=True, slots=True)
+class FinalWeights:
+    """The released weights the seal commits to."""
+
+    tensor_digests: dict[str, bytes]
+    model_digest: bytes
+    file: str | None = None
+
+    def to_body(self) -> dict[str, Any]:
+        """The ``final`` map of the seal."""
+        body: dict[str, Any] = {"tensor_digests": dict(self.tensor_digests), "model_digest": self.model_digest}
+        if self.file is not None:
+            body["file"] = self.file
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class SealBody:
+    """The seal: the format's entry count, head and Merkle root, and (from the recorder) the final
+    weights and the number of steps."""
+
+    entry_count: int
+    head: bytes
+    tree_root: bytes
+    final: FinalWeights | None = None
+    steps: int | None = None
+
+    def recorder_fields(self) -> dict[str, Any]:
+        """What the recorder adds to the seal (the writer adds count, head and root)."""
+        body: dict[str, Any] = {}
+        if self.final is not None:
+            body["final"] = self.final.to_body()
+        if self.steps is not None:
+            body["steps"] = self.steps
+        return body
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> SealBody:
+        """Read and validate a seal body."""
+        w = "seal"
+        final = _opt(body, "final", Mapping, w)
+        weights = None
+        if final is not None:
+            weights = FinalWeights(_digest_map(_req(final, "tensor_digests", Mapping, "seal final"),
+                                               "seal final 'tensor_digests'"),
+                                   _digest(final.get("model_digest"), "seal final 'model_digest'"),
+                                   _opt(final, "file", str, "seal final"))
+        return cls(_int(_req(body, "entry_count", int, w), "seal 'entry_count'"),
+                   _digest(body.get("head"), "seal 'head'"), _digest(body.get("tree_root"), "seal 'tree_root'"),
+                   weights, _opt(body, "steps", int, w))
+
+
+# ----------------------------------------------------------------------------- where checkpoints are
+def checkpoint_root(ledger_root: Path, genesis: Genesis) -> Path:
+    """The directory a run's checkpoints were written to: genesis ``checkpoint_dir`` when the
+    recorder was given one, else ``LEDGER/checkpoints``."""
+    return Path(genesis.checkpoint_dir) if genesis.checkpoint_dir else ledger_root / "checkpoints"
+
+
+def checkpoint_directory(ledger_root: Path, body: CheckpointBody, override: Path | None = None) -> Path:
+    """Where a checkpoint entry's files are: ``override/<state digest>`` when a verifier names the
+    directory (``--checkpoints``), else the entry's path — relative to the ledger directory unless
+    absolute."""
+    if override is not None:
+        return override / body.state_digest.hex()
+    stored = Path(body.path)
+    return stored if stored.is_absolute() else ledger_root / stored
+
+
+__all__ = ["CheckpointBody", "FingerprintPolicy", "FinalWeights", "Genesis", "InitFingerprint", "OptimizerInfo",
+           "PruneBody", "ResumeBody", "SealBody", "StepBody", "Superseded", "checkpoint_directory",
+           "checkpoint_root"]

@@ -1,0 +1,58 @@
+"""What a verification has loaded and been asked, in one frozen object every check reads."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ledger._crypto import PublicKey
+from ledger._reader import Ledger
+from ledger.verify._load import Loaded
+from ledger.verify._result import CheckResult
+from ledger.verify._run import RunView
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """How to verify: ``sample`` (check the head and N random entries only, drawn with
+    ``sample_seed``), ``workers`` for signatures, ``replay`` random intervals drawn with
+    ``replay_seed``, ``tolerance`` (force the relative replay rule with this ρ), ``require`` (checks
+    whose warn or skip fails the verdict)."""
+
+    sample: int | None = None
+    sample_seed: int = 0
+    workers: int | None = None
+    replay: int = 2
+    replay_seed: int = 0
+    tolerance: float | None = None
+    require: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """Everything a check may read: the ledger as loaded (``loaded``: rows and recomputed hashes;
+    ``view``: the decoded run, None when the genesis is unreadable), the inputs the verifier named
+    (each None when not given), the options, and the results of the checks that ran before."""
+
+    ledger: Ledger
+    loaded: Loaded
+    view: RunView | None
+    options: Options
+    view_error: str | None = None
+    key: PublicKey | None = None
+    model: Path | None = None
+    checkpoints: Path | None = None
+    recipe: Any = None
+    recipe_digest: bytes | None = None
+    against: tuple[Path, ...] = ()
+    progress: Progress | None = None
+    results: Mapping[str, CheckResult] = field(default_factory=dict)
+
+    def sample_rng(self) -> random.Random:
+        """The generator that draws ``--sample`` entries (the same draw for every check)."""
+        return random.Random(self.options.sample_seed)

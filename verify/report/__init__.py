@@ -1,0 +1,48 @@
+"""Three renderers of one :class:`~ledger.verify.Report`: text (the terminal), JSON (``--json``)
+and one self-contained HTML page (``--report``). None of them opens a ledger: everything they show
+is in the report."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from ledger.verify._result import Report
+
+Style = Callable[[str, str], str]  # (text, status) → styled text
+
+
+def render_text(report: Report, style: Style | None = None) -> str:
+    """The terminal form: the ledger line, one line per check, the final sentence. ``style``
+    colours a status word (the CLI passes click's)."""
+    facts = report.ledger
+    lines = [f"ledger {facts.get('path')}  run {facts.get('run_id')}  entries {facts.get('entries')}"]
+    for check in report.checks:
+        status = f"{check.status:<4}"
+        lines.append(f"  {check.name:<12} {style(status, check.status.value) if style else status}  {check.detail}")
+    lines.append(report.sentence())
+    return "\n".join(lines)
+
+
+def render_json(report: Report, series: bool = False) -> str:
+    """The JSON object documented in docs/VERIFYING.md (per-step series only when asked)."""
+    return json.dumps(report.to_dict(series), indent=2, default=_plain)
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)
+
+
+def render_html(report: Report) -> str:
+    """The report as one self-contained HTML page (needs matplotlib: the ``report`` extra)."""
+    from ledger.verify.report._html import render_html as render
+
+    return render(report)
+
+
+__all__ = ["render_html", "render_json", "render_text"]
