@@ -1,4 +1,4 @@
-# The two commands of the README. Each installs what it needs into .venv first.
+# The two commands of the README (demo, test). Each installs what it needs into .venv first.
 .PHONY: demo test setup lint bench
 
 setup:
@@ -11,10 +11,11 @@ demo:
 test: setup
 	.venv/bin/python -m pytest -n 2 --dist loadfile
 
+# What keeps the layers apart and the types honest; .ci/run runs it after the tests.
 lint: setup
-	.venv/bin/python -m pip install --quiet ruff mypy
+	.venv/bin/python -m pip install --quiet --disable-pip-version-check "ruff>=0.6" "mypy>=1.10"
 	.venv/bin/ruff check ledger hooks verify tests examples benchmarks
-	.venv/bin/mypy ledger verify hooks
+	bash scripts/typecheck.sh
 
 bench: setup
 	.venv/bin/python benchmarks/ledger_core.py

@@ -361,10 +361,11 @@ class Recorder:
 
 
 def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Per-tensor L2 norms (float32), one fused call when every tensor is floating point; integer
-    buffers (e.g. BatchNorm's num_batches_tracked) are widened first."""
+    """Per-tensor L2 norms (float32, accumulated in float32 at least: a bf16 tensor's norm is not
+    computed in bf16), one fused call when every tensor is floating point; integer buffers (e.g.
+    BatchNorm's num_batches_tracked) are widened first."""
     if all(t.is_floating_point() for t in tensors):
-        return torch.stack(torch._foreach_norm(tensors)).float()
+        return torch.stack(torch._foreach_norm(tensors, dtype=torch.float32))
     return torch.stack([(t if t.is_floating_point() else t.double()).norm().float() for t in tensors])
 
 

@@ -192,8 +192,13 @@ def verify(ledger_path: str, key: str | None, model: str | None, checkpoint_dir:
            sample_seed: int | None, require: str, as_json: bool, workers: int | None,
            report_path: str | None) -> None:
     """Verify a ledger; exit 0 when no check failed, 1 when one did."""
+    import importlib.util
+
     from ledger.verify import render_json, render_text, verify_ledger
 
+    if report_path and importlib.util.find_spec("matplotlib") is None:
+        raise ConfigurationError("--report needs matplotlib, which is not installed: "
+                                 "pip install 'training-ledger[report]'")
     names = [n.strip() for n in require.split(",") if n.strip()]
     report = verify_ledger(ledger_path, key=key, model=model, sample=sample, sample_seed=sample_seed, require=names,
                            workers=workers, progress=_Progress(), checkpoints=checkpoint_dir, recipe=recipe,
@@ -214,11 +219,7 @@ def _write_report(report: Any, report_path: str) -> None:
 
     from ledger.verify import render_html
 
-    try:
-        page = render_html(report)
-    except ImportError as exc:
-        raise ConfigurationError(f"--report needs matplotlib ({exc.name} is not installed): "
-                                 "pip install 'training-ledger[report]'") from None
+    page = render_html(report)
     target = Path(report_path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

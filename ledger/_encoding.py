@@ -88,7 +88,7 @@ def normalize(value: Any, _depth: int = 0) -> Any:
 def _plain(value: Any) -> Any:
     for base in (bool, int, float, str, bytes):
         if isinstance(value, base):
-            return base(value)  # type: ignore[call-overload,arg-type]
+            return base(value)  # type: ignore[arg-type]
     raise ConfigurationError(f"cannot encode a {type(value).__name__} in a record body")
 
 

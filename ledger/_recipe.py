@@ -61,7 +61,18 @@ def load_recipe(spec: str) -> tuple[Any, bytes]:
         raise ConfigurationError(f"cannot import recipe file {path}")
     module = importlib.util.module_from_spec(loader_spec)
     sys.modules[module_name] = module
-    loader_spec.loader.exec_module(module)
+    try:
+        loader_spec.loader.exec_module(module)
+    except ModuleNotFoundError as exc:
+        del sys.modules[module_name]
+        hint = " (init regeneration and replay need torch: pip install 'training-ledger[torch]')" \
+            if exc.name == "torch" else ""
+        raise ConfigurationError(f"recipe file {path} could not be imported: no module named {exc.name!r}{hint}") \
+            from exc
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise ConfigurationError(f"recipe file {path} raised while being imported: "
+                                 f"{type(exc).__name__}: {exc}") from exc
     try:
         obj = getattr(module, name)
     except AttributeError:

@@ -345,9 +345,10 @@ class CheckpointBody:
     def from_body(cls, body: Mapping[str, Any]) -> CheckpointBody:
         """Read and validate a checkpoint body."""
         w = "checkpoint"
-        return cls(_digest_map(_req(body, "tensor_digests", Mapping, w), "checkpoint 'tensor_digests'"),
-                   *(_digest(body.get(k), f"checkpoint {k!r}")
-                     for k in ("model_digest", "optimizer_digest", "meta_digest", "state_digest")),
+        tensor_digests = _digest_map(_req(body, "tensor_digests", Mapping, w), "checkpoint 'tensor_digests'")
+        model, optimizer, meta, state = (_digest(body.get(k), f"checkpoint {k!r}")
+                                         for k in ("model_digest", "optimizer_digest", "meta_digest", "state_digest"))
+        return cls(tensor_digests, model, optimizer, meta, state,
                    path=_req(body, "path", str, w),
                    optimizer_hyper=[dict(g) for g in _opt(body, "optimizer_hyper", list, w) or []
                                     if isinstance(g, Mapping)])

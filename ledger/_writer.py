@@ -29,7 +29,7 @@ from ledger._record import (
     encode_record,
     run_digest,
 )
-from ledger.errors import ConfigurationError, FormatError, LedgerLockedError, StorageError
+from ledger.errors import ConfigurationError, LedgerLockedError, StorageError
 
 Clock = Callable[[], int]
 FSYNC_MODES = ("always", "group", "never")
@@ -171,7 +171,7 @@ class LedgerWriter:
         """Sign and append one entry; returns it once it has reached the OS."""
         kind = Kind.parse(kind)
         if kind is Kind.GENESIS and self.next_seq != 0:
-            raise FormatError("only the first entry can be a genesis")
+            raise ConfigurationError("only the first entry can be a genesis")
         metrics = {name: metric_value(v) for name, v in dict(body.get("metrics", {})).items()}
         body_bytes = encode_body(body)
         with self._mutex:

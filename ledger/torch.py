@@ -22,7 +22,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from ledger._fingerprint import (
 from ledger._parts import fsync_path
 from ledger._recipe import step_seed
 from ledger._state import FILES, StateDigests, read_meta, state_digest
-from ledger.errors import ConfigurationError, FormatError
+from ledger.errors import ConfigurationError
 
 # ----------------------------------------------------------------------------- tensor fingerprints
 
@@ -67,7 +67,7 @@ def safetensors_dtype(tensor: torch.Tensor) -> str:
     try:
         return TORCH_TO_SAFETENSORS[name]
     except KeyError:
-        raise FormatError(f"tensors of dtype {name} cannot be fingerprinted") from None
+        raise ConfigurationError(f"tensors of dtype {name} cannot be fingerprinted") from None
 
 
 @functools.cache
@@ -80,7 +80,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """Little-endian contiguous bytes of a tensor, on the CPU (a copy; never touches the live tensor)."""
     if tensor.device.type == "cpu" and tensor.dtype in _numpy_safe_dtypes() and tensor.is_contiguous() \
             and sys.byteorder == "little":
-        return memoryview(tensor.detach().numpy()).cast("B")  # zero-copy fast path (no torch ops)
+        return tensor.detach().numpy().data.cast("B")  # zero-copy fast path (no torch ops)
     flat = tensor.detach().reshape(-1)
     if flat.device.type != "cpu":
         flat = flat.cpu()
@@ -90,7 +90,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     raw = flat.view(torch.uint8).numpy() if flat.numel() else np.zeros(0, np.uint8)
     if sys.byteorder != "little" and flat.element_size() > 1:
         raw = flat.numpy().byteswap().view(np.uint8)
-    return memoryview(raw)
+    return raw.data
 
 
 def torch_digests(tensors: Mapping[str, torch.Tensor]) -> dict[str, bytes]:
@@ -118,7 +118,7 @@ def batch_digest(batch: Any) -> bytes:
 def sketch_slots(seed: int, name: str, start: int, stop: int, k: int, device: Any) -> torch.Tensor:
     """Slot of each coordinate in [start, stop) of tensor ``name`` (int64 on ``device``): bucket b
     with sign + is slot b, with sign − slot k + b (docs/FORMAT.md §10)."""
-    return sketch_hash(torch.arange(start, stop, dtype=torch.int64, device=device), seed, name, k)
+    return cast(torch.Tensor, sketch_hash(torch.arange(start, stop, dtype=torch.int64, device=device), seed, name, k))
 
 
 def _acc_dtype(flat: torch.Tensor) -> torch.dtype:
@@ -218,13 +218,13 @@ def _plain(value: Any) -> Any:
 def rng_state() -> dict[str, Any]:
     """RNG states of torch (CPU and every CUDA device), python and numpy."""
     py_version, py_state, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()  # type: ignore[misc]
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state().numpy().tobytes(),
         "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
         "numpy": {"name": np_name, "keys": np.asarray(np_keys, dtype=np.uint32), "pos": int(np_pos),
                   "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)}}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         state["cuda"] = [s.numpy().tobytes() for s in torch.cuda.get_rng_state_all()]
     return state
 
@@ -343,7 +343,8 @@ def environment(device: str) -> dict[str, Any]:
         "python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
         "torch": torch.__version__, "numpy": np.__version__, "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "device": device,
-        "mkl": bool(torch.backends.mkl.is_available()), "mkldnn": bool(torch.backends.mkldnn.is_available()),
+        "mkl": bool(torch.backends.mkl.is_available()),  # type: ignore[no-untyped-call]
+        "mkldnn": bool(torch.backends.mkldnn.is_available()),  # type: ignore[no-untyped-call]
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
     }
     config = torch.__config__.show()
@@ -403,7 +404,7 @@ def deterministic(seed: int | None = None, threads: int | None = None) -> dict[s
     genesis records and replay re-applies."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
-    if torch.backends.cudnn.is_available():
+    if torch.backends.cudnn.is_available():  # type: ignore[no-untyped-call]
         torch.backends.cudnn.benchmark = False
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[${EXTRAS:-test}]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[${EXTRAS:-all,test}]"
 # Chromium for the browser test of the HTML report (tests/test_report.py skips without it).
 # CHROMIUM=0 (or no/false/off) skips this step; it never fails the setup.
 case "${CHROMIUM:-1}" in 0|no|false|off) want_chromium=0 ;; *) want_chromium=1 ;; esac

@@ -12,10 +12,25 @@ def _modules_after(statement: str) -> set[str]:
     return set(out.stdout.split())
 
 
-def test_ledger_and_verify_import_without_torch():
-    loaded = _modules_after("import ledger, ledger.verify, ledger._cli")
-    assert "torch" not in loaded
-    assert "ledger.hooks" not in loaded
+def test_ledger_and_verify_import_without_torch_scipy_matplotlib_or_pandas():
+    loaded = _modules_after("import ledger, ledger.format, ledger.verify, ledger.verify.report, ledger._cli")
+    assert {"torch", "scipy", "matplotlib", "pandas"}.isdisjoint(loaded)
+    assert "ledger.hooks" not in loaded and "ledger.torch" not in loaded
+
+
+def test_only_the_torch_adapter_imports_torch_in_ledger():
+    """The format modules never import torch, not even inside a function: ledger/torch.py does."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "ledger"
+    importing = sorted(p.name for p in root.glob("*.py")
+                       if re.search(r"^\s*(import torch|from torch[ .])", p.read_text(), re.M))
+    assert importing == ["torch.py"]
+    adapter_users = sorted(p.name for p in root.glob("*.py")
+                           if re.search(r"^\s*(from ledger\.torch |from ledger import torch|import ledger\.torch)",
+                                        p.read_text(), re.M))
+    assert adapter_users == []  # the format modules import nothing from the adapter
 
 
 def test_only_one_module_touches_cryptography_hazmat_and_pyarrow_writers():

@@ -17,17 +17,18 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from ledger import __version__
 from ledger._crypto import PublicKey, load_public_key
 from ledger._reader import Ledger
 from ledger._recipe import load_recipe
-from ledger._record import Kind
+from ledger._record import FORMAT_VERSION, Kind
 from ledger.errors import ConfigurationError, FormatError
 from ledger.verify._context import Context, Options
 from ledger.verify._continuity import check_continuity
 from ledger.verify._independence import check_independence
 from ledger.verify._integrity import check_chain, check_seal, check_signatures
 from ledger.verify._lineage import Lineage, compare_files
-from ledger.verify._load import load
+from ledger.verify._load import Loaded, load
 from ledger.verify._model import check_model
 from ledger.verify._provenance import check_checkpoints, check_init
 from ledger.verify._registry import Check, Requirement, extra, given, readable_genesis, recorded, run_checks
@@ -124,6 +125,7 @@ def load_context(path: str | os.PathLike[str], *, key: PublicKey | str | os.Path
                       tolerance=tolerance, require=required)
     ledger = Ledger(path)
     loaded = load(ledger)
+    _refuse_newer_format(ledger, loaded)
     view, view_error = None, None
     if loaded.genesis is not None:
         try:
@@ -134,6 +136,17 @@ def load_context(path: str | os.PathLike[str], *, key: PublicKey | str | os.Path
                    model=Path(model) if model is not None else None,
                    checkpoints=Path(checkpoints) if checkpoints is not None else None, recipe=recipe,
                    recipe_digest=recipe_digest, against=foreign, progress=progress)
+
+
+def _refuse_newer_format(ledger: Ledger, loaded: Loaded) -> None:
+    """A ledger in a newer format than this verifier knows cannot be judged here (docs/FORMAT.md §9)."""
+    if not len(loaded.records):
+        return
+    first = loaded.records[0]
+    version = int.from_bytes(first[:2], "big") if len(first) >= 2 else 0
+    if version > FORMAT_VERSION:
+        raise ConfigurationError(f"{ledger.path} is in format version {version}; this verifier (training-ledger "
+                                 f"{__version__}) knows version {FORMAT_VERSION}: upgrade training-ledger")
 
 
 def _facts(ctx: Context) -> dict[str, Any]:

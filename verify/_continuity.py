@@ -19,7 +19,7 @@ from ledger._schema import StepBody
 from ledger._state import read_weights
 from ledger._weights import NumpySketch
 from ledger.verify._context import Context
-from ledger.verify._result import CheckResult
+from ledger.verify._result import CheckResult, Status
 from ledger.verify._run import RunView
 
 NORM_RTOL = 1e-6  # float32 norms: relative rounding slack
@@ -96,10 +96,10 @@ def check_continuity(ctx: Context) -> CheckResult:
     view = ctx.view
     assert view is not None
     if not view.steps:
-        return CheckResult("continuity", "skip", "no recorded steps with fingerprints to check")
+        return CheckResult("continuity", Status.SKIP, "no recorded steps with fingerprints to check")
     bounds = Bounds(view)
     if bounds.family is None:
-        return CheckResult("continuity", "skip", f"no update bound is known for {view.optimizer.class_name}",
+        return CheckResult("continuity", Status.SKIP, f"no update bound is known for {view.optimizer.class_name}",
                            summary="optimizer without a known bound")
     k = view.policy.sketch_k
     jl = 1 + 3 / math.sqrt(k)
@@ -167,9 +167,9 @@ def check_continuity(ctx: Context) -> CheckResult:
     plot = {**series, "family": bounds.family, "distance_from_init": distance_from_init}
     if anomalies:
         named = "; ".join(_describe(a) for a in anomalies[:6])
-        return CheckResult("continuity", "fail", f"{len(anomalies)} update(s) exceed the {bounds.family} bound: "
+        return CheckResult("continuity", Status.FAIL, f"{len(anomalies)} update(s) exceed the {bounds.family} bound: "
                            f"{named}{' …' if len(anomalies) > 6 else ''}", data, series=plot)
-    return CheckResult("continuity", "pass", f"{len(view.steps)} steps within the {bounds.family} update bound "
+    return CheckResult("continuity", Status.PASS, f"{len(view.steps)} steps within the {bounds.family} update bound "
                        f"(norms every step, sketches, {checked_intervals} checkpoint interval(s) per coordinate); "
                        f"{margin}{superseded}", data, series=plot)
 

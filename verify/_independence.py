@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ledger.verify._context import Context
 from ledger.verify._lineage import LN_SENTENCE, compare, load_numpy, trajectory
-from ledger.verify._result import CheckResult
+from ledger.verify._result import CheckResult, Status
 from ledger.verify._run import RunView
 
 
@@ -27,7 +27,7 @@ def check_independence(ctx: Context) -> CheckResult:
     view, against, progress = ctx.view, list(ctx.against), ctx.progress
     path, source = our_weights(view, ctx.model)
     if path is None:
-        return CheckResult("independence", "skip", "no weights of this run to compare (give --model)",
+        return CheckResult("independence", Status.SKIP, "no weights of this run to compare (give --model)",
                            summary="no weights to compare")
     ours = load_numpy(path)
     results = []
@@ -47,7 +47,7 @@ def check_independence(ctx: Context) -> CheckResult:
     verdicts = [r["verdict"] for r in results]
     summary = "; ".join(f"{Path(r['file']).name}: {r['verdict']} (p = {r['p_value']:.2g})" for r in results)
     if "derived" in verdicts:
-        return CheckResult("independence", "fail", summary, data)
+        return CheckResult("independence", Status.FAIL, summary, data)
     if any(v != "independent" for v in verdicts):
-        return CheckResult("independence", "warn", summary, data, summary="lineage inconclusive: " + summary)
-    return CheckResult("independence", "pass", summary, data)
+        return CheckResult("independence", Status.WARN, summary, data, summary="lineage inconclusive: " + summary)
+    return CheckResult("independence", Status.PASS, summary, data)

@@ -22,7 +22,7 @@ from ledger._record import HEADER_SIZE, Kind, merkle_root
 from ledger.errors import FormatError
 from ledger.verify._context import Context
 from ledger.verify._load import Records, fixed_rows, header_field, header_matrix
-from ledger.verify._result import CheckResult
+from ledger.verify._result import CheckResult, Status
 from ledger.verify._signatures import bad_signatures
 
 
@@ -39,7 +39,7 @@ def check_chain(ctx: Context) -> CheckResult:
 
     if n == 0:
         reasons = [f"{name}: {reason}" for name, reason in loaded.errors] or ["the ledger holds no entries"]
-        return CheckResult("chain", "fail", "; ".join(reasons), {"entries": 0, "first_bad_seq": 0})
+        return CheckResult("chain", Status.FAIL, "; ".join(reasons), {"entries": 0, "first_bad_seq": 0})
     headers, lengths = header_matrix(t["record"])
     flag(lengths < HEADER_SIZE, f"record shorter than the {HEADER_SIZE}-byte header")
     version, kind, reserved = (header_field(headers, f) for f in ("version", "kind", "reserved"))
@@ -103,9 +103,9 @@ def check_chain(ctx: Context) -> CheckResult:
             if not bad:
                 data["first_bad_seq"] = n
                 where += f" (entries from seq {n} on cannot be read)"
-        return CheckResult("chain", "fail", where, data)
+        return CheckResult("chain", Status.FAIL, where, data)
     sampled = "" if sample is None else f"; bodies decoded for {len(decode)} of them (--sample)"
-    return CheckResult("chain", "pass", f"{n} entries linked from genesis to head {loaded.hashes[-1].hex()[:16]}…"
+    return CheckResult("chain", Status.PASS, f"{n} entries linked from genesis to head {loaded.hashes[-1].hex()[:16]}…"
                        f", every hash recomputed{sampled}", data)
 
 
@@ -128,14 +128,14 @@ def check_signatures(ctx: Context) -> CheckResult:
     workers, progress = ctx.options.workers, ctx.progress
     n = len(loaded.records)
     if n == 0:
-        return CheckResult("signatures", "fail", "the ledger holds no entries")
+        return CheckResult("signatures", Status.FAIL, "the ledger holds no entries")
     embedded = loaded.genesis.get("public_key") if loaded.genesis else None
     if key is None:
         if not isinstance(embedded, bytes) or len(embedded) != 32:
-            return CheckResult("signatures", "fail", "no --key given and the genesis carries no usable public key")
+            return CheckResult("signatures", Status.FAIL, "no --key given and the genesis carries no usable public key")
         used = PublicKey(embedded)
         if loaded.genesis and loaded.genesis.get("key_id") != used.key_id:
-            return CheckResult("signatures", "fail", "genesis key_id is not the SHA-256 of its public key")
+            return CheckResult("signatures", Status.FAIL, "genesis key_id is not the SHA-256 of its public key")
     else:
         used = key
     index = list(range(n)) if sample is None else sorted({0, n - 1, *rng.sample(range(n), min(sample, n))})
@@ -152,19 +152,20 @@ def check_signatures(ctx: Context) -> CheckResult:
         why = ""
         if key is not None and isinstance(signer, bytes) and signer != key.key_id:
             why = f" (the ledger names signer key id {signer.hex()[:16]}…, the given key is {key.key_id.hex()[:16]}…)"
-        return CheckResult("signatures", "fail", f"{len(bad)} of {len(index)} signatures do not verify; "
+        return CheckResult("signatures", Status.FAIL, f"{len(bad)} of {len(index)} signatures do not verify; "
                            f"first bad entry seq {bad[0]}{why}", data)
     scope = f"all {n}" if sample is None else f"head, genesis and a random sample: {len(index)} of {n}"
     if sample is not None:
-        return CheckResult("signatures", "warn", f"only a sample was checked ({scope} signatures valid); "
+        return CheckResult("signatures", Status.WARN, f"only a sample was checked ({scope} signatures valid); "
                            "run without --sample to check every entry", data,
                            summary=f"only {len(index)} of {n} signatures checked (--sample)")
     if key is None:
-        return CheckResult("signatures", "warn", f"self-consistent, signer not authenticated: {scope} "
+        return CheckResult("signatures", Status.WARN, f"self-consistent, signer not authenticated: {scope} "
                            f"signatures verify with the key embedded in genesis (key id {used.key_id.hex()[:16]}…); "
                            "pass --key with the trainer's published public key", data,
                            summary="self-consistent, signer not authenticated: no --key given")
-    return CheckResult("signatures", "pass", f"{scope} signatures verify with key id {used.key_id.hex()[:16]}…", data)
+    return CheckResult("signatures", Status.PASS, f"{scope} signatures verify with key id {used.key_id.hex()[:16]}…",
+                       data)
 
 
 def check_seal(ctx: Context) -> CheckResult:
@@ -172,21 +173,21 @@ def check_seal(ctx: Context) -> CheckResult:
     loaded, ledger = ctx.loaded, ctx.ledger
     n = len(loaded.records)
     if n == 0:
-        return CheckResult("seal", "fail", "the ledger holds no entries")
+        return CheckResult("seal", Status.FAIL, "the ledger holds no entries")
     last = loaded.records[-1]
     try:
         header = _record.decode_header(last)
     except FormatError as exc:
-        return CheckResult("seal", "fail", f"head entry unreadable: {exc}")
+        return CheckResult("seal", Status.FAIL, f"head entry unreadable: {exc}")
     if header.kind is not Kind.SEAL:
-        return CheckResult("seal", "warn", "not sealed: the ledger ends at seq "
+        return CheckResult("seal", Status.WARN, "not sealed: the ledger ends at seq "
                            f"{n - 1} without a seal (a run still open or interrupted, or entries dropped "
                            f"from the end){_manifest_hint(ledger, n)}", {"sealed": False},
                            summary="not sealed: the ledger may be cut short")
     try:
         body = decode_body(last[HEADER_SIZE:])
     except FormatError as exc:
-        return CheckResult("seal", "fail", f"seal body unreadable: {exc}", {"sealed": True})
+        return CheckResult("seal", Status.FAIL, f"seal body unreadable: {exc}", {"sealed": True})
     problems = []
     if body.get("entry_count") != n - 1:
         problems.append(f"entry_count {body.get('entry_count')} but {n - 1} entries precede the seal")
@@ -197,8 +198,8 @@ def check_seal(ctx: Context) -> CheckResult:
     data = {"sealed": True, "entry_count": body.get("entry_count"),
             "tree_root": body["tree_root"].hex() if isinstance(body.get("tree_root"), bytes) else None}
     if problems:
-        return CheckResult("seal", "fail", "; ".join(problems), data)
-    return CheckResult("seal", "pass", f"sealed after {n - 1} entries; count, head and Merkle root match", data)
+        return CheckResult("seal", Status.FAIL, "; ".join(problems), data)
+    return CheckResult("seal", Status.PASS, f"sealed after {n - 1} entries; count, head and Merkle root match", data)
 
 
 def _manifest_hint(ledger: Ledger, n: int) -> str:

@@ -11,10 +11,11 @@ from ledger._record import HEADER_SIZE, Kind, decode_header
 from ledger._schema import FinalWeights, SealBody
 from ledger.errors import FormatError
 from ledger.verify._context import Context
-from ledger.verify._result import CheckResult
+from ledger.verify._load import Records
+from ledger.verify._result import CheckResult, Status
 
 
-def _seal_final(records: Sequence[bytes]) -> FinalWeights | None:
+def _seal_final(records: Records | Sequence[bytes]) -> FinalWeights | None:
     if not records:
         return None
     try:
@@ -31,13 +32,13 @@ def check_model(ctx: Context) -> CheckResult:
     assert model is not None  # the registry skips this check without --model
     final = _seal_final(ctx.loaded.records)
     if final is None:
-        return CheckResult("model", "skip", "the ledger has no seal with final weights to compare --model against",
+        return CheckResult("model", Status.SKIP, "the ledger has no seal with final weights to compare --model against",
                            summary="no sealed final weights in the ledger")
     sealed = final.tensor_digests
     try:
         found = safetensors_digests(model)
     except FormatError as exc:
-        return CheckResult("model", "fail", f"{model}: {exc}", {"file": str(model)})
+        return CheckResult("model", Status.FAIL, f"{model}: {exc}", {"file": str(model)})
     missing = sorted(set(sealed) - set(found))
     extra = sorted(set(found) - set(sealed))
     differ = sorted(name for name in set(sealed) & set(found) if sealed[name] != found[name])
@@ -50,6 +51,6 @@ def check_model(ctx: Context) -> CheckResult:
             parts.append(f"missing from the file: {', '.join(missing[:8])}")
         if extra:
             parts.append(f"not in the sealed weights: {', '.join(extra[:8])}")
-        return CheckResult("model", "fail", "; ".join(parts), data)
-    return CheckResult("model", "pass",
+        return CheckResult("model", Status.FAIL, "; ".join(parts), data)
+    return CheckResult("model", Status.PASS,
                        f"all {len(sealed)} tensors of {os.fspath(model)} match the sealed final weights", data)

@@ -8,7 +8,7 @@ from typing import Any
 from ledger import _state
 from ledger.errors import FormatError
 from ledger.verify._context import Context
-from ledger.verify._result import CheckResult
+from ledger.verify._result import CheckResult, Status
 
 
 def check_checkpoints(ctx: Context) -> CheckResult:
@@ -17,7 +17,8 @@ def check_checkpoints(ctx: Context) -> CheckResult:
     view = ctx.view
     assert view is not None
     if not view.checkpoints:
-        return CheckResult("checkpoints", "skip", "the run recorded no checkpoints", summary="no checkpoints recorded")
+        return CheckResult("checkpoints", Status.SKIP, "the run recorded no checkpoints",
+                           summary="no checkpoints recorded")
     matched, pruned, missing, bad = [], [], [], []
     for cp in view.checkpoints:
         if cp.pruned:
@@ -53,12 +54,12 @@ def check_checkpoints(ctx: Context) -> CheckResult:
     summary = f"{len(matched)} matched, {len(pruned)} pruned, {len(missing)} missing"
     if bad:
         detail = "; ".join(f"checkpoint at step {s} {r}" for s, r in bad[:5])
-        return CheckResult("checkpoints", "fail", f"{detail} ({summary})", data)
+        return CheckResult("checkpoints", Status.FAIL, f"{detail} ({summary})", data)
     if missing:
-        return CheckResult("checkpoints", "warn", f"{summary}: checkpoints at steps {missing[:8]} are not here "
+        return CheckResult("checkpoints", Status.WARN, f"{summary}: checkpoints at steps {missing[:8]} are not here "
                            "(pass --checkpoints DIR if they are kept elsewhere)", data,
                            summary=f"{len(missing)} checkpoint(s) missing")
-    return CheckResult("checkpoints", "pass", f"{summary}; every stored state matches its entry", data)
+    return CheckResult("checkpoints", Status.PASS, f"{summary}; every stored state matches its entry", data)
 
 
 def _constant(tensor: Any) -> bool:
@@ -100,7 +101,7 @@ def check_init(ctx: Context) -> CheckResult:
         problems.append(f"{len(seed_blind)} non-constant tensor(s) do not change with the seed "
                         f"({', '.join(seed_blind[:8])}): the recipe does not draw them from its seed")
     if differ and not seed_blind and recorded_torch != environment_here.get("torch"):
-        return CheckResult("init", "warn", f"{problems[0]}, but torch differs (recorded {recorded_torch}, here "
+        return CheckResult("init", Status.WARN, f"{problems[0]}, but torch differs (recorded {recorded_torch}, here "
                            f"{environment_here.get('torch')}): regeneration is only promised on the recorded "
                            "version; this is not evidence of reuse", data, summary="torch version differs")
     note = ""
@@ -108,6 +109,6 @@ def check_init(ctx: Context) -> CheckResult:
     if ctx.recipe_digest is not None and recorded_source is not None and recorded_source != ctx.recipe_digest:
         note = "; note: the recipe file differs from the one recorded in genesis"
     if problems:
-        return CheckResult("init", "fail", "; ".join(problems) + note, data)
-    return CheckResult("init", "pass", f"all {len(recorded)} init tensors regenerated bit-exactly from the recipe "
+        return CheckResult("init", Status.FAIL, "; ".join(problems) + note, data)
+    return CheckResult("init", Status.PASS, f"all {len(recorded)} init tensors regenerated bit-exactly from the recipe "
                        f"and seed {seed}, and every non-constant one depends on the seed{note}", data)

@@ -16,7 +16,7 @@ from typing import Any
 from ledger._state import FILES, digests_of
 from ledger.verify._context import Context
 from ledger.verify._continuity import movement
-from ledger.verify._result import CheckResult
+from ledger.verify._result import CheckResult, Status
 from ledger.verify._run import Checkpoint, RunView
 
 DEFAULT_RHO = 1e-3
@@ -71,7 +71,7 @@ def check_replay(ctx: Context) -> CheckResult:
     seed, tolerance = ctx.options.replay_seed, ctx.options.tolerance
     pairs = intervals(view)
     if not pairs:
-        return CheckResult("replay", "skip", "fewer than two stored checkpoints: no interval can be replayed",
+        return CheckResult("replay", Status.SKIP, "fewer than two stored checkpoints: no interval can be replayed",
                            summary="no replayable interval")
     import torch
 
@@ -116,10 +116,11 @@ def check_replay(ctx: Context) -> CheckResult:
         f" (environment differs: {differences[0]})" if differences else "")
     if failures:
         first = failures[0]
-        return CheckResult("replay", "fail", f"{len(failures)} of {len(reports)} replayed interval(s) fail ({how}): "
+        return CheckResult("replay", Status.FAIL,
+                           f"{len(failures)} of {len(reports)} replayed interval(s) fail ({how}): "
                            f"steps {first['from_step'] + 1}…{first['to_step']}: {'; '.join(first['problems'][:3])}",
                            data)
-    return CheckResult("replay", "pass", f"{len(reports)} of {len(pairs)} interval(s) replayed {how}: "
+    return CheckResult("replay", Status.PASS, f"{len(reports)} of {len(pairs)} interval(s) replayed {how}: "
                        f"{replayed_steps} steps ({100 * data['cost_fraction']:.0f}% of the run), seed {seed}", data)
 
 

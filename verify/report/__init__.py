@@ -42,7 +42,8 @@ def render_html(report: Report) -> str:
     """The report as one self-contained HTML page (needs matplotlib: the ``report`` extra)."""
     from ledger.verify.report._html import render_html as render
 
-    return render(report)
+    page: str = render(report)
+    return page
 
 
 __all__ = ["render_html", "render_json", "render_text"]

@@ -75,7 +75,8 @@ def render_html(report: Report) -> str:
     # loss and learning rate
     if training.get("loss"):
         fig, (ax,) = figure()
-        loss_x, loss_y = _thin(*training["loss"], "mean")
+        loss: tuple[Any, Any] = training["loss"]  # (steps, values)
+        loss_x, loss_y = _thin(*loss, "mean")
         ax.plot(loss_x, loss_y, lw=1.2, color="C0")
         ax.set(xlabel="step", ylabel="loss", title="Loss (as logged)")
         if len(loss_y) and np.all(loss_y > 0) and np.nanmax(loss_y) / max(float(np.nanmin(loss_y)), 1e-300) > 50:
@@ -160,7 +161,8 @@ def _thin(xs: Any, ys: Any, how: str) -> tuple[np.ndarray, np.ndarray]:
 def _data(report: Report, name: str, series: bool = False) -> Mapping[str, Any]:
     for check in report.checks:
         if check.name == name:
-            return check.series if series else check.data
+            found: Mapping[str, Any] = check.series if series else check.data
+            return found
     return {}
 
 
