@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 import os
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from ledger.errors import ConfigurationError, FormatError
 
@@ -63,13 +63,15 @@ def model_digest(digests: Mapping[str, bytes]) -> bytes:
 
 
 # ----------------------------------------------------------------------------- safetensors files
-def _read_header(handle: Any, path: Path) -> tuple[dict[str, Any], int]:
+def _read_header(handle: Any, path: Path, size: int) -> tuple[dict[str, Any], int]:
     raw = handle.read(8)
     if len(raw) != 8:
         raise FormatError(f"{path} is not a safetensors file (too short)")
     (length,) = struct.unpack("<Q", raw)
     if length > 100 << 20:
         raise FormatError(f"{path} is not a safetensors file (header of {length} bytes)")
+    if 8 + length > size:
+        raise FormatError(f"{path} is not a safetensors file (its header is longer than the file)")
     try:
         header = json.loads(handle.read(length))
     except (ValueError, UnicodeDecodeError) as exc:
@@ -89,10 +91,50 @@ def _shard_files(path: Path) -> list[Path]:
     return [path]
 
 
-def safetensors_digests(path: str | os.PathLike[str]) -> dict[str, bytes]:
-    """Tensor digests of a safetensors file (or of every shard named by a ``*.index.json``),
-    hashed from the file's raw bytes without loading the tensors."""
-    digests: dict[str, bytes] = {}
+@dataclass(frozen=True, slots=True)
+class TensorEntry:
+    """One tensor of a safetensors header, validated: its dtype, shape and byte range (relative to
+    the start of the data section)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _entry(file: Path, name: str, info: Any, start: int, size: int) -> TensorEntry:
+    try:
+        dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise FormatError(f"{file}: tensor {name!r} has a malformed header entry") from None
+    integers = [*shape, begin, end] if isinstance(shape, list) else None
+    if not isinstance(dtype, str) or integers is None \
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in integers) \
+            or any(d < 0 for d in shape):
+        raise FormatError(f"{file}: tensor {name!r} has a malformed header entry")
+    expected = _DTYPE_SIZES.get(dtype, 0) * math.prod(shape)
+    wrong_size = dtype in _DTYPE_SIZES and end - begin != expected
+    if not 0 <= begin <= end or start + end > size or wrong_size:
+        raise FormatError(f"{file}: tensor {name!r} lies outside the file or has the wrong size")
+    return TensorEntry(dtype, tuple(shape), begin, end)
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """One file of a safetensors checkpoint: its validated header entries and its mapped bytes
+    (``data[start + entry.begin:start + entry.end]``), valid only until the next shard is read."""
+
+    file: Path
+    entries: dict[str, TensorEntry]
+    data: Any
+    start: int
+
+
+def read_shards(path: str | os.PathLike[str]) -> Iterator[Shard]:
+    """Each file of a safetensors file (or of every shard named by a ``*.index.json``), its header
+    validated against the file's size (malformed → FormatError naming file and tensor; a tensor in
+    two shards → FormatError; a missing file → ConfigurationError), its bytes memory-mapped."""
+    seen: set[str] = set()
     for file in _shard_files(Path(path)):
         try:
             handle = open(file, "rb")
@@ -101,23 +143,29 @@ def safetensors_digests(path: str | os.PathLike[str]) -> dict[str, bytes]:
         except OSError as exc:
             raise ConfigurationError(f"cannot read weights file {file}: {exc.strerror}") from None
         with handle:
-            header, start = _read_header(handle, file)
             size = os.fstat(handle.fileno()).st_size
+            header, start = _read_header(handle, file, size)
+            entries = {name: _entry(file, name, info, start, size)
+                       for name, info in header.items() if name != "__metadata__"}
+            for name in entries:
+                if name in seen:
+                    raise FormatError(f"tensor {name!r} appears in more than one shard")
+                seen.add(name)
             with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else _Empty() as data:
-                for name, info in header.items():
-                    if name == "__metadata__":
-                        continue
-                    try:
-                        dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-                    except (KeyError, TypeError, ValueError):
-                        raise FormatError(f"{file}: tensor {name!r} has a malformed header entry") from None
-                    expected = _DTYPE_SIZES.get(dtype, 0) * int(np.prod(shape, dtype=np.int64))
-                    wrong_size = dtype in _DTYPE_SIZES and end - begin != expected
-                    if not 0 <= begin <= end or start + end > size or wrong_size:
-                        raise FormatError(f"{file}: tensor {name!r} lies outside the file or has the wrong size")
-                    if name in digests:
-                        raise FormatError(f"tensor {name!r} appears in more than one shard")
-                    digests[name] = tensor_digest(name, dtype, shape, memoryview(data)[start + begin:start + end])
+                yield Shard(file, entries, data, start)
+
+
+def safetensors_digests(path: str | os.PathLike[str]) -> dict[str, bytes]:
+    """Tensor digests of a safetensors file (or of every shard named by a ``*.index.json``),
+    hashed from the file's raw bytes without loading the tensors."""
+    digests: dict[str, bytes] = {}
+    for shard in read_shards(path):
+        for name, e in shard.entries.items():
+            view = memoryview(shard.data)[shard.start + e.begin:shard.start + e.end]
+            try:
+                digests[name] = tensor_digest(name, e.dtype, e.shape, view)
+            finally:
+                view.release()
     return digests
 
 

@@ -2,7 +2,7 @@
 
 Everything here needs numpy and the standard library only, so the base install can read a
 checkpoint and compute its sketch (docs/FORMAT.md §10) without torch. The sketch equals
-:class:`ledger._fingerprint.CountSketch` up to float64 summation order.
+:class:`ledger.torch.CountSketch` up to float64 summation order.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import mmap
 import os
-import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ledger._fingerprint import _CHUNK, _DTYPE_SIZES, _MASK32, SKETCH_K, _name_salt, _read_header, _shard_files
+from ledger._fingerprint import _CHUNK, SKETCH_K, check_sketch_k, read_shards, sketch_hash
 from ledger.errors import ConfigurationError, FormatError
 
 __all__ = ["NumpySketch", "read_safetensors", "sketch_slots_numpy"]
@@ -34,24 +33,6 @@ _NEEDS_TORCH = frozenset({"F8_E4M3", "F8_E5M2"})
 
 
 # ----------------------------------------------------------------------------- safetensors files
-def _entry(file: Path, name: str, info: Any, start: int, size: int) -> tuple[str, tuple[int, ...], int, int]:
-    """(dtype, shape, begin, end) of a header entry, validated as ``safetensors_digests`` does."""
-    try:
-        dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-    except (KeyError, TypeError, ValueError):
-        raise FormatError(f"{file}: tensor {name!r} has a malformed header entry") from None
-    integers = [*shape, begin, end] if isinstance(shape, list) else None
-    if not isinstance(dtype, str) or integers is None \
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in integers) \
-            or any(d < 0 for d in shape):
-        raise FormatError(f"{file}: tensor {name!r} has a malformed header entry")
-    expected = _DTYPE_SIZES.get(dtype, 0) * math.prod(shape)
-    wrong_size = dtype in _DTYPE_SIZES and end - begin != expected
-    if not 0 <= begin <= end or start + end > size or wrong_size:
-        raise FormatError(f"{file}: tensor {name!r} lies outside the file or has the wrong size")
-    return dtype, tuple(shape), begin, end
-
-
 def _materialise(file: Path, name: str, dtype: str, shape: tuple[int, ...], data: mmap.mmap,
                  offset: int) -> npt.NDArray[Any]:
     """An owned, native-byte-order copy of one tensor's bytes at ``offset`` of the mapped file."""
@@ -86,33 +67,11 @@ def read_safetensors(path: str | os.PathLike[str], names: Iterable[str] | None =
     wanted = None if names is None else {names} if isinstance(names, str) else set(names)
     seen: set[str] = set()
     tensors: dict[str, npt.NDArray[Any]] = {}
-    for file in _shard_files(Path(path)):
-        try:
-            handle = open(file, "rb")
-        except FileNotFoundError:
-            raise ConfigurationError(f"weights file {file} does not exist") from None
-        except OSError as exc:
-            raise ConfigurationError(f"cannot read weights file {file}: {exc.strerror}") from None
-        with handle:
-            size = os.fstat(handle.fileno()).st_size
-            prefix = handle.read(8)
-            if len(prefix) == 8 and 8 + struct.unpack("<Q", prefix)[0] > size:
-                raise FormatError(f"{file} is not a safetensors file (its header is longer than the file)")
-            handle.seek(0)
-            header, start = _read_header(handle, file)
-            entries = {name: _entry(file, name, info, start, size)
-                       for name, info in header.items() if name != "__metadata__"}
-            for name in entries:
-                if name in seen:
-                    raise FormatError(f"tensor {name!r} appears in more than one shard")
-                seen.add(name)
-            chosen = [name for name in entries if wanted is None or name in wanted]
-            if not chosen:
-                continue
-            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                for name in chosen:
-                    dtype, shape, begin, _ = entries[name]
-                    tensors[name] = _materialise(file, name, dtype, shape, data, start + begin)
+    for shard in read_shards(path):
+        seen.update(shard.entries)
+        for name, e in shard.entries.items():
+            if wanted is None or name in wanted:
+                tensors[name] = _materialise(shard.file, name, e.dtype, e.shape, shard.data, shard.start + e.begin)
     if wanted is not None and wanted - seen:
         missing = ", ".join(repr(n) for n in sorted(wanted - seen))
         raise ConfigurationError(f"{path} holds no tensor named {missing}")
@@ -120,42 +79,22 @@ def read_safetensors(path: str | os.PathLike[str], names: Iterable[str] | None =
 
 
 # ----------------------------------------------------------------------------- count-sketch
-def _mul32(x: npt.NDArray[np.int64], c: int) -> npt.NDArray[np.int64]:
-    # (x * c) mod 2^32 without int64 overflow: split c into 16-bit halves (as ledger._fingerprint does)
-    return ((((x * (c >> 16)) & 0xFFFF) << 16) + x * (c & 0xFFFF)) & _MASK32
-
-
-def _fmix32(x: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = _mul32(x, 0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
-def _check_k(k: int) -> None:
-    if k < 2 or k & (k - 1):
-        raise ConfigurationError("the sketch size k must be a power of two ≥ 2")
-
-
 def sketch_slots_numpy(seed: int, name: str, start: int, stop: int, k: int) -> npt.NDArray[np.int64]:
     """Slot of each coordinate in [start, stop) of tensor ``name``: bucket b ∈ [0, k) with sign +
-    is slot b, with sign − slot k + b (int64). Equal to ``ledger._fingerprint.sketch_slots``."""
-    _check_k(k)
-    a, b = _name_salt(seed, name)
-    index = np.arange(start, stop, dtype=np.int64)
-    h = _fmix32(_fmix32((index & _MASK32) ^ a) ^ (((index >> 32) + b) & _MASK32))
-    return (h & (k - 1)) + k * (h >> 31)
+    is slot b, with sign − slot k + b (int64). Equal to :func:`ledger.torch.sketch_slots`."""
+    check_sketch_k(k)
+    slots: npt.NDArray[np.int64] = sketch_hash(np.arange(start, stop, dtype=np.int64), seed, name, k)
+    return slots
 
 
 class NumpySketch:
-    """The seeded count-sketch of ``ledger._fingerprint.CountSketch`` on numpy arrays: the same
+    """The seeded count-sketch of :class:`ledger.torch.CountSketch` on numpy arrays: the same
     buckets and signs, accumulated in float64, so the two agree up to summation order. Extra
     memory stays proportional to one chunk of coordinates, whatever the tensor sizes."""
 
     def __init__(self, seed: int, k: int = SKETCH_K) -> None:
         """A sketch with ``k`` buckets (a power of two ≥ 2) under ``seed``."""
-        _check_k(k)
+        check_sketch_k(k)
         self.seed, self.k = seed, k
 
     def __call__(self, tensors: Mapping[str, npt.ArrayLike]) -> npt.NDArray[np.float64]:
