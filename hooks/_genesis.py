@@ -15,6 +15,7 @@ from ledger import torch as lt
 from ledger._environment import code_identity
 from ledger._fingerprint import model_digest
 from ledger._schema import FingerprintPolicy, Genesis, InitFingerprint, OptimizerInfo
+from ledger.errors import ConfigurationError
 from ledger.hooks._options import OVERHEAD_BUDGET, FingerprintOptions
 
 STEP_CONVENTION = "step s is the s-th optimizer step; its entry is written after it; init is step -1"
@@ -24,7 +25,7 @@ def build_genesis(*, model: Any, optimizer: Any, scheduler: Any, seed: int, conf
                   tensors: Mapping[str, torch.Tensor], aliases: Mapping[str, str], options: FingerprintOptions,
                   sketcher: lt.CountSketch, recipe: Any, determinism: Mapping[str, Any] | None,
                   checkpoint_every: int | None, checkpoint_dir: str | None,
-                  keep: tuple[str, int] | None) -> Genesis:
+                  keep: tuple[str, int] | None, base: Mapping[str, Any] | None = None) -> Genesis:
     """Genesis of a new recorded run (the init state is fingerprinted here)."""
     device = str(next(iter(tensors.values())).device) if tensors else "cpu"
     names_by_id = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
@@ -43,11 +44,25 @@ def build_genesis(*, model: Any, optimizer: Any, scheduler: Any, seed: int, conf
                 "run_step": "ledger.run_step/v1"} if recipe is not None else None,
         determinism=dict(determinism or {}),
         optimizer=OptimizerInfo(f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
-                                lt.optimizer_groups(optimizer, names_by_id)),
+                                lt.optimizer_groups(optimizer, names_by_id),
+                                tuple(f"{c.__module__}.{c.__qualname__}" for c in type(optimizer).__mro__
+                                      if c is not object)),
         scheduler=type(scheduler).__name__ if scheduler is not None else None,
         architecture=lt.architecture(model, tensors, aliases),
         init=InitFingerprint(init_digests, model_digest(init_digests), sketcher(tensors), norms),
         fingerprints=FingerprintPolicy(list(tensors), options.sketch, options.sketch_k, sketcher.seed,
                                        options.digests, OVERHEAD_BUDGET),
         checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir,
-        retention=list(keep) if keep else "all", step_convention=STEP_CONVENTION)
+        retention=list(keep) if keep else "all", step_convention=STEP_CONVENTION,
+        base=_declared_base(base, init_digests))
+
+
+def _declared_base(base: Mapping[str, Any] | None, init_digests: dict[str, bytes]) -> dict[str, Any] | None:
+    """The base model a fine-tuning run starts from: its id, revision and the init's digests."""
+    if base is None:
+        return None
+    if not isinstance(base.get("id"), str) or not base["id"]:
+        raise ConfigurationError("base must name the model it starts from: base={'id': 'org/name', 'revision': …}")
+    revision = base.get("revision")
+    return {"id": base["id"], "revision": None if revision is None else str(revision),
+            "tensor_digests": dict(init_digests)}

@@ -58,6 +58,10 @@ class Recorder:
     never waits on disk. Checkpoints (init state, every ``checkpoint_every`` steps, at close) are
     hashed and written off the training thread; their entry is appended once the files are durable.
 
+    ``base``: the run fine-tunes a published model: ``{"id": "org/name", "revision": "…"}``; genesis
+    declares it with the init's tensor digests, and ``ledger verify --base FILE`` checks that the init
+    is that model ("fine-tuned from <id>") instead of a random draw.
+
     ``keep``: checkpoint retention, None (all), ("last", n) or ("every", n). Entries wait in a
     bounded queue (``queue_size``) that a background thread drains every ``drain_interval`` seconds:
     a crash loses at most what waits there.
@@ -68,7 +72,8 @@ class Recorder:
                  fingerprints: FingerprintOptions | None = None, checkpoint_dir: str | os.PathLike[str] | None = None,
                  keep: tuple[str, int] | None = None, queue_size: int = 256, drain_interval: float = 0.05,
                  passphrase: bytes | None = None, recipe: Any = None, determinism: Mapping[str, Any] | None = None,
-                 fsync: str = "group", clock: Callable[[], int] = time.time_ns) -> None:
+                 base: Mapping[str, Any] | None = None, fsync: str = "group",
+                 clock: Callable[[], int] = time.time_ns) -> None:
         options = fingerprints or FingerprintOptions()
         _check_checkpointing(checkpoint_every, keep)
         run_id = secrets.token_hex(16)
@@ -81,7 +86,7 @@ class Recorder:
         genesis = build_genesis(model=model, optimizer=optimizer, scheduler=scheduler, seed=int(seed), config=config,
                                 tensors=tensors, aliases=aliases, options=options, sketcher=sketcher, recipe=recipe,
                                 determinism=determinism, checkpoint_every=checkpoint_every,
-                                checkpoint_dir=user_dir, keep=keep)
+                                checkpoint_dir=user_dir, keep=keep, base=base)
         writer = LedgerWriter.create(path, key, genesis=genesis.to_body(), run_id=run_id, passphrase=passphrase,
                                      clock=clock, fsync=fsync)
         self._attach(root, model, optimizer, scheduler, writer, genesis, options, sketcher, first_step=0, keep=keep,

@@ -138,14 +138,20 @@ class FingerprintPolicy:
 
 @dataclass(frozen=True, slots=True)
 class OptimizerInfo:
-    """The optimizer's class and its param groups (hyperparameters plus ``tensors``: names)."""
+    """The optimizer's class, its base classes (``mro``: qualified names, most derived first, so a
+    subclass of a known optimizer is recognised) and its param groups (hyperparameters plus
+    ``tensors``: the names of the tensors each group updates)."""
 
     class_name: str
     param_groups: list[dict[str, Any]]
+    mro: tuple[str, ...] = ()
 
     def to_body(self) -> dict[str, Any]:
-        """The ``optimizer`` map of genesis."""
-        return {"class": self.class_name, "param_groups": [dict(g) for g in self.param_groups]}
+        """The ``optimizer`` map of genesis (``mro`` only when known)."""
+        body: dict[str, Any] = {"class": self.class_name, "param_groups": [dict(g) for g in self.param_groups]}
+        if self.mro:
+            body["mro"] = list(self.mro)
+        return body
 
     @classmethod
     def from_body(cls, body: Any) -> OptimizerInfo:
@@ -156,7 +162,9 @@ class OptimizerInfo:
             group = _typed(group, Mapping, f"optimizer param group {i}")
             if not isinstance(group.get("tensors", []), list):
                 raise FormatError(f"optimizer param group {i} 'tensors' is not a list")
-        return cls(str(_req(body, "class", str, "optimizer")), [dict(g) for g in groups])
+        mro = _typed(body.get("mro", []), list, "optimizer 'mro'")
+        return cls(str(_req(body, "class", str, "optimizer")), [dict(g) for g in groups],
+                   tuple(str(m) for m in mro))
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +193,7 @@ class Genesis:
     checkpoint_dir: str | None = None
     retention: Any = "all"
     step_convention: str = ""
+    base: dict[str, Any] | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -209,7 +218,7 @@ class Genesis:
         """The recorder's genesis fields (the writer adds format, run id, time and key)."""
         if self.optimizer is None or self.init is None or self.fingerprints is None:
             raise FormatError("a recorder genesis needs optimizer, init and fingerprints")
-        return {
+        body = {
             "config": dict(self.config), "seed": self.seed, "environment": dict(self.environment),
             "code": dict(self.code), "recipe": self.recipe, "determinism": dict(self.determinism),
             "optimizer": self.optimizer.to_body(), "scheduler": self.scheduler,
@@ -218,6 +227,9 @@ class Genesis:
             "checkpoint_dir": self.checkpoint_dir, "retention": self.retention,
             "step_convention": self.step_convention,
         }
+        if self.base is not None:
+            body["base"] = dict(self.base)
+        return body
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Genesis:
@@ -243,7 +255,17 @@ class Genesis:
             init=InitFingerprint.from_body(body.get("init")),
             fingerprints=FingerprintPolicy.from_body(body["fingerprints"]),
             checkpoint_every=checkpoint_every, checkpoint_dir=_opt(body, "checkpoint_dir", str, w),
-            retention=body.get("retention", "all"), step_convention=str(body.get("step_convention", "")))
+            retention=body.get("retention", "all"), step_convention=str(body.get("step_convention", "")),
+            base=_base(body.get("base")))
+
+
+def _base(value: Any) -> dict[str, Any] | None:
+    """A declared base model (fine-tuning): ``id``, ``revision`` and per-tensor ``tensor_digests``."""
+    if value is None:
+        return None
+    base = _typed(value, Mapping, "genesis 'base'")
+    return {"id": str(_req(base, "id", str, "base")), "revision": _opt(base, "revision", str, "base"),
+            "tensor_digests": _digest_map(_req(base, "tensor_digests", Mapping, "base"), "base 'tensor_digests'")}
 
 
 def _replace(obj: T, **changes: Any) -> T:
@@ -256,8 +278,9 @@ def _replace(obj: T, **changes: Any) -> T:
 @dataclass(frozen=True, slots=True)
 class StepBody:
     """One optimizer step: per-tensor norms (always), learning rates and gradient norms per param
-    group, and — per ``carries`` — a sketch, full digests (concatenated in tensor order) and a batch
-    digest."""
+    group, the other hyperparameters per group when they changed since the last entry (``hyper``:
+    betas, momentum … moved by a scheduler), and — per ``carries`` — a sketch, full digests
+    (concatenated in tensor order) and a batch digest."""
 
     norms: Floats
     metrics: dict[str, float]
@@ -269,6 +292,7 @@ class StepBody:
     model_digest: bytes | None = None
     batch_digest: bytes | None = None
     carries: tuple[str, ...] = ("norms",)
+    hyper: list[dict[str, Any]] | None = None  # per param group, when betas/momentum/… changed since the last entry
 
     def to_body(self) -> dict[str, Any]:
         """The step map (optional fields only when present)."""
@@ -285,6 +309,8 @@ class StepBody:
             body["model_digest"] = self.model_digest
         if self.batch_digest is not None:
             body["batch_digest"] = self.batch_digest
+        if self.hyper is not None:
+            body["hyper"] = [dict(g) for g in self.hyper]
         body["metrics"] = dict(self.metrics)
         body["carries"] = list(self.carries)
         return body
@@ -311,7 +337,9 @@ class StepBody:
             model_digest=_digest(body["model_digest"], "step 'model_digest'") if digests is not None else None,
             batch_digest=_digest(body["batch_digest"], "step 'batch_digest'") if body.get("batch_digest") is not None
             else None,
-            carries=tuple(str(c) for c in _typed(body.get("carries", ["norms"]), list, "step 'carries'")))
+            carries=tuple(str(c) for c in _typed(body.get("carries", ["norms"]), list, "step 'carries'")),
+            hyper=[dict(_typed(g, Mapping, "step 'hyper' group")) for g in _typed(body["hyper"], list, "step 'hyper'")]
+            if body.get("hyper") is not None else None)
 
     def digests_by_name(self, order: Sequence[str]) -> dict[str, bytes] | None:
         """The full tensor digests as a map, when this step carries them."""
