@@ -1,14 +1,39 @@
 """Lineage against a named foreign model: sound statistics instead of LayerNorm cosine.
 
-Two permutation-robust matching tests on equal-shaped weight matrices (Zhu et al., ICML 2025,
-"Independence Tests for Language Models"), docs/VERIFYING.md:
+Permutation-robust matching tests on equal-shaped weight matrices (Zhu et al., ICML 2025,
+"Independence Tests for Language Models"), docs/VERIFYING.md, after the residual stream is aligned:
 
-- constrained (``csu``): per matrix, the cosine matrix between hidden-unit rows of the two models,
-  Hungarian matching, Spearman correlation of matched index vs identity, a p-value per matrix,
-  combined over matrices with Fisher's method. Catches derivation without re-ordering.
-- unconstrained (``match``): hidden units matched twice, through two matrices that share the hidden
-  index (an MLP's up-projection rows and down-projection columns), and the two matchings
-  correlated. A consistently permuted copy recovers the same permutation twice (statistic ≈ 1).
+- residual alignment: the residual width d is the length of the norm gains (else the commonest
+  matrix axis). Tensors outside numbered blocks with one axis of width d (token and position
+  embeddings, an untied output head) have their other axis indexed by something both models share in
+  order (token and position ids); their centred columns are matched across the models (Hungarian on
+  the summed cosines), giving the foreign residual coordinate π_res(i) of each of ours. Every other
+  axis of width d in a compared matrix is then read through π_res: a copy whose residual stream was
+  consistently permuted is expressed in our basis again. Without such tensors nothing is aligned (and
+  the reason says that a residual-permuted copy would go unseen).
+- units: every other compared matrix with exactly one axis of width d has its other axis as units
+  (hidden units of an MLP, attention output channels). Matrices in the same numbered block (``h.3``,
+  ``encoder.layer.3``, ``model.layers.3``; a trailing ``Sequential`` index not counted) with the same
+  number of units share them: an MLP's up-projection rows and down-projection columns, whatever the
+  names, the Conv1D (in, out) layout included. Square d×d matrices are left out: which of their axes
+  is the residual stream cannot be told from the shape.
+- constrained (``csu``): per unit group, our units matched to the foreign ones on all the group's
+  matrices at once (Hungarian on the summed cosines, residual aligned), Spearman correlation of matched
+  index vs identity; and the residual matching π_res vs identity. Catches derivation without
+  re-ordering of units. The embedding-like tensors' rows are not tested: π_res was fitted on them, so
+  after alignment their rows agree more than chance even for independent models.
+- unconstrained (``match``): per unit group with both orientations, units matched twice — through the
+  (units, d) matrices (up-projection rows) and through the (d, units) ones (down-projection columns) —
+  and the two matchings correlated. A permuted copy recovers the same permutation twice.
+
+Null hypothesis H0: our weights are independent of the foreign ones and their distribution is
+invariant under permutations of the residual stream and of each block's units (true of the usual
+random inits, and kept by training, which is permutation-equivariant). Under H0 each ``csu`` matching
+is a uniformly random permutation, independently across tests, so its one-sided Spearman p-value is
+exact and Fisher's method applies. ``match`` tests that the two matchings are unrelated: exact when
+the two matrices of a group are independent with exchangeable units (random init), for trained
+weights the approximation Zhu et al. use. Each of the two combined p-values is Bonferroni-corrected
+over the tests and the foreign files; "derived" below DERIVED_ALPHA.
 
 Tensors are paired by shape, in natural name order within each shape, so names may differ by prefix
 (``model.layers.0.mlp.up.weight`` ↔ ``blocks.0.up.weight``). The raw LayerNorm/RMSNorm cosine is shown
@@ -21,7 +46,8 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +55,7 @@ import numpy as np
 
 DERIVED_ALPHA = 1e-6  # "derived" below this, after Bonferroni over tests and foreign files
 INDEPENDENT_P = 0.01  # "independent" needs every test above this, enough power, and the trajectory
-MAX_UNITS = 4096  # at most this many hidden units of ours are matched per matrix (an evenly spaced subset)
+MAX_UNITS = 4096  # at most this many units of ours are matched per group (an evenly spaced subset)
 MAX_FOREIGN_UNITS = 32768  # against at most this many foreign units (the cost matrix is subset × units)
 MIN_UNITS = 8
 MIN_MATRICES = 2
@@ -62,23 +88,66 @@ def pair_by_shape(a: dict[str, np.ndarray], b: dict[str, np.ndarray], ndim: int,
     return [(x, y) for shape in ga if shape in gb for x, y in zip(ga[shape], gb[shape], strict=False)]
 
 
+def _block(name: str) -> str:
+    """The numbered module a tensor belongs to: its name up to the last index part, an index just
+    before the parameter name (a ``Sequential`` inside a block) not counted when another precedes it
+    (``h.3.mlp.c_fc.weight``, ``blocks.3.mlp.0.weight`` → ``h.3``, ``blocks.3``;
+    ``layers.3.experts.7.w1.weight`` → ``layers.3.experts.7``); "" outside numbered modules."""
+    parts = name.split(".")
+    indices = [i for i, part in enumerate(parts) if part.isdigit()]
+    if len(indices) >= 2 and indices[-1] == len(parts) - 2:
+        indices.pop()
+    return ".".join(parts[:indices[-1] + 1]) if indices else ""
+
+
+def _mode(counts: Counter[int]) -> int | None:
+    """The most frequent value, the smallest among ties; None when there is none."""
+    if not counts:
+        return None
+    top = max(counts.values())
+    return min(value for value, count in counts.items() if count == top)
+
+
+def _residual_width(tensors: dict[str, np.ndarray]) -> int | None:
+    """The residual width d: the commonest length of the norm gains, else the commonest axis
+    length among the matrices (the smaller on a tie: d is below the MLP width)."""
+    norms = Counter(int(t.shape[0]) for name, t in tensors.items() if _is_norm(name, t))
+    return _mode(norms) or _mode(Counter(size for t in tensors.values() if t.ndim == 2 for size in set(t.shape)))
+
+
+def _unit_rows(shape: tuple[int, ...], d: int) -> bool | None:
+    """True for a (units, d) matrix, False for a (d, units) one, None when no axis or both have width d."""
+    rows, cols = shape
+    return None if (rows == d) == (cols == d) else cols == d
+
+
+def _oriented(t: np.ndarray, unit_rows: bool, columns: np.ndarray) -> np.ndarray:
+    """A matrix as (units, residual coordinates), keeping the given residual coordinates in that order."""
+    return (t if unit_rows else t.T)[:, columns]
+
+
 def _unit(rows: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
     return rows / np.where(norms == 0, 1, norms)
 
 
-def _subset(units: int) -> np.ndarray:
-    """Our hidden units that are matched: all of them, or MAX_UNITS evenly spaced ones."""
-    return np.arange(units) if units <= MAX_UNITS else np.linspace(0, units - 1, MAX_UNITS).round().astype(np.int64)
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine between every row of a and every row of b."""
+    cosines: np.ndarray = _unit(a.astype(np.float32)) @ _unit(b.astype(np.float32)).T
+    return cosines
 
 
-def _match(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """π with row i of a matched to row π[i] of b (Hungarian, maximal total cosine; a may have
-    fewer rows than b)."""
+def _subset(units: int, cap: int = MAX_UNITS) -> np.ndarray:
+    """Indices of the units that are used: all of them, or ``cap`` evenly spaced ones."""
+    return np.arange(units) if units <= cap else np.linspace(0, units - 1, cap).round().astype(np.int64)
+
+
+def _assign(similarity: np.ndarray) -> np.ndarray:
+    """π with row i matched to column π[i] (Hungarian, maximal total similarity; at most as many
+    rows as columns)."""
     from scipy.optimize import linear_sum_assignment
 
-    cost = _unit(a.astype(np.float32)) @ _unit(b.astype(np.float32)).T
-    rows, cols = linear_sum_assignment(cost, maximize=True)
+    rows, cols = linear_sum_assignment(similarity, maximize=True)
     perm = np.empty(len(rows), dtype=np.int64)
     perm[rows] = cols
     return perm
@@ -107,7 +176,8 @@ def fisher(p_values: list[float]) -> float:
 
 @dataclass(frozen=True, slots=True)
 class Lineage:
-    """The statistics for one pair of weight sets."""
+    """The statistics for one pair of weight sets; ``residual_aligned`` tells whether the foreign
+    residual stream was aligned to ours through ``residual_tensors`` (ours) before matching."""
 
     verdict: str
     p_value: float
@@ -120,6 +190,8 @@ class Lineage:
     layernorm_cosine_null: float | None
     layernorm_pearson: float | None
     paired: dict[str, str]
+    residual_aligned: bool = False
+    residual_tensors: tuple[str, ...] = ()
 
     @property
     def layernorm_note(self) -> str:
@@ -130,27 +202,9 @@ class Lineage:
         """JSON form."""
         return {"verdict": self.verdict, "p_value": self.p_value, "p_csu": self.p_csu, "p_match": self.p_match,
                 "matrices": self.matrices, "mlp_pairs": self.mlp_pairs, "reason": self.reason,
+                "residual_aligned": self.residual_aligned, "residual_tensors": list(self.residual_tensors),
                 "layernorm_cosine": self.layernorm_cosine, "layernorm_cosine_null": self.layernorm_cosine_null,
                 "layernorm_pearson": self.layernorm_pearson}
-
-
-def _mlp_pairs(names: list[str], tensors: dict[str, np.ndarray]) -> list[tuple[str, str]]:
-    """(up, down) matrices of one block sharing a hidden index: within the same parent module
-    (the name without its last two parts, e.g. ``blocks.0`` or ``model.layers.0.mlp``), a matrix
-    of shape (h, d) paired with one of shape (d, h), h ≠ d, in natural name order."""
-    blocks: dict[str, list[str]] = defaultdict(list)
-    for name in names:
-        blocks[name.rsplit(".", 2)[0] if name.count(".") >= 2 else ""].append(name)
-    out = []
-    for members in blocks.values():
-        downs = [n for n in members if tensors[n].shape[0] < tensors[n].shape[1]]
-        for up in (n for n in members if tensors[n].shape[0] > tensors[n].shape[1]):
-            h, d = tensors[up].shape
-            down = next((n for n in downs if tensors[n].shape == (d, h)), None)
-            if down is not None:
-                downs.remove(down)
-                out.append((up, down))
-    return out
 
 
 def layernorm_stats(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> tuple[float | None, float | None,
@@ -167,49 +221,111 @@ def layernorm_stats(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> tuple
     return cos, null, pearson
 
 
+def _embedding_pairs(a: dict[str, np.ndarray], pairs: list[tuple[str, str]], d: int) -> list[tuple[str, str]]:
+    """The paired tensors whose non-residual axis both models index in the same order (token and
+    position embeddings, an untied output head): outside numbered blocks, one axis of width d, the
+    other of at least MIN_UNITS."""
+    out = []
+    for x, y in pairs:
+        unit_rows = _unit_rows(a[x].shape, d)
+        if unit_rows is not None and _block(x) == "" and a[x].shape[0 if unit_rows else 1] >= MIN_UNITS:
+            out.append((x, y))
+    return out
+
+
+def _align_residual(a: dict[str, np.ndarray], b: dict[str, np.ndarray], embeddings: list[tuple[str, str]],
+                    d: int) -> tuple[np.ndarray, np.ndarray]:
+    """(our residual coordinates compared, the foreign coordinate matched to each): the columns of
+    the embedding-like tensors, centred over their shared rows (at most MAX_FOREIGN_UNITS evenly
+    spaced ones), matched by their cosines summed over the tensors, each weighted by √rows (a z-score
+    under independence)."""
+    ours = _subset(d)
+    similarity = np.zeros((len(ours), d), dtype=np.float32)
+    for x, y in embeddings:
+        unit_rows = bool(_unit_rows(a[x].shape, d))
+        ea, eb = (t if unit_rows else t.T for t in (a[x], b[y]))
+        rows = _subset(ea.shape[0], MAX_FOREIGN_UNITS)
+        ea, eb = ea[rows], eb[rows]
+        ea, eb = ea - ea.mean(axis=0), eb - eb.mean(axis=0)
+        similarity += math.sqrt(len(rows)) * _cosines(ea[:, ours].T, eb.T)
+    return ours, _assign(similarity)
+
+
+def _unit_groups(a: dict[str, np.ndarray], pairs: list[tuple[str, str]], d: int
+                 ) -> tuple[list[tuple[int, list[tuple[str, str, bool]]]], int]:
+    """The matrices with exactly one axis of width d among ``pairs``, grouped by block and number of
+    units (those sharing a unit index, e.g. an MLP's up and down projections), as (units, members),
+    each member (ours, foreign, unit axis is the rows); and how many square d×d matrices were left out."""
+    groups: dict[tuple[str, int], list[tuple[str, str, bool]]] = defaultdict(list)
+    square = 0
+    for x, y in pairs:
+        shape = a[x].shape
+        unit_rows = _unit_rows(shape, d)
+        square += shape == (d, d)
+        if unit_rows is not None and MIN_UNITS <= shape[0 if unit_rows else 1] <= MAX_FOREIGN_UNITS:
+            groups[(_block(x), shape[0 if unit_rows else 1])].append((x, y, unit_rows))
+    return [(key[1], groups[key]) for key in sorted(groups, key=lambda k: (_natural(k[0]), k[1]))], square
+
+
 def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], *, n_foreign: int = 1,
-            trajectory_agrees: bool | None = None, progress: Any = None) -> Lineage:
-    """Run both tests on two weight sets; ``trajectory_agrees`` None means no ledger (then the best
-    answer for unrelated weights is "not shown to be derived"). ``progress(stage, done, total)``
-    hears about each matched matrix (Hungarian matching is cubic in the hidden units)."""
-    pairs = [(x, y) for x, y in pair_by_shape(a, b, 2) if MIN_UNITS <= a[x].shape[0] <= MAX_FOREIGN_UNITS]
-    csu = []
-    for done, (x, y) in enumerate(pairs):
+            trajectory_agrees: bool | None = None, progress: Callable[[str, int, int], Any] | None = None) -> Lineage:
+    """Align the residual stream, then run both tests on two weight sets; ``trajectory_agrees`` None
+    means no ledger (then the best answer for unrelated weights is "not shown to be derived").
+    ``progress(stage, done, total)`` hears about each matching (Hungarian matching is cubic in the
+    units)."""
+    pairs = pair_by_shape(a, b, 2)
+    d = _residual_width(a) or 0  # 0: no matrices, so nothing to align or group
+    embeddings = _embedding_pairs(a, pairs, d) if d <= MAX_FOREIGN_UNITS else []
+    # the embeddings' rows are left out of the unit tests: π_res was fitted on them, so after alignment
+    # their rows agree more than chance even for independent models
+    groups, square = _unit_groups(a, [pair for pair in pairs if pair not in embeddings], d)
+    both = [len({unit_rows for _, _, unit_rows in members}) == 2 for _, members in groups]
+    total, done = (1 if embeddings else 0) + len(groups) + 2 * sum(both), 0
+
+    def tick() -> None:
+        nonlocal done
         if progress:
-            progress("lineage", done, len(pairs))
-        rows = _subset(a[x].shape[0])
-        csu.append(_spearman_p(rows, _match(a[x][rows], b[y]))[1])
+            progress("lineage", done, total)
+        done += 1
+
+    csu, match_p = [], []
+    columns_a = columns_b = np.arange(d)
+    if embeddings:
+        tick()
+        columns_a, columns_b = _align_residual(a, b, embeddings, d)
+        csu.append(_spearman_p(columns_a, columns_b)[1])
+    for (units, members), two_ways in zip(groups, both, strict=True):
+        rows = _subset(units)
+        similarity: dict[bool, np.ndarray] = {}  # summed over the (units, d) matrices, and over the (d, units) ones
+        for x, y, unit_rows in members:
+            cosines = _cosines(_oriented(a[x], unit_rows, columns_a)[rows], _oriented(b[y], unit_rows, columns_b))
+            similarity[unit_rows] = similarity[unit_rows] + cosines if unit_rows in similarity else cosines
+        if two_ways:
+            tick()
+            first = _assign(similarity[True])
+            tick()
+            second = _assign(similarity[False])
+            match_p.append(_spearman_p(first, second)[1])
+        tick()
+        parts = list(similarity.values())
+        csu.append(_spearman_p(rows, _assign(parts[0] if len(parts) == 1 else parts[0] + parts[1]))[1])
     if progress:
-        progress("lineage", len(pairs), len(pairs))
-    order_a = [n for n in sorted(a, key=_natural) if a[n].ndim == 2]
-    order_b = [n for n in sorted(b, key=_natural) if b[n].ndim == 2]
-    mlp_a, mlp_b = _mlp_pairs(order_a, a), _mlp_pairs(order_b, b)
-    by_shape_b: dict[tuple[tuple[int, ...], tuple[int, ...]], list[tuple[str, str]]] = defaultdict(list)
-    for up, down in mlp_b:
-        by_shape_b[(b[up].shape, b[down].shape)].append((up, down))
-    used: dict[Any, int] = defaultdict(int)
-    match_p = []
-    for up, down in mlp_a:
-        key = (a[up].shape, a[down].shape)
-        if used[key] >= len(by_shape_b.get(key, [])) or not MIN_UNITS <= a[up].shape[0] <= MAX_FOREIGN_UNITS:
-            continue
-        up_b, down_b = by_shape_b[key][used[key]]
-        used[key] += 1
-        rows = _subset(a[up].shape[0])
-        first, second = _match(a[up][rows], b[up_b]), _match(a[down].T[rows], b[down_b].T)
-        match_p.append(_spearman_p(first, second)[1])
+        progress("lineage", total, total)
     p_csu, p_match = fisher(csu), fisher(match_p)
     tests = (1 if csu else 0) + (1 if match_p else 0)
     p_min = min(p_csu, p_match)
     corrected = min(1.0, p_min * max(tests, 1) * max(n_foreign, 1))
     ln = layernorm_stats(a, b)
-    power = len(pairs) >= MIN_MATRICES
-    if not pairs and not match_p:
+    compared = embeddings + [(x, y) for _, members in groups for x, y, _ in members]
+    power = len(compared) >= MIN_MATRICES
+    if not pairs:
         verdict, reason = "inconclusive", "no weight matrices of equal shape to compare"
+    elif not csu:
+        verdict, reason = "inconclusive", f"no matrix of equal shape has exactly one axis of the residual width {d}"
     elif corrected < DERIVED_ALPHA:
         verdict, reason = "derived", f"matching tests reject independence (corrected p = {corrected:.2e})"
     elif not power:
-        verdict, reason = "inconclusive", f"only {len(pairs)} comparable matrix(es): too little power"
+        verdict, reason = "inconclusive", f"only {len(compared)} comparable matrix(es): too little power"
     elif min(p_csu, p_match if match_p else 1.0) <= INDEPENDENT_P:
         verdict, reason = "inconclusive", f"weak evidence of relation (p = {p_min:.2g}) below the derived threshold"
     elif trajectory_agrees is None:
@@ -221,8 +337,16 @@ def compare(a: dict[str, np.ndarray], b: dict[str, np.ndarray], *, n_foreign: in
     else:
         verdict, reason = "inconclusive", "matching tests find no relation but the trajectory approaches the " \
                                           "foreign weights"
-    return Lineage(verdict, corrected, p_csu, p_match, len(pairs), len(match_p), reason, *ln,
-                   paired=dict(pairs))
+    if embeddings:
+        reason += f"; residual stream (d = {d}) aligned through {', '.join(x for x, _ in embeddings)}"
+    elif pairs:
+        reason += (f"; residual stream (d = {d}) not aligned: no tensor outside the numbered blocks with one axis of "
+                   "that width (an embedding) in both, so a copy with a permuted residual stream would go unseen")
+    if pairs and square:
+        reason += f"; {square} square {d}×{d} matrices left out (which axis is the residual stream is ambiguous)"
+    return Lineage(verdict, corrected, p_csu, p_match, len(compared), len(match_p), reason, *ln,
+                   paired=dict(compared), residual_aligned=bool(embeddings),
+                   residual_tensors=tuple(x for x, _ in embeddings))
 
 
 def load_numpy(path: Any) -> dict[str, np.ndarray]:
