@@ -16,6 +16,7 @@ from ledger._environment import code_identity
 from ledger._fingerprint import model_digest
 from ledger._schema import FingerprintPolicy, Genesis, InitFingerprint, OptimizerInfo
 from ledger.errors import ConfigurationError
+from ledger.hooks._norms import POLICY as NORM_POLICY
 from ledger.hooks._options import OVERHEAD_BUDGET, FingerprintOptions
 
 STEP_CONVENTION = "step s is the s-th optimizer step; its entry is written after it; init is step -1"
@@ -51,7 +52,7 @@ def build_genesis(*, model: Any, optimizer: Any, scheduler: Any, seed: int, conf
         architecture=lt.architecture(model, tensors, aliases),
         init=InitFingerprint(init_digests, model_digest(init_digests), sketcher(tensors), norms),
         fingerprints=FingerprintPolicy(list(tensors), options.sketch, options.sketch_k, sketcher.seed,
-                                       options.digests, OVERHEAD_BUDGET),
+                                       options.digests, OVERHEAD_BUDGET, norms=NORM_POLICY),
         checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir,
         retention=list(keep) if keep else "all", step_convention=STEP_CONVENTION,
         base=_declared_base(base, init_digests))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import secrets
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from ledger._state import digests_of
 from ledger._writer import LedgerWriter
 from ledger.errors import ConfigurationError, FormatError, LedgerError, StorageError
 from ledger.hooks._genesis import build_genesis
+from ledger.hooks._norms import Norms, Pending, total_norm
 from ledger.hooks._options import RECALIBRATE_EVERY, Cadence, FingerprintOptions
 from ledger.hooks._queue import WriterQueue
 
@@ -73,8 +75,8 @@ class Recorder:
                  keep: tuple[str, int] | None = None, queue_size: int = 256, drain_interval: float = 0.05,
                  passphrase: bytes | None = None, recipe: Any = None, determinism: Mapping[str, Any] | None = None,
                  base: Mapping[str, Any] | None = None, fsync: str = "group",
-                 clock: Callable[[], int] = time.time_ns) -> None:
-        options = fingerprints or FingerprintOptions()
+                 clock: Callable[[], int] = time.time_ns, **deprecated: Any) -> None:
+        options = _options(fingerprints, deprecated)
         _check_checkpointing(checkpoint_every, keep)
         run_id = secrets.token_hex(16)
         sketch_seed = int.from_bytes(hashlib.sha256(b"sketch/" + run_id.encode()).digest()[:8], "big") >> 1
@@ -96,7 +98,9 @@ class Recorder:
 
     def _attach(self, path: Path, model: Any, optimizer: Any, scheduler: Any, writer: LedgerWriter,
                 genesis: Genesis, options: FingerprintOptions, sketcher: lt.CountSketch, *, first_step: int,
-                keep: tuple[str, int] | None, queue_size: int, drain_interval: float) -> None:
+                keep: tuple[str, int] | None, queue_size: int, drain_interval: float,
+                last_checkpoint_step: int | None = None,
+                alive: Sequence[tuple[int, int, CheckpointBody]] = ()) -> None:
         """Set up recording onto ``writer`` from step ``first_step`` (a new run or a resumed one)."""
         tensors, _ = lt.canonical_state(model)
         if list(tensors) != genesis.tensor_order:
@@ -110,24 +114,28 @@ class Recorder:
         self._error: BaseException | None = None
         self._queue = WriterQueue(self._run_job, queue_size, drain_interval)
         self._hook_state: dict[str, Any] = {"steps": 0}
-        self._hook = optimizer.register_step_pre_hook(self._pre_step)
+        self._hooks = (optimizer.register_step_pre_hook(self._pre_step),
+                       optimizer.register_step_post_hook(self._post_step))
+        self._logged_hyper = [_hyper(g) for g in genesis.optimizer.param_groups] if genesis.optimizer else []
         self._last_step_time: float | None = None
         self._tensor_cache: dict[str, torch.Tensor] | None = None
-        self._last_checkpoint_step: int | None = None
-        self._alive_checkpoints: list[tuple[int, int, CheckpointBody]] = []  # (seq, step, body)
+        self._norm_plan: Norms | None = None
+        self._last_checkpoint_step = last_checkpoint_step
+        self._alive_checkpoints: list[tuple[int, int, CheckpointBody]] = list(alive)  # (seq, step, body)
         self._closed = False
 
     # ----------------------------------------------------------------- the optimizer hook
     def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        """Before each optimizer step: learning rates and gradient norms per param group."""
-        lrs, grad_norms = [], []
-        for group in optimizer.param_groups:
-            lr = group["lr"]
-            lrs.append(float(lr.item() if hasattr(lr, "item") else lr))
-            grads = [p.grad for p in group["params"] if p.grad is not None]
-            grad_norms.append(torch.stack(torch._foreach_norm(grads)).double().square().sum().sqrt() if grads
-                              else torch.zeros((), dtype=torch.float64))
-        self._hook_state.update(lrs=lrs, grad_norms=torch.stack(grad_norms), steps=self._hook_state["steps"] + 1)
+        """Before each optimizer step (before a scheduler advances): the hyperparameters it uses."""
+        self._hook_state.update(lrs=[_float(group["lr"]) for group in optimizer.param_groups],
+                                hyper=[_hyper(group) for group in optimizer.param_groups])
+
+    def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """After each optimizer step, before ``zero_grad``: the gradients the step used — those of
+        the last closure call for ``optimizer.step(closure)`` — as one norm per param group."""
+        grad_norms = [total_norm([p.grad for p in group["params"] if p.grad is not None])
+                      for group in optimizer.param_groups]
+        self._hook_state.update(grad_norms=torch.stack(grad_norms), steps=self._hook_state["steps"] + 1)
 
     # ----------------------------------------------------------------- per step
     def step(self, loss: Any = None, batch: Any = None, **metrics: Any) -> None:
@@ -149,7 +157,9 @@ class Recorder:
         t0 = time.perf_counter()
         tensors = self._tensors()
         with torch.no_grad():
-            norms = _norms(list(tensors.values()))
+            if self._norm_plan is None:
+                self._norm_plan = Norms(list(tensors.values()))
+            norms = self._norm_plan.measure(list(tensors.values()))
         t1 = time.perf_counter()
         cadence.costs["norms"].append(t1 - t0)
         sketch = None
@@ -171,30 +181,34 @@ class Recorder:
         self._last_step_time = time.perf_counter()
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        """The fingerprinted tensors (cached; refreshed at each calibration)."""
+        """The fingerprinted tensors (cached with their norm blocks; refreshed at each calibration)."""
         if self._tensor_cache is None:
+            self._norm_plan = None
             state = self.model.state_dict(keep_vars=True)
             self._tensor_cache = {name: state[name] for name in self._names}
         return self._tensor_cache
 
-    def _step_body(self, values: dict[str, Any], hook: dict[str, Any], norms: torch.Tensor,
+    def _step_body(self, values: dict[str, Any], hook: dict[str, Any], norms: Pending,
                    sketch: np.ndarray | None, digests: dict[str, bytes] | None, batch_d: bytes | None) -> StepBody:
         metrics = {name: float(v) for name, v in values.items()}
         carries = ["norms"]
-        lrs = grad_norms = None
+        lrs = grad_norms = hyper = None
         if hook.get("lrs") is not None:
             metrics.setdefault("lr", hook["lrs"][0])
             lrs = np.asarray(hook["lrs"], dtype=np.float64)
+        if hook.get("grad_norms") is not None:
             grad_norms = hook["grad_norms"].cpu().numpy()
             metrics.setdefault("grad_norm", float(np.sqrt(np.square(grad_norms).sum())))
+        if hook.get("hyper") is not None and hook["hyper"] != self._logged_hyper:
+            hyper = self._logged_hyper = hook["hyper"]
         if sketch is not None:
             carries.append("sketch")
         if digests is not None:
             carries.append("digests")
         if batch_d is not None:
             carries.append("batch")
-        return StepBody(norms=norms.cpu().numpy(), metrics=metrics, optimizer_steps=int(hook.get("steps", 0)),
-                        lrs=lrs, grad_norms=grad_norms, sketch=sketch,
+        return StepBody(norms=norms.value(), metrics=metrics, optimizer_steps=int(hook.get("steps", 0)),
+                        lrs=lrs, grad_norms=grad_norms, sketch=sketch, hyper=hyper,
                         tensor_digests=b"".join(digests[name] for name in self._names) if digests else None,
                         model_digest=model_digest(digests) if digests else None, batch_digest=batch_d,
                         carries=tuple(carries))
@@ -208,9 +222,8 @@ class Recorder:
     def _write_checkpoint(self, snap: lt.Snapshot) -> None:
         directory, digests = lt.write_checkpoint(snap, self.checkpoint_root)
         self._writer.sync()
-        body = CheckpointBody(digests.model, digests.model_digest, digests.optimizer_digest, digests.meta_digest,
-                              digests.state_digest, _relative(directory, self.path),
-                              [{k: v for k, v in g.items() if k != "params"} for g in snap.meta["param_groups"]])
+        body = CheckpointBody.of(digests, _relative(directory, self.path),
+                                 [{k: v for k, v in g.items() if k != "params"} for g in snap.meta["param_groups"]])
         seq = self._append(Kind.CHECKPOINT, snap.step, body)
         self._writer.sync()
         self._alive_checkpoints.append((seq, snap.step, body))
@@ -309,7 +322,8 @@ class Recorder:
             self._closed = True
 
     def _stop_thread(self) -> None:
-        self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
         self._queue.stop()
 
     def __enter__(self) -> Recorder:
@@ -355,23 +369,44 @@ class Recorder:
         writer.sync()
         policy = genesis.fingerprints
         options = FingerprintOptions(policy.sketch, policy.digests, policy.sketch_k)
+        pruned = {PruneBody.from_body(e.body()).state_digest for e in entries if e.kind is Kind.PRUNE}
         recorder = cls.__new__(cls)
         recorder._attach(root, model, optimizer, scheduler, writer, genesis, options,
                          lt.CountSketch(policy.sketch_seed, policy.sketch_k), first_step=last.step + 1, keep=keep,
-                         queue_size=queue_size, drain_interval=drain_interval)
-        recorder._last_checkpoint_step = last.step
-        pruned = {PruneBody.from_body(e.body()).state_digest for e in entries if e.kind is Kind.PRUNE}
-        recorder._alive_checkpoints = [(e.seq, e.step, b) for e, b in checkpoints if b.state_digest not in pruned]
+                         queue_size=queue_size, drain_interval=drain_interval, last_checkpoint_step=last.step,
+                         alive=[(e.seq, e.step, b) for e, b in checkpoints if b.state_digest not in pruned])
         return recorder
 
 
-def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Per-tensor L2 norms (float32, accumulated in float32 at least: a bf16 tensor's norm is not
-    computed in bf16), one fused call when every tensor is floating point; integer buffers (e.g.
-    BatchNorm's num_batches_tracked) are widened first."""
-    if all(t.is_floating_point() for t in tensors):
-        return torch.stack(torch._foreach_norm(tensors, dtype=torch.float32))
-    return torch.stack([(t if t.is_floating_point() else t.double()).norm().float() for t in tensors])
+def _options(fingerprints: FingerprintOptions | None, deprecated: dict[str, Any]) -> FingerprintOptions:
+    """The fingerprint policy; ``sketch=``, ``digests=``, ``sketch_k=`` keywords (before 0.2) still
+    work one release, with a warning."""
+    unknown = sorted(set(deprecated) - {"sketch", "digests", "sketch_k"})
+    if unknown:
+        raise TypeError(f"Recorder() got an unexpected keyword argument {unknown[0]!r}")
+    if not deprecated:
+        return fingerprints or FingerprintOptions()
+    warnings.warn(f"Recorder({', '.join(f'{k}=' for k in sorted(deprecated))}…) is deprecated: pass "
+                  "fingerprints=FingerprintOptions(...)", DeprecationWarning, stacklevel=3)
+    return dataclasses.replace(fingerprints or FingerprintOptions(), **deprecated)
+
+
+def _float(value: Any) -> float:
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+HYPER_KEYS = ("betas", "momentum", "weight_decay", "eps", "dampening", "nesterov")
+
+
+def _hyper(group: Mapping[str, Any]) -> dict[str, Any]:
+    """The hyperparameters of a param group that a scheduler may move (besides the lr), as logged."""
+    out: dict[str, Any] = {}
+    for key in HYPER_KEYS:
+        if key in group:
+            value = group[key]
+            out[key] = [_float(v) for v in value] if isinstance(value, (list, tuple)) else \
+                value if isinstance(value, bool) else _float(value)
+    return out
 
 
 def _detached(value: Any) -> Any:

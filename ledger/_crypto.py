@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ledger._record import pae
-from ledger.errors import ConfigurationError, KeyLoadError
+from ledger.errors import ConfigurationError, KeyLoadError, StorageError
 
 _RAW = serialization.Encoding.Raw
 _RAW_PUB = serialization.PublicFormat.Raw
@@ -85,20 +85,20 @@ def generate_keypair(prefix: str | os.PathLike[str], passphrase: bytes | None = 
     for path in (private_path, public_path):
         if path.exists():
             raise ConfigurationError(f"{path} already exists; choose another prefix or remove it yourself")
-    if not prefix.parent.is_dir():
-        prefix.parent.mkdir(parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
     encryption: serialization.KeySerializationEncryption = (
         serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
     )
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
-    fd = os.open(public_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pub)
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        for path, data, mode in ((private_path, pem, 0o600), (public_path, pub, 0o644)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+    except OSError as exc:
+        raise StorageError(f"cannot write the key pair at {prefix}: {exc.strerror or exc}") from exc
     return private_path, public_path
 
 

@@ -167,7 +167,10 @@ def metric_value(value: Any) -> float:
     value = normalize(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigurationError(f"a metric must be a number, got {type(value).__name__}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise ConfigurationError(f"a metric must fit a float64, got {value}") from None
 
 
 def floats_equal(a: float, b: float) -> bool:

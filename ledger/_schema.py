@@ -2,17 +2,19 @@
 
 One frozen dataclass per entry kind — :class:`Genesis`, :class:`StepBody`, :class:`CheckpointBody`,
 :class:`ResumeBody`, :class:`PruneBody`, :class:`SealBody` — each with ``to_body()`` (the exact map
-that is encoded and signed) and ``from_body(map)`` (validates what a hostile ledger could get wrong
-and raises :class:`~ledger.errors.FormatError` naming the field). Adding a body field means adding
-it here, once, for both sides (docs/ARCHITECTURE.md).
+that is encoded and signed) and ``from_body(map)``, which validates every field a check reads — a
+hostile ledger can hold any CBOR value there — and raises :class:`~ledger.errors.FormatError` naming
+the field; fields no check reads are kept as they are. Adding a body field means adding it here,
+once, for both sides (docs/ARCHITECTURE.md).
 
 Also here, once: where a checkpoint entry's files are (:func:`checkpoint_directory`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +26,7 @@ from ledger.errors import FormatError
 T = TypeVar("T")
 Floats = npt.NDArray[Any]
 HASH = 32
+MAX_INT = 1 << 63  # integers a check uses must fit an int64
 
 
 # ----------------------------------------------------------------------------- field readers
@@ -47,6 +50,23 @@ def _typed(value: Any, kind: type[T] | tuple[type, ...], what: str) -> T:
     return value  # type: ignore[return-value]
 
 
+def _int(value: Any, what: str, low: int = -MAX_INT) -> int:
+    """An integer in [low, 2^63)."""
+    number = _typed(value, int, what)
+    if not low <= number < MAX_INT:
+        raise FormatError(f"{what} is out of range ({number})")
+    return int(number)
+
+
+def _number(value: Any, what: str) -> float:
+    """A finite-or-not float from an int or a float (an integer too large for a float is refused)."""
+    number: int | float = _typed(value, (int, float), what)
+    try:
+        return float(number)
+    except OverflowError:
+        raise FormatError(f"{what} is too large for a float") from None
+
+
 def _digest(value: Any, what: str) -> bytes:
     if not isinstance(value, bytes) or len(value) != HASH:
         raise FormatError(f"{what} is not a 32-byte digest")
@@ -59,22 +79,39 @@ def _digest_map(value: Any, what: str) -> dict[str, bytes]:
     return {str(name): _digest(d, f"{what}[{name!r}]") for name, d in value.items()}
 
 
-def _floats(value: Any, what: str) -> Floats:
-    """A 1-D float64 array from a typed array or a list of numbers."""
+def _floats(value: Any, what: str, length: int | None = None) -> Floats:
+    """A 1-D float64 array from a typed array or a list of numbers (of ``length`` values when given)."""
     if isinstance(value, np.ndarray):
         if value.ndim != 1 or value.dtype.kind not in "fiu":
             raise FormatError(f"{what} is not a 1-D numeric array")
-        return value.astype(np.float64)
-    if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        return np.asarray(value, dtype=np.float64)
-    raise FormatError(f"{what} is not a numeric array")
-
-
-def _int(value: Any, what: str) -> int:
-    return int(_typed(value, int, what))
+        out = value.astype(np.float64)
+    elif isinstance(value, list):
+        out = np.asarray([_number(v, f"{what}[{i}]") for i, v in enumerate(value)], dtype=np.float64)
+    else:
+        raise FormatError(f"{what} is not a numeric array")
+    if length is not None and len(out) != length:
+        raise FormatError(f"{what} has {len(out)} values, expected {length}")
+    return out
 
 
 # ----------------------------------------------------------------------------- genesis
+def _group(value: Any, what: str) -> dict[str, Any]:
+    """A param group's hyperparameters: the ones the bounds use must be numbers (betas two of them)."""
+    group = dict(_typed(value, Mapping, what))
+    for key in ("lr", "weight_decay", "momentum", "dampening", "eps"):
+        if group.get(key) is not None:
+            _number(group[key], f"{what} {key!r}")
+    if group.get("betas") is not None:
+        betas = _typed(group["betas"], list, f"{what} 'betas'")
+        if len(betas) != 2:
+            raise FormatError(f"{what} 'betas' has {len(betas)} values, expected 2")
+        for beta in betas:
+            _number(beta, f"{what} 'betas'")
+    if "tensors" in group and not all(isinstance(n, str) for n in _typed(group["tensors"], list, f"{what} 'tensors'")):
+        raise FormatError(f"{what} 'tensors' holds a non-text name")
+    return group
+
+
 @dataclass(frozen=True, slots=True)
 class InitFingerprint:
     """The init state's fingerprint in genesis (step −1)."""
@@ -91,13 +128,14 @@ class InitFingerprint:
                 "sketch": self.sketch, "norms": self.norms}
 
     @classmethod
-    def from_body(cls, body: Any) -> InitFingerprint:
-        """Read and validate the ``init`` map."""
+    def from_body(cls, body: Any, tensors: int, sketch_k: int) -> InitFingerprint:
+        """Read and validate the ``init`` map (``tensors`` norms, ``sketch_k`` sketch values)."""
         body = _typed(body, Mapping, "genesis 'init'")
-        return cls(_digest_map(_req(body, "tensor_digests", Mapping, "init"), "init tensor_digests"),
-                   _digest(body.get("model_digest"), "init model_digest"),
-                   _floats(body.get("sketch"), "init sketch"), _floats(body.get("norms"), "init norms"),
-                   _int(body.get("step", -1), "init step"))
+        return cls(_digest_map(_req(body, "tensor_digests", Mapping, "init"), "init 'tensor_digests'"),
+                   _digest(body.get("model_digest"), "init 'model_digest'"),
+                   _floats(body.get("sketch"), "init 'sketch'", sketch_k),
+                   _floats(body.get("norms"), "init 'norms'", tensors),
+                   _int(body.get("step", -1), "init 'step'"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,15 +162,15 @@ class FingerprintPolicy:
         """Read and validate the ``fingerprints`` map."""
         body = _typed(body, Mapping, "genesis 'fingerprints'")
         order = _req(body, "tensor_order", list, "fingerprints")
-        if not all(isinstance(n, str) for n in order):
-            raise FormatError("fingerprints 'tensor_order' holds a non-text name")
+        if not all(isinstance(n, str) for n in order) or len(set(order)) != len(order):
+            raise FormatError("fingerprints 'tensor_order' holds a non-text or repeated name")
         k = _int(_req(body, "sketch_k", int, "fingerprints"), "fingerprints 'sketch_k'")
         if k < 2 or k & (k - 1) or k > 1 << 20:
             raise FormatError(f"fingerprints 'sketch_k' {k} is not a power of two between 2 and 2^20")
         return cls(list(order), _typed(body.get("sketch", "auto"), (str, int), "fingerprints 'sketch'"), k,
                    _int(_req(body, "sketch_seed", int, "fingerprints"), "fingerprints 'sketch_seed'"),
                    str(body.get("digests", "auto")),
-                   float(_typed(body.get("overhead_budget", 0.01), (int, float), "fingerprints 'overhead_budget'")),
+                   _number(body.get("overhead_budget", 0.01), "fingerprints 'overhead_budget'"),
                    str(body.get("norms", "")), str(body.get("sketch_kind", "count-sketch/v1")))
 
 
@@ -157,20 +195,40 @@ class OptimizerInfo:
     def from_body(cls, body: Any) -> OptimizerInfo:
         """Read and validate the ``optimizer`` map."""
         body = _typed(body, Mapping, "genesis 'optimizer'")
-        groups = _req(body, "param_groups", list, "optimizer")
-        for i, group in enumerate(groups):
-            group = _typed(group, Mapping, f"optimizer param group {i}")
-            if not isinstance(group.get("tensors", []), list):
-                raise FormatError(f"optimizer param group {i} 'tensors' is not a list")
+        groups = [_group(g, f"optimizer param group {i}")
+                  for i, g in enumerate(_req(body, "param_groups", list, "optimizer"))]
         mro = _typed(body.get("mro", []), list, "optimizer 'mro'")
-        return cls(str(_req(body, "class", str, "optimizer")), [dict(g) for g in groups],
-                   tuple(str(m) for m in mro))
+        return cls(str(_req(body, "class", str, "optimizer")), groups, tuple(str(m) for m in mro))
+
+
+def _architecture(value: Any) -> dict[str, Any]:
+    """The architecture map; its ``tensors`` list (name, shape, dtype, kind) is validated."""
+    arch = dict(_typed(value, Mapping, "genesis 'architecture'"))
+    for i, t in enumerate(_typed(arch.get("tensors", []), list, "architecture 'tensors'")):
+        what = f"architecture tensor {i}"
+        t = _typed(t, Mapping, what)
+        _req(t, "name", str, what)
+        for d in _req(t, "shape", list, what):
+            _int(d, f"{what} 'shape'", 0)
+        _opt(t, "dtype", str, what)
+        _opt(t, "kind", str, what)
+    return arch
+
+
+def _base(value: Any) -> dict[str, Any] | None:
+    """A declared base model (fine-tuning): ``id``, ``revision`` and per-tensor ``tensor_digests``."""
+    if value is None:
+        return None
+    base = _typed(value, Mapping, "genesis 'base'")
+    return {"id": str(_req(base, "id", str, "base")), "revision": _opt(base, "revision", str, "base"),
+            "tensor_digests": _digest_map(_req(base, "tensor_digests", Mapping, "base"), "base 'tensor_digests'")}
 
 
 @dataclass(frozen=True, slots=True)
 class Genesis:
     """The genesis body. Writer fields (format, run id, creation time, key) are present on every
-    ledger; the training fields only when the recorder wrote it (:attr:`recorded`)."""
+    ledger; the training fields only when the recorder wrote it (:attr:`recorded`); ``config`` is
+    the producer's own and kept as it is."""
 
     run_id: str = ""
     format: int = 1
@@ -178,7 +236,7 @@ class Genesis:
     public_key: bytes = b""
     key_id: bytes = b""
     payload_type: str = ""
-    config: dict[str, Any] = field(default_factory=dict)
+    config: Any = field(default_factory=dict)
     seed: int | None = None
     environment: dict[str, Any] = field(default_factory=dict)
     code: dict[str, Any] = field(default_factory=dict)
@@ -194,7 +252,6 @@ class Genesis:
     retention: Any = "all"
     step_convention: str = ""
     base: dict[str, Any] | None = None
-    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def recorded(self) -> bool:
@@ -206,20 +263,20 @@ class Genesis:
         """Names of the fingerprinted tensors, in the order of per-tensor arrays."""
         return list(self.fingerprints.tensor_order) if self.fingerprints else []
 
+    def tensors(self) -> dict[str, dict[str, Any]]:
+        """Each fingerprinted tensor's architecture entry (name, shape, dtype, kind) by name."""
+        return {t["name"]: dict(t) for t in self.architecture.get("tensors", [])}
+
     def tensor_sizes(self) -> dict[str, int]:
         """Element count of each fingerprinted tensor, from the architecture."""
-        out = {}
-        for t in self.architecture.get("tensors", []):
-            if isinstance(t, Mapping) and isinstance(t.get("name"), str) and isinstance(t.get("shape"), list):
-                out[t["name"]] = int(np.prod(t["shape"], dtype=np.int64))
-        return out
+        return {name: math.prod(t["shape"]) for name, t in self.tensors().items()}
 
     def to_body(self) -> dict[str, Any]:
         """The recorder's genesis fields (the writer adds format, run id, time and key)."""
         if self.optimizer is None or self.init is None or self.fingerprints is None:
             raise FormatError("a recorder genesis needs optimizer, init and fingerprints")
         body = {
-            "config": dict(self.config), "seed": self.seed, "environment": dict(self.environment),
+            "config": self.config, "seed": self.seed, "environment": dict(self.environment),
             "code": dict(self.code), "recipe": self.recipe, "determinism": dict(self.determinism),
             "optimizer": self.optimizer.to_body(), "scheduler": self.scheduler,
             "architecture": dict(self.architecture), "init": self.init.to_body(),
@@ -233,17 +290,20 @@ class Genesis:
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Genesis:
-        """Read a genesis body; the training part is validated only when present."""
+        """Read a genesis body: the writer's fields always, the training part when present."""
         w = "genesis"
-        out = cls(run_id=str(_opt(body, "run_id", str, w) or ""), format=int(_opt(body, "format", int, w) or 0),
-                  created_ns=int(_opt(body, "created_ns", int, w) or 0),
+        out = cls(run_id=str(_opt(body, "run_id", str, w) or ""),
+                  format=_int(body.get("format", 0), "genesis 'format'"),
+                  created_ns=_int(body.get("created_ns", 0), "genesis 'created_ns'"),
                   public_key=_opt(body, "public_key", bytes, w) or b"", key_id=_opt(body, "key_id", bytes, w) or b"",
-                  payload_type=str(_opt(body, "payload_type", str, w) or ""),
-                  config=dict(_opt(body, "config", Mapping, w) or {}), raw=body)
+                  payload_type=str(_opt(body, "payload_type", str, w) or ""), config=body.get("config", {}))
         if not isinstance(body.get("fingerprints"), Mapping):
             return out  # not written by the recorder
+        policy = FingerprintPolicy.from_body(body["fingerprints"])
         checkpoint_every = _opt(body, "checkpoint_every", int, w)
-        return _replace(
+        if checkpoint_every is not None:
+            _int(checkpoint_every, "genesis 'checkpoint_every'", 1)
+        return replace(
             out, seed=_int(_req(body, "seed", int, w), "genesis 'seed'"),
             environment=dict(_opt(body, "environment", Mapping, w) or {}),
             code=dict(_opt(body, "code", Mapping, w) or {}),
@@ -251,27 +311,12 @@ class Genesis:
             determinism=dict(_opt(body, "determinism", Mapping, w) or {}),
             optimizer=OptimizerInfo.from_body(body.get("optimizer")),
             scheduler=_opt(body, "scheduler", str, w),
-            architecture=dict(_opt(body, "architecture", Mapping, w) or {}),
-            init=InitFingerprint.from_body(body.get("init")),
-            fingerprints=FingerprintPolicy.from_body(body["fingerprints"]),
-            checkpoint_every=checkpoint_every, checkpoint_dir=_opt(body, "checkpoint_dir", str, w),
+            architecture=_architecture(body.get("architecture", {})),
+            init=InitFingerprint.from_body(body.get("init"), len(policy.tensor_order), policy.sketch_k),
+            fingerprints=policy, checkpoint_every=checkpoint_every,
+            checkpoint_dir=_opt(body, "checkpoint_dir", str, w),
             retention=body.get("retention", "all"), step_convention=str(body.get("step_convention", "")),
             base=_base(body.get("base")))
-
-
-def _base(value: Any) -> dict[str, Any] | None:
-    """A declared base model (fine-tuning): ``id``, ``revision`` and per-tensor ``tensor_digests``."""
-    if value is None:
-        return None
-    base = _typed(value, Mapping, "genesis 'base'")
-    return {"id": str(_req(base, "id", str, "base")), "revision": _opt(base, "revision", str, "base"),
-            "tensor_digests": _digest_map(_req(base, "tensor_digests", Mapping, "base"), "base 'tensor_digests'")}
-
-
-def _replace(obj: T, **changes: Any) -> T:
-    from dataclasses import replace
-
-    return replace(obj, **changes)  # type: ignore[type-var]
 
 
 # ----------------------------------------------------------------------------- step
@@ -292,7 +337,7 @@ class StepBody:
     model_digest: bytes | None = None
     batch_digest: bytes | None = None
     carries: tuple[str, ...] = ("norms",)
-    hyper: list[dict[str, Any]] | None = None  # per param group, when betas/momentum/… changed since the last entry
+    hyper: list[dict[str, Any]] | None = None
 
     def to_body(self) -> dict[str, Any]:
         """The step map (optional fields only when present)."""
@@ -316,43 +361,41 @@ class StepBody:
         return body
 
     @classmethod
-    def from_body(cls, body: Mapping[str, Any], tensors: int | None = None) -> StepBody:
-        """Read a step body; ``tensors`` (the genesis tensor count) checks the array lengths."""
+    def from_body(cls, body: Mapping[str, Any], genesis: Genesis | None = None) -> StepBody:
+        """Read a step body; with the ``genesis`` of a recorded run, every array's length is checked
+        (norms per tensor, lrs and gradient norms per param group, sketch of k values)."""
         w = "step"
-        norms = _floats(body.get("norms"), "step 'norms'")
-        if tensors is not None and len(norms) != tensors:
-            raise FormatError(f"step 'norms' has {len(norms)} values for {tensors} tensors")
+        tensors = len(genesis.tensor_order) if genesis is not None and genesis.recorded else None
+        groups = len(genesis.optimizer.param_groups) if genesis is not None and genesis.optimizer else None
+        k = genesis.fingerprints.sketch_k if genesis is not None and genesis.fingerprints else None
         metrics = _typed(body.get("metrics", {}), Mapping, "step 'metrics'")
         digests = _opt(body, "tensor_digests", bytes, w)
         if digests is not None and (len(digests) % HASH or (tensors is not None and len(digests) != HASH * tensors)):
             raise FormatError("step 'tensor_digests' is not one 32-byte digest per tensor")
+        hyper = _opt(body, "hyper", list, w)
+        carries = body.get("carries", ["norms"])
         return cls(
-            norms=norms, metrics={str(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-            optimizer_steps=int(_opt(body, "optimizer_steps", int, w) or 0),
-            lrs=_floats(body["lrs"], "step 'lrs'") if body.get("lrs") is not None else None,
-            grad_norms=_floats(body["grad_norms"], "step 'grad_norms'") if body.get("grad_norms") is not None
-            else None,
-            sketch=_floats(body["sketch"], "step 'sketch'") if body.get("sketch") is not None else None,
+            norms=_floats(body.get("norms"), "step 'norms'", tensors),
+            metrics={str(name): _number(v, f"step metric {name!r}") for name, v in metrics.items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            optimizer_steps=_int(body.get("optimizer_steps", 0), "step 'optimizer_steps'", 0),
+            lrs=_floats(body["lrs"], "step 'lrs'", groups) if body.get("lrs") is not None else None,
+            grad_norms=_floats(body["grad_norms"], "step 'grad_norms'", groups)
+            if body.get("grad_norms") is not None else None,
+            sketch=_floats(body["sketch"], "step 'sketch'", k) if body.get("sketch") is not None else None,
             tensor_digests=digests,
-            model_digest=_digest(body["model_digest"], "step 'model_digest'") if digests is not None else None,
+            model_digest=_digest(body.get("model_digest"), "step 'model_digest'") if digests is not None else None,
             batch_digest=_digest(body["batch_digest"], "step 'batch_digest'") if body.get("batch_digest") is not None
             else None,
-            carries=tuple(str(c) for c in _typed(body.get("carries", ["norms"]), list, "step 'carries'")),
-            hyper=[dict(_typed(g, Mapping, "step 'hyper' group")) for g in _typed(body["hyper"], list, "step 'hyper'")]
-            if body.get("hyper") is not None else None)
-
-    def digests_by_name(self, order: Sequence[str]) -> dict[str, bytes] | None:
-        """The full tensor digests as a map, when this step carries them."""
-        if self.tensor_digests is None:
-            return None
-        return {name: self.tensor_digests[HASH * i:HASH * (i + 1)] for i, name in enumerate(order)}
+            carries=tuple(str(c) for c in carries) if isinstance(carries, list) else (),
+            hyper=None if hyper is None else [_group(g, f"step 'hyper' group {i}") for i, g in enumerate(hyper)])
 
 
 # ----------------------------------------------------------------------------- checkpoints, resume, prune
 @dataclass(frozen=True, slots=True)
 class CheckpointBody:
     """A stored training state: its digests (docs/FORMAT.md §11), where its files are, and the
-    optimizer hyperparameters it holds."""
+    optimizer hyperparameters it holds (as the recorder copied them; the files are the evidence)."""
 
     tensor_digests: dict[str, bytes]
     model_digest: bytes
@@ -360,26 +403,31 @@ class CheckpointBody:
     meta_digest: bytes
     state_digest: bytes
     path: str
-    optimizer_hyper: list[dict[str, Any]] = field(default_factory=list)
+    optimizer_hyper: list[Any] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, digests: Any, path: str, optimizer_hyper: list[Any]) -> CheckpointBody:
+        """The entry for a written checkpoint, from its :class:`ledger._state.StateDigests`."""
+        return cls(dict(digests.model), digests.model_digest, digests.optimizer_digest, digests.meta_digest,
+                   digests.state_digest, path, optimizer_hyper)
 
     def to_body(self) -> dict[str, Any]:
         """The checkpoint map."""
         return {"tensor_digests": dict(self.tensor_digests), "model_digest": self.model_digest,
                 "optimizer_digest": self.optimizer_digest, "meta_digest": self.meta_digest,
                 "state_digest": self.state_digest, "path": self.path,
-                "optimizer_hyper": [dict(g) for g in self.optimizer_hyper]}
+                "optimizer_hyper": list(self.optimizer_hyper)}
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> CheckpointBody:
         """Read and validate a checkpoint body."""
         w = "checkpoint"
-        tensor_digests = _digest_map(_req(body, "tensor_digests", Mapping, w), "checkpoint 'tensor_digests'")
         model, optimizer, meta, state = (_digest(body.get(k), f"checkpoint {k!r}")
                                          for k in ("model_digest", "optimizer_digest", "meta_digest", "state_digest"))
-        return cls(tensor_digests, model, optimizer, meta, state,
-                   path=_req(body, "path", str, w),
-                   optimizer_hyper=[dict(g) for g in _opt(body, "optimizer_hyper", list, w) or []
-                                    if isinstance(g, Mapping)])
+        hyper = body.get("optimizer_hyper", [])
+        return cls(_digest_map(_req(body, "tensor_digests", Mapping, w), "checkpoint 'tensor_digests'"),
+                   model, optimizer, meta, state, path=_req(body, "path", str, w),
+                   optimizer_hyper=list(hyper) if isinstance(hyper, list) else [])
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,16 +470,19 @@ class ResumeBody:
         span = _opt(body, "superseded", Mapping, w)
         superseded = None
         if span is not None:
-            steps = _typed(span.get("steps", [0, 0]), list, "resume superseded 'steps'")
-            first, last = (_int(span.get(k), f"resume superseded {k!r}") for k in ("first_seq", "last_seq"))
-            if not 0 <= first <= last:
-                raise FormatError("resume 'superseded' range is empty or negative")
-            superseded = Superseded(first, last, (int(steps[0]), int(steps[-1])) if steps else (0, 0),
-                                    int(span.get("count", last - first + 1)))
-        return cls(_int(_req(body, "checkpoint_seq", int, w), "resume 'checkpoint_seq'"),
+            first, last = (_int(span.get(k), f"resume superseded {k!r}", 0) for k in ("first_seq", "last_seq"))
+            if first > last:
+                raise FormatError("resume 'superseded' range is empty")
+            steps = _typed(span.get("steps", [-1, -1]), list, "resume superseded 'steps'")
+            if len(steps) != 2:
+                raise FormatError("resume superseded 'steps' is not a [first, last] pair")
+            superseded = Superseded(first, last, (_int(steps[0], "resume superseded 'steps'"),
+                                                  _int(steps[1], "resume superseded 'steps'")),
+                                    _int(span.get("count", last - first + 1), "resume superseded 'count'", 0))
+        return cls(_int(_req(body, "checkpoint_seq", int, w), "resume 'checkpoint_seq'", 0),
                    _int(_req(body, "checkpoint_step", int, w), "resume 'checkpoint_step'"),
                    _digest(body.get("state_digest"), "resume 'state_digest'"),
-                   int(_opt(body, "recovered_torn_bytes", int, w) or 0), superseded)
+                   _int(body.get("recovered_torn_bytes", 0), "resume 'recovered_torn_bytes'", 0), superseded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,7 +500,7 @@ class PruneBody:
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> PruneBody:
         """Read and validate a prune body."""
-        return cls(_int(_req(body, "checkpoint_seq", int, "prune"), "prune 'checkpoint_seq'"),
+        return cls(_int(_req(body, "checkpoint_seq", int, "prune"), "prune 'checkpoint_seq'", 0),
                    _digest(body.get("state_digest"), "prune 'state_digest'"), str(body.get("reason", "")))
 
 
@@ -501,9 +552,10 @@ class SealBody:
                                                "seal final 'tensor_digests'"),
                                    _digest(final.get("model_digest"), "seal final 'model_digest'"),
                                    _opt(final, "file", str, "seal final"))
-        return cls(_int(_req(body, "entry_count", int, w), "seal 'entry_count'"),
+        steps = _opt(body, "steps", int, w)
+        return cls(_int(_req(body, "entry_count", int, w), "seal 'entry_count'", 0),
                    _digest(body.get("head"), "seal 'head'"), _digest(body.get("tree_root"), "seal 'tree_root'"),
-                   weights, _opt(body, "steps", int, w))
+                   weights, None if steps is None else _int(steps, "seal 'steps'", 0))
 
 
 # ----------------------------------------------------------------------------- where checkpoints are

@@ -78,12 +78,5 @@ def read_weights(directory: Path, names: Iterable[str] | None = None) -> dict[st
     return read_safetensors(directory / FILES[0], names)
 
 
-def read_optimizer(directory: Path) -> dict[str, npt.NDArray[Any]]:
-    """The optimizer-state tensors of a checkpoint as numpy arrays, no torch."""
-    from ledger._weights import read_safetensors
-
-    return read_safetensors(directory / FILES[1])
-
-
-__all__ = ["FILES", "StateDigests", "digests_of", "read_meta", "read_optimizer", "read_weights",
+__all__ = ["FILES", "StateDigests", "digests_of", "read_meta", "read_weights",
            "state_digest"]

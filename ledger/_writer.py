@@ -106,7 +106,8 @@ class LedgerWriter:
         clash = sorted(set(fields) & set(GENESIS_RESERVED))
         if clash:
             raise ConfigurationError(f"genesis field names reserved by the format: {', '.join(clash)}")
-        layout.parts.mkdir(parents=True, exist_ok=True)
+        with _storage(f"create {layout.parts}"):
+            layout.parts.mkdir(parents=True, exist_ok=True)
         lock = _acquire(layout)
         run_id = run_id or secrets.token_hex(16)
         writer = cls(layout, signer, lock=lock, run_id=run_id, head=ZERO_HASH, next_seq=0, fsync=fsync,

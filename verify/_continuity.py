@@ -1,11 +1,14 @@
-"""``continuity``: every recorded update fits within what the optimizer can do.
+"""``continuity``: every recorded update fits within what the optimizer can do, and the released
+weights are the state at the last step.
 
-Adam/AdamW move each coordinate by at most α·B_t (+ α·λ·|θ| for decoupled weight decay), with
-B_t the finite-t form of the tight bound (1−β1)/√(1−β2)·1/√(1−β1²/β2) including bias correction
-(docs/VERIFYING.md). SGD moves a group by at most α·Σ μ^j (‖g_{s−j}‖ + λ‖θ‖), from the logged
-gradient norms. Evidence: per-tensor norms every step, sketches between sketched steps, and the
-real weights of consecutive checkpoints (per coordinate). Sketches and norms are also checked
-against the real weights wherever a checkpoint holds them.
+Evidence, each named in the result only when it was used: per-tensor norms every step (against the
+L2 bound of :mod:`ledger.verify._bounds`), sketches between sketched steps (the L2 bound summed, with
+Johnson–Lindenstrauss slack), and the real weights of consecutive stored checkpoints (per
+coordinate for Adam/AdamW, L2 per group for SGD). Where a checkpoint is stored, the logged sketch,
+norms and hyperparameters are checked against it. Parameters in no recorded optimizer group may not
+move (buffers may: they are named). The seal's final weights must equal the state at the last step
+(its checkpoint or logged digests; else its norms and sketch against ``--model``, which is weaker
+and says so). A verdict resting on norms alone warns.
 """
 
 from __future__ import annotations
@@ -15,168 +18,164 @@ from typing import Any
 
 import numpy as np
 
-from ledger._schema import StepBody
-from ledger._state import read_weights
+from ledger._record import Kind
+from ledger._state import read_meta, read_weights
 from ledger._weights import NumpySketch
+from ledger.verify._bounds import Bounds, dtype_rounding, norm_rtol
 from ledger.verify._context import Context
 from ledger.verify._result import CheckResult, Status
 from ledger.verify._run import RunView
 
-NORM_RTOL = 1e-6  # float32 norms: relative rounding slack
-SKETCH_RTOL = 1e-6  # sketch of the same weights, another summation order
-
-
-def adam_bound(beta1: float, beta2: float, t: int) -> float:
-    """max |m̂_t| / √v̂_t over all gradient sequences of length t (Cauchy–Schwarz, tight)."""
-    r = beta1 * beta1 / beta2
-    partial = t if r == 1 else (1 - r**t) / (1 - r)
-    return (1 - beta1) / math.sqrt(1 - beta2) * math.sqrt(partial) * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-
-
-def _family(optimizer_class: str) -> str | None:
-    name = optimizer_class.rsplit(".", 1)[-1]
-    if name in ("AdamW",):
-        return "adamw"
-    if name in ("Adam",):
-        return "adam"
-    if name == "SGD":
-        return "sgd"
-    return None
-
-
-class Bounds:
-    """Per-step, per-tensor L2 bounds on the update, from the committed hyperparameters."""
-
-    def __init__(self, view: RunView) -> None:
-        self.family = _family(view.optimizer.class_name)
-        self.groups = view.optimizer.param_groups
-        order = view.tensor_order
-        sizes = view.genesis.tensor_sizes()
-        self.group_of = np.full(len(order), -1)
-        index = {name: i for i, name in enumerate(order)}
-        for g, group in enumerate(self.groups):
-            for name in group.get("tensors", []):
-                if name in index:
-                    self.group_of[index[name]] = g
-        self.sqrt_d = np.sqrt(np.array([sizes.get(n, 0) for n in order], dtype=np.float64))
-        self.grad_history: list[np.ndarray] = []
-
-    def step(self, s: int, lrs: np.ndarray, prev_norms: np.ndarray, grad_norms: np.ndarray | None) -> np.ndarray:
-        """L2 bound on each tensor's update at step s (inf for tensors outside any group)."""
-        bound = np.full(len(self.group_of), np.inf)
-        for g, group in enumerate(self.groups):
-            mask = self.group_of == g
-            lr = float(lrs[g]) if g < len(lrs) else float(group["lr"])
-            wd = float(group.get("weight_decay", 0.0) or 0.0)
-            if self.family in ("adam", "adamw"):
-                beta1, beta2 = (float(b) for b in group["betas"])
-                b = lr * adam_bound(beta1, beta2, s + 1) * self.sqrt_d[mask]
-                if self.family == "adamw":
-                    b = b + lr * wd * prev_norms[mask]
-                bound[mask] = b * (1 + 1e-6)
-            elif self.family == "sgd" and grad_norms is not None:
-                mu = float(group.get("momentum", 0.0) or 0.0)
-                theta = float(np.sqrt(np.square(prev_norms[mask]).sum()))
-                history = [h[g] for h in self.grad_history] + [float(grad_norms[g])]
-                total = sum(mu**j * (gn + wd * theta) for j, gn in enumerate(reversed(history)))
-                if group.get("nesterov"):
-                    total = (float(grad_norms[g]) + wd * theta) + mu * total
-                bound[mask] = lr * total * (1 + 1e-6)
-        if grad_norms is not None:
-            self.grad_history.append(np.asarray(grad_norms, dtype=np.float64))
-        return bound
-
-
-def _lrs(body: StepBody, bounds: Bounds) -> np.ndarray:
-    return body.lrs if body.lrs is not None else np.asarray([g["lr"] for g in bounds.groups], dtype=np.float64)
+SKETCH_RTOL = 1e-6  # sketch of the same weights, another summation order (float64)
+HYPER_KEYS = ("betas", "momentum", "weight_decay", "eps")
 
 
 def check_continuity(ctx: Context) -> CheckResult:
-    """Check every step's update against the optimizer bound (norms, sketches, checkpoints)."""
+    """Check every step's update against the optimizer bound (norms, sketches, checkpoints) and the
+    final weights against the last step."""
     view = ctx.view
     assert view is not None
-    if not view.steps:
+    if not view.steps and not view.malformed:
         return CheckResult("continuity", Status.SKIP, "no recorded steps with fingerprints to check")
     bounds = Bounds(view)
-    if bounds.family is None:
-        return CheckResult("continuity", Status.SKIP, f"no update bound is known for {view.optimizer.class_name}",
-                           summary="optimizer without a known bound")
-    k = view.policy.sketch_k
-    jl = 1 + 3 / math.sqrt(k)
-    init = view.init
-    prev_norms = init.norms
-    sketch_at, sketch_prev = -1, init.sketch
-    series: dict[str, list[float]] = {"steps": [], "moved": [], "bound": [], "ratio": []}
-    sketch_budget, sketch_unbounded, sketch_skipped = 0.0, False, 0
-    anomalies: list[dict[str, Any]] = []
-    ratios: list[float] = []
-    distance_from_init: list[list[float]] = []
-    expected = 0
-    for s in sorted(view.steps):
-        body = view.steps[s]
-        if s != expected:
-            anomalies.append({"step": s, "ratio": math.inf, "evidence": "steps",
-                              "detail": f"steps {expected}…{s - 1} are missing"})
-        expected = s + 1
-        norms = body.norms
-        bound = bounds.step(s, _lrs(body, bounds), prev_norms, body.grad_norms)
-        slack = NORM_RTOL * np.maximum(norms, prev_norms) + 1e-12
-        delta = np.abs(norms - prev_norms)
-        ratio = delta / (bound + slack)
-        worst = int(np.argmax(ratio))
-        if ratio[worst] > 1:
-            anomalies.append({"step": s, "ratio": float(ratio[worst]), "evidence": "norms",
-                              "tensor": view.tensor_order[worst]})
-        else:
-            ratios.append(float(ratio[worst]))
-        finite = np.isfinite(bound)
-        series["steps"].append(s)
-        series["moved"].append(float(delta[finite].sum()))
-        series["bound"].append(float(bound[finite].sum()))
-        series["ratio"].append(float((delta[finite] / (bound[finite] + 1e-12)).max()) if finite.any() else 0.0)
-        sketch_budget += float(np.sqrt(np.square(bound[finite]).sum()))
-        # a tensor outside every param group (e.g. BatchNorm running statistics) that moved has no
-        # bound, so the sketch interval holding that step cannot be checked as a whole
-        sketch_unbounded |= bool(np.any(~finite & (np.abs(norms - prev_norms) > slack)))
-        if body.sketch is not None:
-            sketch = body.sketch
-            moved = float(np.linalg.norm(sketch - sketch_prev))
-            r = moved / (jl * sketch_budget + 1e-12)
-            if sketch_unbounded:
-                sketch_skipped += 1
-            elif r > 1:
-                anomalies.append({"step": s, "ratio": r, "evidence": "sketch", "since_step": sketch_at})
-            else:
-                ratios.append(r)
-            distance_from_init.append([s, float(np.linalg.norm(sketch - init.sketch))])
-            sketch_at, sketch_prev, sketch_budget, sketch_unbounded = s, sketch, 0.0, False
-        prev_norms = norms
-    checked_intervals = _check_checkpoints(view, bounds, anomalies, ratios) if view.checkpoints else 0
+    walk = _Walk(view, bounds)
+    walk.run()
+    evidence = [f"per-tensor norms at {len(view.steps)} steps"]
+    if walk.sketch_checks:
+        evidence.append(f"sketches at {walk.sketch_checks} step(s)")
+    intervals = _check_checkpoints(view, bounds, walk) if bounds.family else 0
+    if intervals:
+        evidence.append(f"{intervals} checkpoint interval(s) on the real weights")
+    final, weak_final = _check_final(ctx, view, walk)
+    if final:
+        evidence.append(final)
+    anomalies, notes = walk.anomalies, list(walk.notes)
     data: dict[str, Any] = {
         "steps_checked": len(view.steps), "anomalies": anomalies,
-        "margin": max(ratios) if ratios else None, "superseded_steps": [s for _, s in view.superseded],
-        "checkpoint_intervals_checked": checked_intervals,
-        "distance_from_init": distance_from_init[:: max(1, len(distance_from_init) // 1000)],
-        "optimizer_family": bounds.family, "sketch_intervals_skipped": sketch_skipped,
+        "margin": max(walk.ratios) if walk.ratios else None, "superseded_steps": [s for _, s in view.superseded],
+        "checkpoint_intervals_checked": intervals, "sketch_steps_checked": walk.sketch_checks,
+        "distance_from_init": walk.distance[:: max(1, len(walk.distance) // 1000)],
+        "optimizer_family": bounds.family, "sketch_intervals_skipped": walk.sketch_skipped,
+        "evidence": evidence, "buffers_moved": walk.buffers_moved,
     }
-    margin = f"largest honest ratio to the bound {max(ratios):.4f}" if ratios else "no ratios"
-    superseded = f"; {len(view.superseded)} superseded step entries excluded" if view.superseded else ""
-    if sketch_skipped:
-        superseded += (f"; sketch evidence skipped for {sketch_skipped} interval(s) in which tensors outside the "
-                       "optimizer (e.g. normalisation statistics) changed")
-    plot = {**series, "family": bounds.family, "distance_from_init": distance_from_init}
+    plot = {**walk.series, "family": bounds.family or "", "distance_from_init": walk.distance}
+    name = bounds.family or view.optimizer.class_name
     if anomalies:
         named = "; ".join(_describe(a) for a in anomalies[:6])
-        return CheckResult("continuity", Status.FAIL, f"{len(anomalies)} update(s) exceed the {bounds.family} bound: "
+        return CheckResult("continuity", Status.FAIL, f"{len(anomalies)} update(s) break continuity ({name}): "
                            f"{named}{' …' if len(anomalies) > 6 else ''}", data, series=plot)
-    return CheckResult("continuity", Status.PASS, f"{len(view.steps)} steps within the {bounds.family} update bound "
-                       f"(norms every step, sketches, {checked_intervals} checkpoint interval(s) per coordinate); "
-                       f"{margin}{superseded}", data, series=plot)
+    margin = f"largest honest ratio to the bound {max(walk.ratios):.4f}" if walk.ratios else "no ratios"
+    if view.superseded:
+        notes.append(f"{len(view.superseded)} superseded step entries excluded")
+    if walk.buffers_moved:
+        notes.append(f"buffers outside the optimizer changed and are exempt: {', '.join(walk.buffers_moved[:5])}")
+    if walk.sketch_skipped:
+        notes.append(f"sketch evidence skipped for {walk.sketch_skipped} interval(s) in which tensors outside the "
+                     "optimizer (e.g. normalisation statistics) changed")
+    tail = "".join(f"; {n}" for n in notes)
+    if bounds.family is None:
+        return CheckResult("continuity", Status.WARN, f"no update bound is known for {view.optimizer.class_name}: "
+                           f"only missing steps, logged fingerprints against checkpoints and the final state were "
+                           f"checked (evidence: {', '.join(evidence)}){tail}", data,
+                           summary="optimizer without a known bound", series=plot)
+    weak = _weakness(bounds, walk, intervals) or weak_final
+    detail = f"{len(view.steps)} steps within the {bounds.family} update bound (evidence: {', '.join(evidence)}); " \
+             f"{margin}{tail}"
+    if weak:
+        return CheckResult("continuity", Status.WARN, f"{detail}; but {weak}", data, summary=weak, series=plot)
+    return CheckResult("continuity", Status.PASS, detail, data, series=plot)
+
+
+def _weakness(bounds: Bounds, walk: _Walk, intervals: int) -> str:
+    """Why a continuity pass would claim more than its evidence shows ("" when it does not)."""
+    if bounds.vacuous:
+        return "Adam with β1² > β2: the bound grows without limit, so it is vacuous"
+    if not walk.sketch_checks and not intervals:
+        return "it rests on per-tensor norms alone (no sketches, no two stored checkpoints)"
+    return ""
+
+
+class _Walk:
+    """One pass over the recorded steps: norm and sketch evidence, series for the plots."""
+
+    def __init__(self, view: RunView, bounds: Bounds) -> None:
+        self.view, self.bounds = view, bounds
+        self.anomalies: list[dict[str, Any]] = [{"step": -1, "ratio": math.inf, "evidence": "entry", "detail": why}
+                                                for why in view.malformed_of(Kind.STEP, Kind.RESUME)]
+        self.ratios: list[float] = []
+        self.notes: list[str] = []
+        self.series: dict[str, list[float]] = {"steps": [], "moved": [], "bound": [], "ratio": []}
+        self.distance: list[list[float]] = []
+        self.sketch_checks = self.sketch_skipped = 0
+        self.buffers_moved: list[str] = []
+
+    def run(self) -> None:
+        """Walk every recorded step in order."""
+        view, bounds = self.view, self.bounds
+        if not view.recorded:
+            return
+        rtol = norm_rtol(view)
+        rounding = dtype_rounding(view)
+        jl = 1 + 3 / math.sqrt(view.policy.sketch_k)
+        order = view.tensor_order
+        prev_norms, sketch_at, sketch_prev = view.init.norms, -1, view.init.sketch
+        sketch_budget, sketch_unbounded, expected = 0.0, False, 0
+        moved_buffers: set[str] = set()
+        for s in sorted(view.steps):
+            body = view.steps[s]
+            if s != expected:
+                self.anomalies.append({"step": s, "ratio": math.inf, "evidence": "steps",
+                                       "detail": f"steps {expected}…{s - 1} are missing"})
+            expected = s + 1
+            norms = body.norms
+            bound = bounds.step(s, body, prev_norms)
+            top = np.maximum(norms, prev_norms)
+            slack = (rtol + rounding * max(body.optimizer_steps, 1)) * top + 1e-12
+            delta = np.abs(norms - prev_norms)
+            moved = delta > slack
+            outside, unbounded = bounds.group_of < 0, ~np.isfinite(bound)
+            ratio = np.where(moved & ~unbounded, delta / (np.where(unbounded, 1.0, bound) + slack), 0.0)
+            for i in np.flatnonzero(outside & moved & bounds.parameter):
+                self.anomalies.append({"step": s, "ratio": math.inf, "evidence": "norms", "tensor": order[i],
+                                       "detail": "a parameter in no recorded optimizer group moved"})
+            moved_buffers.update(order[i] for i in np.flatnonzero(outside & moved & ~bounds.parameter))
+            bounded = ratio[~unbounded]
+            if bounded.size:
+                worst = int(np.flatnonzero(~unbounded)[int(np.argmax(bounded))])
+                if ratio[worst] > 1:
+                    what = "weights moved at a step where the optimizer took no step" \
+                        if body.optimizer_steps == 0 else ""
+                    self.anomalies.append({"step": s, "ratio": float(ratio[worst]), "evidence": "norms",
+                                           "tensor": order[worst], **({"detail": what} if what else {})})
+                else:
+                    self.ratios.append(float(ratio[worst]))
+            finite = ~unbounded
+            self.series["steps"].append(s)
+            self.series["moved"].append(float(delta[finite].sum()))
+            self.series["bound"].append(float(bound[finite].sum()))
+            self.series["ratio"].append(float(ratio[finite].max()) if finite.any() else 0.0)
+            sketch_budget += float(np.sqrt(np.square(bound[finite] + slack[finite]).sum()))
+            # a tensor outside every param group (e.g. BatchNorm running statistics) that moved has no
+            # bound, so the sketch interval holding that step cannot be checked as a whole
+            sketch_unbounded |= bool(np.any(unbounded & moved))
+            if body.sketch is not None:
+                distance = float(np.linalg.norm(body.sketch - sketch_prev))
+                r = distance / (jl * sketch_budget + 1e-12)
+                if sketch_unbounded or bounds.family is None:
+                    self.sketch_skipped += 1
+                elif r > 1:
+                    self.anomalies.append({"step": s, "ratio": r, "evidence": "sketch", "since_step": sketch_at})
+                else:
+                    self.ratios.append(r)
+                    self.sketch_checks += 1
+                self.distance.append([s, float(np.linalg.norm(body.sketch - view.init.sketch))])
+                sketch_at, sketch_prev, sketch_budget, sketch_unbounded = s, body.sketch, 0.0, False
+            prev_norms = norms
+        self.buffers_moved = sorted(moved_buffers)
 
 
 def movement(view: RunView) -> dict[int, float]:
-    """How far each step moved the weights, by the sum of per-tensor norm changes (what replay
-    uses to pick the interval with the largest update)."""
+    """How far each step moved the weights, by the sum of per-tensor norm changes."""
     out, prev = {}, view.init.norms if view.recorded else None
     for s in sorted(view.steps):
         norms = view.steps[s].norms
@@ -187,26 +186,28 @@ def movement(view: RunView) -> dict[int, float]:
 
 
 def _describe(anomaly: dict[str, Any]) -> str:
-    if anomaly["evidence"] == "steps":
-        return f"step {anomaly['step']}: {anomaly['detail']}"
+    evidence = anomaly["evidence"]
+    if evidence in ("steps", "fingerprint", "entry", "final", "hyperparameters"):
+        return f"step {anomaly['step']}: {anomaly['detail']}" if anomaly["step"] != -1 or evidence != "entry" \
+            else anomaly["detail"]
     where = f" ({anomaly['tensor']})" if "tensor" in anomaly else ""
+    if anomaly.get("detail"):
+        return f"step {anomaly['step']}: {anomaly['detail']}{where}"
     span = f" since step {anomaly['since_step']}" if "since_step" in anomaly else ""
-    if anomaly["evidence"] == "checkpoint":
+    if evidence == "checkpoint":
         return (f"steps {anomaly['from_step'] + 1}…{anomaly['step']}: real weights moved {anomaly['ratio']:.3g}× "
-                f"the per-coordinate bound{where}")
-    if anomaly["evidence"] == "fingerprint":
-        return f"step {anomaly['step']}: {anomaly['detail']}"
-    return f"step {anomaly['step']}: {anomaly['evidence']} moved {anomaly['ratio']:.3g}× the bound{where}{span}"
+                f"the {anomaly.get('rule', 'per-coordinate')} bound{where}")
+    return f"step {anomaly['step']}: {evidence} moved {anomaly['ratio']:.3g}× the bound{where}{span}"
 
 
-def _check_checkpoints(view: RunView, bounds: Bounds, anomalies: list[dict[str, Any]],
-                       ratios: list[float]) -> int:
-    """Per-coordinate (L∞) bound between consecutive stored checkpoints, and the logged sketches
-    and norms against the real weights (read with numpy: no torch needed)."""
-    policy = view.policy
-    sketcher = NumpySketch(policy.sketch_seed, policy.sketch_k)
+# ----------------------------------------------------------------------------- stored checkpoints
+def _check_checkpoints(view: RunView, bounds: Bounds, walk: _Walk) -> int:
+    """Between consecutive stored checkpoints, the real weights against the summed bound (per
+    coordinate for Adam/AdamW, per group in L2 for SGD); at each, the logged sketch, norms and
+    hyperparameters against what the checkpoint holds. Returns the intervals checked."""
+    sketcher = NumpySketch(view.policy.sketch_seed, view.policy.sketch_k)
     order = view.tensor_order
-    position = {name: i for i, name in enumerate(order)}
+    rtol, rounding = norm_rtol(view), dtype_rounding(view)
     previous: tuple[int, dict[str, np.ndarray]] | None = None
     intervals = 0
     for cp in view.stored_checkpoints():
@@ -214,42 +215,168 @@ def _check_checkpoints(view: RunView, bounds: Bounds, anomalies: list[dict[str, 
         logged = view.steps.get(cp.step)
         sketch = view.init.sketch if cp.step == -1 else logged.sketch if logged else None
         norms = view.init.norms if cp.step == -1 else logged.norms if logged else None
-        if sketch is not None:
-            real = sketcher({n: weights[n] for n in order if n in weights})
-            if float(np.linalg.norm(real - sketch)) > SKETCH_RTOL * max(float(np.linalg.norm(sketch)), 1e-12):
-                anomalies.append({"step": cp.step, "ratio": math.inf, "evidence": "fingerprint",
-                                  "detail": "the logged sketch does not match the checkpoint's weights"})
-        if norms is not None:
-            real_norms = np.array([float(np.linalg.norm(weights[n].astype(np.float64).ravel())) if n in weights
-                                   else math.nan for n in order])
-            if not np.all(np.abs(real_norms - norms) <= 1e-5 * np.maximum(norms, 1e-12) + 1e-12):
-                anomalies.append({"step": cp.step, "ratio": math.inf, "evidence": "fingerprint",
-                                  "detail": "the logged norms do not match the checkpoint's weights"})
-        if previous is not None and bounds.family in ("adam", "adamw"):
+        for problem in fingerprint_problems(weights, order, sketcher, sketch, norms, rtol):
+            walk.anomalies.append({"step": cp.step, "ratio": math.inf, "evidence": "fingerprint",
+                                   "detail": f"{problem} the checkpoint's weights"})
+        if cp.step >= 0:
+            walk.anomalies += _hyper_problems(view, bounds, cp.step, read_meta(cp.directory))
+        if previous is not None:
             t, before = previous
             steps = [s for s in range(t + 1, cp.step + 1) if s in view.steps]
             if steps:
                 intervals += 1
-                worst, worst_name = 0.0, ""
-                for name in order:
-                    g = int(bounds.group_of[position[name]])
-                    if g < 0 or name not in weights or name not in before:
-                        continue
-                    group = bounds.groups[g]
-                    beta1, beta2 = (float(b) for b in group["betas"])
-                    wd = float(group.get("weight_decay", 0.0) or 0.0) if bounds.family == "adamw" else 0.0
-                    lrs = [float(_lrs(view.steps[s], bounds)[g]) for s in steps]
-                    a = sum(lr * adam_bound(beta1, beta2, s + 1) for lr, s in zip(lrs, steps, strict=True))
-                    decay = wd * sum(lrs)
-                    old, new = before[name].astype(np.float64), weights[name].astype(np.float64)
-                    limit = a + decay * (np.maximum(np.abs(old), np.abs(new)) + a)
-                    ratio = float((np.abs(new - old) / (limit * (1 + 1e-6) + 1e-12)).max()) if old.size else 0.0
-                    if ratio > worst:
-                        worst, worst_name = ratio, name
+                worst, name, rule = _interval(view, bounds, steps, before, weights, rounding)
                 if worst > 1:
-                    anomalies.append({"step": cp.step, "from_step": t, "ratio": worst, "evidence": "checkpoint",
-                                      "tensor": worst_name})
+                    walk.anomalies.append({"step": cp.step, "from_step": t, "ratio": worst, "evidence": "checkpoint",
+                                           "tensor": name, "rule": rule})
                 else:
-                    ratios.append(worst)
+                    walk.ratios.append(worst)
         previous = (cp.step, weights)
     return intervals
+
+
+def fingerprint_problems(weights: dict[str, np.ndarray], order: list[str], sketcher: NumpySketch,
+                          sketch: np.ndarray | None, norms: np.ndarray | None, rtol: np.ndarray) -> list[str]:
+    """How logged fingerprints (sketch, norms) disagree with real weights, each phrase to be
+    followed by what the weights are ("the checkpoint's weights")."""
+    problems = []
+    if any(n not in weights for n in order):
+        return ["tensors of the ledger are missing from"]
+    if sketch is not None:
+        real = sketcher({n: weights[n] for n in order})
+        if float(np.linalg.norm(real - sketch)) > SKETCH_RTOL * max(float(np.linalg.norm(sketch)), 1e-12):
+            problems.append("the logged sketch does not match")
+    if norms is not None:
+        real_norms = np.array([float(np.linalg.norm(weights[n].astype(np.float64).ravel())) for n in order])
+        if not np.all(np.abs(real_norms - norms) <= rtol * np.maximum(norms, real_norms) + 1e-12):
+            problems.append("the logged norms do not match")
+    return problems
+
+
+def _hyper_problems(view: RunView, bounds: Bounds, step: int, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The optimizer hyperparameters a checkpoint holds against those the ledger logs for its step:
+    the learning rate (that of step s or, after a scheduler step, s+1) and betas, momentum, weight
+    decay and eps in force."""
+    stored = meta.get("param_groups")
+    # after step s a checkpoint holds the values of step s, or of step s+1 once a scheduler stepped;
+    # after the last step those next values are logged nowhere, so they cannot be compared
+    in_force = [bounds.groups_at[s] for s in (step, step + 1) if s in bounds.groups_at]
+    if not isinstance(stored, list) or step + 1 not in view.steps or not in_force:
+        return []
+    groups = in_force[0]
+    problems: list[dict[str, Any]] = []
+
+    def fail(detail: str) -> None:
+        problems.append({"step": step, "ratio": math.inf, "evidence": "hyperparameters", "detail": detail})
+
+    if len(stored) != len(groups):
+        fail(f"the checkpoint holds {len(stored)} param groups, the ledger {len(groups)}")
+        return problems
+    logged = [view.steps[s].lrs for s in _lr_steps(step, meta)]
+    for g, held in enumerate(stored):
+        if not isinstance(held, dict):
+            fail(f"param group {g} of the checkpoint is unreadable")
+            continue
+        lr = held.get("lr")
+        candidates = [float(lrs[g]) for lrs in logged if lrs is not None and g < len(lrs)]
+        if isinstance(lr, (int, float)) and candidates and all(float(lr) != c for c in candidates):
+            fail(f"group {g}: the checkpoint holds lr {float(lr)!r}, the ledger logs "
+                 f"{' / '.join(repr(c) for c in candidates)}")
+        for key in HYPER_KEYS:
+            claims = [_plain(groups[g][key]) for groups in in_force if g < len(groups) and key in groups[g]]
+            if key in held and claims and all(_plain(held[key]) != c for c in claims):
+                fail(f"group {g}: the checkpoint holds {key} {_plain(held[key])!r}, the ledger "
+                     f"{' / '.join(repr(c) for c in claims)}")
+    return problems
+
+
+def _lr_steps(step: int, meta: dict[str, Any]) -> tuple[int, ...]:
+    """Whose learning rate a checkpoint after step s holds: step s+1's when the recorded scheduler has
+    stepped s+1 times (``last_epoch``), step s's when s times; without a recorded scheduler either (a
+    loop may set the lr before or after recording), which leaves a forged lr right next to a
+    checkpoint to replay."""
+    scheduler = meta.get("scheduler")
+    epoch = scheduler.get("last_epoch") if isinstance(scheduler, dict) else None
+    if epoch == step + 1:
+        return (step + 1,)
+    if epoch == step:
+        return (step,)
+    return step, step + 1
+
+
+def _plain(value: Any) -> Any:
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else \
+        float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def _interval(view: RunView, bounds: Bounds, steps: list[int], before: dict[str, np.ndarray],
+              after: dict[str, np.ndarray], rounding: np.ndarray) -> tuple[float, str, str]:
+    """(largest ratio to the bound, its tensor, the rule) between two stored states."""
+    worst, worst_name = 0.0, ""
+    order = view.tensor_order
+    opt_steps = sum(bounds.steps[s] for s in steps)
+    group_moves: dict[int, float] = {}
+    for i, name in enumerate(order):
+        old, new = before[name].astype(np.float64), after[name].astype(np.float64)
+        g = int(bounds.group_of[i])
+        if g < 0:
+            if bounds.parameter[i] and not np.array_equal(old, new):
+                return math.inf, name, "no-optimizer"
+            continue
+        if bounds.family in ("adam", "adamw"):
+            a = sum(float(bounds.coef[s][g]) for s in steps)
+            decay = sum(float(bounds.decay[s][g]) for s in steps)
+            top = np.maximum(np.abs(old), np.abs(new)) + a
+            limit = a + decay * top + opt_steps * rounding[i] * top
+            ratio = float((np.abs(new - old) / (limit * (1 + 1e-9) + 1e-12)).max()) if old.size else 0.0
+            if ratio > worst:
+                worst, worst_name = ratio, name
+        else:
+            group_moves[g] = group_moves.get(g, 0.0) + float(np.square(new - old).sum())
+    if bounds.family == "sgd":
+        for g, squared in group_moves.items():
+            budget = sum(_sgd_budget(bounds, s, g) for s in steps)
+            ratio = math.sqrt(squared) / (budget * (1 + 1e-9) + 1e-12) if squared else 0.0
+            if ratio > worst:
+                worst, worst_name = ratio, f"param group {g}"
+        return worst, worst_name, "group L2"
+    return worst, worst_name, "per-coordinate"
+
+
+def _sgd_budget(bounds: Bounds, step: int, group: int) -> float:
+    return float(bounds.sgd_totals.get(step, {}).get(group, math.inf))
+
+
+# ----------------------------------------------------------------------------- the final state
+def _check_final(ctx: Context, view: RunView, walk: _Walk) -> tuple[str, str]:
+    """The seal's final weights against the state at the last step; returns (the evidence used,
+    why it is weak), each "" when there is none."""
+    seal = view.seal
+    if seal is None or seal.final is None or not view.steps:
+        return "", ""
+    last, digests, where = view.last_state()
+    sealed = seal.final.tensor_digests
+    if digests is not None:
+        differ = sorted(n for n in set(sealed) | set(digests) if sealed.get(n) != digests.get(n))
+        if differ:
+            walk.anomalies.append({"step": last, "ratio": math.inf, "evidence": "final",
+                                   "detail": f"the sealed final weights are not the state at the last step ({where}): "
+                                             f"{len(differ)} tensor(s) differ: {', '.join(differ[:5])}"})
+        return f"the sealed weights equal {where}", ""
+    if ctx.model is None:
+        return "", (f"the sealed final weights are tied to nothing the verifier could check: no checkpoint or "
+                    f"digests at the last step {last} (give --model to compare its norms and sketch)")
+    from ledger._weights import read_safetensors
+
+    weights = read_safetensors(ctx.model)
+    body = view.steps[last]
+    sketcher = NumpySketch(view.policy.sketch_seed, view.policy.sketch_k)
+    problems = fingerprint_problems(weights, view.tensor_order, sketcher, body.sketch, body.norms, norm_rtol(view))
+    if problems:
+        walk.anomalies.append({"step": last, "ratio": math.inf, "evidence": "final",
+                               "detail": f"{' and '.join(problems)} the released weights ({ctx.model.name})"})
+        return "the released weights against the last step's norms", ""
+    what = "norms and sketch" if body.sketch is not None else "norms"
+    return f"the released weights against step {last}'s {what}", (
+        f"the final weights are tied to step {last} by its {what} only, which a forger can match "
+        "(no checkpoint or digests there)")

@@ -19,6 +19,7 @@ from ledger._crypto import PublicKey
 from ledger._encoding import decode_body, floats_equal
 from ledger._reader import Ledger
 from ledger._record import HEADER_SIZE, Kind, merkle_root
+from ledger._schema import SealBody
 from ledger.errors import FormatError
 from ledger.verify._context import Context
 from ledger.verify._load import Records, fixed_rows, header_field, header_matrix
@@ -185,18 +186,17 @@ def check_seal(ctx: Context) -> CheckResult:
                            f"from the end){_manifest_hint(ledger, n)}", {"sealed": False},
                            summary="not sealed: the ledger may be cut short")
     try:
-        body = decode_body(last[HEADER_SIZE:])
+        body = SealBody.from_body(decode_body(last[HEADER_SIZE:]))
     except FormatError as exc:
         return CheckResult("seal", Status.FAIL, f"seal body unreadable: {exc}", {"sealed": True})
     problems = []
-    if body.get("entry_count") != n - 1:
-        problems.append(f"entry_count {body.get('entry_count')} but {n - 1} entries precede the seal")
-    if body.get("head") != (loaded.hashes[-2] if n > 1 else _record.ZERO_HASH):
+    if body.entry_count != n - 1:
+        problems.append(f"entry_count {body.entry_count} but {n - 1} entries precede the seal")
+    if body.head != (loaded.hashes[-2] if n > 1 else _record.ZERO_HASH):
         problems.append("head does not equal the hash of the entry before the seal")
-    if body.get("tree_root") != merkle_root(loaded.hashes[:-1]):
+    if body.tree_root != merkle_root(loaded.hashes[:-1]):
         problems.append("tree_root does not equal the Merkle tree hash of the entries before the seal")
-    data = {"sealed": True, "entry_count": body.get("entry_count"),
-            "tree_root": body["tree_root"].hex() if isinstance(body.get("tree_root"), bytes) else None}
+    data = {"sealed": True, "entry_count": body.entry_count, "tree_root": body.tree_root.hex()}
     if problems:
         return CheckResult("seal", Status.FAIL, "; ".join(problems), data)
     return CheckResult("seal", Status.PASS, f"sealed after {n - 1} entries; count, head and Merkle root match", data)

@@ -4,33 +4,44 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from ledger._encoding import decode_body
 from ledger._fingerprint import safetensors_digests
 from ledger._record import HEADER_SIZE, Kind, decode_header
-from ledger._schema import FinalWeights, SealBody
+from ledger._schema import SealBody
 from ledger.errors import FormatError
 from ledger.verify._context import Context
 from ledger.verify._load import Records
 from ledger.verify._result import CheckResult, Status
 
 
-def _seal_final(records: Records | Sequence[bytes]) -> FinalWeights | None:
+def _seal(records: Records | Sequence[bytes]) -> SealBody | None:
+    """The seal when the ledger ends in one (FormatError when its body breaks the schema)."""
     if not records:
         return None
     try:
         if decode_header(records[-1]).kind is not Kind.SEAL:
             return None
-        return SealBody.from_body(decode_body(records[-1][HEADER_SIZE:])).final
     except FormatError:
-        return None  # the seal check reports it
+        return None  # the chain check names a damaged header
+    return SealBody.from_body(decode_body(records[-1][HEADER_SIZE:]))
 
 
 def check_model(ctx: Context) -> CheckResult:
-    """Compare the tensor digests of a safetensors file (or sharded index) with the seal's."""
+    """Compare the tensor digests of a safetensors file (or sharded index) with the seal's; on an
+    unsealed ledger, with the state at the last recorded step."""
     model = ctx.model
     assert model is not None  # the registry skips this check without --model
-    final = _seal_final(ctx.loaded.records)
+    try:
+        seal = _seal(ctx.loaded.records)
+    except FormatError as exc:
+        return CheckResult("model", Status.FAIL, f"the seal's body breaks the schema ({exc}): the released weights "
+                           "cannot be compared", {"file": str(model)})
+    if seal is None and ctx.view is not None and ctx.view.recorded and ctx.view.steps:
+        return _unsealed(ctx, model)
+    final = seal.final if seal is not None else None
     if final is None:
         return CheckResult("model", Status.SKIP, "the ledger has no seal with final weights to compare --model against",
                            summary="no sealed final weights in the ledger")
@@ -54,3 +65,34 @@ def check_model(ctx: Context) -> CheckResult:
         return CheckResult("model", Status.FAIL, "; ".join(parts), data)
     return CheckResult("model", Status.PASS,
                        f"all {len(sealed)} tensors of {os.fspath(model)} match the sealed final weights", data)
+
+
+def _unsealed(ctx: Context, model: Path) -> CheckResult:
+    """An unsealed ledger (an interrupted run, or one cut short): compare the file with the state at
+    the last recorded step — its checkpoint or logged digests, else its norms and sketch. A match
+    warns (nothing seals it as the released state); a mismatch fails."""
+    from ledger._weights import NumpySketch, read_safetensors
+    from ledger.verify._bounds import norm_rtol
+    from ledger.verify._continuity import fingerprint_problems
+
+    view = ctx.view
+    assert view is not None
+    last, digests, where = view.last_state()
+    data: dict[str, Any] = {"file": str(model), "sealed": False, "compared_with": where or f"step {last}"}
+    try:
+        if digests is not None:
+            found = safetensors_digests(model)
+            differ = sorted(n for n in set(found) | set(digests) if found.get(n) != digests.get(n))
+            problems = [f"{len(differ)} tensor(s) differ from {where}: {', '.join(differ[:8])}"] if differ else []
+        else:
+            body = view.steps[last]
+            sketcher = NumpySketch(view.policy.sketch_seed, view.policy.sketch_k)
+            problems = [f"{p} the file" for p in fingerprint_problems(
+                read_safetensors(model), view.tensor_order, sketcher, body.sketch, body.norms, norm_rtol(view))]
+            where = f"the norms{' and sketch' if body.sketch is not None else ''} logged at step {last}"
+    except FormatError as exc:
+        return CheckResult("model", Status.FAIL, f"{model}: {exc}", data)
+    if problems:
+        return CheckResult("model", Status.FAIL, f"unsealed ledger: {'; '.join(problems)}", data)
+    return CheckResult("model", Status.WARN, f"{model} matches {where}, but the ledger is unsealed: nothing commits "
+                       "to these as the released weights", data, summary="unsealed: compared with the last step")

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 
+from ledger.errors import FormatError
 from ledger.verify._context import Context
 from ledger.verify._result import CheckResult, Status
 
@@ -33,7 +34,6 @@ class Check:
     name: str
     run: Callable[[Context], CheckResult]
     needs: tuple[Requirement, ...] = ()
-    doc: str = ""
 
 
 def readable_genesis() -> Requirement:
@@ -64,7 +64,8 @@ def extra(module: str, extra_name: str, purpose: str) -> Requirement:
 
 def run_checks(ctx: Context, checks: tuple[Check, ...]) -> tuple[CheckResult, ...]:
     """Run ``checks`` in order and return their results; each sees, in ``ctx.results``, those of
-    ``ctx.results`` and of the checks before it."""
+    ``ctx.results`` and of the checks before it. A check that hits damaged bytes it had to read
+    (:class:`~ledger.errors.FormatError`) fails with that reason; the others still run."""
     results: dict[str, CheckResult] = dict(ctx.results)
     out = []
     for check in checks:
@@ -73,7 +74,10 @@ def run_checks(ctx: Context, checks: tuple[Check, ...]) -> tuple[CheckResult, ..
             reason = unmet.reason(ctx) if callable(unmet.reason) else unmet.reason
             result = CheckResult(check.name, Status.SKIP, reason, summary=unmet.summary)
         else:
-            result = check.run(replace(ctx, results=MappingProxyType(dict(results))))
+            try:
+                result = check.run(replace(ctx, results=MappingProxyType(dict(results))))
+            except FormatError as exc:  # a damaged file the check read (a checkpoint, the weights): evidence
+                result = CheckResult(check.name, Status.FAIL, f"could not be completed: {exc}")
         results[check.name] = result
         out.append(result)
     return tuple(out)

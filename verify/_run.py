@@ -43,15 +43,15 @@ class Checkpoint:
 @dataclass
 class RunView:
     """What the provenance checks read from a ledger (superseded step entries excluded). Entries
-    whose body does not follow the schema are left out and listed in ``malformed`` (the chain check
-    reports undecodable bodies)."""
+    whose body breaks the schema are left out and listed in ``malformed``: the check that reads
+    that kind fails naming them (:meth:`malformed_of`)."""
 
     genesis: Genesis
     steps: dict[int, StepBody] = field(default_factory=dict)
     checkpoints: list[Checkpoint] = field(default_factory=list)
     superseded: list[tuple[int, int]] = field(default_factory=list)  # (seq, step) of superseded step entries
     seal: SealBody | None = None
-    malformed: list[tuple[int, str]] = field(default_factory=list)  # (seq, why)
+    malformed: list[tuple[int, Kind, str]] = field(default_factory=list)  # (seq, kind, why)
 
     @property
     def recorded(self) -> bool:
@@ -86,6 +86,24 @@ class RunView:
         """The highest recorded step (−1 when none)."""
         return max(self.steps, default=-1)
 
+    def malformed_of(self, *kinds: Kind) -> list[str]:
+        """"seq N: why" for each entry of these kinds whose body breaks the schema."""
+        return [f"seq {seq}: {why}" for seq, kind, why in self.malformed if kind in kinds]
+
+    def last_state(self) -> tuple[int, dict[str, bytes] | None, str]:
+        """The last recorded step, the full digests of the state after it when the ledger holds them
+        (its checkpoint, else the digests its step entry carries), and where they come from."""
+        last = self.last_step
+        checkpoint = next((cp for cp in reversed(self.checkpoints) if cp.step == last), None)
+        if checkpoint is not None:
+            return last, dict(checkpoint.body.tensor_digests), f"the checkpoint at step {last}"
+        body = self.steps.get(last)
+        if body is not None and body.tensor_digests is not None:
+            order = self.tensor_order
+            return last, {name: body.tensor_digests[32 * i:32 * (i + 1)] for i, name in enumerate(order)}, \
+                f"the digests logged at step {last}"
+        return last, None, ""
+
     def stored_checkpoints(self) -> list[Checkpoint]:
         """Checkpoints whose files are here, in chain order."""
         return [cp for cp in self.checkpoints if cp.stored]
@@ -98,22 +116,26 @@ def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None) -> Run
     if not view.recorded:
         return view  # nothing the provenance checks read: leave the bodies alone
     records = loaded.records.materialize()
-    tensors = len(view.tensor_order) if view.recorded else None
     decoded: list[tuple[Header, dict[str, Any]]] = []
     for record in records:
         try:
             header = decode_header(record)
+        except FormatError:
+            continue  # the chain check names entries whose header is damaged
+        try:
             if header.kind not in (Kind.GENESIS, Kind.EVAL):
                 decoded.append((header, decode_body(record[HEADER_SIZE:])))
         except FormatError as exc:
-            view.malformed.append((_seq(record), str(exc)))
+            view.malformed.append((header.seq, header.kind, str(exc)))
     superseded_seqs: set[int] = set()
     for header, body in decoded:  # resume entries come after the steps they supersede
         if header.kind is Kind.RESUME:
             try:
                 span = ResumeBody.from_body(body).superseded
+                if span is not None and not span.last_seq < header.seq:
+                    raise FormatError(f"resume supersedes entries up to seq {span.last_seq}, at or after itself")
             except FormatError as exc:
-                view.malformed.append((header.seq, str(exc)))
+                view.malformed.append((header.seq, header.kind, str(exc)))
                 continue
             if span is not None:
                 superseded_seqs.update(range(span.first_seq, span.last_seq + 1))
@@ -124,7 +146,7 @@ def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None) -> Run
                 if header.seq in superseded_seqs:
                     view.superseded.append((header.seq, header.step))
                 else:
-                    view.steps[header.step] = StepBody.from_body(body, tensors)
+                    view.steps[header.step] = StepBody.from_body(body, view.genesis)
             elif header.kind is Kind.CHECKPOINT:
                 cp = CheckpointBody.from_body(body)
                 view.checkpoints.append(Checkpoint(header.seq, header.step, cp,
@@ -134,14 +156,8 @@ def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None) -> Run
             elif header.kind is Kind.SEAL:
                 view.seal = SealBody.from_body(body)
         except FormatError as exc:
-            view.malformed.append((header.seq, str(exc)))
+            view.malformed.append((header.seq, header.kind, str(exc)))
     view.checkpoints = [Checkpoint(cp.seq, cp.step, cp.body, cp.directory, cp.body.state_digest in pruned)
                         for cp in view.checkpoints]
     return view
 
-
-def _seq(record: bytes) -> int:
-    try:
-        return decode_header(record).seq
-    except FormatError:
-        return -1

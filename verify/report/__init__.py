@@ -38,8 +38,14 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def render_html(report: Report) -> str:
-    """The report as one self-contained HTML page (needs matplotlib: the ``report`` extra)."""
+def render_html(report: Report, ledger_path: Any = None) -> str:
+    """The report as one self-contained HTML page (needs matplotlib: the ``report`` extra).
+    ``ledger_path`` is ignored (the page comes from the report alone) and deprecated."""
+    if ledger_path is not None:
+        import warnings
+
+        warnings.warn("render_html(report, ledger_path): the ledger path is no longer used; pass the report only",
+                      DeprecationWarning, stacklevel=2)
     from ledger.verify.report._html import render_html as render
 
     page: str = render(report)

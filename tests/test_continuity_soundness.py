@@ -1,0 +1,316 @@
+"""Continuity and the final state: honest runs of the usual kinds pass, forged ones fail, and a
+verdict resting on weak evidence says so (the soundness issue: seal swap, trusted hyperparameters,
+tensors outside the optimizer, evidence named as it is, large tensors, bf16, closures, schedulers
+that move betas, SGD with momentum and weight decay)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import FIXED_SEED
+from safetensors.torch import save_model
+from test_provenance import resign
+
+from ledger import Kind, Signer
+from ledger.hooks import FingerprintOptions, Recorder
+from ledger.verify import Status, verify_ledger
+
+SIGNER = Signer.from_seed(FIXED_SEED)
+
+
+def mlp(dtype: torch.dtype = torch.float32, norm: type[torch.nn.Module] = torch.nn.Tanh) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    middle = norm(16) if norm is torch.nn.BatchNorm1d else norm()
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), middle, torch.nn.Linear(16, 1)).to(dtype)
+
+
+def record(path: Path, model: torch.nn.Module, optimizer: Any, *, steps: int = 8, every: int | None = 4,
+           closure: bool = False, scheduler: Any = None, others: tuple[Any, ...] = (),
+           before_close: Callable[[torch.nn.Module], None] | None = None, seal: bool = True,
+           fingerprints: FingerprintOptions | None = None) -> Path:
+    """A hand-written loop with the recorder; ``others`` are optimizers the recorder is not told about."""
+    rec = Recorder(path, model=model, optimizer=optimizer, key=SIGNER, seed=0, checkpoint_every=every,
+                   scheduler=scheduler, fingerprints=fingerprints)
+    g = torch.Generator().manual_seed(0)
+    dtype = next(model.parameters()).dtype
+    for _ in range(steps):
+        x = torch.randn(8, 8, generator=g).to(dtype)
+
+        def loss_fn(x: torch.Tensor = x) -> torch.Tensor:
+            for opt in (optimizer, *others):
+                opt.zero_grad()
+            loss = model(x).float().pow(2).mean() + sum(p.float().sum() for p in model.parameters()) * 1e-3
+            loss.backward()
+            return loss
+
+        loss = optimizer.step(loss_fn) if closure else loss_fn()
+        if not closure:
+            optimizer.step()
+        for opt in others:
+            opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        rec.step(loss=loss)
+    if before_close is not None:
+        before_close(model)
+    if seal:
+        rec.close(final_weights=path.parent / f"{path.name}.safetensors")
+    else:
+        rec.abort()
+    return path
+
+
+def continuity(path: Path, **kwargs: Any) -> Any:
+    return verify_ledger(path, key=SIGNER.public, **kwargs).check("continuity")
+
+
+# ----------------------------------------------------------------------------- honest runs that used to fail
+def test_a_tensor_of_millions_of_elements_moved_from_zeros_passes(tmp_path):
+    """4M coordinates all moved by exactly lr at Adam's first step: a float32 norm over the whole tensor
+    drifts by ~1e-2 relative; blockwise float64 norms stay within the stated tolerance."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.Linear(2048, 1))
+    with torch.no_grad():
+        model[0].bias.zero_()
+    big = torch.nn.Parameter(torch.zeros(4_000_000))
+    model.register_parameter("big", big)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    rec = Recorder(tmp_path / "L", model=model, optimizer=optimizer, key=SIGNER, seed=0, checkpoint_every=2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = model(torch.randn(4, 2048)).pow(2).mean() + big.sum()
+        loss.backward()
+        optimizer.step()
+        rec.step(loss=loss)
+    rec.close()
+    result = continuity(tmp_path / "L")
+    assert result.status is Status.PASS, result.detail
+    assert 0.99 < result.data["margin"] <= 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_float64_and_bf16_models_record_and_pass(tmp_path, dtype):
+    model = mlp(dtype)
+    record(tmp_path / "L", model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
+    result = continuity(tmp_path / "L")
+    assert result.status is Status.PASS, result.detail
+    assert result.data["checkpoint_intervals_checked"] == 2
+
+
+def test_closure_sgd_with_momentum_and_weight_decay_passes(tmp_path):
+    """Gradients are read after the step (the closure ran backward inside it), and each past
+    momentum term is bounded with the weights of its own step."""
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=5e-2, momentum=0.9, weight_decay=0.05, nesterov=True)
+    record(tmp_path / "L", model, optimizer, closure=True, steps=12)
+    result = continuity(tmp_path / "L")
+    assert result.status is Status.PASS and result.data["optimizer_family"] == "sgd", result.detail
+    assert result.data["margin"] < 1
+
+
+def test_a_scheduler_that_moves_betas_is_followed_step_by_step(tmp_path):
+    model = mlp()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=12)
+    path = record(tmp_path / "L", model, optimizer, scheduler=scheduler, steps=12)
+    import ledger
+
+    logged = [e.body().get("hyper") for e in ledger.open(path).entries() if e.kind is Kind.STEP]
+    assert sum(h is not None for h in logged) >= 10  # betas moved at (almost) every step and were logged
+    result = continuity(path)
+    assert result.status is Status.PASS, result.detail
+
+
+def test_a_subclass_of_adamw_is_recognised(tmp_path):
+    class MyAdamW(torch.optim.AdamW):
+        pass
+
+    model = mlp()
+    record(tmp_path / "L", model, MyAdamW(model.parameters(), lr=1e-2))
+    result = continuity(tmp_path / "L")
+    assert result.status is Status.PASS and result.data["optimizer_family"] == "adamw"
+
+
+def test_buffers_outside_the_optimizer_are_exempt_and_named(tmp_path):
+    model = mlp(norm=torch.nn.BatchNorm1d)
+    record(tmp_path / "L", model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    result = continuity(tmp_path / "L")
+    assert result.status is Status.PASS
+    assert "1.running_mean" in result.data["buffers_moved"] and "exempt" in result.detail
+
+
+# ----------------------------------------------------------------------------- forgeries
+def test_seal_swap_is_not_the_state_at_the_last_step(tmp_path):
+    """Train honestly, load foreign weights just before close: the seal commits to them, but the
+    checkpoint of the last step holds the trained weights."""
+    model = mlp()
+    foreign = {k: v + 0.5 for k, v in model.state_dict().items()}
+    path = record(tmp_path / "L", model, torch.optim.AdamW(model.parameters(), lr=1e-2),
+                  before_close=lambda m: m.load_state_dict(foreign))
+    report = verify_ledger(path, key=SIGNER.public, model=tmp_path / "L.safetensors")
+    assert report.check("model").status is Status.PASS  # the file is what the seal says …
+    result = report.check("continuity")  # … but not what training reached
+    assert result.status is Status.FAIL and "sealed final weights are not the state at the last step" in result.detail
+
+
+def test_seal_swap_between_checkpoints_breaks_the_closing_interval(tmp_path):
+    """The last step is not a checkpoint step: close() checkpoints the swapped state, whose logged
+    norms and per-coordinate distance from the previous checkpoint give it away."""
+    model = mlp()
+    path = record(tmp_path / "L", model, torch.optim.AdamW(model.parameters(), lr=1e-2), steps=10,
+                  before_close=lambda m: m.load_state_dict({k: v + 0.5 for k, v in m.state_dict().items()}))
+    result = continuity(path)
+    assert result.status is Status.FAIL
+    assert "logged norms do not match the checkpoint's weights" in result.detail
+    assert max(a["ratio"] for a in result.data["anomalies"] if a["evidence"] == "checkpoint") > 10
+
+
+def test_seal_without_checkpoints_or_digests_is_weak_and_says_so(tmp_path):
+    model = mlp()
+    options = FingerprintOptions(digests="checkpoints")
+    path = record(tmp_path / "L", model, torch.optim.AdamW(model.parameters(), lr=1e-2), every=None,
+                  fingerprints=options, before_close=lambda m: m.load_state_dict(
+                      {k: v * 1.001 for k, v in m.state_dict().items()}))
+    result = continuity(path)
+    assert result.status is Status.WARN and "tied to nothing the verifier could check" in result.detail
+    with_file = continuity(path, model=tmp_path / "L.safetensors")
+    assert with_file.status is Status.FAIL and "logged norms do not match the released weights" in with_file.detail
+
+
+def test_unsealed_ledger_compares_the_file_with_the_last_step(tmp_path):
+    model = mlp()
+    path = record(tmp_path / "L", model, torch.optim.AdamW(model.parameters(), lr=1e-2), seal=False)
+    save_model(model, str(tmp_path / "ours.safetensors"))
+    report = verify_ledger(path, key=SIGNER.public, model=tmp_path / "ours.safetensors")
+    assert report.check("model").status is Status.WARN and "unsealed" in report.check("model").detail
+    other = mlp()
+    save_model(other, str(tmp_path / "theirs.safetensors"))
+    report = verify_ledger(path, key=SIGNER.public, model=tmp_path / "theirs.safetensors")
+    assert report.check("model").status is Status.FAIL and report.verdict == "fail"
+
+
+def test_a_parameter_trained_by_an_unrecorded_optimizer_fails(tmp_path):
+    model = mlp()
+    hidden = torch.optim.SGD(model[2].parameters(), lr=0.5)
+    record(tmp_path / "L", model, torch.optim.AdamW(model[0].parameters(), lr=1e-2), others=(hidden,))
+    result = continuity(tmp_path / "L")
+    assert result.status is Status.FAIL
+    assert "a parameter in no recorded optimizer group moved" in result.detail and "2.weight" in result.detail
+
+
+def test_a_forged_learning_rate_is_caught_by_the_checkpoint(tmp_path):
+    """A step logged at lr = 10 (which would license any jump): the checkpoint holds the optimizer's
+    real learning rate, and the recorded scheduler's state says which step's it is."""
+    model = mlp()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=100)
+    honest = record(tmp_path / "honest", model, optimizer, scheduler=scheduler)
+
+    def forge(kind: Kind, step: int, body: dict) -> dict:
+        if kind is Kind.STEP and step == 4:
+            body = {**body, "lrs": body["lrs"] * 0 + 10.0}
+        return body
+
+    result = continuity(resign(honest, tmp_path / "forged", forge))
+    assert result.status is Status.FAIL and "the checkpoint holds lr 0.01, the ledger logs" in result.detail
+
+
+def test_weights_moving_when_the_optimizer_took_no_step_fail(tmp_path):
+    model = mlp()
+    honest = record(tmp_path / "honest", model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+
+    def forge(kind: Kind, step: int, body: dict) -> dict:
+        return {**body, "optimizer_steps": 0} if kind is Kind.STEP and step == 5 else body
+
+    result = continuity(resign(honest, tmp_path / "forged", forge))
+    assert result.status is Status.FAIL and "the optimizer took no step" in result.detail
+
+
+@pytest.mark.parametrize(("change", "check", "words"), [
+    (lambda k, s, b: {**b, "state_digest": b"xx"} if k is Kind.CHECKPOINT and s == 3 else b, "checkpoints",
+     "'state_digest' is not a 32-byte digest"),
+    (lambda k, s, b: {**b, "batch_digest": b"x"} if k is Kind.STEP and s == 2 else b, "continuity",
+     "'batch_digest' is not a 32-byte digest"),
+    (lambda k, s, b: {**b, "norms": [1.0]} if k is Kind.STEP and s == 2 else b, "continuity", "'norms' has 1 values"),
+])
+def test_an_entry_that_breaks_the_schema_fails_the_check_that_reads_it(tmp_path, change, check, words):
+    model = mlp()
+    honest = record(tmp_path / "honest", model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    report = verify_ledger(resign(honest, tmp_path / "forged", change), key=SIGNER.public)
+    assert report.check(check).status is Status.FAIL and words in report.check(check).detail
+
+
+def test_a_seal_that_breaks_the_schema_fails_seal_and_model(tmp_path):
+    model = mlp()
+    honest = record(tmp_path / "honest", model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    forged = resign(honest, tmp_path / "forged", lambda k, s, b: b)
+    import ledger
+    from ledger import LedgerWriter
+
+    entries = list(ledger.open(forged).entries())
+    genesis = {k: v for k, v in entries[0].body().items() if k not in ("format", "run_id", "created_ns",
+                                                                         "public_key", "key_id", "payload_type")}
+    writer = LedgerWriter.create(tmp_path / "bad-seal", SIGNER, genesis=genesis)
+    for entry in entries[1:-1]:
+        writer.append(entry.kind, entry.step, entry.body())
+    writer.seal({"final": entries[-1].body()["final"], "steps": "x"})
+    report = verify_ledger(tmp_path / "bad-seal", key=SIGNER.public, model=tmp_path / "honest.safetensors")
+    assert report.check("seal").status is Status.FAIL and "'steps'" in report.check("seal").detail
+    assert report.check("model").status is Status.FAIL
+
+
+@pytest.mark.parametrize("change", [
+    lambda k, s, b: {**b, "fingerprints": {**b["fingerprints"], "overhead_budget": 10**400}} if k is Kind.GENESIS
+    else b,
+    lambda k, s, b: {**b, "optimizer_steps": 10**30} if k is Kind.STEP and s == 1 else b,
+    lambda k, s, b: {**b, "hyper": [{"betas": [10**400, 0.9]}]} if k is Kind.STEP and s == 1 else b,
+])
+def test_crafted_values_never_crash_the_verifier(tmp_path, change):
+    """Signed but crafted bodies (numbers no float holds): a verdict and exit 1, never exit 3."""
+    model = mlp()
+    honest = record(tmp_path / "honest", model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    forged = resign(honest, tmp_path / "forged", change)
+    out = subprocess.run([sys.executable, "-m", "ledger", "verify", str(forged)], capture_output=True, text=True)
+    assert out.returncode in (0, 1), out.stderr
+
+
+# ----------------------------------------------------------------------------- weak evidence is named
+def test_norms_alone_warn(tmp_path):
+    model = mlp()
+    record(tmp_path / "L", model, torch.optim.AdamW(model.parameters(), lr=1e-2), every=None,
+           fingerprints=FingerprintOptions(sketch=0))
+    result = continuity(tmp_path / "L")
+    assert result.status is Status.WARN and "rests on per-tensor norms alone" in result.detail
+    assert result.data["evidence"][0].startswith("per-tensor norms") and "sketch" not in " ".join(
+        result.data["evidence"])
+
+
+def test_an_unknown_optimizer_warns_and_adam_with_a_vacuous_bound_warns(tmp_path):
+    model = mlp()
+    record(tmp_path / "rms", model, torch.optim.RMSprop(model.parameters(), lr=1e-2))
+    result = continuity(tmp_path / "rms")
+    assert result.status is Status.WARN and "no update bound is known for torch.optim.rmsprop.RMSprop" in result.detail
+    model = mlp()
+    record(tmp_path / "adam", model, torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.99, 0.9)))
+    result = continuity(tmp_path / "adam")
+    assert result.status is Status.WARN and "vacuous" in result.detail
+
+
+def test_legacy_fingerprint_keywords_still_work_with_a_warning(tmp_path):
+    model = mlp()
+    with pytest.warns(DeprecationWarning, match="fingerprints=FingerprintOptions"):
+        rec = Recorder(tmp_path / "L", model=model, optimizer=torch.optim.AdamW(model.parameters()), key=SIGNER,
+                       seed=0, sketch=1, digests="every")
+    rec.close()
+    import ledger
+
+    assert ledger.open(tmp_path / "L").genesis()["fingerprints"]["sketch"] == 1
+    with pytest.raises(TypeError, match="unexpected keyword argument 'sketchy'"):
+        Recorder(tmp_path / "M", model=model, optimizer=torch.optim.AdamW(model.parameters()), key=SIGNER, seed=0,
+                 sketchy=1)
