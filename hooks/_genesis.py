@@ -43,7 +43,7 @@ def build_genesis(*, model: Any, optimizer: Any, scheduler: Any, seed: int, conf
         recipe={"class": f"{type(recipe).__module__}.{type(recipe).__qualname__}",
                 "source_sha256": hashlib.sha256(recipe_files[0].read_bytes()).digest() if recipe_files else None,
                 "run_step": "ledger.run_step/v1"} if recipe is not None else None,
-        determinism=dict(determinism or {}),
+        determinism={"rng": "stream", **(determinism or {})},
         optimizer=OptimizerInfo(f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
                                 lt.optimizer_groups(optimizer, names_by_id),
                                 tuple(f"{c.__module__}.{c.__qualname__}" for c in type(optimizer).__mro__

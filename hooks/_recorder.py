@@ -64,6 +64,12 @@ class Recorder:
     declares it with the init's tensor digests, and ``ledger verify --base FILE`` checks that the init
     is that model ("fine-tuned from <id>") instead of a random draw.
 
+    ``determinism``: settings genesis records for replay (threads, deterministic algorithms) and
+    ``rng``, the run's RNG discipline: ``"stream"`` (the default: a loop that draws from the global
+    generators as it goes; replay restores a checkpoint's RNG state and continues) or
+    ``"reseed-per-step/v1"`` (every step reseeded by :func:`ledger.torch.run_step`, as
+    :func:`ledger.hooks.train` does).
+
     ``keep``: checkpoint retention, None (all), ("last", n) or ("every", n). Entries wait in a
     bounded queue (``queue_size``) that a background thread drains every ``drain_interval`` seconds:
     a crash loses at most what waits there.

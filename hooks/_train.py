@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ledger.hooks._recorder import Recorder
-from ledger.torch import build_scheduler, deterministic, run_step
+from ledger.torch import RESEED_PER_STEP, build_scheduler, deterministic, run_step
 
 
 def train(recipe: Any, *, steps: int, path: str | os.PathLike[str], key: Any, seed: int,
@@ -16,8 +16,10 @@ def train(recipe: Any, *, steps: int, path: str | os.PathLike[str], key: Any, se
           config: Mapping[str, Any] | None = None, threads: int | None = None, **recorder_options: Any) -> Path:
     """Build the model from ``recipe`` and ``seed``, train ``steps`` steps through
     :func:`ledger.run_step` (step s consumes ``recipe.batch(s)``) with deterministic algorithms and
-    a fixed thread count, record everything, and seal with the final weights. Returns the ledger path."""
-    settings = deterministic(threads=threads)
+    a fixed thread count, record everything, and seal with the final weights. Genesis ``determinism``
+    records the thread count and the RNG discipline (``"rng": "reseed-per-step/v1"``: every RNG is
+    reseeded before each step), which replay follows. Returns the ledger path."""
+    settings = {**deterministic(threads=threads), "rng": RESEED_PER_STEP}
     model = recipe.build_model(seed)
     optimizer = recipe.build_optimizer(model)
     scheduler = build_scheduler(recipe, optimizer)

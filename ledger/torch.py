@@ -4,7 +4,8 @@ It imports torch at its top, so ``import ledger.torch`` needs the ``torch`` extr
 (``pip install 'training-ledger[torch]'``); the format modules never import it. What lives here:
 fingerprints of live tensors (digests, the count-sketch on any device, batch digests), the training
 state of a checkpoint (snapshot, write, restore, RNG states), what genesis records about the
-machine and the model, and the one function that runs step ``s`` of a recipe (:func:`run_step`).
+machine and the model, and the functions that run step ``s`` of a recipe (:func:`run_step`,
+:func:`continue_step`).
 The byte-level definitions are in docs/FORMAT.md §10–§11 and in the torch-free modules
 (``ledger._fingerprint``, ``ledger._state``).
 """
@@ -419,12 +420,19 @@ def build_scheduler(recipe: Any, optimizer: Any) -> Any:
     return builder(optimizer) if builder is not None else None
 
 
-def run_step(recipe: Any, model: Any, optimizer: Any, scheduler: Any, seed: int,
-             step: int) -> tuple[dict[str, float], Any]:
-    """Run optimizer step ``step`` of a recipe: seed every RNG with :func:`ledger._recipe.step_seed`,
-    take ``recipe.batch(step)``, call ``recipe.train_step``, then advance the scheduler.
-    Returns (metrics as floats, the batch)."""
-    seed_everything(step_seed(seed, step))
+#: RNG disciplines a run declares in genesis ``determinism["rng"]`` (docs/FORMAT.md §12), which replay
+#: follows: every RNG reseeded before each step (:func:`run_step`, what ``ledger.hooks.train`` does), or
+#: one stream continued from the checkpoint's RNG state (:func:`continue_step`, a hand-written loop).
+RESEED_PER_STEP = "reseed-per-step/v1"
+STREAM = "stream"
+
+
+def continue_step(recipe: Any, model: Any, optimizer: Any, scheduler: Any,
+                  step: int) -> tuple[dict[str, float], Any]:
+    """Run optimizer step ``step`` of a recipe on the RNG streams as they are (nothing reseeded):
+    take ``recipe.batch(step)``, call ``recipe.train_step``, then advance the scheduler — what a
+    hand-written loop over a recipe does, and how replay re-runs a run recorded with the
+    :data:`STREAM` discipline. Returns (metrics as floats, the batch)."""
     batch = recipe.batch(step)
     metrics = recipe.train_step(model, optimizer, batch)
     if scheduler is not None:
@@ -434,7 +442,16 @@ def run_step(recipe: Any, model: Any, optimizer: Any, scheduler: Any, seed: int,
     return {name: float(value) for name, value in metrics.items()}, batch
 
 
-__all__ = ["CountSketch", "Snapshot", "architecture", "batch_digest", "build_scheduler", "canonical_state",
-           "deterministic", "environment", "load_tensors", "optimizer_groups", "restore", "rng_state",
-           "run_step", "safetensors_dtype", "seed_everything", "set_rng_state", "sketch_slots", "snapshot",
-           "snapshot_digests", "tensor_bytes", "torch_digests", "write_checkpoint"]
+def run_step(recipe: Any, model: Any, optimizer: Any, scheduler: Any, seed: int,
+             step: int) -> tuple[dict[str, float], Any]:
+    """Run optimizer step ``step`` of a recipe: seed every RNG with :func:`ledger._recipe.step_seed`,
+    then :func:`continue_step` (``recipe.batch(step)``, ``recipe.train_step``, the scheduler) — the
+    :data:`RESEED_PER_STEP` discipline. Returns (metrics as floats, the batch)."""
+    seed_everything(step_seed(seed, step))
+    return continue_step(recipe, model, optimizer, scheduler, step)
+
+
+__all__ = ["RESEED_PER_STEP", "STREAM", "CountSketch", "Snapshot", "architecture", "batch_digest", "build_scheduler",
+           "canonical_state", "continue_step", "deterministic", "environment", "load_tensors", "optimizer_groups",
+           "restore", "rng_state", "run_step", "safetensors_dtype", "seed_everything", "set_rng_state",
+           "sketch_slots", "snapshot", "snapshot_digests", "tensor_bytes", "torch_digests", "write_checkpoint"]

@@ -38,7 +38,8 @@ def record(path: Path, recipe: Any = None, *, before: Callable[[Any], None] | No
     optimizer = recipe.build_optimizer(model)
     scheduler = build_scheduler(recipe, optimizer)
     rec = Recorder(path, model=model, optimizer=optimizer, scheduler=scheduler, key=SIGNER, seed=SEED,
-                   checkpoint_every=EVERY, recipe=recipe, determinism={"threads": torch.get_num_threads()})
+                   checkpoint_every=EVERY, recipe=recipe,
+                   determinism={"threads": torch.get_num_threads(), "rng": "reseed-per-step/v1"})
     for step in range(steps):
         if during and during(step, model):
             rec._hook_state = {"steps": 1, "lrs": [optimizer.param_groups[0]["lr"]],
@@ -227,7 +228,7 @@ def test_resume_after_a_crash_passes_and_reports_superseded_steps(tmp_path):
     opt = recipe.build_optimizer(model)
     sched = build_scheduler(recipe, opt)
     rec = Recorder(tmp_path / "L", model=model, optimizer=opt, scheduler=sched, key=SIGNER, seed=SEED,
-                   checkpoint_every=EVERY, recipe=recipe)
+                   checkpoint_every=EVERY, recipe=recipe, determinism={"rng": "reseed-per-step/v1"})
     for step in range(10):
         metrics, batch = run_step(recipe, model, opt, sched, SEED, step)
         rec.step(batch=batch, **metrics)
@@ -298,7 +299,8 @@ def test_checkpoints_kept_elsewhere_missing_and_sharded_weights(tmp_path):
     store.rename(moved)
     missing = verify(path)
     assert missing.check("checkpoints").status == "warn" and missing.check("checkpoints").data["missing"] == [-1, 3, 7]
-    assert missing.check("replay").status == "skip" and missing.verdict == "pass"
+    assert missing.check("replay").status == "warn" and missing.verdict == "pass"
+    assert "no checkpoint's files are here" in missing.check("replay").detail
     back = verify(path, checkpoints=moved)
     assert back.check("checkpoints").status == "pass" and back.check("replay").status == "pass"
     weights = load_file(str(tmp_path / "model.safetensors"))

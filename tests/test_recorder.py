@@ -217,7 +217,7 @@ deterministic()
 recipe = TinyRecipe()
 model = recipe.build_model(5); opt = recipe.build_optimizer(model); sched = build_scheduler(recipe, opt)
 rec = Recorder(sys.argv[1], model=model, optimizer=opt, scheduler=sched, key=Signer.from_seed(bytes(range(32))),
-               seed=5, checkpoint_every=4, recipe=recipe)
+               seed=5, checkpoint_every=4, recipe=recipe, determinism={"rng": "reseed-per-step/v1"})
 for step in range(1000):
     metrics, batch = run_step(recipe, model, opt, sched, 5, step)
     rec.step(batch=batch, **metrics)

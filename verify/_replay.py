@@ -1,19 +1,47 @@
 """``replay``: re-execute chosen intervals from their checkpoints with the recipe and compare.
 
-Intervals: every continuity anomaly, the top-Q largest updates, and N uniformly random intervals
-drawn from the verifier's own randomness (the seed is printed; ``--replay-seed`` reproduces it).
-On the recorded environment the whole training state must come out bit for bit; elsewhere (or with
-``--tolerance``) the relative rule ‖W′−W_u‖ ≤ ρ·‖W_u−W_t‖ applies to weights and optimizer state.
+Intervals run between consecutive stored checkpoints. With a recipe the init is always regenerable:
+when no checkpoint of step −1 is stored, a *virtual init checkpoint* takes its place (the recipe's
+model at the genesis seed, which must equal the genesis init fingerprint, with a fresh optimizer and
+scheduler), so retention or a run with only a closing checkpoint still leaves (−1 → first stored
+checkpoint) to replay. Chosen: every continuity anomaly, the interval ending at the last stored
+checkpoint ("final state": the weights the seal commits to), the interval whose weights moved
+farthest ("largest update": sketch distance between its ends, else the distance between the stored
+weights, else the sum of norm changes), and N uniformly random intervals drawn from the verifier's
+own randomness (the seed is printed; ``--replay-seed`` reproduces it).
+
+Steps are re-run under the run's own RNG discipline, recorded in genesis ``determinism["rng"]``:
+``reseed-per-step/v1`` (every RNG reseeded before each step, as ``ledger.hooks.train`` and
+:func:`ledger.torch.run_step` do; also ledgers written by ``train`` before the field existed) or
+``stream`` (the checkpoint's RNG state restored and continued, as a hand-written loop calling the
+recipe's ``batch``/``train_step`` does; the default). On the recorded environment the whole training
+state must come out bit for bit; elsewhere (or with ``--tolerance``) the relative rule
+‖W′−W_u‖ ≤ ρ·‖W_u−W_t‖ applies to weights and optimizer state.
+
+Independently of the intervals, the recipe's optimizer and scheduler are rebuilt on the init model
+and the scheduler is stepped alone (no training) to check every logged learning rate — and the
+hyperparameters in effect (genesis groups updated by the steps' ``hyper``) — against the recipe.
+Recipe code that raises makes the check warn, naming what it was doing and at which step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from ledger._state import FILES, digests_of
+import numpy as np
+
+from ledger._encoding import encode_body
+from ledger._schema import Genesis
+from ledger._state import FILES, digests_of, read_meta, read_weights
+from ledger._weights import NumpySketch
+from ledger.errors import FormatError
 from ledger.verify._context import Context
 from ledger.verify._continuity import movement
 from ledger.verify._result import CheckResult, Status
@@ -21,30 +49,278 @@ from ledger.verify._run import Checkpoint, RunView
 
 DEFAULT_RHO = 1e-3
 TOP_Q = 1
+RESEED = "reseed-per-step/v1"  # = ledger.torch.RESEED_PER_STEP (this module imports torch only inside the check)
+STREAM = "stream"  # = ledger.torch.STREAM
+LEGACY_RUN_STEP = "ledger.run_step/v1"  # genesis ``recipe["run_step"]`` of ledgers written by train() before ``rng``
+HYPER_KEYS = ("betas", "eps", "weight_decay", "momentum", "dampening", "nesterov")
+SCHEDULE_RTOL = 1e-9  # schedules computed with another libm may differ in the last bits
+_SCHEDULER_ORDER_WARNING = r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
+_META_PARTS = {"rng": "RNG state", "scheduler": "scheduler state", "param_groups": "optimizer hyperparameters",
+               "optimizer_scalars": "optimizer step counts", "step": "step number",
+               "optimizer_class": "optimizer class", "aliases": "tied-weight aliases"}
 
 
-def intervals(view: RunView) -> list[tuple[Checkpoint, Checkpoint]]:
-    """Consecutive pairs of checkpoints whose files are here (pruned or missing ones break a pair)."""
+@dataclass(frozen=True, slots=True)
+class Interval:
+    """Steps ``from_step + 1 … to_step``: from a stored checkpoint, or (``start`` None) from the
+    virtual init checkpoint rebuilt from the recipe."""
+
+    start: Checkpoint | None
+    end: Checkpoint
+
+    @property
+    def from_step(self) -> int:
+        """The step of the start state (−1 for the init)."""
+        return -1 if self.start is None else self.start.step
+
+    @property
+    def to_step(self) -> int:
+        """The step of the end checkpoint."""
+        return self.end.step
+
+
+def intervals(view: RunView, virtual_init: bool = True) -> list[Interval]:
+    """Consecutive pairs of checkpoints whose files are here (pruned or missing ones break a pair);
+    with ``virtual_init``, (init → first stored checkpoint) when no checkpoint of step −1 is stored."""
     stored = view.stored_checkpoints()
-    return [(a, b) for a, b in zip(stored, stored[1:], strict=False) if b.step > a.step]
+    out = [Interval(a, b) for a, b in zip(stored, stored[1:], strict=False) if b.step > a.step]
+    if virtual_init and not any(cp.step == -1 for cp in stored):
+        first = next((cp for cp in stored if cp.step >= 0), None)
+        if first is not None:
+            out.insert(0, Interval(None, first))
+    return out
 
 
-def choose(view: RunView, pairs: list[tuple[Checkpoint, Checkpoint]], anomalies: list[dict[str, Any]],
-           movement: dict[int, float], n_random: int, seed: int) -> dict[int, list[str]]:
-    """Index of each chosen interval → why it was chosen."""
+def rng_discipline(genesis: Genesis) -> str:
+    """How the run drew its random numbers: genesis ``determinism["rng"]``; without it
+    ``reseed-per-step/v1`` for ledgers that ``train()`` wrote before the field existed (genesis
+    ``recipe["run_step"] == "ledger.run_step/v1"``), else ``stream``."""
+    declared = genesis.determinism.get("rng")
+    if declared is not None:
+        return str(declared)
+    if (genesis.recipe or {}).get("run_step") == LEGACY_RUN_STEP:
+        return RESEED
+    return STREAM
+
+
+def choose(pairs: list[Interval], anomalies: list[dict[str, Any]], distances: list[float], n_random: int,
+           seed: int) -> dict[int, list[str]]:
+    """Index of each chosen interval → why it was chosen: continuity anomalies, the final state
+    (the interval ending at the last stored checkpoint), the largest update (``distances``: how far
+    the weights moved over each interval) and ``n_random`` drawn with ``seed``."""
     why: dict[int, list[str]] = {}
     for anomaly in anomalies:
-        for i, (a, b) in enumerate(pairs):
-            if a.step < anomaly["step"] <= b.step:
+        for i, interval in enumerate(pairs):
+            if interval.from_step < anomaly["step"] <= interval.to_step:
                 why.setdefault(i, []).append("continuity anomaly")
-    moved = sorted(range(len(pairs)), key=lambda i: -sum(movement.get(s, 0.0)
-                                                           for s in range(pairs[i][0].step + 1, pairs[i][1].step + 1)))
-    for i in moved[:TOP_Q]:
+    if pairs:
+        why.setdefault(max(range(len(pairs)), key=lambda i: pairs[i].end.seq), []).append("final state")
+    for i in sorted(range(len(pairs)), key=lambda i: -distances[i])[:TOP_Q]:
         why.setdefault(i, []).append("largest update")
     rng = random.Random(seed)
     for i in rng.sample(range(len(pairs)), min(n_random, len(pairs))):
         why.setdefault(i, []).append("random")
     return why
+
+
+def _logged_sketch(view: RunView, step: int) -> np.ndarray | None:
+    """The sketch logged for the state after ``step`` (the genesis init sketch for −1)."""
+    k = view.policy.sketch_k
+    body = view.steps.get(step)
+    sketch: np.ndarray | None = view.init.sketch if step == -1 else body.sketch if body is not None else None
+    return sketch if sketch is not None and sketch.shape == (k,) else None
+
+
+def interval_movement(view: RunView, pairs: list[Interval]) -> list[dict[str, Any]]:
+    """How far the weights moved over each interval (``distance``, an L2 distance or estimate) and
+    the evidence: the logged sketches of both ends; else the stored weights of both ends (L2, and
+    ``max_coordinate``: L∞); else, from the init, the init sketch against the sketch of the end
+    checkpoint's weights; else the sum of per-step norm changes."""
+    order = view.tensor_order
+    sketcher = NumpySketch(view.policy.sketch_seed, view.policy.sketch_k)
+    by_norms: dict[int, float] | None = None
+    cache: dict[int, dict[str, np.ndarray]] = {}
+
+    def weights(cp: Checkpoint) -> dict[str, np.ndarray] | None:
+        if cp.seq not in cache:
+            try:
+                loaded = read_weights(cp.directory)
+            except (OSError, ValueError, FormatError):
+                return None
+            if len(cache) >= 2:
+                cache.pop(next(iter(cache)))
+            cache[cp.seq] = loaded
+        return cache[cp.seq]
+
+    out: list[dict[str, Any]] = []
+    for interval in pairs:
+        start_sketch, end_sketch = _logged_sketch(view, interval.from_step), _logged_sketch(view, interval.to_step)
+        if start_sketch is not None and end_sketch is not None:
+            out.append({"distance": float(np.linalg.norm(end_sketch - start_sketch)), "evidence": "sketches"})
+            continue
+        end = weights(interval.end)
+        start = weights(interval.start) if interval.start is not None else None
+        if start is not None and end is not None:
+            squares, largest = 0.0, 0.0
+            for name in order:
+                if name in start and name in end and start[name].shape == end[name].shape and start[name].size:
+                    diff = np.abs(end[name].astype(np.float64) - start[name].astype(np.float64))
+                    squares += float(np.square(diff).sum())
+                    largest = max(largest, float(diff.max()))
+            out.append({"distance": math.sqrt(squares), "max_coordinate": largest, "evidence": "weights"})
+        elif interval.start is None and start_sketch is not None and end is not None:
+            real = sketcher({n: end[n] for n in order if n in end})
+            out.append({"distance": float(np.linalg.norm(real - start_sketch)),
+                        "evidence": "init sketch against the end checkpoint's weights"})
+        else:
+            by_norms = movement(view) if by_norms is None else by_norms
+            total = sum(by_norms.get(s, 0.0) for s in range(interval.from_step + 1, interval.to_step + 1))
+            out.append({"distance": total, "evidence": "norm changes"})
+    return out
+
+
+def hyper_in_effect(view: RunView, step: int) -> list[dict[str, Any]]:
+    """The optimizer hyperparameters in effect at ``step``: the genesis param groups updated by the
+    ``hyper`` of every step entry up to ``step`` (a scheduler may move betas, momentum, …)."""
+    groups = [dict(g) for g in view.optimizer.param_groups]
+    for s in sorted(view.steps):
+        if s > step:
+            break
+        for g, changes in enumerate(view.steps[s].hyper or []):
+            if g < len(groups):
+                groups[g].update(changes)
+    return groups
+
+
+def _number(value: Any) -> Any:
+    """A live hyperparameter as genesis records it (tensors → numbers, tuples → lists)."""
+    if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_number(v) for v in value]
+    return value
+
+
+def _same(have: Any, claimed: Any) -> bool:
+    """Equal hyperparameters (floats to :data:`SCHEDULE_RTOL`, lists element-wise)."""
+    if isinstance(have, list) and isinstance(claimed, list):
+        return len(have) == len(claimed) and all(_same(h, c) for h, c in zip(have, claimed, strict=True))
+    if isinstance(have, bool) or isinstance(claimed, bool) or not isinstance(have, (int, float)) \
+            or not isinstance(claimed, (int, float)):
+        return bool(have == claimed)
+    return abs(float(have) - float(claimed)) <= SCHEDULE_RTOL * max(abs(float(have)), abs(float(claimed)))
+
+
+class RecipeRaised(Exception):
+    """Recipe code raised while replay used it; the message is the check's one-line detail."""
+
+
+class _Traced:
+    """The verifier's recipe with every call named (``doing``), so that an exception raised by
+    recipe code is reported as what replay was doing and at which step."""
+
+    def __init__(self, recipe: Any) -> None:
+        self._recipe = recipe
+        self.doing, self.step = "using the recipe", -1
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._recipe, name)
+        if name.startswith("_") or not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.doing = f"running {name}()"
+            out = attr(*args, **kwargs)
+            self.doing = f"finishing the step after {name}()"
+            return out
+
+        return call
+
+    @contextlib.contextmanager
+    def guard(self, doing: str, step: int) -> Iterator[None]:
+        """Turn any exception raised inside into :class:`RecipeRaised` naming ``doing`` (or the
+        recipe method running) and ``step``."""
+        self.doing, self.step = doing, step
+        try:
+            yield
+        except RecipeRaised:
+            raise
+        except Exception as exc:
+            lines = str(exc).strip().splitlines()
+            message = lines[0][:300] if lines else ""
+            raise RecipeRaised(f"the recipe raised while {self.doing} at step {self.step}: "
+                               f"{type(exc).__name__}: {message}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """What rebuilding the recipe's optimizer and scheduler showed: ``misfit`` (its param groups are
+    not the ledger's: nothing can be replayed), ``problem`` (the first logged learning rate or
+    hyperparameter the recipe contradicts) and the number of logged steps compared."""
+
+    misfit: str | None
+    problem: str | None
+    steps: int
+
+
+def _misfit(groups: list[dict[str, Any]], claimed: list[dict[str, Any]]) -> str | None:
+    if len(groups) != len(claimed):
+        return f"the recipe's optimizer has {len(groups)} param group(s), the ledger's {len(claimed)}"
+    for g, (group, logged) in enumerate(zip(groups, claimed, strict=True)):
+        if "tensors" in logged and list(group["tensors"]) != list(logged["tensors"]):
+            return f"param group {g} of the recipe's optimizer updates other tensors than the ledger's"
+    return None
+
+
+def check_schedule(view: RunView, recipe: Any, seed: int) -> Schedule:
+    """Rebuild the recipe's model, optimizer and scheduler, check the param groups against genesis,
+    then step the scheduler alone (no training) through every step number and compare each logged
+    learning rate and the hyperparameters in effect with the recipe's."""
+    from ledger.torch import build_scheduler, optimizer_groups
+
+    recipe = recipe if isinstance(recipe, _Traced) else _Traced(recipe)
+    with recipe.guard("rebuilding the optimizer and scheduler", -1):
+        model = recipe.build_model(seed)
+        optimizer = recipe.build_optimizer(model)
+        scheduler = build_scheduler(recipe, optimizer)
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    misfit = _misfit(optimizer_groups(optimizer, names), view.optimizer.param_groups)
+    if misfit is not None:
+        return Schedule(misfit, None, 0)
+    claimed = [dict(g) for g in view.optimizer.param_groups]
+    compared = 0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_SCHEDULER_ORDER_WARNING)
+        for s in range(view.last_step + 1):
+            body = view.steps.get(s)
+            if body is not None:
+                for g, changes in enumerate(body.hyper or []):
+                    if g < len(claimed):
+                        claimed[g].update(changes)
+                live = optimizer.param_groups
+                if body.lrs is not None:
+                    compared += 1
+                    if len(body.lrs) != len(live):
+                        return Schedule(None, f"step {s}: {len(body.lrs)} learning rate(s) logged for {len(live)} "
+                                              "param group(s)", compared)
+                    for g, (logged, group) in enumerate(zip(body.lrs, live, strict=True)):
+                        want = float(_number(group["lr"]))
+                        if not _same(float(logged), want):
+                            which = f" for group {g}" if len(live) > 1 else ""
+                            return Schedule(None, f"the logged learning rates do not follow the recipe's schedule: "
+                                                  f"step {s}: logged lr {float(logged)!r}{which}, the recipe's "
+                                                  f"schedule gives {want!r}", compared)
+                for g, (group, logged_group) in enumerate(zip(live, claimed, strict=True)):
+                    for key in HYPER_KEYS:
+                        if key in group and key in logged_group and not _same(_number(group[key]),
+                                                                              logged_group[key]):
+                            return Schedule(None, f"the logged hyperparameters do not follow the recipe: step {s}: "
+                                                  f"group {g} {key} in effect {logged_group[key]!r}, the recipe "
+                                                  f"gives {_number(group[key])!r}", compared)
+            if scheduler is not None:
+                with recipe.guard("stepping the recipe's scheduler alone (learning-rate schedule)", s):
+                    scheduler.step()
+    return Schedule(None, None, compared)
 
 
 def _same_env(recorded: dict[str, Any], here: dict[str, Any]) -> list[str]:
@@ -59,20 +335,32 @@ def _vector(tensors: dict[str, Any]) -> Any:
         torch.zeros(0, dtype=torch.float64)
 
 
+def _nothing_replayed(view: RunView) -> str:
+    if not view.checkpoints:
+        return "the run stored no checkpoint (record with checkpoint_every= so that close() stores the final state)"
+    if not view.stored_checkpoints():
+        return "no checkpoint's files are here (pruned or moved; give --checkpoints DIR)"
+    return "no stored checkpoint follows the init"
+
+
 def check_replay(ctx: Context) -> CheckResult:
-    """Replay the chosen intervals (see the module docstring): every continuity anomaly, the
-    largest update and ``--replay`` random ones; checkpoints that the ``checkpoints`` check already
-    matched are not hashed again."""
-    view, recipe, progress = ctx.view, ctx.recipe, ctx.progress
+    """Check the logged learning rates against the recipe's schedule, then replay the chosen
+    intervals (see the module docstring): every continuity anomaly, the final state, the largest
+    update and ``--replay`` random ones; checkpoints that the ``checkpoints`` check already matched
+    are not hashed again. Recipe code that raises makes the check warn."""
+    view, progress = ctx.view, ctx.progress
     assert view is not None
+    recipe = _Traced(ctx.recipe)
     continuity, checkpoints = ctx.results.get("continuity"), ctx.results.get("checkpoints")
     anomalies = list(continuity.data.get("anomalies", [])) if continuity is not None else []
     verified_steps = frozenset(checkpoints.data.get("matched", [])) if checkpoints is not None else frozenset()
     seed, tolerance = ctx.options.replay_seed, ctx.options.tolerance
+    discipline = rng_discipline(view.genesis)
+    if discipline not in (RESEED, STREAM):
+        return CheckResult("replay", Status.WARN, f"the run declares the RNG discipline {discipline!r}, which this "
+                           "verifier cannot follow: nothing was replayed", {"rng": discipline},
+                           summary="unknown RNG discipline")
     pairs = intervals(view)
-    if not pairs:
-        return CheckResult("replay", Status.SKIP, "fewer than two stored checkpoints: no interval can be replayed",
-                           summary="no replayable interval")
     import torch
 
     from ledger.torch import deterministic, environment
@@ -82,81 +370,175 @@ def check_replay(ctx: Context) -> CheckResult:
     mode = "tolerance" if tolerance is not None or differences else "bit-exact"
     rho = tolerance if tolerance is not None else DEFAULT_RHO
     threads = int(view.genesis.determinism.get("threads") or recorded_env.get("threads") or torch.get_num_threads())
-    chosen = choose(view, pairs, anomalies, movement(view), ctx.options.replay, seed)
-    genesis_groups = view.optimizer.param_groups
     run_seed = int(view.genesis.seed or 0)
-    reports, failures, replayed_steps = [], [], 0
+    reports: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    total_steps = max(view.last_step + 1, 1)
+    data: dict[str, Any] = {
+        "mode": mode, "rho": rho if mode == "tolerance" else None, "seed": seed, "threads": threads,
+        "rng": discipline, "environment_differences": differences, "intervals": reports,
+        "available_intervals": len(pairs), "virtual_init": any(p.start is None for p in pairs),
+        "replayed_steps": 0, "cost_fraction": 0.0, "schedule_steps_compared": 0, "seconds": 0.0,
+    }
     started = time.perf_counter()
     previous_threads = torch.get_num_threads()
     try:
         deterministic(threads=threads)
-        for done, i in enumerate(sorted(chosen)):
+        schedule = check_schedule(view, recipe, run_seed)
+        data["schedule_steps_compared"] = schedule.steps
+        if schedule.misfit is not None:
+            return CheckResult("replay", Status.WARN, f"{schedule.misfit}: the recipe does not fit this run, nothing "
+                               "was replayed", data, summary="the recipe does not fit the ledger's optimizer")
+        if pairs:
+            moved = interval_movement(view, pairs)
+            chosen = choose(pairs, anomalies, [m["distance"] for m in moved], ctx.options.replay, seed)
+            largest = max(range(len(pairs)), key=lambda i: moved[i]["distance"])
+            data["movement"] = [{"from_step": p.from_step, "to_step": p.to_step, **m} for p, m in zip(pairs, moved,
+                                                                                                   strict=True)]
+            data["largest_update"] = {"from_step": pairs[largest].from_step, "to_step": pairs[largest].to_step,
+                                      **moved[largest]}
+            for done, i in enumerate(sorted(chosen)):
+                if progress:
+                    progress("replay", done, len(chosen))
+                interval = pairs[i]
+                result = _replay_one(view, recipe, interval, run_seed, discipline, mode, rho,
+                                     verified=(interval.start is not None and interval.from_step in verified_steps,
+                                               interval.to_step in verified_steps))
+                result["why"] = chosen[i]
+                result["moved"], result["moved_by"] = moved[i]["distance"], moved[i]["evidence"]
+                data["replayed_steps"] += interval.to_step - interval.from_step
+                reports.append(result)
+                if result["problems"]:
+                    failures.append(result)
             if progress:
-                progress("replay", done, len(chosen))
-            a, b = pairs[i]
-            result = _replay_one(view, recipe, a, b, run_seed, genesis_groups, mode, rho,
-                                 start_verified=a.step in verified_steps)
-            result["why"] = chosen[i]
-            replayed_steps += b.step - a.step
-            reports.append(result)
-            if result["problems"]:
-                failures.append(result)
+                progress("replay", len(chosen), len(chosen))
+    except RecipeRaised as exc:
+        data["error"] = str(exc)
+        return CheckResult("replay", Status.WARN, str(exc), data, summary="the recipe raised")
     finally:
         torch.set_num_threads(previous_threads)
-    if progress:
-        progress("replay", len(chosen), len(chosen))
-    total_steps = max(view.last_step + 1, 1)
-    data: dict[str, Any] = {
-        "mode": mode, "rho": rho if mode == "tolerance" else None, "seed": seed, "threads": threads,
-        "environment_differences": differences, "intervals": reports, "available_intervals": len(pairs),
-        "replayed_steps": replayed_steps, "cost_fraction": replayed_steps / total_steps,
-        "seconds": time.perf_counter() - started,
-    }
+        data["seconds"] = time.perf_counter() - started
+        data["cost_fraction"] = data["replayed_steps"] / total_steps
     how = "bit-exact" if mode == "bit-exact" else f"relative tolerance ρ={rho:g}" + (
         f" (environment differs: {differences[0]})" if differences else "")
+    problems = [schedule.problem] if schedule.problem else []
     if failures:
         first = failures[0]
-        return CheckResult("replay", Status.FAIL,
-                           f"{len(failures)} of {len(reports)} replayed interval(s) fail ({how}): "
-                           f"steps {first['from_step'] + 1}…{first['to_step']}: {'; '.join(first['problems'][:3])}",
-                           data)
-    return CheckResult("replay", Status.PASS, f"{len(reports)} of {len(pairs)} interval(s) replayed {how}: "
-                       f"{replayed_steps} steps ({100 * data['cost_fraction']:.0f}% of the run), seed {seed}", data)
+        problems.append(f"{len(failures)} of {len(reports)} replayed interval(s) fail ({how}): steps "
+                        f"{first['from_step'] + 1}…{first['to_step']}: {'; '.join(first['problems'][:3])}")
+    if problems:
+        return CheckResult("replay", Status.FAIL, "; ".join(problems), data)
+    lrs = f"the logged learning rates of {schedule.steps} steps follow the recipe's schedule"
+    if not reports:
+        return CheckResult("replay", Status.WARN, f"no interval could be replayed: {_nothing_replayed(view)}; {lrs}",
+                           data, summary="nothing replayed")
+    rng = "RNG reseeded per step" if discipline == RESEED else "RNG stream continued from each checkpoint"
+    virtual = " (from the init rebuilt from the recipe)" if any(r["start"] == "virtual init" for r in reports) \
+        else ""
+    return CheckResult("replay", Status.PASS, f"{len(reports)} of {len(pairs)} interval(s) replayed {how}{virtual}: "
+                       f"{data['replayed_steps']} steps ({100 * data['cost_fraction']:.0f}% of the run), {rng}, "
+                       f"seed {seed}; {lrs}", data)
 
 
-def _replay_one(view: RunView, recipe: Any, a: Checkpoint, b: Checkpoint, run_seed: int,
-                genesis_groups: list[dict[str, Any]], mode: str, rho: float,
-                start_verified: bool = False) -> dict[str, Any]:
-    from ledger.torch import batch_digest, build_scheduler, load_tensors, restore, run_step, snapshot, snapshot_digests
+def _init_differs(view: RunView, model: Any, mode: str, rho: float) -> str | None:
+    """Why the rebuilt init is not the genesis init (None when it is): bit for bit, or in tolerance
+    mode within ρ of the init sketch's norm."""
+    from ledger.torch import CountSketch, canonical_state, torch_digests
 
-    problems: list[str] = []
-    if not start_verified and digests_of(a.directory).state_digest != a.body.state_digest:
-        return {"from_step": a.step, "to_step": b.step, "problems": ["the start checkpoint does not match its entry"]}
-    model = recipe.build_model(run_seed)
-    optimizer = recipe.build_optimizer(model)
-    scheduler = build_scheduler(recipe, optimizer)
-    restore(a.directory, model, optimizer, scheduler)
-    # hyperparameters: the restored optimizer against the ledger (genesis, and the lr logged for step t+1)
-    first = view.steps.get(a.step + 1)
+    tensors, _ = canonical_state(model)
+    digests = torch_digests(tensors)
+    recorded = view.init.tensor_digests
+    differ = sorted(n for n in set(recorded) | set(digests) if recorded.get(n) != digests.get(n))
+    if not differ:
+        return None
+    sketch = _logged_sketch(view, -1)
+    if mode == "tolerance" and sketch is not None and set(recorded) == set(digests):
+        policy = view.policy
+        rebuilt = CountSketch(policy.sketch_seed, policy.sketch_k)({n: tensors[n] for n in view.tensor_order
+                                                                     if n in tensors})
+        if float(np.linalg.norm(rebuilt - sketch)) <= rho * float(np.linalg.norm(sketch)):
+            return None
+    return (f"the recipe's init is not the genesis init ({len(differ)} tensor(s) differ: "
+            f"{', '.join(differ[:3])}{' …' if len(differ) > 3 else ''})")
+
+
+def _restored_hyper(view: RunView, optimizer: Any, step: int) -> list[str]:
+    """The restored optimizer (checkpoint at ``step``) against the ledger: the hyperparameters in
+    effect for step ``step + 1`` and the learning rate logged for it."""
+    problems = []
+    first = view.steps.get(step + 1)
     first_lrs = first.lrs if first is not None else None
-    for g, (group, claimed) in enumerate(zip(optimizer.param_groups, genesis_groups, strict=False)):
-        for key in ("betas", "eps", "weight_decay", "momentum", "dampening", "nesterov"):
+    claimed_groups = hyper_in_effect(view, step + 1)
+    for g, (group, claimed) in enumerate(zip(optimizer.param_groups, claimed_groups, strict=False)):
+        for key in HYPER_KEYS:
             if key in claimed and key in group:
-                have = list(group[key]) if isinstance(group[key], tuple) else group[key]
+                have = _number(group[key])
                 if have != claimed[key]:
                     problems.append(f"group {g} {key}: restored {have!r}, ledger says {claimed[key]!r}")
         if first_lrs is not None and g < len(first_lrs):
-            lr = float(group["lr"].item() if hasattr(group["lr"], "item") else group["lr"])
+            lr = float(_number(group["lr"]))
             if lr != float(first_lrs[g]):
                 problems.append(f"group {g} learning rate: restored {lr!r}, ledger logs {float(first_lrs[g])!r} "
-                                f"for step {a.step + 1}")
+                                f"for step {step + 1}")
+    return problems
+
+
+def _replay_one(view: RunView, recipe: _Traced, interval: Interval, run_seed: int, discipline: str, mode: str,
+                rho: float, verified: tuple[bool, bool] = (False, False)) -> dict[str, Any]:
+    """Replay one interval; ``verified``: whether the ``checkpoints`` check already matched its start
+    and end checkpoints with their entries (else they are hashed here first)."""
+    from ledger.torch import (
+        batch_digest,
+        build_scheduler,
+        continue_step,
+        load_tensors,
+        restore,
+        rng_state,
+        run_step,
+        set_rng_state,
+        snapshot,
+        snapshot_digests,
+    )
+
+    a, b = interval.start, interval.end
+    virtual = a is None
+    report: dict[str, Any] = {"from_step": interval.from_step, "to_step": b.step,
+                              "start": "virtual init" if virtual else "checkpoint"}
+    for which, cp, done in (("start", a, verified[0]), ("end", b, verified[1])):
+        if cp is not None and not done and digests_of(cp.directory).state_digest != cp.body.state_digest:
+            return {**report, "problems": [f"the {which} checkpoint does not match its entry"]}
+    with recipe.guard("building the model, optimizer and scheduler", interval.from_step):
+        model = recipe.build_model(run_seed)
+        optimizer = recipe.build_optimizer(model)
+        scheduler = build_scheduler(recipe, optimizer)
+    problems: list[str] = []
+    notes: list[str] = []
+    end_meta = read_meta(b.directory)
+    if a is None:
+        differs = _init_differs(view, model, mode, rho)
+        if differs is not None:
+            return {**report, "problems": [differs]}
+        end_rng = end_meta.get("rng")
+        if discipline == STREAM and isinstance(end_rng, dict) and {"python", "numpy"} <= set(end_rng):
+            # torch's stream is the one the recipe's builders leave; python's and numpy's were the
+            # trainer's process's own: take the end's (steps that do not draw from them leave them as they are)
+            set_rng_state({**rng_state(), "python": end_rng["python"], "numpy": end_rng["numpy"]})
+    else:
+        with recipe.guard("restoring the checkpoint into the recipe's model, optimizer and scheduler", a.step):
+            restore(a.directory, model, optimizer, scheduler)
+        problems += _restored_hyper(view, optimizer, a.step)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    batches_ok, metrics_ok, steps = 0, 0, list(range(a.step + 1, b.step + 1))
+    batches_ok, metrics_ok, steps = 0, 0, list(range(interval.from_step + 1, b.step + 1))
     for s in steps:
-        metrics, batch = run_step(recipe, model, optimizer, scheduler, run_seed, s)
         logged = view.steps.get(s)
+        with recipe.guard("running step", s):
+            if discipline == RESEED:
+                metrics, batch = run_step(recipe, model, optimizer, scheduler, run_seed, s)
+            else:
+                metrics, batch = continue_step(recipe, model, optimizer, scheduler, s)
+            digest = batch_digest(batch) if logged is not None and logged.batch_digest is not None else None
         if logged is not None and logged.batch_digest is not None:
-            if batch_digest(batch) == logged.batch_digest:
+            if digest == logged.batch_digest:
                 batches_ok += 1
             else:
                 problems.append(f"step {s}: the recipe's batch is not the logged batch")
@@ -173,23 +555,30 @@ def _replay_one(view: RunView, recipe: Any, a: Checkpoint, b: Checkpoint, run_se
     expected = b.body
     end_weights = load_tensors(b.directory / FILES[0])
     distance, ratio = _relative(snap.model, end_weights, {k: before[k] for k in end_weights if k in before})
-    opt_distance, opt_ratio = _relative(snap.optimizer_tensors, load_tensors(b.directory / FILES[1]),
-                                        load_tensors(a.directory / FILES[1]))
+    opt_start = load_tensors(a.directory / FILES[1]) if a is not None else {}
+    opt_distance, opt_ratio = _relative(snap.optimizer_tensors, load_tensors(b.directory / FILES[1]), opt_start)
     exact = replayed.state_digest == expected.state_digest
     if mode == "bit-exact" and not exact:
-        what = "weights" if replayed.model_digest != expected.model_digest else \
-            "optimizer state" if replayed.optimizer_digest != expected.optimizer_digest else \
-            "scheduler/RNG/step state"
-        problems.append(f"the replayed state differs from the checkpoint at step {b.step} in its {what} "
-                        f"(distance {distance:.3g}, {ratio:.3g}× the interval's movement)")
+        parts = ["weights"] if replayed.model_digest != expected.model_digest else []
+        parts += ["optimizer state"] if replayed.optimizer_digest != expected.optimizer_digest else []
+        meta_parts = [k for k in sorted(set(snap.meta) | set(end_meta))
+                      if encode_body({"v": snap.meta.get(k)}) != encode_body({"v": end_meta.get(k)})]
+        parts += [_META_PARTS.get(k, k) for k in meta_parts]
+        if virtual and discipline == STREAM and meta_parts == ["rng"] and len(parts) == 1:
+            notes.append("the RNG state at the end differs: a virtual init starts from the RNG state the recipe's "
+                         "builders leave, not the trainer's (weights and optimizer state replayed bit for bit)")
+        else:
+            problems.append(f"the replayed state differs from the checkpoint at step {b.step} in its "
+                            f"{', '.join(parts) or 'state digest'} (distance {distance:.3g}, {ratio:.3g}× the "
+                            "interval's movement)")
     elif mode == "tolerance":
         for what, r in (("weights", ratio), ("optimizer state", opt_ratio)):
             if r > rho:
                 problems.append(f"replayed {what} are {r:.3g}× the interval's movement away from the checkpoint "
                                 f"(ρ = {rho:g})")
-    return {"from_step": a.step, "to_step": b.step, "steps": len(steps), "distance": distance, "ratio": ratio,
-            "optimizer_distance": opt_distance, "optimizer_ratio": opt_ratio, "bit_exact": exact,
-            "batches_matched": batches_ok, "metrics_matched": metrics_ok, "problems": problems}
+    return {**report, "steps": len(steps), "distance": distance, "ratio": ratio, "optimizer_distance": opt_distance,
+            "optimizer_ratio": opt_ratio, "bit_exact": exact, "batches_matched": batches_ok,
+            "metrics_matched": metrics_ok, "problems": problems, "notes": notes}
 
 
 def _relative(replayed: dict[str, Any], end: dict[str, Any], start: dict[str, Any]) -> tuple[float, float]:
