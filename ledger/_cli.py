@@ -178,6 +178,9 @@ _STATUS_COLOURS = {"pass": "green", "fail": "red", "warn": "yellow", "skip": "br
               "rule ‖W′−W‖ ≤ ρ·‖W−W_t‖ at this ρ instead of bit-exactly.")
 @click.option("--against", "against", multiple=True, type=click.Path(), metavar="FOREIGN.safetensors",
               help="Foreign weights to test lineage against (repeatable).")
+@click.option("--base", "base", type=click.Path(), metavar="FILE", help="The weights (safetensors, or a sharded "
+              "*.index.json) of the base model a fine-tuning run declares in genesis: init checks that the run "
+              "starts from exactly them.")
 @click.option("--sample", type=click.IntRange(min=0), help="Quick look: check the head and N random entries' "
               "signatures and bodies only.")
 @click.option("--sample-seed", type=int, help="Reproduce an earlier --sample draw.")
@@ -190,7 +193,7 @@ _STATUS_COLOURS = {"pass": "green", "fail": "red", "warn": "yellow", "skip": "br
 def verify(ledger_path: str, key: str | None, model: str | None, checkpoint_dir: str | None, recipe: str | None,
            replay: int, replay_seed: int | None, tolerance: float | None, against: tuple[str, ...], sample: int | None,
            sample_seed: int | None, require: str, as_json: bool, workers: int | None,
-           report_path: str | None) -> None:
+           report_path: str | None, base: str | None) -> None:
     """Verify a ledger; exit 0 when no check failed, 1 when one did."""
     import importlib.util
 
@@ -202,7 +205,7 @@ def verify(ledger_path: str, key: str | None, model: str | None, checkpoint_dir:
     names = [n.strip() for n in require.split(",") if n.strip()]
     report = verify_ledger(ledger_path, key=key, model=model, sample=sample, sample_seed=sample_seed, require=names,
                            workers=workers, progress=_Progress(), checkpoints=checkpoint_dir, recipe=recipe,
-                           replay=replay, replay_seed=replay_seed, tolerance=tolerance, against=against)
+                           replay=replay, replay_seed=replay_seed, tolerance=tolerance, against=against, base=base)
     if as_json:
         click.echo(render_json(report))
     else:

@@ -25,6 +25,7 @@ from ledger._record import FORMAT_VERSION, Kind
 from ledger.errors import ConfigurationError, FormatError
 from ledger.verify._context import Context, Options
 from ledger.verify._continuity import check_continuity
+from ledger.verify._disclosure import watch_files
 from ledger.verify._independence import check_independence
 from ledger.verify._integrity import check_chain, check_seal, check_signatures
 from ledger.verify._lineage import Lineage, compare_files
@@ -41,6 +42,16 @@ from ledger.verify.report import render_html, render_json, render_text
 _TORCH = extra("torch", "torch", "regenerating the init and replaying steps")
 _RECORDED = (readable_genesis(), recorded())
 
+
+def _declares_base(ctx: Context) -> bool:
+    """Genesis declares a fine-tuning base: ``init`` checks it without a recipe or torch."""
+    return ctx.view is not None and ctx.view.genesis.base is not None
+
+
+_RECIPE_OR_BASE = Requirement(lambda ctx: bool(ctx.recipe) or _declares_base(ctx),
+                              "no --recipe given: the init could not be regenerated", "no --recipe given")
+_TORCH_UNLESS_BASE = Requirement(lambda ctx: _declares_base(ctx) or _TORCH.met(ctx), _TORCH.reason, _TORCH.summary)
+
 #: The checks of a verdict, in the order they run (a later check may read an earlier one's result).
 CHECKS: tuple[Check, ...] = (
     Check("chain", check_chain),
@@ -48,8 +59,7 @@ CHECKS: tuple[Check, ...] = (
     Check("seal", check_seal),
     Check("model", check_model, (given("model", "no --model given: the released weights were not compared"),)),
     Check("checkpoints", check_checkpoints, _RECORDED),
-    Check("init", check_init, (*_RECORDED, given("recipe", "no --recipe given: the init could not be regenerated"),
-                               _TORCH)),
+    Check("init", check_init, (*_RECORDED, _RECIPE_OR_BASE, _TORCH_UNLESS_BASE)),
     Check("continuity", check_continuity, _RECORDED),
     Check("replay", check_replay, (*_RECORDED, given("recipe", "no --recipe given: no interval was re-executed"),
                                    _TORCH)),
@@ -66,14 +76,15 @@ def verify_ledger(path: str | os.PathLike[str], *, key: PublicKey | str | os.Pat
                   sample_seed: int | None = None, require: Iterable[str] = (), workers: int | None = None,
                   progress: Progress | None = None, checkpoints: str | os.PathLike[str] | None = None,
                   recipe: Any = None, replay: int = 2, replay_seed: int | None = None,
-                  tolerance: float | None = None, against: Iterable[str | os.PathLike[str]] = ()) -> Report:
+                  tolerance: float | None = None, against: Iterable[str | os.PathLike[str]] = (),
+                  base: str | os.PathLike[str] | None = None) -> Report:
     """Run every check of :data:`CHECKS` on the ledger at ``path`` and return the report
     (:func:`load_context`, whose arguments these are, then :func:`run_checks`). Never raises for a
     damaged ledger: that is a failed check; :meth:`Report.raise_if_failed` turns a failed verdict
     into :class:`~ledger.VerificationError`."""
     ctx = load_context(path, key=key, model=model, sample=sample, sample_seed=sample_seed, require=require,
                        workers=workers, progress=progress, checkpoints=checkpoints, recipe=recipe, replay=replay,
-                       replay_seed=replay_seed, tolerance=tolerance, against=against)
+                       replay_seed=replay_seed, tolerance=tolerance, against=against, base=base)
     return Report(run_checks(ctx, CHECKS), _facts(ctx), training_series(ctx.loaded, ctx.view)).require(
         ctx.options.require)
 
@@ -83,7 +94,8 @@ def load_context(path: str | os.PathLike[str], *, key: PublicKey | str | os.Path
                  sample_seed: int | None = None, require: Iterable[str] = (), workers: int | None = None,
                  progress: Progress | None = None, checkpoints: str | os.PathLike[str] | None = None,
                  recipe: Any = None, replay: int = 2, replay_seed: int | None = None,
-                 tolerance: float | None = None, against: Iterable[str | os.PathLike[str]] = ()) -> Context:
+                 tolerance: float | None = None, against: Iterable[str | os.PathLike[str]] = (),
+                 base: str | os.PathLike[str] | None = None) -> Context:
     """Check the inputs, read the ledger and recompute every entry hash: the :class:`Context` the
     checks run on. Raises :class:`~ledger.ConfigurationError` for inputs that cannot be used, never
     for a damaged ledger. ``key`` is the trainer's public key (a path or a
@@ -96,7 +108,10 @@ def load_context(path: str | os.PathLike[str], *, key: PublicKey | str | os.Path
     ``init`` and ``replay``; ``replay`` random intervals are re-executed besides the anomalies and
     the largest update, drawn with ``replay_seed`` (fresh randomness when None); ``tolerance``
     forces the relative rule with that ρ. ``against`` names foreign weight files to test lineage
-    against (``independence``).
+    against (``independence``, and ``init``: is the recipe's init built from them?). ``base`` is the
+    weights file (safetensors or sharded index) of the base a fine-tuning run declares in genesis;
+    ``init`` checks that the init equals it. The files the recipe opens while it is imported are
+    recorded for ``init`` (disclosure, not proof).
     """
     required = tuple(require)
     unknown = sorted(set(required) - set(CHECK_NAMES))
@@ -116,9 +131,14 @@ def load_context(path: str | os.PathLike[str], *, key: PublicKey | str | os.Path
     for file in foreign:
         if not file.exists():
             raise ConfigurationError(f"--against file {file} does not exist")
+    if base is not None and not os.path.exists(base):
+        raise ConfigurationError(f"--base file {base} does not exist")
     recipe_digest = None
+    recipe_files: tuple[str, ...] = ()
     if isinstance(recipe, str):
-        recipe, recipe_digest = load_recipe(recipe)
+        with watch_files(ignore=[recipe.rpartition(":")[0]]) as watch:
+            recipe, recipe_digest = load_recipe(recipe)
+        recipe_files = watch.files
     options = Options(sample=sample, sample_seed=secrets.randbits(64) if sample_seed is None else sample_seed,
                       workers=workers, replay=replay,
                       replay_seed=secrets.randbits(63) if replay_seed is None else replay_seed,
@@ -135,7 +155,8 @@ def load_context(path: str | os.PathLike[str], *, key: PublicKey | str | os.Path
     return Context(ledger=ledger, loaded=loaded, view=view, view_error=view_error, options=options, key=public,
                    model=Path(model) if model is not None else None,
                    checkpoints=Path(checkpoints) if checkpoints is not None else None, recipe=recipe,
-                   recipe_digest=recipe_digest, against=foreign, progress=progress)
+                   recipe_digest=recipe_digest, against=foreign, base=Path(base) if base is not None else None,
+                   recipe_files=recipe_files, progress=progress)
 
 
 def _refuse_newer_format(ledger: Ledger, loaded: Loaded) -> None:

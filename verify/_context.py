@@ -37,7 +37,9 @@ class Options:
 class Context:
     """Everything a check may read: the ledger as loaded (``loaded``: rows and recomputed hashes;
     ``view``: the decoded run, None when the genesis is unreadable), the inputs the verifier named
-    (each None when not given), the options, and the results of the checks that ran before."""
+    (each None when not given), the options, and the results of the checks that ran before.
+    ``base`` is the declared fine-tuning base's weights (``--base``); ``recipe_files`` the files the
+    recipe opened while it was imported (disclosure, :mod:`ledger.verify._disclosure`)."""
 
     ledger: Ledger
     loaded: Loaded
@@ -50,6 +52,8 @@ class Context:
     recipe: Any = None
     recipe_digest: bytes | None = None
     against: tuple[Path, ...] = ()
+    base: Path | None = None
+    recipe_files: tuple[str, ...] = ()
     progress: Progress | None = None
     results: Mapping[str, CheckResult] = field(default_factory=dict)
 
