@@ -39,11 +39,11 @@ def record(path: Path, recipe: Any, *, steps: int = 3, model: Any = None, base: 
     optimizer = recipe.build_optimizer(model)
     scheduler = build_scheduler(recipe, optimizer)
     rec = Recorder(path, model=model, optimizer=optimizer, scheduler=scheduler, key=SIGNER, seed=SEED, recipe=recipe,
-                   base=base)
+                   base=base, determinism={"rng": "reseed-per-step/v1"})
     for step in range(steps):
         metrics, batch = run_step(recipe, model, optimizer, scheduler, SEED, step)
         rec.step(batch=batch, **metrics)
-    rec.close()
+    rec.close(final_weights=path.parent / f"{path.name}.safetensors")
     return path
 
 
@@ -253,6 +253,15 @@ def test_against_a_model_with_the_same_init_warns(tmp_path):
     assert init.status == "warn" and against["outcome"] == "identical init" and against["related_seeds"] == [SEED]
     assert "related through an identical init" in init.detail and "not a copy" in init.detail
     print(f"--against a model trained from the same init: {[(d['seed'], d['p_value']) for d in against['draws']]}")
+    # the lineage of the final weights: related (p ~ 0), but through the identical init, not copied
+    report = verify_ledger(tmp_path / "L", key=SIGNER.public, recipe=recipe, replay=0, replay_seed=1,
+                           model=tmp_path / "L.safetensors", against=[tmp_path / "B.safetensors"])
+    independence = report.check("independence")
+    assert independence.status == "warn" and report.verdict == "pass", independence.detail
+    assert independence.data["against"][0]["verdict"] == "related through an identical init"
+    without_recipe = verify_ledger(tmp_path / "L", key=SIGNER.public, model=tmp_path / "L.safetensors",
+                                   against=[tmp_path / "B.safetensors"]).check("independence")
+    assert without_recipe.status == "fail" and "give --recipe" in without_recipe.data["against"][0]["reason"]
 
 
 # ----------------------------------------------------------------------------- 3. deterministic tensors

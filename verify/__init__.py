@@ -23,15 +23,16 @@ from ledger._reader import Ledger
 from ledger._recipe import load_recipe
 from ledger._record import FORMAT_VERSION, Kind
 from ledger.errors import ConfigurationError, FormatError
+from ledger.verify._checkpoints import check_checkpoints
 from ledger.verify._context import Context, Options
 from ledger.verify._continuity import check_continuity
 from ledger.verify._disclosure import watch_files
 from ledger.verify._independence import check_independence
+from ledger.verify._init import check_init
 from ledger.verify._integrity import check_chain, check_seal, check_signatures
 from ledger.verify._lineage import Lineage, compare_files
 from ledger.verify._load import Loaded, load
 from ledger.verify._model import check_model
-from ledger.verify._provenance import check_checkpoints, check_init
 from ledger.verify._registry import Check, Requirement, extra, given, readable_genesis, recorded, run_checks
 from ledger.verify._replay import check_replay
 from ledger.verify._result import CheckResult, Report, Status

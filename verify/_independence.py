@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ledger.verify._context import Context
 from ledger.verify._lineage import LN_SENTENCE, compare, load_numpy, trajectory
@@ -21,6 +22,30 @@ def our_weights(view: RunView | None, model: Path | None) -> tuple[Path | None, 
     return None, ""
 
 
+IDENTICAL_INIT = "related through an identical init"
+
+
+def _shared_init(ctx: Context, entry: dict[str, Any], trajectory: dict[str, Any] | None) -> None:
+    """A "derived" pair whose relation is the init: the ``init`` check found the foreign model related
+    to this run's genesis draw only (the same architecture and seed, not a copy), and the recorded
+    trajectory never came within half its starting distance of it. Without that evidence the verdict
+    stands, with a hint."""
+    init = ctx.results.get("init")
+    outcomes = {a.get("file"): a.get("outcome") for a in (init.data.get("against", []) if init else [])
+                if isinstance(a, dict)}
+    # two runs from one init on similar data move in similar directions (the cosine test of "independent"
+    # does not apply); what copying would show is a walk onto the foreign weights
+    never_close = trajectory is None or float(trajectory.get("min_ratio", 0.0)) >= 0.5
+    if outcomes.get(entry["file"]) == "identical init" and never_close:
+        entry["verdict"] = IDENTICAL_INIT
+        entry["reason"] = ("the foreign model is related to this run's init, which is the recipe's draw at the "
+                           "genesis seed and unrelated to its draws at other seeds (init), and the trajectory never "
+                           "comes close to it: both grew from an identical init, which is not copying")
+    elif outcomes.get(entry["file"]) is None:
+        entry["reason"] += ("; if both runs drew an identical init (same architecture and seed), give --recipe: "
+                            "init can then show it")
+
+
 def check_independence(ctx: Context) -> CheckResult:
     """Matching tests, LayerNorm cosine with its null baseline, and the recorded trajectory, per
     foreign file; fail if any is derived, warn if any is inconclusive."""
@@ -37,6 +62,8 @@ def check_independence(ctx: Context) -> CheckResult:
         lineage = compare(ours, foreign, n_foreign=len(against), progress=progress,
                           trajectory_agrees=None if traj is None else bool(traj["agrees"]))
         entry = {"file": str(foreign_path), **lineage.to_dict()}
+        if lineage.verdict == "derived":
+            _shared_init(ctx, entry, traj)
         if traj is not None:
             entry["trajectory"] = traj
         elif view is not None:
@@ -48,6 +75,8 @@ def check_independence(ctx: Context) -> CheckResult:
     summary = "; ".join(f"{Path(r['file']).name}: {r['verdict']} (p = {r['p_value']:.2g})" for r in results)
     if "derived" in verdicts:
         return CheckResult("independence", Status.FAIL, summary, data)
+    if IDENTICAL_INIT in verdicts:
+        return CheckResult("independence", Status.WARN, summary, data, summary=summary)
     if any(v != "independent" for v in verdicts):
         return CheckResult("independence", Status.WARN, summary, data, summary="lineage inconclusive: " + summary)
     return CheckResult("independence", Status.PASS, summary, data)

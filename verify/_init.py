@@ -1,7 +1,6 @@
-"""``checkpoints`` and ``init``: stored states match their entries; the init is regenerated from
-the recipe and the genesis seed, bit for bit, and is a random draw of the recipe: it depends on the
-seed, and the recipe's draws at other seeds are unrelated to it and to each other (or, for a declared
-fine-tuning run, the init is the declared base)."""
+"""``init``: the init is regenerated from the recipe and the genesis seed, bit for bit, and is a
+random draw of the recipe: it depends on the seed, and the recipe's draws at other seeds are unrelated
+to it and to each other (or, for a declared fine-tuning run, the init is the declared base)."""
 
 from __future__ import annotations
 
@@ -15,72 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from ledger import _state
-from ledger._record import Kind
 from ledger.errors import FormatError
 from ledger.verify._context import Context
 from ledger.verify._disclosure import watch_files, weights_like
 from ledger.verify._result import CheckResult, Status
 
-
-def check_checkpoints(ctx: Context) -> CheckResult:
-    """Every stored checkpoint matches its entry; pruned ones are reported as pruned, missing ones
-    as missing (a warning: they may be kept elsewhere, see --checkpoints)."""
-    view = ctx.view
-    assert view is not None
-    malformed = view.malformed_of(Kind.CHECKPOINT, Kind.PRUNE)
-    if not view.checkpoints and not malformed:
-        return CheckResult("checkpoints", Status.SKIP, "the run recorded no checkpoints",
-                           summary="no checkpoints recorded")
-    matched: list[int] = []
-    pruned: list[int] = []
-    missing: list[int] = []
-    bad: list[tuple[int | str, str]] = [("entry", why) for why in malformed]
-    for cp in view.checkpoints:
-        if cp.pruned:
-            pruned.append(cp.step)
-            continue
-        if not cp.directory.is_dir():
-            missing.append(cp.step)
-            continue
-        try:
-            found = _state.digests_of(cp.directory)
-            meta_step = _state.read_meta(cp.directory).get("step")
-        except FormatError as exc:
-            bad.append((cp.step, str(exc)))
-            continue
-        if found.state_digest != cp.body.state_digest:
-            expected = cp.body.tensor_digests
-            tensors = sorted(n for n in set(expected) | set(found.model) if expected.get(n) != found.model.get(n))
-            parts = [f"tensors {', '.join(tensors[:5])}"] if tensors else []
-            if found.optimizer_digest != cp.body.optimizer_digest:
-                parts.append("optimizer state")
-            if found.meta_digest != cp.body.meta_digest:
-                parts.append("state.cbor (step, hyperparameters, scheduler, RNG)")
-            bad.append((cp.step, f"differs in {'; '.join(parts) or 'its state digest'}"))
-        elif meta_step != cp.step:
-            bad.append((cp.step, f"holds step {meta_step}, its entry says {cp.step}"))
-        else:
-            matched.append(cp.step)
-    init = next((cp for cp in view.checkpoints if cp.step == -1), None)
-    if init is not None and init.body.model_digest != view.init.model_digest:
-        bad.append((-1, "the init checkpoint's weights are not the genesis init fingerprint"))
-    data: dict[str, Any] = {"matched": matched, "pruned": pruned, "missing": missing,
-                            "bad": [{"step": s, "reason": r} for s, r in bad]}
-    summary = f"{len(matched)} matched, {len(pruned)} pruned, {len(missing)} missing"
-    if bad:
-        detail = "; ".join(f"checkpoint at step {s} {r}" if isinstance(s, int) else r for s, r in bad[:5])
-        return CheckResult("checkpoints", Status.FAIL, f"{detail} ({summary})", data)
-    if missing:
-        return CheckResult("checkpoints", Status.WARN, f"{summary}: checkpoints at steps {missing[:8]} are not here "
-                           "(pass --checkpoints DIR if they are kept elsewhere)", data,
-                           summary=f"{len(missing)} checkpoint(s) missing")
-    return CheckResult("checkpoints", Status.PASS, f"{summary}; every stored state matches its entry", data)
-
-
-# ----------------------------------------------------------------------------- init
-#: The draws ``init`` makes besides the genesis seed: its neighbour and the seed with bit 31 flipped
-#: (far away, and still below 2**32 for a 32-bit seed, which numpy's legacy seeding needs).
 SEED_FLIP = 1 << 31
 RELATED_ALPHA = 1e-6  # two draws are "related" below this corrected p-value (lineage's DERIVED_ALPHA)
 MAX_BLOCKS = 4  # lineage tests on at most this many numbered blocks (evenly spaced) of a deep model
