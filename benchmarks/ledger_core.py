@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from ledger import LedgerWriter, PublicKey, Signer
 from ledger._parts import list_parts, read_part
 from ledger.format import encode_body, pae
-from ledger.verify import check_chain, check_seal, check_signatures, load_context, verify_ledger
+from ledger.verify import Options, check_chain, check_seal, check_signatures, load_context, verify_ledger
 from ledger.verify._signatures import bad_signatures
 
 SEED = bytes(32)
@@ -166,7 +166,7 @@ def bench_verify(tmp: Path, signer: Signer, n: int, seed: int, workers: int, rep
     t_sample, rep_s = timed(verify_ledger, root, key=pub, sample=100, workers=workers, repeat=r)
     t_full, rep_f = timed(verify_ledger, root, key=pub, workers=workers, repeat=r)
     # a fresh context each time: parts are read and every entry hashed again
-    t_load, ctx = timed(lambda: load_context(root, key=pub, workers=workers, sample_seed=0), repeat=r)
+    t_load, ctx = timed(lambda: load_context(root, Options(workers=workers, sample_seed=0), key=pub), repeat=r)
     stages = {"load": t_load}
     for label, sample in (("sample=100", 100), ("full", None)):
         sampled = replace(ctx, options=replace(ctx.options, sample=sample))

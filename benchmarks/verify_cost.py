@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import ledger
 from ledger.hooks import train
-from ledger.verify import CHECKS, load_context, run_checks, verify_ledger
+from ledger.verify import CHECKS, Options, load_context, run_checks, verify_ledger
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = f"{ROOT / 'examples' / 'charlm.py'}:recipe"
@@ -52,8 +52,8 @@ def pieces(path: Path, weights: Path, replay: int) -> list[Row]:
     """Every step of ``verify_ledger`` timed on its own: loading the context, then each check of the
     registry in order on it (the same calls ``verify_ledger`` makes)."""
     rows: list[Row] = []
-    ctx = timed(rows, "load (read + hash)", load_context, path, key=SIGNER.public, model=weights, recipe=RECIPE,
-                replay=replay, replay_seed=0)
+    ctx = timed(rows, "load (read + hash)", load_context, path, Options(replay=replay, replay_seed=0),
+                key=SIGNER.public, model=weights, recipe=RECIPE)
     results: dict[str, Any] = {}
     for check in CHECKS:
         results[check.name] = timed(rows, check.name, lambda c=check: run_checks(replace(ctx, results=results),

@@ -240,19 +240,36 @@ def test_dataclasses_are_frozen():
         assert dataclasses.fields(cls) and cls.__dataclass_params__.frozen  # type: ignore[attr-defined]
 
 
-def test_a_newer_format_is_refused_with_one_line_exit_2(make_ledger, tmp_path):
-    """An older verifier does not judge a ledger written in a format it does not know (FORMAT.md §9)."""
+def _set_versions(part: Path, version: int, rows: slice) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = make_ledger(3)
-    part = path / "parts" / "000000.parquet"
     table = pq.read_table(part)
     records = table["record"].to_pylist()
-    records[0] = (2).to_bytes(2, "big") + records[0][2:]
+    for i in range(len(records))[rows]:
+        records[i] = version.to_bytes(2, "big") + records[i][2:]
     index = table.schema.get_field_index("record")
-    table = table.set_column(index, table.schema.field(index), pa.array(records, pa.binary()))
-    pq.write_table(table, part)
+    pq.write_table(table.set_column(index, table.schema.field(index), pa.array(records, pa.binary())), part)
+
+
+def test_a_damaged_version_field_is_a_broken_chain_not_a_newer_format(make_ledger):
+    path = make_ledger(3)
+    _set_versions(path / "parts" / "000000.parquet", 7, slice(0, 1))
+    out = subprocess.run([sys.executable, "-m", "ledger", "verify", str(path)], capture_output=True, text=True)
+    assert out.returncode == 1 and "chain        fail" in out.stdout
+
+
+def test_sample_seed_reproduces_the_whole_draw(make_ledger, signer):
+    path = make_ledger(200)
+    first, second = (verify_ledger(path, key=signer.public, sample=5, sample_seed=11) for _ in range(2))
+    assert first.to_dict() == second.to_dict()
+    assert first.check("signatures").data["checked"] == second.check("signatures").data["checked"]
+
+
+def test_a_newer_format_is_refused_with_one_line_exit_2(make_ledger, tmp_path):
+    """An older verifier does not judge a ledger written in a format it does not know (FORMAT.md §9)."""
+    path = make_ledger(3)
+    _set_versions(path / "parts" / "000000.parquet", 2, slice(None))
     out = subprocess.run([sys.executable, "-m", "ledger", "verify", str(path)], capture_output=True, text=True)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.strip().splitlines() == [

@@ -11,8 +11,11 @@ renderers that need them.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import random
 import secrets
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ from ledger import __version__
 from ledger._crypto import PublicKey, load_public_key
 from ledger._reader import Ledger
 from ledger._recipe import load_recipe
-from ledger._record import FORMAT_VERSION, Kind
+from ledger._record import FORMAT_VERSION, HEADER_OFFSETS, Kind
 from ledger.errors import ConfigurationError, FormatError
 from ledger.verify._checkpoints import check_checkpoints
 from ledger.verify._context import Context, Options
@@ -31,12 +34,14 @@ from ledger.verify._independence import check_independence
 from ledger.verify._init import check_init
 from ledger.verify._integrity import check_chain, check_seal, check_signatures
 from ledger.verify._lineage import Lineage, compare_files
-from ledger.verify._load import Loaded, load
+from ledger.verify._load import Loaded
+from ledger.verify._load import load as _load
 from ledger.verify._model import check_model
 from ledger.verify._registry import Check, Requirement, extra, given, readable_genesis, recorded, run_checks
 from ledger.verify._replay import check_replay
 from ledger.verify._result import CheckResult, Report, Status
-from ledger.verify._run import RunView, build
+from ledger.verify._run import RunView
+from ledger.verify._run import build as _build
 from ledger.verify._series import training_series
 from ledger.verify.report import render_html, render_json, render_text
 
@@ -79,94 +84,91 @@ def verify_ledger(path: str | os.PathLike[str], *, key: PublicKey | str | os.Pat
                   recipe: Any = None, replay: int = 2, replay_seed: int | None = None,
                   tolerance: float | None = None, against: Iterable[str | os.PathLike[str]] = (),
                   base: str | os.PathLike[str] | None = None) -> Report:
-    """Run every check of :data:`CHECKS` on the ledger at ``path`` and return the report
-    (:func:`load_context`, whose arguments these are, then :func:`run_checks`). Never raises for a
-    damaged ledger: that is a failed check; :meth:`Report.raise_if_failed` turns a failed verdict
-    into :class:`~ledger.VerificationError`."""
-    ctx = load_context(path, key=key, model=model, sample=sample, sample_seed=sample_seed, require=require,
-                       workers=workers, progress=progress, checkpoints=checkpoints, recipe=recipe, replay=replay,
-                       replay_seed=replay_seed, tolerance=tolerance, against=against, base=base)
-    return Report(run_checks(ctx, CHECKS), _facts(ctx), training_series(ctx.loaded, ctx.view)).require(
-        ctx.options.require)
+    """Run every check of :data:`CHECKS` on the ledger at ``path`` and return the report. Never
+    raises for a damaged ledger: that is a failed check (:meth:`Report.raise_if_failed` turns a failed
+    verdict into :class:`~ledger.VerificationError`); raises :class:`~ledger.ConfigurationError` for
+    inputs that cannot be used.
 
-
-def load_context(path: str | os.PathLike[str], *, key: PublicKey | str | os.PathLike[str] | None = None,
-                 model: str | os.PathLike[str] | None = None, sample: int | None = None,
-                 sample_seed: int | None = None, require: Iterable[str] = (), workers: int | None = None,
-                 progress: Progress | None = None, checkpoints: str | os.PathLike[str] | None = None,
-                 recipe: Any = None, replay: int = 2, replay_seed: int | None = None,
-                 tolerance: float | None = None, against: Iterable[str | os.PathLike[str]] = (),
-                 base: str | os.PathLike[str] | None = None) -> Context:
-    """Check the inputs, read the ledger and recompute every entry hash: the :class:`Context` the
-    checks run on. Raises :class:`~ledger.ConfigurationError` for inputs that cannot be used, never
-    for a damaged ledger. ``key`` is the trainer's public key (a path or a
-    :class:`~ledger.PublicKey`); without it the key embedded in genesis is used and ``signatures``
-    is at best a warning. ``sample=N`` checks the head and N random entries' signatures and bodies
-    only. ``model`` is the released weights (safetensors file or sharded ``*.index.json``),
-    compared with the seal's final weights. ``require`` names checks that must pass (a warn or skip
-    then fails). ``checkpoints`` is a directory holding the checkpoints (named by state digest) when
-    they are not inside the ledger. ``recipe`` (``"FILE.py:NAME"`` or a recipe object) enables
-    ``init`` and ``replay``; ``replay`` random intervals are re-executed besides the anomalies and
-    the largest update, drawn with ``replay_seed`` (fresh randomness when None); ``tolerance``
-    forces the relative rule with that ρ. ``against`` names foreign weight files to test lineage
-    against (``independence``, and ``init``: is the recipe's init built from them?). ``base`` is the
-    weights file (safetensors or sharded index) of the base a fine-tuning run declares in genesis;
-    ``init`` checks that the init equals it. The files the recipe opens while it is imported are
-    recorded for ``init`` (disclosure, not proof).
+    ``key`` is the trainer's public key (a path or a :class:`~ledger.PublicKey`); without it the key
+    embedded in genesis is used and ``signatures`` is at best a warning. ``model`` is the released
+    weights (safetensors file or sharded ``*.index.json``), compared with the seal's final weights.
+    ``checkpoints`` is a directory holding the checkpoints (named by state digest) when they are not
+    inside the ledger. ``recipe`` (``"FILE.py:NAME"`` or a recipe object) enables ``init`` and
+    ``replay``. ``against`` names foreign weight files to test lineage against (``independence``, and
+    ``init``: is the recipe's init built from them?). ``base`` is the weights file of the base a
+    fine-tuning run declares in genesis. The rest are :class:`Options`: ``sample=N`` checks the head
+    and N random entries' signatures and bodies only (drawn with ``sample_seed``); ``require`` names
+    checks that must pass (a warn or skip then fails); ``replay`` random intervals are re-executed
+    besides the anomalies, the final state and the largest update, drawn with ``replay_seed`` (fresh
+    randomness when None); ``tolerance`` forces the relative rule with that ρ.
     """
-    required = tuple(require)
-    unknown = sorted(set(required) - set(CHECK_NAMES))
-    if unknown:
-        raise ConfigurationError(f"unknown check name(s) for --require: {', '.join(unknown)} "
-                                 f"(known: {', '.join(CHECK_NAMES)})")
-    if sample is not None and sample < 0:
-        raise ConfigurationError("--sample must be zero or more")
-    if replay < 0 or (tolerance is not None and tolerance <= 0):
-        raise ConfigurationError("--replay must be ≥ 0 and --tolerance > 0")
-    public = load_public_key(key) if key is not None and not isinstance(key, PublicKey) else key
-    if model is not None and not os.path.exists(model):
-        raise ConfigurationError(f"weights file {model} does not exist")
-    if checkpoints is not None and not os.path.isdir(checkpoints):
-        raise ConfigurationError(f"checkpoint directory {checkpoints} does not exist")
-    foreign = tuple(Path(f) for f in against)
-    for file in foreign:
-        if not file.exists():
-            raise ConfigurationError(f"--against file {file} does not exist")
-    if base is not None and not os.path.exists(base):
-        raise ConfigurationError(f"--base file {base} does not exist")
-    recipe_digest = None
-    recipe_files: tuple[str, ...] = ()
-    if isinstance(recipe, str):
-        with watch_files(ignore=[recipe.rpartition(":")[0]]) as watch:
-            recipe, recipe_digest = load_recipe(recipe)
-        recipe_files = watch.files
     options = Options(sample=sample, sample_seed=secrets.randbits(64) if sample_seed is None else sample_seed,
                       workers=workers, replay=replay,
                       replay_seed=secrets.randbits(63) if replay_seed is None else replay_seed,
-                      tolerance=tolerance, require=required)
+                      tolerance=tolerance, require=tuple(require))
+    ctx = load_context(path, options, key=key, model=model, checkpoints=checkpoints, recipe=recipe, against=against,
+                       base=base, progress=progress)
+    return Report(run_checks(ctx, CHECKS), _facts(ctx), training_series(ctx.loaded, ctx.view)).require(
+        options.require)
+
+
+def load_context(path: str | os.PathLike[str], options: Options | None = None, *,
+                 key: PublicKey | str | os.PathLike[str] | None = None, model: str | os.PathLike[str] | None = None,
+                 checkpoints: str | os.PathLike[str] | None = None, recipe: Any = None,
+                 against: Iterable[str | os.PathLike[str]] = (), base: str | os.PathLike[str] | None = None,
+                 progress: Progress | None = None) -> Context:
+    """Check the inputs (as :func:`verify_ledger` takes them), read the ledger and recompute every
+    entry hash: the :class:`Context` the checks run on. The files the recipe opens while it is
+    imported are recorded for ``init`` (disclosure, not proof). Without torch installed the recipe is
+    not imported: ``init`` and ``replay`` are then skipped with the line that installs it."""
+    options = options or Options()
+    unknown = sorted(set(options.require) - set(CHECK_NAMES))
+    if unknown:
+        raise ConfigurationError(f"unknown check name(s) for --require: {', '.join(unknown)} "
+                                 f"(known: {', '.join(CHECK_NAMES)})")
+    public = load_public_key(key) if key is not None and not isinstance(key, PublicKey) else key
+    for what, file in (("weights file", model), ("--base file", base), *(("--against file", f) for f in against)):
+        if file is not None and not os.path.exists(file):
+            raise ConfigurationError(f"{what} {file} does not exist")
+    if checkpoints is not None and not os.path.isdir(checkpoints):
+        raise ConfigurationError(f"checkpoint directory {checkpoints} does not exist")
+    recipe_digest = None
+    recipe_files: tuple[str, ...] = ()
+    if isinstance(recipe, str) and importlib.util.find_spec("torch") is not None:
+        with watch_files(ignore=[recipe.rpartition(":")[0]]) as watch:
+            recipe, recipe_digest = load_recipe(recipe)
+        recipe_files = watch.files
     ledger = Ledger(path)
-    loaded = load(ledger)
+    loaded = _load(ledger)
     _refuse_newer_format(ledger, loaded)
     view, view_error = None, None
     if loaded.genesis is not None:
         try:
-            view = build(loaded, ledger.path, Path(checkpoints) if checkpoints is not None else None)
+            view = _build(loaded, ledger.path, Path(checkpoints) if checkpoints is not None else None)
         except FormatError as exc:  # a genesis that breaks the schema: the provenance checks skip with this
             view_error = str(exc)
     return Context(ledger=ledger, loaded=loaded, view=view, view_error=view_error, options=options, key=public,
                    model=Path(model) if model is not None else None,
                    checkpoints=Path(checkpoints) if checkpoints is not None else None, recipe=recipe,
-                   recipe_digest=recipe_digest, against=foreign, base=Path(base) if base is not None else None,
-                   recipe_files=recipe_files, progress=progress)
+                   recipe_digest=recipe_digest, against=tuple(Path(f) for f in against),
+                   base=Path(base) if base is not None else None, recipe_files=recipe_files, progress=progress,
+                   rng=random.Random(options.sample_seed))
 
 
 def _refuse_newer_format(ledger: Ledger, loaded: Loaded) -> None:
-    """A ledger in a newer format than this verifier knows cannot be judged here (docs/FORMAT.md §9)."""
-    if not len(loaded.records):
-        return
-    first = loaded.records[0]
-    version = int.from_bytes(first[:2], "big") if len(first) >= 2 else 0
-    if version > FORMAT_VERSION:
+    """A ledger in a newer format than this verifier knows cannot be judged here (docs/FORMAT.md §9):
+    when every record — in the parts and in the log — says the same newer version. A version field
+    damaged in some records is a broken chain, judged by ``chain``."""
+    from ledger import _wal
+
+    offset, size = HEADER_OFFSETS["version"]
+    try:
+        tail = [e.record for e in _wal.read(ledger.layout.wal).entries]
+    except FormatError:
+        tail = []  # a corrupt log: the chain check reports it
+    records = [*loaded.records.materialize(), *tail]
+    versions = {int.from_bytes(r[offset:offset + size], "big") for r in records if len(r) >= offset + size}
+    if len(versions) == 1 and (version := versions.pop()) > FORMAT_VERSION:
         raise ConfigurationError(f"{ledger.path} is in format version {version}; this verifier (training-ledger "
                                  f"{__version__}) knows version {FORMAT_VERSION}: upgrade training-ledger")
 
@@ -196,3 +198,19 @@ __all__ = ["CHECKS", "Check", "CheckResult", "Context", "Lineage", "Options", "R
            "Status", "check_chain", "check_checkpoints", "check_continuity", "check_independence", "check_init",
            "check_model", "check_replay", "check_seal", "check_signatures", "compare_files", "load_context",
            "render_html", "render_json", "render_text", "run_checks", "verify_ledger"]
+
+
+# Names that were public here before 0.2; they keep working one release, with a warning.
+_MOVED = {"load": "ledger.verify._load", "build": "ledger.verify._run"}
+
+
+def __getattr__(name: str) -> Any:
+    """Old names (``ledger.verify.load``, ``build``), with a ``DeprecationWarning``."""
+    where = _MOVED.get(name)
+    if where is None:
+        raise AttributeError(f"module 'ledger.verify' has no attribute {name!r}")
+    import importlib
+
+    warnings.warn(f"ledger.verify.{name} is internal now ({where}.{name}); use load_context", DeprecationWarning,
+                  stacklevel=2)
+    return getattr(importlib.import_module(where), name)

@@ -10,6 +10,7 @@ from typing import Any
 
 from ledger._crypto import PublicKey
 from ledger._reader import Ledger
+from ledger.errors import ConfigurationError
 from ledger.verify._load import Loaded
 from ledger.verify._result import CheckResult
 from ledger.verify._run import RunView
@@ -31,6 +32,12 @@ class Options:
     replay_seed: int = 0
     tolerance: float | None = None
     require: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.sample is not None and self.sample < 0:
+            raise ConfigurationError("--sample must be zero or more")
+        if self.replay < 0 or (self.tolerance is not None and self.tolerance <= 0):
+            raise ConfigurationError("--replay must be ≥ 0 and --tolerance > 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +63,10 @@ class Context:
     recipe_files: tuple[str, ...] = ()
     progress: Progress | None = None
     results: Mapping[str, CheckResult] = field(default_factory=dict)
+    rng: random.Random = field(default_factory=random.Random)  # draws --sample entries; load_context seeds it
 
     def sample_rng(self) -> random.Random:
-        """The generator that draws ``--sample`` entries (the same draw for every check)."""
-        return random.Random(self.options.sample_seed)
+        """The generator that draws ``--sample`` entries: one stream, seeded with ``sample_seed``,
+        shared by the checks in order (``chain`` draws, then ``signatures``), so a seed reproduces
+        the whole draw."""
+        return self.rng

@@ -58,7 +58,7 @@ def given(what: str, reason: str) -> Requirement:
 def extra(module: str, extra_name: str, purpose: str) -> Requirement:
     """An optional dependency is installed (else: the exact pip line that installs it)."""
     line = f"pip install 'training-ledger[{extra_name}]'"
-    return Requirement(lambda ctx: importlib.util.find_spec(module) is not None,
+    return Requirement(lambda _ctx: importlib.util.find_spec(module) is not None,
                        f"{purpose} needs {module}, which is not installed: {line}", f"{module} not installed ({line})")
 
 
