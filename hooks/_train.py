@@ -15,7 +15,7 @@ def train(recipe: Any, *, steps: int, path: str | os.PathLike[str], key: Any, se
           checkpoint_every: int | None = None, final_weights: str | os.PathLike[str] | None = None,
           config: Mapping[str, Any] | None = None, threads: int | None = None, **recorder_options: Any) -> Path:
     """Build the model from ``recipe`` and ``seed``, train ``steps`` steps through
-    :func:`ledger.run_step` (step s consumes ``recipe.batch(s)``) with deterministic algorithms and
+    :func:`ledger.torch.run_step` (step s consumes ``recipe.batch(s)``) with deterministic algorithms and
     a fixed thread count, record everything, and seal with the final weights. Genesis ``determinism``
     records the thread count and the RNG discipline (``"rng": "reseed-per-step/v1"``: every RNG is
     reseeded before each step), which replay follows. Returns the ledger path."""

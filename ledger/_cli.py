@@ -15,8 +15,7 @@ from typing import Any
 
 import click
 
-from ledger._crypto import generate_keypair
-from ledger._reader import Ledger
+from ledger import Ledger, generate_keypair
 from ledger.errors import ConfigurationError, LedgerError
 
 EXIT_PASS, EXIT_FAIL, EXIT_CANNOT_RUN, EXIT_INTERNAL = 0, 1, 2, 3

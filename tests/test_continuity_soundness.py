@@ -314,3 +314,29 @@ def test_legacy_fingerprint_keywords_still_work_with_a_warning(tmp_path):
     with pytest.raises(TypeError, match="unexpected keyword argument 'sketchy'"):
         Recorder(tmp_path / "M", model=model, optimizer=torch.optim.AdamW(model.parameters()), key=SIGNER, seed=0,
                  sketchy=1)
+
+
+def test_a_swap_licensed_by_a_forged_lr_between_checkpoints_is_named(tmp_path):
+    """Foreign weights copied in at step 5 (not a checkpoint step), the step logged at lr = 10: the
+    bound then holds, but only at a learning rate no stored checkpoint ever held — continuity says
+    so instead of passing (replay with the recipe fails it: tests/test_replay_soundness.py)."""
+    from test_provenance import foreign_state
+    from test_provenance import record as record_recipe
+
+    foreign = foreign_state()
+
+    def swap(step: int, model: Any) -> bool:
+        if step == 5:
+            model.load_state_dict(foreign)
+            return True
+        return False
+
+    swapped = record_recipe(tmp_path / "swapped", during=swap)
+    assert continuity(swapped).status is Status.FAIL  # as logged, the jump breaks the bound
+
+    def forge(kind: Kind, step: int, body: dict) -> dict:
+        return {**body, "lrs": body["lrs"] * 0 + 10.0} if kind is Kind.STEP and step == 5 else body
+
+    result = continuity(resign(swapped, tmp_path / "forged", forge))
+    assert result.status is Status.WARN and result.data["anomalies"] == []
+    assert "above any a stored checkpoint holds (step 5: lr 10" in result.detail

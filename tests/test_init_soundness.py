@@ -218,10 +218,12 @@ class SpecialCase(CharRecipe):  # type: ignore[misc, valid-type]
 def test_a_recipe_that_special_cases_the_genesis_seed_warns(tmp_path, foreign):
     recipe = SpecialCase(**SMALL)
     SpecialCase.state = foreign["charlm"]
-    init = init_of(record(tmp_path / "L", recipe), recipe, against=[foreign["file"]])
+    path = record(tmp_path / "L", recipe)
+    init = init_of(path, recipe)  # without --against: the distribution test is the only witness
     assert init.status == "warn" and not any(p["related"] for p in init.data["pairs"][2:])
     assert "not distributed like the recipe's draws" in init.detail and init.data["seed_specific"]
-    assert init.data["against"][0]["outcome"] == "identical init"
+    against = init_of(path, recipe, against=[foreign["file"]])  # with it: the init is F itself
+    assert against.status == "fail" and against.data["against"][0]["outcome"] == "is the foreign model"
     print(f"special-cased genesis seed: KS p = {init.data['p_distribution']:.2g} in {init.data['seed_specific'][:3]}")
 
 
@@ -468,3 +470,23 @@ def test_verify_help_names_base():
 def test_canonical_state_is_what_init_draws():
     tensors, _ = canonical_state(BufferedRecipe().build_model(0))
     assert {"pe", "mask"} <= set(tensors)
+
+
+def test_a_recipe_returning_the_foreign_model_at_the_genesis_seed_is_not_an_identical_init(tmp_path):
+    """F (lightly trained, still init-like) returned at the genesis seed only, honest draws elsewhere:
+    without --against nothing can see it (documented); with --against F the init *is* F — not the
+    identical init two labs with one seed share, which training would have moved away from."""
+    foreign = trained(TinyRecipe(), 99, 30)
+    save_model(foreign, str(tmp_path / "F.safetensors"))
+
+    class Special(TinyRecipe):
+        def build_model(self, seed: int) -> nn.Module:
+            model = super().build_model(seed)
+            if seed == SEED:
+                model.load_state_dict(foreign.state_dict())
+            return model
+
+    recipe = Special()
+    init = init_of(record(tmp_path / "L", recipe), recipe, against=[tmp_path / "F.safetensors"])
+    assert init.status == "fail" and init.data["against"][0]["outcome"] == "is the foreign model"
+    assert "the init is F.safetensors itself" in init.detail

@@ -38,7 +38,7 @@ def check_continuity(ctx: Context) -> CheckResult:
     if not view.steps and not view.malformed:
         return CheckResult("continuity", Status.SKIP, "no recorded steps with fingerprints to check")
     bounds = Bounds(view)
-    walk = _Walk(view, bounds)
+    walk = _Walk(view, bounds, _lr_cap(view, bounds))
     walk.run()
     evidence = [f"per-tensor norms at {len(view.steps)} steps"]
     if walk.sketch_checks:
@@ -78,12 +78,35 @@ def check_continuity(ctx: Context) -> CheckResult:
                            f"only missing steps, logged fingerprints against checkpoints and the final state were "
                            f"checked (evidence: {', '.join(evidence)}){tail}", data,
                            summary="optimizer without a known bound", series=plot)
-    weak = _weakness(bounds, walk, intervals) or weak_final
+    weak = _weakness(bounds, walk, intervals) or weak_final or _unconfirmed_lr(walk)
     detail = f"{len(view.steps)} steps within the {bounds.family} update bound (evidence: {', '.join(evidence)}); " \
              f"{margin}{tail}"
     if weak:
         return CheckResult("continuity", Status.WARN, f"{detail}; but {weak}", data, summary=weak, series=plot)
     return CheckResult("continuity", Status.PASS, detail, data, series=plot)
+
+
+def _lr_cap(view: RunView, bounds: Bounds) -> np.ndarray | None:
+    """Per param group, the largest learning rate any stored checkpoint's optimizer holds (None when
+    no checkpoint is stored)."""
+    caps: list[list[float]] = []
+    for cp in view.stored_checkpoints():
+        groups = read_meta(cp.directory).get("param_groups")
+        if isinstance(groups, list) and len(groups) == len(bounds.groups):
+            caps.append([float(g.get("lr", math.inf)) if isinstance(g, dict) and isinstance(g.get("lr"), (int, float))
+                         else math.inf for g in groups])
+    return np.max(np.asarray(caps), axis=0) if caps else None
+
+
+def _unconfirmed_lr(walk: _Walk) -> str:
+    """Steps that fit the bound only with a logged learning rate above any a checkpoint holds."""
+    if not walk.unconfirmed:
+        return ""
+    steps = ", ".join(str(s) for s, _, _ in walk.unconfirmed[:5])
+    s, lr, ratio = max(walk.unconfirmed, key=lambda u: u[2])
+    return (f"step(s) {steps} fit the bound only with a logged learning rate above any a stored checkpoint holds "
+            f"(step {s}: lr {lr:g}, {ratio:.3g}× the bound at the checkpoints' rate): those rates are the "
+            "trainer's claims here; replay with --recipe checks them against the schedule")
 
 
 def _weakness(bounds: Bounds, walk: _Walk, intervals: int) -> str:
@@ -98,8 +121,9 @@ def _weakness(bounds: Bounds, walk: _Walk, intervals: int) -> str:
 class _Walk:
     """One pass over the recorded steps: norm and sketch evidence, series for the plots."""
 
-    def __init__(self, view: RunView, bounds: Bounds) -> None:
-        self.view, self.bounds = view, bounds
+    def __init__(self, view: RunView, bounds: Bounds, lr_cap: np.ndarray | None = None) -> None:
+        self.view, self.bounds, self.lr_cap = view, bounds, lr_cap
+        self.unconfirmed: list[tuple[int, float, float]] = []  # (step, logged lr, ratio at the checkpoints' lr)
         self.anomalies: list[dict[str, Any]] = [{"step": -1, "ratio": math.inf, "evidence": "entry", "detail": why}
                                                 for why in view.malformed_of(Kind.STEP, Kind.RESUME)]
         self.ratios: list[float] = []
@@ -111,16 +135,23 @@ class _Walk:
 
     def run(self) -> None:
         """Walk every recorded step in order."""
-        view, bounds = self.view, self.bounds
+        view = self.view
         if not view.recorded:
             return
         rtol = norm_rtol(view)
         rounding = dtype_rounding(view)
         jl = 1 + 3 / math.sqrt(view.policy.sketch_k)
         order = view.tensor_order
+        moved_buffers: set[str] = set()
+        with np.errstate(invalid="ignore"):  # a buffer holding ±inf (a causal mask): inf − inf is no movement
+            self._steps(rtol, rounding, jl, order, moved_buffers)
+        self.buffers_moved = sorted(moved_buffers)
+
+    def _steps(self, rtol: np.ndarray, rounding: np.ndarray, jl: float, order: list[str],
+               moved_buffers: set[str]) -> None:
+        view, bounds = self.view, self.bounds
         prev_norms, sketch_at, sketch_prev = view.init.norms, -1, view.init.sketch
         sketch_budget, sketch_unbounded, expected = 0.0, False, 0
-        moved_buffers: set[str] = set()
         for s in sorted(view.steps):
             body = view.steps[s]
             if s != expected:
@@ -139,6 +170,7 @@ class _Walk:
                 self.anomalies.append({"step": s, "ratio": math.inf, "evidence": "norms", "tensor": order[i],
                                        "detail": "a parameter in no recorded optimizer group moved"})
             moved_buffers.update(order[i] for i in np.flatnonzero(outside & moved & ~bounds.parameter))
+            self._confirm_lr(s, body, bound, delta, slack, moved & ~unbounded)
             bounded = ratio[~unbounded]
             if bounded.size:
                 worst = int(np.flatnonzero(~unbounded)[int(np.argmax(bounded))])
@@ -171,7 +203,21 @@ class _Walk:
                 self.distance.append([s, float(np.linalg.norm(body.sketch - view.init.sketch))])
                 sketch_at, sketch_prev, sketch_budget, sketch_unbounded = s, body.sketch, 0.0, False
             prev_norms = norms
-        self.buffers_moved = sorted(moved_buffers)
+
+
+    def _confirm_lr(self, s: int, body: Any, bound: np.ndarray, delta: np.ndarray, slack: np.ndarray,
+                    checked: np.ndarray) -> None:
+        """Would this step fit the bound at the largest learning rate a stored checkpoint holds? (The
+        bound is proportional to the learning rate.)"""
+        cap, lrs = self.lr_cap, self.bounds.lrs(body)
+        if cap is None or len(cap) != len(lrs) or not np.any(lrs > cap * (1 + 1e-9)):
+            return
+        group = self.bounds.group_of
+        scale = np.where(group >= 0, np.minimum(1.0, cap[np.maximum(group, 0)] / np.where(lrs > 0, lrs, 1.0)
+                                                [np.maximum(group, 0)]), 1.0)
+        capped = np.where(checked, delta / (bound * scale + slack), 0.0)
+        if capped.size and float(capped.max()) > 1:
+            self.unconfirmed.append((s, float(lrs.max()), float(capped.max())))
 
 
 def movement(view: RunView) -> dict[int, float]:

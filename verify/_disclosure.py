@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".npz", ".npy", ".pkl", ".gguf")
 MAPS = "/proc/self/maps"
@@ -160,9 +160,10 @@ def _profile(frame: FrameType, event: str, arg: Any) -> None:
     if code.co_argcount == 0:
         return
     value = frame.f_locals.get(code.co_varnames[0])
-    if isinstance(value, (str, os.PathLike)):
+    kind = type(value)
+    if kind is str or (kind is not bytes and hasattr(kind, "__fspath__")):  # on the type: no instance attribute
         try:
-            path = os.fspath(value)
+            path = os.fspath(cast("str | os.PathLike[str]", value))
             if isinstance(path, str) and weights_like(path) and os.path.isfile(path):
                 _record(path)
         except Exception:

@@ -46,6 +46,14 @@ def _shared_init(ctx: Context, entry: dict[str, Any], trajectory: dict[str, Any]
                             "init can then show it")
 
 
+def _buffers(view: RunView | None) -> set[str]:
+    """The recorded model's buffers (left out of the matching tests; the foreign file's tensors of the
+    same names too)."""
+    if view is None or not view.recorded:
+        return set()
+    return {name for name, t in view.genesis.tensors().items() if t.get("kind") == "buffer"}
+
+
 def check_independence(ctx: Context) -> CheckResult:
     """Matching tests, LayerNorm cosine with its null baseline, and the recorded trajectory, per
     foreign file; fail if any is derived, warn if any is inconclusive."""
@@ -55,9 +63,11 @@ def check_independence(ctx: Context) -> CheckResult:
         return CheckResult("independence", Status.SKIP, "no weights of this run to compare (give --model)",
                            summary="no weights to compare")
     ours = load_numpy(path)
+    buffers = _buffers(view)  # deterministic tables (masks, sinusoidal positions) relate any two models
+    ours = {name: array for name, array in ours.items() if name not in buffers}
     results = []
     for foreign_path in against:
-        foreign = load_numpy(foreign_path)
+        foreign = {name: array for name, array in load_numpy(foreign_path).items() if name not in buffers}
         traj = trajectory(view, ours, foreign) if view is not None and view.recorded else None
         lineage = compare(ours, foreign, n_foreign=len(against), progress=progress,
                           trajectory_agrees=None if traj is None else bool(traj["agrees"]))

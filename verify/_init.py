@@ -359,9 +359,15 @@ def _against(files: tuple[Path, ...], seeds: tuple[int, int, int], arrays: list[
         related = [r["seed"] for r in per_draw if r["related"]]
         outcome = "laundering" if len(related) >= 2 else "identical init" if related == [seed] else \
             "shares another seed's init" if related else "unrelated"
+        if outcome == "identical init" and _distance(foreign, arrays[0], pairs) < SAME_WEIGHTS:
+            outcome = "is the foreign model"  # the recipe special-cases the genesis seed
         results.append({"file": str(path), "outcome": outcome, "related_seeds": related, "draws": per_draw})
         name, p = Path(path).name, min(r["p_value"] for r in per_draw)
-        if outcome == "laundering":
+        if outcome == "is the foreign model":
+            problems.append(f"the init is {name} itself (relative distance below {SAME_WEIGHTS:g}): the recipe returns "
+                            f"that model at the genesis seed {seed} and draws at the others — not an identical init, "
+                            "which a model trained from it would have moved away from")
+        elif outcome == "laundering":
             problems.append(f"{name} is related to the recipe's draws at seeds {_seeds(related)} (p = {p:.2g}): "
                             "the recipe builds its init from that model (laundering)")
         elif outcome == "identical init":
@@ -373,6 +379,16 @@ def _against(files: tuple[Path, ...], seeds: tuple[int, int, int], arrays: list[
         elif outcome == "shares another seed's init":
             notes.append(f"{name} shares the recipe's init at seed {related[0]}, not this run's")
     return results
+
+
+SAME_WEIGHTS = 1e-3  # relative distance under which a draw is the foreign weights themselves, not a shared init
+
+
+def _distance(foreign: dict[str, np.ndarray], draw: dict[str, np.ndarray], pairs: list[tuple[str, str]]) -> float:
+    """‖F − W‖ / ‖W‖ over the paired tensors (a model trained from the same init is far from 0)."""
+    diff = sum(float(np.square(foreign[f].astype(np.float64) - draw[o].astype(np.float64)).sum()) for f, o in pairs)
+    size = sum(float(np.square(draw[o].astype(np.float64)).sum()) for _, o in pairs)
+    return math.sqrt(diff / size) if size else math.inf
 
 
 def _disclosed(opened: dict[str, None]) -> dict[str, Any]:
