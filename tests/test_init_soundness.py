@@ -97,13 +97,7 @@ class NoisyMLP(TinyRecipe):
         self.state = state
 
     def build_model(self, seed: int) -> nn.Module:
-        model = super().build_model(seed)
-        model.load_state_dict(self.state)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.01 * torch.randn(p.shape, generator=generator))
-        return model
+        return plus_noise(super().build_model(seed), self.state, seed)
 
 
 class NoisyChar(CharRecipe):  # type: ignore[misc, valid-type]
@@ -112,13 +106,17 @@ class NoisyChar(CharRecipe):  # type: ignore[misc, valid-type]
     state: dict[str, torch.Tensor] = {}
 
     def build_model(self, seed: int) -> nn.Module:
-        model = super().build_model(seed)
-        model.load_state_dict(self.state)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.01 * torch.randn(p.shape, generator=generator))
-        return model
+        return plus_noise(super().build_model(seed), self.state, seed)
+
+
+def plus_noise(model: nn.Module, state: dict[str, torch.Tensor], seed: int) -> nn.Module:
+    """``model`` holding ``state`` plus 0.01·noise drawn from ``seed``."""
+    model.load_state_dict(state)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=generator))
+    return model
 
 
 def permuted(state: dict[str, torch.Tensor], seed: int, layers: int = 2, heads: int = 4) -> dict[str, torch.Tensor]:
