@@ -334,6 +334,22 @@ def test_declared_base_given_with_base_passes(based):
     assert init_of(based["ledger"], None, base=based["base"]).status == "pass"  # no recipe needed
 
 
+def test_lineage_against_the_declared_base_is_expected_ancestry(based):
+    """--against the declared base: derived from it, but declared — reported, not failed; the same
+    weights undeclared fail as derived."""
+    ledger_path = based["ledger"]
+    final = ledger_path.parent / f"{ledger_path.name}.safetensors"
+    report = verify_ledger(ledger_path, key=SIGNER.public, model=final, base=based["base"],
+                           against=[based["base"]])
+    entry = report.check("independence").data["against"][0]
+    assert entry["verdict"] == "derived from the declared base (acme/tiny)", entry
+    assert report.check("independence").status == "warn" and report.verdict == "pass"
+    undeclared = based["undeclared"]
+    report = verify_ledger(undeclared, key=SIGNER.public, model=undeclared.parent / f"{undeclared.name}.safetensors",
+                           against=[based["base"]])
+    assert report.check("independence").data["against"][0]["verdict"] == "derived" and report.verdict == "fail"
+
+
 def test_declared_base_with_another_file_fails_naming_tensors(based):
     init = init_of(based["ledger"], TinyRecipe(), base=based["other"])
     assert init.status == "fail" and init.data["differ"] == ["0.bias", "0.weight", "1.bias", "1.weight", "4.bias",
