@@ -35,6 +35,9 @@ def build_genesis(*, model: Any, optimizer: Any, scheduler: Any, seed: int, conf
         source = inspect.getsourcefile(type(recipe))
         recipe_files = [Path(source)] if source else []
     init_digests = lt.torch_digests(tensors)
+    infos = [OptimizerInfo(f"{type(opt).__module__}.{type(opt).__qualname__}", lt.optimizer_groups(opt, names_by_id),
+                           tuple(f"{c.__module__}.{c.__qualname__}" for c in type(opt).__mro__ if c is not object))
+             for opt in lt.optimizers_of(optimizer)]
     norms = torch.stack([t.detach().double().norm() for t in tensors.values()]).cpu().numpy() if tensors \
         else np.zeros(0)
     return Genesis(
@@ -44,11 +47,8 @@ def build_genesis(*, model: Any, optimizer: Any, scheduler: Any, seed: int, conf
                 "source_sha256": hashlib.sha256(recipe_files[0].read_bytes()).digest() if recipe_files else None,
                 "run_step": "ledger.run_step/v1"} if recipe is not None else None,
         determinism={"rng": "stream", **(determinism or {})},
-        optimizer=OptimizerInfo(f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
-                                lt.optimizer_groups(optimizer, names_by_id),
-                                tuple(f"{c.__module__}.{c.__qualname__}" for c in type(optimizer).__mro__
-                                      if c is not object)),
-        scheduler=type(scheduler).__name__ if scheduler is not None else None,
+        optimizer=infos[0], optimizers=tuple(infos) if len(infos) > 1 else (),
+        scheduler=None if scheduler is None else "+".join(type(s).__name__ for s in lt.optimizers_of(scheduler)),
         architecture=lt.architecture(model, tensors, aliases),
         init=InitFingerprint(init_digests, model_digest(init_digests), sketcher(tensors), norms),
         fingerprints=FingerprintPolicy(list(tensors), options.sketch, options.sketch_k, sketcher.seed,

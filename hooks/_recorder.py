@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import secrets
@@ -59,6 +60,10 @@ class Recorder:
     :class:`FingerprintOptions`) and hands the entry to a background writer: the training thread
     never waits on disk. Checkpoints (init state, every ``checkpoint_every`` steps, at close) are
     hashed and written off the training thread; their entry is appended once the files are durable.
+
+    ``optimizer`` may be a list (a GAN, a separate optimizer for embeddings): every optimizer is
+    recorded, its groups bounded by its own update rule (a parameter no recorded optimizer updates
+    must not move); pass the matching list of schedulers, if any.
 
     ``base``: the run fine-tunes a published model: ``{"id": "org/name", "revision": "…"}``; genesis
     declares it with the init's tensor digests, and ``ledger verify --base FILE`` checks that the init
@@ -119,10 +124,15 @@ class Recorder:
         self._cadence = Cadence(options)
         self._error: BaseException | None = None
         self._queue = WriterQueue(self._run_job, queue_size, drain_interval)
-        self._hook_state: dict[str, Any] = {"steps": 0}
-        self._hooks = (optimizer.register_step_pre_hook(self._pre_step),
-                       optimizer.register_step_post_hook(self._post_step))
-        self._logged_hyper = [_hyper(g) for g in genesis.optimizer.param_groups] if genesis.optimizer else []
+        self._optimizers = lt.optimizers_of(optimizer)
+        if len(self._optimizers) != len(genesis.all_optimizers):
+            raise ConfigurationError(f"the ledger records {len(genesis.all_optimizers)} optimizer(s), "
+                                     f"{len(self._optimizers)} given")
+        self._slots: list[dict[str, Any]] = [{} for _ in self._optimizers]  # per optimizer, since the last entry
+        self._hooks = [hook for k, opt in enumerate(self._optimizers) for hook in (
+            opt.register_step_pre_hook(functools.partial(self._pre_step, k)),
+            opt.register_step_post_hook(functools.partial(self._post_step, k)))]
+        self._logged_hyper = [_hyper(g) for o in genesis.all_optimizers for g in o.param_groups]
         self._last_step_time: float | None = None
         self._tensor_cache: dict[str, torch.Tensor] | None = None
         self._norm_plan: Norms | None = None
@@ -131,17 +141,37 @@ class Recorder:
         self._closed = False
 
     # ----------------------------------------------------------------- the optimizer hook
-    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        """Before each optimizer step (before a scheduler advances): the hyperparameters it uses."""
-        self._hook_state.update(lrs=[_float(group["lr"]) for group in optimizer.param_groups],
-                                hyper=[_hyper(group) for group in optimizer.param_groups])
+    def _pre_step(self, k: int, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """Before optimizer k's step (before a scheduler advances): the hyperparameters it uses."""
+        self._slots[k].update(lrs=[_float(group["lr"]) for group in optimizer.param_groups],
+                              hyper=[_hyper(group) for group in optimizer.param_groups])
 
-    def _post_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        """After each optimizer step, before ``zero_grad``: the gradients the step used — those of
+    def _post_step(self, k: int, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """After optimizer k's step, before ``zero_grad``: the gradients the step used — those of
         the last closure call for ``optimizer.step(closure)`` — as one norm per param group."""
         grad_norms = [total_norm([p.grad for p in group["params"] if p.grad is not None])
                       for group in optimizer.param_groups]
-        self._hook_state.update(grad_norms=torch.stack(grad_norms), steps=self._hook_state["steps"] + 1)
+        self._slots[k].update(grad_norms=torch.stack(grad_norms), steps=self._slots[k].get("steps", 0) + 1)
+
+    def _gather(self) -> dict[str, Any]:
+        """What the hooks saw since the last entry, every optimizer's groups in order (an optimizer
+        that took no step contributes its current learning rates and zero gradient norms)."""
+        slots, self._slots = self._slots, [{} for _ in self._optimizers]
+        each = [int(slot.get("steps", 0)) for slot in slots]
+        if not any("lrs" in slot for slot in slots):
+            return {"steps": sum(each)}
+        lrs: list[float] = []
+        hyper: list[dict[str, Any]] = []
+        grads: list[torch.Tensor] = []
+        for opt, slot in zip(self._optimizers, slots, strict=True):
+            groups = opt.param_groups
+            lrs += slot.get("lrs") or [_float(g["lr"]) for g in groups]
+            hyper += slot.get("hyper") or [_hyper(g) for g in groups]
+            grads.append(slot["grad_norms"] if "grad_norms" in slot else torch.zeros(len(groups), dtype=torch.float64))
+        hook = {"steps": sum(each), "lrs": lrs, "hyper": hyper, "grad_norms": torch.cat([g.cpu() for g in grads])}
+        if len(each) > 1:
+            hook["each"] = each
+        return hook
 
     # ----------------------------------------------------------------- per step
     def step(self, loss: Any = None, batch: Any = None, **metrics: Any) -> None:
@@ -158,8 +188,7 @@ class Recorder:
             cadence.calibrate()
         values = {} if loss is None else {"loss": _detached(loss)}
         values.update({name: _detached(v) for name, v in metrics.items()})
-        hook = dict(self._hook_state)
-        self._hook_state = {"steps": 0}
+        hook = self._gather()
         t0 = time.perf_counter()
         tensors = self._tensors()
         with torch.no_grad():
@@ -214,6 +243,7 @@ class Recorder:
         if batch_d is not None:
             carries.append("batch")
         return StepBody(norms=norms.value(), metrics=metrics, optimizer_steps=int(hook.get("steps", 0)),
+                        optimizer_steps_each=hook.get("each"),
                         lrs=lrs, grad_norms=grad_norms, sketch=sketch, hyper=hyper,
                         tensor_digests=b"".join(digests[name] for name in self._names) if digests else None,
                         model_digest=model_digest(digests) if digests else None, batch_digest=batch_d,

@@ -252,6 +252,13 @@ class Genesis:
     retention: Any = "all"
     step_convention: str = ""
     base: dict[str, Any] | None = None
+    optimizers: tuple[OptimizerInfo, ...] = ()  # every optimizer, when the run has more than one
+
+    @property
+    def all_optimizers(self) -> list[OptimizerInfo]:
+        """Every recorded optimizer in order (their param groups, concatenated, are the groups that
+        per-step arrays such as ``lrs`` index)."""
+        return list(self.optimizers) or ([self.optimizer] if self.optimizer is not None else [])
 
     @property
     def recorded(self) -> bool:
@@ -286,6 +293,8 @@ class Genesis:
         }
         if self.base is not None:
             body["base"] = dict(self.base)
+        if self.optimizers:
+            body["optimizers"] = [o.to_body() for o in self.optimizers]
         return body
 
     @classmethod
@@ -316,7 +325,8 @@ class Genesis:
             fingerprints=policy, checkpoint_every=checkpoint_every,
             checkpoint_dir=_opt(body, "checkpoint_dir", str, w),
             retention=body.get("retention", "all"), step_convention=str(body.get("step_convention", "")),
-            base=_base(body.get("base")))
+            base=_base(body.get("base")),
+            optimizers=tuple(OptimizerInfo.from_body(o) for o in _opt(body, "optimizers", list, w) or []))
 
 
 # ----------------------------------------------------------------------------- step
@@ -338,6 +348,7 @@ class StepBody:
     batch_digest: bytes | None = None
     carries: tuple[str, ...] = ("norms",)
     hyper: list[dict[str, Any]] | None = None
+    optimizer_steps_each: list[int] | None = None  # per optimizer, when the run has several
 
     def to_body(self) -> dict[str, Any]:
         """The step map (optional fields only when present)."""
@@ -356,6 +367,8 @@ class StepBody:
             body["batch_digest"] = self.batch_digest
         if self.hyper is not None:
             body["hyper"] = [dict(g) for g in self.hyper]
+        if self.optimizer_steps_each is not None:
+            body["optimizer_steps_each"] = list(self.optimizer_steps_each)
         body["metrics"] = dict(self.metrics)
         body["carries"] = list(self.carries)
         return body
@@ -366,7 +379,8 @@ class StepBody:
         (norms per tensor, lrs and gradient norms per param group, sketch of k values)."""
         w = "step"
         tensors = len(genesis.tensor_order) if genesis is not None and genesis.recorded else None
-        groups = len(genesis.optimizer.param_groups) if genesis is not None and genesis.optimizer else None
+        groups = sum(len(o.param_groups) for o in genesis.all_optimizers) if genesis is not None and \
+            genesis.optimizer else None
         k = genesis.fingerprints.sketch_k if genesis is not None and genesis.fingerprints else None
         metrics = _typed(body.get("metrics", {}), Mapping, "step 'metrics'")
         digests = _opt(body, "tensor_digests", bytes, w)
@@ -388,7 +402,18 @@ class StepBody:
             batch_digest=_digest(body["batch_digest"], "step 'batch_digest'") if body.get("batch_digest") is not None
             else None,
             carries=tuple(str(c) for c in carries) if isinstance(carries, list) else (),
-            hyper=None if hyper is None else [_group(g, f"step 'hyper' group {i}") for i, g in enumerate(hyper)])
+            hyper=None if hyper is None else [_group(g, f"step 'hyper' group {i}") for i, g in enumerate(hyper)],
+            optimizer_steps_each=_steps_each(body, genesis))
+
+
+def _steps_each(body: Mapping[str, Any], genesis: Genesis | None) -> list[int] | None:
+    each = _opt(body, "optimizer_steps_each", list, "step")
+    if each is None:
+        return None
+    if genesis is not None and genesis.optimizer is not None and len(each) != len(genesis.all_optimizers):
+        raise FormatError(f"step 'optimizer_steps_each' has {len(each)} values for "
+                          f"{len(genesis.all_optimizers)} optimizers")
+    return [_int(k, "step 'optimizer_steps_each'", 0) for k in each]
 
 
 # ----------------------------------------------------------------------------- checkpoints, resume, prune

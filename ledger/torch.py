@@ -242,22 +242,41 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in state["cuda"]])
 
 
+def optimizers_of(optimizer: Any) -> list[Any]:
+    """One optimizer, or each of a list or tuple of them."""
+    return list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+
+
 def snapshot(step: int, model: Any, optimizer: Any, scheduler: Any = None) -> Snapshot:
-    """Copy the full training state to CPU tensors and plain values (on the calling thread)."""
+    """Copy the full training state to CPU tensors and plain values (on the calling thread).
+    ``optimizer`` (and ``scheduler``) may be a list: with several optimizers, state tensors are named
+    ``state/<k>.<param index>/<key>`` for the k-th, and ``param_groups`` holds all their groups in
+    order, ``optimizer_groups`` how many each has (docs/FORMAT.md §11)."""
     tensors, aliases = canonical_state(model)
     model_copy = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
-    opt_state = optimizer.state_dict()
+    optimizers = optimizers_of(optimizer)
+    several = len(optimizers) > 1
     opt_tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
-    for index, values in opt_state["state"].items():
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                opt_tensors[f"state/{index}/{key}"] = value.detach().to("cpu", copy=True).contiguous()
-            else:
-                scalars[f"{index}/{key}"] = _plain(value)
-    meta = {"step": step, "param_groups": _plain(opt_state["param_groups"]), "optimizer_scalars": scalars,
-            "optimizer_class": type(optimizer).__name__, "aliases": aliases,
-            "scheduler": _plain(scheduler.state_dict()) if scheduler is not None else None, "rng": rng_state()}
+    groups: list[Any] = []
+    for k, opt in enumerate(optimizers):
+        opt_state = opt.state_dict()
+        for index, values in opt_state["state"].items():
+            where = f"{k}.{index}" if several else f"{index}"
+            for key, value in values.items():
+                if isinstance(value, torch.Tensor):
+                    opt_tensors[f"state/{where}/{key}"] = value.detach().to("cpu", copy=True).contiguous()
+                else:
+                    scalars[f"{where}/{key}"] = _plain(value)
+        groups += _plain(opt_state["param_groups"])
+    meta: dict[str, Any] = {
+        "step": step, "param_groups": groups, "optimizer_scalars": scalars,
+        "optimizer_class": type(optimizers[0]).__name__, "aliases": aliases,
+        "scheduler": None if scheduler is None else [_plain(s.state_dict()) for s in scheduler]
+        if isinstance(scheduler, (list, tuple)) else _plain(scheduler.state_dict()), "rng": rng_state()}
+    if several:
+        meta["optimizer_groups"] = [len(opt.param_groups) for opt in optimizers]
+        meta["optimizer_classes"] = [type(opt).__name__ for opt in optimizers]
     return Snapshot(step, model_copy, aliases, opt_tensors, meta)
 
 
@@ -318,20 +337,30 @@ def restore(directory: Path, model: Any, optimizer: Any = None, scheduler: Any =
         raise ConfigurationError(f"checkpoint {directory.name} does not fit this model "
                                  f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
     if optimizer is not None:
-        state: dict[int, dict[str, Any]] = {}
-        for key, value in load_tensors(directory / FILES[1]).items():
-            _, index, name = key.split("/", 2)
-            state.setdefault(int(index), {})[name] = value
-        for key, value in dict(meta["optimizer_scalars"]).items():
-            index, name = key.split("/", 1)
-            state.setdefault(int(index), {})[name] = value
+        optimizers = optimizers_of(optimizer)
+        counts = list(meta.get("optimizer_groups", [len(meta["param_groups"])]))
+        if len(counts) != len(optimizers):
+            raise ConfigurationError(f"checkpoint {directory.name} holds {len(counts)} optimizer(s), "
+                                     f"{len(optimizers)} given")
+        states: list[dict[int, dict[str, Any]]] = [{} for _ in optimizers]
+        entries = [*load_tensors(directory / FILES[1]).items(), *dict(meta["optimizer_scalars"]).items()]
+        for key, value in entries:
+            where, name = key.removeprefix("state/").split("/", 1)
+            k, _, index = where.rpartition(".")
+            states[int(k) if k else 0].setdefault(int(index), {})[name] = value
         groups = [dict(g) for g in meta["param_groups"]]
         for group in groups:
             if isinstance(group.get("betas"), list):
                 group["betas"] = tuple(group["betas"])
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        start = 0
+        for opt, state, count in zip(optimizers, states, counts, strict=True):
+            opt.load_state_dict({"state": state, "param_groups": groups[start:start + count]})
+            start += count
     if scheduler is not None and meta.get("scheduler") is not None:
-        scheduler.load_state_dict(dict(meta["scheduler"]))
+        saved = meta["scheduler"]
+        for sched, sched_state in zip(optimizers_of(scheduler), saved if isinstance(saved, list) else [saved],
+                                      strict=True):
+            sched.load_state_dict(dict(sched_state))
     if rng:
         set_rng_state(meta["rng"])
     return meta

@@ -340,3 +340,42 @@ def test_a_swap_licensed_by_a_forged_lr_between_checkpoints_is_named(tmp_path):
     result = continuity(resign(swapped, tmp_path / "forged", forge))
     assert result.status is Status.WARN and result.data["anomalies"] == []
     assert "above any a stored checkpoint holds (step 5: lr 10" in result.detail
+
+
+def test_several_optimizers_are_recorded_and_checked(tmp_path):
+    """A separate optimizer for part of the model (GANs, embeddings): both are recorded, each group is
+    bounded by its own optimizer, checkpoints hold both states, resume restores both."""
+    model = mlp()
+    adam = torch.optim.AdamW(model[0].parameters(), lr=1e-2)
+    sgd = torch.optim.SGD(model[2].parameters(), lr=5e-2, momentum=0.9)
+    path = tmp_path / "L"
+    rec = Recorder(path, model=model, optimizer=[adam, sgd], key=SIGNER, seed=0, checkpoint_every=4)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        for opt in (adam, sgd):
+            opt.zero_grad()
+        loss = model(torch.randn(8, 8, generator=g)).pow(2).mean()
+        loss.backward()
+        adam.step()
+        sgd.step()
+        rec.step(loss=loss)
+    rec.close()
+    import ledger
+
+    genesis = ledger.open(path).genesis()
+    assert [o["class"].rsplit(".", 1)[-1] for o in genesis["optimizers"]] == ["AdamW", "SGD"]
+    report = verify_ledger(path, key=SIGNER.public)
+    result = report.check("continuity")
+    assert result.status is Status.PASS and result.data["optimizer_family"] == "adamw+sgd", result.detail
+    assert report.check("checkpoints").status is Status.PASS and result.data["checkpoint_intervals_checked"] == 2
+    # both optimizers' states come back from the last checkpoint, each into its own optimizer
+    from ledger.torch import restore
+
+    model2 = mlp()
+    adam2 = torch.optim.AdamW(model2[0].parameters(), lr=1e-2)
+    sgd2 = torch.optim.SGD(model2[2].parameters(), lr=5e-2, momentum=0.9)
+    last = [e for e in ledger.open(path).entries() if e.kind is Kind.CHECKPOINT][-1]
+    restore(path / last.body()["path"], model2, [adam2, sgd2])
+    assert torch.equal(adam2.state_dict()["state"][0]["exp_avg"], adam.state_dict()["state"][0]["exp_avg"])
+    buffers = [o.state_dict()["state"][0]["momentum_buffer"] for o in (sgd2, sgd)]
+    assert torch.equal(*buffers)

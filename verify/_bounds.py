@@ -80,9 +80,15 @@ class Bounds:
     ``steps``: optimizer steps, per recorded step)."""
 
     def __init__(self, view: RunView) -> None:
-        optimizer = view.optimizer
-        self.family = family(optimizer.class_name, optimizer.mro)
-        self.groups: list[dict[str, Any]] = [dict(g) for g in optimizer.param_groups]
+        optimizers = view.genesis.all_optimizers
+        # each group's optimizer (several optimizers: their groups concatenated) and its family
+        self.owner = [k for k, o in enumerate(optimizers) for _ in o.param_groups]
+        self.families = [family(o.class_name, o.mro) for o in optimizers]
+        self.group_family = [self.families[k] for k in self.owner]
+        known = sorted({f for f in self.families if f is not None})
+        self.family = None if None in self.families else "+".join(known) if len(known) > 1 else known[0]
+        self.unknown = [o.class_name for o, f in zip(optimizers, self.families, strict=True) if f is None]
+        self.groups: list[dict[str, Any]] = [dict(g) for o in optimizers for g in o.param_groups]
         order = view.tensor_order
         self.group_of = np.full(len(order), -1)
         index = {name: i for i, name in enumerate(order)}
@@ -94,7 +100,7 @@ class Bounds:
         self.parameter = np.array([tensors.get(n, {}).get("kind", "parameter") == "parameter" for n in order])
         sizes = view.genesis.tensor_sizes()
         self.sqrt_d = np.sqrt(np.array([sizes.get(n, 0) for n in order], dtype=np.float64))
-        self.t = 0  # optimizer steps so far (Adam's step count)
+        self.t = np.zeros(len(optimizers), dtype=np.int64)  # steps so far, per optimizer (Adam's step count)
         self.buffer = np.zeros(len(self.groups))  # SGD: bound on the momentum buffer's norm per group
         self.moments = np.zeros(len(self.groups))  # Adam: A_t per group
         self.coef: dict[int, Floats] = {}
@@ -116,7 +122,7 @@ class Bounds:
             self.groups = [{**g, **h} for g, h in zip(self.groups, body.hyper, strict=False)] + self.groups[
                 len(body.hyper):]
         self.groups_at[s] = self.groups
-        k = body.optimizer_steps
+        each = body.optimizer_steps_each if body.optimizer_steps_each is not None else [body.optimizer_steps]
         lrs = self.lrs(body)
         bound = np.full(len(self.group_of), np.inf)
         coef, decay = np.zeros(len(self.groups)), np.zeros(len(self.groups))
@@ -124,15 +130,17 @@ class Bounds:
             mask = self.group_of == g
             lr = float(lrs[g]) if g < len(lrs) else float(group.get("lr", math.nan))
             wd = float(group.get("weight_decay", 0.0) or 0.0)
-            if self.family in ("adam", "adamw"):
+            owner, kind = self.owner[g], self.group_family[g]
+            k, t = (int(each[owner]) if owner < len(each) else 0), int(self.t[owner])
+            if kind in ("adam", "adamw"):
                 beta1, beta2 = (float(b) for b in group["betas"])
                 self.vacuous |= beta1 * beta1 > beta2
                 for j in range(1, k + 1):
-                    self.moments[g], b = adam_step(float(self.moments[g]), beta1, beta2, self.t + j)
+                    self.moments[g], b = adam_step(float(self.moments[g]), beta1, beta2, t + j)
                     coef[g] += lr * b
-                decay[g] = lr * wd * k if self.family == "adamw" else 0.0
+                decay[g] = lr * wd * k if kind == "adamw" else 0.0
                 bound[mask] = coef[g] * self.sqrt_d[mask] + decay[g] * prev_norms[mask]
-            elif self.family == "sgd" and body.grad_norms is not None:
+            elif kind == "sgd" and body.grad_norms is not None:
                 mu = float(group.get("momentum", 0.0) or 0.0)
                 theta = float(np.sqrt(np.square(prev_norms[mask]).sum()))
                 drive = float(body.grad_norms[g]) + wd * theta
@@ -142,6 +150,7 @@ class Bounds:
                     total += lr * (drive + mu * self.buffer[g] if group.get("nesterov") else self.buffer[g])
                 bound[mask] = total
                 self.sgd_totals.setdefault(s, {})[g] = total
-        self.t += k
-        self.coef[s], self.decay[s], self.steps[s] = coef, decay, k
+        for owner, k in enumerate(each[:len(self.t)]):
+            self.t[owner] += int(k)
+        self.coef[s], self.decay[s], self.steps[s] = coef, decay, sum(int(k) for k in each)
         return bound

@@ -43,7 +43,7 @@ def check_continuity(ctx: Context) -> CheckResult:
     evidence = [f"per-tensor norms at {len(view.steps)} steps"]
     if walk.sketch_checks:
         evidence.append(f"sketches at {walk.sketch_checks} step(s)")
-    intervals = _check_checkpoints(view, bounds, walk) if bounds.family else 0
+    intervals = _check_checkpoints(view, bounds, walk)
     if intervals:
         evidence.append(f"{intervals} checkpoint interval(s) on the real weights")
     final, weak_final = _check_final(ctx, view, walk)
@@ -59,7 +59,7 @@ def check_continuity(ctx: Context) -> CheckResult:
         "evidence": evidence, "buffers_moved": walk.buffers_moved,
     }
     plot = {**walk.series, "family": bounds.family or "", "distance_from_init": walk.distance}
-    name = bounds.family or view.optimizer.class_name
+    name = bounds.family or "+".join(bounds.unknown)
     if anomalies:
         named = "; ".join(_describe(a) for a in anomalies[:6])
         return CheckResult("continuity", Status.FAIL, f"{len(anomalies)} update(s) break continuity ({name}): "
@@ -74,9 +74,9 @@ def check_continuity(ctx: Context) -> CheckResult:
                      "optimizer (e.g. normalisation statistics) changed")
     tail = "".join(f"; {n}" for n in notes)
     if bounds.family is None:
-        return CheckResult("continuity", Status.WARN, f"no update bound is known for {view.optimizer.class_name}: "
-                           f"only missing steps, logged fingerprints against checkpoints and the final state were "
-                           f"checked (evidence: {', '.join(evidence)}){tail}", data,
+        return CheckResult("continuity", Status.WARN, f"no update bound is known for {', '.join(bounds.unknown)}: "
+                           f"its steps were checked only for gaps, logged fingerprints against checkpoints and the "
+                           f"final state (evidence: {', '.join(evidence)}){tail}", data,
                            summary="optimizer without a known bound", series=plot)
     weak = _weakness(bounds, walk, intervals) or weak_final or _unconfirmed_lr(walk)
     detail = f"{len(view.steps)} steps within the {bounds.family} update bound (evidence: {', '.join(evidence)}); " \
@@ -269,7 +269,7 @@ def _check_checkpoints(view: RunView, bounds: Bounds, walk: _Walk) -> int:
         if previous is not None:
             t, before = previous
             steps = [s for s in range(t + 1, cp.step + 1) if s in view.steps]
-            if steps:
+            if steps and any(f is not None for f in bounds.group_family):
                 intervals += 1
                 worst, name, rule = _interval(view, bounds, steps, before, weights, rounding)
                 if worst > 1:
@@ -358,7 +358,7 @@ def _plain(value: Any) -> Any:
 def _interval(view: RunView, bounds: Bounds, steps: list[int], before: dict[str, np.ndarray],
               after: dict[str, np.ndarray], rounding: np.ndarray) -> tuple[float, str, str]:
     """(largest ratio to the bound, its tensor, the rule) between two stored states."""
-    worst, worst_name = 0.0, ""
+    worst, worst_name, rule = 0.0, "", "per-coordinate"
     order = view.tensor_order
     opt_steps = sum(bounds.steps[s] for s in steps)
     group_moves: dict[int, float] = {}
@@ -369,24 +369,23 @@ def _interval(view: RunView, bounds: Bounds, steps: list[int], before: dict[str,
             if bounds.parameter[i] and not np.array_equal(old, new):
                 return math.inf, name, "no-optimizer"
             continue
-        if bounds.family in ("adam", "adamw"):
+        kind = bounds.group_family[g]
+        if kind in ("adam", "adamw"):
             a = sum(float(bounds.coef[s][g]) for s in steps)
             decay = sum(float(bounds.decay[s][g]) for s in steps)
             top = np.maximum(np.abs(old), np.abs(new)) + a
             limit = a + decay * top + opt_steps * rounding[i] * top
             ratio = float((np.abs(new - old) / (limit * (1 + 1e-9) + 1e-12)).max()) if old.size else 0.0
             if ratio > worst:
-                worst, worst_name = ratio, name
-        else:
+                worst, worst_name, rule = ratio, name, "per-coordinate"
+        elif kind == "sgd":
             group_moves[g] = group_moves.get(g, 0.0) + float(np.square(new - old).sum())
-    if bounds.family == "sgd":
-        for g, squared in group_moves.items():
-            budget = sum(_sgd_budget(bounds, s, g) for s in steps)
-            ratio = math.sqrt(squared) / (budget * (1 + 1e-9) + 1e-12) if squared else 0.0
-            if ratio > worst:
-                worst, worst_name = ratio, f"param group {g}"
-        return worst, worst_name, "group L2"
-    return worst, worst_name, "per-coordinate"
+    for g, squared in group_moves.items():
+        budget = sum(_sgd_budget(bounds, s, g) for s in steps)
+        ratio = math.sqrt(squared) / (budget * (1 + 1e-9) + 1e-12) if squared else 0.0
+        if ratio > worst:
+            worst, worst_name, rule = ratio, f"param group {g}", "group L2"
+    return worst, worst_name, rule
 
 
 def _sgd_budget(bounds: Bounds, step: int, group: int) -> float:

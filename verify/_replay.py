@@ -356,6 +356,10 @@ def check_replay(ctx: Context) -> CheckResult:
     verified_steps = frozenset(checkpoints.data.get("matched", [])) if checkpoints is not None else frozenset()
     seed, tolerance = ctx.options.replay_seed, ctx.options.tolerance
     discipline = rng_discipline(view.genesis)
+    if len(view.genesis.all_optimizers) > 1:
+        return CheckResult("replay", Status.WARN, f"the run has {len(view.genesis.all_optimizers)} optimizers; a "
+                           "recipe builds one, so nothing was replayed (continuity checks every optimizer's steps)",
+                           summary="several optimizers: not replayed")
     if discipline not in (RESEED, STREAM):
         return CheckResult("replay", Status.WARN, f"the run declares the RNG discipline {discipline!r}, which this "
                            "verifier cannot follow: nothing was replayed", {"rng": discipline},
