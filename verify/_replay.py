@@ -26,69 +26,35 @@ Recipe code that raises makes the check warn, naming what it was doing and at wh
 
 from __future__ import annotations
 
-import contextlib
 import math
-import random
 import time
-import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ledger._encoding import encode_body
 from ledger._schema import Genesis
-from ledger._state import FILES, digests_of, read_meta, read_weights
-from ledger._weights import NumpySketch
-from ledger.errors import FormatError
+from ledger._state import FILES, digests_of, read_meta
 from ledger.verify._context import Context
-from ledger.verify._continuity import movement
+from ledger.verify._intervals import Interval, choose, interval_movement, intervals, logged_sketch
 from ledger.verify._result import CheckResult, Status
-from ledger.verify._run import Checkpoint, RunView
+from ledger.verify._run import RunView
+from ledger.verify._schedule import (
+    HYPER_KEYS,
+    RecipeRaised,
+    TracedRecipe,
+    check_schedule,
+    hyper_in_effect,
+    plain_number,
+)
 
 DEFAULT_RHO = 1e-3
-TOP_Q = 1
 RESEED = "reseed-per-step/v1"  # = ledger.torch.RESEED_PER_STEP (this module imports torch only inside the check)
 STREAM = "stream"  # = ledger.torch.STREAM
 LEGACY_RUN_STEP = "ledger.run_step/v1"  # genesis ``recipe["run_step"]`` of ledgers written by train() before ``rng``
-HYPER_KEYS = ("betas", "eps", "weight_decay", "momentum", "dampening", "nesterov")
-SCHEDULE_RTOL = 1e-9  # schedules computed with another libm may differ in the last bits
-_SCHEDULER_ORDER_WARNING = r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
 _META_PARTS = {"rng": "RNG state", "scheduler": "scheduler state", "param_groups": "optimizer hyperparameters",
                "optimizer_scalars": "optimizer step counts", "step": "step number",
                "optimizer_class": "optimizer class", "aliases": "tied-weight aliases"}
-
-
-@dataclass(frozen=True, slots=True)
-class Interval:
-    """Steps ``from_step + 1 … to_step``: from a stored checkpoint, or (``start`` None) from the
-    virtual init checkpoint rebuilt from the recipe."""
-
-    start: Checkpoint | None
-    end: Checkpoint
-
-    @property
-    def from_step(self) -> int:
-        """The step of the start state (−1 for the init)."""
-        return -1 if self.start is None else self.start.step
-
-    @property
-    def to_step(self) -> int:
-        """The step of the end checkpoint."""
-        return self.end.step
-
-
-def intervals(view: RunView, virtual_init: bool = True) -> list[Interval]:
-    """Consecutive pairs of checkpoints whose files are here (pruned or missing ones break a pair);
-    with ``virtual_init``, (init → first stored checkpoint) when no checkpoint of step −1 is stored."""
-    stored = view.stored_checkpoints()
-    out = [Interval(a, b) for a, b in zip(stored, stored[1:], strict=False) if b.step > a.step]
-    if virtual_init and not any(cp.step == -1 for cp in stored):
-        first = next((cp for cp in stored if cp.step >= 0), None)
-        if first is not None:
-            out.insert(0, Interval(None, first))
-    return out
 
 
 def rng_discipline(genesis: Genesis) -> str:
@@ -101,226 +67,6 @@ def rng_discipline(genesis: Genesis) -> str:
     if (genesis.recipe or {}).get("run_step") == LEGACY_RUN_STEP:
         return RESEED
     return STREAM
-
-
-def choose(pairs: list[Interval], anomalies: list[dict[str, Any]], distances: list[float], n_random: int,
-           seed: int) -> dict[int, list[str]]:
-    """Index of each chosen interval → why it was chosen: continuity anomalies, the final state
-    (the interval ending at the last stored checkpoint), the largest update (``distances``: how far
-    the weights moved over each interval) and ``n_random`` drawn with ``seed``."""
-    why: dict[int, list[str]] = {}
-    for anomaly in anomalies:
-        for i, interval in enumerate(pairs):
-            if interval.from_step < anomaly["step"] <= interval.to_step:
-                why.setdefault(i, []).append("continuity anomaly")
-    if pairs:
-        why.setdefault(max(range(len(pairs)), key=lambda i: pairs[i].end.seq), []).append("final state")
-    for i in sorted(range(len(pairs)), key=lambda i: -distances[i])[:TOP_Q]:
-        why.setdefault(i, []).append("largest update")
-    rng = random.Random(seed)
-    for i in rng.sample(range(len(pairs)), min(n_random, len(pairs))):
-        why.setdefault(i, []).append("random")
-    return why
-
-
-def _logged_sketch(view: RunView, step: int) -> np.ndarray | None:
-    """The sketch logged for the state after ``step`` (the genesis init sketch for −1)."""
-    k = view.policy.sketch_k
-    body = view.steps.get(step)
-    sketch: np.ndarray | None = view.init.sketch if step == -1 else body.sketch if body is not None else None
-    return sketch if sketch is not None and sketch.shape == (k,) else None
-
-
-def interval_movement(view: RunView, pairs: list[Interval]) -> list[dict[str, Any]]:
-    """How far the weights moved over each interval (``distance``, an L2 distance or estimate) and
-    the evidence: the logged sketches of both ends; else the stored weights of both ends (L2, and
-    ``max_coordinate``: L∞); else, from the init, the init sketch against the sketch of the end
-    checkpoint's weights; else the sum of per-step norm changes."""
-    order = view.tensor_order
-    sketcher = NumpySketch(view.policy.sketch_seed, view.policy.sketch_k)
-    by_norms: dict[int, float] | None = None
-    cache: dict[int, dict[str, np.ndarray]] = {}
-
-    def weights(cp: Checkpoint) -> dict[str, np.ndarray] | None:
-        if cp.seq not in cache:
-            try:
-                loaded = read_weights(cp.directory)
-            except (OSError, ValueError, FormatError):
-                return None
-            if len(cache) >= 2:
-                cache.pop(next(iter(cache)))
-            cache[cp.seq] = loaded
-        return cache[cp.seq]
-
-    out: list[dict[str, Any]] = []
-    for interval in pairs:
-        start_sketch, end_sketch = _logged_sketch(view, interval.from_step), _logged_sketch(view, interval.to_step)
-        if start_sketch is not None and end_sketch is not None:
-            out.append({"distance": float(np.linalg.norm(end_sketch - start_sketch)), "evidence": "sketches"})
-            continue
-        end = weights(interval.end)
-        start = weights(interval.start) if interval.start is not None else None
-        if start is not None and end is not None:
-            squares, largest = 0.0, 0.0
-            for name in order:
-                if name in start and name in end and start[name].shape == end[name].shape and start[name].size:
-                    diff = np.abs(end[name].astype(np.float64) - start[name].astype(np.float64))
-                    squares += float(np.square(diff).sum())
-                    largest = max(largest, float(diff.max()))
-            out.append({"distance": math.sqrt(squares), "max_coordinate": largest, "evidence": "weights"})
-        elif interval.start is None and start_sketch is not None and end is not None:
-            real = sketcher({n: end[n] for n in order if n in end})
-            out.append({"distance": float(np.linalg.norm(real - start_sketch)),
-                        "evidence": "init sketch against the end checkpoint's weights"})
-        else:
-            by_norms = movement(view) if by_norms is None else by_norms
-            total = sum(by_norms.get(s, 0.0) for s in range(interval.from_step + 1, interval.to_step + 1))
-            out.append({"distance": total, "evidence": "norm changes"})
-    return out
-
-
-def hyper_in_effect(view: RunView, step: int) -> list[dict[str, Any]]:
-    """The optimizer hyperparameters in effect at ``step``: the genesis param groups updated by the
-    ``hyper`` of every step entry up to ``step`` (a scheduler may move betas, momentum, …)."""
-    groups = [dict(g) for g in view.optimizer.param_groups]
-    for s in sorted(view.steps):
-        if s > step:
-            break
-        for g, changes in enumerate(view.steps[s].hyper or []):
-            if g < len(groups):
-                groups[g].update(changes)
-    return groups
-
-
-def _number(value: Any) -> Any:
-    """A live hyperparameter as genesis records it (tensors → numbers, tuples → lists)."""
-    if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
-        return value.item()
-    if isinstance(value, (list, tuple)):
-        return [_number(v) for v in value]
-    return value
-
-
-def _same(have: Any, claimed: Any) -> bool:
-    """Equal hyperparameters (floats to :data:`SCHEDULE_RTOL`, lists element-wise)."""
-    if isinstance(have, list) and isinstance(claimed, list):
-        return len(have) == len(claimed) and all(_same(h, c) for h, c in zip(have, claimed, strict=True))
-    if isinstance(have, bool) or isinstance(claimed, bool) or not isinstance(have, (int, float)) \
-            or not isinstance(claimed, (int, float)):
-        return bool(have == claimed)
-    return abs(float(have) - float(claimed)) <= SCHEDULE_RTOL * max(abs(float(have)), abs(float(claimed)))
-
-
-class RecipeRaised(Exception):
-    """Recipe code raised while replay used it; the message is the check's one-line detail."""
-
-
-class _Traced:
-    """The verifier's recipe with every call named (``doing``), so that an exception raised by
-    recipe code is reported as what replay was doing and at which step."""
-
-    def __init__(self, recipe: Any) -> None:
-        self._recipe = recipe
-        self.doing, self.step = "using the recipe", -1
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._recipe, name)
-        if name.startswith("_") or not callable(attr):
-            return attr
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            self.doing = f"running {name}()"
-            out = attr(*args, **kwargs)
-            self.doing = f"finishing the step after {name}()"
-            return out
-
-        return call
-
-    @contextlib.contextmanager
-    def guard(self, doing: str, step: int) -> Iterator[None]:
-        """Turn any exception raised inside into :class:`RecipeRaised` naming ``doing`` (or the
-        recipe method running) and ``step``."""
-        self.doing, self.step = doing, step
-        try:
-            yield
-        except RecipeRaised:
-            raise
-        except Exception as exc:
-            lines = str(exc).strip().splitlines()
-            message = lines[0][:300] if lines else ""
-            raise RecipeRaised(f"the recipe raised while {self.doing} at step {self.step}: "
-                               f"{type(exc).__name__}: {message}") from exc
-
-
-@dataclass(frozen=True, slots=True)
-class Schedule:
-    """What rebuilding the recipe's optimizer and scheduler showed: ``misfit`` (its param groups are
-    not the ledger's: nothing can be replayed), ``problem`` (the first logged learning rate or
-    hyperparameter the recipe contradicts) and the number of logged steps compared."""
-
-    misfit: str | None
-    problem: str | None
-    steps: int
-
-
-def _misfit(groups: list[dict[str, Any]], claimed: list[dict[str, Any]]) -> str | None:
-    if len(groups) != len(claimed):
-        return f"the recipe's optimizer has {len(groups)} param group(s), the ledger's {len(claimed)}"
-    for g, (group, logged) in enumerate(zip(groups, claimed, strict=True)):
-        if "tensors" in logged and list(group["tensors"]) != list(logged["tensors"]):
-            return f"param group {g} of the recipe's optimizer updates other tensors than the ledger's"
-    return None
-
-
-def check_schedule(view: RunView, recipe: Any, seed: int) -> Schedule:
-    """Rebuild the recipe's model, optimizer and scheduler, check the param groups against genesis,
-    then step the scheduler alone (no training) through every step number and compare each logged
-    learning rate and the hyperparameters in effect with the recipe's."""
-    from ledger.torch import build_scheduler, optimizer_groups
-
-    recipe = recipe if isinstance(recipe, _Traced) else _Traced(recipe)
-    with recipe.guard("rebuilding the optimizer and scheduler", -1):
-        model = recipe.build_model(seed)
-        optimizer = recipe.build_optimizer(model)
-        scheduler = build_scheduler(recipe, optimizer)
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    misfit = _misfit(optimizer_groups(optimizer, names), view.optimizer.param_groups)
-    if misfit is not None:
-        return Schedule(misfit, None, 0)
-    claimed = [dict(g) for g in view.optimizer.param_groups]
-    compared = 0
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_SCHEDULER_ORDER_WARNING)
-        for s in range(view.last_step + 1):
-            body = view.steps.get(s)
-            if body is not None:
-                for g, changes in enumerate(body.hyper or []):
-                    if g < len(claimed):
-                        claimed[g].update(changes)
-                live = optimizer.param_groups
-                if body.lrs is not None:
-                    compared += 1
-                    if len(body.lrs) != len(live):
-                        return Schedule(None, f"step {s}: {len(body.lrs)} learning rate(s) logged for {len(live)} "
-                                              "param group(s)", compared)
-                    for g, (logged, group) in enumerate(zip(body.lrs, live, strict=True)):
-                        want = float(_number(group["lr"]))
-                        if not _same(float(logged), want):
-                            which = f" for group {g}" if len(live) > 1 else ""
-                            return Schedule(None, f"the logged learning rates do not follow the recipe's schedule: "
-                                                  f"step {s}: logged lr {float(logged)!r}{which}, the recipe's "
-                                                  f"schedule gives {want!r}", compared)
-                for g, (group, logged_group) in enumerate(zip(live, claimed, strict=True)):
-                    for key in HYPER_KEYS:
-                        if key in group and key in logged_group and not _same(_number(group[key]),
-                                                                              logged_group[key]):
-                            return Schedule(None, f"the logged hyperparameters do not follow the recipe: step {s}: "
-                                                  f"group {g} {key} in effect {logged_group[key]!r}, the recipe "
-                                                  f"gives {_number(group[key])!r}", compared)
-            if scheduler is not None:
-                with recipe.guard("stepping the recipe's scheduler alone (learning-rate schedule)", s):
-                    scheduler.step()
-    return Schedule(None, None, compared)
 
 
 def _same_env(recorded: dict[str, Any], here: dict[str, Any]) -> list[str]:
@@ -350,7 +96,7 @@ def check_replay(ctx: Context) -> CheckResult:
     are not hashed again. Recipe code that raises makes the check warn."""
     view, progress = ctx.view, ctx.progress
     assert view is not None
-    recipe = _Traced(ctx.recipe)
+    recipe = TracedRecipe(ctx.recipe)
     continuity, checkpoints = ctx.results.get("continuity"), ctx.results.get("checkpoints")
     anomalies = list(continuity.data.get("anomalies", [])) if continuity is not None else []
     verified_steps = frozenset(checkpoints.data.get("matched", [])) if checkpoints is not None else frozenset()
@@ -455,7 +201,7 @@ def _init_differs(view: RunView, model: Any, mode: str, rho: float) -> str | Non
     differ = sorted(n for n in set(recorded) | set(digests) if recorded.get(n) != digests.get(n))
     if not differ:
         return None
-    sketch = _logged_sketch(view, -1)
+    sketch = logged_sketch(view, -1)
     if mode == "tolerance" and sketch is not None and set(recorded) == set(digests):
         policy = view.policy
         rebuilt = CountSketch(policy.sketch_seed, policy.sketch_k)({n: tensors[n] for n in view.tensor_order
@@ -476,18 +222,18 @@ def _restored_hyper(view: RunView, optimizer: Any, step: int) -> list[str]:
     for g, (group, claimed) in enumerate(zip(optimizer.param_groups, claimed_groups, strict=False)):
         for key in HYPER_KEYS:
             if key in claimed and key in group:
-                have = _number(group[key])
+                have = plain_number(group[key])
                 if have != claimed[key]:
                     problems.append(f"group {g} {key}: restored {have!r}, ledger says {claimed[key]!r}")
         if first_lrs is not None and g < len(first_lrs):
-            lr = float(_number(group["lr"]))
+            lr = float(plain_number(group["lr"]))
             if lr != float(first_lrs[g]):
                 problems.append(f"group {g} learning rate: restored {lr!r}, ledger logs {float(first_lrs[g])!r} "
                                 f"for step {step + 1}")
     return problems
 
 
-def _replay_one(view: RunView, recipe: _Traced, interval: Interval, run_seed: int, discipline: str, mode: str,
+def _replay_one(view: RunView, recipe: TracedRecipe, interval: Interval, run_seed: int, discipline: str, mode: str,
                 rho: float, verified: tuple[bool, bool] = (False, False)) -> dict[str, Any]:
     """Replay one interval; ``verified``: whether the ``checkpoints`` check already matched its start
     and end checkpoints with their entries (else they are hashed here first)."""
