@@ -24,7 +24,7 @@ from ledger import __version__
 from ledger._crypto import PublicKey, load_public_key
 from ledger._reader import Ledger
 from ledger._recipe import load_recipe
-from ledger._record import FORMAT_VERSION, HEADER_OFFSETS, Kind
+from ledger._record import FORMAT_VERSION, HEADER_OFFSETS, HEADER_SIZE, Kind
 from ledger.errors import ConfigurationError, FormatError
 from ledger.verify._checkpoints import check_checkpoints
 from ledger.verify._context import Context, Options
@@ -34,7 +34,7 @@ from ledger.verify._independence import check_independence
 from ledger.verify._init import check_init
 from ledger.verify._integrity import check_chain, check_seal, check_signatures
 from ledger.verify._lineage import Lineage, compare_files
-from ledger.verify._load import Loaded
+from ledger.verify._load import Loaded, header_field, header_matrix
 from ledger.verify._load import load as _load
 from ledger.verify._model import check_model
 from ledger.verify._registry import Check, Requirement, extra, given, readable_genesis, recorded, run_checks
@@ -166,8 +166,9 @@ def _refuse_newer_format(ledger: Ledger, loaded: Loaded) -> None:
         tail = [e.record for e in _wal.read(ledger.layout.wal).entries]
     except FormatError:
         tail = []  # a corrupt log: the chain check reports it
-    records = [*loaded.records.materialize(), *tail]
-    versions = {int.from_bytes(r[offset:offset + size], "big") for r in records if len(r) >= offset + size}
+    headers, lengths = header_matrix(loaded.table["record"])  # from the Arrow buffers: no record is copied
+    versions = {int(v) for v in header_field(headers, "version")[lengths >= HEADER_SIZE]}
+    versions |= {int.from_bytes(r[offset:offset + size], "big") for r in tail if len(r) >= offset + size}
     if len(versions) == 1 and (version := versions.pop()) > FORMAT_VERSION:
         raise ConfigurationError(f"{ledger.path} is in format version {version}; this verifier (training-ledger "
                                  f"{__version__}) knows version {FORMAT_VERSION}: upgrade training-ledger")

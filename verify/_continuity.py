@@ -38,12 +38,13 @@ def check_continuity(ctx: Context) -> CheckResult:
     if not view.steps and not view.malformed:
         return CheckResult("continuity", Status.SKIP, "no recorded steps with fingerprints to check")
     bounds = Bounds(view)
-    walk = _Walk(view, bounds, _lr_cap(view, bounds))
+    metas = {cp.seq: read_meta(cp.directory) for cp in view.stored_checkpoints()}  # state.cbor, read once
+    walk = _Walk(view, bounds, _lr_cap(metas, bounds))
     walk.run()
     evidence = [f"per-tensor norms at {len(view.steps)} steps"]
     if walk.sketch_checks:
         evidence.append(f"sketches at {walk.sketch_checks} step(s)")
-    intervals = _check_checkpoints(view, bounds, walk)
+    intervals = _check_checkpoints(view, bounds, walk, metas)
     if intervals:
         evidence.append(f"{intervals} checkpoint interval(s) on the real weights")
     final, weak_final = _check_final(ctx, view, walk)
@@ -86,12 +87,12 @@ def check_continuity(ctx: Context) -> CheckResult:
     return CheckResult("continuity", Status.PASS, detail, data, series=plot)
 
 
-def _lr_cap(view: RunView, bounds: Bounds) -> np.ndarray | None:
+def _lr_cap(metas: dict[int, dict[str, Any]], bounds: Bounds) -> np.ndarray | None:
     """Per param group, the largest learning rate any stored checkpoint's optimizer holds (None when
     no checkpoint is stored)."""
     caps: list[list[float]] = []
-    for cp in view.stored_checkpoints():
-        groups = read_meta(cp.directory).get("param_groups")
+    for meta in metas.values():
+        groups = meta.get("param_groups")
         if isinstance(groups, list) and len(groups) == len(bounds.groups):
             caps.append([float(g.get("lr", math.inf)) if isinstance(g, dict) and isinstance(g.get("lr"), (int, float))
                          else math.inf for g in groups])
@@ -247,7 +248,7 @@ def _describe(anomaly: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- stored checkpoints
-def _check_checkpoints(view: RunView, bounds: Bounds, walk: _Walk) -> int:
+def _check_checkpoints(view: RunView, bounds: Bounds, walk: _Walk, metas: dict[int, dict[str, Any]]) -> int:
     """Between consecutive stored checkpoints, the real weights against the summed bound (per
     coordinate for Adam/AdamW, per group in L2 for SGD); at each, the logged sketch, norms and
     hyperparameters against what the checkpoint holds. Returns the intervals checked."""
@@ -265,7 +266,7 @@ def _check_checkpoints(view: RunView, bounds: Bounds, walk: _Walk) -> int:
             walk.anomalies.append({"step": cp.step, "ratio": math.inf, "evidence": "fingerprint",
                                    "detail": f"{problem} the checkpoint's weights"})
         if cp.step >= 0:
-            walk.anomalies += _hyper_problems(view, bounds, cp.step, read_meta(cp.directory))
+            walk.anomalies += _hyper_problems(view, bounds, cp.step, metas[cp.seq])
         if previous is not None:
             t, before = previous
             steps = [s for s in range(t + 1, cp.step + 1) if s in view.steps]
