@@ -15,7 +15,6 @@ objects and restoring one into them is :mod:`ledger.torch`'s.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,11 +70,11 @@ def read_meta(directory: Path) -> dict[str, Any]:
     return decode_body(_meta_bytes(directory))
 
 
-def read_weights(directory: Path, names: Iterable[str] | None = None) -> dict[str, npt.NDArray[Any]]:
+def read_weights(directory: Path) -> dict[str, npt.NDArray[Any]]:
     """The model tensors of a checkpoint as numpy arrays (bf16 widened to float32), no torch."""
     from ledger._weights import read_safetensors
 
-    return read_safetensors(directory / FILES[0], names)
+    return read_safetensors(directory / FILES[0])
 
 
 __all__ = ["FILES", "StateDigests", "digests_of", "read_meta", "read_weights",

@@ -36,13 +36,6 @@ ROUNDING = {"F64": 2.0 ** -53, "F32": U32, "BF16": 2.0 ** -8, "F16": 2.0 ** -11}
 KNOWN = {"torch.optim.adamw.AdamW": "adamw", "torch.optim.adam.Adam": "adam", "torch.optim.sgd.SGD": "sgd"}
 
 
-def adam_bound(beta1: float, beta2: float, t: int) -> float:
-    """max |m̂_t| / √v̂_t over all gradient sequences of length t, constant betas (Cauchy–Schwarz, tight)."""
-    r = beta1 * beta1 / beta2
-    partial = t if r == 1 else (1 - r**t) / (1 - r)
-    return (1 - beta1) / math.sqrt(1 - beta2) * math.sqrt(partial) * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-
-
 def adam_step(a: float, beta1: float, beta2: float, t: int) -> tuple[float, float]:
     """One optimizer step of the recursion: (A_t, B_t) from A_{t−1} and the betas of step t."""
     a = beta1 * beta1 / beta2 * a + (1 - beta1) ** 2 / (1 - beta2)

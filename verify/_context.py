@@ -63,10 +63,6 @@ class Context:
     recipe_files: tuple[str, ...] = ()
     progress: Progress | None = None
     results: Mapping[str, CheckResult] = field(default_factory=dict)
-    rng: random.Random = field(default_factory=random.Random)  # draws --sample entries; load_context seeds it
-
-    def sample_rng(self) -> random.Random:
-        """The generator that draws ``--sample`` entries: one stream, seeded with ``sample_seed``,
-        shared by the checks in order (``chain`` draws, then ``signatures``), so a seed reproduces
-        the whole draw."""
-        return self.rng
+    # draws --sample entries: one stream seeded with sample_seed, shared by the checks in order (chain,
+    # then signatures), so a seed reproduces the whole draw
+    rng: random.Random = field(default_factory=random.Random)

@@ -59,7 +59,8 @@ def check_continuity(ctx: Context) -> CheckResult:
         "optimizer_family": bounds.family, "sketch_intervals_skipped": walk.sketch_skipped,
         "evidence": evidence, "buffers_moved": walk.buffers_moved,
     }
-    plot = {**walk.series, "family": bounds.family or "", "distance_from_init": walk.distance}
+    plot = {**walk.series, "family": bounds.family or "", "distance_from_init": walk.distance,
+            "checkpoint_distances": walk.checkpoint_distances}
     name = bounds.family or "+".join(bounds.unknown)
     if anomalies:
         named = "; ".join(_describe(a) for a in anomalies[:6])
@@ -133,6 +134,7 @@ class _Walk:
         self.distance: list[list[float]] = []
         self.sketch_checks = self.sketch_skipped = 0
         self.buffers_moved: list[str] = []
+        self.checkpoint_distances: list[dict[str, Any]] = []
 
     def run(self) -> None:
         """Walk every recorded step in order."""
@@ -221,17 +223,6 @@ class _Walk:
             self.unconfirmed.append((s, float(lrs.max()), float(capped.max())))
 
 
-def movement(view: RunView) -> dict[int, float]:
-    """How far each step moved the weights, by the sum of per-tensor norm changes."""
-    out, prev = {}, view.init.norms if view.recorded else None
-    for s in sorted(view.steps):
-        norms = view.steps[s].norms
-        if prev is not None and norms.shape == prev.shape:
-            out[s] = float(np.abs(norms - prev).sum())
-        prev = norms
-    return out
-
-
 def _describe(anomaly: dict[str, Any]) -> str:
     evidence = anomaly["evidence"]
     if evidence in ("steps", "fingerprint", "entry", "final", "hyperparameters"):
@@ -269,6 +260,7 @@ def _check_checkpoints(view: RunView, bounds: Bounds, walk: _Walk, metas: dict[i
             walk.anomalies += _hyper_problems(view, bounds, cp.step, metas[cp.seq])
         if previous is not None:
             t, before = previous
+            walk.checkpoint_distances.append({"from_step": t, "to_step": cp.step, **_distance(before, weights, order)})
             steps = [s for s in range(t + 1, cp.step + 1) if s in view.steps]
             if steps and any(f is not None for f in bounds.group_family):
                 intervals += 1
@@ -280,6 +272,18 @@ def _check_checkpoints(view: RunView, bounds: Bounds, walk: _Walk, metas: dict[i
                     walk.ratios.append(worst)
         previous = (cp.step, weights)
     return intervals
+
+
+def _distance(before: dict[str, np.ndarray], after: dict[str, np.ndarray], order: list[str]) -> dict[str, float]:
+    """L2 distance and largest coordinate change between two stored states (what replay ranks
+    intervals by: read here once, with the weights the bound check already holds)."""
+    squares, largest = 0.0, 0.0
+    for name in order:
+        if name in before and name in after and before[name].shape == after[name].shape and before[name].size:
+            diff = np.abs(after[name].astype(np.float64) - before[name].astype(np.float64))
+            squares += float(np.square(diff).sum())
+            largest = max(largest, float(diff.max()))
+    return {"distance": math.sqrt(squares), "max_coordinate": largest}
 
 
 def fingerprint_problems(weights: dict[str, np.ndarray], order: list[str], sketcher: NumpySketch,

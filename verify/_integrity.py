@@ -30,7 +30,7 @@ from ledger.verify._signatures import bad_signatures
 def check_chain(ctx: Context) -> CheckResult:
     """Recompute every hash, check links, seq contiguity, run id, kinds and that the typed
     columns equal the record bytes; name the first bad entry by seq."""
-    loaded, sample, rng, progress = ctx.loaded, ctx.options.sample, ctx.sample_rng(), ctx.progress
+    loaded, sample, rng, progress = ctx.loaded, ctx.options.sample, ctx.rng, ctx.progress
     t, n = loaded.table, len(loaded.records)
     problems: dict[int, list[str]] = {}
 
@@ -125,7 +125,7 @@ def _same_metrics(column: list[tuple[str, float]], body: Any) -> bool:
 def check_signatures(ctx: Context) -> CheckResult:
     """Verify the Ed25519 signature of every entry (or the head and a sample) with the given
     key, or with the genesis key when none is given (then at best a warning)."""
-    loaded, key, sample, rng = ctx.loaded, ctx.key, ctx.options.sample, ctx.sample_rng()
+    loaded, key, sample, rng = ctx.loaded, ctx.key, ctx.options.sample, ctx.rng
     workers, progress = ctx.options.workers, ctx.progress
     n = len(loaded.records)
     if n == 0:

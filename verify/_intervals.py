@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,6 @@ import numpy as np
 from ledger._state import read_weights
 from ledger._weights import NumpySketch
 from ledger.errors import FormatError
-from ledger.verify._continuity import movement
 from ledger.verify._run import Checkpoint, RunView
 
 TOP_Q = 1
@@ -79,11 +79,14 @@ def logged_sketch(view: RunView, step: int) -> np.ndarray | None:
     return sketch if sketch is not None and sketch.shape == (k,) else None
 
 
-def interval_movement(view: RunView, pairs: list[Interval]) -> list[dict[str, Any]]:
+def interval_movement(view: RunView, pairs: list[Interval],
+                      measured: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
     """How far the weights moved over each interval (``distance``, an L2 distance or estimate) and
     the evidence: the logged sketches of both ends; else the stored weights of both ends (L2, and
-    ``max_coordinate``: L∞); else, from the init, the init sketch against the sketch of the end
-    checkpoint's weights; else the sum of per-step norm changes."""
+    ``max_coordinate``: L∞) — taken from ``measured`` (the distances ``continuity`` computed between
+    consecutive stored checkpoints) when it has them, read otherwise; else, from the init, the init
+    sketch against the sketch of the end checkpoint's weights; else the sum of per-step norm changes."""
+    known = {(m["from_step"], m["to_step"]): m for m in measured}
     order = view.tensor_order
     sketcher = NumpySketch(view.policy.sketch_seed, view.policy.sketch_k)
     by_norms: dict[int, float] | None = None
@@ -106,6 +109,10 @@ def interval_movement(view: RunView, pairs: list[Interval]) -> list[dict[str, An
         if start_sketch is not None and end_sketch is not None:
             out.append({"distance": float(np.linalg.norm(end_sketch - start_sketch)), "evidence": "sketches"})
             continue
+        if interval.start is not None and (interval.from_step, interval.to_step) in known:
+            m = known[(interval.from_step, interval.to_step)]
+            out.append({"distance": m["distance"], "max_coordinate": m["max_coordinate"], "evidence": "weights"})
+            continue
         end = weights(interval.end)
         start = weights(interval.start) if interval.start is not None else None
         if start is not None and end is not None:
@@ -124,4 +131,16 @@ def interval_movement(view: RunView, pairs: list[Interval]) -> list[dict[str, An
             by_norms = movement(view) if by_norms is None else by_norms
             total = sum(by_norms.get(s, 0.0) for s in range(interval.from_step + 1, interval.to_step + 1))
             out.append({"distance": total, "evidence": "norm changes"})
+    return out
+
+
+def movement(view: RunView) -> dict[int, float]:
+    """How far each step moved the weights, by the sum of per-tensor norm changes (the ranking of
+    last resort)."""
+    out, prev = {}, view.init.norms if view.recorded else None
+    for s in sorted(view.steps):
+        norms = view.steps[s].norms
+        if prev is not None and norms.shape == prev.shape:
+            out[s] = float(np.abs(norms - prev).sum())
+        prev = norms
     return out

@@ -140,7 +140,8 @@ def check_replay(ctx: Context) -> CheckResult:
             return CheckResult("replay", Status.WARN, f"{schedule.misfit}: the recipe does not fit this run, nothing "
                                "was replayed", data, summary="the recipe does not fit the ledger's optimizer")
         if pairs:
-            moved = interval_movement(view, pairs)
+            measured = continuity.series.get("checkpoint_distances", []) if continuity is not None else []
+            moved = interval_movement(view, pairs, measured)
             chosen = choose(pairs, anomalies, [m["distance"] for m in moved], ctx.options.replay, seed)
             largest = max(range(len(pairs)), key=lambda i: moved[i]["distance"])
             data["movement"] = [{"from_step": p.from_step, "to_step": p.to_step, **m} for p, m in zip(pairs, moved,
