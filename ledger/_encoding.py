@@ -45,6 +45,10 @@ _TAG_DTYPES: dict[int, np.dtype[Any]] = {
 _DTYPE_TAGS: dict[np.dtype[Any], int] = {np.dtype(name): tag for name, tag in _TYPED_ARRAY_TAGS.items()}
 
 _MAX_DEPTH = 64
+# A body decodes to Python objects of up to ~64 bytes per encoded byte (an empty array is one byte,
+# an empty list 56): bodies above _SCAN_FROM bytes are scanned first and refused beyond MAX_ITEMS items.
+MAX_ITEMS = 1 << 21
+_SCAN_FROM = 64 << 10
 
 
 _PLAIN = (type(None), bool, str, bytes, int, float)
@@ -142,8 +146,16 @@ def _tag_hook(*args: Any) -> Any:
 def decode_body(data: bytes, *, check_deterministic: bool = True) -> dict[str, Any]:
     """Decode a record body; with ``check_deterministic`` refuse any non-canonical encoding.
 
-    Typed arrays come back as read-only-safe numpy arrays (native byte order).
+    Typed arrays come back as read-only-safe numpy arrays (native byte order). Anything that is not
+    such a body — wrong types, truncation, indefinite lengths, nesting beyond 64 levels, more than
+    :data:`MAX_ITEMS` data items — raises :class:`FormatError`, in time and memory proportional to
+    ``len(data)``.
     """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise FormatError(f"a record body is bytes, not a {type(data).__name__}")
+    data = bytes(data)
+    if len(data) > _SCAN_FROM:
+        _count_items(data)
     try:
         body = cbor2.loads(data, tag_hook=_tag_hook, max_depth=_MAX_DEPTH + 2,
                            allow_indefinite=False, allow_duplicate_keys=False)
@@ -160,6 +172,39 @@ def decode_body(data: bytes, *, check_deterministic: bool = True) -> dict[str, A
     if canonical != data:
         raise FormatError("record body is not in deterministic encoding")
     return body
+
+
+def _count_items(data: bytes) -> int:
+    """Count the data items of a CBOR item without building them; refuse more than MAX_ITEMS, a
+    length longer than the bytes left, and indefinite lengths."""
+    pos, end, pending, items = 0, len(data), 1, 0
+    while pending:
+        if pending > end - pos:  # every pending item takes at least one byte
+            raise FormatError("record body is not valid CBOR: it ends inside an item")
+        initial = data[pos]
+        pos += 1
+        major, info = initial >> 5, initial & 31
+        if info < 24:
+            arg = info
+        elif info < 28:
+            size = 1 << (info - 24)
+            arg = int.from_bytes(data[pos:pos + size], "big")
+            pos += size
+        else:
+            raise FormatError("record body is not valid CBOR: indefinite length or reserved value")
+        pending -= 1
+        items += 1
+        if items > MAX_ITEMS:
+            raise FormatError(f"record body holds more than {MAX_ITEMS} data items")
+        if major in (2, 3):
+            pos += arg
+        elif major == 4:
+            pending += arg
+        elif major == 5:
+            pending += 2 * arg
+        elif major == 6:
+            pending += 1
+    return items
 
 
 def metric_value(value: Any) -> float:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ledger._io import open_regular, read_regular
 from ledger.errors import ConfigurationError, FormatError
 
 TENSOR_DOMAIN = b"training-ledger/tensor/v1\x00"
@@ -63,31 +64,56 @@ def model_digest(digests: Mapping[str, bytes]) -> bytes:
 
 
 # ----------------------------------------------------------------------------- safetensors files
+MAX_HEADER_BYTES = 16 << 20  # a safetensors JSON header larger than this is refused (docs/FORMAT.md §10)
+MAX_INDEX_BYTES = 16 << 20  # and so is a ``*.index.json`` larger than this
+_MAX_DIMS = 255  # the tensor digest carries ndim in one byte
+
+
+def _json(raw: bytes, what: str) -> Any:
+    # A header is an object of small objects: at most one container per 8 bytes (an honest one
+    # has about one per 17), which bounds the Python objects json builds to a few times its size.
+    if raw.count(b"{") + raw.count(b"[") > len(raw) // 8 + 8:
+        raise FormatError(f"{what} is not a safetensors header (too many nested objects)")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise FormatError(f"{what} (bad JSON: {str(exc)[:200]})") from None
+
+
 def _read_header(handle: Any, path: Path, size: int) -> tuple[dict[str, Any], int]:
     raw = handle.read(8)
     if len(raw) != 8:
         raise FormatError(f"{path} is not a safetensors file (too short)")
     (length,) = struct.unpack("<Q", raw)
-    if length > 100 << 20:
-        raise FormatError(f"{path} is not a safetensors file (header of {length} bytes)")
+    if length > MAX_HEADER_BYTES:
+        raise FormatError(f"{path} is not a safetensors file (header of {length} bytes; at most "
+                          f"{MAX_HEADER_BYTES >> 20} MiB are read)")
     if 8 + length > size:
         raise FormatError(f"{path} is not a safetensors file (its header is longer than the file)")
-    try:
-        header = json.loads(handle.read(length))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FormatError(f"{path} is not a safetensors file (bad header: {exc})") from None
+    header = _json(handle.read(length), f"{path} is not a safetensors file")
     if not isinstance(header, dict):
-        raise FormatError(f"{path} is not a safetensors file")
+        raise FormatError(f"{path} is not a safetensors file (its header is not a JSON object)")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise FormatError(f"{path}: the safetensors __metadata__ is not a map of text to text")
     return header, 8 + length
 
 
 def _shard_files(path: Path) -> list[Path]:
     if path.name.endswith(".index.json"):
         try:
-            weight_map = json.loads(path.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigurationError(f"{path} is not a safetensors index (no weight_map): {exc}") from None
-        return [path.parent / name for name in sorted(set(weight_map.values()))]
+            raw = read_regular(path, what="safetensors index", limit=MAX_INDEX_BYTES)
+        except FileNotFoundError:
+            raise ConfigurationError(f"weights index {path} does not exist") from None
+        index = _json(raw, f"{path} is not a safetensors index")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise FormatError(f"{path} is not a safetensors index (no weight_map of tensor names to files)")
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            if not name or "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
+                raise FormatError(f"{path}: shard {name!r} is not a file name next to the index")
+        return [path.parent / name for name in names]
     return [path]
 
 
@@ -103,20 +129,39 @@ class TensorEntry:
 
 
 def _entry(file: Path, name: str, info: Any, start: int, size: int) -> TensorEntry:
+    bad = f"{file}: tensor {name[:200]!r} has a malformed header entry"
+    if not isinstance(info, dict):
+        raise FormatError(bad)
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or not isinstance(shape, list) or not isinstance(offsets, list) \
+            or len(offsets) != 2 or len(shape) > _MAX_DIMS:
+        raise FormatError(bad)
+    integers = [*shape, *offsets]
+    if not all(type(v) is int for v in integers) or any(d < 0 or d >= 1 << 64 for d in shape):
+        raise FormatError(bad)
+    if dtype not in _DTYPE_SIZES:
+        raise FormatError(f"{file}: tensor {name[:200]!r} has the unknown dtype {dtype[:40]!r}")
     try:
-        dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-    except (KeyError, TypeError, ValueError):
-        raise FormatError(f"{file}: tensor {name!r} has a malformed header entry") from None
-    integers = [*shape, begin, end] if isinstance(shape, list) else None
-    if not isinstance(dtype, str) or integers is None \
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in integers) \
-            or any(d < 0 for d in shape):
-        raise FormatError(f"{file}: tensor {name!r} has a malformed header entry")
-    expected = _DTYPE_SIZES.get(dtype, 0) * math.prod(shape)
-    wrong_size = dtype in _DTYPE_SIZES and end - begin != expected
-    if not 0 <= begin <= end or start + end > size or wrong_size:
-        raise FormatError(f"{file}: tensor {name!r} lies outside the file or has the wrong size")
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FormatError(f"{file}: a tensor name is not valid UTF-8") from None
+    begin, end = offsets
+    if not 0 <= begin <= end or start + end > size or end - begin != _DTYPE_SIZES[dtype] * math.prod(shape):
+        raise FormatError(f"{file}: tensor {name[:200]!r} lies outside the file or has the wrong size")
     return TensorEntry(dtype, tuple(shape), begin, end)
+
+
+def _check_layout(file: Path, entries: dict[str, TensorEntry], data_size: int) -> None:
+    """Tensors lie back to back and fill the data section exactly (as the safetensors format
+    requires): no overlap, no hole, nothing after the last one."""
+    position = 0
+    for name, e in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if e.begin != position:
+            raise FormatError(f"{file}: tensor {name[:200]!r} " + ("overlaps the one before it" if e.begin < position
+                                                                  else "leaves a hole before it"))
+        position = e.end
+    if position != data_size:
+        raise FormatError(f"{file}: the tensors cover {position} of the {data_size} data bytes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,27 +177,30 @@ class Shard:
 
 def read_shards(path: str | os.PathLike[str]) -> Iterator[Shard]:
     """Each file of a safetensors file (or of every shard named by a ``*.index.json``), its header
-    validated against the file's size (malformed → FormatError naming file and tensor; a tensor in
-    two shards → FormatError; a missing file → ConfigurationError), its bytes memory-mapped."""
+    validated against the file's size (malformed, or not a regular file → FormatError naming file
+    and tensor; a tensor in two shards → FormatError; a missing file → ConfigurationError), its
+    bytes memory-mapped."""
     seen: set[str] = set()
     for file in _shard_files(Path(path)):
         try:
-            handle = open(file, "rb")
+            opened = open_regular(file, what="weights file")
+            handle = opened.__enter__()
         except FileNotFoundError:
             raise ConfigurationError(f"weights file {file} does not exist") from None
-        except OSError as exc:
-            raise ConfigurationError(f"cannot read weights file {file}: {exc.strerror}") from None
-        with handle:
+        try:
             size = os.fstat(handle.fileno()).st_size
             header, start = _read_header(handle, file, size)
             entries = {name: _entry(file, name, info, start, size)
                        for name, info in header.items() if name != "__metadata__"}
+            _check_layout(file, entries, size - start)
             for name in entries:
                 if name in seen:
-                    raise FormatError(f"tensor {name!r} appears in more than one shard")
+                    raise FormatError(f"tensor {name[:200]!r} appears in more than one shard")
                 seen.add(name)
             with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else _Empty() as data:
                 yield Shard(file, entries, data, start)
+        finally:
+            opened.__exit__(None, None, None)
 
 
 def safetensors_digests(path: str | os.PathLike[str]) -> dict[str, bytes]:

@@ -91,16 +91,38 @@ def write_part(path: Path, table: pa.Table, run_id: str) -> None:
 
 
 def read_part(path: Path) -> pa.Table:
-    """Read a part; a damaged or foreign file raises :class:`FormatError` naming it."""
-    try:
-        # one thread per file: measured faster than Arrow's pool on 2 cores, and the reader
-        # already overlaps reading the next part with hashing this one
-        table = pq.read_table(path, use_threads=False)
-    except (pa.ArrowException, OSError) as exc:
-        raise FormatError(f"part {path.name} is unreadable ({exc})") from exc
+    """Read a part; a damaged, foreign or oversized file raises :class:`FormatError` naming it.
+
+    Only a regular file of at most 1 GiB is opened; its footer and every page header are checked
+    against what the format allows (:mod:`ledger._partcheck`) before Arrow decodes a value, so a
+    crafted part costs at most a bounded multiple of its size in memory and time."""
+    from ledger._io import open_regular
+    from ledger._partcheck import MAX_PART_BYTES, expand_dictionaries
+
+    with open_regular(path, what="part", limit=MAX_PART_BYTES) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        try:
+            plan = _part_plan(handle, path.name, size)
+            # one thread per file: measured faster than Arrow's pool on 2 cores, and the reader
+            # already overlaps reading the next part with hashing this one
+            handle.seek(0)
+            parquet = pq.ParquetFile(handle, read_dictionary=plan.dictionary_columns or None)
+            table = parquet.read(use_threads=False)
+        except (pa.ArrowException, OSError, ValueError, TypeError, IndexError, OverflowError) as exc:
+            raise FormatError(f"part {path.name} is unreadable ({exc})") from exc
+    table = expand_dictionaries(table, plan.dictionary_columns, plan.budget, path.name)
     if not table.schema.remove_metadata().equals(SCHEMA):
         raise FormatError(f"part {path.name} does not have the ledger schema")
     return table
+
+
+def _part_plan(handle: Any, name: str, size: int) -> Any:
+    from ledger._partcheck import check_part
+
+    parquet = pq.ParquetFile(handle)
+    if not parquet.schema_arrow.remove_metadata().equals(SCHEMA):
+        raise FormatError(f"part {name} does not have the ledger schema")
+    return check_part(handle, parquet.metadata, size, name)
 
 
 def table_entries(table: pa.Table) -> list[Entry]:
@@ -111,9 +133,21 @@ def table_entries(table: pa.Table) -> list[Entry]:
 
 def part_metadata(path: Path) -> dict[str, Any]:
     """Rows, seq range and SHA-256 of a part file (for the manifest)."""
-    meta = pq.read_metadata(path)
-    seq_range = (meta.metadata or {}).get(b"training_ledger.seq", b"").decode()
-    return {"entries": meta.num_rows, "seq": seq_range, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    from ledger._io import open_regular
+    from ledger._partcheck import MAX_PART_BYTES
+
+    digest = hashlib.sha256()
+    with open_regular(path, what="part", limit=MAX_PART_BYTES) as handle:
+        try:
+            meta = pq.ParquetFile(handle).metadata
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise FormatError(f"part {path.name} is unreadable ({exc})") from exc
+        handle.seek(0)
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    raw = (meta.metadata or {}).get(b"training_ledger.seq", b"")
+    seq_range = raw.decode("utf-8", "replace")
+    return {"entries": meta.num_rows, "seq": seq_range, "sha256": digest.hexdigest()}
 
 
 def fsync_path(path: Path) -> None:

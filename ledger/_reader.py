@@ -186,7 +186,7 @@ def wal_table(entries: list[Entry], run_id: str | None) -> pa.Table:
             metrics.append({k: float(v) for k, v in dict(body.get("metrics", {})).items()})
             if run_id is None and entry.kind is Kind.GENESIS:
                 run_id = str(body["run_id"])
-        except (FormatError, TypeError, ValueError, AttributeError, KeyError):
+        except (FormatError, TypeError, ValueError, AttributeError, KeyError, OverflowError):
             metrics.append({})
     return _parts.entries_table(entries, run_id or "", metrics)
 

@@ -25,7 +25,7 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
-from ledger.errors import FormatError
+from ledger.errors import ConfigurationError, FormatError
 
 FORMAT_VERSION = 1
 PAYLOAD_TYPE = "application/vnd.training-ledger.record.v1"
@@ -41,6 +41,7 @@ HEADER_OFFSETS: dict[str, tuple[int, int]] = {
 HASH_SIZE = 32
 SIGNATURE_SIZE = 64
 ZERO_HASH = bytes(HASH_SIZE)
+MAX_RECORD_BYTES = 64 << 20  # docs/FORMAT.md §2: a record (header ‖ body) is at most 64 MiB
 
 
 class Kind(enum.IntEnum):
@@ -102,7 +103,13 @@ def encode_header(header: Header) -> bytes:
 
 
 def decode_header(record: bytes) -> Header:
-    """Unpack the header at the start of ``record``; refuses unknown versions and kinds."""
+    """Unpack the header at the start of ``record``; refuses unknown versions and kinds, and
+    records longer than :data:`MAX_RECORD_BYTES`."""
+    if not isinstance(record, (bytes, bytearray, memoryview)):
+        raise FormatError(f"a record is bytes, not a {type(record).__name__}")
+    if len(record) > MAX_RECORD_BYTES:
+        raise FormatError(f"record is {len(record)} bytes, more than the {MAX_RECORD_BYTES >> 20} MiB a record "
+                          "may have")
     if len(record) < HEADER_SIZE:
         raise FormatError(f"record is {len(record)} bytes, shorter than the {HEADER_SIZE}-byte header")
     version, kind, reserved, seq, step, time_ns, rd, prev = HEADER.unpack_from(record)
@@ -114,7 +121,11 @@ def decode_header(record: bytes) -> Header:
 
 
 def encode_record(header: Header, body: bytes) -> bytes:
-    """Record bytes: header followed by the (already encoded) body."""
+    """Record bytes: header followed by the (already encoded) body (at most
+    :data:`MAX_RECORD_BYTES` in all)."""
+    if HEADER_SIZE + len(body) > MAX_RECORD_BYTES:
+        raise ConfigurationError(f"a record of {HEADER_SIZE + len(body)} bytes is larger than the "
+                          f"{MAX_RECORD_BYTES >> 20} MiB a record may have")
     return encode_header(header) + body
 
 

@@ -50,6 +50,17 @@ def _typed(value: Any, kind: type[T] | tuple[type, ...], what: str) -> T:
     return value  # type: ignore[return-value]
 
 
+def _body(body: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(body, Mapping):
+        raise FormatError(f"{where} body is a {type(body).__name__}, not a map")
+    return body
+
+
+def _text(body: Mapping[str, Any], key: str, default: str, where: str) -> str:
+    value = body.get(key, default)
+    return default if value is None else str(_typed(value, str, f"{where} {key!r}"))
+
+
 def _int(value: Any, what: str, low: int = -MAX_INT) -> int:
     """An integer in [low, 2^63)."""
     number = _typed(value, int, what)
@@ -169,9 +180,10 @@ class FingerprintPolicy:
             raise FormatError(f"fingerprints 'sketch_k' {k} is not a power of two between 2 and 2^20")
         return cls(list(order), _typed(body.get("sketch", "auto"), (str, int), "fingerprints 'sketch'"), k,
                    _int(_req(body, "sketch_seed", int, "fingerprints"), "fingerprints 'sketch_seed'"),
-                   str(body.get("digests", "auto")),
+                   _text(body, "digests", "auto", "fingerprints"),
                    _number(body.get("overhead_budget", 0.01), "fingerprints 'overhead_budget'"),
-                   str(body.get("norms", "")), str(body.get("sketch_kind", "count-sketch/v1")))
+                   _text(body, "norms", "", "fingerprints"),
+                   _text(body, "sketch_kind", "count-sketch/v1", "fingerprints"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +313,7 @@ class Genesis:
     def from_body(cls, body: Mapping[str, Any]) -> Genesis:
         """Read a genesis body: the writer's fields always, the training part when present."""
         w = "genesis"
+        body = _body(body, w)
         out = cls(run_id=str(_opt(body, "run_id", str, w) or ""),
                   format=_int(body.get("format", 0), "genesis 'format'"),
                   created_ns=_int(body.get("created_ns", 0), "genesis 'created_ns'"),
@@ -378,6 +391,7 @@ class StepBody:
         """Read a step body; with the ``genesis`` of a recorded run, every array's length is checked
         (norms per tensor, lrs and gradient norms per param group, sketch of k values)."""
         w = "step"
+        body = _body(body, w)
         tensors = len(genesis.tensor_order) if genesis is not None and genesis.recorded else None
         groups = sum(len(o.param_groups) for o in genesis.all_optimizers) if genesis is not None and \
             genesis.optimizer else None
@@ -447,11 +461,15 @@ class CheckpointBody:
     def from_body(cls, body: Mapping[str, Any]) -> CheckpointBody:
         """Read and validate a checkpoint body."""
         w = "checkpoint"
+        body = _body(body, w)
+        path = _req(body, "path", str, w)
+        if not path or "\x00" in path:
+            raise FormatError("checkpoint 'path' is empty or holds a NUL character")
         model, optimizer, meta, state = (_digest(body.get(k), f"checkpoint {k!r}")
                                          for k in ("model_digest", "optimizer_digest", "meta_digest", "state_digest"))
         hyper = body.get("optimizer_hyper", [])
         return cls(_digest_map(_req(body, "tensor_digests", Mapping, w), "checkpoint 'tensor_digests'"),
-                   model, optimizer, meta, state, path=_req(body, "path", str, w),
+                   model, optimizer, meta, state, path=path,
                    optimizer_hyper=list(hyper) if isinstance(hyper, list) else [])
 
 
@@ -489,21 +507,28 @@ class ResumeBody:
         return body
 
     @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> ResumeBody:
-        """Read and validate a resume body."""
+    def from_body(cls, body: Mapping[str, Any], seq: int | None = None) -> ResumeBody:
+        """Read and validate a resume body; with ``seq`` (the resume entry's own position in the
+        chain) the superseded range must lie before it. Nothing here is proportional to the range:
+        a caller tests ``first_seq <= s <= last_seq`` rather than building the range."""
         w = "resume"
+        body = _body(body, w)
         span = _opt(body, "superseded", Mapping, w)
         superseded = None
         if span is not None:
             first, last = (_int(span.get(k), f"resume superseded {k!r}", 0) for k in ("first_seq", "last_seq"))
             if first > last:
                 raise FormatError("resume 'superseded' range is empty")
+            if seq is not None and last >= seq:
+                raise FormatError(f"resume 'superseded' last_seq {last} is not before the resume entry (seq {seq})")
             steps = _typed(span.get("steps", [-1, -1]), list, "resume superseded 'steps'")
             if len(steps) != 2:
                 raise FormatError("resume superseded 'steps' is not a [first, last] pair")
             superseded = Superseded(first, last, (_int(steps[0], "resume superseded 'steps'"),
                                                   _int(steps[1], "resume superseded 'steps'")),
                                     _int(span.get("count", last - first + 1), "resume superseded 'count'", 0))
+            if superseded.count > last - first + 1:
+                raise FormatError(f"resume superseded 'count' {superseded.count} is more than its seq range holds")
         return cls(_int(_req(body, "checkpoint_seq", int, w), "resume 'checkpoint_seq'", 0),
                    _int(_req(body, "checkpoint_step", int, w), "resume 'checkpoint_step'"),
                    _digest(body.get("state_digest"), "resume 'state_digest'"),
@@ -525,8 +550,9 @@ class PruneBody:
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> PruneBody:
         """Read and validate a prune body."""
+        body = _body(body, "prune")
         return cls(_int(_req(body, "checkpoint_seq", int, "prune"), "prune 'checkpoint_seq'", 0),
-                   _digest(body.get("state_digest"), "prune 'state_digest'"), str(body.get("reason", "")))
+                   _digest(body.get("state_digest"), "prune 'state_digest'"), _text(body, "reason", "", "prune"))
 
 
 # ----------------------------------------------------------------------------- seal
@@ -570,6 +596,7 @@ class SealBody:
     def from_body(cls, body: Mapping[str, Any]) -> SealBody:
         """Read and validate a seal body."""
         w = "seal"
+        body = _body(body, w)
         final = _opt(body, "final", Mapping, w)
         weights = None
         if final is not None:

@@ -23,11 +23,12 @@ import numpy.typing as npt
 
 from ledger._encoding import decode_body
 from ledger._fingerprint import model_digest, safetensors_digests
+from ledger._io import read_regular
 from ledger.errors import FormatError
 
 STATE_DOMAIN = b"training-ledger/state/v1\x00"
 FILES = ("model.safetensors", "optimizer.safetensors", "state.cbor")
-MAX_META_BYTES = 256 << 20
+MAX_META_BYTES = 64 << 20  # state.cbor, like a record, is at most 64 MiB
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,10 +48,11 @@ def state_digest(model_d: bytes, optimizer_d: bytes, meta_d: bytes) -> bytes:
 
 
 def _meta_bytes(directory: Path) -> bytes:
-    path = directory / FILES[2]
-    if path.stat().st_size > MAX_META_BYTES:
-        raise FormatError(f"checkpoint {directory.name}: {FILES[2]} is larger than {MAX_META_BYTES >> 20} MiB")
-    return path.read_bytes()
+    try:
+        return read_regular(directory / FILES[2], what=f"checkpoint {directory.name}: {FILES[2]}",
+                            limit=MAX_META_BYTES)
+    except FileNotFoundError:
+        raise FormatError(f"checkpoint {directory.name} lacks {FILES[2]}") from None
 
 
 def digests_of(directory: Path) -> StateDigests:

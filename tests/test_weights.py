@@ -93,7 +93,7 @@ def test_sharded_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="model-00002-of-00002.safetensors does not exist"):
         read_safetensors(index)
     (tmp_path / "bad.index.json").write_text("{}")
-    with pytest.raises(ConfigurationError, match="weight_map"):
+    with pytest.raises(FormatError, match="weight_map"):
         read_safetensors(tmp_path / "bad.index.json")
 
 
@@ -133,7 +133,7 @@ def raw_file(header: object, data: bytes, header_length: int | None = None) -> b
     ("wrong_size", "'w' lies outside the file or has the wrong size"),
     ("header_too_long", "header is longer than the file"),
     ("short", "too short"),
-    ("bad_json", "bad header"),
+    ("bad_json", "not a safetensors file"),
     ("not_a_dict", "not a safetensors file"),
     ("malformed_entry", "'w' has a malformed header entry"),
     ("string_shape", "'w' has a malformed header entry"),
