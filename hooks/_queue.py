@@ -1,37 +1,62 @@
-"""The recorder's background writer: a bounded queue drained in batches on one thread."""
+"""The recorder's background writer: a queue bounded in entries and in time, drained in batches on
+one thread."""
 
 from __future__ import annotations
 
 import collections
-import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 
 class WriterQueue:
-    """Jobs run in order on one background thread, which wakes every ``interval`` seconds or when
-    ``bound`` jobs wait, not at every put: waking a thread per step would cost the training thread
-    a GIL hand-off each step. ``put`` blocks while ``bound`` jobs wait (the queue is bounded)."""
+    """Jobs run in order on one background thread, which wakes every ``interval`` seconds or when a
+    bound is reached, not at every put: waking a thread per step would cost the training thread a
+    GIL hand-off each step.
 
-    def __init__(self, run: Callable[[Any], None], bound: int, interval: float) -> None:
+    Two bounds hold what may wait unwritten: ``bound`` jobs, and ``max_lag`` seconds — ``put``
+    returns only once fewer than ``bound`` jobs wait and every job queued more than ``max_lag``
+    seconds ago has run (the one running counts as waiting). So at any moment, the jobs not yet run
+    were all queued within ``max_lag`` seconds of the latest ``put`` and are at most ``bound``.
+    In the normal case (the thread drains every ``interval`` ≪ ``max_lag``) ``put`` never waits."""
+
+    def __init__(self, run: Callable[[Any], None], bound: int, interval: float, max_lag: float = 1.0) -> None:
         self._run, self._bound, self._interval = run, max(1, bound), interval
-        self._jobs: collections.deque[Any] = collections.deque()
+        self._max_lag = max_lag
+        self._jobs: collections.deque[tuple[float, Any]] = collections.deque()  # (time queued, job)
+        self._running_since: float | None = None  # when the job now running was queued
         self._wake = threading.Event()
         self._changed = threading.Condition()
         self._queued = self._done = 0
         self._stopping = False
+        self.waits = 0  # how many puts had to wait for a bound (for benchmarks and tests)
         self._thread = threading.Thread(target=self._loop, name="ledger-writer", daemon=True)
         self._thread.start()
 
     def put(self, job: Any) -> None:
-        """Queue a job (from the training thread)."""
-        self._jobs.append(job)
+        """Queue a job (from the training thread); wait while a bound is reached."""
+        now = time.monotonic()
+        self._jobs.append((now, job))
         self._queued += 1
-        if len(self._jobs) >= self._bound:
+        if len(self._jobs) >= self._bound or now - self._oldest(now) >= self._max_lag:
+            self.waits += 1
             self._wake.set()
             with self._changed:
-                self._changed.wait_for(lambda: len(self._jobs) < self._bound)
+                self._changed.wait_for(self._within_bounds)
+
+    def _oldest(self, now: float) -> float:
+        """When the oldest job not yet run was queued (``now`` when none waits)."""
+        running = self._running_since
+        try:
+            first = self._jobs[0][0]
+        except IndexError:  # the writer thread emptied the queue meanwhile
+            first = now
+        return first if running is None else min(running, first)
+
+    def _within_bounds(self) -> bool:
+        now = time.monotonic()
+        return len(self._jobs) < self._bound and now - self._oldest(now) < self._max_lag
 
     def join(self) -> None:
         """Return once every job queued so far has run."""
@@ -48,23 +73,22 @@ class WriterQueue:
         self._thread.join()
 
     def _loop(self) -> None:
-        _lower_priority()
+        # Normal priority on purpose: the training thread waits for this one when a bound is
+        # reached, so a lowered priority (it ran at nice 19 before) would turn CPU contention into
+        # a training stall and let the unwritten tail grow.
         while True:
             self._wake.wait(self._interval)
             self._wake.clear()
             while self._jobs:
-                self._run(self._jobs.popleft())
-                with self._changed:
-                    self._done += 1
-                    self._changed.notify_all()
+                queued, job = self._jobs[0]
+                self._running_since = queued
+                self._jobs.popleft()
+                try:
+                    self._run(job)
+                finally:
+                    with self._changed:
+                        self._running_since = None
+                        self._done += 1
+                        self._changed.notify_all()
             if self._stopping:
                 return
-
-
-def _lower_priority() -> None:
-    """Run this thread at the lowest CPU priority (Linux: per-thread nice 19), so that when training
-    keeps every core busy the writer takes idle time instead of stalling torch's worker threads."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
-        pass

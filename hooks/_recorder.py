@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import os
 import secrets
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -19,7 +19,6 @@ import torch
 
 from ledger import torch as lt
 from ledger._fingerprint import model_digest, safetensors_digests
-from ledger._reader import Ledger
 from ledger._record import Kind
 from ledger._schema import (
     CheckpointBody,
@@ -30,18 +29,26 @@ from ledger._schema import (
     SealBody,
     StepBody,
     Superseded,
-    checkpoint_directory,
     checkpoint_root,
 )
-from ledger._state import digests_of
 from ledger._writer import LedgerWriter
 from ledger.errors import ConfigurationError, FormatError, LedgerError, StorageError
+from ledger.hooks import _resume
 from ledger.hooks._genesis import build_genesis
 from ledger.hooks._norms import Norms, Pending, total_norm
 from ledger.hooks._options import RECALIBRATE_EVERY, Cadence, FingerprintOptions
 from ledger.hooks._queue import WriterQueue
 
 Body = StepBody | CheckpointBody | PruneBody
+MAX_LAG = 1.0  # seconds: the default time bound on what waits unwritten
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Job:
+    """A job for the writer thread: ``step`` is the step a step entry records (None for a checkpoint)."""
+
+    run: Callable[[], Any]
+    step: int | None = None
 
 
 class Recorder:
@@ -75,9 +82,18 @@ class Recorder:
     ``"reseed-per-step/v1"`` (every step reseeded by :func:`ledger.torch.run_step`, as
     :func:`ledger.hooks.train` does).
 
-    ``keep``: checkpoint retention, None (all), ("last", n) or ("every", n). Entries wait in a
-    bounded queue (``queue_size``) that a background thread drains every ``drain_interval`` seconds:
-    a crash loses at most what waits there.
+    ``keep``: checkpoint retention, None (all), ("last", n) or ("every", n).
+
+    **What a crash can lose.** ``step`` returns (the step is *acknowledged*) once its entry is
+    queued; a background thread appends queued entries every ``drain_interval`` seconds. Two bounds
+    hold what may wait unappended: ``queue_size`` entries and ``max_lag`` seconds — ``step`` waits
+    while ``queue_size`` entries wait or an entry queued more than ``max_lag`` seconds earlier is
+    not yet appended (a checkpoint being written counts as waiting). So ``kill -9`` loses at most
+    the steps acknowledged within ``max_lag`` seconds before the last acknowledged one, and at most
+    ``queue_size`` of them; an appended entry survives the process (it is in the OS), and
+    :meth:`flush` also makes it survive power loss (fsync). A checkpoint's entry is appended once
+    its files are durable. A background failure (a checkpoint that could not be written, the disk
+    refusing an append) is raised by the next ``step``, ``flush`` or ``close``.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, model: Any, optimizer: Any, key: Any, seed: int,
@@ -86,30 +102,44 @@ class Recorder:
                  keep: tuple[str, int] | None = None, queue_size: int = 256, drain_interval: float = 0.05,
                  passphrase: bytes | None = None, recipe: Any = None, determinism: Mapping[str, Any] | None = None,
                  base: Mapping[str, Any] | None = None, fsync: str = "group",
-                 clock: Callable[[], int] = time.time_ns, **deprecated: Any) -> None:
+                 clock: Callable[[], int] = time.time_ns, max_lag: float = MAX_LAG, **deprecated: Any) -> None:
         options = _options(fingerprints, deprecated)
         _check_checkpointing(checkpoint_every, keep)
+        _check_queue(queue_size, drain_interval, max_lag)
         run_id = secrets.token_hex(16)
         sketch_seed = int.from_bytes(hashlib.sha256(b"sketch/" + run_id.encode()).digest()[:8], "big") >> 1
         sketcher = lt.CountSketch(sketch_seed, options.sketch_k)
         tensors, aliases = lt.canonical_state(model)
         root = Path(path)
-        user_dir = str(Path(checkpoint_dir)) if checkpoint_dir and Path(checkpoint_dir) != root / "checkpoints" \
-            else None
+        user_dir = str(Path(checkpoint_dir).absolute()) if checkpoint_dir and \
+            Path(checkpoint_dir).absolute() != (root / "checkpoints").absolute() else None
         genesis = build_genesis(model=model, optimizer=optimizer, scheduler=scheduler, seed=int(seed), config=config,
                                 tensors=tensors, aliases=aliases, options=options, sketcher=sketcher, recipe=recipe,
                                 determinism=determinism, checkpoint_every=checkpoint_every,
                                 checkpoint_dir=user_dir, keep=keep, base=base)
-        writer = LedgerWriter.create(path, key, genesis=genesis.to_body(), run_id=run_id, passphrase=passphrase,
-                                     clock=clock, fsync=fsync)
-        self._attach(root, model, optimizer, scheduler, writer, genesis, options, sketcher, first_step=0, keep=keep,
-                     queue_size=queue_size, drain_interval=drain_interval)
-        if checkpoint_every:
-            self._checkpoint(-1)
+        with _resume.storage(f"create the ledger at {root}", "give a writable directory with free space"):
+            writer = LedgerWriter.create(path, key, genesis=genesis.to_body(), run_id=run_id, passphrase=passphrase,
+                                         clock=clock, fsync=fsync)
+        try:
+            self._attach(root, model, optimizer, scheduler, writer, genesis, options, sketcher, first_step=0,
+                         keep=keep, queue_size=queue_size, drain_interval=drain_interval, max_lag=max_lag)
+            if checkpoint_every:  # the init state, before returning: a run killed later can always resume
+                self._last_checkpoint_step = -1
+                snap = lt.snapshot(-1, model, optimizer, scheduler)
+                with _resume.storage(f"write the init checkpoint under {self.checkpoint_root}",
+                              f"the ledger at {root} holds only its genesis: free space or fix permissions, "
+                              "delete it and start again"):
+                    self._enter_checkpoint(snap, *self._store_checkpoint(snap))
+        except BaseException:
+            if hasattr(self, "_queue"):
+                self._stop_thread()
+            with contextlib.suppress(LedgerError, OSError):
+                writer.close()
+            raise
 
     def _attach(self, path: Path, model: Any, optimizer: Any, scheduler: Any, writer: LedgerWriter,
                 genesis: Genesis, options: FingerprintOptions, sketcher: lt.CountSketch, *, first_step: int,
-                keep: tuple[str, int] | None, queue_size: int, drain_interval: float,
+                keep: tuple[str, int] | None, queue_size: int, drain_interval: float, max_lag: float,
                 last_checkpoint_step: int | None = None,
                 alive: Sequence[tuple[int, int, CheckpointBody]] = ()) -> None:
         """Set up recording onto ``writer`` from step ``first_step`` (a new run or a resumed one)."""
@@ -119,11 +149,15 @@ class Recorder:
         self.path, self.model, self.optimizer, self.scheduler = path, model, optimizer, scheduler
         self.seed, self.checkpoint_every, self.keep = int(genesis.seed or 0), genesis.checkpoint_every, keep
         self.checkpoint_root = checkpoint_root(path, genesis)
+        self._genesis = genesis
         self._names = list(tensors)
         self._writer, self._sketcher, self._step = writer, sketcher, first_step
         self._cadence = Cadence(options)
-        self._error: BaseException | None = None
-        self._queue = WriterQueue(self._run_job, queue_size, drain_interval)
+        self._failure: BaseException | None = None  # a background failure not raised yet
+        self._broken: BaseException | None = None  # the append failure that stopped the writer
+        self._lost: list[int] = []  # acknowledged steps whose entry was not written
+        self._closed = False
+        self._queue = WriterQueue(self._run_job, queue_size, drain_interval, max_lag)
         self._optimizers = lt.optimizers_of(optimizer)
         if len(self._optimizers) != len(genesis.all_optimizers):
             raise ConfigurationError(f"the ledger records {len(genesis.all_optimizers)} optimizer(s), "
@@ -138,7 +172,6 @@ class Recorder:
         self._norm_plan: Norms | None = None
         self._last_checkpoint_step = last_checkpoint_step
         self._alive_checkpoints: list[tuple[int, int, CheckpointBody]] = list(alive)  # (seq, step, body)
-        self._closed = False
 
     # ----------------------------------------------------------------- the optimizer hook
     def _pre_step(self, k: int, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -177,7 +210,7 @@ class Recorder:
     def step(self, loss: Any = None, batch: Any = None, **metrics: Any) -> None:
         """Record optimizer step ``self.current_step`` (call once per optimizer step, after it).
         ``loss`` and metrics may be floats or tensors; ``batch`` (any pytree of tensors) is digested."""
-        self._raise_background_error()
+        self._raise_failure()
         cadence = self._cadence
         now = time.perf_counter()
         if self._last_step_time is not None:
@@ -208,8 +241,8 @@ class Recorder:
             cadence.costs["digests"].append(time.perf_counter() - t2)
         due = bool(self.checkpoint_every) and (step + 1) % int(self.checkpoint_every or 1) == 0
         batch_d = lt.batch_digest(batch) if batch is not None else None  # now: the caller may reuse the buffers
-        self._queue.put(lambda: self._append(Kind.STEP, step, self._step_body(values, hook, norms, sketch, digests,
-                                                                              batch_d)))
+        self._queue.put(_Job(lambda: self._append(Kind.STEP, step, self._step_body(values, hook, norms, sketch,
+                                                                                   digests, batch_d)), step))
         self._step = step + 1
         if due:
             self._checkpoint(step)
@@ -253,17 +286,38 @@ class Recorder:
     def _checkpoint(self, step: int) -> None:
         snap = lt.snapshot(step, self.model, self.optimizer, self.scheduler)
         self._last_checkpoint_step = step
-        self._queue.put(lambda: self._write_checkpoint(snap))
+        self._queue.put(_Job(lambda: self._checkpoint_job(snap)))
 
-    def _write_checkpoint(self, snap: lt.Snapshot) -> None:
-        directory, digests = lt.write_checkpoint(snap, self.checkpoint_root)
+    def _checkpoint_job(self, snap: lt.Snapshot) -> None:
+        """On the writer thread: write the files; a failure there is reported and recording goes on
+        (step entries do not depend on it); a failure to append the entry stops the writer."""
+        try:
+            stored = self._store_checkpoint(snap)
+        except Exception as exc:  # noqa: BLE001 - reported on the training thread
+            self._failure = self._failure or _CheckpointFailed(snap.step, self.checkpoint_root, exc)
+            return
+        self._enter_checkpoint(snap, *stored)
+
+    def _store_checkpoint(self, snap: lt.Snapshot) -> tuple[Path, Any]:
+        """Write a snapshot's files durably under the checkpoint root."""
+        return lt.write_checkpoint(snap, self.checkpoint_root)
+
+    def _enter_checkpoint(self, snap: lt.Snapshot, directory: Path, digests: Any) -> None:
+        """Append the entry of a written checkpoint, then apply retention."""
         self._writer.sync()
-        body = CheckpointBody.of(digests, _relative(directory, self.path),
+        body = CheckpointBody.of(digests, self._stored_path(directory),
                                  [{k: v for k, v in g.items() if k != "params"} for g in snap.meta["param_groups"]])
         seq = self._append(Kind.CHECKPOINT, snap.step, body)
         self._writer.sync()
         self._alive_checkpoints.append((seq, snap.step, body))
         self._apply_retention()
+
+    def _stored_path(self, directory: Path) -> str:
+        """A checkpoint's ``path`` (docs/FORMAT.md §11): ``checkpoints/<hex>``, relative to the ledger
+        directory, for the default root; the absolute ``<checkpoint_dir>/<hex>`` for a user root."""
+        if self._genesis.checkpoint_dir:
+            return str(directory.absolute())
+        return f"checkpoints/{directory.name}"
 
     def _apply_retention(self) -> None:
         if not self.keep:
@@ -275,9 +329,10 @@ class Recorder:
         else:  # every n-th checkpoint by position, the init state and the newest stay
             drop = [c for i, c in enumerate(alive[:-1]) if i % n and c[1] != -1]
         for seq, step, body in drop:
-            shutil.rmtree(checkpoint_directory(self.path, body), ignore_errors=True)
+            # the prune entry first: a kill in between leaves a pruned directory, which resume removes
             self._append(Kind.PRUNE, step, PruneBody(seq, body.state_digest, f"retention: keep {mode} {n}"))
             alive.remove((seq, step, body))
+            _resume.remove_checkpoint(self.path, body, self._genesis)
 
     # ----------------------------------------------------------------- background writer
     def _append(self, kind: Kind, step: int, body: Body) -> int:
@@ -285,26 +340,54 @@ class Recorder:
         returns its seq."""
         return self._writer.append(kind, step, body.to_body()).seq
 
-    def _run_job(self, job: Callable[[], Any]) -> None:
+    def _run_job(self, job: _Job) -> None:
+        """Run one job on the writer thread. Once an append has failed on the disk (the writer is
+        broken) later jobs are not run and the steps they carry are counted as lost; any other
+        failure is kept for the training thread, and later entries are still appended."""
+        if self._broken is not None:
+            if job.step is not None:
+                self._lost.append(job.step)
+            return
         try:
-            if self._error is None:
-                job()
+            job.run()
         except BaseException as exc:  # surfaced on the training thread at the next call
-            self._error = exc
+            if job.step is not None:
+                self._lost.append(job.step)
+            if isinstance(exc, (StorageError, OSError)) or self._writer.closed:
+                self._broken = exc
+            else:
+                self._failure = self._failure or exc
 
-    def _raise_background_error(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            if isinstance(error, LedgerError):
-                raise error
-            if isinstance(error, OSError):
-                raise StorageError(f"the ledger's background writer could not write: {error}") from error
-            raise error
+    def _raise_failure(self) -> None:
+        """Raise a background failure on the training thread: once for a failure the writer
+        survived, at every call once the writer is broken."""
+        if self._broken is not None:
+            self._queue.join()  # every queued step is counted
+            raise StorageError(f"the ledger's writer failed ({_reason(self._broken)}); {_steps(self._lost)} "
+                               f"acknowledged by step() were not written and no more can be; the ledger is valid "
+                               f"up to seq {self._writer.next_seq - 1}: fix the cause, then continue with "
+                               "Recorder.resume") from self._broken
+        failure, self._failure = self._failure, None
+        if failure is None:
+            return
+        lost = f"; {_steps(self._lost)} acknowledged by step() were not written" if self._lost else ""
+        self._lost = []
+        if isinstance(failure, _CheckpointFailed):
+            raise StorageError(f"{failure}{lost}; later step entries are still recorded") from failure.__cause__
+        if isinstance(failure, LedgerError):
+            raise type(failure)(f"{failure}{lost}") from failure
+        raise failure
 
     def flush(self) -> None:
-        """Return once everything queued so far is appended to the ledger."""
+        """Return once everything queued so far is appended to the ledger and durable (fsync);
+        raise a background failure."""
         self._queue.join()
-        self._raise_background_error()
+        if self._broken is None:
+            try:
+                self._writer.sync()
+            except StorageError as exc:
+                self._broken = exc
+        self._raise_failure()
 
     @property
     def current_step(self) -> int:
@@ -346,19 +429,26 @@ class Recorder:
         self._closed = True
 
     def abort(self) -> None:
-        """Stop recording without sealing: everything queued is written, the ledger stays valid and
-        unsealed (verify reports it as such)."""
+        """Stop recording without sealing: everything queued that can be written is, the ledger
+        stays valid and unsealed (verify reports it as such). Never raises for a background
+        failure: one not raised yet, or a log that could not be rolled into a part, is a warning."""
         if self._closed:
             return
+        self._closed = True
+        self._stop_thread()
+        problems = []
+        if self._broken is not None or self._failure is not None:
+            problems.append(f"{_reason(self._broken or self._failure)} ({_steps(self._lost)} not written)")
         try:
-            self.flush()
-        finally:
-            self._stop_thread()
             self._writer.close()
-            self._closed = True
+        except (LedgerError, OSError) as exc:  # the entries stay in wal.log; resume or open recovers them
+            problems.append(f"could not close the ledger writer ({_reason(exc)}; its entries stay in wal.log)")
+        if problems:
+            warnings.warn(f"the ledger at {self.path} was aborted after a failure: {'; '.join(problems)}",
+                          RuntimeWarning, stacklevel=2)
 
     def _stop_thread(self) -> None:
-        for hook in self._hooks:
+        for hook in getattr(self, "_hooks", ()):
             hook.remove()
         self._queue.stop()
 
@@ -377,40 +467,51 @@ class Recorder:
     @classmethod
     def resume(cls, path: str | os.PathLike[str], *, model: Any, optimizer: Any, key: Any, scheduler: Any = None,
                passphrase: bytes | None = None, keep: tuple[str, int] | None = None, queue_size: int = 256,
-               drain_interval: float = 0.05, fsync: str = "group") -> Recorder:
-        """Continue a crashed run: load the last durable checkpoint (its digests checked against
-        the ledger), restore model, optimizer, scheduler and RNG states, append a ``resume`` entry
-        marking the step entries recorded after that checkpoint as superseded, and go on."""
+               drain_interval: float = 0.05, max_lag: float = MAX_LAG, fsync: str = "group") -> Recorder:
+        """Continue a crashed run. Before acting on anything the ledger names, check its chain and
+        every signature with ``key`` (the writer's; genesis must declare its public key) and that
+        every checkpoint path lies inside the checkpoint root; then remove ``.tmp-*`` leftovers,
+        load the last intact checkpoint (its files match its entry; a newer damaged or missing one
+        is passed over), restore model, optimizer, scheduler and RNG states, append a ``resume``
+        entry marking the step entries recorded after that checkpoint as superseded, and go on."""
         _check_checkpointing(None, keep)
+        _check_queue(queue_size, drain_interval, max_lag)
         root = Path(path)
-        entries = list(Ledger(root).entries())
-        genesis = Genesis.from_body(entries[0].body())
-        if not genesis.recorded or genesis.fingerprints is None:
-            raise ConfigurationError(f"{path} was not written by the recorder; it cannot be resumed")
-        checkpoints = [(e, CheckpointBody.from_body(e.body())) for e in entries if e.kind is Kind.CHECKPOINT]
-        if not checkpoints:
-            raise ConfigurationError(f"{path} holds no checkpoint to resume from (record with checkpoint_every=)")
-        last, body = checkpoints[-1]
-        directory = checkpoint_directory(root, body)
-        if digests_of(directory).state_digest != body.state_digest:
-            raise FormatError(f"checkpoint {directory} does not match its ledger entry (seq {last.seq}); "
-                              "refusing to resume from it")
-        lt.restore(directory, model, optimizer, scheduler)
-        superseded = [e for e in entries if e.seq > last.seq and e.kind is Kind.STEP]
-        writer = LedgerWriter.open(path, key, passphrase=passphrase, fsync=fsync)
-        span = Superseded(superseded[0].seq, superseded[-1].seq, (superseded[0].step, superseded[-1].step),
-                          len(superseded)) if superseded else None
-        writer.append(Kind.RESUME, last.step, ResumeBody(last.seq, last.step, body.state_digest,
-                                                         writer.recovery.torn_bytes, span).to_body())
-        writer.sync()
-        policy = genesis.fingerprints
+        signer = _resume.signer_of(key, passphrase)
+        tensors, _ = lt.canonical_state(model)
+        plan = _resume.plan(root, signer, {name: tuple(t.shape) for name, t in tensors.items()})
+        advice = "check that the ledger directory is writable and has free space"
+        with _resume.storage(f"open the ledger at {root} for writing", advice):
+            writer = LedgerWriter.open(path, signer, fsync=fsync)
+        last, body = plan.checkpoint, plan.body
+        try:
+            if writer.next_seq != len(plan.entries) or writer.head != plan.entries[-1].hash:
+                raise FormatError(f"{root} changed while it was being checked; resume again")
+            _resume.clean(root, plan.genesis, plan.pruned)
+            lt.restore(plan.directory, model, optimizer, scheduler)
+            superseded = [e for e in plan.entries if e.seq > last.seq and e.kind is Kind.STEP]
+            span = Superseded(superseded[0].seq, superseded[-1].seq, (superseded[0].step, superseded[-1].step),
+                              len(superseded)) if superseded else None
+            with _resume.storage(f"append the resume entry to {root}", advice):
+                writer.append(Kind.RESUME, last.step, ResumeBody(last.seq, last.step, body.state_digest,
+                                                                 writer.recovery.torn_bytes, span).to_body())
+                writer.sync()
+        except BaseException:
+            with contextlib.suppress(LedgerError, OSError):
+                writer.close()
+            raise
+        if plan.skipped:
+            warnings.warn(f"resumed {root} from the checkpoint at step {last.step}, passing over newer ones: "
+                          + "; ".join(f"step {s}: {why}" for s, why in plan.skipped), RuntimeWarning, stacklevel=2)
+        policy = plan.genesis.fingerprints
+        assert policy is not None
         options = FingerprintOptions(policy.sketch, policy.digests, policy.sketch_k)
-        pruned = {PruneBody.from_body(e.body()).state_digest for e in entries if e.kind is Kind.PRUNE}
         recorder = cls.__new__(cls)
-        recorder._attach(root, model, optimizer, scheduler, writer, genesis, options,
+        recorder._attach(root, model, optimizer, scheduler, writer, plan.genesis, options,
                          lt.CountSketch(policy.sketch_seed, policy.sketch_k), first_step=last.step + 1, keep=keep,
-                         queue_size=queue_size, drain_interval=drain_interval, last_checkpoint_step=last.step,
-                         alive=[(e.seq, e.step, b) for e, b in checkpoints if b.state_digest not in pruned])
+                         queue_size=queue_size, drain_interval=drain_interval, max_lag=max_lag,
+                         last_checkpoint_step=last.step,
+                         alive=[c for c in plan.alive if c[0] <= last.seq])
         return recorder
 
 
@@ -449,16 +550,38 @@ def _detached(value: Any) -> Any:
     return value.detach() if isinstance(value, torch.Tensor) else value
 
 
-def _relative(directory: Path, root: Path) -> str:
-    try:
-        return str(directory.resolve().relative_to(root.resolve()))
-    except ValueError:
-        return str(directory.resolve())
-
-
 def _check_checkpointing(checkpoint_every: int | None, keep: Any) -> None:
     if checkpoint_every is not None and checkpoint_every < 1:
         raise ConfigurationError("checkpoint_every must be a positive number of steps")
     if keep is not None and not (isinstance(keep, tuple) and len(keep) == 2 and keep[0] in ("last", "every")
                                  and isinstance(keep[1], int) and keep[1] >= 1):
         raise ConfigurationError("keep must be None, ('last', n) or ('every', n)")
+
+
+def _check_queue(queue_size: int, drain_interval: float, max_lag: float) -> None:
+    if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+        raise ConfigurationError("queue_size must be a positive number of entries")
+    if not drain_interval > 0 or not max_lag > 0:
+        raise ConfigurationError("drain_interval and max_lag must be positive numbers of seconds")
+
+
+class _CheckpointFailed(Exception):
+    """A checkpoint whose files could not be written (the run goes on without it)."""
+
+    def __init__(self, step: int, root: Path, cause: BaseException) -> None:
+        super().__init__(f"could not write the checkpoint of step {step} under {root}: {_reason(cause)}")
+        self.__cause__ = cause
+
+
+def _reason(exc: BaseException | None) -> str:
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc) or type(exc).__name__
+
+
+def _steps(lost: list[int]) -> str:
+    """'3 step entries (steps 40–42)', or '0 step entries'."""
+    if not lost:
+        return "0 step entries"
+    span = f"step {lost[0]}" if len(lost) == 1 else f"steps {lost[0]}–{lost[-1]}"
+    return f"{len(lost)} step entr{'y' if len(lost) == 1 else 'ies'} ({span})"

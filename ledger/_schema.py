@@ -611,20 +611,45 @@ class SealBody:
 
 
 # ----------------------------------------------------------------------------- where checkpoints are
-def checkpoint_root(ledger_root: Path, genesis: Genesis) -> Path:
-    """The directory a run's checkpoints were written to: genesis ``checkpoint_dir`` when the
-    recorder was given one, else ``LEDGER/checkpoints``."""
-    return Path(genesis.checkpoint_dir) if genesis.checkpoint_dir else ledger_root / "checkpoints"
-
-
-def checkpoint_directory(ledger_root: Path, body: CheckpointBody, override: Path | None = None) -> Path:
-    """Where a checkpoint entry's files are: ``override/<state digest>`` when a verifier names the
-    directory (``--checkpoints``), else the entry's path — relative to the ledger directory unless
-    absolute."""
+def checkpoint_root(ledger_root: Path, genesis: Genesis, override: Path | None = None) -> Path:
+    """The directory every checkpoint of a run lies in: ``override`` when a verifier names one
+    (``--checkpoints``), else genesis ``checkpoint_dir`` when the recorder was given one (relative
+    to the ledger directory unless absolute), else ``LEDGER/checkpoints``."""
     if override is not None:
-        return override / body.state_digest.hex()
+        return Path(override)
+    if genesis.checkpoint_dir:
+        return ledger_root / genesis.checkpoint_dir  # an absolute checkpoint_dir replaces ledger_root
+    return ledger_root / "checkpoints"
+
+
+def checkpoint_directory(ledger_root: Path, body: CheckpointBody, genesis: Genesis,
+                         override: Path | None = None) -> Path:
+    """Where a checkpoint entry's files are: ``root/<state digest hex>``, ``root`` being
+    :func:`checkpoint_root` (checkpoints are content-addressed). The entry's stored ``path`` must
+    name that directory — relative to the ledger directory, or absolute — and the directory, when
+    it exists, must be a real directory inside ``root``, not a symlink; otherwise
+    :class:`FormatError` saying what is wrong (nothing refused is ever read or deleted). When a
+    verifier names the root (``override``, ``--checkpoints``), the stored path only has to end in
+    the digest."""
+    root = checkpoint_root(ledger_root, genesis, override)
+    name = body.state_digest.hex()
+    directory = root / name
     stored = Path(body.path)
-    return stored if stored.is_absolute() else ledger_root / stored
+    if ".." in stored.parts or stored.name != name:
+        raise FormatError(f"checkpoint path {body.path!r} is not <checkpoint root>/{name[:16]}…; refusing it")
+    if override is None:
+        expected = directory.absolute()
+        if (ledger_root / stored).absolute() != expected and (root / stored).absolute() != expected:
+            raise FormatError(f"checkpoint path {body.path!r} lies outside the checkpoint root {root}; refusing it")
+    if directory.is_symlink():
+        raise FormatError(f"checkpoint directory {directory} is a symlink; refusing it")
+    if directory.exists():
+        try:
+            directory.resolve().relative_to(Path(root).resolve())
+        except ValueError:
+            raise FormatError(f"checkpoint directory {directory} resolves outside the checkpoint root {root}; "
+                              "refusing it") from None
+    return directory
 
 
 __all__ = ["CheckpointBody", "FingerprintPolicy", "FinalWeights", "Genesis", "InitFingerprint", "OptimizerInfo",

@@ -332,7 +332,17 @@ def restore(directory: Path, model: Any, optimizer: Any = None, scheduler: Any =
     weights = load_tensors(directory / FILES[0])
     for alias, kept in dict(meta.get("aliases", {})).items():
         weights[alias] = weights[kept]
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    current = model.state_dict()
+    differ = [f"{name} {tuple(weights[name].shape)} vs {tuple(current[name].shape)}" for name in current
+              if name in weights and tuple(weights[name].shape) != tuple(current[name].shape)]
+    if differ:
+        raise ConfigurationError(f"checkpoint {directory.name} does not fit this model: tensor shapes differ "
+                                 f"({', '.join(differ[:3])}, checkpoint vs model); build the model the run recorded")
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # a dtype or size torch refuses: the model is not the recorded one
+        raise ConfigurationError(f"checkpoint {directory.name} does not fit this model: "
+                                 f"{str(exc).splitlines()[-1].strip()}") from exc
     if missing or unexpected:
         raise ConfigurationError(f"checkpoint {directory.name} does not fit this model "
                                  f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
@@ -354,7 +364,12 @@ def restore(directory: Path, model: Any, optimizer: Any = None, scheduler: Any =
                 group["betas"] = tuple(group["betas"])
         start = 0
         for opt, state, count in zip(optimizers, states, counts, strict=True):
-            opt.load_state_dict({"state": state, "param_groups": groups[start:start + count]})
+            try:
+                opt.load_state_dict({"state": state, "param_groups": groups[start:start + count]})
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise ConfigurationError(f"checkpoint {directory.name}'s optimizer state does not fit this "
+                                         f"optimizer ({str(exc).splitlines()[0]}); build the optimizer the run "
+                                         "recorded") from exc
             start += count
     if scheduler is not None and meta.get("scheduler") is not None:
         saved = meta["scheduler"]

@@ -150,7 +150,8 @@ def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None) -> Run
             elif header.kind is Kind.CHECKPOINT:
                 cp = CheckpointBody.from_body(body)
                 view.checkpoints.append(Checkpoint(header.seq, header.step, cp,
-                                                   checkpoint_directory(ledger_root, cp, checkpoint_dir)))
+                                                   checkpoint_directory(ledger_root, cp, view.genesis,
+                                                                        checkpoint_dir)))
             elif header.kind is Kind.PRUNE:
                 pruned.add(PruneBody.from_body(body).state_digest)
             elif header.kind is Kind.SEAL:

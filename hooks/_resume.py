@@ -1,0 +1,174 @@
+"""What ``Recorder.resume`` reads from a crashed run before it acts: the chain and every signature
+checked with the writer's own key, every checkpoint path inside the checkpoint root, the last
+intact checkpoint; and the clean-up it may then do (``.tmp-*`` leftovers, pruned directories)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ledger._chain import check_chain
+from ledger._crypto import Signer, load_signer
+from ledger._entry import Entry
+from ledger._reader import Ledger
+from ledger._record import Kind
+from ledger._schema import CheckpointBody, Genesis, PruneBody, checkpoint_directory, checkpoint_root
+from ledger._state import digests_of
+from ledger.errors import ConfigurationError, FormatError, LedgerError, StorageError
+
+START_AGAIN = "nothing was acknowledged, so delete the directory and start the run again"
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A verified ledger and the checkpoint to resume from."""
+
+    entries: list[Entry]
+    genesis: Genesis
+    checkpoint: Entry
+    body: CheckpointBody
+    directory: Path
+    skipped: list[tuple[int, str]]  # newer checkpoints passed over: (step, why)
+    alive: list[tuple[int, int, CheckpointBody]]  # (seq, step, body) not pruned
+    pruned: list[CheckpointBody]
+
+
+@contextlib.contextmanager
+def storage(what: str, advice: str) -> Iterator[None]:
+    """An OS error while doing ``what`` becomes one :class:`StorageError` line with ``advice``."""
+    try:
+        yield
+    except OSError as exc:
+        raise StorageError(f"could not {what}: {exc.strerror or exc}; {advice}") from exc
+
+
+def signer_of(key: Any, passphrase: bytes | None) -> Signer:
+    """The writer's signer: a :class:`Signer`, or a PEM key file (passphrase or LEDGER_KEY_PASSPHRASE)."""
+    if isinstance(key, Signer):
+        return key
+    if passphrase is None and os.environ.get("LEDGER_KEY_PASSPHRASE"):
+        passphrase = os.environ["LEDGER_KEY_PASSPHRASE"].encode()
+    return load_signer(key, passphrase)
+
+
+def plan(root: Path, signer: Signer, tensor_shapes: dict[str, tuple[int, ...]]) -> Plan:
+    """Read and check a crashed run before anything is restored or deleted (raises
+    :class:`FormatError` naming the seq of what is refused, :class:`ConfigurationError` when the
+    run cannot be resumed and what to do)."""
+    with storage(f"read the ledger at {root}", "check that it is readable"):
+        entries = list(Ledger(root).entries())
+    if not entries:
+        raise ConfigurationError(f"{root} holds no complete entry: the run was stopped while its ledger was "
+                                 f"created; {START_AGAIN}")
+    if entries[0].body().get("public_key") != signer.public.raw:
+        raise ConfigurationError(f"this key did not sign {root}'s genesis; resume with the trainer's key")
+    try:
+        check_chain(entries, signer.public.raw)
+    except FormatError as exc:
+        raise FormatError(f"{root}: {exc}; refusing to resume (nothing was restored or deleted)") from None
+    genesis = Genesis.from_body(entries[0].body())
+    if not genesis.recorded or genesis.fingerprints is None:
+        raise ConfigurationError(f"{root} was not written by the recorder; it cannot be resumed")
+    _check_model(genesis, tensor_shapes)
+    if len(entries) == 1:
+        raise ConfigurationError(f"{root} holds only its genesis: the run was stopped before Recorder() "
+                                 f"returned; {START_AGAIN}")
+    checkpoints: list[tuple[Entry, CheckpointBody, Path]] = []
+    pruned_digests: set[bytes] = set()
+    for entry in entries:
+        try:
+            if entry.kind is Kind.CHECKPOINT:
+                body = CheckpointBody.from_body(entry.body())
+                checkpoints.append((entry, body, checkpoint_directory(root, body, genesis)))
+            elif entry.kind is Kind.PRUNE:
+                pruned_digests.add(PruneBody.from_body(entry.body()).state_digest)
+        except FormatError as exc:
+            raise FormatError(f"{root}: entry seq {entry.seq}: {exc}; refusing to resume "
+                              "(nothing was restored or deleted)") from None
+    if not checkpoints:
+        if genesis.checkpoint_every:
+            raise ConfigurationError(f"{root} holds no checkpoint (the run was stopped before its first one "
+                                     "landed); it cannot be resumed: delete the directory and start again")
+        raise ConfigurationError(f"{root} holds no checkpoint to resume from (record with checkpoint_every=)")
+    alive = [(e, b, d) for e, b, d in checkpoints if b.state_digest not in pruned_digests]
+    skipped: list[tuple[int, str]] = []
+    for entry, body, directory in reversed(alive):
+        why = _damage(directory, body)
+        if why is None:
+            return Plan(entries, genesis, entry, body, directory, skipped,
+                        [(e.seq, e.step, b) for e, b, _ in alive],
+                        [b for _, b, _ in checkpoints if b.state_digest in pruned_digests])
+        skipped.append((entry.step, why))
+    reasons = "; ".join(f"step {step}: {why}" for step, why in skipped[:3])
+    raise ConfigurationError(f"{root}: no checkpoint it records is intact ({reasons}); it cannot be resumed")
+
+
+def _check_model(genesis: Genesis, shapes: dict[str, tuple[int, ...]]) -> None:
+    recorded = {name: tuple(info.get("shape", ())) for name, info in genesis.tensors().items()}
+    if list(shapes) != genesis.tensor_order:
+        names = sorted(set(shapes) ^ set(recorded))[:3] or ["their order"]
+        raise ConfigurationError(f"this model's tensors differ from the run's (in {', '.join(names)}); "
+                                 "build the model the run recorded")
+    differ = [f"{n} {recorded[n]} vs {shapes[n]}" for n in shapes if n in recorded and recorded[n] != shapes[n]]
+    if differ:
+        raise ConfigurationError(f"this model's tensor shapes differ from the run's ({', '.join(differ[:3])}, "
+                                 "recorded vs given); build the model the run recorded")
+
+
+def _damage(directory: Path, body: CheckpointBody) -> str | None:
+    """Why a checkpoint's files do not match its entry, or None when they do."""
+    if not directory.is_dir():
+        return "its directory is missing"
+    try:
+        found = digests_of(directory).state_digest
+    except (LedgerError, OSError) as exc:
+        return f"its files are damaged ({exc})"
+    return None if found == body.state_digest else "its files do not match its entry"
+
+
+def clean(root: Path, genesis: Genesis, pruned: list[CheckpointBody]) -> None:
+    """Remove what a killed writer left under the checkpoint root: ``.tmp-*`` directories (under a
+    user root shared by several runs, only those whose writer process is gone) and directories of
+    pruned checkpoints a kill kept from being deleted. Call with the ledger's lock held."""
+    where = checkpoint_root(root, genesis)
+    shared = bool(genesis.checkpoint_dir)
+    with storage(f"remove leftovers under {where}", "check its permissions"):
+        for path in where.glob(".tmp-*") if where.is_dir() and not where.is_symlink() else ():
+            if shared and _writer_alive(path.name):
+                continue
+            if path.is_symlink() or not path.is_dir():
+                path.unlink()
+            else:
+                shutil.rmtree(path)
+    for body in pruned:
+        remove_checkpoint(root, body, genesis)
+
+
+def remove_checkpoint(root: Path, body: CheckpointBody, genesis: Genesis) -> None:
+    """Delete a checkpoint's directory: only ``<checkpoint root>/<state digest hex>``, only a real
+    directory inside the root (checked by :func:`checkpoint_directory`), never anything refused."""
+    try:
+        directory = checkpoint_directory(root, body, genesis)
+    except FormatError:
+        return
+    if directory.is_dir() and not directory.is_symlink():
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _writer_alive(name: str) -> bool:
+    """True when the pid a ``.tmp-<digest>-<pid>`` name ends in is a running process (not this one)."""
+    pid = name.rpartition("-")[2]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
