@@ -6,6 +6,7 @@ other columns a decoded view of them that verify checks against the bytes.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ledger._entry import Entry
+from ledger._layout import FdSink, create_file, unlink_quietly
 from ledger._record import FORMAT_VERSION, HASH_SIZE, SIGNATURE_SIZE
 from ledger.errors import FormatError
 
@@ -72,10 +74,12 @@ def entries_table(entries: Sequence[Entry], run_id: str, metrics: Sequence[dict[
     return pa.Table.from_arrays([pa.array(columns[f.name], f.type) for f in SCHEMA], schema=SCHEMA)
 
 
-def write_part(path: Path, table: pa.Table, run_id: str) -> None:
-    """Write a part durably: temporary file, fsync, rename, fsync of the directory.
+def write_part(path: Path, table: pa.Table, run_id: str) -> dict[str, Any]:
+    """Write a part durably: temporary file, fsync, rename, fsync of the directory. Returns its
+    manifest metadata (rows, seq range, SHA-256 of the file).
 
-    Refuses to replace an existing part (parts are never rewritten)."""
+    Refuses to replace an existing part (parts are never rewritten). On an error before the rename
+    nothing is left behind; pyarrow gets an open file object, so any path the OS takes works."""
     if path.exists():
         raise FormatError(f"part {path.name} already exists; parts are never rewritten")
     first, last = table["seq"][0].as_py(), table["seq"][-1].as_py()
@@ -83,11 +87,30 @@ def write_part(path: Path, table: pa.Table, run_id: str) -> None:
             b"training_ledger.seq": f"{first}-{last}".encode()}
     table = table.replace_schema_metadata(meta)
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd", row_group_size=65536,
-                   use_dictionary=["kind", "run_id", "key_id"], write_statistics=["seq", "step", "time_ns"])
-    fsync_path(tmp)
-    os.replace(tmp, path)
+    unlink_quietly(tmp)  # a stale temporary file of an interrupted roll
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        sink = FdSink(fd)
+        try:
+            pq.write_table(table, sink, compression="zstd", row_group_size=65536,
+                           use_dictionary=["kind", "run_id", "key_id"], write_statistics=["seq", "step", "time_ns"])
+        except OSError:
+            raise
+        except pa.ArrowException as exc:  # pyarrow re-raises the sink's OSError as its own
+            raise OSError(getattr(exc, "errno", None) or errno.EIO, f"writing the part failed ({exc})") from exc
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        unlink_quietly(tmp)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
     fsync_path(path.parent)
+    return {"entries": table.num_rows, "seq": f"{first}-{last}", "sha256": sink.sha256.hexdigest()}
 
 
 def read_part(path: Path) -> pa.Table:
@@ -160,8 +183,12 @@ def fsync_path(path: Path) -> None:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Replace a small JSON file atomically (the manifest)."""
+    """Replace a small JSON file atomically (the manifest); on failure the old one stays."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    fsync_path(tmp)
-    os.replace(tmp, path)
+    unlink_quietly(tmp)
+    create_file(tmp, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        unlink_quietly(tmp)
+        raise

@@ -7,18 +7,17 @@ import os
 import secrets
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import filelock
-
 from ledger import _parts, _wal
 from ledger._crypto import Signer, load_signer
 from ledger._encoding import encode_body, metric_value
 from ledger._entry import Entry
-from ledger._layout import Layout
+from ledger._layout import DirectoryLock, Layout, create_file, fsync_dir, make_dirs, remove_dirs, unlink_quietly
 from ledger._record import (
     FORMAT_VERSION,
     PAYLOAD_TYPE,
@@ -29,7 +28,7 @@ from ledger._record import (
     encode_record,
     run_digest,
 )
-from ledger.errors import ConfigurationError, LedgerLockedError, StorageError
+from ledger.errors import ConfigurationError, FormatError, StorageError
 
 Clock = Callable[[], int]
 FSYNC_MODES = ("always", "group", "never")
@@ -43,6 +42,7 @@ class Recovery:
     recovered_entries: int
     torn_bytes: int
     torn_saved_to: Path | None
+    set_aside_entries: int = 0  # whole frames found after a torn one (kept in torn_saved_to, not chained)
 
 
 def _as_signer(key: Signer | str | os.PathLike[str], passphrase: bytes | None) -> Signer:
@@ -54,15 +54,21 @@ def _as_signer(key: Signer | str | os.PathLike[str], passphrase: bytes | None) -
 
 
 class LedgerWriter:
-    """Appends signed entries to one ledger directory. One writer per ledger (a lock file).
+    """Appends signed entries to one ledger directory. One writer per ledger (an ``flock`` on the
+    directory itself).
 
     ``append`` returns once the entry has reached the OS. ``fsync`` policy: ``"group"`` (default)
     fsyncs the log when at least ``fsync_interval`` seconds passed since the last fsync, and at
     every :meth:`sync`, roll-over and close; ``"always"`` fsyncs every append; ``"never"`` leaves
     it to the OS. Use :meth:`create` or :meth:`open`.
+
+    When the disk refuses a write, :class:`StorageError` is raised and nothing of that entry stays
+    in the log; the writer goes on when space returns. A roll-over that fails while appending is
+    retried later (its entries stay in the log); one that fails in :meth:`close` raises and
+    :meth:`close` can be called again.
     """
 
-    def __init__(self, layout: Layout, signer: Signer, *, lock: filelock.BaseFileLock, run_id: str,
+    def __init__(self, layout: Layout, signer: Signer, *, lock: DirectoryLock, run_id: str,
                  head: bytes, next_seq: int, fsync: str, fsync_interval: float,
                  rollover_entries: int, rollover_bytes: int, clock: Clock) -> None:
         if fsync not in FSYNC_MODES:
@@ -77,9 +83,13 @@ class LedgerWriter:
         self._pending: list[tuple[Entry, bytes, dict[str, float]]] = []  # entry, its hash, metrics
         self._manifest_parts: list[dict[str, Any]] = []
         self._pending_bytes = 0
+        self._log_stale = False  # the log still holds frames already written to a part
+        self._manifest_stale = False
+        self._roll_retry_seq = 0  # after a failed roll while appending, retry from this seq on
         self._mutex = threading.Lock()
         self._last_sync = time.monotonic()
-        self._wal = _wal.WalWriter(layout.wal)
+        with _storage(f"open {layout.wal}"):
+            self._wal = _wal.WalWriter(layout.wal)
         self._tree = MerkleAccumulator()
         self._last_step = -1
         self.sealed = False
@@ -96,28 +106,44 @@ class LedgerWriter:
         """Start a new ledger at ``path`` (absent or an empty directory) and write its genesis.
 
         ``genesis`` holds the caller's fields; the writer adds the format version, run id,
-        creation time, public key and key id (those names are reserved)."""
+        creation time, public key and key id (those names are reserved). On any failure nothing
+        that this call created is left behind."""
         signer = _as_signer(key, passphrase)
         layout = Layout(Path(path))
-        if layout.root.exists() and (not layout.root.is_dir() or any(layout.root.iterdir())):
-            what = "a ledger" if layout.is_ledger() else "not empty"
-            raise ConfigurationError(f"{layout.root} is {what}; a new ledger needs an absent or empty directory")
         fields = dict(genesis or {})
         clash = sorted(set(fields) & set(GENESIS_RESERVED))
         if clash:
             raise ConfigurationError(f"genesis field names reserved by the format: {', '.join(clash)}")
-        with _storage(f"create {layout.parts}"):
-            layout.parts.mkdir(parents=True, exist_ok=True)
-        lock = _acquire(layout)
-        run_id = run_id or secrets.token_hex(16)
-        writer = cls(layout, signer, lock=lock, run_id=run_id, head=ZERO_HASH, next_seq=0, fsync=fsync,
-                     fsync_interval=fsync_interval, rollover_entries=rollover_entries,
-                     rollover_bytes=rollover_bytes, clock=clock)
-        created = clock()
-        body = {**fields, "format": FORMAT_VERSION, "run_id": run_id, "created_ns": created,
-                "public_key": signer.public.raw, "key_id": signer.public.key_id, "payload_type": PAYLOAD_TYPE}
-        writer.append(Kind.GENESIS, -1, body, time_ns=created)
-        writer.sync()
+        _require_empty(layout)
+        with _storage(f"create {layout.root}"):
+            made = make_dirs(layout.root)
+        lock: DirectoryLock | None = None
+        writer: LedgerWriter | None = None
+        ours = False  # the directory's content is this call's to remove
+        try:
+            lock = DirectoryLock(layout.root)
+            _require_empty(layout)  # again, now that no other writer can start here
+            ours = True
+            with _storage(f"create {layout.parts}"):
+                os.mkdir(layout.parts)
+            run_id = run_id or secrets.token_hex(16)
+            writer = cls(layout, signer, lock=lock, run_id=run_id, head=ZERO_HASH, next_seq=0, fsync=fsync,
+                         fsync_interval=fsync_interval, rollover_entries=rollover_entries,
+                         rollover_bytes=rollover_bytes, clock=clock)
+            created = clock()
+            body = {**fields, "format": FORMAT_VERSION, "run_id": run_id, "created_ns": created,
+                    "public_key": signer.public.raw, "key_id": signer.public.key_id, "payload_type": PAYLOAD_TYPE}
+            writer.append(Kind.GENESIS, -1, body, time_ns=created)
+            writer.sync()
+        except BaseException:
+            if writer is not None:
+                writer._wal.close()
+            if ours:
+                _undo_create(layout)
+            if lock is not None:
+                lock.release()
+            remove_dirs(made)  # only directories this call made, and only when empty
+            raise
         return writer
 
     @classmethod
@@ -127,13 +153,16 @@ class LedgerWriter:
              rollover_bytes: int = 64 << 20) -> LedgerWriter:
         """Reopen an existing, unsealed ledger to continue its chain (e.g. after a crash).
 
-        Recovers the log: whole entries are rolled into a part; a torn last record is dropped
-        from the log, its bytes kept in ``wal.torn.N`` and reported in :attr:`recovery`."""
+        Recovers the log: whole entries are rolled into a part; a torn frame and anything after it
+        is dropped from the log, its bytes kept in ``wal.torn.N`` and reported in :attr:`recovery`.
+        Refuses (:class:`FormatError`) a ledger whose entries do not form one chain: two entries
+        with the same seq, a gap, or a prev-hash that does not link."""
         from ledger._reader import Ledger  # the reader decodes what is already on disk
 
         signer = _as_signer(key, passphrase)
         layout = Layout(Path(path)).require()
-        lock = _acquire(layout)
+        lock = DirectoryLock(layout.root)
+        writer: LedgerWriter | None = None
         try:
             ledger = Ledger(layout.root)
             genesis, last = ledger.genesis_entry(), ledger.last_entry()
@@ -141,14 +170,18 @@ class LedgerWriter:
                 raise ConfigurationError("this key did not sign the ledger's genesis; open it with the trainer's key")
             if last.kind is Kind.SEAL:
                 raise ConfigurationError(f"{layout.root} is sealed; a sealed ledger takes no more entries")
+            hashes = _one_chain(ledger, layout)
             writer = cls(layout, signer, lock=lock, run_id=genesis.body()["run_id"], head=last.hash,
                          next_seq=last.seq + 1, fsync=fsync, fsync_interval=fsync_interval,
                          rollover_entries=rollover_entries, rollover_bytes=rollover_bytes, clock=clock)
-            for entry in ledger.entries():
-                writer._tree.add(entry.hash)
+            for entry_hash in hashes:
+                writer._tree.add(entry_hash)
             writer._last_step = last.step
-            writer._recover(ledger)
+            with _storage(f"recover the log of {layout.root} (nothing was changed)"):
+                writer._recover(ledger)
         except BaseException:
+            if writer is not None:
+                writer._wal.close()
             lock.release()
             raise
         return writer
@@ -161,15 +194,24 @@ class LedgerWriter:
             while (self.layout.root / f"wal.torn.{n}").exists():
                 n += 1
             saved = self.layout.root / f"wal.torn.{n}"
-            saved.write_bytes(torn)
-        if tail:
-            self._pending = [(e, e.hash, _metrics_of(e)) for e in tail]
-        self._roll(force_reset=bool(torn) or bool(tail) or self.layout.wal.stat().st_size > len(_wal.MAGIC))
-        self.recovery = Recovery(len(tail), len(torn), saved)
+            create_file(saved, torn)
+            fsync_dir(self.layout.root)
+        try:
+            if tail:
+                self._pending = [(e, e.hash, _metrics_of(e)) for e in tail]
+            self._roll(force_reset=bool(torn) or bool(tail) or self.layout.wal.stat().st_size > len(_wal.MAGIC))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                if saved is not None and self.layout.wal.stat().st_size > len(_wal.MAGIC):
+                    unlink_quietly(saved)  # the log still holds those bytes; the next open saves them again
+            raise
+        self.recovery = Recovery(len(tail), len(torn), saved, _wal.count_frames(torn, self._signer.public.key_id))
 
     # ----------------------------------------------------------------- appending
     def append(self, kind: Kind | str, step: int, body: Mapping[str, Any], *, time_ns: int | None = None) -> Entry:
-        """Sign and append one entry; returns it once it has reached the OS."""
+        """Sign and append one entry; returns it once it has reached the OS. A
+        :class:`StorageError` means the entry is not in the ledger (unless the message says it
+        reached the log and only the fsync failed)."""
         kind = Kind.parse(kind)
         if kind is Kind.GENESIS and self.next_seq != 0:
             raise ConfigurationError("only the first entry can be a genesis")
@@ -178,6 +220,8 @@ class LedgerWriter:
         with self._mutex:
             if self.closed:
                 raise ConfigurationError("the ledger writer is closed")
+            if self.sealed:
+                raise ConfigurationError("the ledger is sealed; a sealed ledger takes no more entries")
             header = Header(FORMAT_VERSION, kind, self.next_seq, int(step),
                             self._clock() if time_ns is None else time_ns, self._run_digest, self.head)
             record = encode_record(header, body_bytes)
@@ -190,13 +234,19 @@ class LedgerWriter:
             self._pending.append((entry, self.head, metrics))
             self._pending_bytes += len(frame)
             now = time.monotonic()
-            with _storage(f"make {self.layout.wal} durable"):
-                if self._fsync == "always" or (self._fsync == "group"
-                                               and now - self._last_sync >= self._fsync_interval):
+            if self._fsync == "always" or (self._fsync == "group" and now - self._last_sync >= self._fsync_interval):
+                with _storage(f"fsync {self.layout.wal} (entry {header.seq} is in the log but may not be durable)"):
                     self._wal.fsync()
-                    self._last_sync = now
-                if len(self._pending) >= self._rollover_entries or self._pending_bytes >= self._rollover_bytes:
+                self._last_sync = now
+            if (len(self._pending) >= self._rollover_entries or self._pending_bytes >= self._rollover_bytes) \
+                    and self.next_seq >= self._roll_retry_seq:
+                try:
                     self._roll()
+                except (OSError, StorageError) as exc:
+                    # every entry is still in the log: keep appending, retry the roll later
+                    self._roll_retry_seq = self.next_seq + min(self._rollover_entries, 64)
+                    warnings.warn(f"could not roll {self.layout.wal} into a part ({_reason(exc)}); its entries "
+                                  "stay in the log and the roll is retried", RuntimeWarning, stacklevel=2)
             return entry
 
     def sync(self) -> None:
@@ -224,12 +274,18 @@ class LedgerWriter:
         return entry
 
     def close(self) -> None:
-        """Roll the log into a final part, write the manifest, release the lock (idempotent)."""
+        """Roll the log into a final part, write the manifest, release the lock (idempotent).
+
+        If the disk refuses, raises :class:`StorageError` and stays open: every entry is still in
+        the log, and ``close()`` can be called again (or the ledger reopened) when there is space.
+        A writer broken by an earlier failure only releases its lock: reopening recovers the log."""
         with self._mutex:
             if self.closed:
                 return
-            with _storage(f"roll {self.layout.wal} into a part"):
-                self._roll()
+            if self._wal.broken is None:
+                with _storage(f"roll {self.layout.wal} into a part (every entry is still in the log; close "
+                              "again when there is space, or reopen the ledger)"):
+                    self._roll()
             self._wal.close()
             self.closed = True
             self._lock.release()
@@ -242,24 +298,41 @@ class LedgerWriter:
 
     # ----------------------------------------------------------------- roll-over
     def _roll(self, force_reset: bool = False) -> None:
+        """Pending entries → the next part; then the log → an empty one; then the manifest. Each
+        step either happens or leaves the state as it was, so a failed roll can simply be retried."""
         if self._pending:
-            index = len(_parts.list_parts(self.layout.parts))
-            table = _parts.entries_table([e for e, _, _ in self._pending], self.run_id,
-                                         [m for _, _, m in self._pending], [h for _, h, _ in self._pending])
-            path = self.layout.parts / _parts.part_name(index)
-            _parts.write_part(path, table, self.run_id)
-            self._manifest_parts.append({"name": path.name, **_parts.part_metadata(path)})
-        if self._pending or force_reset:
+            self._write_pending_part()
+        if self._log_stale or force_reset:
+            fresh = _wal.fresh_log(self.layout.wal)
+            try:
+                os.replace(fresh.path, self.layout.wal)
+            except BaseException:
+                fresh.close()
+                unlink_quietly(fresh.path)
+                raise
             self._wal.close()
-            tmp = self.layout.wal.with_name("wal.log.tmp")
-            tmp.write_bytes(_wal.MAGIC)
-            _parts.fsync_path(tmp)
-            os.replace(tmp, self.layout.wal)
-            _parts.fsync_path(self.layout.root)
-            self._wal = _wal.WalWriter(self.layout.wal)
-            self._pending, self._pending_bytes = [], 0
+            fresh.path, self._wal = self.layout.wal, fresh
+            self._log_stale, self._pending_bytes, self._manifest_stale = False, 0, True
+            fsync_dir(self.layout.root)
+        if self._manifest_stale:
             self._write_manifest()
+            self._manifest_stale = False
         self._last_sync = time.monotonic()
+
+    def _write_pending_part(self) -> None:
+        index = len(_parts.list_parts(self.layout.parts))
+        table = _parts.entries_table([e for e, _, _ in self._pending], self.run_id,
+                                     [m for _, _, m in self._pending], [h for _, h, _ in self._pending])
+        path = self.layout.parts / _parts.part_name(index)
+        try:
+            self._manifest_parts.append({"name": path.name, **_parts.write_part(path, table, self.run_id)})
+        except OSError:
+            if not path.exists():
+                raise  # nothing changed
+            # renamed into place, only the directory's fsync failed: the part is written
+            self._pending, self._log_stale, self._manifest_stale = [], True, True
+            raise
+        self._pending, self._log_stale, self._manifest_stale = [], True, True
 
     def _write_manifest(self) -> None:
         known = {p["name"] for p in self._manifest_parts}
@@ -278,6 +351,10 @@ def _metrics_of(entry: Entry) -> dict[str, float]:
     return {k: metric_value(v) for k, v in entry.metrics().items()}
 
 
+def _reason(exc: BaseException) -> str:
+    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+
+
 @contextlib.contextmanager
 def _storage(what: str) -> Iterator[None]:
     """Turn an OS error while writing into :class:`StorageError` saying what could not be done."""
@@ -287,11 +364,50 @@ def _storage(what: str) -> Iterator[None]:
         raise StorageError(f"could not {what}: {exc.strerror or exc}") from exc
 
 
-def _acquire(layout: Layout) -> filelock.BaseFileLock:
-    lock = filelock.FileLock(layout.lock)
+def _require_empty(layout: Layout) -> None:
     try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        raise LedgerLockedError(f"{layout.root} is open by another writer; close it first "
-                                "(readers and `ledger verify` need no lock)") from None
-    return lock
+        if layout.root.exists() and (not layout.root.is_dir() or any(layout.root.iterdir())):
+            what = "a ledger" if layout.is_ledger() else "not empty" if layout.root.is_dir() else "a file"
+            raise ConfigurationError(f"{layout.root} is {what}; a new ledger needs an absent or empty directory")
+    except OSError as exc:
+        raise StorageError(f"cannot look into {layout.root}: {exc.strerror or exc}") from exc
+
+
+def _undo_create(layout: Layout) -> None:
+    """Remove what a failed :meth:`LedgerWriter.create` wrote inside the ledger directory (the
+    log, the manifest, parts/ and the parts in it, their temporary files)."""
+    for name in ("wal.log", "wal.log.tmp", "manifest.json", "manifest.json.tmp"):
+        unlink_quietly(layout.root / name)
+    with contextlib.suppress(OSError):
+        for path in list(layout.parts.iterdir()):
+            if path.name.endswith((".parquet", ".parquet.tmp")):
+                unlink_quietly(path)
+    with contextlib.suppress(OSError):
+        os.rmdir(layout.parts)
+
+
+def _one_chain(ledger: Any, layout: Layout) -> list[bytes]:
+    """Entry hashes of a ledger whose entries form one chain: seq 0, 1, 2 … each linking to the
+    one before; a log frame for a seq a part already holds must be that same entry. Otherwise
+    :class:`FormatError` naming the seq (a fork: two writers, or a copied and diverged ledger)."""
+    stale: dict[int, bytes] = {}
+    for entry in _wal.read(layout.wal).entries:
+        with contextlib.suppress(FormatError):
+            stale.setdefault(entry.seq, entry.hash)
+    hashes: list[bytes] = []
+    prev = ZERO_HASH
+    for entry in ledger.entries():
+        header, entry_hash = entry.header, entry.hash
+        if header.seq != len(hashes):
+            what = "two entries with" if header.seq < len(hashes) else "an entry missing before"
+            raise FormatError(f"{layout.root} has {what} seq {min(header.seq, len(hashes))}: the chain is forked or "
+                              "broken; a writer cannot continue it (run `ledger verify` for details)")
+        if header.prev_hash != prev:
+            raise FormatError(f"{layout.root}: entry {header.seq} does not link to entry {header.seq - 1}: the "
+                              "chain is forked or broken; a writer cannot continue it (run `ledger verify`)")
+        if stale.get(header.seq, entry_hash) != entry_hash:
+            raise FormatError(f"{layout.root} has two different entries with seq {header.seq} (one in a part, "
+                              "one in wal.log): the chain is forked; a writer cannot continue it")
+        hashes.append(entry_hash)
+        prev = entry_hash
+    return hashes
