@@ -1,0 +1,84 @@
+"""Fuzz targets for the format readers: each takes arbitrary bytes and may raise only FormatError.
+
+Run under atheris by tests/test_fuzz.py (``python tests/fuzz_targets.py TARGET [libFuzzer flags]``);
+the same functions replay the regression inputs in tests/fuzz_corpus/<target>/.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+_SCRATCH = Path(tempfile.mkdtemp(prefix="ledger-fuzz-"))
+
+
+def _record(data: bytes) -> None:
+    from ledger._encoding import decode_body
+    from ledger._entry import Entry
+    from ledger._record import HEADER_SIZE, decode_header
+
+    entry = Entry(record=data, signature=b"", key_id=b"")
+    try:
+        header = decode_header(data)
+    finally:  # the body is decoded even when the header is refused: both must only raise FormatError
+        if len(data) >= HEADER_SIZE:
+            decode_body(data[HEADER_SIZE:])
+    assert entry.seq == header.seq
+
+
+def _wal(data: bytes) -> None:
+    from ledger._wal import scan
+
+    for entry in scan(data).entries:
+        entry.header  # noqa: B018 - decoding is the point
+        entry.body()
+
+
+def _safetensors(data: bytes) -> None:
+    from ledger._fingerprint import safetensors_digests
+    from ledger._weights import read_safetensors
+
+    path = _SCRATCH / "model.safetensors"
+    path.write_bytes(data)
+    safetensors_digests(path)
+    read_safetensors(path)
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {"record": _record, "wal": _wal, "safetensors": _safetensors}
+
+
+def run_one(target: str, data: bytes) -> None:
+    """Run ``target`` on ``data``; a FormatError is the expected way to refuse bytes."""
+    from ledger.errors import FormatError
+
+    try:
+        TARGETS[target](data)
+    except FormatError:
+        pass
+
+
+def main() -> None:
+    import atheris
+
+    target = sys.argv.pop(1)
+    with atheris.instrument_imports(include=["ledger"]):
+        import ledger._encoding  # noqa: F401
+        import ledger._entry  # noqa: F401
+        import ledger._fingerprint  # noqa: F401
+        import ledger._record  # noqa: F401
+        import ledger._wal  # noqa: F401
+        import ledger._weights  # noqa: F401
+
+    def one_input(data: bytes) -> None:
+        run_one(target, data)
+
+    atheris.Setup(sys.argv, one_input)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.fspath(Path(__file__).resolve().parents[1]))
+    main()
