@@ -63,6 +63,9 @@ def keygen(prefix: str, encrypt: bool, passphrase_env: str | None) -> None:
             raise click.UsageError(f"environment variable {passphrase_env} is empty or not set")
         passphrase = value.encode()
     elif encrypt:
+        if not sys.stdin.isatty():
+            raise ConfigurationError("--encrypt asks for the passphrase on a terminal and there is none; give it "
+                                     "with --passphrase-env VAR (e.g. --passphrase-env LEDGER_KEY_PASSPHRASE)")
         passphrase = click.prompt("Passphrase", hide_input=True, confirmation_prompt=True).encode()
     private_path, public_path = generate_keypair(prefix, passphrase)
     click.echo(f"private key: {private_path} (keep it secret)")

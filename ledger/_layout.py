@@ -134,7 +134,7 @@ def make_dirs(path: Path) -> list[Path]:
     (what :func:`remove_dirs` undoes). Raises ``OSError``; undoes its own work first."""
     missing: list[Path] = []
     probe = path
-    while not probe.is_dir():
+    while not os.path.lexists(probe):  # an existing file on the way makes mkdir say ENOTDIR
         missing.append(probe)
         if probe.parent == probe:
             break

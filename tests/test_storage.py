@@ -191,3 +191,156 @@ def test_write_ledger_is_deterministic_with_injected_clock_and_run_id(tmp_path, 
     a = write_ledger(tmp_path / "a", signer, 5, run_id="r1")
     b = write_ledger(tmp_path / "b", signer, 5, run_id="r1")
     assert [e.record for e in ledger.open(a).entries()] == [e.record for e in ledger.open(b).entries()]
+
+
+# ----------------------------------------------------------------------------- the lock cannot be deleted
+_SECOND_WRITER = ("import ledger, sys\n"
+                  "try:\n ledger.LedgerWriter.open(sys.argv[1], ledger.Signer.from_seed(bytes(range(32))))\n"
+                  "except ledger.LedgerLockedError as e:\n print('locked:', e); sys.exit(7)\n")
+
+
+def test_deleting_files_under_a_live_writer_does_not_free_the_lock(tmp_path, signer):
+    import subprocess
+    import sys
+
+    path = tmp_path / "L"
+    writer = LedgerWriter.create(path, signer, rollover_entries=2)
+    for name in ("writer.lock", "wal.log"):  # an old lock file, or anything a lock file could be
+        (path / name).unlink(missing_ok=True)
+    for i in range(3):  # roll-overs replace wal.log: the lock is on the directory, not on it
+        writer.append("step", i, {"metrics": {"loss": 1.0}})
+    out = subprocess.run([sys.executable, "-c", _SECOND_WRITER, str(path)], capture_output=True, text=True)
+    assert out.returncode == 7 and "another writer" in out.stdout
+    writer.close()
+    out = subprocess.run([sys.executable, "-c", _SECOND_WRITER, str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_a_killed_writer_releases_the_lock(tmp_path, signer):
+    import subprocess
+    import sys
+
+    path = tmp_path / "L"
+    LedgerWriter.create(path, signer).close()
+    code = ("import ledger, sys, os\n"
+            "w = ledger.LedgerWriter.open(sys.argv[1], ledger.Signer.from_seed(bytes(range(32))))\n"
+            "print('open', flush=True)\nos.kill(os.getpid(), 9)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    assert out.stdout.strip() == "open" and out.returncode == -9
+    LedgerWriter.open(path, signer).seal()
+
+
+# ----------------------------------------------------------------------------- a forked chain is refused
+def _fork(make_ledger, signer, tmp_path) -> tuple[Path, Path]:
+    """Two copies of one ledger, each continued with a different entry 6 (closed: in part 000001)."""
+    import shutil
+
+    path = make_ledger(5, seal=False)
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    for target, loss in ((path, 0.5), (copy, 0.25)):
+        writer = LedgerWriter.open(target, signer)
+        writer.append("step", 5, {"metrics": {"loss": loss}})
+        writer.close()
+    return path, copy
+
+
+def test_open_refuses_two_parts_with_the_same_seq(make_ledger, signer, tmp_path):
+    path, copy = _fork(make_ledger, signer, tmp_path)
+    (path / "parts" / "000002.parquet").write_bytes((copy / "parts" / "000001.parquet").read_bytes())
+    before = _snapshot(path)
+    with pytest.raises(FormatError, match="two entries with seq 6"):
+        LedgerWriter.open(path, signer)
+    assert _snapshot(path) == before
+    LedgerWriter.open(copy, signer).seal()  # the copy alone is one chain
+
+
+def test_open_refuses_a_log_frame_that_differs_from_the_part_with_its_seq(make_ledger, signer, tmp_path):
+    path, copy = _fork(make_ledger, signer, tmp_path)
+    other = [e for e in ledger.open(copy).entries() if e.seq == 6]
+    (path / "wal.log").write_bytes(ledger._wal.MAGIC + ledger._wal.encode_frame(other[0]))
+    with pytest.raises(FormatError, match="two different entries with seq 6"):
+        LedgerWriter.open(path, signer)
+
+
+def test_open_refuses_an_entry_that_does_not_link(make_ledger, signer, tmp_path):
+    from ledger._encoding import encode_body
+    from ledger._record import FORMAT_VERSION, Header, Kind, encode_record, run_digest
+
+    path = make_ledger(3, seal=False)
+    book = ledger.open(path)
+    last = book.last_entry()
+    header = Header(FORMAT_VERSION, Kind.STEP, last.seq + 1, 3, 0, run_digest(book.run_id), b"\x01" * 32)
+    record = encode_record(header, encode_body({"metrics": {}}))
+    entry = ledger.Entry(record=record, signature=signer.sign(record), key_id=signer.public.key_id)
+    (path / "wal.log").write_bytes(ledger._wal.MAGIC + ledger._wal.encode_frame(entry))
+    with pytest.raises(FormatError, match=f"entry {last.seq + 1} does not link"):
+        LedgerWriter.open(path, signer)
+
+
+# ----------------------------------------------------------------------------- a failed create leaves nothing
+def _unwritable(tmp_path: Path) -> tuple[Path, str]:
+    """A directory this process cannot write into, or (as root, whom modes do not stop) a path under
+    a regular file."""
+    if os.geteuid() == 0:
+        (tmp_path / "file").write_text("x")
+        return tmp_path / "file", "Not a directory"
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o500)
+    return locked, "Permission denied"
+
+
+def test_create_in_an_unwritable_place_is_a_storage_error_and_leaves_nothing(tmp_path, signer):
+    from ledger import StorageError
+
+    parent, reason = _unwritable(tmp_path)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    try:
+        for target in (parent / "L", parent / "a" / "b" / "L"):
+            with pytest.raises(StorageError, match=reason) as caught:
+                LedgerWriter.create(target, signer)
+            assert caught.value.exit_code == 2 and "\n" not in str(caught.value)
+        if parent.is_dir():  # a pre-existing empty, read-only directory: create refuses and it stays
+            with pytest.raises(StorageError, match=reason):
+                LedgerWriter.create(parent, signer)
+            assert parent.is_dir() and list(parent.iterdir()) == []
+        assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    finally:
+        if parent.is_dir():
+            parent.chmod(0o700)
+
+
+def test_create_failing_after_the_first_files_removes_exactly_those(tmp_path, signer, monkeypatch):
+    import errno
+
+    from ledger import StorageError
+
+    empty = tmp_path / "mine"
+    empty.mkdir()
+    fresh = tmp_path / "a" / "b" / "L"
+    for target in (empty, fresh):
+        def full(fd, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "write", full)
+        with pytest.raises(StorageError, match="No space left"):
+            LedgerWriter.create(target, signer)
+        monkeypatch.undo()
+    assert empty.is_dir() and list(empty.iterdir()) == []  # pre-existing: kept, emptied of what create made
+    assert not (tmp_path / "a").exists()  # every directory create made is gone
+    LedgerWriter.create(empty, signer).seal()  # and the directory is usable afterwards
+    assert verify_ledger(empty, key=signer.public).verdict == "pass"
+
+
+def test_ledger_at_a_path_that_is_not_utf8(tmp_path, signer):
+    path = tmp_path / os.fsdecode(b"run-\xff")
+    writer = LedgerWriter.create(path, signer, rollover_entries=2)
+    for i in range(3):
+        writer.append("step", i, {"metrics": {"loss": 1.0}})
+    writer.close()
+    assert sorted(p.name for p in (path / "parts").iterdir()) == ["000000.parquet", "000001.parquet"]
+    reopened = LedgerWriter.open(path, signer)
+    assert reopened.next_seq == 4
+    reopened.seal()
+    assert len(ledger.open(path)) == 5
