@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +13,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from ledger._io import KiB, read_regular
+from ledger._layout import create_file, fsync_dir, make_dirs, remove_dirs, unlink_quietly
 from ledger._record import pae
 from ledger.errors import ConfigurationError, KeyLoadError, StorageError
 
@@ -79,11 +83,14 @@ class Signer:
 
 def generate_keypair(prefix: str | os.PathLike[str], passphrase: bytes | None = None) -> tuple[Path, Path]:
     """Write a new Ed25519 key pair: ``PREFIX.pem`` (PKCS#8, mode 0600, encrypted when a
-    passphrase is given) and ``PREFIX.pub`` (SubjectPublicKeyInfo PEM). Never overwrites."""
+    passphrase is given) and ``PREFIX.pub`` (SubjectPublicKeyInfo PEM). Never overwrites.
+
+    Each file is written to a temporary name, fsynced and linked into place only when whole; on
+    any failure neither file (nor a directory this call made) is left behind."""
     prefix = Path(prefix)
     private_path, public_path = prefix.with_name(prefix.name + ".pem"), prefix.with_name(prefix.name + ".pub")
     for path in (private_path, public_path):
-        if path.exists():
+        if os.path.lexists(path):
             raise ConfigurationError(f"{path} already exists; choose another prefix or remove it yourself")
     key = Ed25519PrivateKey.generate()
     encryption: serialization.KeySerializationEncryption = (
@@ -91,26 +98,57 @@ def generate_keypair(prefix: str | os.PathLike[str], passphrase: bytes | None = 
     )
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    made: list[Path] = []
+    placed: list[Path] = []
     try:
-        prefix.parent.mkdir(parents=True, exist_ok=True)
+        made = make_dirs(prefix.parent)
         for path, data, mode in ((private_path, pem, 0o600), (public_path, pub, 0o644)):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-    except OSError as exc:
-        raise StorageError(f"cannot write the key pair at {prefix}: {exc.strerror or exc}") from exc
+            _place(path, data, mode)
+            placed.append(path)
+        fsync_dir(prefix.parent)
+    except BaseException as exc:
+        for path in placed:
+            unlink_quietly(path)
+        remove_dirs(made)
+        if isinstance(exc, FileExistsError):
+            raise ConfigurationError(f"{exc.filename or prefix} already exists; choose another prefix") from None
+        if isinstance(exc, OSError):
+            raise StorageError(f"cannot write the key pair at {prefix}: {exc.strerror or exc}") from exc
+        raise
     return private_path, public_path
+
+
+def _place(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` holding ``data`` atomically and never over an existing name: a temporary
+    file in the same directory, fsynced, then hard-linked into place (``link`` fails when the name
+    exists, like ``O_EXCL``)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    create_file(tmp, data, mode)
+    try:
+        os.chmod(tmp, mode)  # whatever the umask
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            # a file system without hard links: the closest is a checked rename
+            if os.path.lexists(path):
+                raise FileExistsError(errno.EEXIST, "File exists", os.fspath(path)) from None
+            os.rename(tmp, path)
+    finally:
+        unlink_quietly(tmp)
+
+
+MAX_KEY_FILE = 64 * KiB  # a PEM Ed25519 key is under 1 KiB
 
 
 def _read_key_file(path: str | os.PathLike[str]) -> bytes:
     try:
-        return Path(path).read_bytes()
+        return read_regular(path, what="key file", limit=MAX_KEY_FILE, error=KeyLoadError)
     except FileNotFoundError:
-        raise KeyLoadError(f"key file {path} does not exist; create one with `ledger keygen`") from None
-    except IsADirectoryError:
-        raise KeyLoadError(f"key path {path} is a directory, not a key file") from None
-    except OSError as exc:
-        raise KeyLoadError(f"cannot read key file {path}: {exc.strerror}") from None
+        raise KeyLoadError(f"key file {os.fsdecode(path)} does not exist; create one with `ledger keygen`") from None
 
 
 def load_signer(path: str | os.PathLike[str], passphrase: bytes | None = None) -> Signer:
