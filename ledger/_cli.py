@@ -243,14 +243,18 @@ def compare_cmd(first: str, second: str, as_json: bool) -> None:
     "not shown to be derived" (exit 0). Without a ledger, independence cannot be shown."""
     import importlib.util
 
+    from ledger.errors import FormatError
     from ledger.verify import compare_files
+    from ledger.verify._inputs import require_file
 
     for path in (first, second):
-        if not os.path.exists(path):
-            raise click.UsageError(f"weights file {path} does not exist")
+        require_file(path, "weights file")
     if importlib.util.find_spec("scipy") is None:
         raise ConfigurationError("ledger compare needs scipy: pip install 'training-ledger[lineage]'")
-    result = compare_files(first, second)
+    try:
+        result = compare_files(first, second)
+    except FormatError as exc:  # exit 1 means "derived" here: a file that cannot be read is exit 2
+        raise ConfigurationError(f"cannot compare: {exc}") from exc
     out = {"a": first, "b": second, **result.to_dict()}
     if as_json:
         click.echo(json.dumps(out, indent=2))

@@ -20,11 +20,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ledger import __version__
 from ledger._crypto import PublicKey, load_public_key
 from ledger._reader import Ledger
 from ledger._recipe import load_recipe
-from ledger._record import FORMAT_VERSION, HEADER_OFFSETS, HEADER_SIZE, Kind
+from ledger._record import Kind
 from ledger.errors import ConfigurationError, FormatError
 from ledger.verify._checkpoints import check_checkpoints
 from ledger.verify._context import Context, Options
@@ -32,9 +31,10 @@ from ledger.verify._continuity import check_continuity
 from ledger.verify._disclosure import watch_files
 from ledger.verify._independence import check_independence
 from ledger.verify._init import check_init
+from ledger.verify._inputs import require_file
 from ledger.verify._integrity import check_chain, check_seal, check_signatures
 from ledger.verify._lineage import Lineage, compare_files
-from ledger.verify._load import Loaded, header_field, header_matrix
+from ledger.verify._load import first_break
 from ledger.verify._load import load as _load
 from ledger.verify._model import check_model
 from ledger.verify._registry import Check, Requirement, extra, given, readable_genesis, recorded, run_checks
@@ -128,8 +128,8 @@ def load_context(path: str | os.PathLike[str], options: Options | None = None, *
                                  f"(known: {', '.join(CHECK_NAMES)})")
     public = load_public_key(key) if key is not None and not isinstance(key, PublicKey) else key
     for what, file in (("weights file", model), ("--base file", base), *(("--against file", f) for f in against)):
-        if file is not None and not os.path.exists(file):
-            raise ConfigurationError(f"{what} {file} does not exist")
+        if file is not None:
+            require_file(file, what)
     if checkpoints is not None and not os.path.isdir(checkpoints):
         raise ConfigurationError(f"checkpoint directory {checkpoints} does not exist")
     recipe_digest = None
@@ -140,38 +140,21 @@ def load_context(path: str | os.PathLike[str], options: Options | None = None, *
         recipe_files = watch.files
     ledger = Ledger(path)
     loaded = _load(ledger)
-    _refuse_newer_format(ledger, loaded)
     view, view_error = None, None
     if loaded.genesis is not None:
-        try:
-            view = _build(loaded, ledger.path, Path(checkpoints) if checkpoints is not None else None)
-        except FormatError as exc:  # a genesis that breaks the schema: the provenance checks skip with this
+        try:  # entries past the first broken link are not decoded: the chain has failed already
+            view = _build(loaded, ledger.path, Path(checkpoints) if checkpoints is not None else None,
+                          limit=first_break(loaded))
+        except FormatError as exc:  # a genesis that breaks the schema: the provenance checks fail with this
             view_error = str(exc)
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
+            view_error = f"{type(exc).__name__}: {exc}"  # a schema gap let a crafted genesis through
     return Context(ledger=ledger, loaded=loaded, view=view, view_error=view_error, options=options, key=public,
                    model=Path(model) if model is not None else None,
                    checkpoints=Path(checkpoints) if checkpoints is not None else None, recipe=recipe,
                    recipe_digest=recipe_digest, against=tuple(Path(f) for f in against),
                    base=Path(base) if base is not None else None, recipe_files=recipe_files, progress=progress,
                    rng=random.Random(options.sample_seed))
-
-
-def _refuse_newer_format(ledger: Ledger, loaded: Loaded) -> None:
-    """A ledger in a newer format than this verifier knows cannot be judged here (docs/FORMAT.md §9):
-    when every record — in the parts and in the log — says the same newer version. A version field
-    damaged in some records is a broken chain, judged by ``chain``."""
-    from ledger import _wal
-
-    offset, size = HEADER_OFFSETS["version"]
-    try:
-        tail = [e.record for e in _wal.read(ledger.layout.wal).entries]
-    except FormatError:
-        tail = []  # a corrupt log: the chain check reports it
-    headers, lengths = header_matrix(loaded.table["record"])  # from the Arrow buffers: no record is copied
-    versions = {int(v) for v in header_field(headers, "version")[lengths >= HEADER_SIZE]}
-    versions |= {int.from_bytes(r[offset:offset + size], "big") for r in tail if len(r) >= offset + size}
-    if len(versions) == 1 and (version := versions.pop()) > FORMAT_VERSION:
-        raise ConfigurationError(f"{ledger.path} is in format version {version}; this verifier (training-ledger "
-                                 f"{__version__}) knows version {FORMAT_VERSION}: upgrade training-ledger")
 
 
 def _facts(ctx: Context) -> dict[str, Any]:

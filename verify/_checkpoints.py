@@ -3,11 +3,13 @@ pruned, missing ones as missing."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ledger import _state
+from ledger._io import open_regular
 from ledger._record import Kind
-from ledger.errors import FormatError
+from ledger.errors import FormatError, LedgerError
 from ledger.verify._context import Context
 from ledger.verify._result import CheckResult, Status
 
@@ -25,6 +27,7 @@ def check_checkpoints(ctx: Context) -> CheckResult:
     pruned: list[int] = []
     missing: list[int] = []
     bad: list[tuple[int | str, str]] = [("entry", why) for why in malformed]
+    damaged: list[int] = []  # seqs of stored checkpoints that do not match: later checks leave them alone
     for cp in view.checkpoints:
         if cp.pruned:
             pruned.append(cp.step)
@@ -33,10 +36,12 @@ def check_checkpoints(ctx: Context) -> CheckResult:
             missing.append(cp.step)
             continue
         try:
+            _regular_files(cp.directory)
             found = _state.digests_of(cp.directory)
             meta_step = _state.read_meta(cp.directory).get("step")
-        except FormatError as exc:
-            bad.append((cp.step, str(exc)))
+        except (LedgerError, OSError, ValueError, TypeError, RecursionError) as exc:  # damaged or crafted files
+            bad.append((cp.step, f"(seq {cp.seq}) is unreadable: {exc}"))
+            damaged.append(cp.seq)
             continue
         if found.state_digest != cp.body.state_digest:
             expected = cp.body.tensor_digests
@@ -46,16 +51,18 @@ def check_checkpoints(ctx: Context) -> CheckResult:
                 parts.append("optimizer state")
             if found.meta_digest != cp.body.meta_digest:
                 parts.append("state.cbor (step, hyperparameters, scheduler, RNG)")
-            bad.append((cp.step, f"differs in {'; '.join(parts) or 'its state digest'}"))
+            bad.append((cp.step, f"(seq {cp.seq}) differs in {'; '.join(parts) or 'its state digest'}"))
+            damaged.append(cp.seq)
         elif meta_step != cp.step:
-            bad.append((cp.step, f"holds step {meta_step}, its entry says {cp.step}"))
+            bad.append((cp.step, f"(seq {cp.seq}) holds step {meta_step}, its entry says {cp.step}"))
+            damaged.append(cp.seq)
         else:
             matched.append(cp.step)
     init = next((cp for cp in view.checkpoints if cp.step == -1), None)
     if init is not None and init.body.model_digest != view.init.model_digest:
         bad.append((-1, "the init checkpoint's weights are not the genesis init fingerprint"))
     data: dict[str, Any] = {"matched": matched, "pruned": pruned, "missing": missing,
-                            "bad": [{"step": s, "reason": r} for s, r in bad]}
+                            "bad": [{"step": s, "reason": r} for s, r in bad], "damaged_seqs": damaged}
     summary = f"{len(matched)} matched, {len(pruned)} pruned, {len(missing)} missing"
     if bad:
         detail = "; ".join(f"checkpoint at step {s} {r}" if isinstance(s, int) else r for s, r in bad[:5])
@@ -65,6 +72,17 @@ def check_checkpoints(ctx: Context) -> CheckResult:
                            "(pass --checkpoints DIR if they are kept elsewhere)", data,
                            summary=f"{len(missing)} checkpoint(s) missing")
     return CheckResult("checkpoints", Status.PASS, f"{summary}; every stored state matches its entry", data)
+
+
+def _regular_files(directory: Path) -> None:
+    """FormatError unless each file of the checkpoint is a regular file (a FIFO or a device there
+    would block or never end a read)."""
+    for name in _state.FILES:
+        try:
+            with open_regular(directory / name, what=f"checkpoint file {name} of"):
+                pass
+        except FileNotFoundError:
+            raise FormatError(f"checkpoint {directory.name} lacks {name}") from None
 
 
 # ----------------------------------------------------------------------------- init

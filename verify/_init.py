@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from ledger.errors import FormatError
+from ledger.errors import ConfigurationError, FormatError
 from ledger.verify._context import Context
 from ledger.verify._disclosure import watch_files, weights_like
+from ledger.verify._inputs import check_weights
 from ledger.verify._result import CheckResult, Status
 
 SEED_FLIP = 1 << 31
@@ -280,8 +281,9 @@ def _check_recipe(ctx: Context) -> CheckResult:
         from ledger._fingerprint import safetensors_digests
 
         try:
+            check_weights(ctx.base, "--base file")
             found = safetensors_digests(ctx.base)
-        except FormatError as exc:
+        except (FormatError, ConfigurationError) as exc:
             found = {}
             problems.append(f"the --base file cannot be read: {exc}")
         equal = sorted(n for n, d in recorded.items() if found.get(n) == d)
@@ -422,8 +424,9 @@ def _check_base(ctx: Context, base: dict[str, Any]) -> CheckResult:
         return CheckResult("init", Status.WARN, f"declares fine-tuning from {label}: give --base FILE to check it "
                            f"({not_applied})", data, summary=f"fine-tuning from {label} not checked (no --base)")
     try:
+        check_weights(ctx.base, "--base file")
         found = safetensors_digests(ctx.base)
-    except FormatError as exc:
+    except (FormatError, ConfigurationError) as exc:
         return CheckResult("init", Status.FAIL, f"the --base file cannot be read: {exc}", data)
     differ = sorted(n for n in declared if n in found and found[n] != declared[n])
     kinds = _kinds(view.genesis.architecture)

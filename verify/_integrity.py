@@ -17,14 +17,17 @@ import pyarrow.compute as pc
 from ledger import _record
 from ledger._crypto import PublicKey
 from ledger._encoding import decode_body, floats_equal
+from ledger._io import MiB, read_regular
 from ledger._reader import Ledger
 from ledger._record import HEADER_SIZE, Kind, merkle_root
 from ledger._schema import SealBody
-from ledger.errors import FormatError
+from ledger.errors import FormatError, LedgerError
 from ledger.verify._context import Context
 from ledger.verify._load import Records, fixed_rows, header_field, header_matrix
 from ledger.verify._result import CheckResult, Status
 from ledger.verify._signatures import bad_signatures
+
+_MANIFEST_LIMIT = 16 * MiB  # one line per part: far more than any real manifest
 
 
 def check_chain(ctx: Context) -> CheckResult:
@@ -48,7 +51,10 @@ def check_chain(ctx: Context) -> CheckResult:
     run_dg, prev = header_field(headers, "run_digest"), header_field(headers, "prev_hash")
     hashes = np.frombuffer(b"".join(loaded.hashes), dtype=np.uint8).reshape(n, 32)
     position = np.arange(n)
-    flag(version != _record.FORMAT_VERSION, f"unknown format version (expected {_record.FORMAT_VERSION})")
+    flag(version > _record.FORMAT_VERSION, f"format version {int(version.max())}, newer than the version "
+         f"{_record.FORMAT_VERSION} this verifier knows (upgrade training-ledger if the ledger is genuine; a damaged "
+         "version field is a broken chain)")
+    flag(version < _record.FORMAT_VERSION, f"unknown format version (expected {_record.FORMAT_VERSION})")
     flag(reserved != 0, "reserved header byte is not zero")
     flag(kind > max(Kind), "unknown entry kind")
     flag(seq != position, "seq is not contiguous here (an entry is missing, duplicated or moved)")
@@ -81,8 +87,13 @@ def check_chain(ctx: Context) -> CheckResult:
         progress("chain", n, n)
     # bodies: genesis, seal and all others (or a sample) decoded and compared with the metrics column
     decode = list(range(n)) if sample is None else sorted({0, n - 1, *rng.sample(range(n), min(sample, n))})
+    # past the first broken header or link the chain has failed: decoding the bodies that follow
+    # cannot change the verdict or the first bad seq, and a hostile ledger could make it costly
+    broken_at = min(problems, default=n)
+    skipped = sum(1 for i in decode if i > broken_at)
+    decode = [i for i in decode if i <= broken_at]
     records: Records | list[bytes] = loaded.records.materialize() if sample is None else loaded.records
-    column_metrics = t["metrics"].to_pylist() if sample is None else t["metrics"].take(decode).to_pylist()
+    column_metrics = t["metrics"].take(decode).to_pylist()
     for i, column in zip(decode, column_metrics, strict=True):
         if lengths[i] < HEADER_SIZE:
             continue
@@ -90,9 +101,13 @@ def check_chain(ctx: Context) -> CheckResult:
             body = decode_body(records[i][HEADER_SIZE:])
             if not _same_metrics(column, body.get("metrics", {})):
                 problems.setdefault(i, []).append("metrics column differs from the record body")
-        except (FormatError, TypeError, ValueError, AttributeError) as exc:
+        except FormatError as exc:
             problems.setdefault(i, []).append(f"body: {exc}")
+        except (TypeError, ValueError, AttributeError, OverflowError, RecursionError, MemoryError) as exc:
+            problems.setdefault(i, []).append(f"body could not be decoded ({type(exc).__name__}: {exc})")
     data: dict[str, Any] = {"entries": n, "bodies_decoded": len(decode)}
+    if skipped:
+        data["bodies_not_decoded"] = skipped
     failures = [f"{name}: {reason}" for name, reason in loaded.errors]
     if problems or failures:
         bad = sorted(problems)
@@ -179,7 +194,7 @@ def check_seal(ctx: Context) -> CheckResult:
     try:
         header = _record.decode_header(last)
     except FormatError as exc:
-        return CheckResult("seal", Status.FAIL, f"head entry unreadable: {exc}")
+        return CheckResult("seal", Status.FAIL, f"seq {n - 1}: head entry unreadable: {exc}", {"first_bad_seq": n - 1})
     if header.kind is not Kind.SEAL:
         return CheckResult("seal", Status.WARN, "not sealed: the ledger ends at seq "
                            f"{n - 1} without a seal (a run still open or interrupted, or entries dropped "
@@ -188,7 +203,8 @@ def check_seal(ctx: Context) -> CheckResult:
     try:
         body = SealBody.from_body(decode_body(last[HEADER_SIZE:]))
     except FormatError as exc:
-        return CheckResult("seal", Status.FAIL, f"seal body unreadable: {exc}", {"sealed": True})
+        return CheckResult("seal", Status.FAIL, f"seq {n - 1}: seal body unreadable: {exc}",
+                           {"sealed": True, "first_bad_seq": n - 1})
     problems = []
     if body.entry_count != n - 1:
         problems.append(f"entry_count {body.entry_count} but {n - 1} entries precede the seal")
@@ -198,14 +214,19 @@ def check_seal(ctx: Context) -> CheckResult:
         problems.append("tree_root does not equal the Merkle tree hash of the entries before the seal")
     data = {"sealed": True, "entry_count": body.entry_count, "tree_root": body.tree_root.hex()}
     if problems:
-        return CheckResult("seal", Status.FAIL, "; ".join(problems), data)
+        return CheckResult("seal", Status.FAIL, f"seal at seq {n - 1}: {'; '.join(problems)}",
+                           {**data, "first_bad_seq": n - 1})
     return CheckResult("seal", Status.PASS, f"sealed after {n - 1} entries; count, head and Merkle root match", data)
 
 
 def _manifest_hint(ledger: Ledger, n: int) -> str:
+    """A note when the (untrusted) manifest claims more entries or a seal; nothing when it cannot
+    be read (a FIFO, a device, a huge or malformed file)."""
     try:
-        manifest = json.loads(ledger.layout.manifest.read_text())
-    except (OSError, ValueError):
+        manifest = json.loads(read_regular(ledger.layout.manifest, what="manifest", limit=_MANIFEST_LIMIT))
+    except (OSError, ValueError, RecursionError, LedgerError):
+        return ""
+    if not isinstance(manifest, dict):
         return ""
     claimed = manifest.get("entries")
     if isinstance(claimed, int) and (claimed > n or manifest.get("sealed")):

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ledger import _record
+from ledger import _parts, _record
 from ledger._encoding import decode_body
-from ledger._reader import Ledger
+from ledger._reader import Ledger, Source
 from ledger._record import HEADER_LAYOUT, HEADER_OFFSETS, HEADER_SIZE, Kind
 from ledger.errors import FormatError
 
@@ -83,13 +83,43 @@ def _leaf_hashes(column: pa.ChunkedArray) -> list[bytes]:
     return out
 
 
+def _sources(ledger: Ledger) -> Iterator[Source]:
+    """The ledger's sources as the reader yields them; when the reader itself fails on hostile
+    storage (an error other than FormatError, e.g. ``wal.log`` is a directory), the parts it had
+    not reached are read one by one and the failure becomes an unreadable source."""
+    seen: set[str] = set()
+    try:
+        for source in ledger.iter_sources():
+            seen.add(source.name)
+            yield source
+        return
+    except FormatError as exc:
+        failure = str(exc)
+    except (OSError, ValueError, TypeError, RecursionError, pa.ArrowException) as exc:
+        failure = f"{type(exc).__name__}: {exc}"
+    for path in _parts.list_parts(ledger.layout.parts):
+        name = f"parts/{path.name}"
+        if name in seen:
+            continue
+        try:
+            yield Source(name, _parts.read_part(path))
+        except FormatError as exc:
+            yield Source(name, None, str(exc))
+        except (OSError, ValueError, TypeError, pa.ArrowException) as exc:
+            yield Source(name, None, f"unreadable ({type(exc).__name__}: {exc})")
+    yield Source("wal.log", None, f"the log could not be read ({failure})")
+
+
 def load(ledger: Ledger) -> Loaded:
     """Read every readable source and recompute every entry hash (hashing one part while the
     reader decompresses the next)."""
     tables, errors, hashes = [], [], []
-    for source in ledger.iter_sources():
+    for source in _sources(ledger):
         if source.table is None:
             errors.append((source.name, source.error or "unreadable"))
+            continue
+        if not source.table.num_rows and source.name.startswith("parts/"):
+            errors.append((source.name, "holds no entries (the writer never writes an empty part)"))
             continue
         tables.append(source.table)
         hashes.extend(_leaf_hashes(source.table["record"]))
@@ -109,6 +139,8 @@ def load(ledger: Ledger) -> Loaded:
             genesis = decode_body(records[0][HEADER_SIZE:])
         except FormatError as exc:
             genesis_error = str(exc)
+        except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:  # a decoder gap
+            genesis_error = f"record body could not be decoded ({type(exc).__name__}: {exc})"
     else:
         genesis_error = "the ledger holds no entries"
     return Loaded(table, records, hashes, errors, genesis, genesis_error)
@@ -153,3 +185,22 @@ def header_field(headers: np.ndarray, name: str) -> np.ndarray:
     if code not in _NUMPY_CODES:
         return block
     return np.ascontiguousarray(block).view(_NUMPY_CODES[code]).ravel().astype(np.int64)
+
+
+def first_break(loaded: Loaded) -> int:
+    """Position of the first entry whose header or link is broken (too short, an unknown version,
+    kind or reserved byte, seq out of place, prev_hash not the previous hash), or the number of
+    entries when none is: from there on the chain has failed, and decoding the bodies that follow
+    cannot change the verdict."""
+    n = len(loaded.records)
+    if n == 0:
+        return 0
+    headers, lengths = header_matrix(loaded.table["record"])
+    hashes = np.frombuffer(b"".join(loaded.hashes), dtype=np.uint8).reshape(n, 32)
+    expected_prev = np.vstack([np.zeros((1, 32), np.uint8), hashes[:-1]])
+    broken = (lengths < HEADER_SIZE) | (header_field(headers, "version") != _record.FORMAT_VERSION) \
+        | (header_field(headers, "reserved") != 0) | (header_field(headers, "kind") > max(Kind)) \
+        | (header_field(headers, "seq") != np.arange(n)) \
+        | (header_field(headers, "prev_hash") != expected_prev).any(axis=1)
+    bad = np.flatnonzero(broken)
+    return int(bad[0]) if len(bad) else n

@@ -11,8 +11,9 @@ from ledger._encoding import decode_body
 from ledger._fingerprint import safetensors_digests
 from ledger._record import HEADER_SIZE, Kind, decode_header
 from ledger._schema import SealBody
-from ledger.errors import FormatError
+from ledger.errors import ConfigurationError, FormatError
 from ledger.verify._context import Context
+from ledger.verify._inputs import check_weights
 from ledger.verify._load import Records
 from ledger.verify._result import CheckResult, Status
 
@@ -37,8 +38,9 @@ def check_model(ctx: Context) -> CheckResult:
     try:
         seal = _seal(ctx.loaded.records)
     except FormatError as exc:
-        return CheckResult("model", Status.FAIL, f"the seal's body breaks the schema ({exc}): the released weights "
-                           "cannot be compared", {"file": str(model)})
+        seq = len(ctx.loaded.records) - 1
+        return CheckResult("model", Status.FAIL, f"the seal's body (seq {seq}) breaks the schema ({exc}): the released "
+                           "weights cannot be compared", {"file": str(model), "first_bad_seq": seq})
     if seal is None and ctx.view is not None and ctx.view.recorded and ctx.view.steps:
         return _unsealed(ctx, model)
     final = seal.final if seal is not None else None
@@ -47,8 +49,9 @@ def check_model(ctx: Context) -> CheckResult:
                            summary="no sealed final weights in the ledger")
     sealed = final.tensor_digests
     try:
+        check_weights(model)
         found = safetensors_digests(model)
-    except FormatError as exc:
+    except (FormatError, ConfigurationError) as exc:  # a damaged file, index or shard: the weights cannot be read
         return CheckResult("model", Status.FAIL, f"{model}: {exc}", {"file": str(model)})
     missing = sorted(set(sealed) - set(found))
     extra = sorted(set(found) - set(sealed))
@@ -80,6 +83,7 @@ def _unsealed(ctx: Context, model: Path) -> CheckResult:
     last, digests, where = view.last_state()
     data: dict[str, Any] = {"file": str(model), "sealed": False, "compared_with": where or f"step {last}"}
     try:
+        check_weights(model)
         if digests is not None:
             found = safetensors_digests(model)
             differ = sorted(n for n in set(found) | set(digests) if found.get(n) != digests.get(n))
@@ -90,7 +94,7 @@ def _unsealed(ctx: Context, model: Path) -> CheckResult:
             problems = [f"{p} the file" for p in fingerprint_problems(
                 read_safetensors(model), view.tensor_order, sketcher, body.sketch, body.norms, norm_rtol(view))]
             where = f"the norms{' and sketch' if body.sketch is not None else ''} logged at step {last}"
-    except FormatError as exc:
+    except (FormatError, ConfigurationError) as exc:
         return CheckResult("model", Status.FAIL, f"{model}: {exc}", data)
     if problems:
         return CheckResult("model", Status.FAIL, f"unsealed ledger: {'; '.join(problems)}", data)

@@ -23,6 +23,9 @@ from ledger._schema import (
 from ledger.errors import FormatError
 from ledger.verify._load import Loaded
 
+# what a schema decoder may still raise on a crafted body instead of FormatError (reported as malformed)
+_DECODER_GAPS = (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, RecursionError)
+
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
@@ -52,6 +55,9 @@ class RunView:
     superseded: list[tuple[int, int]] = field(default_factory=list)  # (seq, step) of superseded step entries
     seal: SealBody | None = None
     malformed: list[tuple[int, Kind, str]] = field(default_factory=list)  # (seq, kind, why)
+    # seqs of checkpoints an earlier check found damaged (unreadable or not matching their entry):
+    # never read again (the registry sets it from a result's ``damaged_seqs``)
+    damaged: frozenset[int] = frozenset()
 
     @property
     def recorded(self) -> bool:
@@ -105,17 +111,20 @@ class RunView:
         return last, None, ""
 
     def stored_checkpoints(self) -> list[Checkpoint]:
-        """Checkpoints whose files are here, in chain order."""
-        return [cp for cp in self.checkpoints if cp.stored]
+        """Checkpoints whose files are here and were not found damaged, in chain order."""
+        return [cp for cp in self.checkpoints if cp.seq not in self.damaged and cp.stored]
 
 
-def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None) -> RunView:
+def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None, limit: int | None = None) -> RunView:
     """Decode every entry the provenance checks need when the recorder wrote the ledger (raises
-    FormatError for a genesis that breaks the schema)."""
+    FormatError for a genesis that breaks the schema). Only the first ``limit`` entries are decoded
+    when given (those before the first broken link of the chain)."""
     view = RunView(genesis=Genesis.from_body(loaded.genesis or {}))
     if not view.recorded:
         return view  # nothing the provenance checks read: leave the bodies alone
     records = loaded.records.materialize()
+    if limit is not None:
+        records = records[:limit]
     decoded: list[tuple[Header, dict[str, Any]]] = []
     for record in records:
         try:
@@ -127,6 +136,8 @@ def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None) -> Run
                 decoded.append((header, decode_body(record[HEADER_SIZE:])))
         except FormatError as exc:
             view.malformed.append((header.seq, header.kind, str(exc)))
+        except _DECODER_GAPS as exc:
+            view.malformed.append((header.seq, header.kind, f"{type(exc).__name__}: {exc}"))
     superseded_seqs: set[int] = set()
     for header, body in decoded:  # resume entries come after the steps they supersede
         if header.kind is Kind.RESUME:
@@ -137,8 +148,11 @@ def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None) -> Run
             except FormatError as exc:
                 view.malformed.append((header.seq, header.kind, str(exc)))
                 continue
-            if span is not None:
-                superseded_seqs.update(range(span.first_seq, span.last_seq + 1))
+            except _DECODER_GAPS as exc:
+                view.malformed.append((header.seq, header.kind, f"{type(exc).__name__}: {exc}"))
+                continue
+            if span is not None:  # only seqs that exist (a crafted span may name 2**62 of them)
+                superseded_seqs.update(range(max(span.first_seq, 0), min(span.last_seq + 1, len(records))))
     pruned: set[bytes] = set()
     for header, body in decoded:
         try:
@@ -158,6 +172,8 @@ def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None) -> Run
                 view.seal = SealBody.from_body(body)
         except FormatError as exc:
             view.malformed.append((header.seq, header.kind, str(exc)))
+        except _DECODER_GAPS as exc:
+            view.malformed.append((header.seq, header.kind, f"{type(exc).__name__}: {exc}"))
     view.checkpoints = [Checkpoint(cp.seq, cp.step, cp.body, cp.directory, cp.body.state_digest in pruned)
                         for cp in view.checkpoints]
     return view
