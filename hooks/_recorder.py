@@ -122,9 +122,9 @@ class Recorder:
                                          clock=clock, fsync=fsync)
         try:
             self._attach(root, model, optimizer, scheduler, writer, genesis, options, sketcher, first_step=0,
-                         keep=keep, queue_size=queue_size, drain_interval=drain_interval, max_lag=max_lag)
+                         keep=keep, queue_size=queue_size, drain_interval=drain_interval, max_lag=max_lag,
+                         last_checkpoint_step=-1 if checkpoint_every else None)
             if checkpoint_every:  # the init state, before returning: a run killed later can always resume
-                self._last_checkpoint_step = -1
                 snap = lt.snapshot(-1, model, optimizer, scheduler)
                 with _resume.storage(f"write the init checkpoint under {self.checkpoint_root}",
                               f"the ledger at {root} holds only its genesis: free space or fix permissions, "
