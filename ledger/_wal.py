@@ -17,16 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ledger._entry import Entry
-from ledger._io import GiB, read_regular
+from ledger._io import MiB, read_regular
 from ledger._layout import unlink_quietly, write_all
-from ledger._record import HASH_SIZE, SIGNATURE_SIZE
+from ledger._record import HASH_SIZE, MAX_RECORD_BYTES, SIGNATURE_SIZE
 from ledger.errors import FormatError, StorageError
 
 MAGIC = b"TLWAL1\n\x00"
 FRAME = struct.Struct(">II")
 _PREFIX = HASH_SIZE + SIGNATURE_SIZE
-MAX_FRAME = 1 << 30
-MAX_LOG = 4 * GiB  # larger than any log a writer leaves (64 MiB roll-over, one frame ≤ 1 GiB over)
+MAX_FRAME = HASH_SIZE + SIGNATURE_SIZE + MAX_RECORD_BYTES  # key id ‖ signature ‖ record (§2)
+MAX_LOG = 256 * MiB  # larger than any log a writer leaves: a 64 MiB roll-over plus one frame of ≤ 64 MiB
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 

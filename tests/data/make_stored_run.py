@@ -56,7 +56,6 @@ def main() -> None:
         opt.step()
         rec.step(loss=loss, batch=x)
     rec.close(final_weights=out / "model.safetensors")
-    (out / "ledger" / "writer.lock").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
