@@ -15,9 +15,11 @@ import sys
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from ledger._io import MiB, read_regular
 from ledger.errors import ConfigurationError
 
 STEP_SEED_DOMAIN = b"training-ledger/step-seed/v1\x00"
+RECIPE_LIMIT = 16 * MiB  # a recipe is source code, not data
 
 
 @runtime_checkable
@@ -52,15 +54,17 @@ def load_recipe(spec: str) -> tuple[Any, bytes]:
     if not sep or not file or not name:
         raise ConfigurationError(f"recipe must be given as FILE.py:NAME, not {spec!r}")
     path = Path(file)
-    if not path.is_file():
-        raise ConfigurationError(f"recipe file {path} does not exist")
-    source = path.read_bytes()
+    try:
+        source = read_regular(path, what="recipe file", limit=RECIPE_LIMIT, error=ConfigurationError)
+    except FileNotFoundError:
+        raise ConfigurationError(f"recipe file {path} does not exist") from None
     module_name = f"_ledger_recipe_{hashlib.sha256(source).hexdigest()[:12]}"
     loader_spec = importlib.util.spec_from_file_location(module_name, path)
     if loader_spec is None or loader_spec.loader is None:
         raise ConfigurationError(f"cannot import recipe file {path}")
     module = importlib.util.module_from_spec(loader_spec)
     sys.modules[module_name] = module
+    write_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # verifying writes no __pycache__
     try:
         loader_spec.loader.exec_module(module)
     except ModuleNotFoundError as exc:
@@ -69,10 +73,12 @@ def load_recipe(spec: str) -> tuple[Any, bytes]:
             if exc.name == "torch" else ""
         raise ConfigurationError(f"recipe file {path} could not be imported: no module named {exc.name!r}{hint}") \
             from exc
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a recipe that calls sys.exit() while imported cannot be used either
         del sys.modules[module_name]
         raise ConfigurationError(f"recipe file {path} raised while being imported: "
                                  f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        sys.dont_write_bytecode = write_bytecode
     try:
         obj = getattr(module, name)
     except AttributeError:

@@ -540,6 +540,9 @@ INPUTS = [
     case("recipe-raises-on-import", recipe("raise RuntimeError('boom')\n"), 2, "boom"),
     case("recipe-syntax-error", recipe("def (:\n"), 2, "recipe.py"),
     case("recipe-not-a-recipe", recipe("recipe = 5\n"), 2, "recipe"),
+    case("recipe-exits-on-import", recipe("import sys\nsys.exit(7)\n"), 2, "recipe.py"),
+    case("recipe-fifo", lambda ws: {"--recipe": f"{special(ws, 'recipe.py', 'fifo')}:recipe"}, 2, "recipe.py",
+         sub_=True),
     case("recipe-raises-in-build", recipe(
         "class R:\n"
         "    def build_model(self, seed):\n        raise RuntimeError('no model today')\n"
@@ -615,3 +618,16 @@ def test_pending_root_causes_outside_verify(c: Case, tmp_path: Path) -> None:
     """Cases whose root cause is in a format reader being hardened: strict, so a fix is noticed."""
     problem = run_case(tmp_path, c)
     assert problem is None, problem
+
+
+def test_verify_writes_no_bytecode_beside_the_recipe(tmp_path: Path) -> None:
+    """Importing the recipe leaves no __pycache__ (even where Python would write one)."""
+    source = "class R:\n    def build_model(self, seed):\n        raise RuntimeError('x')\n" \
+             "    def build_optimizer(self, m): pass\n    def batch(self, s): pass\n" \
+             "    def train_step(self, m, o, b): pass\nrecipe = R()\n"
+    (tmp_path / "recipe.py").write_text(source)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    done = subprocess.run([sys.executable, "-m", "ledger", "verify", str(STORED / "ledger"), "--recipe",
+                           f"{tmp_path / 'recipe.py'}:recipe"], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.py"]
