@@ -171,3 +171,17 @@ def test_sample_mode_checks_every_hash_but_only_sampled_signatures(book, capsys)
     rewrite(path / "parts" / "000001.parquet", lambda t: set_cell(t, "record", 3, flip(t["record"][3].as_py())))
     code, report = run(capsys, path, "--key", pub, "--sample", "3")
     assert code == 1 and report["checks"]["chain"]["first_bad_seq"] == 13
+
+
+def test_bodies_after_a_broken_link_are_not_decoded(book, capsys):
+    """Past the first broken link the chain has failed: the bodies that follow are not decoded
+    (they cannot change the verdict), and the report still names the first bad seq."""
+    path, pub = book
+    rewrite(path / "parts" / "000000.parquet",
+            lambda t: set_cell(t, "record", ROW, t["record"][ROW].as_py()[:60] + bytes(32)
+                               + t["record"][ROW].as_py()[92:]))  # prev_hash zeroed
+    code, report = run(capsys, path, "--key", pub)
+    chain = report["checks"]["chain"]
+    assert code == 1 and chain["first_bad_seq"] == ROW
+    assert chain["bodies_decoded"] == ROW + 1 and chain["bodies_not_decoded"] == 27 - ROW - 1
+    assert set(report["checks"]) >= {"seal", "signatures"}

@@ -95,7 +95,7 @@ def _sources(ledger: Ledger) -> Iterator[Source]:
         return
     except FormatError as exc:
         failure = str(exc)
-    except (OSError, ValueError, TypeError, RecursionError, pa.ArrowException) as exc:
+    except (OSError, ValueError, TypeError, RecursionError, MemoryError, pa.ArrowException) as exc:
         failure = f"{type(exc).__name__}: {exc}"
     for path in _parts.list_parts(ledger.layout.parts):
         name = f"parts/{path.name}"
