@@ -27,7 +27,9 @@ def check_checkpoints(ctx: Context) -> CheckResult:
     pruned: list[int] = []
     missing: list[int] = []
     bad: list[tuple[int | str, str]] = [("entry", why) for why in malformed]
-    damaged: list[int] = []  # seqs of stored checkpoints that do not match: later checks leave them alone
+    # seqs of stored checkpoints whose files could not be read: later checks never read them again (one that
+    # reads but does not match its entry stays readable, so replay and continuity can say where it differs)
+    damaged: list[int] = []
     for cp in view.checkpoints:
         if cp.pruned:
             pruned.append(cp.step)
@@ -52,10 +54,8 @@ def check_checkpoints(ctx: Context) -> CheckResult:
             if found.meta_digest != cp.body.meta_digest:
                 parts.append("state.cbor (step, hyperparameters, scheduler, RNG)")
             bad.append((cp.step, f"(seq {cp.seq}) differs in {'; '.join(parts) or 'its state digest'}"))
-            damaged.append(cp.seq)
         elif meta_step != cp.step:
             bad.append((cp.step, f"(seq {cp.seq}) holds step {meta_step}, its entry says {cp.step}"))
-            damaged.append(cp.seq)
         else:
             matched.append(cp.step)
     init = next((cp for cp in view.checkpoints if cp.step == -1), None)

@@ -72,7 +72,7 @@ def run_checks(ctx: Context, checks: tuple[Check, ...]) -> tuple[CheckResult, ..
     ``ctx.results`` and of the checks before it. A check that hits damaged bytes it had to read
     (:class:`~ledger.errors.FormatError`, or an unexpected error from decoding hostile content)
     fails with that reason; the others still run. A result whose ``data`` lists ``damaged_seqs``
-    (checkpoints it found unreadable or altered) hides them from the checks after it. A
+    (checkpoints whose files it could not read) hides them from the checks after it. A
     :class:`~ledger.errors.ConfigurationError` (an input the caller named cannot be used)
     propagates: the verifier could not run."""
     results: dict[str, CheckResult] = dict(ctx.results)

@@ -55,8 +55,8 @@ class RunView:
     superseded: list[tuple[int, int]] = field(default_factory=list)  # (seq, step) of superseded step entries
     seal: SealBody | None = None
     malformed: list[tuple[int, Kind, str]] = field(default_factory=list)  # (seq, kind, why)
-    # seqs of checkpoints an earlier check found damaged (unreadable or not matching their entry):
-    # never read again (the registry sets it from a result's ``damaged_seqs``)
+    # seqs of checkpoints an earlier check could not read: never read again (the registry sets it
+    # from a result's ``damaged_seqs``)
     damaged: frozenset[int] = frozenset()
 
     @property
