@@ -401,7 +401,7 @@ class StepBody:
         if digests is not None and (len(digests) % HASH or (tensors is not None and len(digests) != HASH * tensors)):
             raise FormatError("step 'tensor_digests' is not one 32-byte digest per tensor")
         hyper = _opt(body, "hyper", list, w)
-        carries = body.get("carries", ["norms"])
+        carries = _typed(body.get("carries", ["norms"]), list, "step 'carries'")
         return cls(
             norms=_floats(body.get("norms"), "step 'norms'", tensors),
             metrics={str(name): _number(v, f"step metric {name!r}") for name, v in metrics.items()
@@ -415,7 +415,7 @@ class StepBody:
             model_digest=_digest(body.get("model_digest"), "step 'model_digest'") if digests is not None else None,
             batch_digest=_digest(body["batch_digest"], "step 'batch_digest'") if body.get("batch_digest") is not None
             else None,
-            carries=tuple(str(c) for c in carries) if isinstance(carries, list) else (),
+            carries=tuple(_typed(c, str, "step 'carries' item") for c in carries),
             hyper=None if hyper is None else [_group(g, f"step 'hyper' group {i}") for i, g in enumerate(hyper)],
             optimizer_steps_each=_steps_each(body, genesis))
 
@@ -467,10 +467,10 @@ class CheckpointBody:
             raise FormatError("checkpoint 'path' is empty or holds a NUL character")
         model, optimizer, meta, state = (_digest(body.get(k), f"checkpoint {k!r}")
                                          for k in ("model_digest", "optimizer_digest", "meta_digest", "state_digest"))
-        hyper = body.get("optimizer_hyper", [])
+        hyper = _typed(body.get("optimizer_hyper", []), list, "checkpoint 'optimizer_hyper'")
         return cls(_digest_map(_req(body, "tensor_digests", Mapping, w), "checkpoint 'tensor_digests'"),
                    model, optimizer, meta, state, path=path,
-                   optimizer_hyper=list(hyper) if isinstance(hyper, list) else [])
+                   optimizer_hyper=[_group(g, f"checkpoint 'optimizer_hyper' group {i}") for i, g in enumerate(hyper)])
 
 
 @dataclass(frozen=True, slots=True)

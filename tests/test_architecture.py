@@ -100,15 +100,16 @@ def test_malformed_genesis_checkpoint_and_resume_bodies_are_format_errors():
                               "superseded": {"first_seq": 5, "last_seq": 2}})
 
 
-def test_a_genesis_that_breaks_the_schema_skips_provenance_with_the_reason(tmp_path, signer):
-    """A signed genesis with fingerprints of the wrong shape: the format checks still run and the
-    provenance checks say why they could not."""
+def test_a_genesis_that_breaks_the_schema_fails_provenance_with_the_reason(tmp_path, signer):
+    """A signed genesis with fingerprints of the wrong shape is damaged evidence: the format checks
+    still run and pass, the provenance checks that read it fail naming seq 0 and the field."""
     writer = LedgerWriter.create(tmp_path / "L", signer, genesis={"fingerprints": {"tensor_order": "x"}})
     writer.seal()
     report = verify_ledger(tmp_path / "L", key=signer.public)
     assert report.check("chain").status == "pass" and report.check("signatures").status == "pass"
-    skipped = report.check("continuity")
-    assert skipped.status is Status.SKIP and skipped.detail.startswith("genesis does not follow the schema")
+    failed = report.check("continuity")
+    assert failed.status is Status.FAIL and failed.detail.startswith("seq 0: genesis does not follow the schema")
+    assert "tensor_order" in failed.detail and report.verdict == "fail"
 
 
 # ----------------------------------------------------------------------------- checks, registry, report

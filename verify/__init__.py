@@ -20,10 +20,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from ledger import __version__
 from ledger._crypto import PublicKey, load_public_key
 from ledger._reader import Ledger
 from ledger._recipe import load_recipe
-from ledger._record import Kind
+from ledger._record import FORMAT_VERSION, HEADER_OFFSETS, HEADER_SIZE, Kind
 from ledger.errors import ConfigurationError, FormatError
 from ledger.verify._checkpoints import check_checkpoints
 from ledger.verify._context import Context, Options
@@ -34,7 +35,7 @@ from ledger.verify._init import check_init
 from ledger.verify._inputs import require_file
 from ledger.verify._integrity import check_chain, check_seal, check_signatures
 from ledger.verify._lineage import Lineage, compare_files
-from ledger.verify._load import first_break
+from ledger.verify._load import Loaded, first_break, header_field, header_matrix
 from ledger.verify._load import load as _load
 from ledger.verify._model import check_model
 from ledger.verify._registry import Check, Requirement, extra, given, readable_genesis, recorded, run_checks
@@ -140,6 +141,7 @@ def load_context(path: str | os.PathLike[str], options: Options | None = None, *
         recipe_files = watch.files
     ledger = Ledger(path)
     loaded = _load(ledger)
+    _refuse_newer_format(ledger, loaded)
     view, view_error = None, None
     if loaded.genesis is not None:
         try:  # entries past the first broken link are not decoded: the chain has failed already
@@ -155,6 +157,25 @@ def load_context(path: str | os.PathLike[str], options: Options | None = None, *
                    recipe_digest=recipe_digest, against=tuple(Path(f) for f in against),
                    base=Path(base) if base is not None else None, recipe_files=recipe_files, progress=progress,
                    rng=random.Random(options.sample_seed))
+
+
+def _refuse_newer_format(ledger: Ledger, loaded: Loaded) -> None:
+    """A ledger in a newer format than this verifier knows cannot be judged here (docs/FORMAT.md §9):
+    when every record — in the parts and in the log — says the same newer version. A version field
+    damaged in some records is a broken chain, judged by ``chain`` at that seq."""
+    from ledger import _wal
+
+    offset, size = HEADER_OFFSETS["version"]
+    try:
+        tail = [e.record for e in _wal.read(ledger.layout.wal).entries]
+    except FormatError:
+        tail = []  # a damaged log: the chain check reports it
+    headers, lengths = header_matrix(loaded.table["record"])  # from the Arrow buffers: no record is copied
+    versions = {int(v) for v in header_field(headers, "version")[lengths >= HEADER_SIZE]}
+    versions |= {int.from_bytes(r[offset:offset + size], "big") for r in tail if len(r) >= offset + size}
+    if len(versions) == 1 and (version := versions.pop()) > FORMAT_VERSION:
+        raise ConfigurationError(f"{ledger.path} is in format version {version}; this verifier (training-ledger "
+                                 f"{__version__}) knows version {FORMAT_VERSION}: upgrade training-ledger")
 
 
 def _facts(ctx: Context) -> dict[str, Any]:
