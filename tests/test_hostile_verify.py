@@ -547,6 +547,13 @@ INPUTS = [
         "    def batch(self, step):\n        raise RuntimeError('no')\n"
         "    def train_step(self, model, optimizer, batch):\n        raise RuntimeError('no')\n"
         "recipe = R()\n"), 0, "no model today"),
+    case("recipe-exits-in-build", recipe(
+        "import sys\nclass R:\n"
+        "    def build_model(self, seed):\n        sys.exit(9)\n"
+        "    def build_optimizer(self, model):\n        sys.exit(9)\n"
+        "    def batch(self, step):\n        sys.exit(9)\n"
+        "    def train_step(self, model, optimizer, batch):\n        sys.exit(9)\n"
+        "recipe = R()\n"), 0, "SystemExit"),
     case("compare-pickle", compare(lambda ws: write(ws, "f.pkl", PICKLE)), 2, "f.pkl"),
     case("compare-directory", compare(lambda ws: special(ws, "f.safetensors", "dir")), 2, "f.safetensors"),
     case("compare-fifo", compare(lambda ws: special(ws, "f.safetensors", "fifo")), 2, "f.safetensors", sub_=True),

@@ -67,7 +67,7 @@ def _draw(recipe: Any, seed: int, recipe_file: str | None, opened: dict[str, Non
             if not hasattr(model, "state_dict"):
                 raise TypeError(f"build_model returned a {type(model).__name__}, not a torch.nn.Module")
             tensors, _ = canonical_state(model)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a recipe calling sys.exit() ends the check, not the verifier
             raise _RecipeRaised(seed, exc) from exc
     opened.update(dict.fromkeys(watch.files))
     return tensors

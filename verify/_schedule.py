@@ -83,7 +83,7 @@ class TracedRecipe:
             yield
         except RecipeRaised:
             raise
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a recipe calling sys.exit() ends the check, not the verifier
             lines = str(exc).strip().splitlines()
             message = lines[0][:300] if lines else ""
             raise RecipeRaised(f"the recipe raised while {self.doing} at step {self.step}: "
