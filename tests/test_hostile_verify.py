@@ -613,6 +613,29 @@ def test_hostile_inputs_end_in_a_report_or_one_line(group: str, tmp_path: Path) 
     assert not bad, f"{len(bad)} of {len(cases)} cases misbehaved:\n" + "\n".join(bad)
 
 
+@pytest.mark.parametrize("group", ["records", "crafted", "parts"])
+def test_info_and_log_on_hostile_ledgers_end_in_output_or_one_line(group: str, tmp_path: Path) -> None:
+    """`ledger info` and `ledger log` read the same hostile ledgers: output, or one line and exit 1/2."""
+    bad = []
+    for c in GROUPS[group]:
+        if c.subprocess:
+            continue
+        ws = tmp_path / c.name
+        shutil.copytree(STORED, ws, symlinks=True)
+        if isinstance(c.make(ws), (list, dict)):
+            continue  # a case about the command line, not the ledger
+        before = snapshot(ws)
+        for args in (["info", str(ws / "ledger"), "--json"], ["log", str(ws / "ledger"), "--format", "csv"]):
+            result = run_inproc(args)
+            text = result.out + result.err
+            if result.code not in (0, 1, 2) or "Traceback" in text or "internal error" in text or (
+                    result.code and len(result.err.strip().splitlines()) != 1):
+                bad.append(f"{c.name} {args[0]}: exit {result.code} {result.err.strip()[-200:]}")
+        if snapshot(ws) != before:
+            bad.append(f"{c.name}: files changed")
+    assert not bad, "\n".join(bad)
+
+
 def test_verify_writes_no_bytecode_beside_the_recipe(tmp_path: Path) -> None:
     """Importing the recipe leaves no __pycache__ (even where Python would write one)."""
     source = "class R:\n    def build_model(self, seed):\n        raise RuntimeError('x')\n" \
