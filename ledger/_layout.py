@@ -11,12 +11,38 @@ import errno
 import fcntl
 import hashlib
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from ledger.errors import LedgerLockedError, NotALedgerError, StorageError
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+class _Inherited(Protocol):
+    def _drop_in_child(self) -> None: ...
+
+
+_HELD: weakref.WeakSet[Any] = weakref.WeakSet()  # live locks and logs whose descriptors a fork copies
+
+
+def close_in_forked_children(owner: _Inherited) -> None:
+    """Have a child forked from this process close ``owner``'s descriptors (its ``_drop_in_child``)
+    right after the fork: a DataLoader worker or a ``multiprocessing`` child must not keep the
+    ledger's lock (an ``flock`` belongs to the open file, which a fork shares) or its log."""
+    _HELD.add(owner)
+
+
+def _after_fork_in_child() -> None:
+    for owner in list(_HELD):
+        with contextlib.suppress(OSError):
+            owner._drop_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +207,28 @@ class DirectoryLock:
                                         "(readers and `ledger verify` need no lock)") from None
             raise StorageError(f"cannot lock {root}: {exc.strerror or exc}") from exc
         self._fd = fd
+        close_in_forked_children(self)
+
+    def moved(self) -> str | None:
+        """Why the path no longer names the locked directory (renamed, removed or replaced under
+        the writer), or None while it does: what is written by path must not land elsewhere."""
+        if self._fd < 0:
+            return "the lock was released"
+        held = os.fstat(self._fd)
+        try:
+            now = os.stat(self.root)
+        except OSError as exc:
+            return f"{self.root} is gone ({exc.strerror or exc})"
+        if (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+            return f"{self.root} is now another directory (the locked one was renamed or replaced)"
+        return None
+
+    def _drop_in_child(self) -> None:
+        """In a forked child: close this copy of the descriptor (not LOCK_UN, which would
+        release the parent's lock too); the child holds no lock."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
 
     @property
     def held(self) -> bool:

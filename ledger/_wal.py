@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ledger._entry import Entry
 from ledger._io import MiB, read_regular
-from ledger._layout import unlink_quietly, write_all
+from ledger._layout import close_in_forked_children, unlink_quietly, write_all
 from ledger._record import HASH_SIZE, MAX_RECORD_BYTES, SIGNATURE_SIZE
 from ledger.errors import FormatError, StorageError
 
@@ -128,6 +128,14 @@ class WalWriter:
         except BaseException:
             os.close(self._fd)
             raise
+        close_in_forked_children(self)
+
+    def _drop_in_child(self) -> None:
+        """In a forked child: close this copy of the descriptor; the child cannot append."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            self.broken = f"this process was forked from the one writing {self.path}; only that one appends"
+            os.close(fd)
 
     def append(self, frame: bytes) -> None:
         """Write one frame; returns once the OS has it. On an ``OSError`` nothing of the frame

@@ -95,6 +95,7 @@ class LedgerWriter:
         self.sealed = False
         self.closed = False
         self.recovery = Recovery(0, 0, None)
+        self._moved: str | None = None  # why the ledger's path no longer names the locked directory
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -277,18 +278,36 @@ class LedgerWriter:
         """Roll the log into a final part, write the manifest, release the lock (idempotent).
 
         If the disk refuses, raises :class:`StorageError` and stays open: every entry is still in
-        the log, and ``close()`` can be called again (or the ledger reopened) when there is space.
-        A writer broken by an earlier failure only releases its lock: reopening recovers the log."""
+        the log, and ``close()`` can be called again (or the ledger reopened) when there is space;
+        :meth:`release` gives up instead. A writer broken by an earlier failure only releases its
+        lock: reopening recovers the log. A ledger directory moved under the writer is never
+        written by its old path: the lock is released and :class:`StorageError` says so."""
         with self._mutex:
             if self.closed:
                 return
             if self._wal.broken is None:
-                with _storage(f"roll {self.layout.wal} into a part (every entry is still in the log; close "
-                              "again when there is space, or reopen the ledger)"):
-                    self._roll()
-            self._wal.close()
-            self.closed = True
-            self._lock.release()
+                try:
+                    with _storage(f"roll {self.layout.wal} into a part (every entry is still in the log; close "
+                                  "again when there is space, or reopen the ledger)"):
+                        self._roll()
+                except StorageError:
+                    if self._moved is None:
+                        raise
+            self._release()
+            if self._moved is not None:
+                raise StorageError(self._moved)
+
+    def release(self) -> None:
+        """Close the log and release the lock without rolling (idempotent): for giving up after a
+        failed :meth:`close`. Every appended entry stays in the log; :meth:`open` recovers it."""
+        with self._mutex:
+            if not self.closed:
+                self._release()
+
+    def _release(self) -> None:
+        self._wal.close()
+        self.closed = True
+        self._lock.release()
 
     def __enter__(self) -> LedgerWriter:
         return self
@@ -299,7 +318,9 @@ class LedgerWriter:
     # ----------------------------------------------------------------- roll-over
     def _roll(self, force_reset: bool = False) -> None:
         """Pending entries → the next part; then the log → an empty one; then the manifest. Each
-        step either happens or leaves the state as it was, so a failed roll can simply be retried."""
+        step either happens or leaves the state as it was, so a failed roll can simply be retried.
+        Refused (and the writer broken) once the ledger's path no longer names the locked directory."""
+        self._check_place()
         if self._pending:
             self._write_pending_part()
         if self._log_stale or force_reset:
@@ -318,6 +339,20 @@ class LedgerWriter:
             self._write_manifest()
             self._manifest_stale = False
         self._last_sync = time.monotonic()
+
+    def _check_place(self) -> None:
+        """Raise :class:`StorageError` (and break the writer) when the ledger directory was renamed,
+        removed or replaced since it was locked: a roll writes parts, the log and the manifest by
+        path, which would land in whatever directory now has that name."""
+        if self._moved is None:
+            why = self._lock.moved()
+            if why is None:
+                return
+            self._moved = (f"the ledger directory moved under its writer: {why}; nothing more is written by "
+                           f"that path (every entry is in the log of the locked directory: open that one where "
+                           "it now is to recover it)")
+            self._wal.broken = self._wal.broken or self._moved
+        raise StorageError(self._moved)
 
     def _write_pending_part(self) -> None:
         index = len(_parts.list_parts(self.layout.parts))

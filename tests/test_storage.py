@@ -12,7 +12,7 @@ import pytest
 from conftest import write_ledger
 
 import ledger
-from ledger import ConfigurationError, FormatError, LedgerLockedError, LedgerWriter
+from ledger import ConfigurationError, FormatError, LedgerLockedError, LedgerWriter, Signer, StorageError
 from ledger.verify import verify_ledger
 
 
@@ -344,3 +344,67 @@ def test_ledger_at_a_path_that_is_not_utf8(tmp_path, signer):
     assert reopened.next_seq == 4
     reopened.seal()
     assert len(ledger.open(path)) == 5
+
+
+# ----------------------------------------------------------------------------- the directory under the writer
+def test_a_ledger_directory_moved_under_its_writer_is_never_written_by_its_old_path(tmp_path, signer):
+    """Renamed under a live writer, with a second ledger created at the old path (the lock is on the
+    old inode, so it gets in): the first writer's roll-overs must not land in the second ledger."""
+    path, moved = tmp_path / "L", tmp_path / "L.old"
+    first = LedgerWriter.create(path, signer, rollover_entries=4)
+    first.append("step", 0, {"metrics": {"loss": 1.0}})
+    os.rename(path, moved)
+    second = LedgerWriter.create(path, Signer.from_seed(bytes(32)))
+    second.append("step", 0, {"metrics": {"loss": 2.0}})
+    before = _snapshot(path)
+    with pytest.warns(RuntimeWarning, match="could not roll"):
+        for i in range(1, 3):  # the 4th entry triggers a roll: refused, the entry is in the old log
+            first.append("step", i, {"metrics": {"loss": 1.0}})
+    with pytest.raises(StorageError, match="moved under its writer"):
+        first.append("step", 3, {"metrics": {"loss": 1.0}})
+    with pytest.raises(StorageError, match="moved under its writer"):
+        first.close()
+    assert first.closed and _snapshot(path) == before  # the second ledger is untouched
+    second.close()
+    assert verify_ledger(path).verdict == "pass"
+    assert [e.seq for e in ledger.open(moved).entries()] == [0, 1, 2, 3]
+    LedgerWriter.open(moved, signer).seal()  # the lock was released; the moved ledger recovers
+    assert verify_ledger(moved, key=signer.public).verdict == "pass"
+
+
+# ----------------------------------------------------------------------------- forked children
+def test_a_forked_child_does_not_keep_the_lock(tmp_path, signer):
+    """A child forked while the writer is open (a DataLoader worker) neither holds the lock after the
+    parent closes nor can append."""
+    import signal
+    import time
+
+    path = tmp_path / "L"
+    writer = LedgerWriter.create(path, signer)
+    writer.append("step", 0, {"metrics": {"loss": 1.0}})
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child never touches the ledger on purpose; it tries once, then sleeps
+        try:
+            os.close(read)
+            try:
+                writer.append("step", 1, {"metrics": {"loss": 1.0}})
+                os.write(write, b"appended")
+            except StorageError:
+                os.write(write, b"refused")
+            time.sleep(30)
+        finally:
+            os._exit(0)
+    try:
+        os.close(write)
+        assert os.read(read, 16) == b"refused"
+        writer.close()
+        reopened = LedgerWriter.open(path, signer)  # the child is still alive
+        reopened.append("step", 1, {"metrics": {"loss": 1.0}})
+        reopened.seal()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read)
+    assert [e.seq for e in ledger.open(path).entries()] == [0, 1, 2, 3]
+    assert verify_ledger(path, key=signer.public).verdict == "pass"

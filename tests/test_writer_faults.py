@@ -315,3 +315,26 @@ if __name__ == "__main__":  # the tally for docs/RELIABILITY.md
 
     with tempfile.TemporaryDirectory() as tmp:
         print(json.dumps(tally(Path(tmp)), indent=1))
+
+
+def test_release_gives_up_a_failed_close_and_open_recovers(tmp_path, signer):
+    """The final roll fails (disk full): release() closes the log and frees the lock without rolling;
+    the entries stay in the log and the ledger reopens in the same process."""
+    path = tmp_path / "L"
+    writer = LedgerWriter.create(path, signer, fsync="never")
+    for i in range(3):
+        writer.append("step", i, _body(i))
+    disk = DiskFull(1, "full")
+    os.write = disk
+    try:
+        with pytest.raises(StorageError, match="close again when there is space"):
+            writer.close()
+        writer.release()
+    finally:
+        os.write = disk.real
+    assert writer.closed and not writer._lock.held
+    writer.release()  # idempotent
+    reopened = LedgerWriter.open(path, signer)
+    assert reopened.recovery.recovered_entries == 4
+    reopened.seal()
+    assert len(ledger.open(path)) == 5 and verify_ledger(path, key=signer.public).verdict == "pass"
