@@ -9,6 +9,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ledger.errors import ConfigurationError
+
+STOPPED = "the recorder's writer thread has stopped (the recorder was closed or aborted); nothing more is written"
+
 
 class WriterQueue:
     """Jobs run in order on one background thread, which wakes every ``interval`` seconds or when a
@@ -34,16 +38,30 @@ class WriterQueue:
         self._thread = threading.Thread(target=self._loop, name="ledger-writer", daemon=True)
         self._thread.start()
 
+    @property
+    def stopped(self) -> bool:
+        """True once :meth:`stop` was called or the thread is gone: nothing queued would run."""
+        return self._stopping or not self._thread.is_alive()
+
     def put(self, job: Any) -> None:
-        """Queue a job (from the training thread); wait while a bound is reached."""
+        """Queue a job (from the training thread); wait while a bound is reached. Raises
+        :class:`ConfigurationError` once the thread is stopped (instead of waiting forever)."""
+        if self.stopped:
+            raise ConfigurationError(STOPPED)
         now = time.monotonic()
         self._jobs.append((now, job))
         self._queued += 1
         if len(self._jobs) >= self._bound or now - self._oldest(now) >= self._max_lag:
             self.waits += 1
             self._wake.set()
-            with self._changed:
-                self._changed.wait_for(self._within_bounds)
+            self._wait(self._within_bounds)
+
+    def _wait(self, condition: Callable[[], bool]) -> None:
+        """Wait until ``condition`` holds; raise if the thread dies first."""
+        with self._changed:
+            while not self._changed.wait_for(condition, timeout=0.2):
+                if not self._thread.is_alive():
+                    raise ConfigurationError(STOPPED)
 
     def _oldest(self, now: float) -> float:
         """When the oldest job not yet run was queued (``now`` when none waits)."""
@@ -59,14 +77,18 @@ class WriterQueue:
         return len(self._jobs) < self._bound and now - self._oldest(now) < self._max_lag
 
     def join(self) -> None:
-        """Return once every job queued so far has run."""
+        """Return once every job queued so far has run (raises once the thread is stopped)."""
+        if self.stopped:
+            raise ConfigurationError(STOPPED)
         target = self._queued
         self._wake.set()
-        with self._changed:
-            self._changed.wait_for(lambda: self._done >= target)
+        self._wait(lambda: self._done >= target)
 
     def stop(self) -> None:
-        """Run what is queued, then end the thread."""
+        """Run what is queued, then end the thread (idempotent)."""
+        if self.stopped:
+            self._stopping = True
+            return
         self.join()
         self._stopping = True
         self._wake.set()

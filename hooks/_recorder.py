@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
 import os
 import secrets
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -133,8 +133,7 @@ class Recorder:
         except BaseException:
             if hasattr(self, "_queue"):
                 self._stop_thread()
-            with contextlib.suppress(LedgerError, OSError):
-                writer.close()
+            _give_up(writer)
             raise
 
     def _attach(self, path: Path, model: Any, optimizer: Any, scheduler: Any, writer: LedgerWriter,
@@ -154,6 +153,8 @@ class Recorder:
         self._writer, self._sketcher, self._step = writer, sketcher, first_step
         self._cadence = Cadence(options)
         self._failure: BaseException | None = None  # a background failure not raised yet
+        self._checkpoints_failed: list[tuple[int, BaseException]] = []  # (step, why) not raised yet
+        self._failure_lock = threading.Lock()  # both are set on the writer thread, taken on the training one
         self._broken: BaseException | None = None  # the append failure that stopped the writer
         self._lost: list[int] = []  # acknowledged steps whose entry was not written
         self._closed = False
@@ -210,6 +211,7 @@ class Recorder:
     def step(self, loss: Any = None, batch: Any = None, **metrics: Any) -> None:
         """Record optimizer step ``self.current_step`` (call once per optimizer step, after it).
         ``loss`` and metrics may be floats or tensors; ``batch`` (any pytree of tensors) is digested."""
+        self._refuse_closed("step")
         self._raise_failure()
         cadence = self._cadence
         now = time.perf_counter()
@@ -294,7 +296,8 @@ class Recorder:
         try:
             stored = self._store_checkpoint(snap)
         except Exception as exc:  # noqa: BLE001 - reported on the training thread
-            self._failure = self._failure or _CheckpointFailed(snap.step, self.checkpoint_root, exc)
+            with self._failure_lock:
+                self._checkpoints_failed.append((snap.step, exc))
             return
         self._enter_checkpoint(snap, *stored)
 
@@ -356,18 +359,26 @@ class Recorder:
             if isinstance(exc, (StorageError, OSError)) or self._writer.closed:
                 self._broken = exc
             else:
-                self._failure = self._failure or exc
+                with self._failure_lock:
+                    self._failure = self._failure or exc
 
     def _raise_failure(self) -> None:
         """Raise a background failure on the training thread: once for a failure the writer
         survived, at every call once the writer is broken."""
         if self._broken is not None:
-            self._queue.join()  # every queued step is counted
+            if not self._queue.stopped:
+                self._queue.join()  # every queued step is counted
             raise StorageError(f"the ledger's writer failed ({_reason(self._broken)}); {_steps(self._lost)} "
                                f"acknowledged by step() were not written and no more can be; the ledger is valid "
                                f"up to seq {self._writer.next_seq - 1}: fix the cause, then continue with "
                                "Recorder.resume") from self._broken
-        failure, self._failure = self._failure, None
+        with self._failure_lock:
+            failed, self._checkpoints_failed = self._checkpoints_failed, []
+            failure = None if failed else self._failure
+            if failure is not None:
+                self._failure = None
+        if failed:  # every checkpoint that failed since the last report, once (another failure comes next)
+            failure = _CheckpointFailed(failed, self.checkpoint_root)
         if failure is None:
             return
         lost = f"; {_steps(self._lost)} acknowledged by step() were not written" if self._lost else ""
@@ -381,7 +392,9 @@ class Recorder:
     def flush(self) -> None:
         """Return once everything queued so far is appended to the ledger and durable (fsync);
         raise a background failure."""
-        self._queue.join()
+        self._refuse_closed("flush")
+        if not self._queue.stopped:  # stopped by a close() that failed after it
+            self._queue.join()
         if self._broken is None:
             try:
                 self._writer.sync()
@@ -400,6 +413,10 @@ class Recorder:
         as safetensors at ``final_weights`` (or fingerprint the file already there, which must hold
         this model's weights), and seal the ledger with their digests, the entry count and head."""
         if self._closed:
+            return
+        if self._writer.sealed:  # an earlier close() sealed, then could not roll (disk full): finish that
+            self._writer.close()
+            self._closed = True
             return
         last = self._step - 1
         if self.checkpoint_every and self._last_checkpoint_step != last:
@@ -437,11 +454,14 @@ class Recorder:
         self._closed = True
         self._stop_thread()
         problems = []
+        if self._checkpoints_failed:
+            problems.append(str(_CheckpointFailed(self._checkpoints_failed, self.checkpoint_root)))
         if self._broken is not None or self._failure is not None:
             problems.append(f"{_reason(self._broken or self._failure)} ({_steps(self._lost)} not written)")
         try:
             self._writer.close()
         except (LedgerError, OSError) as exc:  # the entries stay in wal.log; resume or open recovers them
+            self._writer.release()
             problems.append(f"could not close the ledger writer ({_reason(exc)}; its entries stay in wal.log)")
         if problems:
             warnings.warn(f"the ledger at {self.path} was aborted after a failure: {'; '.join(problems)}",
@@ -451,6 +471,11 @@ class Recorder:
         for hook in getattr(self, "_hooks", ()):
             hook.remove()
         self._queue.stop()
+
+    def _refuse_closed(self, what: str) -> None:
+        if self._closed:
+            raise ConfigurationError(f"the recorder is closed (close() or abort() was called); {what}() records "
+                                     "nothing more: continue with Recorder.resume or start a new Recorder")
 
     def __enter__(self) -> Recorder:
         return self
@@ -497,8 +522,7 @@ class Recorder:
                                                                  writer.recovery.torn_bytes, span).to_body())
                 writer.sync()
         except BaseException:
-            with contextlib.suppress(LedgerError, OSError):
-                writer.close()
+            _give_up(writer)
             raise
         if plan.skipped:
             warnings.warn(f"resumed {root} from the checkpoint at step {last.step}, passing over newer ones: "
@@ -565,12 +589,26 @@ def _check_queue(queue_size: int, drain_interval: float, max_lag: float) -> None
         raise ConfigurationError("drain_interval and max_lag must be positive numbers of seconds")
 
 
-class _CheckpointFailed(Exception):
-    """A checkpoint whose files could not be written (the run goes on without it)."""
+def _give_up(writer: LedgerWriter) -> None:
+    """Close a writer on an error path: roll if the disk allows, else release the lock (its entries
+    stay in the log, where resume or open recovers them)."""
+    try:
+        writer.close()
+    except (LedgerError, OSError):
+        writer.release()
 
-    def __init__(self, step: int, root: Path, cause: BaseException) -> None:
-        super().__init__(f"could not write the checkpoint of step {step} under {root}: {_reason(cause)}")
-        self.__cause__ = cause
+
+class _CheckpointFailed(Exception):
+    """Checkpoints whose files could not be written (the run goes on without them)."""
+
+    def __init__(self, failed: Sequence[tuple[int, BaseException]], root: Path) -> None:
+        steps = [step for step, _ in failed]
+        reasons = list(dict.fromkeys(_reason(exc) for _, exc in failed))
+        which = f"the checkpoint of step {steps[0]}" if len(steps) == 1 else \
+            f"the checkpoints of steps {', '.join(map(str, steps))}"
+        super().__init__(f"could not write {which} under {root}: {'; '.join(reasons)}")
+        self.steps = steps
+        self.__cause__ = failed[0][1]
 
 
 def _reason(exc: BaseException | None) -> str:

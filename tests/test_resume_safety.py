@@ -205,7 +205,7 @@ def test_a_failed_checkpoint_write_is_raised_at_the_next_step_and_steps_go_on(tm
 
 
 def test_a_broken_writer_says_how_many_acknowledged_steps_were_lost(tmp_path, monkeypatch):
-    rec, recipe = record(tmp_path / "L", 2, every=100)
+    rec, recipe = record(tmp_path / "L", 2, every=100, drain_interval=30)  # the thread runs only at flush
     rec.flush()
 
     def refuse(*args, **kwargs):
@@ -259,3 +259,90 @@ def test_flush_is_durable_and_the_queue_is_bounded_in_time(tmp_path):
     rec.flush()
     assert [e.step for e in ledger.open(tmp_path / "L").entries() if e.kind is Kind.STEP] == [0, 1, 2]
     rec.abort()
+
+
+# ----------------------------------------------------------------------------- closing, and after it
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_step_and_flush_after_close_or_abort_raise_at_once(tmp_path):
+    """A closed recorder refuses step() and flush() (before: accepted silently, then hung forever once
+    a bound was reached, the writer thread being gone)."""
+    import time
+
+    for finish in ("close", "abort"):
+        rec, _ = record(tmp_path / finish, 2, queue_size=2)
+        getattr(rec, finish)()
+        started = time.monotonic()
+        for _ in range(5):
+            with pytest.raises(ConfigurationError, match="the recorder is closed"):
+                rec.step(loss=1.0)
+        with pytest.raises(ConfigurationError, match="the recorder is closed"):
+            rec.flush()
+        assert time.monotonic() - started < 2
+        assert [e.step for e in ledger.open(tmp_path / finish).entries() if e.kind is Kind.STEP] == [0, 1]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_the_writer_queue_raises_instead_of_waiting_on_a_dead_thread():
+    from ledger.hooks._queue import WriterQueue
+
+    stopped = WriterQueue(lambda job: None, 2, 0.01)
+    stopped.stop()
+    stopped.stop()  # idempotent
+    with pytest.raises(ConfigurationError, match="writer thread has stopped"):
+        stopped.put(1)
+    with pytest.raises(ConfigurationError, match="writer thread has stopped"):
+        stopped.join()
+
+    def dies(job):
+        raise SystemExit  # ends the thread, as an escaped BaseException would
+
+    dead = WriterQueue(dies, 1, 0.01)
+    with pytest.raises(ConfigurationError, match="writer thread has stopped"):
+        for job in range(3):  # the bound of one entry: put waits, and sees the thread die
+            dead.put(job)
+
+
+def test_abort_after_a_failed_final_roll_frees_the_lock(tmp_path, monkeypatch):
+    """Disk full at the final roll: abort() warns and releases the lock, so the same process resumes."""
+    rec, recipe = record(tmp_path / "L", 4)
+    rec.flush()
+    monkeypatch.setattr(_parts, "write_part", _no_space)
+    with pytest.warns(RuntimeWarning, match="could not close the ledger writer"):
+        rec.abort()
+    monkeypatch.undo()  # space is back
+    assert rec._writer.closed and not rec._writer._lock.held
+    resumed = Recorder.resume(tmp_path / "L", key=SIGNER, **fresh(recipe))  # not LedgerLockedError
+    resumed.close()
+    assert verify_ledger(tmp_path / "L", key=SIGNER.public).verdict == "pass"
+
+
+def test_close_retried_after_a_disk_full_final_roll_seals(tmp_path, monkeypatch):
+    rec, _ = record(tmp_path / "L", 3)
+    monkeypatch.setattr(_parts, "write_part", _no_space)
+    with pytest.raises(StorageError, match="close again when there is space"):
+        rec.close()
+    monkeypatch.undo()  # space is back
+    rec.close()
+    assert rec._writer.closed and not rec._writer._lock.held
+    rec.close()  # idempotent
+    report = verify_ledger(tmp_path / "L", key=SIGNER.public)
+    assert report.verdict == "pass" and ledger.open(tmp_path / "L").last_entry().kind is Kind.SEAL
+
+
+def test_every_failed_checkpoint_is_reported_once(tmp_path, monkeypatch):
+    from ledger import torch as lt
+
+    rec, recipe = record(tmp_path / "L", 0, drain_interval=30)  # the thread runs only at flush
+    monkeypatch.setattr(lt, "fsync_path", _no_space)  # the real write fails at its first fsync
+    for step in range(6):  # checkpoints of steps 1, 3, 5
+        metrics, batch = run_step(recipe, rec.model, rec.optimizer, rec.scheduler, 5, step)
+        rec.step(batch=batch, **metrics)
+    with pytest.raises(StorageError, match=r"checkpoints of steps 1, 3, 5 under .*: No space left on device"):
+        rec.flush()
+    rec.flush()  # reported once
+    monkeypatch.undo()
+    rec.close()
+    assert verify_ledger(tmp_path / "L", key=SIGNER.public).verdict == "pass"
