@@ -178,15 +178,17 @@ class Shard:
 def read_shards(path: str | os.PathLike[str]) -> Iterator[Shard]:
     """Each file of a safetensors file (or of every shard named by a ``*.index.json``), its header
     validated against the file's size (malformed, or not a regular file → FormatError naming file
-    and tensor; a tensor in two shards → FormatError; a missing file → ConfigurationError), its
-    bytes memory-mapped."""
+    and tensor; a tensor in two shards → FormatError; a missing file → ConfigurationError, a missing
+    shard an index names → FormatError), its bytes memory-mapped."""
     seen: set[str] = set()
     for file in _shard_files(Path(path)):
         try:
             opened = open_regular(file, what="weights file")
             handle = opened.__enter__()
         except FileNotFoundError:
-            raise ConfigurationError(f"weights file {file} does not exist") from None
+            if file == Path(path):
+                raise ConfigurationError(f"weights file {file} does not exist") from None
+            raise FormatError(f"weights file {file} (named by {Path(path).name}) does not exist") from None
         try:
             size = os.fstat(handle.fileno()).st_size
             header, start = _read_header(handle, file, size)

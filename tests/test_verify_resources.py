@@ -41,7 +41,13 @@ resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
 pid = os.fork()
 if pid == 0:
     from ledger._cli import main
-    main(sys.argv[2:])
+    try:
+        main(sys.argv[2:])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    sys.stdout.flush(); sys.stderr.flush()
+    os._exit(code)  # no interpreter teardown: Arrow's thread pools may abort in it under the limit
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as f:
     f.write(str(usage.ru_maxrss * 1024))

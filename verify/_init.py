@@ -17,7 +17,6 @@ import numpy as np
 from ledger.errors import ConfigurationError, FormatError
 from ledger.verify._context import Context
 from ledger.verify._disclosure import watch_files, weights_like
-from ledger.verify._inputs import check_weights
 from ledger.verify._result import CheckResult, Status
 
 SEED_FLIP = 1 << 31
@@ -281,7 +280,6 @@ def _check_recipe(ctx: Context) -> CheckResult:
         from ledger._fingerprint import safetensors_digests
 
         try:
-            check_weights(ctx.base, "--base file")
             found = safetensors_digests(ctx.base)
         except (FormatError, ConfigurationError) as exc:
             found = {}
@@ -424,7 +422,6 @@ def _check_base(ctx: Context, base: dict[str, Any]) -> CheckResult:
         return CheckResult("init", Status.WARN, f"declares fine-tuning from {label}: give --base FILE to check it "
                            f"({not_applied})", data, summary=f"fine-tuning from {label} not checked (no --base)")
     try:
-        check_weights(ctx.base, "--base file")
         found = safetensors_digests(ctx.base)
     except (FormatError, ConfigurationError) as exc:
         return CheckResult("init", Status.FAIL, f"the --base file cannot be read: {exc}", data)
