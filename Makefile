@@ -1,5 +1,5 @@
 # The two commands of the README (demo, test). Each installs what it needs into .venv first.
-.PHONY: demo test setup lint bench
+.PHONY: demo test setup lint bench campaign
 
 setup:
 	bash scripts/setup.sh
@@ -19,3 +19,8 @@ lint: setup
 
 bench: setup
 	.venv/bin/python benchmarks/ledger_core.py
+
+# The long reliability campaigns (crashes, full disk, every cell mutated, hostile input, fuzzing);
+# regenerates docs/RELIABILITY.md. About 30 minutes on 2 cores; QUICK=1 for a few minutes.
+campaign: setup
+	.venv/bin/python benchmarks/reliability.py $(if $(QUICK),--quick,)
