@@ -7,6 +7,7 @@ import functools
 import hashlib
 import os
 import secrets
+import shutil
 import threading
 import time
 import warnings
@@ -117,9 +118,11 @@ class Recorder:
                                 tensors=tensors, aliases=aliases, options=options, sketcher=sketcher, recipe=recipe,
                                 determinism=determinism, checkpoint_every=checkpoint_every,
                                 checkpoint_dir=user_dir, keep=keep, base=base)
+        existed = os.path.lexists(root)  # create() takes only an absent or empty directory
         with _resume.storage(f"create the ledger at {root}", "give a writable directory with free space"):
             writer = LedgerWriter.create(path, key, genesis=genesis.to_body(), run_id=run_id, passphrase=passphrase,
                                          clock=clock, fsync=fsync)
+        made: Path | None = None  # the init checkpoint's directory, when this call created it
         try:
             self._attach(root, model, optimizer, scheduler, writer, genesis, options, sketcher, first_step=0,
                          keep=keep, queue_size=queue_size, drain_interval=drain_interval, max_lag=max_lag,
@@ -127,13 +130,15 @@ class Recorder:
             if checkpoint_every:  # the init state, before returning: a run killed later can always resume
                 snap = lt.snapshot(-1, model, optimizer, scheduler)
                 with _resume.storage(f"write the init checkpoint under {self.checkpoint_root}",
-                              f"the ledger at {root} holds only its genesis: free space or fix permissions, "
-                              "delete it and start again"):
-                    self._enter_checkpoint(snap, *self._store_checkpoint(snap))
+                                     f"nothing was left at {root}: free space or fix permissions and start again"):
+                    directory, digests, created = self._store_checkpoint(snap)
+                    made = directory if created else None
+                    self._enter_checkpoint(snap, directory, digests, created)
         except BaseException:
             if hasattr(self, "_queue"):
                 self._stop_thread()
-            _give_up(writer)
+            writer.release()
+            _undo_construction(root, existed, made)
             raise
 
     def _attach(self, path: Path, model: Any, optimizer: Any, scheduler: Any, writer: LedgerWriter,
@@ -301,15 +306,18 @@ class Recorder:
             return
         self._enter_checkpoint(snap, *stored)
 
-    def _store_checkpoint(self, snap: lt.Snapshot) -> tuple[Path, Any]:
-        """Write a snapshot's files durably under the checkpoint root."""
-        return lt.write_checkpoint(snap, self.checkpoint_root)
+    def _store_checkpoint(self, snap: lt.Snapshot) -> tuple[Path, Any, bool]:
+        """Write a snapshot's files durably under the checkpoint root (directory, digests, and
+        whether this run created the directory)."""
+        return lt.place_checkpoint(snap, self.checkpoint_root, tag=_resume.run_tag(self._writer.run_id))
 
-    def _enter_checkpoint(self, snap: lt.Snapshot, directory: Path, digests: Any) -> None:
-        """Append the entry of a written checkpoint, then apply retention."""
+    def _enter_checkpoint(self, snap: lt.Snapshot, directory: Path, digests: Any, created: bool) -> None:
+        """Append the entry of a written checkpoint (``created``: whether this run made its directory;
+        retention never deletes one it did not), then apply retention."""
         self._writer.sync()
         body = CheckpointBody.of(digests, self._stored_path(directory),
-                                 [{k: v for k, v in g.items() if k != "params"} for g in snap.meta["param_groups"]])
+                                 [{k: v for k, v in g.items() if k != "params"} for g in snap.meta["param_groups"]],
+                                 created)
         seq = self._append(Kind.CHECKPOINT, snap.step, body)
         self._writer.sync()
         self._alive_checkpoints.append((seq, snap.step, body))
@@ -335,7 +343,7 @@ class Recorder:
             # the prune entry first: a kill in between leaves a pruned directory, which resume removes
             self._append(Kind.PRUNE, step, PruneBody(seq, body.state_digest, f"retention: keep {mode} {n}"))
             alive.remove((seq, step, body))
-            _resume.remove_checkpoint(self.path, body, self._genesis)
+            _resume.remove_checkpoint(self.path, body, self._genesis, [b.state_digest for _, _, b in alive])
 
     # ----------------------------------------------------------------- background writer
     def _append(self, kind: Kind, step: int, body: Body) -> int:
@@ -512,7 +520,8 @@ class Recorder:
         try:
             if writer.next_seq != len(plan.entries) or writer.head != plan.entries[-1].hash:
                 raise FormatError(f"{root} changed while it was being checked; resume again")
-            _resume.clean(root, plan.genesis, plan.pruned)
+            _resume.clean(root, plan.genesis, plan.pruned, run_id=writer.run_id, recorded=plan.recorded,
+                          alive=[b for _, _, b in plan.alive])
             lt.restore(plan.directory, model, optimizer, scheduler)
             superseded = [e for e in plan.entries if e.seq > last.seq and e.kind is Kind.STEP]
             span = Superseded(superseded[0].seq, superseded[-1].seq, (superseded[0].step, superseded[-1].step),
@@ -587,6 +596,36 @@ def _check_queue(queue_size: int, drain_interval: float, max_lag: float) -> None
         raise ConfigurationError("queue_size must be a positive number of entries")
     if not drain_interval > 0 or not max_lag > 0:
         raise ConfigurationError("drain_interval and max_lag must be positive numbers of seconds")
+
+
+def _undo_construction(root: Path, existed: bool, made: Path | None) -> None:
+    """Remove what a failed ``Recorder()`` made: the ledger directory (emptied, when it was an empty
+    directory before) and the init checkpoint's directory in a ``checkpoint_dir``; a warning names
+    what could not be removed."""
+    left: list[str] = []
+
+    def remove(path: Path) -> None:
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, onerror=lambda function, name, exc: left.append(name))
+            else:
+                path.unlink()
+        except OSError as exc:
+            left.append(exc.filename or str(path))
+
+    if made is not None and not made.absolute().is_relative_to(root.absolute()):
+        remove(made)
+    if not existed:
+        remove(root)
+    else:
+        try:
+            children = list(root.iterdir())
+        except OSError:
+            children = []
+        for child in children:
+            remove(child)
+    if left:
+        warnings.warn(f"could not remove {left[0]} after Recorder() failed: delete it", RuntimeWarning, stacklevel=3)
 
 
 def _give_up(writer: LedgerWriter) -> None:

@@ -5,9 +5,11 @@ intact checkpoint; and the clean-up it may then do (``.tmp-*`` leftovers, pruned
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
-from collections.abc import Iterator
+import stat
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +19,17 @@ from ledger._crypto import Signer, load_signer
 from ledger._entry import Entry
 from ledger._reader import Ledger
 from ledger._record import Kind
-from ledger._schema import CheckpointBody, Genesis, PruneBody, checkpoint_directory, checkpoint_root
+from ledger._schema import (
+    CheckpointBody,
+    Genesis,
+    PruneBody,
+    checkpoint_directory,
+    checkpoint_location,
+    checkpoint_root,
+)
 from ledger._state import digests_of
 from ledger.errors import ConfigurationError, FormatError, LedgerError, StorageError
+from ledger.torch import TEMPORARY, being_written
 
 START_AGAIN = "nothing was acknowledged, so delete the directory and start the run again"
 
@@ -36,6 +46,7 @@ class Plan:
     skipped: list[tuple[int, str]]  # newer checkpoints passed over: (step, why)
     alive: list[tuple[int, int, CheckpointBody]]  # (seq, step, body) not pruned
     pruned: list[CheckpointBody]
+    recorded: frozenset[bytes]  # the state digest of every checkpoint entry
 
 
 @contextlib.contextmanager
@@ -84,7 +95,7 @@ def plan(root: Path, signer: Signer, tensor_shapes: dict[str, tuple[int, ...]]) 
         try:
             if entry.kind is Kind.CHECKPOINT:
                 body = CheckpointBody.from_body(entry.body())
-                checkpoints.append((entry, body, checkpoint_directory(root, body, genesis)))
+                checkpoints.append((entry, body, checkpoint_location(root, body, genesis)))
             elif entry.kind is Kind.PRUNE:
                 pruned_digests.add(PruneBody.from_body(entry.body()).state_digest)
         except FormatError as exc:
@@ -98,11 +109,12 @@ def plan(root: Path, signer: Signer, tensor_shapes: dict[str, tuple[int, ...]]) 
     alive = [(e, b, d) for e, b, d in checkpoints if b.state_digest not in pruned_digests]
     skipped: list[tuple[int, str]] = []
     for entry, body, directory in reversed(alive):
-        why = _damage(directory, body)
+        why = _damage(root, body, genesis)
         if why is None:
             return Plan(entries, genesis, entry, body, directory, skipped,
                         [(e.seq, e.step, b) for e, b, _ in alive],
-                        [b for _, b, _ in checkpoints if b.state_digest in pruned_digests])
+                        [b for _, b, _ in checkpoints if b.state_digest in pruned_digests],
+                        frozenset(b.state_digest for _, b, _ in checkpoints))
         skipped.append((entry.step, why))
     reasons = "; ".join(f"step {step}: {why}" for step, why in skipped[:3])
     raise ConfigurationError(f"{root}: no checkpoint it records is intact ({reasons}); it cannot be resumed")
@@ -120,8 +132,13 @@ def _check_model(genesis: Genesis, shapes: dict[str, tuple[int, ...]]) -> None:
                                  "recorded vs given); build the model the run recorded")
 
 
-def _damage(directory: Path, body: CheckpointBody) -> str | None:
-    """Why a checkpoint's files do not match its entry, or None when they do."""
+def _damage(root: Path, body: CheckpointBody, genesis: Genesis) -> str | None:
+    """Why a checkpoint's files do not match its entry, or None when they do. A directory refused
+    on disk (a symlink, one resolving outside the root) is damaged: passed over, never deleted."""
+    try:
+        directory = checkpoint_directory(root, body, genesis)
+    except FormatError as exc:
+        return f"its directory is refused ({exc})"
     if not directory.is_dir():
         return "its directory is missing"
     try:
@@ -131,27 +148,55 @@ def _damage(directory: Path, body: CheckpointBody) -> str | None:
     return None if found == body.state_digest else "its files do not match its entry"
 
 
-def clean(root: Path, genesis: Genesis, pruned: list[CheckpointBody]) -> None:
-    """Remove what a killed writer left under the checkpoint root: ``.tmp-*`` directories (under a
-    user root shared by several runs, only those whose writer process is gone) and directories of
-    pruned checkpoints a kill kept from being deleted. Call with the ledger's lock held."""
+def run_tag(run_id: str) -> str:
+    """The 8 hex digits naming a run's temporary checkpoint directories (:func:`ledger.torch.temporary_name`)."""
+    return hashlib.sha256(b"training-ledger/tmp\0" + run_id.encode()).hexdigest()[:8]
+
+
+def clean(root: Path, genesis: Genesis, pruned: list[CheckpointBody], *, run_id: str,
+          recorded: Iterable[bytes] = (), alive: Iterable[CheckpointBody] = ()) -> None:
+    """Remove what a killed writer of this run left under the checkpoint root, and nothing else
+    (call with the ledger's lock held):
+
+    - temporary directories, only real directories named exactly as
+      :func:`ledger.torch.temporary_name` names them, never one a thread of this process is writing.
+      In the ledger's own ``checkpoints/`` every such leftover is this run's. In a ``checkpoint_dir``
+      (shared with other runs and the user's files) only this run's: tagged with its
+      :func:`run_tag`, or, untagged (recorders before the tag), for a state digest this run recorded
+      — and never one whose writer process is still running.
+    - directories of pruned checkpoints a kill kept from being deleted (:func:`remove_checkpoint`)."""
     where = checkpoint_root(root, genesis)
     shared = bool(genesis.checkpoint_dir)
+    tag, prefixes = run_tag(run_id), {d.hex()[:16] for d in recorded}
     with storage(f"remove leftovers under {where}", "check its permissions"):
-        for path in where.glob(".tmp-*") if where.is_dir() and not where.is_symlink() else ():
-            if shared and _writer_alive(path.name):
+        names = os.listdir(where) if where.is_dir() and not where.is_symlink() else []
+        for name in names:
+            match = TEMPORARY.match(name)
+            path = where / name
+            if match is None or not stat.S_ISDIR(os.lstat(path).st_mode) or being_written(path):
                 continue
-            if path.is_symlink() or not path.is_dir():
-                path.unlink()
-            else:
-                shutil.rmtree(path)
+            theirs, prefix, pid = match.group(1), match.group(2), int(match.group(3))
+            if shared and not (theirs == tag if theirs else prefix in prefixes and pid != os.getpid()):
+                continue
+            if shared and pid != os.getpid() and _process_alive(pid):
+                continue
+            shutil.rmtree(path)
+    still = [b.state_digest for b in alive]
     for body in pruned:
-        remove_checkpoint(root, body, genesis)
+        remove_checkpoint(root, body, genesis, still)
 
 
-def remove_checkpoint(root: Path, body: CheckpointBody, genesis: Genesis) -> None:
-    """Delete a checkpoint's directory: only ``<checkpoint root>/<state digest hex>``, only a real
-    directory inside the root (checked by :func:`checkpoint_directory`), never anything refused."""
+def remove_checkpoint(root: Path, body: CheckpointBody, genesis: Genesis, still_used: Iterable[bytes] = ()) -> None:
+    """Delete a checkpoint's directory for retention, only when this run may: the directory is
+    ``<checkpoint root>/<state digest hex>``, a real directory inside the root (checked by
+    :func:`checkpoint_directory`; nothing refused is deleted), this run created it (the entry's
+    ``created``; in a ``checkpoint_dir`` an entry that does not say is not deleted: another run's
+    ledger may name the same content-addressed directory), and no checkpoint of this run that is
+    kept (``still_used``: their state digests) names it."""
+    if body.created is False or (body.created is None and genesis.checkpoint_dir):
+        return
+    if body.state_digest in set(still_used):
+        return
     try:
         directory = checkpoint_directory(root, body, genesis)
     except FormatError:
@@ -160,13 +205,10 @@ def remove_checkpoint(root: Path, body: CheckpointBody, genesis: Genesis) -> Non
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _writer_alive(name: str) -> bool:
-    """True when the pid a ``.tmp-<digest>-<pid>`` name ends in is a running process (not this one)."""
-    pid = name.rpartition("-")[2]
-    if not pid.isdigit() or int(pid) == os.getpid():
-        return False
+def _process_alive(pid: int) -> bool:
+    """True when ``pid`` is a running process (or one this process may not signal)."""
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:

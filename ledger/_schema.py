@@ -443,19 +443,23 @@ class CheckpointBody:
     state_digest: bytes
     path: str
     optimizer_hyper: list[Any] = field(default_factory=list)
+    created: bool | None = None  # the recorder made the directory (False: it was there); None: not recorded
 
     @classmethod
-    def of(cls, digests: Any, path: str, optimizer_hyper: list[Any]) -> CheckpointBody:
+    def of(cls, digests: Any, path: str, optimizer_hyper: list[Any], created: bool | None = None) -> CheckpointBody:
         """The entry for a written checkpoint, from its :class:`ledger._state.StateDigests`."""
         return cls(dict(digests.model), digests.model_digest, digests.optimizer_digest, digests.meta_digest,
-                   digests.state_digest, path, optimizer_hyper)
+                   digests.state_digest, path, optimizer_hyper, created)
 
     def to_body(self) -> dict[str, Any]:
         """The checkpoint map."""
-        return {"tensor_digests": dict(self.tensor_digests), "model_digest": self.model_digest,
+        body: dict[str, Any] = {"tensor_digests": dict(self.tensor_digests), "model_digest": self.model_digest,
                 "optimizer_digest": self.optimizer_digest, "meta_digest": self.meta_digest,
                 "state_digest": self.state_digest, "path": self.path,
                 "optimizer_hyper": list(self.optimizer_hyper)}
+        if self.created is not None:
+            body["created"] = self.created
+        return body
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> CheckpointBody:
@@ -470,7 +474,8 @@ class CheckpointBody:
         hyper = _typed(body.get("optimizer_hyper", []), list, "checkpoint 'optimizer_hyper'")
         return cls(_digest_map(_req(body, "tensor_digests", Mapping, w), "checkpoint 'tensor_digests'"),
                    model, optimizer, meta, state, path=path,
-                   optimizer_hyper=[_group(g, f"checkpoint 'optimizer_hyper' group {i}") for i, g in enumerate(hyper)])
+                   optimizer_hyper=[_group(g, f"checkpoint 'optimizer_hyper' group {i}") for i, g in enumerate(hyper)],
+                   created=_opt(body, "created", bool, w))
 
 
 @dataclass(frozen=True, slots=True)
@@ -631,16 +636,8 @@ def checkpoint_directory(ledger_root: Path, body: CheckpointBody, genesis: Genes
     :class:`FormatError` saying what is wrong (nothing refused is ever read or deleted). When a
     verifier names the root (``override``, ``--checkpoints``), the stored path only has to end in
     the digest."""
-    root = checkpoint_root(ledger_root, genesis, override)
-    name = body.state_digest.hex()
-    directory = root / name
-    stored = Path(body.path)
-    if ".." in stored.parts or stored.name != name:
-        raise FormatError(f"checkpoint path {body.path!r} is not <checkpoint root>/{name[:16]}…; refusing it")
-    if override is None:
-        expected = directory.absolute()
-        if (ledger_root / stored).absolute() != expected and (root / stored).absolute() != expected:
-            raise FormatError(f"checkpoint path {body.path!r} lies outside the checkpoint root {root}; refusing it")
+    directory = checkpoint_location(ledger_root, body, genesis, override)
+    root = directory.parent
     if directory.is_symlink():
         raise FormatError(f"checkpoint directory {directory} is a symlink; refusing it")
     if directory.exists():
@@ -652,6 +649,24 @@ def checkpoint_directory(ledger_root: Path, body: CheckpointBody, genesis: Genes
     return directory
 
 
+def checkpoint_location(ledger_root: Path, body: CheckpointBody, genesis: Genesis,
+                        override: Path | None = None) -> Path:
+    """Where a checkpoint entry's files should be, ``root/<state digest hex>``, checking only what the
+    entry says (its stored ``path`` names that directory; :class:`FormatError` otherwise), not what is
+    on disk: :func:`checkpoint_directory` checks both."""
+    root = checkpoint_root(ledger_root, genesis, override)
+    name = body.state_digest.hex()
+    directory = root / name
+    stored = Path(body.path)
+    if ".." in stored.parts or stored.name != name:
+        raise FormatError(f"checkpoint path {body.path!r} is not <checkpoint root>/{name[:16]}…; refusing it")
+    if override is None:
+        expected = directory.absolute()
+        if (ledger_root / stored).absolute() != expected and (root / stored).absolute() != expected:
+            raise FormatError(f"checkpoint path {body.path!r} lies outside the checkpoint root {root}; refusing it")
+    return directory
+
+
 __all__ = ["CheckpointBody", "FingerprintPolicy", "FinalWeights", "Genesis", "InitFingerprint", "OptimizerInfo",
            "PruneBody", "ResumeBody", "SealBody", "StepBody", "Superseded", "checkpoint_directory",
-           "checkpoint_root"]
+           "checkpoint_location", "checkpoint_root"]

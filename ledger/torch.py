@@ -19,7 +19,9 @@ import platform
 import random
 import re
 import shutil
+import stat
 import sys
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +43,7 @@ from ledger._fingerprint import (
 from ledger._parts import fsync_path
 from ledger._recipe import step_seed
 from ledger._state import FILES, StateDigests, read_meta, state_digest
-from ledger.errors import ConfigurationError
+from ledger.errors import ConfigurationError, FormatError
 
 # ----------------------------------------------------------------------------- tensor fingerprints
 
@@ -290,31 +292,90 @@ def snapshot_digests(snap: Snapshot, meta: bytes | None = None) -> StateDigests:
     return StateDigests(model_d, md, od, meta_d, state_digest(md, od, meta_d))
 
 
-def write_checkpoint(snap: Snapshot, root: Path) -> tuple[Path, StateDigests]:
-    """Write a snapshot durably under ``root/<state digest>/`` and return its digests.
+TEMPORARY = re.compile(r"^\.tmp-(?:([0-9a-f]{8})-)?([0-9a-f]{16})-([0-9]+)$")
+_writing: set[str] = set()  # temporary directories a thread of this process is writing now
+_writing_lock = threading.Lock()
 
-    The files are written to a temporary directory, fsynced and renamed into place, so a
-    checkpoint directory either is complete or does not exist."""
+
+def temporary_name(digest: bytes, tag: str = "") -> str:
+    """The temporary directory a checkpoint is written in before its rename:
+    ``.tmp-[<tag>-]<first 16 hex of the state digest>-<pid>`` (``tag``: 8 hex digits naming the run, so
+    a clean-up in a checkpoint root shared by several runs removes only its own; :data:`TEMPORARY`)."""
+    if tag and not re.fullmatch(r"[0-9a-f]{8}", tag):
+        raise ConfigurationError(f"a checkpoint's temporary tag is 8 hex digits, not {tag!r}")
+    return f".tmp-{tag + '-' if tag else ''}{digest.hex()[:16]}-{os.getpid()}"
+
+
+def being_written(path: Path) -> bool:
+    """True while a thread of this process writes the temporary checkpoint directory ``path``."""
+    with _writing_lock:
+        return str(Path(path).absolute()) in _writing
+
+
+def place_checkpoint(snap: Snapshot, root: Path, *, tag: str = "") -> tuple[Path, StateDigests, bool]:
+    """Write a snapshot durably under ``root/<state digest>/``; return the directory, its digests and
+    whether this call created it (False: a real directory of that name was already there — the same
+    state, content-addressed — and is used as it is).
+
+    The files are written to a temporary directory (:func:`temporary_name`), fsynced and renamed into
+    place, so a checkpoint directory either is complete or does not exist; on failure the temporary
+    directory is removed. A ``<hex>`` name that exists as anything but a real directory (a symlink, a
+    file) is refused (:class:`FormatError`), never used or replaced."""
     from safetensors.torch import save_file
 
     meta = encode_body(snap.meta)
     digests = snapshot_digests(snap, meta)
     final = root / digests.state_digest.hex()
-    if final.is_dir():
-        return final, digests  # content-addressed: the same state is already there
+    if _existing(final):
+        return final, digests, False
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{digests.state_digest.hex()[:16]}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(snap.model, str(tmp / FILES[0]))
-    save_file(snap.optimizer_tensors, str(tmp / FILES[1]))
-    (tmp / FILES[2]).write_bytes(meta)
-    for name in FILES:
-        fsync_path(tmp / name)
-    fsync_path(tmp)
-    os.replace(tmp, final)
+    tmp = root / temporary_name(digests.state_digest, tag)
+    key = str(tmp.absolute())
+    with _writing_lock:
+        _writing.add(key)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)  # this process's own leftover of the same state
+        tmp.mkdir()
+        save_file(snap.model, str(tmp / FILES[0]))
+        save_file(snap.optimizer_tensors, str(tmp / FILES[1]))
+        (tmp / FILES[2]).write_bytes(meta)
+        for name in FILES:
+            fsync_path(tmp / name)
+        fsync_path(tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not _existing(final):  # another run wrote the same state meanwhile: use it
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            return final, digests, False
+    except BaseException:
+        if not os.path.islink(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        with _writing_lock:
+            _writing.discard(key)
     fsync_path(root)
-    return final, digests
+    return final, digests, True
+
+
+def _existing(final: Path) -> bool:
+    """True when ``final`` is a real directory (lstat), False when absent; refuses anything else."""
+    try:
+        mode = os.lstat(final).st_mode
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(mode):
+        return True
+    raise FormatError(f"{final} exists but is not a directory (a symlink or a file); refusing to use or replace it")
+
+
+def write_checkpoint(snap: Snapshot, root: Path, *, tag: str = "") -> tuple[Path, StateDigests]:
+    """Write a snapshot durably under ``root/<state digest>/`` and return its digests
+    (:func:`place_checkpoint`, which also says whether the directory was created)."""
+    directory, digests, _ = place_checkpoint(snap, root, tag=tag)
+    return directory, digests
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -498,4 +559,5 @@ def run_step(recipe: Any, model: Any, optimizer: Any, scheduler: Any, seed: int,
 __all__ = ["RESEED_PER_STEP", "STREAM", "CountSketch", "Snapshot", "architecture", "batch_digest", "build_scheduler",
            "canonical_state", "continue_step", "deterministic", "environment", "load_tensors", "optimizer_groups",
            "restore", "rng_state", "run_step", "safetensors_dtype", "seed_everything", "set_rng_state",
-           "sketch_slots", "snapshot", "snapshot_digests", "tensor_bytes", "torch_digests", "write_checkpoint"]
+           "sketch_slots", "snapshot", "snapshot_digests", "tensor_bytes", "torch_digests", "write_checkpoint",
+           "place_checkpoint", "temporary_name", "being_written", "TEMPORARY"]
