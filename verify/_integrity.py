@@ -128,8 +128,8 @@ def check_chain(ctx: Context) -> CheckResult:
 def _same_metrics(column: list[tuple[str, float]], body: Any) -> bool:
     """The Parquet metrics map equals the body's metrics exactly (NaN equals NaN, signed zeros
     differ)."""
-    if not isinstance(body, dict) or len(column) != len(body):
-        return False
+    if not isinstance(body, dict) or len(column) != len(body) or len({name for name, _ in column}) != len(column):
+        return False  # a repeated key would let one signed value stand in for the others
     for name, value in column:
         other = body.get(name)
         if isinstance(other, bool) or not isinstance(other, (int, float)) or not floats_equal(value, float(other)):
