@@ -13,7 +13,6 @@ import os
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import BinaryIO
 
 from ledger.errors import FormatError, LedgerError
@@ -38,13 +37,12 @@ def open_regular(path: str | os.PathLike[str], *, what: str, limit: int | None =
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode) \
-                else "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else "not a regular file"
-            raise error(f"{what} {os.fsdecode(path)!s} is {kind}; give a regular file")
+            raise error(f"{what} {os.fsdecode(path)!s} is {file_kind(info.st_mode)}; give a regular file")
         if limit is not None and info.st_size > limit:
             raise error(f"{what} {os.fsdecode(path)!s} is {info.st_size} bytes, more than the {limit} "
                         "this format allows")
-        os.set_blocking(fd, True)
+        # the descriptor stays non-blocking: a regular file ignores it, anything that would block
+        # (a /proc file such as kmsg) fails the read instead of hanging it
         handle = os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
@@ -53,23 +51,31 @@ def open_regular(path: str | os.PathLike[str], *, what: str, limit: int | None =
         yield handle
 
 
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular file is, for a message: "a directory", "a FIFO", …"""
+    return "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+        "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a symlink" if stat.S_ISLNK(mode) else \
+        "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+
+
 def read_regular(path: str | os.PathLike[str], *, what: str, limit: int,
                  error: type[LedgerError] = FormatError) -> bytes:
-    """The bytes of a regular file of at most ``limit`` bytes (see :func:`open_regular`). A file
-    that grows past the limit while being read is refused too."""
+    """The bytes of a regular file of at most ``limit`` bytes (see :func:`open_regular`): as many as
+    its size says, so a small file costs little whatever the limit. One that changes size while it
+    is read is refused; one whose size is 0 is empty and is not read (a /proc file reports 0)."""
     with open_regular(path, what=what, limit=limit, error=error) as handle:
-        data = handle.read(limit + 1)
-    if len(data) > limit:
-        raise error(f"{what} {os.fsdecode(path)!s} grew past the {limit} bytes this format allows")
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:  # empty by its own account: not read (a /proc file says 0 and reads, or consumes, more)
+            return b""
+        try:
+            data = handle.read(size + 1)  # what the file says it holds (≤ limit), and one byte to see it grew
+        except BlockingIOError:
+            raise error(f"{what} {os.fsdecode(path)!s} blocks when read; give a regular file") from None
+    if data is None or len(data) > size:
+        raise error(f"{what} {os.fsdecode(path)!s} changed size while it was read; read it again when it is "
+                    "complete")
     return data
 
 
-def is_regular(path: Path) -> bool:
-    """True when ``path`` is a regular file (following symlinks), without opening it."""
-    try:
-        return stat.S_ISREG(path.stat().st_mode)
-    except OSError:
-        return False
 
-
-__all__ = ["GiB", "KiB", "MiB", "is_regular", "open_regular", "read_regular"]
+__all__ = ["GiB", "KiB", "MiB", "file_kind", "open_regular", "read_regular"]

@@ -227,7 +227,8 @@ def make_fifo(path: Path) -> None:
 
 
 def replace_with(path: Path, data: bytes | None = None, *, kind: str = "bytes") -> None:
-    """Replace ``path`` by bytes, a directory, a FIFO, a symlink to /dev/zero or a sparse huge file."""
+    """Replace ``path`` by bytes, a directory, a FIFO, a symlink to /dev/zero or to a /proc file, or a
+    sparse huge file."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     else:
@@ -238,6 +239,8 @@ def replace_with(path: Path, data: bytes | None = None, *, kind: str = "bytes") 
         os.mkfifo(path)
     elif kind == "zero":
         path.symlink_to("/dev/zero")
+    elif kind == "proc":  # a kernel pseudo-file: regular, size 0, yet it reads (never /proc/kmsg: reading consumes it)
+        path.symlink_to("/proc/self/status")
     elif kind == "huge":
         with open(path, "wb") as f:
             f.truncate(3 << 30)  # sparse: 3 GiB declared, nothing on disk
@@ -408,6 +411,8 @@ PARTS = [
     case("part-many-identical-rows", many_rows_tiny_part, 1, "000000.parquet"),
     case("wal-fifo", lambda ws: replace_with(ws / "ledger/wal.log", kind="fifo"), 1, "wal.log", sub_=True),
     case("wal-dev-zero", lambda ws: replace_with(ws / "ledger/wal.log", kind="zero"), 1, "wal.log", sub_=True),
+    # size 0 by its own account: an empty log, never read (the sealed ledger is whole in its parts)
+    case("wal-proc", lambda ws: replace_with(ws / "ledger/wal.log", kind="proc"), 0, sub_=True),
     case("wal-garbage", lambda ws: (ws / "ledger/wal.log").write_bytes(GARBAGE), 1, "wal.log"),
     case("wal-directory", lambda ws: replace_with(ws / "ledger/wal.log", kind="dir"), 1, "wal.log"),
     case("wal-huge-sparse", lambda ws: replace_with(ws / "ledger/wal.log", kind="huge"), 1, "wal.log", sub_=True),
@@ -453,6 +458,7 @@ CHECKPOINTS = [
     case("ckpt-state-pickle", ckpt("state.cbor", PICKLE), 1, "step 9"),
     case("ckpt-state-deep", ckpt("state.cbor", NESTED), 1, "step 9"),
     case("ckpt-state-fifo", ckpt("state.cbor", kind="fifo"), 1, "step 9", sub_=True),
+    case("ckpt-state-proc", ckpt("state.cbor", kind="proc"), 1, "step 9", sub_=True),
     case("ckpt-dir-is-a-file", lambda ws: replace_with(checkpoint_dir(ws), b"x"), 0),
 ]
 
@@ -634,6 +640,26 @@ def test_info_and_log_on_hostile_ledgers_end_in_output_or_one_line(group: str, t
         if snapshot(ws) != before:
             bad.append(f"{c.name}: files changed")
     assert not bad, "\n".join(bad)
+
+
+def test_a_checkpoint_file_symlinked_out_is_refused_unread(tmp_path: Path) -> None:
+    """A checkpoint file that is a symlink to a file elsewhere on the verifier's machine fails the
+    checkpoint without being read: nothing of that file (here its tensor names) reaches the report."""
+    from safetensors.numpy import save_file
+
+    secret = tmp_path / "private" / "other.safetensors"
+    secret.parent.mkdir()
+    save_file({"patient_ssn_123": np.zeros(2, np.float32)}, str(secret))
+    ws = tmp_path / "ws"
+    shutil.copytree(STORED, ws, symlinks=True)
+    target = checkpoint_dir(ws) / "model.safetensors"
+    target.unlink()
+    target.symlink_to(secret)
+    result = run_inproc(["verify", str(ws / "ledger"), "--key", str(ws / "trainer.pub"), "--json"])
+    report = json.loads(result.out)
+    assert result.code == 1 and report["checks"]["checkpoints"]["status"] == "fail"
+    assert "is a symlink" in report["checks"]["checkpoints"]["detail"]
+    assert "patient" not in result.out + result.err
 
 
 def test_verify_writes_no_bytecode_beside_the_recipe(tmp_path: Path) -> None:
