@@ -144,9 +144,18 @@ class Ledger:
         """True when the last entry is a seal."""
         return self.last_entry().kind is Kind.SEAL
 
-    def to_pandas(self) -> Any:
-        """One row per entry: seq, kind, step, time (UTC), hash (hex), then one column per metric."""
+    def to_pandas(self, max_metrics: int | None = 256) -> Any:
+        """One row per entry: seq, kind, step, time (UTC), hash (hex), then one column per metric
+        (NaN where an entry did not log it; a name logged twice in one entry keeps its last value).
+
+        At most ``max_metrics`` metric columns (None: no cap): when the entries log more distinct
+        names, the most often logged are kept (in order of first appearance) and the number left out
+        is in ``frame.attrs["metrics_omitted"]``. The columns are built from the flattened
+        (entry, name, value) triples, so memory grows with the entries and the kept columns, never
+        with entries × distinct names."""
+        import numpy as np
         import pandas as pd
+        import pyarrow.compute as pc
 
         table = self.table()
         frame = pd.DataFrame({
@@ -156,9 +165,45 @@ class Ledger:
             "time": pd.to_datetime(table["time_ns"].to_numpy(), unit="ns", utc=True),
             "hash": [h.hex() for h in table["hash"].to_pylist()],
         })
-        metrics = pd.DataFrame([dict(m) for m in table["metrics"].to_pylist()], index=frame.index)
-        metrics = metrics.drop(columns=[c for c in metrics.columns if c in frame.columns])
-        return pd.concat([frame, metrics], axis=1)
+        # the (row, name, value) triples of every map (a map viewed as the list of its entries)
+        rows_parts, keys_parts, values_parts, base = [], [], [], 0
+        for chunk in table["metrics"].chunks:
+            entries = chunk.cast(pa.list_(pa.struct([chunk.type.key_field, chunk.type.item_field])))
+            flat = entries.flatten()
+            rows_parts.append(base + entries.value_parent_indices().to_numpy(zero_copy_only=False))
+            keys_parts.append(flat.field(0))
+            values_parts.append(flat.field(1).to_numpy(zero_copy_only=False))
+            base += len(chunk)
+        if not keys_parts or not sum(len(k) for k in keys_parts):
+            return frame
+        encoded = pc.dictionary_encode(pa.concat_arrays(keys_parts))
+        codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        names = encoded.dictionary.to_pylist()  # in order of first appearance
+        rows = np.concatenate(rows_parts)
+        values = np.concatenate(values_parts).astype(np.float64)  # a null value is NaN
+        eligible = np.array([name not in frame.columns for name in names], dtype=bool)
+        counts = np.bincount(codes, minlength=len(names))
+        kept = np.flatnonzero(eligible)
+        omitted = 0
+        if max_metrics is not None and len(kept) > max_metrics:
+            by_use = kept[np.argsort(-counts[kept], kind="stable")][:max(max_metrics, 0)]
+            omitted, kept = len(kept) - len(by_use), np.sort(by_use)
+        column = np.full(len(names), -1, dtype=np.int64)
+        column[kept] = np.arange(len(kept))
+        cols = column[codes]
+        mine = cols >= 0
+        rows, cols, values = rows[mine], cols[mine], values[mine]
+        # a name twice in one entry: the last value wins (as in a dict)
+        cell = rows * max(len(kept), 1) + cols
+        _, last = np.unique(cell[::-1], return_index=True)
+        pick = len(cell) - 1 - last
+        dense = np.full((len(frame), len(kept)), np.nan)
+        dense[rows[pick], cols[pick]] = values[pick]
+        metrics = pd.DataFrame(dense, columns=[names[i] for i in kept], index=frame.index)
+        out = pd.concat([frame, metrics], axis=1)
+        if omitted:
+            out.attrs["metrics_omitted"] = omitted
+        return out
 
 
 def _read_source(path: Path) -> Source:
