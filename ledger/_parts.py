@@ -49,7 +49,7 @@ def list_parts(parts_dir: Path) -> list[Path]:
     found = []
     for path in parts_dir.iterdir():
         stem = path.name.removesuffix(".parquet")
-        if path.name.endswith(".parquet") and len(stem) == PART_DIGITS and stem.isdigit():
+        if path.name.endswith(".parquet") and len(stem) == PART_DIGITS and stem.isascii() and stem.isdigit():
             found.append(path)
     return sorted(found)
 
