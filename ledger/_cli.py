@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
+import re
 import sys
 import traceback
+from collections.abc import Mapping
 from typing import Any
 
 import click
@@ -19,6 +22,23 @@ from ledger import Ledger, generate_keypair
 from ledger.errors import ConfigurationError, LedgerError
 
 EXIT_PASS, EXIT_FAIL, EXIT_CANNOT_RUN, EXIT_INTERNAL = 0, 1, 2, 3
+METRIC_COLUMNS = 256  # `ledger log` and `ledger info` show at most this many distinct metric names
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _printable(text: object, controls: bool = True) -> str:
+    """``text`` safe to print on any terminal and stream encoding: the undecodable bytes of a path
+    (surrogate escapes) as ``\\xff``; with ``controls``, control characters and line breaks as
+    ``\\n``, ``\\x1b``, ``\\u2028`` (so a one-line message stays one line)."""
+    text = str(text)
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if controls:
+        text = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    return text
 
 
 class _Commands(click.Group):
@@ -33,13 +53,13 @@ class _Commands(click.Group):
         except LedgerError as exc:
             if ctx.params.get("debug"):
                 traceback.print_exc()
-            click.echo(f"ledger: error: {exc}", err=True)
+            click.echo(f"ledger: error: {_printable(exc)}", err=True)
             ctx.exit(exc.exit_code)
         except Exception as exc:  # a bug of ours
             if ctx.params.get("debug"):
                 traceback.print_exc()
-            click.echo(f"ledger: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
-                       err=True)
+            click.echo(f"ledger: internal error: {type(exc).__name__}: {_printable(exc)} (run with --debug for the "
+                       "traceback)", err=True)
             ctx.exit(EXIT_INTERNAL)
 
 
@@ -68,50 +88,103 @@ def keygen(prefix: str, encrypt: bool, passphrase_env: str | None) -> None:
                                      "with --passphrase-env VAR (e.g. --passphrase-env LEDGER_KEY_PASSPHRASE)")
         passphrase = click.prompt("Passphrase", hide_input=True, confirmation_prompt=True).encode()
     private_path, public_path = generate_keypair(prefix, passphrase)
-    click.echo(f"private key: {private_path} (keep it secret)")
-    click.echo(f"public key:  {public_path} (publish it with your ledgers)")
+    click.echo(f"private key: {_printable(private_path)} (keep it secret)")
+    click.echo(f"public key:  {_printable(public_path)} (publish it with your ledgers)")
 
 
-def _iso(ns: int | None) -> str | None:
-    if ns is None:
+def _iso(ns: object) -> str | None:
+    """An ISO time from nanoseconds since the epoch; None for anything else (a signed genesis can
+    hold any CBOR value in ``created_ns``)."""
+    if isinstance(ns, bool) or not isinstance(ns, (int, float)) or not math.isfinite(ns):
         return None
-    return _dt.datetime.fromtimestamp(ns / 1e9, tz=_dt.timezone.utc).isoformat(timespec="seconds")
+    try:
+        return _dt.datetime.fromtimestamp(ns / 1e9, tz=_dt.timezone.utc).isoformat(timespec="seconds")
+    except (OverflowError, ValueError, OSError):
+        return None
+
+
+def _fact(value: object) -> object:
+    """A genesis value as shown by ``info``: a string or a finite number as it is, anything else
+    (bytes, a map, …) as its repr, shortened."""
+    if value is None or isinstance(value, (str, bool)) or (isinstance(value, int) and abs(value) < 1 << 63):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _metric_names(table: Any) -> tuple[list[str], int]:
+    """The distinct metric names of the entries (those ``log`` shows as columns: at most
+    METRIC_COLUMNS, the most often logged, in order of first appearance) and how many more there
+    are; counted from the flattened maps, without building a frame."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    keys = []
+    for chunk in table["metrics"].chunks:
+        entries = chunk.cast(pa.list_(pa.struct([chunk.type.key_field, chunk.type.item_field])))
+        keys.append(entries.flatten().field(0))
+    if not keys:
+        return [], 0
+    counted = pc.value_counts(pa.concat_arrays(keys))  # in order of first appearance
+    names = counted.field("values").to_pylist()
+    counts = counted.field("counts").to_pylist()
+    named = [(i, n, c) for i, (n, c) in enumerate(zip(names, counts, strict=True))
+             if n not in ("seq", "kind", "step", "time", "hash")]
+    kept = sorted(sorted(named, key=lambda t: -t[2])[:METRIC_COLUMNS])
+    return [n for _, n, _ in kept], len(named) - len(kept)
 
 
 def ledger_info(path: str) -> dict[str, Any]:
-    """Facts about a ledger, without verifying it."""
+    """Facts about a ledger, without verifying it. Genesis values of an unexpected type are shown
+    as their repr (or None for a time): ``info`` reads what any ledger holds."""
+    import pyarrow.compute as pc
+
     ledger = Ledger(path)
     genesis_entry, last = ledger.genesis_entry(), ledger.last_entry()
-    genesis = genesis_entry.body()
-    frame = ledger.to_pandas()
-    kinds = frame["kind"].value_counts().to_dict()
-    steps = frame.loc[frame["kind"] == "step", "step"]
-    return {
+    body = genesis_entry.body()
+    genesis: Mapping[Any, Any] = body if isinstance(body, Mapping) else {}
+    table = ledger.table()
+    kinds = pc.value_counts(table["kind"])
+    is_step = pc.equal(table["kind"], "step")
+    steps = pc.min_max(pc.filter(table["step"], is_step)) if pc.any(is_step).as_py() else None
+    metrics, omitted = _metric_names(table)
+    key_id = genesis.get("key_id")
+    facts = {
         "path": str(ledger.path),
-        "run_id": genesis.get("run_id"),
-        "format": genesis.get("format"),
+        "run_id": _fact(genesis.get("run_id")),
+        "format": _fact(genesis.get("format")),
         "created": _iso(genesis.get("created_ns")),
-        "key_id": genesis["key_id"].hex() if isinstance(genesis.get("key_id"), bytes) else None,
-        "entries": len(frame),
-        "kinds": {str(k): int(v) for k, v in sorted(kinds.items())},
-        "steps": [int(steps.min()), int(steps.max())] if len(steps) else None,
+        "key_id": key_id.hex() if isinstance(key_id, bytes) else None,
+        "entries": table.num_rows,
+        "kinds": dict(sorted((str(k), int(v)) for k, v in zip(kinds.field("values").to_pylist(),
+                                                               kinds.field("counts").to_pylist(), strict=True))),
+        "steps": [int(steps["min"].as_py()), int(steps["max"].as_py())] if steps is not None else None,
         "sealed": last.kind.label == "seal",
         "head": last.hash.hex(),
         "last_time": _iso(last.time_ns),
         "parts": sum(1 for s in ledger.sources() if s.name.startswith("parts/")),
         "log_tail_entries": len(ledger.wal_tail()),
         "torn_tail_bytes": len(ledger.wal_torn),
-        "metrics": [c for c in frame.columns if c not in ("seq", "kind", "step", "time", "hash")],
-        "genesis_fields": sorted(genesis),
+        "metrics": metrics,
+        "genesis_fields": sorted(k if isinstance(k, str) else repr(k) for k in genesis),
     }
+    if omitted:
+        facts["metrics_omitted"] = omitted
+    return facts
 
 
 @cli.command()
 @click.argument("ledger_path", metavar="LEDGER")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def info(ledger_path: str, as_json: bool) -> None:
-    """Show what a ledger holds (no verification)."""
+    """Show what a ledger holds (no verification). At most 256 metric names are listed (the most
+    often logged); ``metrics_omitted`` counts the rest."""
     facts = ledger_info(ledger_path)
+    if facts.get("metrics_omitted"):
+        click.echo(f"ledger: note: {facts['metrics_omitted']} more metric names not listed (at most "
+                   f"{METRIC_COLUMNS}, the most often logged)", err=True)
     if as_json:
         click.echo(json.dumps(facts, indent=2))
         return
@@ -119,7 +192,7 @@ def info(ledger_path: str, as_json: bool) -> None:
         if isinstance(value, (list, dict)):
             value = ", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else \
                 ", ".join(map(str, value))
-        click.echo(f"{key:>17}: {value}")
+        click.echo(f"{key:>17}: {_printable(value)}")
 
 
 @cli.command()
@@ -128,8 +201,13 @@ def info(ledger_path: str, as_json: bool) -> None:
 @click.option("--kind", help="Only entries of this kind (step, checkpoint, …).")
 @click.option("--tail", type=click.IntRange(min=1), help="Only the last N entries.")
 def log(ledger_path: str, fmt: str, kind: str | None, tail: int | None) -> None:
-    """Print the entries, one row each, metrics as columns."""
-    frame = Ledger(ledger_path).to_pandas()
+    """Print the entries, one row each, metrics as columns: at most 256 metric columns (the most
+    often logged names, in order of first appearance); a note on stderr says how many were left out."""
+    frame = Ledger(ledger_path).to_pandas(max_metrics=METRIC_COLUMNS)
+    omitted = frame.attrs.get("metrics_omitted")
+    if omitted:
+        click.echo(f"ledger: note: {omitted} more metric names not shown (at most {METRIC_COLUMNS} metric "
+                   "columns, the most often logged)", err=True)
     if kind:
         frame = frame[frame["kind"] == kind]
     if tail:
@@ -204,6 +282,9 @@ def verify(ledger_path: str, key: str | None, model: str | None, checkpoint_dir:
     if report_path and importlib.util.find_spec("matplotlib") is None:
         raise ConfigurationError("--report needs matplotlib, which is not installed: "
                                  "pip install 'training-ledger[report]'")
+    if report_path:
+        _refuse_report_inside(report_path, ledger_path, checkpoint_dir,
+                              [p for p in (key, model, base, *against) if p])
     names = [n.strip() for n in require.split(",") if n.strip()]
     report = verify_ledger(ledger_path, key=key, model=model, sample=sample, sample_seed=sample_seed, require=names,
                            workers=workers, progress=_Progress(), checkpoints=checkpoint_dir, recipe=recipe,
@@ -211,27 +292,87 @@ def verify(ledger_path: str, key: str | None, model: str | None, checkpoint_dir:
     if as_json:
         click.echo(render_json(report))
     else:
-        click.echo(render_text(report, lambda text, status: click.style(text, fg=_STATUS_COLOURS[status],
-                                                                        bold=True)))
+        click.echo(_printable(render_text(report, lambda text, status: click.style(
+            text, fg=_STATUS_COLOURS[status], bold=True)), controls=False))
     if report_path:
         _write_report(report, report_path)
     sys.exit(EXIT_PASS if report.verdict == "pass" else EXIT_FAIL)
 
 
-def _write_report(report: Any, report_path: str) -> None:
-    """Render the HTML report and write it (parent directories created); the note goes to stderr."""
+def _refuse_report_inside(report_path: str, ledger_path: str, checkpoint_dir: str | None,
+                          inputs: list[str]) -> None:
+    """Refuse (exit 2) a report path inside the ledger directory or the checkpoint root, or naming
+    an input file: verify writes nothing but the report, and never over its evidence."""
     from pathlib import Path
+
+    try:
+        target = Path(report_path).resolve()
+        roots = [(Path(ledger_path).resolve(), "inside the ledger directory")]
+        if checkpoint_dir:
+            roots.append((Path(checkpoint_dir).resolve(), "inside the checkpoint directory"))
+        resolved_inputs = [(path, Path(path).resolve()) for path in inputs]
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        raise ConfigurationError(f"cannot resolve the --report path {report_path}: {exc}") from exc
+    for root, where in roots:
+        if target == root or root in target.parents:
+            raise ConfigurationError(f"--report {report_path} is {where} {root}: write the report elsewhere")
+    for path, resolved in resolved_inputs:
+        if resolved == target:
+            raise ConfigurationError(f"--report {report_path} is the input file {path}: write the report elsewhere")
+
+
+def _render_html_isolated(report: Any) -> str:
+    """Render the HTML report with matplotlib's config and cache directory (MPLCONFIGDIR) in a
+    temporary directory removed afterwards: verify writes nothing but the report, not even a font
+    cache under ~/.cache or ~/.config."""
+    import shutil
+    import tempfile
 
     from ledger.verify import render_html
 
-    page = render_html(report)
+    if "matplotlib" in sys.modules:  # already configured by whoever imported it
+        return render_html(report)
+    scratch = tempfile.mkdtemp(prefix="ledger-mpl-")
+    before = os.environ.get("MPLCONFIGDIR")
+    os.environ["MPLCONFIGDIR"] = scratch
+    try:
+        return render_html(report)
+    finally:
+        if before is None:
+            os.environ.pop("MPLCONFIGDIR", None)
+        else:
+            os.environ["MPLCONFIGDIR"] = before
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write_report(report: Any, report_path: str) -> None:
+    """Render the HTML report and write it (parent directories created) through a temporary file
+    beside it, renamed into place (removed on failure); the note goes to stderr."""
+    import tempfile
+    from pathlib import Path
+
+    data = _render_html_isolated(report).encode("utf-8", "backslashreplace")
     target = Path(report_path)
+    temp: str | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(page, encoding="utf-8")
-    except OSError as exc:
+        fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        with os.fdopen(fd, "wb") as handle:
+            umask = os.umask(0o022)
+            os.umask(umask)
+            os.fchmod(handle.fileno(), 0o666 & ~umask)
+            handle.write(data)
+        os.replace(temp, target)
+        temp = None
+    except (OSError, UnicodeError) as exc:
         raise ConfigurationError(f"cannot write the report to {report_path}: {exc}") from exc
-    click.echo(f"report written to {report_path}", err=True)
+    finally:
+        if temp is not None:
+            try:
+                os.unlink(temp)
+            except OSError:
+                pass
+    click.echo(f"report written to {_printable(report_path)}", err=True)
 
 
 @cli.command(name="compare")
@@ -282,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:  # usage errors and bad parameters: one line too
         ctx = getattr(exc, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        click.echo(f"ledger: error: {exc.format_message()}{hint}", err=True)
+        click.echo(f"ledger: error: {_printable(exc.format_message())}{_printable(hint)}", err=True)
         sys.exit(EXIT_CANNOT_RUN)
     except click.exceptions.Abort:
         click.echo("ledger: aborted", err=True)

@@ -5,6 +5,7 @@ is in the report."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -12,16 +13,31 @@ from ledger.verify._result import Report
 
 Style = Callable[[str, str], str]  # (text, status) → styled text
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(value: Any) -> str:
+    """``value`` as text safe to show on one line: the undecodable bytes of a path (surrogate
+    escapes) as ``\\xff``, control characters and line breaks as ``\\n``, ``\\x1b``, …"""
+    text = str(value)
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
 
 def render_text(report: Report, style: Style | None = None) -> str:
     """The terminal form: the ledger line, one line per check, the final sentence. ``style``
     colours a status word (the CLI passes click's)."""
     facts = report.ledger
-    lines = [f"ledger {facts.get('path')}  run {facts.get('run_id')}  entries {facts.get('entries')}"]
+    p = printable
+    lines = [f"ledger {p(facts.get('path'))}  run {p(facts.get('run_id'))}  entries {p(facts.get('entries'))}"]
     for check in report.checks:
         status = f"{check.status:<4}"
-        lines.append(f"  {check.name:<12} {style(status, check.status.value) if style else status}  {check.detail}")
-    lines.append(report.sentence())
+        lines.append(f"  {p(check.name):<12} {style(status, check.status.value) if style else status}  "
+                     f"{p(check.detail)}")
+    lines.append(p(report.sentence()))
     return "\n".join(lines)
 
 
@@ -52,4 +68,4 @@ def render_html(report: Report, ledger_path: Any = None) -> str:
     return page
 
 
-__all__ = ["render_html", "render_json", "render_text"]
+__all__ = ["printable", "render_html", "render_json", "render_text"]

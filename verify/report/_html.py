@@ -181,7 +181,13 @@ def _pairs(value: Any) -> list[tuple[float, float]]:
 
 
 def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+    """HTML-escaped text, its undecodable path bytes (surrogate escapes) shown as ``\\xff``."""
+    text = str(value)
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return html.escape(text, quote=True)
 
 
 def _note(text: str) -> str:
