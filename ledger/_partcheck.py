@@ -10,7 +10,9 @@ refuses the part unless
 - rows ≤ file size / 96: each row carries a 64-byte random signature and a 32-byte hash, which no
   codec compresses (docs/FORMAT.md §6.4), and every row group's columns hold exactly its rows;
 - the decompressed page bytes sum to at most :func:`budget` (64 MiB + 32 × the file size, and
-  never more than 2 GiB);
+  never more than 2 GiB), and the parts of one ledger together to at most what its
+  :class:`LedgerBudget` has left (64 MiB once + 32 × the bytes of all its parts): many small parts
+  cannot each claim the 64 MiB floor;
 - the map entries of ``metrics`` are at most one per row plus one per 4 decompressed bytes of the
   ``record`` column (a metric takes at least 4 bytes of the signed body);
 - a dictionary-encoded text or binary column could not expand past the budget (value count ×
@@ -21,6 +23,9 @@ refuses the part unless
 from __future__ import annotations
 
 import mmap
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +48,37 @@ _METRICS = ("metrics.key_value.key", "metrics.key_value.value")
 def budget(file_size: int) -> int:
     """The most decoded bytes a part of ``file_size`` bytes may need."""
     return min(BUDGET_CAP, BUDGET_FLOOR + BUDGET_RATIO * file_size)
+
+
+class LedgerBudget:
+    """The decoded bytes all the parts of one ledger may take together: :data:`BUDGET_FLOOR` once
+    plus :data:`BUDGET_RATIO` × the bytes of all its parts on disk (docs/FORMAT.md §6.4).
+
+    Parts take their share in order, each in its :meth:`turn` (part ``i`` after part ``i - 1``,
+    whatever thread reads it), so which part a crafted ledger gets refused does not depend on timing.
+    A clean ledger of any number of parts fits: each of its parts decodes to a few times its size."""
+
+    def __init__(self, disk_bytes: int) -> None:
+        self.left = BUDGET_FLOOR + BUDGET_RATIO * max(disk_bytes, 0)
+        self._next = 0
+        self._ready = threading.Condition()
+
+    @contextmanager
+    def turn(self, index: int) -> Iterator[LedgerBudget]:
+        """Wait until the parts before ``index`` have taken their share; the turn passes on when
+        the block ends (also when it raises). Callers start turns in index order."""
+        with self._ready:
+            self._ready.wait_for(lambda: self._next >= index)
+        try:
+            yield self
+        finally:
+            with self._ready:
+                self._next = max(self._next, index + 1)
+                self._ready.notify_all()
+
+    def take(self, amount: int) -> None:
+        """Charge ``amount`` decoded bytes (within a turn, after :func:`check_part` allowed them)."""
+        self.left -= amount
 
 
 # ----------------------------------------------------------------------------- Thrift compact protocol
@@ -181,16 +217,19 @@ def _page_header(reader: _Thrift) -> _Page:
 # ----------------------------------------------------------------------------- the part as a whole
 @dataclass(slots=True)
 class PartPlan:
-    """What the checks found: the columns to read as dictionaries, and the decoded-size budget."""
+    """What the checks found: the columns to read as dictionaries, the decoded-size budget, and
+    the most the part may decode to (its share of the ledger's budget)."""
 
     budget: int
     dictionary_columns: list[str] = field(default_factory=list)
+    cost: int = 0
 
 
-def check_part(handle: Any, metadata: Any, file_size: int, name: str) -> PartPlan:
+def check_part(handle: Any, metadata: Any, file_size: int, name: str, allowance: int | None = None) -> PartPlan:
     """Refuse a part whose footer or page headers claim more than the format allows (see the
-    module docstring); returns how to read it."""
-    limit = budget(file_size)
+    module docstring), or more than ``allowance`` (what the ledger's budget has left); returns how
+    to read it."""
+    limit = budget(file_size) if allowance is None else max(0, min(budget(file_size), allowance))
     rows = metadata.num_rows
     if rows < 0 or rows * ROW_FLOOR > file_size:
         raise FormatError(f"part {name} claims {rows} rows in {file_size} bytes; each row takes at least "
@@ -223,7 +262,10 @@ def check_part(handle: Any, metadata: Any, file_size: int, name: str) -> PartPla
                 total += size
                 if total > limit:
                     raise FormatError(f"part {name} decompresses to more than {limit} bytes "
-                                      f"(a {file_size}-byte part may hold at most that)")
+                                      + (f"(a {file_size}-byte part may hold at most that)" if allowance is None
+                                         or limit == budget(file_size) else
+                                         "(what is left of the ledger's budget: 64 MiB + 32 × the bytes of its "
+                                         "parts, for all of them together)"))
                 values[path] = sum(p.values for p in data)
                 if path == "record":
                     record_bytes += size
@@ -240,7 +282,15 @@ def check_part(handle: Any, metadata: Any, file_size: int, name: str) -> PartPla
                                       "its records can hold")
         if counted != rows:
             raise FormatError(f"part {name}: its row groups hold {counted} rows, its footer says {rows}")
-    return PartPlan(limit, [path for path, bound in dict_bound.items() if total + bound > limit])
+    # Dictionary columns Arrow may expand as it decodes, while they fit; the rest are read as
+    # dictionaries and measured first (a part with any such column is charged its whole limit).
+    expanded, measured = total, []
+    for path, bound in dict_bound.items():
+        if expanded + bound <= limit:
+            expanded += bound
+        else:
+            measured.append(path)
+    return PartPlan(limit, measured, limit if measured else expanded)
 
 
 def _walk(buf: Any, column: Any, file_size: int, name: str) -> list[_Page]:
@@ -295,4 +345,4 @@ def expand_dictionaries(table: pa.Table, columns: list[str], limit: int, name: s
     return table
 
 
-__all__ = ["MAX_PART_BYTES", "PartPlan", "budget", "check_part", "expand_dictionaries"]
+__all__ = ["MAX_PART_BYTES", "LedgerBudget", "PartPlan", "budget", "check_part", "expand_dictionaries"]

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -113,39 +114,51 @@ def write_part(path: Path, table: pa.Table, run_id: str) -> dict[str, Any]:
     return {"entries": table.num_rows, "seq": f"{first}-{last}", "sha256": sink.sha256.hexdigest()}
 
 
-def read_part(path: Path) -> pa.Table:
+def read_part(path: Path, budget: Any = None, index: int = 0) -> pa.Table:
     """Read a part; a damaged, foreign or oversized file raises :class:`FormatError` naming it.
 
     Only a regular file of at most 1 GiB is opened; its footer and every page header are checked
     against what the format allows (:mod:`ledger._partcheck`) before Arrow decodes a value, so a
-    crafted part costs at most a bounded multiple of its size in memory and time."""
+    crafted part costs at most a bounded multiple of its size in memory and time. ``budget`` (a
+    :class:`~ledger._partcheck.LedgerBudget`) is what the parts of the whole ledger may decode to;
+    this part, the ``index``-th, takes its share of it in its turn."""
     from ledger._io import open_regular
     from ledger._partcheck import MAX_PART_BYTES, expand_dictionaries
 
-    with open_regular(path, what="part", limit=MAX_PART_BYTES) as handle:
-        size = os.fstat(handle.fileno()).st_size
-        try:
-            plan = _part_plan(handle, path.name, size)
-            # one thread per file: measured faster than Arrow's pool on 2 cores, and the reader
-            # already overlaps reading the next part with hashing this one
-            handle.seek(0)
-            parquet = pq.ParquetFile(handle, read_dictionary=plan.dictionary_columns or None)
-            table = parquet.read(use_threads=False)
-        except (pa.ArrowException, OSError, ValueError, TypeError, IndexError, OverflowError) as exc:
-            raise FormatError(f"part {path.name} is unreadable ({exc})") from exc
+    planned = False
+    try:
+        with open_regular(path, what="part", limit=MAX_PART_BYTES) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            try:
+                with budget.turn(index) if budget is not None else nullcontext():
+                    planned = True
+                    plan = _part_plan(handle, path.name, size, budget.left if budget is not None else None)
+                    if budget is not None:
+                        budget.take(plan.cost)
+                # one thread per file: measured faster than Arrow's pool on 2 cores, and the reader
+                # already overlaps reading the next part with hashing this one
+                handle.seek(0)
+                parquet = pq.ParquetFile(handle, read_dictionary=plan.dictionary_columns or None)
+                table = parquet.read(use_threads=False)
+            except (pa.ArrowException, OSError, ValueError, TypeError, IndexError, OverflowError) as exc:
+                raise FormatError(f"part {path.name} is unreadable ({exc})") from exc
+    finally:
+        if budget is not None and not planned:  # refused before its turn: pass the turn on, in order
+            with budget.turn(index):
+                pass
     table = expand_dictionaries(table, plan.dictionary_columns, plan.budget, path.name)
     if not table.schema.remove_metadata().equals(SCHEMA):
         raise FormatError(f"part {path.name} does not have the ledger schema")
     return table
 
 
-def _part_plan(handle: Any, name: str, size: int) -> Any:
+def _part_plan(handle: Any, name: str, size: int, allowance: int | None) -> Any:
     from ledger._partcheck import check_part
 
     parquet = pq.ParquetFile(handle)
     if not parquet.schema_arrow.remove_metadata().equals(SCHEMA):
         raise FormatError(f"part {name} does not have the ledger schema")
-    return check_part(handle, parquet.metadata, size, name)
+    return check_part(handle, parquet.metadata, size, name, allowance)
 
 
 def table_entries(table: pa.Table) -> list[Entry]:

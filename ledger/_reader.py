@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
+import numpy as np
 import pyarrow as pa
 
 from ledger import _parts, _wal
+from ledger._encoding import decode_body
 from ledger._entry import Entry
 from ledger._layout import Layout
-from ledger._record import Kind
+from ledger._record import HASH_SIZE, HEADER_OFFSETS, HEADER_SIZE, SIGNATURE_SIZE, Kind, decode_header
 from ledger.errors import FormatError
+
+if TYPE_CHECKING:
+    from ledger._partcheck import LedgerBudget
+
+MAX_PARTS = 4096  # 33 million entries at a roll every 8192: more than verify could hold in memory
+_VERSION_SIZE = HEADER_OFFSETS["version"][0] + HEADER_OFFSETS["version"][1]  # the version is the first field
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +46,7 @@ class Ledger:
         self.path = self.layout.root
         self._sources: list[Source] | None = None
         self.wal_torn = b""
+        self.wal_versions: frozenset[int] = frozenset()  # the format versions the log's records say
 
     # ----------------------------------------------------------------- raw access
     def sources(self) -> list[Source]:
@@ -55,15 +65,25 @@ class Ledger:
         for _ in range(5):
             before = _parts.list_parts(self.layout.parts)
             try:
-                scan, wal_error = _wal.read(self.layout.wal), None
+                frames, wal_error = _wal.read_frames(self.layout.wal), None
             except FormatError as exc:
-                scan, wal_error = _wal.WalScan([], 0, b""), str(exc)
+                frames, wal_error = _wal.WalFrames(memoryview(b""), [], 0, b""), str(exc)
             if _parts.list_parts(self.layout.parts) == before:
                 break
         sources: list[Source] = []
+        if len(before) > MAX_PARTS:  # more than a writer leaves: refused before any is opened
+            refused = Source("parts", None, f"the ledger holds {len(before)} parts, more than the {MAX_PARTS} a reader "
+                                            "reads (a writer rolls a part every 8192 entries)")
+            self._sources = [refused]
+            yield refused
+            return
         last_seq, run_id = -1, None
+        # what all the parts together may decode to (docs/FORMAT.md §6.4), taken part by part in order
+        from ledger._partcheck import LedgerBudget
+
+        budget = LedgerBudget(sum(_disk_size(p) for p in before))
         with ThreadPoolExecutor(2, thread_name_prefix="ledger-read") as pool:
-            for future in [pool.submit(_read_source, p) for p in before]:
+            for future in [pool.submit(_read_source, p, budget, i) for i, p in enumerate(before)]:
                 source = future.result()
                 if source.table is not None and source.table.num_rows:
                     last_seq = max(last_seq, source.table["seq"][-1].as_py())
@@ -74,14 +94,19 @@ class Ledger:
             tail_source: Source | None = Source("wal.log", None, wal_error)
         else:
             # Frames already rolled into a part (a roll interrupted before the log was reset).
-            tail = [e for e in scan.entries if _safe_seq(e) > last_seq]
-            self.wal_torn = scan.torn
+            records = [frames.record(i) for i in range(len(frames.payloads))]
+            self.wal_versions = frozenset(int.from_bytes(r[:_VERSION_SIZE], "big") for r in records
+                                          if len(r) >= _VERSION_SIZE)
+            tail = [i for i, r in enumerate(records) if _safe_seq(r) > last_seq]
+            del records
+            self.wal_torn = frames.torn
             tail_source = None
             if tail:
                 try:
-                    tail_source = Source("wal.log", wal_table(tail, run_id))
+                    tail_source = Source("wal.log", wal_table(frames, tail, run_id))
                 except FormatError as exc:
                     tail_source = Source("wal.log", None, str(exc))
+            del frames  # the log's bytes: the table holds copies of what it needs
         if tail_source is not None:
             sources.append(tail_source)
             yield tail_source
@@ -206,34 +231,78 @@ class Ledger:
         return out
 
 
-def _read_source(path: Path) -> Source:
+def _read_source(path: Path, budget: LedgerBudget | None = None, index: int = 0) -> Source:
     try:
-        return Source(f"parts/{path.name}", _parts.read_part(path))
+        return Source(f"parts/{path.name}", _parts.read_part(path, budget, index))
     except FormatError as exc:
         return Source(f"parts/{path.name}", None, str(exc))
+    except MemoryError as exc:  # Arrow's allocator under a memory limit: this part cannot be held
+        return Source(f"parts/{path.name}", None, f"unreadable: it does not fit in memory ({exc})")
 
 
-def _safe_seq(entry: Entry) -> int:
+def _disk_size(path: Path) -> int:
+    """Bytes of a part file as the budget counts them (a part over the limit is refused anyway)."""
+    from ledger._partcheck import MAX_PART_BYTES
+
     try:
-        return entry.seq
+        return min(path.stat().st_size, MAX_PART_BYTES)
+    except OSError:
+        return 0
+
+
+def _safe_seq(record: memoryview) -> int:
+    try:
+        return decode_header(cast(bytes, record)).seq  # decode_header reads any buffer
     except FormatError:
         return 1 << 62  # keep malformed records: verify reports them
 
 
-def wal_table(entries: list[Entry], run_id: str | None) -> pa.Table:
-    """The typed view of log entries (built here: the log stores only the signed bytes).
+def wal_table(frames: _wal.WalFrames, rows: list[int], run_id: str | None) -> pa.Table:
+    """The typed view of the log frames ``rows`` (built here: the log stores only the signed bytes),
+    copying each record once, into the table.
 
     ``run_id`` comes from the parts; when the log holds the genesis, from its body."""
+    records = [frames.record(i) for i in rows]
+    headers = [decode_header(cast(bytes, r)) for r in records]  # both decoders read any buffer
     metrics = []
-    for entry in entries:
+    for record, header in zip(records, headers, strict=True):
         try:
-            body = entry.body()
-            metrics.append({k: float(v) for k, v in dict(body.get("metrics", {})).items()})
-            if run_id is None and entry.kind is Kind.GENESIS:
+            body = decode_body(cast(bytes, record[HEADER_SIZE:]))
+            metrics.append(list({k: float(v) for k, v in dict(body.get("metrics", {})).items()}.items()))
+            if run_id is None and header.kind is Kind.GENESIS:
                 run_id = str(body["run_id"])
         except (FormatError, TypeError, ValueError, AttributeError, KeyError, OverflowError):
-            metrics.append({})
-    return _parts.entries_table(entries, run_id or "", metrics)
+            metrics.append([])
+    starts = [frames.payloads[i][0] for i in rows]
+    data, n = frames.data, len(rows)
+    offsets = np.zeros(n + 1, np.int32)  # a log is at most 256 MiB
+    np.cumsum([len(r) for r in records], out=offsets[1:])
+    # binary columns built from one exact-size copy each (a builder would grow by doubling)
+    arrays: dict[str, Any] = {
+        "key_id": pa.FixedSizeBinaryArray.from_buffers(pa.binary(HASH_SIZE), n, [None, pa.py_buffer(
+            b"".join(data[s:s + HASH_SIZE] for s in starts))]),
+        "signature": pa.FixedSizeBinaryArray.from_buffers(pa.binary(SIGNATURE_SIZE), n, [None, pa.py_buffer(
+            b"".join(data[s + HASH_SIZE:s + HASH_SIZE + SIGNATURE_SIZE] for s in starts))]),
+        "record": pa.BinaryArray.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(
+            b"".join(records))]),
+    }
+    columns: dict[str, Any] = {
+        "seq": [h.seq for h in headers],
+        "kind": [h.kind.label for h in headers],
+        "step": [h.step for h in headers],
+        "time_ns": [h.time_ns for h in headers],
+        "run_id": [run_id or ""] * n,
+        "hash": [_leaf_hash(r) for r in records],
+        "metrics": metrics,
+    }
+    return pa.Table.from_arrays([arrays[f.name] if f.name in arrays else pa.array(columns[f.name], f.type)
+                                 for f in _parts.SCHEMA], schema=_parts.SCHEMA)
+
+
+def _leaf_hash(record: memoryview) -> bytes:
+    digest = hashlib.sha256(b"\x00")
+    digest.update(record)
+    return digest.digest()
 
 
 def open(path: str | os.PathLike[str]) -> Ledger:  # noqa: A001 - the public name is ledger.open

@@ -27,6 +27,7 @@ FRAME = struct.Struct(">II")
 _PREFIX = HASH_SIZE + SIGNATURE_SIZE
 MAX_FRAME = HASH_SIZE + SIGNATURE_SIZE + MAX_RECORD_BYTES  # key id ‖ signature ‖ record (§2)
 MAX_LOG = 256 * MiB  # larger than any log a writer leaves: a 64 MiB roll-over plus one frame of ≤ 64 MiB
+MAX_LOG_FRAMES = 65536  # 8 × the 8192 entries of a roll-over: room for rolls that failed and were retried
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
@@ -57,18 +58,41 @@ def _whole_frame(data: bytes, pos: int) -> int:
     end = pos + FRAME.size + length
     if length < _PREFIX or length > MAX_FRAME or end > len(data):
         return -1
-    return end if zlib.crc32(data[pos + FRAME.size:end]) == crc else -1
+    return end if zlib.crc32(memoryview(data)[pos + FRAME.size:end]) == crc else -1
 
 
-def scan(data: bytes) -> WalScan:
-    """Parse log bytes. Whole frames up to the first one that is not whole are entries; the rest
+@dataclass(frozen=True, slots=True)
+class WalFrames:
+    """Where the whole frames of a log lie, nothing copied: ``payloads[i]`` is the (start, end) of
+    frame i's payload in ``data``; ``torn`` as in :class:`WalScan`."""
+
+    data: memoryview
+    payloads: list[tuple[int, int]]
+    valid_bytes: int
+    torn: bytes
+
+    def record(self, i: int) -> memoryview:
+        """Frame i's record (a view into the log's bytes)."""
+        start, end = self.payloads[i]
+        return self.data[start + _PREFIX:end]
+
+    def entries(self) -> list[Entry]:
+        """Every whole frame as an :class:`Entry` (its bytes copied)."""
+        return [Entry(record=bytes(self.data[s + _PREFIX:e]), signature=bytes(self.data[s + HASH_SIZE:s + _PREFIX]),
+                      key_id=bytes(self.data[s:s + HASH_SIZE])) for s, e in self.payloads]
+
+
+def frames(data: bytes) -> WalFrames:
+    """Find the frames of log bytes: whole frames up to the first one that is not whole, the rest
     is ``torn``. A complete frame whose CRC fails although a whole frame follows it right where its
-    length says is corruption in place (not a torn write) and raises :class:`FormatError`."""
+    length says is corruption in place (not a torn write), and a log of more than
+    :data:`MAX_LOG_FRAMES` frames more than any writer leaves: both raise :class:`FormatError`."""
+    view = memoryview(data)
     if not data.startswith(MAGIC):
         if MAGIC.startswith(data):  # created but magic not fully written: empty log
-            return WalScan([], len(data), b"")
+            return WalFrames(view, [], len(data), b"")
         raise FormatError("write-ahead log does not start with its magic bytes")
-    pos, entries = len(MAGIC), []
+    pos, payloads = len(MAGIC), list[tuple[int, int]]()
     while pos < len(data):
         end = _whole_frame(data, pos)
         if end < 0:
@@ -78,11 +102,18 @@ def scan(data: bytes) -> WalScan:
                 if _PREFIX <= length <= MAX_FRAME and claimed < len(data) and _whole_frame(data, claimed) > 0:
                     raise FormatError(f"write-ahead log frame at byte {pos} is corrupt (CRC mismatch)")
             break
-        payload = data[pos + FRAME.size:end]
-        entries.append(Entry(record=payload[_PREFIX:], signature=payload[HASH_SIZE:_PREFIX],
-                             key_id=payload[:HASH_SIZE]))
+        if len(payloads) == MAX_LOG_FRAMES:
+            raise FormatError(f"write-ahead log holds more than {MAX_LOG_FRAMES} frames, more than a writer leaves "
+                              f"in it (it rolls the log into a part every 8192 entries)")
+        payloads.append((pos + FRAME.size, end))
         pos = end
-    return WalScan(entries, pos, data[pos:])
+    return WalFrames(view, payloads, pos, bytes(view[pos:]))
+
+
+def scan(data: bytes) -> WalScan:
+    """Parse log bytes into entries (see :func:`frames` for what is whole, torn or refused)."""
+    found = frames(data)
+    return WalScan(found.entries(), found.valid_bytes, found.torn)
 
 
 def count_frames(torn: bytes, key_id: bytes) -> int:
@@ -102,10 +133,16 @@ def count_frames(torn: bytes, key_id: bytes) -> int:
 def read(path: Path) -> WalScan:
     """Scan the log at ``path`` read-only (an absent log is empty; a FIFO, device or oversize
     file raises :class:`FormatError`)."""
+    found = read_frames(path)
+    return WalScan(found.entries(), found.valid_bytes, found.torn)
+
+
+def read_frames(path: Path) -> WalFrames:
+    """:func:`frames` of the log at ``path``, read once and whole (at most :data:`MAX_LOG`), read-only."""
     try:
-        return scan(read_regular(path, what="write-ahead log", limit=MAX_LOG))
+        return frames(read_regular(path, what="write-ahead log", limit=MAX_LOG))
     except FileNotFoundError:
-        return WalScan([], 0, b"")
+        return WalFrames(memoryview(b""), [], 0, b"")
 
 
 class WalWriter:

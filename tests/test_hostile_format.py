@@ -399,3 +399,43 @@ def test_wal_fifo_and_dev_zero_are_refused(clean, tmp_path):
         sources = ledger.open(copy).sources()
         assert sources[-1].name == "wal.log" and sources[-1].table is None
         assert "FIFO" in str(sources[-1].error) or "device" in str(sources[-1].error)
+
+
+def test_parts_share_one_budget(clean, tmp_path):
+    """Many small parts cannot each claim the 64 MiB floor: the ledger's budget (64 MiB once + 32 ×
+    all parts' bytes) admits the first few 20 MiB records, in order, and refuses the rest."""
+    import shutil
+
+    import ledger
+
+    copy = tmp_path / "ledger"
+    shutil.copytree(clean, copy)
+    row = _clean_table(clean).slice(1, 1)
+    row = row.set_column(SCHEMA.get_field_index("record"), SCHEMA.field("record"),
+                         pa.array([bytes(20 << 20)], pa.binary()))
+    for i in range(1, 9):
+        pq.write_table(row, copy / "parts" / f"{i:06d}.parquet", compression="zstd", use_dictionary=False)
+    for _ in range(2):  # the same parts are refused however the two reading threads interleave
+        sources = ledger.open(copy).sources()
+        readable = [s.name for s in sources if s.table is not None]
+        assert readable == [f"parts/{i:06d}.parquet" for i in range(4)]
+        assert all("ledger's budget" in (s.error or "") for s in sources[4:])
+
+
+def test_wal_frame_cap():
+    """A log of more whole frames than any writer leaves is refused; one at the cap is read."""
+    from ledger import _wal
+
+    frame = _wal.encode_frame(ledger_entry := _minimal_entry())
+    at_cap = _wal.MAGIC + frame * _wal.MAX_LOG_FRAMES
+    found = _wal.frames(at_cap)
+    assert len(found.payloads) == _wal.MAX_LOG_FRAMES and bytes(found.record(0)) == ledger_entry.record
+    with pytest.raises(FormatError, match="frames"):
+        _wal.frames(at_cap + frame)
+
+
+def _minimal_entry():
+    from ledger._entry import Entry
+
+    record = encode_header(Header(1, Kind.STEP, 1, 0, 0, bytes(32), bytes(32))) + b"\xa0"
+    return Entry(record=record, signature=bytes(64), key_id=bytes(32))

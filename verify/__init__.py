@@ -24,7 +24,7 @@ from ledger import __version__
 from ledger._crypto import PublicKey, load_public_key
 from ledger._reader import Ledger
 from ledger._recipe import load_recipe
-from ledger._record import FORMAT_VERSION, HEADER_OFFSETS, HEADER_SIZE, Kind
+from ledger._record import FORMAT_VERSION, HEADER_SIZE, Kind
 from ledger.errors import ConfigurationError, FormatError
 from ledger.verify._checkpoints import check_checkpoints
 from ledger.verify._context import Context, Options
@@ -151,6 +151,8 @@ def load_context(path: str | os.PathLike[str], options: Options | None = None, *
             view_error = str(exc)
         except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
             view_error = f"{type(exc).__name__}: {exc}"  # a schema gap let a crafted genesis through
+        except MemoryError:  # the decoded bodies do not fit under a memory limit: the provenance checks fail
+            view_error = "the entries' bodies could not be decoded: they do not fit in memory"
     return Context(ledger=ledger, loaded=loaded, view=view, view_error=view_error, options=options, key=public,
                    model=Path(model) if model is not None else None,
                    checkpoints=Path(checkpoints) if checkpoints is not None else None, recipe=recipe,
@@ -162,17 +164,11 @@ def load_context(path: str | os.PathLike[str], options: Options | None = None, *
 def _refuse_newer_format(ledger: Ledger, loaded: Loaded) -> None:
     """A ledger in a newer format than this verifier knows cannot be judged here (docs/FORMAT.md §9):
     when every record — in the parts and in the log — says the same newer version. A version field
-    damaged in some records is a broken chain, judged by ``chain`` at that seq."""
-    from ledger import _wal
-
-    offset, size = HEADER_OFFSETS["version"]
-    try:
-        tail = [e.record for e in _wal.read(ledger.layout.wal).entries]
-    except FormatError:
-        tail = []  # a damaged log: the chain check reports it
+    damaged in some records is a broken chain, judged by ``chain`` at that seq. The log's versions
+    are those the reader saw as it scanned it (a damaged log has none: the chain check reports it)."""
     headers, lengths = header_matrix(loaded.table["record"])  # from the Arrow buffers: no record is copied
     versions = {int(v) for v in header_field(headers, "version")[lengths >= HEADER_SIZE]}
-    versions |= {int.from_bytes(r[offset:offset + size], "big") for r in tail if len(r) >= offset + size}
+    versions |= ledger.wal_versions
     if len(versions) == 1 and (version := versions.pop()) > FORMAT_VERSION:
         raise ConfigurationError(f"{ledger.path} is in format version {version}; this verifier (training-ledger "
                                  f"{__version__}) knows version {FORMAT_VERSION}: upgrade training-ledger")

@@ -14,7 +14,7 @@ import pyarrow as pa
 from ledger import _parts, _record
 from ledger._encoding import decode_body
 from ledger._reader import Ledger, Source
-from ledger._record import HEADER_LAYOUT, HEADER_OFFSETS, HEADER_SIZE, Kind
+from ledger._record import HEADER_LAYOUT, HEADER_OFFSETS, HEADER_SIZE, MAX_RECORD_BYTES, Kind
 from ledger.errors import FormatError
 
 
@@ -74,12 +74,22 @@ def binary_chunks(column: pa.ChunkedArray) -> Iterator[tuple[np.ndarray, memoryv
 
 
 def _leaf_hashes(column: pa.ChunkedArray) -> list[bytes]:
-    """RFC 9162 leaf hashes of every record, straight from the Arrow buffers (no bytes objects
-    are kept per record)."""
-    sha, out = hashlib.sha256, []
-    for offsets, data in binary_chunks(column):
+    """RFC 9162 leaf hashes of every record, straight from the Arrow buffers (no record is copied).
+    A record over the 64 MiB a record may have (docs/FORMAT.md §2), seen from the offsets before
+    anything is hashed, raises :class:`FormatError`."""
+    prefix, out = hashlib.sha256(b"\x00"), []
+    chunks = list(binary_chunks(column))
+    for offsets, _ in chunks:
+        sizes = np.diff(offsets)
+        if len(sizes) and int(sizes.max()) > MAX_RECORD_BYTES:
+            raise FormatError(f"holds a record of {int(sizes.max())} bytes, more than the "
+                              f"{MAX_RECORD_BYTES >> 20} MiB a record may have")
+    for offsets, data in chunks:
         bounds = offsets.tolist()
-        out.extend([sha(b"\x00" + data[bounds[i]:bounds[i + 1]]).digest() for i in range(len(bounds) - 1)])
+        for i in range(len(bounds) - 1):
+            digest = prefix.copy()
+            digest.update(data[bounds[i]:bounds[i + 1]])
+            out.append(digest.digest())
     return out
 
 
@@ -121,8 +131,16 @@ def load(ledger: Ledger) -> Loaded:
         if not source.table.num_rows and source.name.startswith("parts/"):
             errors.append((source.name, "holds no entries (the writer never writes an empty part)"))
             continue
+        try:
+            source_hashes = _leaf_hashes(source.table["record"])
+        except FormatError as exc:
+            errors.append((source.name, str(exc)))
+            continue
+        except MemoryError:  # under a memory limit: the source cannot be held (a failed check, not a crash)
+            errors.append((source.name, "unreadable: it does not fit in memory"))
+            continue
         tables.append(source.table)
-        hashes.extend(_leaf_hashes(source.table["record"]))
+        hashes.extend(source_hashes)
     if tables:
         table = pa.concat_tables(tables)
     else:
