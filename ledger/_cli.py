@@ -10,7 +10,6 @@ import datetime as _dt
 import json
 import math
 import os
-import re
 import sys
 import traceback
 from collections.abc import Mapping
@@ -19,26 +18,12 @@ from typing import Any
 import click
 
 from ledger import Ledger, generate_keypair
+from ledger._text import printable
 from ledger.errors import ConfigurationError, LedgerError
 
 EXIT_PASS, EXIT_FAIL, EXIT_CANNOT_RUN, EXIT_INTERNAL = 0, 1, 2, 3
 METRIC_COLUMNS = 256  # `ledger log` and `ledger info` show at most this many distinct metric names
 
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def _printable(text: object, controls: bool = True) -> str:
-    """``text`` safe to print on any terminal and stream encoding: the undecodable bytes of a path
-    (surrogate escapes) as ``\\xff``; with ``controls``, control characters and line breaks as
-    ``\\n``, ``\\x1b``, ``\\u2028`` (so a one-line message stays one line)."""
-    text = str(text)
-    try:
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    if controls:
-        text = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
-    return text
 
 
 class _Commands(click.Group):
@@ -53,12 +38,12 @@ class _Commands(click.Group):
         except LedgerError as exc:
             if ctx.params.get("debug"):
                 traceback.print_exc()
-            click.echo(f"ledger: error: {_printable(exc)}", err=True)
+            click.echo(f"ledger: error: {printable(exc)}", err=True)
             ctx.exit(exc.exit_code)
         except Exception as exc:  # a bug of ours
             if ctx.params.get("debug"):
                 traceback.print_exc()
-            click.echo(f"ledger: internal error: {type(exc).__name__}: {_printable(exc)} (run with --debug for the "
+            click.echo(f"ledger: internal error: {type(exc).__name__}: {printable(exc)} (run with --debug for the "
                        "traceback)", err=True)
             ctx.exit(EXIT_INTERNAL)
 
@@ -88,8 +73,8 @@ def keygen(prefix: str, encrypt: bool, passphrase_env: str | None) -> None:
                                      "with --passphrase-env VAR (e.g. --passphrase-env LEDGER_KEY_PASSPHRASE)")
         passphrase = click.prompt("Passphrase", hide_input=True, confirmation_prompt=True).encode()
     private_path, public_path = generate_keypair(prefix, passphrase)
-    click.echo(f"private key: {_printable(private_path)} (keep it secret)")
-    click.echo(f"public key:  {_printable(public_path)} (publish it with your ledgers)")
+    click.echo(f"private key: {printable(private_path)} (keep it secret)")
+    click.echo(f"public key:  {printable(public_path)} (publish it with your ledgers)")
 
 
 def _iso(ns: object) -> str | None:
@@ -192,7 +177,7 @@ def info(ledger_path: str, as_json: bool) -> None:
         if isinstance(value, (list, dict)):
             value = ", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else \
                 ", ".join(map(str, value))
-        click.echo(f"{key:>17}: {_printable(value)}")
+        click.echo(f"{key:>17}: {printable(value)}")
 
 
 @cli.command()
@@ -292,7 +277,7 @@ def verify(ledger_path: str, key: str | None, model: str | None, checkpoint_dir:
     if as_json:
         click.echo(render_json(report))
     else:
-        click.echo(_printable(render_text(report, lambda text, status: click.style(
+        click.echo(printable(render_text(report, lambda text, status: click.style(
             text, fg=_STATUS_COLOURS[status], bold=True)), controls=False))
     if report_path:
         _write_report(report, report_path)
@@ -372,7 +357,7 @@ def _write_report(report: Any, report_path: str) -> None:
                 os.unlink(temp)
             except OSError:
                 pass
-    click.echo(f"report written to {_printable(report_path)}", err=True)
+    click.echo(f"report written to {printable(report_path)}", err=True)
 
 
 @cli.command(name="compare")
@@ -423,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:  # usage errors and bad parameters: one line too
         ctx = getattr(exc, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        click.echo(f"ledger: error: {_printable(exc.format_message())}{_printable(hint)}", err=True)
+        click.echo(f"ledger: error: {printable(exc.format_message())}{printable(hint)}", err=True)
         sys.exit(EXIT_CANNOT_RUN)
     except click.exceptions.Abort:
         click.echo("ledger: aborted", err=True)

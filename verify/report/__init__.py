@@ -5,26 +5,13 @@ is in the report."""
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from typing import Any
 
+from ledger._text import printable
 from ledger.verify._result import Report
 
 Style = Callable[[str, str], str]  # (text, status) → styled text
-
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def printable(value: Any) -> str:
-    """``value`` as text safe to show on one line: the undecodable bytes of a path (surrogate
-    escapes) as ``\\xff``, control characters and line breaks as ``\\n``, ``\\x1b``, …"""
-    text = str(value)
-    try:
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def render_text(report: Report, style: Style | None = None) -> str:
