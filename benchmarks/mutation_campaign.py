@@ -168,7 +168,7 @@ CRASHED_WRITER = """
 import os, sys
 from ledger import LedgerWriter, Signer
 writer = LedgerWriter.create(sys.argv[1], Signer.from_seed(bytes(range(32))), genesis={"config": {}},
-                             rollover_entries=1 << 20, fsync="never")
+                             rollover_entries=1 << 16, fsync="never")
 for i in range(50):
     writer.append("step", i, {"metrics": {"loss": 1.0 / (i + 1)}})
 os._exit(0)  # a crash: the entries stay in the log, never rolled into a part

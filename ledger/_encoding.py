@@ -161,8 +161,15 @@ def decode_body(data: bytes, *, check_deterministic: bool = True) -> dict[str, A
                            allow_indefinite=False, allow_duplicate_keys=False)
     except FormatError:
         raise
+    except MemoryError:
+        raise FormatError(f"record body of {len(data)} bytes could not be decoded within this process's memory") \
+            from None
     except Exception as exc:  # cbor2 raises several unrelated types on garbage
         raise FormatError(f"record body is not valid CBOR: {exc}") from exc
+    except BaseException as exc:  # cbor2's Rust core panics (pyo3 PanicException) when allocation fails
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
+        raise FormatError(f"record body of {len(data)} bytes could not be decoded ({type(exc).__name__})") from None
     if not isinstance(body, dict):
         raise FormatError("record body is not a map")
     try:

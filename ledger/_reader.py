@@ -275,7 +275,7 @@ def wal_table(frames: _wal.WalFrames, rows: list[int], run_id: str | None) -> pa
             metrics.append([])
     starts = [frames.payloads[i][0] for i in rows]
     data, n = frames.data, len(rows)
-    offsets = np.zeros(n + 1, np.int32)  # a log is at most 256 MiB
+    offsets = np.zeros(n + 1, np.int32)  # a log is at most 192 MiB
     np.cumsum([len(r) for r in records], out=offsets[1:])
     # binary columns built from one exact-size copy each (a builder would grow by doubling)
     arrays: dict[str, Any] = {

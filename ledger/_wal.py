@@ -26,7 +26,7 @@ MAGIC = b"TLWAL1\n\x00"
 FRAME = struct.Struct(">II")
 _PREFIX = HASH_SIZE + SIGNATURE_SIZE
 MAX_FRAME = HASH_SIZE + SIGNATURE_SIZE + MAX_RECORD_BYTES  # key id ‖ signature ‖ record (§2)
-MAX_LOG = 256 * MiB  # larger than any log a writer leaves: a 64 MiB roll-over plus one frame of ≤ 64 MiB
+MAX_LOG = 192 * MiB  # a writer rolls at ≤ 128 MiB (rollover_bytes) and a frame is ≤ 64 MiB over that
 MAX_LOG_FRAMES = 65536  # 8 × the 8192 entries of a roll-over: room for rolls that failed and were retried
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 

@@ -32,6 +32,7 @@ from ledger.errors import ConfigurationError, FormatError, StorageError
 
 Clock = Callable[[], int]
 FSYNC_MODES = ("always", "group", "never")
+ROLLOVER_BYTES_MAX = _wal.MAX_LOG - _wal.MAX_FRAME  # a roll at this size plus one frame stays within MAX_LOG
 GENESIS_RESERVED = ("format", "run_id", "created_ns", "public_key", "key_id", "payload_type")
 
 
@@ -73,8 +74,9 @@ class LedgerWriter:
                  rollover_entries: int, rollover_bytes: int, clock: Clock) -> None:
         if fsync not in FSYNC_MODES:
             raise ConfigurationError(f"fsync must be one of {', '.join(FSYNC_MODES)}, not {fsync!r}")
-        if rollover_entries < 1 or rollover_bytes < 1:
-            raise ConfigurationError("rollover_entries and rollover_bytes must be positive")
+        if not 1 <= rollover_entries <= _wal.MAX_LOG_FRAMES or not 1 <= rollover_bytes <= ROLLOVER_BYTES_MAX:
+            raise ConfigurationError(f"rollover_entries must be 1 to {_wal.MAX_LOG_FRAMES} and rollover_bytes 1 to "
+                                     f"{ROLLOVER_BYTES_MAX} (larger logs are refused by readers)")
         self.layout, self._signer, self._lock = layout, signer, lock
         self.run_id, self._run_digest = run_id, run_digest(run_id)
         self.head, self.next_seq = head, next_seq
@@ -228,6 +230,7 @@ class LedgerWriter:
             record = encode_record(header, body_bytes)
             entry = Entry(record=record, signature=self._signer.sign(record), key_id=self._signer.public.key_id)
             frame = _wal.encode_frame(entry)
+            self._make_room(len(frame))
             with _storage(f"append entry {self.next_seq} to {self.layout.wal}"):
                 self._wal.append(frame)
             self.head, self.next_seq, self._last_step = entry.hash, self.next_seq + 1, header.step
@@ -249,6 +252,20 @@ class LedgerWriter:
                     warnings.warn(f"could not roll {self.layout.wal} into a part ({_reason(exc)}); its entries "
                                   "stay in the log and the roll is retried", RuntimeWarning, stacklevel=2)
             return entry
+
+    def _make_room(self, frame_bytes: int) -> None:
+        """Roll the log into a part first when this frame would take it past what readers accept
+        (:data:`~ledger._wal.MAX_LOG` bytes, :data:`~ledger._wal.MAX_LOG_FRAMES` frames): only after
+        failed rolls; if the roll fails again, the entry is refused, never written past the caps."""
+        if len(_wal.MAGIC) + self._pending_bytes + frame_bytes <= _wal.MAX_LOG \
+                and len(self._pending) < _wal.MAX_LOG_FRAMES:
+            return
+        try:
+            self._roll()
+        except (OSError, StorageError) as exc:
+            raise StorageError(f"{self.layout.wal} holds {len(self._pending)} entries, as many as readers accept, "
+                               f"and could not be rolled into a part ({_reason(exc)}); free space and append "
+                               "again") from exc
 
     def sync(self) -> None:
         """Make everything appended so far durable (fsync the log), whatever the policy."""

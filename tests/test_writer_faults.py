@@ -266,7 +266,7 @@ import ledger
 from ledger import LedgerWriter, Signer, StorageError
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
 path = sys.argv[1]
-writer = LedgerWriter.create(path, Signer.from_seed(bytes(range(32))), fsync="never", rollover_entries=10**6)
+writer = LedgerWriter.create(path, Signer.from_seed(bytes(range(32))), fsync="never", rollover_entries=65536)
 limit = os.path.getsize(os.path.join(path, "wal.log")) + 6000
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 real, short = os.write, []
@@ -308,6 +308,43 @@ def test_a_frame_the_kernel_cuts_short_is_cut_back(tmp_path, signer):
     assert reopened.recovery.torn_bytes == 0
     reopened.seal()
     assert verify_ledger(path, key=signer.public).check("seal").status == "pass"
+
+
+def test_rolls_failing_until_the_log_is_full_refuse_the_entry_not_the_ledger(tmp_path, signer, monkeypatch):
+    """While parts cannot be written, entries stay in the log; at the readers' cap the next append is
+    refused (StorageError) rather than written past it, and the ledger still opens and verifies."""
+    from ledger import _parts, _wal
+
+    monkeypatch.setattr(_wal, "MAX_LOG_FRAMES", 40)  # the cap, shrunk so the test stays small
+
+    def no_space(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    path = tmp_path / "L"
+    writer = LedgerWriter.create(path, signer, rollover_entries=10)
+    real_write_part = _parts.write_part
+    monkeypatch.setattr(_parts, "write_part", no_space)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "could not roll …; retried"
+        for i in range(39):
+            writer.append("step", i, _body(i))
+        with pytest.raises(StorageError, match="as many as readers accept"):
+            writer.append("step", 39, _body(39))
+    assert len(ledger.open(path)) == 40  # genesis + 39 steps, all in the log, none past the cap
+    monkeypatch.setattr(_parts, "write_part", real_write_part)  # space returns
+    writer.append("step", 39, _body(39))
+    writer.seal()
+    report = verify_ledger(path, key=signer.public)
+    assert report.check("chain").status == "pass" and len(ledger.open(path)) == 42
+
+
+def test_rollover_settings_past_what_readers_accept_are_refused(tmp_path, signer):
+    from ledger import _wal
+
+    with pytest.raises(ledger.ConfigurationError, match="rollover_entries must be 1 to 65536"):
+        LedgerWriter.create(tmp_path / "a", signer, rollover_entries=_wal.MAX_LOG_FRAMES + 1)
+    with pytest.raises(ledger.ConfigurationError, match="rollover_bytes"):
+        LedgerWriter.create(tmp_path / "b", signer, rollover_bytes=_wal.MAX_LOG)
 
 
 if __name__ == "__main__":  # the tally for docs/RELIABILITY.md
