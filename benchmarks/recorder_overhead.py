@@ -165,7 +165,7 @@ def interleaved(name: str, steps: int, block: int, warmup: int, tmp: Path) -> di
         for mode in (("plain", "recorded") if i % 2 == 0 else ("recorded", "plain")):
             run_block(mode, min(block, steps - lo), keep=True)
     # the optimizer pre-step hook runs inside optimizer.step (so inside the step time): timed alone
-    r["hook"] = timeit.repeat(lambda: rec._pre_step(opts["recorded"], (), {}), number=1, repeat=50)
+    r["hook"] = timeit.repeat(lambda: rec._capture.pre_step(0, opts["recorded"], (), {}), number=1, repeat=50)
     r["cadence"] = (rec._cadence.sketch_every, rec._cadence.digests, statistics.median(rec._cadence.periods))
     t0 = time.perf_counter()
     rec.close()

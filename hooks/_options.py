@@ -1,12 +1,16 @@
 """What the recorder fingerprints and how often: the options a user sets, and the cadence that
-keeps the optional fingerprints within the overhead budget."""
+keeps the optional fingerprints within the overhead budget; the checks of ``Recorder``'s other
+options (checkpointing, the writer queue)."""
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import statistics
+import warnings
 from dataclasses import dataclass
+from typing import Any
 
 from ledger._fingerprint import SKETCH_K, check_sketch_k
 from ledger.errors import ConfigurationError
@@ -62,3 +66,33 @@ class Cadence:
             self.sketch_every = max(1, math.ceil(statistics.median(self.costs["sketch"]) / (0.4 * budget)))
         if self.options.digests == "auto" and self.costs["digests"]:
             self.digests = statistics.median(self.costs["digests"]) < 0.5 * budget
+
+
+def resolve(fingerprints: FingerprintOptions | None, deprecated: dict[str, Any]) -> FingerprintOptions:
+    """The fingerprint policy; ``sketch=``, ``digests=``, ``sketch_k=`` keywords (before 0.2) still
+    work one release, with a warning."""
+    unknown = sorted(set(deprecated) - {"sketch", "digests", "sketch_k"})
+    if unknown:
+        raise TypeError(f"Recorder() got an unexpected keyword argument {unknown[0]!r}")
+    if not deprecated:
+        return fingerprints or FingerprintOptions()
+    warnings.warn(f"Recorder({', '.join(f'{k}=' for k in sorted(deprecated))}…) is deprecated: pass "
+                  "fingerprints=FingerprintOptions(...)", DeprecationWarning, stacklevel=3)
+    return dataclasses.replace(fingerprints or FingerprintOptions(), **deprecated)
+
+
+def check_checkpointing(checkpoint_every: int | None, keep: Any) -> None:
+    """Refuse a ``checkpoint_every`` or ``keep`` that is not a valid setting."""
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise ConfigurationError("checkpoint_every must be a positive number of steps")
+    if keep is not None and not (isinstance(keep, tuple) and len(keep) == 2 and keep[0] in ("last", "every")
+                                 and isinstance(keep[1], int) and keep[1] >= 1):
+        raise ConfigurationError("keep must be None, ('last', n) or ('every', n)")
+
+
+def check_queue(queue_size: int, drain_interval: float, max_lag: float) -> None:
+    """Refuse writer-queue bounds that are not positive."""
+    if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+        raise ConfigurationError("queue_size must be a positive number of entries")
+    if not drain_interval > 0 or not max_lag > 0:
+        raise ConfigurationError("drain_interval and max_lag must be positive numbers of seconds")

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import os
 import secrets
-import shutil
 import threading
 import time
 import warnings
@@ -15,32 +13,23 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ledger import torch as lt
 from ledger._fingerprint import model_digest, safetensors_digests
 from ledger._record import Kind
-from ledger._schema import (
-    CheckpointBody,
-    FinalWeights,
-    Genesis,
-    PruneBody,
-    ResumeBody,
-    SealBody,
-    StepBody,
-    Superseded,
-    checkpoint_root,
-)
+from ledger._schema import FinalWeights, Genesis, ResumeBody, SealBody, Superseded
 from ledger._writer import LedgerWriter
 from ledger.errors import ConfigurationError, FormatError, LedgerError, StorageError
 from ledger.hooks import _resume
+from ledger.hooks._capture import Capture, detached
+from ledger.hooks._checkpointing import Alive, Body, CheckpointFailed, Checkpoints, reason, undo_construction
 from ledger.hooks._genesis import build_genesis
-from ledger.hooks._norms import Norms, Pending, total_norm
-from ledger.hooks._options import RECALIBRATE_EVERY, Cadence, FingerprintOptions
+from ledger.hooks._norms import Norms
+from ledger.hooks._options import RECALIBRATE_EVERY, Cadence, FingerprintOptions, check_checkpointing, check_queue
+from ledger.hooks._options import resolve as resolve_options
 from ledger.hooks._queue import WriterQueue
 
-Body = StepBody | CheckpointBody | PruneBody
 MAX_LAG = 1.0  # seconds: the default time bound on what waits unwritten
 
 
@@ -104,9 +93,9 @@ class Recorder:
                  passphrase: bytes | None = None, recipe: Any = None, determinism: Mapping[str, Any] | None = None,
                  base: Mapping[str, Any] | None = None, fsync: str = "group",
                  clock: Callable[[], int] = time.time_ns, max_lag: float = MAX_LAG, **deprecated: Any) -> None:
-        options = _options(fingerprints, deprecated)
-        _check_checkpointing(checkpoint_every, keep)
-        _check_queue(queue_size, drain_interval, max_lag)
+        options = resolve_options(fingerprints, deprecated)
+        check_checkpointing(checkpoint_every, keep)
+        check_queue(queue_size, drain_interval, max_lag)
         run_id = secrets.token_hex(16)
         sketch_seed = int.from_bytes(hashlib.sha256(b"sketch/" + run_id.encode()).digest()[:8], "big") >> 1
         sketcher = lt.CountSketch(sketch_seed, options.sketch_k)
@@ -128,89 +117,47 @@ class Recorder:
                          keep=keep, queue_size=queue_size, drain_interval=drain_interval, max_lag=max_lag,
                          last_checkpoint_step=-1 if checkpoint_every else None)
             if checkpoint_every:  # the init state, before returning: a run killed later can always resume
-                snap = lt.snapshot(-1, model, optimizer, scheduler)
+                snap = self._checkpoints.take(-1, model, optimizer, scheduler)
                 with _resume.storage(f"write the init checkpoint under {self.checkpoint_root}",
                                      f"nothing was left at {root}: free space or fix permissions and start again"):
-                    directory, digests, created = self._store_checkpoint(snap)
+                    directory, digests, created = self._checkpoints.store(snap)
                     made = directory if created else None
-                    self._enter_checkpoint(snap, directory, digests, created)
+                    self._checkpoints.enter(snap, directory, digests, created)
         except BaseException:
             if hasattr(self, "_queue"):
                 self._stop_thread()
             writer.release()
-            _undo_construction(root, existed, made)
+            undo_construction(root, existed, made)
             raise
 
     def _attach(self, path: Path, model: Any, optimizer: Any, scheduler: Any, writer: LedgerWriter,
                 genesis: Genesis, options: FingerprintOptions, sketcher: lt.CountSketch, *, first_step: int,
                 keep: tuple[str, int] | None, queue_size: int, drain_interval: float, max_lag: float,
                 last_checkpoint_step: int | None = None,
-                alive: Sequence[tuple[int, int, CheckpointBody]] = ()) -> None:
+                alive: Sequence[Alive] = ()) -> None:
         """Set up recording onto ``writer`` from step ``first_step`` (a new run or a resumed one)."""
         tensors, _ = lt.canonical_state(model)
         if list(tensors) != genesis.tensor_order:
             raise ConfigurationError("this model's tensors differ from the ledger's genesis architecture")
         self.path, self.model, self.optimizer, self.scheduler = path, model, optimizer, scheduler
         self.seed, self.checkpoint_every, self.keep = int(genesis.seed or 0), genesis.checkpoint_every, keep
-        self.checkpoint_root = checkpoint_root(path, genesis)
         self._genesis = genesis
         self._names = list(tensors)
         self._writer, self._sketcher, self._step = writer, sketcher, first_step
         self._cadence = Cadence(options)
         self._failure: BaseException | None = None  # a background failure not raised yet
-        self._checkpoints_failed: list[tuple[int, BaseException]] = []  # (step, why) not raised yet
-        self._failure_lock = threading.Lock()  # both are set on the writer thread, taken on the training one
+        self._failure_lock = threading.Lock()  # it and failed checkpoints: set on the writer thread
+        self._checkpoints = Checkpoints(path, genesis, writer, self._append, keep=keep, lock=self._failure_lock,
+                                        last_step=last_checkpoint_step, alive=alive)
+        self.checkpoint_root = self._checkpoints.root
         self._broken: BaseException | None = None  # the append failure that stopped the writer
         self._lost: list[int] = []  # acknowledged steps whose entry was not written
         self._closed = False
         self._queue = WriterQueue(self._run_job, queue_size, drain_interval, max_lag)
-        self._optimizers = lt.optimizers_of(optimizer)
-        if len(self._optimizers) != len(genesis.all_optimizers):
-            raise ConfigurationError(f"the ledger records {len(genesis.all_optimizers)} optimizer(s), "
-                                     f"{len(self._optimizers)} given")
-        self._slots: list[dict[str, Any]] = [{} for _ in self._optimizers]  # per optimizer, since the last entry
-        self._hooks = [hook for k, opt in enumerate(self._optimizers) for hook in (
-            opt.register_step_pre_hook(functools.partial(self._pre_step, k)),
-            opt.register_step_post_hook(functools.partial(self._post_step, k)))]
-        self._logged_hyper = [_hyper(g) for o in genesis.all_optimizers for g in o.param_groups]
+        self._capture = Capture(optimizer, genesis, self._names)  # the optimizer step hooks
         self._last_step_time: float | None = None
         self._tensor_cache: dict[str, torch.Tensor] | None = None
         self._norm_plan: Norms | None = None
-        self._last_checkpoint_step = last_checkpoint_step
-        self._alive_checkpoints: list[tuple[int, int, CheckpointBody]] = list(alive)  # (seq, step, body)
-
-    # ----------------------------------------------------------------- the optimizer hook
-    def _pre_step(self, k: int, optimizer: Any, args: Any, kwargs: Any) -> None:
-        """Before optimizer k's step (before a scheduler advances): the hyperparameters it uses."""
-        self._slots[k].update(lrs=[_float(group["lr"]) for group in optimizer.param_groups],
-                              hyper=[_hyper(group) for group in optimizer.param_groups])
-
-    def _post_step(self, k: int, optimizer: Any, args: Any, kwargs: Any) -> None:
-        """After optimizer k's step, before ``zero_grad``: the gradients the step used — those of
-        the last closure call for ``optimizer.step(closure)`` — as one norm per param group."""
-        grad_norms = [total_norm([p.grad for p in group["params"] if p.grad is not None])
-                      for group in optimizer.param_groups]
-        self._slots[k].update(grad_norms=torch.stack(grad_norms), steps=self._slots[k].get("steps", 0) + 1)
-
-    def _gather(self) -> dict[str, Any]:
-        """What the hooks saw since the last entry, every optimizer's groups in order (an optimizer
-        that took no step contributes its current learning rates and zero gradient norms)."""
-        slots, self._slots = self._slots, [{} for _ in self._optimizers]
-        each = [int(slot.get("steps", 0)) for slot in slots]
-        if not any("lrs" in slot for slot in slots):
-            return {"steps": sum(each)}
-        lrs: list[float] = []
-        hyper: list[dict[str, Any]] = []
-        grads: list[torch.Tensor] = []
-        for opt, slot in zip(self._optimizers, slots, strict=True):
-            groups = opt.param_groups
-            lrs += slot.get("lrs") or [_float(g["lr"]) for g in groups]
-            hyper += slot.get("hyper") or [_hyper(g) for g in groups]
-            grads.append(slot["grad_norms"] if "grad_norms" in slot else torch.zeros(len(groups), dtype=torch.float64))
-        hook = {"steps": sum(each), "lrs": lrs, "hyper": hyper, "grad_norms": torch.cat([g.cpu() for g in grads])}
-        if len(each) > 1:
-            hook["each"] = each
-        return hook
 
     # ----------------------------------------------------------------- per step
     def step(self, loss: Any = None, batch: Any = None, **metrics: Any) -> None:
@@ -226,9 +173,9 @@ class Recorder:
         if step % RECALIBRATE_EVERY == 1:
             self._tensor_cache = None  # a module may have reassigned a parameter or buffer
             cadence.calibrate()
-        values = {} if loss is None else {"loss": _detached(loss)}
-        values.update({name: _detached(v) for name, v in metrics.items()})
-        hook = self._gather()
+        values = {} if loss is None else {"loss": detached(loss)}
+        values.update({name: detached(v) for name, v in metrics.items()})
+        hook = self._capture.gather()
         t0 = time.perf_counter()
         tensors = self._tensors()
         with torch.no_grad():
@@ -248,8 +195,8 @@ class Recorder:
             cadence.costs["digests"].append(time.perf_counter() - t2)
         due = bool(self.checkpoint_every) and (step + 1) % int(self.checkpoint_every or 1) == 0
         batch_d = lt.batch_digest(batch) if batch is not None else None  # now: the caller may reuse the buffers
-        self._queue.put(_Job(lambda: self._append(Kind.STEP, step, self._step_body(values, hook, norms, sketch,
-                                                                                   digests, batch_d)), step))
+        self._queue.put(_Job(lambda: self._append(Kind.STEP, step, self._capture.body(values, hook, norms, sketch,
+                                                                                      digests, batch_d)), step))
         self._step = step + 1
         if due:
             self._checkpoint(step)
@@ -263,87 +210,9 @@ class Recorder:
             self._tensor_cache = {name: state[name] for name in self._names}
         return self._tensor_cache
 
-    def _step_body(self, values: dict[str, Any], hook: dict[str, Any], norms: Pending,
-                   sketch: np.ndarray | None, digests: dict[str, bytes] | None, batch_d: bytes | None) -> StepBody:
-        metrics = {name: float(v) for name, v in values.items()}
-        carries = ["norms"]
-        lrs = grad_norms = hyper = None
-        if hook.get("lrs") is not None:
-            metrics.setdefault("lr", hook["lrs"][0])
-            lrs = np.asarray(hook["lrs"], dtype=np.float64)
-        if hook.get("grad_norms") is not None:
-            grad_norms = hook["grad_norms"].cpu().numpy()
-            metrics.setdefault("grad_norm", float(np.sqrt(np.square(grad_norms).sum())))
-        if hook.get("hyper") is not None and hook["hyper"] != self._logged_hyper:
-            hyper = self._logged_hyper = hook["hyper"]
-        if sketch is not None:
-            carries.append("sketch")
-        if digests is not None:
-            carries.append("digests")
-        if batch_d is not None:
-            carries.append("batch")
-        return StepBody(norms=norms.value(), metrics=metrics, optimizer_steps=int(hook.get("steps", 0)),
-                        optimizer_steps_each=hook.get("each"),
-                        lrs=lrs, grad_norms=grad_norms, sketch=sketch, hyper=hyper,
-                        tensor_digests=b"".join(digests[name] for name in self._names) if digests else None,
-                        model_digest=model_digest(digests) if digests else None, batch_digest=batch_d,
-                        carries=tuple(carries))
-
-    # ----------------------------------------------------------------- checkpoints
     def _checkpoint(self, step: int) -> None:
-        snap = lt.snapshot(step, self.model, self.optimizer, self.scheduler)
-        self._last_checkpoint_step = step
-        self._queue.put(_Job(lambda: self._checkpoint_job(snap)))
-
-    def _checkpoint_job(self, snap: lt.Snapshot) -> None:
-        """On the writer thread: write the files; a failure there is reported and recording goes on
-        (step entries do not depend on it); a failure to append the entry stops the writer."""
-        try:
-            stored = self._store_checkpoint(snap)
-        except Exception as exc:  # noqa: BLE001 - reported on the training thread
-            with self._failure_lock:
-                self._checkpoints_failed.append((snap.step, exc))
-            return
-        self._enter_checkpoint(snap, *stored)
-
-    def _store_checkpoint(self, snap: lt.Snapshot) -> tuple[Path, Any, bool]:
-        """Write a snapshot's files durably under the checkpoint root (directory, digests, and
-        whether this run created the directory)."""
-        return lt.place_checkpoint(snap, self.checkpoint_root, tag=_resume.run_tag(self._writer.run_id))
-
-    def _enter_checkpoint(self, snap: lt.Snapshot, directory: Path, digests: Any, created: bool) -> None:
-        """Append the entry of a written checkpoint (``created``: whether this run made its directory;
-        retention never deletes one it did not), then apply retention."""
-        self._writer.sync()
-        body = CheckpointBody.of(digests, self._stored_path(directory),
-                                 [{k: v for k, v in g.items() if k != "params"} for g in snap.meta["param_groups"]],
-                                 created)
-        seq = self._append(Kind.CHECKPOINT, snap.step, body)
-        self._writer.sync()
-        self._alive_checkpoints.append((seq, snap.step, body))
-        self._apply_retention()
-
-    def _stored_path(self, directory: Path) -> str:
-        """A checkpoint's ``path`` (docs/FORMAT.md §11): ``checkpoints/<hex>``, relative to the ledger
-        directory, for the default root; the absolute ``<checkpoint_dir>/<hex>`` for a user root."""
-        if self._genesis.checkpoint_dir:
-            return str(directory.absolute())
-        return f"checkpoints/{directory.name}"
-
-    def _apply_retention(self) -> None:
-        if not self.keep:
-            return
-        mode, n = self.keep
-        alive = self._alive_checkpoints
-        if mode == "last":
-            drop = alive[:-n] if len(alive) > n else []
-        else:  # every n-th checkpoint by position, the init state and the newest stay
-            drop = [c for i, c in enumerate(alive[:-1]) if i % n and c[1] != -1]
-        for seq, step, body in drop:
-            # the prune entry first: a kill in between leaves a pruned directory, which resume removes
-            self._append(Kind.PRUNE, step, PruneBody(seq, body.state_digest, f"retention: keep {mode} {n}"))
-            alive.remove((seq, step, body))
-            _resume.remove_checkpoint(self.path, body, self._genesis, [b.state_digest for _, _, b in alive])
+        snap = self._checkpoints.take(step, self.model, self.optimizer, self.scheduler)
+        self._queue.put(_Job(lambda: self._checkpoints.write(snap)))
 
     # ----------------------------------------------------------------- background writer
     def _append(self, kind: Kind, step: int, body: Body) -> int:
@@ -376,22 +245,19 @@ class Recorder:
         if self._broken is not None:
             if not self._queue.stopped:
                 self._queue.join()  # every queued step is counted
-            raise StorageError(f"the ledger's writer failed ({_reason(self._broken)}); {_steps(self._lost)} "
+            raise StorageError(f"the ledger's writer failed ({reason(self._broken)}); {_steps(self._lost)} "
                                f"acknowledged by step() were not written and no more can be; the ledger is valid "
                                f"up to seq {self._writer.next_seq - 1}: fix the cause, then continue with "
                                "Recorder.resume") from self._broken
-        with self._failure_lock:
-            failed, self._checkpoints_failed = self._checkpoints_failed, []
-            failure = None if failed else self._failure
-            if failure is not None:
-                self._failure = None
-        if failed:  # every checkpoint that failed since the last report, once (another failure comes next)
-            failure = _CheckpointFailed(failed, self.checkpoint_root)
+        with self._failure_lock:  # every checkpoint that failed since the last report, once (another failure next)
+            failure: BaseException | None = self._checkpoints.take_failed()
+            if failure is None and self._failure is not None:
+                failure, self._failure = self._failure, None
         if failure is None:
             return
         lost = f"; {_steps(self._lost)} acknowledged by step() were not written" if self._lost else ""
         self._lost = []
-        if isinstance(failure, _CheckpointFailed):
+        if isinstance(failure, CheckpointFailed):
             raise StorageError(f"{failure}{lost}; later step entries are still recorded") from failure.__cause__
         if isinstance(failure, LedgerError):
             raise type(failure)(f"{failure}{lost}") from failure
@@ -427,7 +293,7 @@ class Recorder:
             self._closed = True
             return
         last = self._step - 1
-        if self.checkpoint_every and self._last_checkpoint_step != last:
+        if self.checkpoint_every and self._checkpoints.last_step != last:
             self._checkpoint(last)
         self.flush()
         live = lt.torch_digests(self._tensors())
@@ -461,23 +327,21 @@ class Recorder:
             return
         self._closed = True
         self._stop_thread()
-        problems = []
-        if self._checkpoints_failed:
-            problems.append(str(_CheckpointFailed(self._checkpoints_failed, self.checkpoint_root)))
+        problems = [failed] if (failed := self._checkpoints.unreported()) else []
         if self._broken is not None or self._failure is not None:
-            problems.append(f"{_reason(self._broken or self._failure)} ({_steps(self._lost)} not written)")
+            problems.append(f"{reason(self._broken or self._failure)} ({_steps(self._lost)} not written)")
         try:
             self._writer.close()
         except (LedgerError, OSError) as exc:  # the entries stay in wal.log; resume or open recovers them
             self._writer.release()
-            problems.append(f"could not close the ledger writer ({_reason(exc)}; its entries stay in wal.log)")
+            problems.append(f"could not close the ledger writer ({reason(exc)}; its entries stay in wal.log)")
         if problems:
             warnings.warn(f"the ledger at {self.path} was aborted after a failure: {'; '.join(problems)}",
                           RuntimeWarning, stacklevel=2)
 
     def _stop_thread(self) -> None:
-        for hook in getattr(self, "_hooks", ()):
-            hook.remove()
+        if hasattr(self, "_capture"):
+            self._capture.remove()
         self._queue.stop()
 
     def _refuse_closed(self, what: str) -> None:
@@ -507,8 +371,8 @@ class Recorder:
         load the last intact checkpoint (its files match its entry; a newer damaged or missing one
         is passed over), restore model, optimizer, scheduler and RNG states, append a ``resume``
         entry marking the step entries recorded after that checkpoint as superseded, and go on."""
-        _check_checkpointing(None, keep)
-        _check_queue(queue_size, drain_interval, max_lag)
+        check_checkpointing(None, keep)
+        check_queue(queue_size, drain_interval, max_lag)
         root = Path(path)
         signer = _resume.signer_of(key, passphrase)
         tensors, _ = lt.canonical_state(model)
@@ -548,86 +412,6 @@ class Recorder:
         return recorder
 
 
-def _options(fingerprints: FingerprintOptions | None, deprecated: dict[str, Any]) -> FingerprintOptions:
-    """The fingerprint policy; ``sketch=``, ``digests=``, ``sketch_k=`` keywords (before 0.2) still
-    work one release, with a warning."""
-    unknown = sorted(set(deprecated) - {"sketch", "digests", "sketch_k"})
-    if unknown:
-        raise TypeError(f"Recorder() got an unexpected keyword argument {unknown[0]!r}")
-    if not deprecated:
-        return fingerprints or FingerprintOptions()
-    warnings.warn(f"Recorder({', '.join(f'{k}=' for k in sorted(deprecated))}…) is deprecated: pass "
-                  "fingerprints=FingerprintOptions(...)", DeprecationWarning, stacklevel=3)
-    return dataclasses.replace(fingerprints or FingerprintOptions(), **deprecated)
-
-
-def _float(value: Any) -> float:
-    return float(value.item() if isinstance(value, torch.Tensor) else value)
-
-
-HYPER_KEYS = ("betas", "momentum", "weight_decay", "eps", "dampening", "nesterov")
-
-
-def _hyper(group: Mapping[str, Any]) -> dict[str, Any]:
-    """The hyperparameters of a param group that a scheduler may move (besides the lr), as logged."""
-    out: dict[str, Any] = {}
-    for key in HYPER_KEYS:
-        if key in group:
-            value = group[key]
-            out[key] = [_float(v) for v in value] if isinstance(value, (list, tuple)) else \
-                value if isinstance(value, bool) else _float(value)
-    return out
-
-
-def _detached(value: Any) -> Any:
-    return value.detach() if isinstance(value, torch.Tensor) else value
-
-
-def _check_checkpointing(checkpoint_every: int | None, keep: Any) -> None:
-    if checkpoint_every is not None and checkpoint_every < 1:
-        raise ConfigurationError("checkpoint_every must be a positive number of steps")
-    if keep is not None and not (isinstance(keep, tuple) and len(keep) == 2 and keep[0] in ("last", "every")
-                                 and isinstance(keep[1], int) and keep[1] >= 1):
-        raise ConfigurationError("keep must be None, ('last', n) or ('every', n)")
-
-
-def _check_queue(queue_size: int, drain_interval: float, max_lag: float) -> None:
-    if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
-        raise ConfigurationError("queue_size must be a positive number of entries")
-    if not drain_interval > 0 or not max_lag > 0:
-        raise ConfigurationError("drain_interval and max_lag must be positive numbers of seconds")
-
-
-def _undo_construction(root: Path, existed: bool, made: Path | None) -> None:
-    """Remove what a failed ``Recorder()`` made: the ledger directory (emptied, when it was an empty
-    directory before) and the init checkpoint's directory in a ``checkpoint_dir``; a warning names
-    what could not be removed."""
-    left: list[str] = []
-
-    def remove(path: Path) -> None:
-        try:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, onerror=lambda function, name, exc: left.append(name))
-            else:
-                path.unlink()
-        except OSError as exc:
-            left.append(exc.filename or str(path))
-
-    if made is not None and not made.absolute().is_relative_to(root.absolute()):
-        remove(made)
-    if not existed:
-        remove(root)
-    else:
-        try:
-            children = list(root.iterdir())
-        except OSError:
-            children = []
-        for child in children:
-            remove(child)
-    if left:
-        warnings.warn(f"could not remove {left[0]} after Recorder() failed: delete it", RuntimeWarning, stacklevel=3)
-
-
 def _give_up(writer: LedgerWriter) -> None:
     """Close a writer on an error path: roll if the disk allows, else release the lock (its entries
     stay in the log, where resume or open recovers them)."""
@@ -635,25 +419,6 @@ def _give_up(writer: LedgerWriter) -> None:
         writer.close()
     except (LedgerError, OSError):
         writer.release()
-
-
-class _CheckpointFailed(Exception):
-    """Checkpoints whose files could not be written (the run goes on without them)."""
-
-    def __init__(self, failed: Sequence[tuple[int, BaseException]], root: Path) -> None:
-        steps = [step for step, _ in failed]
-        reasons = list(dict.fromkeys(_reason(exc) for _, exc in failed))
-        which = f"the checkpoint of step {steps[0]}" if len(steps) == 1 else \
-            f"the checkpoints of steps {', '.join(map(str, steps))}"
-        super().__init__(f"could not write {which} under {root}: {'; '.join(reasons)}")
-        self.steps = steps
-        self.__cause__ = failed[0][1]
-
-
-def _reason(exc: BaseException | None) -> str:
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc)
-    return str(exc) or type(exc).__name__
 
 
 def _steps(lost: list[int]) -> str:

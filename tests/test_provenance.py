@@ -42,7 +42,7 @@ def record(path: Path, recipe: Any = None, *, before: Callable[[Any], None] | No
                    determinism={"threads": torch.get_num_threads(), "rng": "reseed-per-step/v1"})
     for step in range(steps):
         if during and during(step, model):
-            rec._slots[0] = {"steps": 1, "lrs": [optimizer.param_groups[0]["lr"]],
+            rec._capture.slots[0] = {"steps": 1, "lrs": [optimizer.param_groups[0]["lr"]],
                                "grad_norms": torch.ones(1, dtype=torch.float64)}
             if scheduler:
                 scheduler.step()

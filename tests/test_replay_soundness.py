@@ -52,7 +52,7 @@ def forged(path: Path, during: Callable[[int, Any], bool], keep: tuple[str, int]
                    determinism={"threads": torch.get_num_threads(), "rng": RESEED_PER_STEP})
     for step in range(STEPS):
         if during(step, model):
-            rec._slots[0] = {"steps": 1, "lrs": [optimizer.param_groups[0]["lr"]],
+            rec._capture.slots[0] = {"steps": 1, "lrs": [optimizer.param_groups[0]["lr"]],
                                "grad_norms": torch.ones(1, dtype=torch.float64)}
             scheduler.step()
             metrics, batch = {"loss": 0.5}, recipe.batch(step)

@@ -89,7 +89,7 @@ def test_resume_refuses_an_edited_checkpoint_path_and_deletes_nothing(tmp_path):
 def test_checkpoint_paths_outside_the_root_are_refused_even_when_signed(tmp_path, path):
     """A signed entry (the writer's own key) whose path leaves the root is refused too."""
     rec, recipe = record(tmp_path / "L", 2)
-    body = rec._alive_checkpoints[-1][2]
+    body = rec._checkpoints.alive[-1][2]
     forged = dataclasses.replace(body, path=path.format(hex=body.state_digest.hex()))
     rec._writer.append(Kind.CHECKPOINT, 1, forged.to_body())
     rec.abort()
@@ -104,7 +104,7 @@ def test_a_symlinked_checkpoint_directory_is_passed_over_and_kept(tmp_path):
     symlinked, the run resumes from the one before; retention never deletes through it."""
     rec, recipe = record(tmp_path / "L", 4)  # checkpoints of steps -1, 1, 3
     rec.abort()
-    body = rec._alive_checkpoints[2][2]
+    body = rec._checkpoints.alive[2][2]
     directory = tmp_path / "L" / "checkpoints" / body.state_digest.hex()
     outside = tmp_path / "outside"
     directory.rename(outside)
@@ -146,7 +146,7 @@ def test_retention_after_resume_deletes_only_verified_checkpoints(tmp_path):
 def test_resume_falls_back_to_the_last_intact_checkpoint(tmp_path):
     rec, recipe = record(tmp_path / "L", 6)
     rec.abort()
-    newest = rec._alive_checkpoints[-1][2]
+    newest = rec._checkpoints.alive[-1][2]
     (tmp_path / "L" / "checkpoints" / newest.state_digest.hex() / "state.cbor").write_bytes(b"\xa0")
     with pytest.warns(RuntimeWarning, match="passing over"):
         rec = Recorder.resume(tmp_path / "L", key=SIGNER, **fresh(recipe))

@@ -1,0 +1,121 @@
+"""What the optimizer step hooks capture between two step entries (the hyperparameters a step
+used, the gradients it used) and the step entry's body built from it and the fingerprints."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ledger import torch as lt
+from ledger._fingerprint import model_digest
+from ledger._schema import Genesis, StepBody
+from ledger.errors import ConfigurationError
+from ledger.hooks._norms import Pending, total_norm
+
+HYPER_KEYS = ("betas", "momentum", "weight_decay", "eps", "dampening", "nesterov")
+
+
+class Capture:
+    """Step pre- and post-hooks on every optimizer of a recorded run (``optimizer``: one or a list,
+    matching genesis), and what they saw since the last step entry: ``slots``, one per optimizer."""
+
+    def __init__(self, optimizer: Any, genesis: Genesis, names: list[str]) -> None:
+        self.optimizers = lt.optimizers_of(optimizer)
+        if len(self.optimizers) != len(genesis.all_optimizers):
+            raise ConfigurationError(f"the ledger records {len(genesis.all_optimizers)} optimizer(s), "
+                                     f"{len(self.optimizers)} given")
+        self._names = names
+        self.slots: list[dict[str, Any]] = [{} for _ in self.optimizers]  # per optimizer, since the last entry
+        self._hooks = [hook for k, opt in enumerate(self.optimizers) for hook in (
+            opt.register_step_pre_hook(functools.partial(self.pre_step, k)),
+            opt.register_step_post_hook(functools.partial(self.post_step, k)))]
+        self._logged_hyper = [hyper(g) for o in genesis.all_optimizers for g in o.param_groups]
+
+    def remove(self) -> None:
+        """Remove the hooks from the optimizers."""
+        for hook in self._hooks:
+            hook.remove()
+
+    def pre_step(self, k: int, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """Before optimizer k's step (before a scheduler advances): the hyperparameters it uses."""
+        self.slots[k].update(lrs=[_float(group["lr"]) for group in optimizer.param_groups],
+                             hyper=[hyper(group) for group in optimizer.param_groups])
+
+    def post_step(self, k: int, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """After optimizer k's step, before ``zero_grad``: the gradients the step used — those of
+        the last closure call for ``optimizer.step(closure)`` — as one norm per param group."""
+        grad_norms = [total_norm([p.grad for p in group["params"] if p.grad is not None])
+                      for group in optimizer.param_groups]
+        self.slots[k].update(grad_norms=torch.stack(grad_norms), steps=self.slots[k].get("steps", 0) + 1)
+
+    def gather(self) -> dict[str, Any]:
+        """What the hooks saw since the last entry, every optimizer's groups in order (an optimizer
+        that took no step contributes its current learning rates and zero gradient norms)."""
+        slots, self.slots = self.slots, [{} for _ in self.optimizers]
+        each = [int(slot.get("steps", 0)) for slot in slots]
+        if not any("lrs" in slot for slot in slots):
+            return {"steps": sum(each)}
+        lrs: list[float] = []
+        hypers: list[dict[str, Any]] = []
+        grads: list[torch.Tensor] = []
+        for opt, slot in zip(self.optimizers, slots, strict=True):
+            groups = opt.param_groups
+            lrs += slot.get("lrs") or [_float(g["lr"]) for g in groups]
+            hypers += slot.get("hyper") or [hyper(g) for g in groups]
+            grads.append(slot["grad_norms"] if "grad_norms" in slot else torch.zeros(len(groups), dtype=torch.float64))
+        hook = {"steps": sum(each), "lrs": lrs, "hyper": hypers, "grad_norms": torch.cat([g.cpu() for g in grads])}
+        if len(each) > 1:
+            hook["each"] = each
+        return hook
+
+    def body(self, values: dict[str, Any], hook: dict[str, Any], norms: Pending,
+             sketch: np.ndarray | None, digests: dict[str, bytes] | None, batch_d: bytes | None) -> StepBody:
+        """The step entry (on the writer thread): metrics, what ``gather`` returned (hyperparameters
+        only when they changed since the last entry that logged them) and the fingerprints."""
+        metrics = {name: float(v) for name, v in values.items()}
+        carries = ["norms"]
+        lrs = grad_norms = hypers = None
+        if hook.get("lrs") is not None:
+            metrics.setdefault("lr", hook["lrs"][0])
+            lrs = np.asarray(hook["lrs"], dtype=np.float64)
+        if hook.get("grad_norms") is not None:
+            grad_norms = hook["grad_norms"].cpu().numpy()
+            metrics.setdefault("grad_norm", float(np.sqrt(np.square(grad_norms).sum())))
+        if hook.get("hyper") is not None and hook["hyper"] != self._logged_hyper:
+            hypers = self._logged_hyper = hook["hyper"]
+        if sketch is not None:
+            carries.append("sketch")
+        if digests is not None:
+            carries.append("digests")
+        if batch_d is not None:
+            carries.append("batch")
+        return StepBody(norms=norms.value(), metrics=metrics, optimizer_steps=int(hook.get("steps", 0)),
+                        optimizer_steps_each=hook.get("each"),
+                        lrs=lrs, grad_norms=grad_norms, sketch=sketch, hyper=hypers,
+                        tensor_digests=b"".join(digests[name] for name in self._names) if digests else None,
+                        model_digest=model_digest(digests) if digests else None, batch_digest=batch_d,
+                        carries=tuple(carries))
+
+
+def _float(value: Any) -> float:
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def hyper(group: Mapping[str, Any]) -> dict[str, Any]:
+    """The hyperparameters of a param group that a scheduler may move (besides the lr), as logged."""
+    out: dict[str, Any] = {}
+    for key in HYPER_KEYS:
+        if key in group:
+            value = group[key]
+            out[key] = [_float(v) for v in value] if isinstance(value, (list, tuple)) else \
+                value if isinstance(value, bool) else _float(value)
+    return out
+
+
+def detached(value: Any) -> Any:
+    """A tensor detached from the graph (a metric kept until the writer thread reads it); anything else as is."""
+    return value.detach() if isinstance(value, torch.Tensor) else value
