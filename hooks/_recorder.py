@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import secrets
@@ -18,12 +17,13 @@ import torch
 from ledger import torch as lt
 from ledger._fingerprint import model_digest, safetensors_digests
 from ledger._record import Kind
-from ledger._schema import FinalWeights, Genesis, ResumeBody, SealBody, Superseded
+from ledger._schema import FinalWeights, Genesis, SealBody
 from ledger._writer import LedgerWriter
 from ledger.errors import ConfigurationError, FormatError, LedgerError, StorageError
 from ledger.hooks import _resume
 from ledger.hooks._capture import Capture, detached
-from ledger.hooks._checkpointing import Alive, Body, CheckpointFailed, Checkpoints, reason, undo_construction
+from ledger.hooks._checkpointing import Alive, Body, Checkpoints, reason, undo_construction
+from ledger.hooks._failures import Failures, Job
 from ledger.hooks._genesis import build_genesis
 from ledger.hooks._norms import Norms
 from ledger.hooks._options import RECALIBRATE_EVERY, Cadence, FingerprintOptions, check_checkpointing, check_queue
@@ -31,14 +31,6 @@ from ledger.hooks._options import resolve as resolve_options
 from ledger.hooks._queue import WriterQueue
 
 MAX_LAG = 1.0  # seconds: the default time bound on what waits unwritten
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Job:
-    """A job for the writer thread: ``step`` is the step a step entry records (None for a checkpoint)."""
-
-    run: Callable[[], Any]
-    step: int | None = None
 
 
 class Recorder:
@@ -145,15 +137,13 @@ class Recorder:
         self._names = list(tensors)
         self._writer, self._sketcher, self._step = writer, sketcher, first_step
         self._cadence = Cadence(options)
-        self._failure: BaseException | None = None  # a background failure not raised yet
-        self._failure_lock = threading.Lock()  # it and failed checkpoints: set on the writer thread
-        self._checkpoints = Checkpoints(path, genesis, writer, self._append, keep=keep, lock=self._failure_lock,
+        lock = threading.Lock()  # background failures: set on the writer thread, taken on the training one
+        self._checkpoints = Checkpoints(path, genesis, writer, self._append, keep=keep, lock=lock,
                                         last_step=last_checkpoint_step, alive=alive)
         self.checkpoint_root = self._checkpoints.root
-        self._broken: BaseException | None = None  # the append failure that stopped the writer
-        self._lost: list[int] = []  # acknowledged steps whose entry was not written
+        self._failures = Failures(writer, self._checkpoints, lock)
         self._closed = False
-        self._queue = WriterQueue(self._run_job, queue_size, drain_interval, max_lag)
+        self._queue = WriterQueue(self._failures.run, queue_size, drain_interval, max_lag)
         self._capture = Capture(optimizer, genesis, self._names)  # the optimizer step hooks
         self._last_step_time: float | None = None
         self._tensor_cache: dict[str, torch.Tensor] | None = None
@@ -164,7 +154,7 @@ class Recorder:
         """Record optimizer step ``self.current_step`` (call once per optimizer step, after it).
         ``loss`` and metrics may be floats or tensors; ``batch`` (any pytree of tensors) is digested."""
         self._refuse_closed("step")
-        self._raise_failure()
+        self._failures.raise_pending(self._queue)
         cadence = self._cadence
         now = time.perf_counter()
         if self._last_step_time is not None:
@@ -195,7 +185,7 @@ class Recorder:
             cadence.costs["digests"].append(time.perf_counter() - t2)
         due = bool(self.checkpoint_every) and (step + 1) % int(self.checkpoint_every or 1) == 0
         batch_d = lt.batch_digest(batch) if batch is not None else None  # now: the caller may reuse the buffers
-        self._queue.put(_Job(lambda: self._append(Kind.STEP, step, self._capture.body(values, hook, norms, sketch,
+        self._queue.put(Job(lambda: self._append(Kind.STEP, step, self._capture.body(values, hook, norms, sketch,
                                                                                       digests, batch_d)), step))
         self._step = step + 1
         if due:
@@ -212,7 +202,7 @@ class Recorder:
 
     def _checkpoint(self, step: int) -> None:
         snap = self._checkpoints.take(step, self.model, self.optimizer, self.scheduler)
-        self._queue.put(_Job(lambda: self._checkpoints.write(snap)))
+        self._queue.put(Job(lambda: self._checkpoints.write(snap)))
 
     # ----------------------------------------------------------------- background writer
     def _append(self, kind: Kind, step: int, body: Body) -> int:
@@ -220,61 +210,18 @@ class Recorder:
         returns its seq."""
         return self._writer.append(kind, step, body.to_body()).seq
 
-    def _run_job(self, job: _Job) -> None:
-        """Run one job on the writer thread. Once an append has failed on the disk (the writer is
-        broken) later jobs are not run and the steps they carry are counted as lost; any other
-        failure is kept for the training thread, and later entries are still appended."""
-        if self._broken is not None:
-            if job.step is not None:
-                self._lost.append(job.step)
-            return
-        try:
-            job.run()
-        except BaseException as exc:  # surfaced on the training thread at the next call
-            if job.step is not None:
-                self._lost.append(job.step)
-            if isinstance(exc, (StorageError, OSError)) or self._writer.closed:
-                self._broken = exc
-            else:
-                with self._failure_lock:
-                    self._failure = self._failure or exc
-
-    def _raise_failure(self) -> None:
-        """Raise a background failure on the training thread: once for a failure the writer
-        survived, at every call once the writer is broken."""
-        if self._broken is not None:
-            if not self._queue.stopped:
-                self._queue.join()  # every queued step is counted
-            raise StorageError(f"the ledger's writer failed ({reason(self._broken)}); {_steps(self._lost)} "
-                               f"acknowledged by step() were not written and no more can be; the ledger is valid "
-                               f"up to seq {self._writer.next_seq - 1}: fix the cause, then continue with "
-                               "Recorder.resume") from self._broken
-        with self._failure_lock:  # every checkpoint that failed since the last report, once (another failure next)
-            failure: BaseException | None = self._checkpoints.take_failed()
-            if failure is None and self._failure is not None:
-                failure, self._failure = self._failure, None
-        if failure is None:
-            return
-        lost = f"; {_steps(self._lost)} acknowledged by step() were not written" if self._lost else ""
-        self._lost = []
-        if isinstance(failure, CheckpointFailed):
-            raise StorageError(f"{failure}{lost}; later step entries are still recorded") from failure.__cause__
-        if isinstance(failure, LedgerError):
-            raise type(failure)(f"{failure}{lost}") from failure
-        raise failure
-
     def flush(self) -> None:
         """Return once everything queued so far is appended to the ledger and durable (fsync);
         raise a background failure."""
         self._refuse_closed("flush")
         if not self._queue.stopped:  # stopped by a close() that failed after it
             self._queue.join()
-        if self._broken is None:
+        if self._failures.broken is None:
             try:
                 self._writer.sync()
             except StorageError as exc:
-                self._broken = exc
-        self._raise_failure()
+                self._failures.broken = exc
+        self._failures.raise_pending(self._queue)
 
     @property
     def current_step(self) -> int:
@@ -327,9 +274,7 @@ class Recorder:
             return
         self._closed = True
         self._stop_thread()
-        problems = [failed] if (failed := self._checkpoints.unreported()) else []
-        if self._broken is not None or self._failure is not None:
-            problems.append(f"{reason(self._broken or self._failure)} ({_steps(self._lost)} not written)")
+        problems = self._failures.problems()
         try:
             self._writer.close()
         except (LedgerError, OSError) as exc:  # the entries stay in wal.log; resume or open recovers them
@@ -374,29 +319,8 @@ class Recorder:
         check_checkpointing(None, keep)
         check_queue(queue_size, drain_interval, max_lag)
         root = Path(path)
-        signer = _resume.signer_of(key, passphrase)
-        tensors, _ = lt.canonical_state(model)
-        plan = _resume.plan(root, signer, {name: tuple(t.shape) for name, t in tensors.items()})
-        advice = "check that the ledger directory is writable and has free space"
-        with _resume.storage(f"open the ledger at {root} for writing", advice):
-            writer = LedgerWriter.open(path, signer, fsync=fsync)
-        last, body = plan.checkpoint, plan.body
-        try:
-            if writer.next_seq != len(plan.entries) or writer.head != plan.entries[-1].hash:
-                raise FormatError(f"{root} changed while it was being checked; resume again")
-            _resume.clean(root, plan.genesis, plan.pruned, run_id=writer.run_id, recorded=plan.recorded,
-                          alive=[b for _, _, b in plan.alive])
-            lt.restore(plan.directory, model, optimizer, scheduler)
-            superseded = [e for e in plan.entries if e.seq > last.seq and e.kind is Kind.STEP]
-            span = Superseded(superseded[0].seq, superseded[-1].seq, (superseded[0].step, superseded[-1].step),
-                              len(superseded)) if superseded else None
-            with _resume.storage(f"append the resume entry to {root}", advice):
-                writer.append(Kind.RESUME, last.step, ResumeBody(last.seq, last.step, body.state_digest,
-                                                                 writer.recovery.torn_bytes, span).to_body())
-                writer.sync()
-        except BaseException:
-            _give_up(writer)
-            raise
+        writer, plan = _resume.reopen(root, key, passphrase, model, optimizer, scheduler, fsync)
+        last = plan.checkpoint
         if plan.skipped:
             warnings.warn(f"resumed {root} from the checkpoint at step {last.step}, passing over newer ones: "
                           + "; ".join(f"step {s}: {why}" for s, why in plan.skipped), RuntimeWarning, stacklevel=2)
@@ -411,19 +335,3 @@ class Recorder:
                          alive=[c for c in plan.alive if c[0] <= last.seq])
         return recorder
 
-
-def _give_up(writer: LedgerWriter) -> None:
-    """Close a writer on an error path: roll if the disk allows, else release the lock (its entries
-    stay in the log, where resume or open recovers them)."""
-    try:
-        writer.close()
-    except (LedgerError, OSError):
-        writer.release()
-
-
-def _steps(lost: list[int]) -> str:
-    """'3 step entries (steps 40–42)', or '0 step entries'."""
-    if not lost:
-        return "0 step entries"
-    span = f"step {lost[0]}" if len(lost) == 1 else f"steps {lost[0]}–{lost[-1]}"
-    return f"{len(lost)} step entr{'y' if len(lost) == 1 else 'ies'} ({span})"

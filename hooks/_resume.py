@@ -1,6 +1,7 @@
 """What ``Recorder.resume`` reads from a crashed run before it acts: the chain and every signature
 checked with the writer's own key, every checkpoint path inside the checkpoint root, the last
-intact checkpoint; and the clean-up it may then do (``.tmp-*`` leftovers, pruned directories)."""
+intact checkpoint; the clean-up it may then do (``.tmp-*`` leftovers, pruned directories); and the
+reopened writer, the restored training state and the ``resume`` entry."""
 
 from __future__ import annotations
 
@@ -23,13 +24,16 @@ from ledger._schema import (
     CheckpointBody,
     Genesis,
     PruneBody,
+    ResumeBody,
+    Superseded,
     checkpoint_directory,
     checkpoint_location,
     checkpoint_root,
 )
 from ledger._state import digests_of
+from ledger._writer import LedgerWriter
 from ledger.errors import ConfigurationError, FormatError, LedgerError, StorageError
-from ledger.torch import TEMPORARY, being_written
+from ledger.torch import TEMPORARY, being_written, canonical_state, restore
 
 START_AGAIN = "nothing was acknowledged, so delete the directory and start the run again"
 
@@ -118,6 +122,46 @@ def plan(root: Path, signer: Signer, tensor_shapes: dict[str, tuple[int, ...]]) 
         skipped.append((entry.step, why))
     reasons = "; ".join(f"step {step}: {why}" for step, why in skipped[:3])
     raise ConfigurationError(f"{root}: no checkpoint it records is intact ({reasons}); it cannot be resumed")
+
+
+def reopen(root: Path, key: Any, passphrase: bytes | None, model: Any, optimizer: Any, scheduler: Any,
+           fsync: str) -> tuple[LedgerWriter, Plan]:
+    """Plan the resume of the ledger at ``root`` (see :func:`plan`), open its writer, clean up, restore
+    the training state from the planned checkpoint and append the ``resume`` entry; the writer is
+    closed again if any of that fails."""
+    signer = signer_of(key, passphrase)
+    tensors, _ = canonical_state(model)
+    planned = plan(root, signer, {name: tuple(t.shape) for name, t in tensors.items()})
+    advice = "check that the ledger directory is writable and has free space"
+    with storage(f"open the ledger at {root} for writing", advice):
+        writer = LedgerWriter.open(root, signer, fsync=fsync)
+    last, body = planned.checkpoint, planned.body
+    try:
+        if writer.next_seq != len(planned.entries) or writer.head != planned.entries[-1].hash:
+            raise FormatError(f"{root} changed while it was being checked; resume again")
+        clean(root, planned.genesis, planned.pruned, run_id=writer.run_id, recorded=planned.recorded,
+              alive=[b for _, _, b in planned.alive])
+        restore(planned.directory, model, optimizer, scheduler)
+        superseded = [e for e in planned.entries if e.seq > last.seq and e.kind is Kind.STEP]
+        span = Superseded(superseded[0].seq, superseded[-1].seq, (superseded[0].step, superseded[-1].step),
+                          len(superseded)) if superseded else None
+        with storage(f"append the resume entry to {root}", advice):
+            writer.append(Kind.RESUME, last.step, ResumeBody(last.seq, last.step, body.state_digest,
+                                                             writer.recovery.torn_bytes, span).to_body())
+            writer.sync()
+    except BaseException:
+        _give_up(writer)
+        raise
+    return writer, planned
+
+
+def _give_up(writer: LedgerWriter) -> None:
+    """Close a writer on an error path: roll if the disk allows, else release the lock (its entries
+    stay in the log, where resume or open recovers them)."""
+    try:
+        writer.close()
+    except (LedgerError, OSError):
+        writer.release()
 
 
 def _check_model(genesis: Genesis, shapes: dict[str, tuple[int, ...]]) -> None:
