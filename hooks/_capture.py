@@ -30,10 +30,11 @@ class Capture:
                                      f"{len(self.optimizers)} given")
         self._names = names
         self.slots: list[dict[str, Any]] = [{} for _ in self.optimizers]  # per optimizer, since the last entry
+        self._logged_hyper = [hyper(g) for o in genesis.all_optimizers for g in o.param_groups]
+        # last: nothing after the hooks can raise and leave them on the user's optimizers
         self._hooks = [hook for k, opt in enumerate(self.optimizers) for hook in (
             opt.register_step_pre_hook(functools.partial(self.pre_step, k)),
             opt.register_step_post_hook(functools.partial(self.post_step, k)))]
-        self._logged_hyper = [hyper(g) for o in genesis.all_optimizers for g in o.param_groups]
 
     def remove(self) -> None:
         """Remove the hooks from the optimizers."""

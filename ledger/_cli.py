@@ -268,8 +268,9 @@ def verify(ledger_path: str, key: str | None, model: str | None, checkpoint_dir:
         raise ConfigurationError("--report needs matplotlib, which is not installed: "
                                  "pip install 'training-ledger[report]'")
     if report_path:
-        _refuse_report_inside(report_path, ledger_path, checkpoint_dir,
-                              [p for p in (key, model, base, *against) if p])
+        recipe_file = recipe.rpartition(":")[0] or recipe if recipe else None
+        _refuse_report_inside(report_path, ledger_path, checkpoint_dir or _recorded_checkpoint_dir(ledger_path),
+                              [p for p in (key, model, base, recipe_file, *against) if p])
     names = [n.strip() for n in require.split(",") if n.strip()]
     report = verify_ledger(ledger_path, key=key, model=model, sample=sample, sample_seed=sample_seed, require=names,
                            workers=workers, progress=_Progress(), checkpoints=checkpoint_dir, recipe=recipe,
@@ -282,6 +283,20 @@ def verify(ledger_path: str, key: str | None, model: str | None, checkpoint_dir:
     if report_path:
         _write_report(report, report_path)
     sys.exit(EXIT_PASS if report.verdict == "pass" else EXIT_FAIL)
+
+
+def _recorded_checkpoint_dir(ledger_path: str) -> str | None:
+    """The ``checkpoint_dir`` a genesis names (where verify reads checkpoints without
+    ``--checkpoints``), or None; a ledger that cannot be read is verify's to report."""
+    import os.path
+
+    try:
+        value = Ledger(ledger_path).genesis().get("checkpoint_dir")
+    except (LedgerError, OSError):
+        return None
+    if not isinstance(value, str) or not value:
+        return None
+    return value if os.path.isabs(value) else os.path.join(ledger_path, value)
 
 
 def _refuse_report_inside(report_path: str, ledger_path: str, checkpoint_dir: str | None,

@@ -59,19 +59,22 @@ def file_kind(mode: int) -> str:
 
 
 def read_regular(path: str | os.PathLike[str], *, what: str, limit: int,
-                 error: type[LedgerError] = FormatError) -> bytes:
+                 error: type[LedgerError] = FormatError, appended: bool = False) -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes (see :func:`open_regular`): as many as
     its size says, so a small file costs little whatever the limit. One that changes size while it
-    is read is refused; one whose size is 0 is empty and is not read (a /proc file reports 0)."""
+    is read is refused; one whose size is 0 is empty and is not read (a /proc file reports 0).
+    ``appended``: the file is append-only and may grow while it is read (a live ledger's log): the
+    bytes it held when opened are returned, and what a writer appends meanwhile is left for later."""
     with open_regular(path, what=what, limit=limit, error=error) as handle:
         size = os.fstat(handle.fileno()).st_size
         if size == 0:  # empty by its own account: not read (a /proc file says 0 and reads, or consumes, more)
             return b""
         try:
-            data = handle.read(size + 1)  # what the file says it holds (≤ limit), and one byte to see it grew
+            # what the file says it holds (≤ limit), and one byte to see whether it grew
+            data = handle.read(size if appended else size + 1)
         except BlockingIOError:
             raise error(f"{what} {os.fsdecode(path)!s} blocks when read; give a regular file") from None
-    if data is None or len(data) > size:
+    if data is None or len(data) > size or (appended and len(data) < size):
         raise error(f"{what} {os.fsdecode(path)!s} changed size while it was read; read it again when it is "
                     "complete")
     return data

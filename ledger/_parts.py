@@ -36,6 +36,11 @@ SCHEMA = pa.schema([
     pa.field("signature", pa.binary(SIGNATURE_SIZE), nullable=False),
 ])
 PART_DIGITS = 6
+# Readers read at most this many parts (33 million entries at the default roll-over, more than verify
+# holds in memory); a writer refuses to roll past it (docs/FORMAT.md §6.3).
+MAX_PARTS = 4096
+# A part a writer leaves decodes to at most this many times its size (readers allow 32 ×, §6.4).
+MAX_RATIO = 16
 
 
 def part_name(index: int) -> str:
@@ -89,11 +94,28 @@ def write_part(path: Path, table: pa.Table, run_id: str) -> dict[str, Any]:
     table = table.replace_schema_metadata(meta)
     tmp = path.with_name(path.name + ".tmp")
     unlink_quietly(tmp)  # a stale temporary file of an interrupted roll
+    sink = _write_file(tmp, table, "zstd")
+    if table.nbytes > MAX_RATIO * os.stat(tmp).st_size:
+        # entries so repetitive that zstd shrinks them more than readers let a part decode to
+        # (docs/FORMAT.md §6.4): written uncompressed, so the part reads whatever else the ledger holds
+        unlink_quietly(tmp)
+        sink = _write_file(tmp, table, "none")
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        unlink_quietly(tmp)
+        raise
+    fsync_path(path.parent)
+    return {"entries": table.num_rows, "seq": f"{first}-{last}", "sha256": sink.sha256.hexdigest()}
+
+
+def _write_file(tmp: Path, table: pa.Table, compression: str) -> FdSink:
+    """Write ``table`` as Parquet to the new file ``tmp`` and fsync it; nothing left on error."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
         sink = FdSink(fd)
         try:
-            pq.write_table(table, sink, compression="zstd", row_group_size=65536,
+            pq.write_table(table, sink, compression=compression, row_group_size=65536,
                            use_dictionary=["kind", "run_id", "key_id"], write_statistics=["seq", "step", "time_ns"])
         except OSError:
             raise
@@ -105,13 +127,7 @@ def write_part(path: Path, table: pa.Table, run_id: str) -> dict[str, Any]:
         unlink_quietly(tmp)
         raise
     os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        unlink_quietly(tmp)
-        raise
-    fsync_path(path.parent)
-    return {"entries": table.num_rows, "seq": f"{first}-{last}", "sha256": sink.sha256.hexdigest()}
+    return sink
 
 
 def read_part(path: Path, budget: Any = None, index: int = 0) -> pa.Table:

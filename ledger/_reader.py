@@ -23,7 +23,6 @@ from ledger.errors import FormatError
 if TYPE_CHECKING:
     from ledger._partcheck import LedgerBudget
 
-MAX_PARTS = 4096  # 33 million entries at a roll every 8192: more than verify could hold in memory
 _VERSION_SIZE = HEADER_OFFSETS["version"][0] + HEADER_OFFSETS["version"][1]  # the version is the first field
 
 
@@ -71,9 +70,9 @@ class Ledger:
             if _parts.list_parts(self.layout.parts) == before:
                 break
         sources: list[Source] = []
-        if len(before) > MAX_PARTS:  # more than a writer leaves: refused before any is opened
-            refused = Source("parts", None, f"the ledger holds {len(before)} parts, more than the {MAX_PARTS} a reader "
-                                            "reads (a writer rolls a part every 8192 entries)")
+        if len(before) > _parts.MAX_PARTS:  # more than a writer leaves: refused before any is opened
+            refused = Source("parts", None, f"the ledger holds {len(before)} parts, more than the {_parts.MAX_PARTS} a "
+                                            "reader reads (a writer never rolls past them)")
             self._sources = [refused]
             yield refused
             return

@@ -140,7 +140,8 @@ def read(path: Path) -> WalScan:
 def read_frames(path: Path) -> WalFrames:
     """:func:`frames` of the log at ``path``, read once and whole (at most :data:`MAX_LOG`), read-only."""
     try:
-        return frames(read_regular(path, what="write-ahead log", limit=MAX_LOG))
+        # a live writer may append while we read: the frames present at open are a consistent prefix
+        return frames(read_regular(path, what="write-ahead log", limit=MAX_LOG, appended=True))
     except FileNotFoundError:
         return WalFrames(memoryview(b""), [], 0, b"")
 

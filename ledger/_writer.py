@@ -373,6 +373,9 @@ class LedgerWriter:
 
     def _write_pending_part(self) -> None:
         index = len(_parts.list_parts(self.layout.parts))
+        if index >= _parts.MAX_PARTS:
+            raise StorageError(f"{self.layout.root} holds {index} parts, the most a reader reads; start a new ledger "
+                               "(or roll less often: rollover_entries, rollover_bytes)")
         table = _parts.entries_table([e for e, _, _ in self._pending], self.run_id,
                                      [m for _, _, m in self._pending], [h for _, h, _ in self._pending])
         path = self.layout.parts / _parts.part_name(index)

@@ -198,6 +198,23 @@ def test_report_is_refused_inside_the_ledger_or_checkpoints_or_over_an_input(sea
     assert snapshot(tmp_path) == before
 
 
+def test_report_is_refused_over_the_recipe_and_inside_the_recorded_checkpoint_dir(tmp_path):
+    """The recipe file is an input too, and without --checkpoints the checkpoints are where genesis
+    says (here a user checkpoint_dir outside the ledger)."""
+    stored = Path(__file__).parent / "data" / "stored-run"
+    recipe = tmp_path / "myrecipe.py"
+    recipe.write_text("RECIPE = None\n")
+    before = snapshot(tmp_path)
+    out = cli("verify", stored / "ledger", "--recipe", f"{recipe}:RECIPE", "--report", recipe)
+    assert out.returncode == 2 and b"is the input file" in out.stderr, out.stderr
+    assert snapshot(tmp_path) == before
+    path = resigned(write_ledger(tmp_path / "S", SIGNER, 3), tmp_path / "G", {"checkpoint_dir": str(tmp_path / "CK")})
+    (tmp_path / "CK").mkdir()
+    out = cli("verify", path, "--report", tmp_path / "CK" / "r.html")
+    assert out.returncode == 2 and b"inside the checkpoint directory" in out.stderr, out.stderr
+    assert not (tmp_path / "CK" / "r.html").exists()
+
+
 def test_report_is_written_through_a_temporary_file(sealed, tmp_path, monkeypatch, capsys):
     from ledger import _cli
 

@@ -408,3 +408,77 @@ def test_a_forked_child_does_not_keep_the_lock(tmp_path, signer):
         os.close(read)
     assert [e.seq for e in ledger.open(path).entries()] == [0, 1, 2, 3]
     assert verify_ledger(path, key=signer.public).verdict == "pass"
+
+
+def test_readers_see_a_consistent_prefix_while_a_writer_appends(tmp_path, signer):
+    """`ledger verify` and `info` on a run still training: the log grows while it is read, and every
+    read sees the frames it held when opened (a live log once failed as 'changed size')."""
+    import threading
+
+    path = tmp_path / "L"
+    writer = LedgerWriter.create(path, signer, rollover_entries=1 << 16)
+    stop = threading.Event()
+
+    def append() -> None:
+        i = 0
+        while not stop.is_set():
+            writer.append("step", i, {"metrics": {"loss": 1.0}, "pad": b"x" * 2000})
+            i += 1
+
+    thread = threading.Thread(target=append)
+    thread.start()
+    try:
+        seen = []
+        for _ in range(40):
+            seen.append(len(ledger.open(path)))
+        report = verify_ledger(path, key=signer.public)
+    finally:
+        stop.set()
+        thread.join()
+        writer.close()
+    assert seen == sorted(seen) and seen[-1] > seen[0]  # it grew, and each read was whole
+    assert report.check("chain").status == "pass"
+
+
+def test_a_writer_never_rolls_past_the_parts_a_reader_reads(tmp_path, signer, monkeypatch):
+    """At the readers' part cap the writer keeps entries in its log and says why; what it leaves
+    reads and verifies."""
+    import warnings
+
+    from ledger import _parts
+
+    monkeypatch.setattr(_parts, "MAX_PARTS", 3)  # the cap, shrunk so the test stays small
+    path = tmp_path / "L"
+    writer = LedgerWriter.create(path, signer, rollover_entries=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(12):
+            writer.append("step", i, {"metrics": {"loss": 1.0}})
+    assert any("the most a reader reads" in str(w.message) for w in caught)
+    with pytest.raises(StorageError, match="holds 3 parts, the most a reader reads; start a new ledger"):
+        writer.close()
+    writer.release()
+    assert len(list((path / "parts").glob("*.parquet"))) == 3 and len(ledger.open(path)) == 13
+    assert verify_ledger(path, key=signer.public).check("chain").status == "pass"
+
+
+@pytest.mark.slow
+def test_parts_of_repetitive_text_are_read_whatever_they_compress_to(tmp_path, signer):
+    """Two honest parts of ~40 MB of records that zstd would shrink ~100×: the writer writes them
+    uncompressed, so they stay within the readers' decode budget (64 MiB once + 32 × the bytes on
+    disk), which refused the second part when it was written compressed."""
+    text = ("The quick brown fox jumps over the lazy dog. " * 400)[:16000]
+    path = tmp_path / "L"
+    writer = LedgerWriter.create(path, signer, rollover_entries=2500, fsync="never")
+    for i in range(5000):
+        writer.append("step", i, {"metrics": {"loss": 1.0}, "prompt": text})
+    writer.seal()
+    parts = sorted((path / "parts").glob("*.parquet"))
+    assert len(parts) >= 2
+    for part in parts:
+        meta = pq.read_metadata(part)
+        decoded = sum(meta.row_group(g).column(c).total_uncompressed_size
+                      for g in range(meta.num_row_groups) for c in range(meta.num_columns))
+        assert decoded <= 16 * part.stat().st_size, part.name
+    report = verify_ledger(path, key=signer.public)
+    assert report.check("chain").status == "pass" and report.check("seal").status == "pass"
