@@ -9,12 +9,32 @@ function stops at the first break and raises.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from ledger._crypto import key_id, verify_many
 from ledger._entry import Entry
 from ledger._record import ZERO_HASH, Kind, run_digest
 from ledger.errors import FormatError
+
+
+class ChainBreak(FormatError):
+    """Entries that do not form one chain (what :func:`linked` raises)."""
+
+
+def linked(entries: Iterable[Entry]) -> Iterator[Entry]:
+    """The entries in order, each checked as it comes to have its position as seq and to link to
+    the one before (``prev_hash``); :class:`ChainBreak` naming the seq at the first that does not:
+    two entries with one seq, one missing, or a broken link — a fork or an edit."""
+    prev = ZERO_HASH
+    for position, entry in enumerate(entries):
+        header = entry.header
+        if header.seq != position:
+            what = "two entries with" if header.seq < position else "an entry missing before"
+            raise ChainBreak(f"{what} seq {min(header.seq, position)}")
+        if header.prev_hash != prev:
+            raise ChainBreak(f"entry {position} does not link to entry {position - 1} (prev_hash differs)")
+        yield entry
+        prev = entry.hash
 
 
 def check_chain(entries: Sequence[Entry], public_raw: bytes) -> None:
@@ -33,25 +53,18 @@ def check_chain(entries: Sequence[Entry], public_raw: bytes) -> None:
     if not isinstance(run_id, str):
         raise FormatError("the ledger's genesis has no run id")
     digest, kid = run_digest(run_id), key_id(public_raw)
-    prev = ZERO_HASH
-    for position, entry in enumerate(entries):
+    for position, entry in enumerate(linked(entries)):
         header = entry.header
-        if header.seq != position:
-            raise FormatError(f"entry at position {position} has seq {header.seq}: an entry is missing, "
-                              "duplicated or moved")
-        if header.prev_hash != prev:
-            raise FormatError(f"entry seq {position} does not link to the entry before it (prev_hash differs)")
         if header.run_digest != digest:
             raise FormatError(f"entry seq {position} belongs to another run (run digest differs from genesis)")
         if entry.key_id != kid:
             raise FormatError(f"entry seq {position} names another signing key than genesis")
         if position and header.kind is Kind.GENESIS:
             raise FormatError(f"entry seq {position} is a second genesis")
-        prev = entry.hash
     bad = verify_many(public_raw, [e.record for e in entries], [e.signature for e in entries])
     if bad:
         raise FormatError(f"entry seq {entries[bad[0]].seq} has an invalid signature "
                           f"({len(bad)} entr{'y' if len(bad) == 1 else 'ies'} in all): the ledger was altered")
 
 
-__all__ = ["check_chain"]
+__all__ = ["ChainBreak", "check_chain", "linked"]

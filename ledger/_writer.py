@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ledger import _parts, _wal
+from ledger._chain import ChainBreak, linked
 from ledger._crypto import Signer, load_signer
 from ledger._encoding import encode_body, metric_value
 from ledger._entry import Entry
@@ -450,19 +451,13 @@ def _one_chain(ledger: Any, layout: Layout) -> list[bytes]:
         with contextlib.suppress(FormatError):
             stale.setdefault(entry.seq, entry.hash)
     hashes: list[bytes] = []
-    prev = ZERO_HASH
-    for entry in ledger.entries():
-        header, entry_hash = entry.header, entry.hash
-        if header.seq != len(hashes):
-            what = "two entries with" if header.seq < len(hashes) else "an entry missing before"
-            raise FormatError(f"{layout.root} has {what} seq {min(header.seq, len(hashes))}: the chain is forked or "
-                              "broken; a writer cannot continue it (run `ledger verify` for details)")
-        if header.prev_hash != prev:
-            raise FormatError(f"{layout.root}: entry {header.seq} does not link to entry {header.seq - 1}: the "
-                              "chain is forked or broken; a writer cannot continue it (run `ledger verify`)")
-        if stale.get(header.seq, entry_hash) != entry_hash:
-            raise FormatError(f"{layout.root} has two different entries with seq {header.seq} (one in a part, "
-                              "one in wal.log): the chain is forked; a writer cannot continue it")
-        hashes.append(entry_hash)
-        prev = entry_hash
+    try:
+        for entry in linked(ledger.entries()):
+            entry_hash = entry.hash
+            if stale.get(entry.seq, entry_hash) != entry_hash:
+                raise ChainBreak(f"two different entries with seq {entry.seq} (one in a part, one in wal.log)")
+            hashes.append(entry_hash)
+    except ChainBreak as exc:
+        raise FormatError(f"{layout.root} has {exc}: the chain is forked or broken; a writer cannot continue it "
+                          "(run `ledger verify` for details)") from None
     return hashes
