@@ -108,9 +108,16 @@ def crash_table(idle: dict[str, Any], busy: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render(r: dict[str, Any], quick: bool) -> str:
+def head() -> str:
+    """The commit the campaigns run on (``+changes`` when the tree differs from it)."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return commit + ("+changes" if dirty else "")
+
+
+def render(r: dict[str, Any], quick: bool, commit: str) -> str:
     crash, busy, disk, mut = r["crash"], r["crash_busy"], r["disk_full"], r["mutation"]
     cli = r["hostile_cli"]
     behaved = sum(a for a, _ in cli["groups"].values())
@@ -210,8 +217,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer kills and cells (minutes, not half an hour)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
+    commit = head()  # taken first: what the campaigns ran on, whatever lands while they run
     results = campaigns(args.quick)
-    args.out.write_text(render(results, args.quick))
+    args.out.write_text(render(results, args.quick, commit))
     print(f"wrote {args.out}", file=sys.stderr)
     bad = (len(results["crash"]["violations"]) + len(results["crash_busy"]["violations"])
            + len(results["disk_full"]["bad"]) + results["mutation"]["missed"] + results["mutation"]["crashed"])
