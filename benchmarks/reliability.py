@@ -203,7 +203,7 @@ anchor (SECURITY.md).
 - **Fuzzing** (`tests/test_fuzz.py`, atheris): the record decoder, the log frame reader and the
   safetensors header reader, each for 20 s per run; every input that ever broke a reader is kept in
   `tests/fuzz_corpus/` ({', '.join(f'{k}: {v}' for k, v in r['fuzz']['corpus'].items())} files) and
-  replayed by the fast tests. This run: {r['fuzz']['tests']}.
+  replayed by the fast tests. This run: {', '.join(f'{n} {k}' for k, n in r['fuzz']['tests'].items())}.
 
 ## Raw figures
 ```json
