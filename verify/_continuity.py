@@ -23,6 +23,7 @@ from ledger._state import read_meta, read_weights
 from ledger._weights import NumpySketch
 from ledger.verify._bounds import Bounds, dtype_rounding, norm_rtol
 from ledger.verify._context import Context
+from ledger.verify._intervals import state_distance
 from ledger.verify._result import CheckResult, Status
 from ledger.verify._run import RunView
 
@@ -260,7 +261,8 @@ def _check_checkpoints(view: RunView, bounds: Bounds, walk: _Walk, metas: dict[i
             walk.anomalies += _hyper_problems(view, bounds, cp.step, metas[cp.seq])
         if previous is not None:
             t, before = previous
-            walk.checkpoint_distances.append({"from_step": t, "to_step": cp.step, **_distance(before, weights, order)})
+            walk.checkpoint_distances.append({"from_step": t, "to_step": cp.step,
+                                              **state_distance(before, weights, order)})
             steps = [s for s in range(t + 1, cp.step + 1) if s in view.steps]
             if steps and any(f is not None for f in bounds.group_family):
                 intervals += 1
@@ -272,18 +274,6 @@ def _check_checkpoints(view: RunView, bounds: Bounds, walk: _Walk, metas: dict[i
                     walk.ratios.append(worst)
         previous = (cp.step, weights)
     return intervals
-
-
-def _distance(before: dict[str, np.ndarray], after: dict[str, np.ndarray], order: list[str]) -> dict[str, float]:
-    """L2 distance and largest coordinate change between two stored states (what replay ranks
-    intervals by: read here once, with the weights the bound check already holds)."""
-    squares, largest = 0.0, 0.0
-    for name in order:
-        if name in before and name in after and before[name].shape == after[name].shape and before[name].size:
-            diff = np.abs(after[name].astype(np.float64) - before[name].astype(np.float64))
-            squares += float(np.square(diff).sum())
-            largest = max(largest, float(diff.max()))
-    return {"distance": math.sqrt(squares), "max_coordinate": largest}
 
 
 def fingerprint_problems(weights: dict[str, np.ndarray], order: list[str], sketcher: NumpySketch,

@@ -39,6 +39,19 @@ class Interval:
         return self.end.step
 
 
+def state_distance(before: dict[str, np.ndarray], after: dict[str, np.ndarray], order: list[str]) -> dict[str, float]:
+    """L2 distance and largest coordinate change between two stored states, over the tensors of
+    ``order`` both hold with one shape (what replay ranks intervals by; continuity measures it
+    between checkpoints with the weights its bound check already holds)."""
+    squares, largest = 0.0, 0.0
+    for name in order:
+        if name in before and name in after and before[name].shape == after[name].shape and before[name].size:
+            diff = np.abs(after[name].astype(np.float64) - before[name].astype(np.float64))
+            squares += float(np.square(diff).sum())
+            largest = max(largest, float(diff.max()))
+    return {"distance": math.sqrt(squares), "max_coordinate": largest}
+
+
 def intervals(view: RunView, virtual_init: bool = True) -> list[Interval]:
     """Consecutive pairs of checkpoints whose files are here (pruned or missing ones break a pair);
     with ``virtual_init``, (init → first stored checkpoint) when no checkpoint of step −1 is stored."""
@@ -116,13 +129,7 @@ def interval_movement(view: RunView, pairs: list[Interval],
         end = weights(interval.end)
         start = weights(interval.start) if interval.start is not None else None
         if start is not None and end is not None:
-            squares, largest = 0.0, 0.0
-            for name in order:
-                if name in start and name in end and start[name].shape == end[name].shape and start[name].size:
-                    diff = np.abs(end[name].astype(np.float64) - start[name].astype(np.float64))
-                    squares += float(np.square(diff).sum())
-                    largest = max(largest, float(diff.max()))
-            out.append({"distance": math.sqrt(squares), "max_coordinate": largest, "evidence": "weights"})
+            out.append({**state_distance(start, end, order), "evidence": "weights"})
         elif interval.start is None and start_sketch is not None and end is not None:
             real = sketcher({n: end[n] for n in order if n in end})
             out.append({"distance": float(np.linalg.norm(real - start_sketch)),
