@@ -1,0 +1,328 @@
+"""Hugging Face ``transformers.Trainer`` callback: one signed ledger entry per optimizer step.
+
+``Trainer(..., callbacks=[LedgerTrainerCallback("runs/ledger", key="keys/trainer.pem")])`` records the
+run; docs/FRAMEWORKS.md ("Hugging Face Trainer") says what each recorded value is relative to the
+Trainer's own logs. The Trainer gives callbacks no loss and no batch, so the callback reads both from
+a forward hook on the model (the model's ``loss`` output and its keyword inputs, training-mode
+forwards between ``on_step_begin`` and ``on_step_end`` only).
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ledger.errors import ConfigurationError
+from ledger.hooks._recorder import Recorder
+
+CURSOR_FILE = "ledger_cursor.json"
+CURSOR_FORMAT = "training-ledger/hf-trainer-cursor/v1"
+_RESUME_OPTIONS = ("passphrase", "keep", "queue_size", "drain_interval", "max_lag", "fsync")
+_OURS = ("model", "optimizer", "scheduler", "framework", "seed", "config", "checkpoint_every")
+_LIVE: dict[Path, LedgerTrainerCallback] = {}  # ledger path -> the callback whose recorder holds it open
+
+
+class _Tap:
+    """A forward hook on the model: the loss output and keyword inputs of each training-mode forward
+    while open (the micro-batches of one optimizer step)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.open = False
+        self.losses: list[torch.Tensor] = []
+        self.batches: list[Any] = []
+        self.normalised = False  # the Trainer passed num_items_in_batch: each loss is already over the whole step
+        self.lossless = 0  # forwards that returned no loss
+        self._handle = model.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if not (self.open and module.training and torch.is_grad_enabled()):
+            return
+        inputs = {k: v for k, v in kwargs.items() if k != "num_items_in_batch"}
+        self.batches.append({"args": list(args), **inputs} if args else inputs)
+        self.normalised = self.normalised or kwargs.get("num_items_in_batch") is not None
+        loss = output.get("loss") if isinstance(output, Mapping) else \
+            output[0] if isinstance(output, tuple) and output and "labels" in kwargs else None
+        if isinstance(loss, torch.Tensor) and loss.dim() == 0:
+            # a view, not a copy: Trainer.compute_loss scales it in place (average_tokens_across_devices)
+            self.losses.append(loss.detach())
+        else:
+            self.lossless += 1
+
+    def take(self) -> tuple[torch.Tensor | None, list[Any] | None]:
+        """Close the window; the step's loss as ``Trainer.training_step`` returned it summed over the
+        micro-batches (HF's ``tr_loss`` increment), and the micro-batches' inputs."""
+        self.open = False
+        losses, batches, normalised, lossless = self.losses, self.batches, self.normalised, self.lossless
+        self.losses, self.batches, self.normalised, self.lossless = [], [], False, 0
+        total = None
+        if losses and not lossless:
+            total = torch.zeros((), dtype=torch.float32, device=losses[0].device)
+            for loss in losses:  # the Trainer's order and dtype: tr_loss (float32) += loss [/ micro-batches]
+                total = total + (loss if normalised else loss / len(losses))
+        return total, batches or None
+
+    def remove(self) -> None:
+        """Take the hook off the model."""
+        self._handle.remove()
+
+
+class LedgerTrainerCallback(TrainerCallback):
+    """Records a ``transformers.Trainer`` run into a signed ledger at ``path``.
+
+    Genesis at ``on_train_begin`` (the optimizer exists; nothing has stepped), one entry per optimizer
+    step at ``on_step_end`` (ledger step s is ``state.global_step`` s+1), a ledger checkpoint at each
+    ``on_save`` with the chain cursor and the checkpoint's file digests in
+    ``checkpoint-N/ledger_cursor.json`` (the Trainer restores no callback state: ``resume_from_checkpoint``
+    continues the chain from that file), and the seal at ``on_train_end`` with the final weights written
+    as safetensors at ``final_weights`` (default ``<output_dir>/final_weights.safetensors``).
+
+    ``seed`` defaults to ``TrainingArguments.seed``; ``config`` is recorded with the
+    ``TrainingArguments`` (secrets dropped). ``recorder_options`` go to :class:`Recorder`. A run that
+    raises leaves a valid unsealed ledger: the recorder is aborted at interpreter exit, or when a new
+    ``train()`` in the same process records to the same path (or call :meth:`abort`).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, key: Any, seed: int | None = None,
+                 checkpoint_every: int | None = None, mlflow: Any = None, config: Mapping[str, Any] | None = None,
+                 final_weights: str | os.PathLike[str] | None = None, **recorder_options: Any) -> None:
+        if mlflow is not None:
+            raise ConfigurationError("mlflow= is not available yet (the MLflow integration has not landed); "
+                                     "leave it None")
+        taken = sorted(set(recorder_options) & set(_OURS))
+        if taken:
+            raise ConfigurationError(f"LedgerTrainerCallback sets {', '.join(taken)} itself (from the Trainer); "
+                                     "remove them from its arguments")
+        self.path = Path(path).absolute()
+        self.key, self.seed, self.checkpoint_every = key, seed, checkpoint_every
+        self.config, self.final_weights, self.options = dict(config or {}), final_weights, recorder_options
+        self.recorder: Recorder | None = None
+        self._tap: _Tap | None = None
+        self._pending: dict[str, Any] | None = None  # the last step's entry, waiting for the Trainer's log
+
+    # ----------------------------------------------------------------- events
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                       lr_scheduler: Any = None, **kwargs: Any) -> None:
+        """Start (or, resuming from a checkpoint-N this callback wrote, continue) the ledger."""
+        previous = _LIVE.get(self.path)
+        if previous is not None:  # an earlier train() in this process raised and left it open
+            previous.abort()
+        if model is None or optimizer is None:
+            raise ConfigurationError("the Trainer passed no model or optimizer at on_train_begin; "
+                                     "LedgerTrainerCallback needs transformers>=4.40's Trainer")
+        if args.load_best_model_at_end:
+            raise ConfigurationError("load_best_model_at_end replaces the last step's weights after training, "
+                                     "so the sealed weights would not be the trained ones; set it False "
+                                     "(load the best checkpoint after train() instead)")
+        if state.global_step > 0:
+            cursor = read_cursor(find_checkpoint(args, state), state.global_step)
+            kept = {k: v for k, v in self.options.items() if k in _RESUME_OPTIONS}
+            self.recorder = Recorder.resume(self.path, model=model, optimizer=optimizer, key=self.key,
+                                            scheduler=lr_scheduler, at=cursor, **kept)
+        else:
+            config = {"training_arguments": training_arguments(args), **self.config}
+            self.recorder = Recorder(self.path, model=model, optimizer=optimizer, key=self.key,
+                                     seed=args.seed if self.seed is None else self.seed,
+                                     checkpoint_every=self.checkpoint_every, config=config, scheduler=lr_scheduler,
+                                     framework=framework(args), **self.options)
+            self.recorder.checkpoint()  # the init state and its learning rates, whatever checkpoint_every says
+        if self.recorder.current_step != state.global_step:
+            raise ConfigurationError(f"the ledger continues at step {self.recorder.current_step} but the Trainer "
+                                     f"is at global_step {state.global_step}")
+        self._tap = _Tap(model)
+        _LIVE[self.path] = self
+        atexit.register(self.abort)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Open the window for the micro-batches of the next optimizer step."""
+        self._flush()
+        if self._tap is not None:
+            self._tap.open = True
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """After an optimizer step: its entry (held until the Trainer's log when one is due now)."""
+        rec = self._live()
+        self._flush()
+        if rec.current_step != state.global_step - 1:
+            raise ConfigurationError(f"ledger step {rec.current_step} is not Trainer global_step "
+                                     f"{state.global_step} - 1: a step was recorded twice or missed")
+        assert self._tap is not None
+        loss, batch = self._tap.take()
+        self._pending = {"step": state.global_step, "loss": loss, "batch": batch, "metrics": {}}
+        if not control.should_log:  # DefaultFlowCallback ran first and decided no log follows
+            self._flush()
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None,
+               **kwargs: Any) -> None:
+        """The Trainer's gradient norm (before clipping) of the step just taken, when it logs one."""
+        pending = self._pending
+        if pending is not None and logs and "grad_norm" in logs and state.global_step == pending["step"]:
+            pending["metrics"]["hf_grad_norm"] = float(logs["grad_norm"])
+        self._flush()
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: D102
+        self._flush()
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: D102
+        self._flush()
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """A ledger checkpoint of the state the Trainer just saved, and its cursor in checkpoint-N/."""
+        rec = self._live()
+        self._flush()
+        cursor = rec.checkpoint()
+        if state.is_world_process_zero:
+            directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if directory.is_dir():
+                write_cursor(directory, self.path, state.global_step, cursor)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Seal the ledger with the final weights."""
+        rec = self._live()
+        self._flush()
+        final = Path(self.final_weights) if self.final_weights else Path(args.output_dir) / "final_weights.safetensors"
+        self._release()
+        try:
+            rec.close(final_weights=final)
+        except BaseException:
+            rec.abort()  # valid and unsealed, as after a crash
+            raise
+
+    # ----------------------------------------------------------------- helpers
+    def abort(self) -> None:
+        """Stop recording without sealing (the ledger stays valid and unsealed); a step whose entry
+        still waited for the Trainer's log is not recorded. Safe to call more than once."""
+        rec = self.recorder
+        self._pending = None
+        self._release()
+        if rec is not None:
+            rec.abort()
+
+    def _release(self) -> None:
+        if self._tap is not None:
+            self._tap.remove()
+            self._tap = None
+        if _LIVE.get(self.path) is self:
+            del _LIVE[self.path]
+        atexit.unregister(self.abort)
+
+    def _live(self) -> Recorder:
+        if self.recorder is None:
+            raise ConfigurationError("LedgerTrainerCallback has no ledger open: on_train_begin did not run")
+        return self.recorder
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._live().step(loss=pending["loss"], batch=pending["batch"], **pending["metrics"])
+
+
+# --------------------------------------------------------------------- genesis facts
+def framework(args: Any) -> dict[str, Any]:
+    """What genesis records about the Trainer: how its step, loss, gradient norm and batch map to ours."""
+    accumulation = int(args.gradient_accumulation_steps)
+    clip = f"clipped to max_grad_norm={args.max_grad_norm}" if args.max_grad_norm and args.max_grad_norm > 0 \
+        else "no clipping (max_grad_norm=0)"
+    return {
+        "name": "transformers", "version": transformers.__version__,
+        "step_mapping": "ledger step s is Trainer state.global_step s+1 (the entry is written after that step)",
+        "loss": f"the step's loss as Trainer.training_step returned it, summed over its {accumulation} "
+                "micro-batch(es): the model's loss output, divided by the micro-batch count unless the model "
+                "normalised it by num_items_in_batch; the Trainer logs the mean of this over logging_steps",
+        "grad_norm": f"after clipping ({clip}): the gradients the optimizer step used; hf_grad_norm is the "
+                     "Trainer's logged grad_norm, before clipping, at logging steps",
+        "batch": "the keyword inputs the model received for each micro-batch of the step, in order, without "
+                 "num_items_in_batch (rank 0's)",
+        "gradient_accumulation_steps": accumulation,
+    }
+
+
+def training_arguments(args: Any) -> dict[str, Any]:
+    """``TrainingArguments.to_dict()`` as plain JSON-able values, without the hub token fields."""
+    return {k: _plain(v) for k, v in args.to_dict().items() if not k.endswith("_token")}
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+# --------------------------------------------------------------------- the cursor in checkpoint-N/
+def file_digests(directory: Path) -> dict[str, str]:
+    """SHA-256 (hex) of every file under ``directory`` by relative POSIX path, the cursor file aside."""
+    out: dict[str, str] = {}
+    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
+        name = file.relative_to(directory).as_posix()
+        if name != CURSOR_FILE:
+            digest = hashlib.sha256()
+            with file.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            out[name] = digest.hexdigest()
+    return out
+
+
+def write_cursor(directory: Path, ledger: Path, global_step: int, cursor: Mapping[str, Any]) -> Path:
+    """Write ``directory/ledger_cursor.json`` (atomically): the ledger, the chain cursor after
+    ``global_step`` and the digests of the checkpoint's files."""
+    body = {"format": CURSOR_FORMAT, "ledger": str(ledger), "global_step": global_step, "cursor": dict(cursor),
+            "files": file_digests(directory)}
+    target = directory / CURSOR_FILE
+    tmp = directory / f".{CURSOR_FILE}.tmp"
+    with tmp.open("w", encoding="utf-8") as handle:
+        json.dump(body, handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, target)
+    return target
+
+
+def find_checkpoint(args: Any, state: Any) -> Path:
+    """The checkpoint-N directory the Trainer resumed from: ``TrainingArguments.resume_from_checkpoint``
+    when it names one, else ``<output_dir>/checkpoint-<global_step>``."""
+    named = getattr(args, "resume_from_checkpoint", None)
+    if isinstance(named, (str, os.PathLike)) and (Path(named) / CURSOR_FILE).is_file():
+        return Path(named)
+    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+
+
+def read_cursor(directory: Path, global_step: int) -> dict[str, Any]:
+    """The chain cursor saved with ``directory`` (a checkpoint at ``global_step``); its files must
+    still have the digests recorded with it."""
+    path = directory / CURSOR_FILE
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"the Trainer resumed at global_step {global_step} but {path} could not be read "
+                                 f"({exc}); resume from a checkpoint-N written with LedgerTrainerCallback, or set "
+                                 "TrainingArguments.resume_from_checkpoint to its directory") from None
+    if not isinstance(body, dict) or body.get("format") != CURSOR_FORMAT or not isinstance(body.get("cursor"), dict):
+        raise ConfigurationError(f"{path} is not a ledger cursor file ({CURSOR_FORMAT})")
+    cursor: dict[str, Any] = body["cursor"]
+    if body.get("global_step") != global_step or (cursor.get("checkpoint") or {}).get("step") != global_step - 1:
+        raise ConfigurationError(f"{path} was written at global_step {body.get('global_step')}, but the Trainer "
+                                 f"resumed at global_step {global_step}")
+    files: dict[str, Any] = body["files"] if isinstance(body.get("files"), dict) else {}
+    now = file_digests(directory)
+    changed = sorted(name for name in set(now) | set(files) if files.get(name) != now.get(name))
+    if changed:
+        raise ConfigurationError(f"{directory} changed since the ledger recorded it ({', '.join(changed[:5])}); "
+                                 "resume from an unmodified checkpoint")
+    return cursor

@@ -1,0 +1,250 @@
+"""The Hugging Face Trainer callback on real ``transformers.Trainer`` runs (a tiny GPT-2 built from
+its config, synthetic tokens, CPU): entries per optimizer step, the true per-step loss and batch,
+the real CLI's verdict, resume from a Trainer checkpoint, and a run that raises."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch.nn import functional as F
+
+pytest.importorskip("transformers")
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+import ledger  # noqa: E402
+from ledger import Kind  # noqa: E402
+from ledger.errors import ConfigurationError  # noqa: E402
+from ledger.hooks.transformers import CURSOR_FILE, LedgerTrainerCallback  # noqa: E402
+from ledger.torch import batch_digest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+BATCH, ACCUMULATION, TOKENS = 2, 4, 16
+
+
+class Tokens(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Synthetic token rows (the same every time); item ``fail_at`` raises, as bad data would."""
+
+    def __init__(self, n: int = 64, fail_at: int | None = None) -> None:
+        self.x = torch.randint(0, 64, (n, TOKENS), generator=torch.Generator().manual_seed(0))
+        self.fail_at = fail_at
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if i == self.fail_at:
+            raise ValueError(f"corrupt record {i}")
+        return {"input_ids": self.x[i], "labels": self.x[i]}
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=TOKENS, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config)
+    # transformers 5.24 finds no loss_type in the name GPT2LMHeadModel, so the Trainer counts
+    # num_items_in_batch over unshifted labels (T, not T-1, per row) and trains on the token mean x (T-1)/T
+    model.loss_type = "ForCausalLM"
+    return model
+
+
+def trainer(out: Path, callbacks: list[TrainerCallback], *, model: GPT2LMHeadModel | None = None,
+            data: Tokens | None = None, evaluate: Tokens | None = None, **overrides: object) -> Trainer:
+    settings: dict[str, object] = dict(
+        output_dir=str(out / "hf"), report_to=[], use_cpu=True, disable_tqdm=True, per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=ACCUMULATION, max_steps=6, logging_steps=1, save_strategy="steps", save_steps=3,
+        learning_rate=1e-3, max_grad_norm=0.5, train_sampling_strategy="sequential", seed=7)
+    settings.update(overrides)
+    return Trainer(model=model or tiny_gpt2(), args=TrainingArguments(**settings),  # type: ignore[arg-type]
+                   train_dataset=data or Tokens(), eval_dataset=evaluate, callbacks=callbacks)
+
+
+def cli_verify(path: Path, public: Path, model: Path | None = None) -> tuple[int, dict]:
+    command = [sys.executable, "-m", "ledger", "verify", str(path), "--key", str(public), "--json"]
+    if model is not None:
+        command += ["--model", str(model)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    return done.returncode, json.loads(done.stdout)
+
+
+def statuses(report: dict) -> dict[str, str]:
+    return {name: check["status"] for name, check in report["checks"].items()}
+
+
+def steps_of(path: Path) -> list[dict]:
+    return [e.body() | {"step": e.step} for e in ledger.open(path).entries() if e.kind is Kind.STEP]
+
+
+class Forwards(TrainerCallback):  # type: ignore[misc]
+    """Counts the training forwards (micro-batches) the model runs."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
+        model.register_forward_hook(lambda *_: setattr(self, "count", self.count + model.training))
+
+
+@pytest.fixture(scope="module")
+def keypair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return ledger.generate_keypair(tmp_path_factory.mktemp("keys") / "trainer")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, keypair: tuple[Path, Path]) -> tuple[Path, Trainer, Forwards]:
+    """Six optimizer steps of four micro-batches each, logged every step, Trainer checkpoints at 3 and 6."""
+    out = tmp_path_factory.mktemp("hf")
+    forwards = Forwards()
+    fit = trainer(out, [LedgerTrainerCallback(out / "L", key=keypair[0], config={"purpose": "test"}), forwards])
+    fit.train()
+    return out, fit, forwards
+
+
+def test_one_entry_per_optimizer_step_and_the_cli_verifies(run, keypair):
+    out, fit, forwards = run
+    assert forwards.count == 6 * ACCUMULATION and fit.state.global_step == 6
+    entries = [(e.kind.label, e.step) for e in ledger.open(out / "L").entries()]
+    assert entries == [("genesis", -1), ("checkpoint", -1), ("step", 0), ("step", 1), ("step", 2), ("checkpoint", 2),
+                       ("step", 3), ("step", 4), ("step", 5), ("checkpoint", 5), ("seal", 5)]
+    code, report = cli_verify(out / "L", keypair[1], out / "hf" / "final_weights.safetensors")
+    assert code == 0 and report["verdict"] == "pass"
+    assert {k: v for k, v in statuses(report).items() if v != "skip"} == dict.fromkeys(
+        ["chain", "signatures", "seal", "model", "checkpoints", "continuity"], "pass")
+
+
+def test_genesis_records_the_framework_and_training_arguments(run):
+    out, _, _ = run
+    genesis = ledger.open(out / "L").genesis()
+    framework = genesis["framework"]
+    assert framework["name"] == "transformers" and framework["version"]
+    assert framework["step_mapping"].startswith("ledger step s is Trainer state.global_step s+1")
+    assert "after clipping" in framework["grad_norm"] and framework["gradient_accumulation_steps"] == ACCUMULATION
+    arguments = genesis["config"]["training_arguments"]
+    assert genesis["config"]["purpose"] == "test" and genesis["seed"] == 7
+    assert arguments["gradient_accumulation_steps"] == ACCUMULATION and arguments["learning_rate"] == 1e-3
+    assert not [k for k in arguments if k.endswith("_token")]
+    assert genesis["optimizer"]["class"] == "torch.optim.adamw.AdamW"  # unwrapped from AcceleratedOptimizer
+
+
+def test_logged_loss_is_the_true_step_loss_and_batch(run):
+    """Ledger step 3 recomputed from the Trainer's checkpoint-3 (the weights after step 2) and the
+    step's four micro-batches (a sequential sampler): the token-mean cross-entropy over the whole
+    accumulated batch, and the digest of the inputs the model received."""
+    out, fit, _ = run
+    steps = steps_of(out / "L")
+    model = GPT2LMHeadModel.from_pretrained(out / "hf" / "checkpoint-3")  # the weights, from HF's own files
+    rows = Tokens().x[3 * BATCH * ACCUMULATION:4 * BATCH * ACCUMULATION]
+    micro = [{"input_ids": rows[i:i + BATCH], "labels": rows[i:i + BATCH]} for i in range(0, len(rows), BATCH)]
+    with torch.no_grad():
+        total = sum(F.cross_entropy(model(input_ids=m["input_ids"]).logits[:, :-1].flatten(0, 1),
+                                    m["labels"][:, 1:].flatten(), reduction="sum") for m in micro)
+    expected = float(total) / (len(rows) * (TOKENS - 1))
+    assert steps[3]["metrics"]["loss"] == pytest.approx(expected, rel=2e-6)
+    assert steps[3]["batch_digest"] == batch_digest(micro)
+    # logging every step, the Trainer's logged loss is this same float32 sum; its grad_norm is before
+    # clipping (recorded as hf_grad_norm) and ours after: clipped to max_grad_norm = 0.5
+    logged = [h for h in fit.state.log_history if "loss" in h]
+    assert [s["metrics"]["loss"] for s in steps] == [h["loss"] for h in logged]
+    assert [s["metrics"]["hf_grad_norm"] for s in steps] == [h["grad_norm"] for h in logged]
+    assert all(s["metrics"]["hf_grad_norm"] > 0.5 and s["metrics"]["grad_norm"] == pytest.approx(0.5, rel=1e-5)
+               for s in steps)
+
+
+def test_the_trainer_logs_window_means_where_a_naive_callback_sees_running_sums(tmp_path, keypair):
+    """logging_steps=3: HF logs the mean over three steps; its running tr_loss, which a naive callback
+    reads at on_step_end, is the sum so far. The ledger has each step's own loss."""
+    fit = trainer(tmp_path, [LedgerTrainerCallback(tmp_path / "L", key=keypair[0])], logging_steps=3,
+                  gradient_accumulation_steps=1, save_strategy="no")
+    fit.train()
+    losses = [s["metrics"]["loss"] for s in steps_of(tmp_path / "L")]
+    logged = [h["loss"] for h in fit.state.log_history if "loss" in h]
+    assert logged == pytest.approx([sum(losses[:3]) / 3, sum(losses[3:]) / 3], rel=1e-6)
+    naive = [sum(losses[:1]), sum(losses[:2]), sum(losses[:3])]  # what tr_loss holds after steps 1, 2, 3
+    assert naive[1] == pytest.approx(2 * naive[0], rel=0.05) and losses[1] != pytest.approx(naive[1], rel=0.05)
+    assert [s["metrics"].get("hf_grad_norm") is not None for s in steps_of(tmp_path / "L")] == [
+        False, False, True, False, False, True]  # the Trainer's grad_norm only where it logged, at that step
+
+
+class RaiseAt(TrainerCallback):  # type: ignore[misc]
+    def __init__(self, global_step: int) -> None:
+        self.global_step = global_step
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if state.global_step == self.global_step:
+            raise RuntimeError("diverged")
+
+
+def test_a_raising_run_leaves_a_valid_ledger_and_resume_continues_the_chain(run, tmp_path, keypair):
+    with pytest.raises(RuntimeError, match="diverged"):
+        trainer(tmp_path, [LedgerTrainerCallback(tmp_path / "L", key=keypair[0]), RaiseAt(5)], save_steps=2).train()
+    code, report = cli_verify(tmp_path / "L", keypair[1])  # the crashed run's writer is still open in-process
+    assert code == 0 and statuses(report)["seal"] == "warn"
+    assert [s["step"] for s in steps_of(tmp_path / "L")] == [0, 1, 2, 3]  # step 4's entry waited for its log
+    cursor = json.loads((tmp_path / "hf" / "checkpoint-4" / CURSOR_FILE).read_text())
+    assert cursor["global_step"] == 4 and cursor["cursor"]["checkpoint"]["step"] == 3
+    assert "model.safetensors" in cursor["files"] and "optimizer.pt" in cursor["files"]
+
+    # a new Trainer (fresh model) resumes from checkpoint-4: it takes the ledger over from the crashed run
+    fit = trainer(tmp_path, [LedgerTrainerCallback(tmp_path / "L", key=keypair[0])], save_steps=2)
+    fit.train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-4"))
+    entries = [(e.kind.label, e.step) for e in ledger.open(tmp_path / "L").entries()]
+    assert entries[-6:] == [("checkpoint", 3), ("resume", 3), ("step", 4), ("step", 5), ("checkpoint", 5),
+                            ("seal", 5)]
+    code, report = cli_verify(tmp_path / "L", keypair[1], tmp_path / "hf" / "final_weights.safetensors")
+    assert code == 0 and statuses(report)["continuity"] == "pass" and statuses(report)["seal"] == "pass"
+    # the resumed steps are the uninterrupted run's steps, bit for bit (no dropout, sequential data)
+    resumed = [s["metrics"]["loss"] for s in steps_of(tmp_path / "L")][-2:]
+    assert resumed == [s["metrics"]["loss"] for s in steps_of(run[0] / "L")][4:]
+
+
+def test_resume_refuses_a_checkpoint_changed_since_it_was_recorded(tmp_path, keypair):
+    with pytest.raises(RuntimeError):
+        trainer(tmp_path, [LedgerTrainerCallback(tmp_path / "L", key=keypair[0]), RaiseAt(5)], save_steps=2).train()
+    weights = tmp_path / "hf" / "checkpoint-4" / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["transformer.ln_f.bias"][0] += 1e-3
+    save_file(tensors, weights, metadata={"format": "pt"})  # still loads: the Trainer resumes from it
+    fit = trainer(tmp_path, [LedgerTrainerCallback(tmp_path / "L", key=keypair[0])], save_steps=2)
+    with pytest.raises(ConfigurationError, match="changed since the ledger recorded it .model.safetensors"):
+        fit.train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-4"))
+
+
+@pytest.mark.slow
+def test_an_uncaught_exception_leaves_a_valid_unsealed_ledger(tmp_path, keypair):
+    """A script whose data raises at the 13th record dies with a traceback; the callback's exit
+    handler closes the ledger unsealed, with the steps before the bad batch."""
+    script = tmp_path / "crash.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT / "tests")!r})
+        from pathlib import Path
+        from test_transformers import Tokens, trainer
+        from ledger.hooks.transformers import LedgerTrainerCallback
+        out = Path({str(tmp_path)!r})
+        trainer(out, [LedgerTrainerCallback(out / "L", key=Path({str(keypair[0])!r}))],
+                data=Tokens(fail_at=12), logging_steps=2).train()
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "corrupt record 12" in done.stderr
+    code, report = cli_verify(tmp_path / "L", keypair[1])
+    assert code == 0 and statuses(report)["seal"] == "warn" and statuses(report)["chain"] == "pass"
+    assert [s["step"] for s in steps_of(tmp_path / "L")] == [0]  # records 0-7: step 0; 8-15 hold the bad one
+
+
+def test_bad_arguments_are_refused_with_one_clear_error(tmp_path, keypair):
+    with pytest.raises(ConfigurationError, match="MLflow integration has not landed"):
+        LedgerTrainerCallback(tmp_path / "L", key=keypair[0], mlflow="http://localhost:5000")
+    with pytest.raises(ConfigurationError, match="sets model"):
+        LedgerTrainerCallback(tmp_path / "L", key=keypair[0], model=torch.nn.Linear(1, 1))
+    fit = trainer(tmp_path, [LedgerTrainerCallback(tmp_path / "L", key=keypair[0])], load_best_model_at_end=True,
+                  eval_strategy="steps", eval_steps=3, evaluate=Tokens(8))
+    with pytest.raises(ConfigurationError, match="load_best_model_at_end"):
+        fit.train()
+    assert not (tmp_path / "L").exists()
