@@ -24,7 +24,7 @@ class Capture:
     matching genesis), and what they saw since the last step entry: ``slots``, one per optimizer."""
 
     def __init__(self, optimizer: Any, genesis: Genesis, names: list[str]) -> None:
-        self.optimizers = lt.optimizers_of(optimizer)
+        self.optimizers = hookable(optimizer)
         if len(self.optimizers) != len(genesis.all_optimizers):
             raise ConfigurationError(f"the ledger records {len(genesis.all_optimizers)} optimizer(s), "
                                      f"{len(self.optimizers)} given")
@@ -100,6 +100,19 @@ class Capture:
                         tensor_digests=b"".join(digests[name] for name in self._names) if digests else None,
                         model_digest=model_digest(digests) if digests else None, batch_digest=batch_d,
                         carries=tuple(carries))
+
+
+def hookable(optimizer: Any) -> list[Any]:
+    """The torch optimizers of ``optimizer`` (one or a list; framework wrappers unwrapped), each one
+    whose steps can be hooked; a one-line :class:`ConfigurationError` otherwise (checked before
+    anything is written)."""
+    optimizers = lt.optimizers_of(optimizer)
+    for opt in optimizers:
+        if not isinstance(opt, torch.optim.Optimizer) or "_optimizer_step_pre_hooks" not in vars(opt):
+            raise ConfigurationError(f"optimizer {type(opt).__module__}.{type(opt).__qualname__} is not an initialised "
+                                     "torch.optim.Optimizer whose steps the recorder can hook; pass the torch "
+                                     "optimizer it wraps")
+    return optimizers
 
 
 def _float(value: Any) -> float:

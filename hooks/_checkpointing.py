@@ -44,29 +44,31 @@ class Checkpoints:
         self.last_step = step
         return snap
 
-    def write(self, snap: lt.Snapshot) -> None:
+    def write(self, snap: lt.Snapshot, ranks: list[bytes] | None = None) -> None:
         """On the writer thread: write the files; a failure there is reported and recording goes on
-        (step entries do not depend on it); a failure to append the entry stops the writer."""
+        (step entries do not depend on it); a failure to append the entry stops the writer.
+        ``ranks``: every rank's model digest at this step (distributed runs)."""
         try:
             stored = self.store(snap)
         except Exception as exc:  # noqa: BLE001 - reported on the training thread
             with self._lock:
                 self._failed.append((snap.step, exc))
             return
-        self.enter(snap, *stored)
+        self.enter(snap, *stored, ranks)
 
     def store(self, snap: lt.Snapshot) -> tuple[Path, Any, bool]:
         """Write a snapshot's files durably under the checkpoint root (directory, digests, and
         whether this run created the directory)."""
         return lt.place_checkpoint(snap, self.root, tag=_resume.run_tag(self._writer.run_id))
 
-    def enter(self, snap: lt.Snapshot, directory: Path, digests: Any, created: bool) -> None:
+    def enter(self, snap: lt.Snapshot, directory: Path, digests: Any, created: bool,
+              ranks: list[bytes] | None = None) -> None:
         """Append the entry of a written checkpoint (``created``: whether this run made its directory;
         retention never deletes one it did not), then apply retention."""
         self._writer.sync()
         body = CheckpointBody.of(digests, self._stored_path(directory),
                                  [{k: v for k, v in g.items() if k != "params"} for g in snap.meta["param_groups"]],
-                                 created)
+                                 created, ranks)
         seq = self._append(Kind.CHECKPOINT, snap.step, body)
         self._writer.sync()
         self.alive.append((seq, snap.step, body))

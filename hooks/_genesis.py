@@ -26,7 +26,8 @@ def build_genesis(*, model: Any, optimizer: Any, scheduler: Any, seed: int, conf
                   tensors: Mapping[str, torch.Tensor], aliases: Mapping[str, str], options: FingerprintOptions,
                   sketcher: lt.CountSketch, recipe: Any, determinism: Mapping[str, Any] | None,
                   checkpoint_every: int | None, checkpoint_dir: str | None,
-                  keep: tuple[str, int] | None, base: Mapping[str, Any] | None = None) -> Genesis:
+                  keep: tuple[str, int] | None, base: Mapping[str, Any] | None = None,
+                  framework: Mapping[str, Any] | None = None, distributed: Mapping[str, Any] | None = None) -> Genesis:
     """Genesis of a new recorded run (the init state is fingerprinted here)."""
     device = str(next(iter(tensors.values())).device) if tensors else "cpu"
     names_by_id = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
@@ -55,7 +56,19 @@ def build_genesis(*, model: Any, optimizer: Any, scheduler: Any, seed: int, conf
                                        options.digests, OVERHEAD_BUDGET, norms=NORM_POLICY),
         checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir,
         retention=list(keep) if keep else "all", step_convention=STEP_CONVENTION,
-        base=_declared_base(base, init_digests))
+        base=_declared_base(base, init_digests), framework=_framework(framework),
+        distributed=dict(distributed) if distributed is not None else None)
+
+
+def _framework(framework: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The training framework's facts for genesis (short scalars: name, version, how its step, loss,
+    gradient norm and batch map to the ledger's)."""
+    if framework is None:
+        return None
+    if not isinstance(framework, Mapping) or not all(
+            isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool))) for k, v in framework.items()):
+        raise ConfigurationError("framework must map names to text, numbers, booleans or None")
+    return dict(framework)
 
 
 def _declared_base(base: Mapping[str, Any] | None, init_digests: dict[str, bytes]) -> dict[str, Any] | None:

@@ -10,7 +10,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -20,8 +20,8 @@ from ledger._record import Kind
 from ledger._schema import FinalWeights, Genesis, SealBody
 from ledger._writer import LedgerWriter
 from ledger.errors import ConfigurationError, FormatError, LedgerError, StorageError
-from ledger.hooks import _resume
-from ledger.hooks._capture import Capture, detached
+from ledger.hooks import _distributed, _resume
+from ledger.hooks._capture import Capture, detached, hookable
 from ledger.hooks._checkpointing import Alive, Body, Checkpoints, reason, undo_construction
 from ledger.hooks._failures import Failures, Job
 from ledger.hooks._genesis import build_genesis
@@ -66,6 +66,17 @@ class Recorder:
 
     ``keep``: checkpoint retention, None (all), ("last", n) or ("every", n).
 
+    ``framework``: what genesis records about a training framework driving the recorder (its name,
+    version, and how its step numbers, loss, gradient norm and batches map to the ledger's); the
+    framework callbacks (:mod:`ledger.hooks.lightning`, :mod:`ledger.hooks.transformers`) fill it.
+    ``optimizer`` may be a framework's wrapper (accelerate, Lightning): the torch optimizer inside is
+    recorded.
+
+    **torch.distributed.** Construct the recorder on every rank with the same arguments and call it at
+    the same points: global rank 0 writes the one ledger, every other rank gets a
+    :class:`ledger.hooks._distributed.Follower` that writes nothing and takes part in the collectives
+    (docs/FRAMEWORKS.md). A ``DistributedDataParallel`` model is recorded as the module it wraps.
+
     **What a crash can lose.** ``step`` returns (the step is *acknowledged*) once its entry is
     queued; a background thread appends queued entries every ``drain_interval`` seconds. Two bounds
     hold what may wait unappended: ``queue_size`` entries and ``max_lag`` seconds — ``step`` waits
@@ -84,43 +95,56 @@ class Recorder:
                  keep: tuple[str, int] | None = None, queue_size: int = 256, drain_interval: float = 0.05,
                  passphrase: bytes | None = None, recipe: Any = None, determinism: Mapping[str, Any] | None = None,
                  base: Mapping[str, Any] | None = None, fsync: str = "group",
-                 clock: Callable[[], int] = time.time_ns, max_lag: float = MAX_LAG, **deprecated: Any) -> None:
-        options = resolve_options(fingerprints, deprecated)
-        check_checkpointing(checkpoint_every, keep)
-        check_queue(queue_size, drain_interval, max_lag)
-        run_id = secrets.token_hex(16)
-        sketch_seed = int.from_bytes(hashlib.sha256(b"sketch/" + run_id.encode()).digest()[:8], "big") >> 1
-        sketcher = lt.CountSketch(sketch_seed, options.sketch_k)
-        tensors, aliases = lt.canonical_state(model)
-        root = Path(path)
-        user_dir = str(Path(checkpoint_dir).absolute()) if checkpoint_dir and \
-            Path(checkpoint_dir).absolute() != (root / "checkpoints").absolute() else None
-        genesis = build_genesis(model=model, optimizer=optimizer, scheduler=scheduler, seed=int(seed), config=config,
-                                tensors=tensors, aliases=aliases, options=options, sketcher=sketcher, recipe=recipe,
-                                determinism=determinism, checkpoint_every=checkpoint_every,
-                                checkpoint_dir=user_dir, keep=keep, base=base)
-        existed = os.path.lexists(root)  # create() takes only an absent or empty directory
-        with _resume.storage(f"create the ledger at {root}", "give a writable directory with free space"):
-            writer = LedgerWriter.create(path, key, genesis=genesis.to_body(), run_id=run_id, passphrase=passphrase,
-                                         clock=clock, fsync=fsync)
+                 clock: Callable[[], int] = time.time_ns, max_lag: float = MAX_LAG,
+                 framework: Mapping[str, Any] | None = None, **deprecated: Any) -> None:
+        group = _distributed.ranks()
+        with _distributed.announce(group) as told:  # every rank learns the run id, or why there is none
+            options = resolve_options(fingerprints, deprecated)
+            check_checkpointing(checkpoint_every, keep)
+            check_queue(queue_size, drain_interval, max_lag)
+            hookable(optimizer)  # nothing is written for an optimizer the recorder cannot hook
+            model = _distributed.unwrap_model(model)
+            run_id = secrets.token_hex(16)
+            sketch_seed = int.from_bytes(hashlib.sha256(b"sketch/" + run_id.encode()).digest()[:8], "big") >> 1
+            sketcher = lt.CountSketch(sketch_seed, options.sketch_k)
+            tensors, aliases = lt.canonical_state(model)
+            root = Path(path)
+            user_dir = str(Path(checkpoint_dir).absolute()) if checkpoint_dir and \
+                Path(checkpoint_dir).absolute() != (root / "checkpoints").absolute() else None
+            genesis = build_genesis(model=model, optimizer=optimizer, scheduler=scheduler, seed=int(seed),
+                                    config=config, tensors=tensors, aliases=aliases, options=options,
+                                    sketcher=sketcher, recipe=recipe, determinism=determinism,
+                                    checkpoint_every=checkpoint_every, checkpoint_dir=user_dir, keep=keep, base=base,
+                                    framework=framework, distributed=group.describe() if group else None)
+            existed = os.path.lexists(root)  # create() takes only an absent or empty directory
+            with _resume.storage(f"create the ledger at {root}", "give a writable directory with free space"):
+                writer = LedgerWriter.create(path, key, genesis=genesis.to_body(), run_id=run_id,
+                                             passphrase=passphrase, clock=clock, fsync=fsync)
+            told(run_id)
         made: Path | None = None  # the init checkpoint's directory, when this call created it
         try:
             self._attach(root, model, optimizer, scheduler, writer, genesis, options, sketcher, first_step=0,
                          keep=keep, queue_size=queue_size, drain_interval=drain_interval, max_lag=max_lag,
                          last_checkpoint_step=-1 if checkpoint_every else None)
             if checkpoint_every:  # the init state, before returning: a run killed later can always resume
+                ranks = self._ranks.digests(model) if self._ranks else None
                 snap = self._checkpoints.take(-1, model, optimizer, scheduler)
                 with _resume.storage(f"write the init checkpoint under {self.checkpoint_root}",
                                      f"nothing was left at {root}: free space or fix permissions and start again"):
                     directory, digests, created = self._checkpoints.store(snap)
                     made = directory if created else None
-                    self._checkpoints.enter(snap, directory, digests, created)
+                    self._checkpoints.enter(snap, directory, digests, created, ranks)
         except BaseException:
             if hasattr(self, "_queue"):
                 self._stop_thread()
             writer.release()
             undo_construction(root, existed, made)
             raise
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Recorder:
+        if cls is Recorder and _distributed.follower():  # a rank that does not write
+            return cast(Recorder, _distributed.Follower(*args, **kwargs))
+        return super().__new__(cls)
 
     def _attach(self, path: Path, model: Any, optimizer: Any, scheduler: Any, writer: LedgerWriter,
                 genesis: Genesis, options: FingerprintOptions, sketcher: lt.CountSketch, *, first_step: int,
@@ -134,6 +158,7 @@ class Recorder:
         self.path, self.model, self.optimizer, self.scheduler = path, model, optimizer, scheduler
         self.seed, self.checkpoint_every, self.keep = int(genesis.seed or 0), genesis.checkpoint_every, keep
         self._genesis = genesis
+        self._ranks = _distributed.ranks()
         self._names = list(tensors)
         self._writer, self._sketcher, self._step = writer, sketcher, first_step
         self._cadence = Cadence(options)
@@ -201,8 +226,29 @@ class Recorder:
         return self._tensor_cache
 
     def _checkpoint(self, step: int) -> None:
+        ranks = self._ranks.digests(self.model) if self._ranks else None
         snap = self._checkpoints.take(step, self.model, self.optimizer, self.scheduler)
-        self._queue.put(Job(lambda: self._checkpoints.write(snap)))
+        self._queue.put(Job(lambda: self._checkpoints.write(snap, ranks)))
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Write a checkpoint of the training state after the last recorded step now (unless one of
+        it exists) and return once it is durable, with :meth:`cursor`. A framework calls this where it
+        saves its own checkpoint, so that both hold the same state and the framework checkpoint can
+        carry the cursor (``Recorder.resume(..., at=cursor)`` continues from it)."""
+        self._refuse_closed("checkpoint")
+        if self._checkpoints.last_step != self._step - 1:
+            self._checkpoint(self._step - 1)
+        self.flush()
+        return self.cursor()
+
+    def cursor(self) -> dict[str, Any]:
+        """Where the chain stands (JSON-able): run id, last recorded step, seq and hash of the last
+        appended entry, and the last checkpoint appended ({step, state_digest}) or None. Entries still
+        queued are not counted: call after :meth:`flush` or :meth:`checkpoint`."""
+        alive = self._checkpoints.alive
+        last = {"step": alive[-1][1], "state_digest": alive[-1][2].state_digest.hex()} if alive else None
+        return {"run_id": self._writer.run_id, "step": self._step - 1, "seq": self._writer.next_seq - 1,
+                "head": self._writer.head.hex(), "checkpoint": last}
 
     # ----------------------------------------------------------------- background writer
     def _append(self, kind: Kind, step: int, body: Body) -> int:
@@ -309,17 +355,35 @@ class Recorder:
     @classmethod
     def resume(cls, path: str | os.PathLike[str], *, model: Any, optimizer: Any, key: Any, scheduler: Any = None,
                passphrase: bytes | None = None, keep: tuple[str, int] | None = None, queue_size: int = 256,
-               drain_interval: float = 0.05, max_lag: float = MAX_LAG, fsync: str = "group") -> Recorder:
+               drain_interval: float = 0.05, max_lag: float = MAX_LAG, fsync: str = "group",
+               at: Mapping[str, Any] | None = None) -> Recorder:
         """Continue a crashed run. Before acting on anything the ledger names, check its chain and
         every signature with ``key`` (the writer's; genesis must declare its public key) and that
         every checkpoint path lies inside the checkpoint root; then remove ``.tmp-*`` leftovers,
         load the last intact checkpoint (its files match its entry; a newer damaged or missing one
         is passed over), restore model, optimizer, scheduler and RNG states, append a ``resume``
-        entry marking the step entries recorded after that checkpoint as superseded, and go on."""
-        check_checkpointing(None, keep)
-        check_queue(queue_size, drain_interval, max_lag)
-        root = Path(path)
-        writer, plan = _resume.reopen(root, key, passphrase, model, optimizer, scheduler, fsync)
+        entry marking the step entries recorded after that checkpoint as superseded, and go on.
+
+        ``at``: a framework (Lightning, the HF Trainer) already restored model, optimizer and
+        scheduler from its own checkpoint, which carried this :meth:`cursor`: the ledger checkpoint
+        the cursor names must be in the chain and the live model and optimizer digests must equal
+        it (a one-line :class:`ConfigurationError` otherwise); nothing is restored from the ledger.
+        Under torch.distributed call it on every rank (rank 0 writes)."""
+        group = _distributed.ranks()
+        if group is not None and group.rank:
+            run_id, first, every, directory = _distributed.joined(group)
+            if directory is not None:  # rank 0 restored this checkpoint: so does every rank
+                _distributed.restore_on_rank(group, Path(directory), model, optimizer, scheduler)
+            return cast(Recorder, _distributed.Follower(path, model=model, checkpoint_every=every,
+                                                        resumed=(run_id, first)))
+        with _distributed.announce(group) as told:
+            check_checkpointing(None, keep)
+            check_queue(queue_size, drain_interval, max_lag)
+            root = Path(path)
+            model = _distributed.unwrap_model(model)
+            writer, plan = _resume.reopen(root, key, passphrase, model, optimizer, scheduler, fsync, at)
+            told((writer.run_id, plan.checkpoint.step + 1, plan.genesis.checkpoint_every,
+                  None if at is not None else str(plan.directory.absolute())))
         last = plan.checkpoint
         if plan.skipped:
             warnings.warn(f"resumed {root} from the checkpoint at step {last.step}, passing over newer ones: "

@@ -10,7 +10,7 @@ import hashlib
 import os
 import shutil
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from ledger._schema import (
 from ledger._state import digests_of
 from ledger._writer import LedgerWriter
 from ledger.errors import ConfigurationError, FormatError, LedgerError, StorageError
-from ledger.torch import TEMPORARY, being_written, canonical_state, restore
+from ledger.torch import TEMPORARY, being_written, canonical_state, restore, snapshot, snapshot_digests
 
 START_AGAIN = "nothing was acknowledged, so delete the directory and start the run again"
 
@@ -71,10 +71,12 @@ def signer_of(key: Any, passphrase: bytes | None) -> Signer:
     return load_signer(key, passphrase)
 
 
-def plan(root: Path, signer: Signer, tensor_shapes: dict[str, tuple[int, ...]]) -> Plan:
+def plan(root: Path, signer: Signer, tensor_shapes: dict[str, tuple[int, ...]],
+         at: Mapping[str, Any] | None = None) -> Plan:
     """Read and check a crashed run before anything is restored or deleted (raises
     :class:`FormatError` naming the seq of what is refused, :class:`ConfigurationError` when the
-    run cannot be resumed and what to do)."""
+    run cannot be resumed and what to do). ``at``: a cursor (``Recorder.cursor``) naming the
+    checkpoint to continue from instead of the last intact one (:func:`_named`)."""
     with storage(f"read the ledger at {root}", "check that it is readable"):
         entries = list(Ledger(root).entries())
     if not entries:
@@ -112,8 +114,9 @@ def plan(root: Path, signer: Signer, tensor_shapes: dict[str, tuple[int, ...]]) 
         raise ConfigurationError(f"{root} holds no checkpoint to resume from (record with checkpoint_every=)")
     alive = [(e, b, d) for e, b, d in checkpoints if b.state_digest not in pruned_digests]
     skipped: list[tuple[int, str]] = []
-    for entry, body, directory in reversed(alive):
-        why = _damage(root, body, genesis)
+    named = _named(root, at, entries, genesis, checkpoints) if at is not None else None
+    for entry, body, directory in [named] if named else reversed(alive):
+        why = None if named else _damage(root, body, genesis)
         if why is None:
             return Plan(entries, genesis, entry, body, directory, skipped,
                         [(e.seq, e.step, b) for e, b, _ in alive],
@@ -124,14 +127,53 @@ def plan(root: Path, signer: Signer, tensor_shapes: dict[str, tuple[int, ...]]) 
     raise ConfigurationError(f"{root}: no checkpoint it records is intact ({reasons}); it cannot be resumed")
 
 
+def _named(root: Path, at: Mapping[str, Any], entries: list[Entry], genesis: Genesis,
+           checkpoints: list[tuple[Entry, CheckpointBody, Path]]) -> tuple[Entry, CheckpointBody, Path]:
+    """The checkpoint a framework checkpoint's cursor names: the cursor belongs to this run, its head
+    is an entry of this chain, and the checkpoint entry it names is in the chain before that head."""
+    what = "the framework checkpoint's ledger cursor"
+    try:
+        run_id, seq, head = str(at["run_id"]), int(at["seq"]), bytes.fromhex(str(at["head"]))
+        step, digest = int(at["checkpoint"]["step"]), bytes.fromhex(str(at["checkpoint"]["state_digest"]))
+    except (KeyError, TypeError, ValueError):
+        raise ConfigurationError(f"{what} is malformed (it names no ledger checkpoint); it cannot be resumed "
+                                 "from: resume from a checkpoint saved with the callback") from None
+    if run_id != genesis.run_id:
+        raise ConfigurationError(f"{what} belongs to run {run_id}, not to {root}'s run {genesis.run_id}")
+    if not 0 <= seq < len(entries) or entries[seq].hash != head:
+        raise ConfigurationError(f"{what} names entry {seq} with a head that is not in {root}'s chain: the "
+                                 "checkpoint was written with another ledger or the ledger was replaced")
+    for entry, body, directory in checkpoints:
+        if entry.seq <= seq and entry.step == step and body.state_digest == digest:
+            return entry, body, directory
+    raise ConfigurationError(f"{what} names a checkpoint at step {step} that {root} does not record")
+
+
+def matches(body: CheckpointBody, model: Any, optimizer: Any) -> None:
+    """Refuse (one :class:`ConfigurationError` line) a live model and optimizer whose digests are not
+    a ledger checkpoint's (the state a framework restored is not the state the ledger recorded)."""
+    digests = snapshot_digests(snapshot(0, model, optimizer))
+    if digests.model_digest != body.model_digest:
+        differ = sorted(n for n in set(digests.model) | set(body.tensor_digests)
+                        if digests.model.get(n) != body.tensor_digests.get(n))
+        raise ConfigurationError(f"the restored model is not the ledger's checkpoint (differs in "
+                                 f"{', '.join(differ[:5])}); resume from the checkpoint saved with it")
+    if digests.optimizer_digest != body.optimizer_digest:
+        raise ConfigurationError("the restored optimizer state is not the ledger's checkpoint; resume from "
+                                 "the checkpoint saved with it")
+
+
 def reopen(root: Path, key: Any, passphrase: bytes | None, model: Any, optimizer: Any, scheduler: Any,
-           fsync: str) -> tuple[LedgerWriter, Plan]:
+           fsync: str, at: Mapping[str, Any] | None = None) -> tuple[LedgerWriter, Plan]:
     """Plan the resume of the ledger at ``root`` (see :func:`plan`), open its writer, clean up, restore
     the training state from the planned checkpoint and append the ``resume`` entry; the writer is
-    closed again if any of that fails."""
+    closed again if any of that fails. ``at``: the framework restored the state itself from the
+    checkpoint this cursor names: it must equal that checkpoint's (:func:`matches`); nothing is restored."""
     signer = signer_of(key, passphrase)
     tensors, _ = canonical_state(model)
-    planned = plan(root, signer, {name: tuple(t.shape) for name, t in tensors.items()})
+    planned = plan(root, signer, {name: tuple(t.shape) for name, t in tensors.items()}, at)
+    if at is not None:
+        matches(planned.body, model, optimizer)
     advice = "check that the ledger directory is writable and has free space"
     with storage(f"open the ledger at {root} for writing", advice):
         writer = LedgerWriter.open(root, signer, fsync=fsync)
@@ -141,7 +183,8 @@ def reopen(root: Path, key: Any, passphrase: bytes | None, model: Any, optimizer
             raise FormatError(f"{root} changed while it was being checked; resume again")
         clean(root, planned.genesis, planned.pruned, run_id=writer.run_id, recorded=planned.recorded,
               alive=[b for _, _, b in planned.alive])
-        restore(planned.directory, model, optimizer, scheduler)
+        if at is None:
+            restore(planned.directory, model, optimizer, scheduler)
         superseded = [e for e in planned.entries if e.seq > last.seq and e.kind is Kind.STEP]
         span = Superseded(superseded[0].seq, superseded[-1].seq, (superseded[0].step, superseded[-1].step),
                           len(superseded)) if superseded else None

@@ -241,6 +241,18 @@ class Genesis:
     """The genesis body. Writer fields (format, run id, creation time, key) are present on every
     ledger; the training fields only when the recorder wrote it (:attr:`recorded`); ``config`` is
     the producer's own and kept as it is."""
+def _scalars(value: Any, what: str) -> dict[str, Any] | None:
+    """A map of short scalar facts (genesis ``framework``, ``distributed``): text keys, values text,
+    numbers, booleans or null."""
+    if value is None:
+        return None
+    facts = dict(_typed(value, Mapping, what))
+    for key, item in facts.items():
+        if not isinstance(key, str) or not (item is None or isinstance(item, (str, int, float, bool))):
+            raise FormatError(f"{what} holds a non-text key or a value that is not text, a number or a boolean")
+    return facts
+
+
 
     run_id: str = ""
     format: int = 1
@@ -279,6 +291,8 @@ class Genesis:
 
     @property
     def tensor_order(self) -> list[str]:
+    framework: dict[str, Any] | None = None  # the training framework and how its numbers map to the ledger's
+    distributed: dict[str, Any] | None = None  # torch.distributed: backend, world size, layout, writer rank
         """Names of the fingerprinted tensors, in the order of per-tensor arrays."""
         return list(self.fingerprints.tensor_order) if self.fingerprints else []
 
@@ -321,6 +335,10 @@ class Genesis:
                   payload_type=str(_opt(body, "payload_type", str, w) or ""), config=body.get("config", {}))
         if not isinstance(body.get("fingerprints"), Mapping):
             return out  # not written by the recorder
+        if self.framework is not None:
+            body["framework"] = dict(self.framework)
+        if self.distributed is not None:
+            body["distributed"] = dict(self.distributed)
         policy = FingerprintPolicy.from_body(body["fingerprints"])
         checkpoint_every = _opt(body, "checkpoint_every", int, w)
         if checkpoint_every is not None:
@@ -339,7 +357,9 @@ class Genesis:
             checkpoint_dir=_opt(body, "checkpoint_dir", str, w),
             retention=body.get("retention", "all"), step_convention=str(body.get("step_convention", "")),
             base=_base(body.get("base")),
-            optimizers=tuple(OptimizerInfo.from_body(o) for o in _opt(body, "optimizers", list, w) or []))
+            optimizers=tuple(OptimizerInfo.from_body(o) for o in _opt(body, "optimizers", list, w) or []),
+            framework=_scalars(body.get("framework"), "genesis 'framework'"),
+            distributed=_scalars(body.get("distributed"), "genesis 'distributed'"))
 
 
 # ----------------------------------------------------------------------------- step
@@ -446,10 +466,11 @@ class CheckpointBody:
     created: bool | None = None  # the recorder made the directory (False: it was there); None: not recorded
 
     @classmethod
-    def of(cls, digests: Any, path: str, optimizer_hyper: list[Any], created: bool | None = None) -> CheckpointBody:
+    def of(cls, digests: Any, path: str, optimizer_hyper: list[Any], created: bool | None = None,
+           ranks: list[bytes] | None = None) -> CheckpointBody:
         """The entry for a written checkpoint, from its :class:`ledger._state.StateDigests`."""
         return cls(dict(digests.model), digests.model_digest, digests.optimizer_digest, digests.meta_digest,
-                   digests.state_digest, path, optimizer_hyper, created)
+                   digests.state_digest, path, optimizer_hyper, created, ranks)
 
     def to_body(self) -> dict[str, Any]:
         """The checkpoint map."""
@@ -458,6 +479,7 @@ class CheckpointBody:
                 "state_digest": self.state_digest, "path": self.path,
                 "optimizer_hyper": list(self.optimizer_hyper)}
         if self.created is not None:
+    ranks: list[bytes] | None = None  # distributed: each rank's model digest at this step, by rank
             body["created"] = self.created
         return body
 
@@ -473,9 +495,21 @@ class CheckpointBody:
                                          for k in ("model_digest", "optimizer_digest", "meta_digest", "state_digest"))
         hyper = _typed(body.get("optimizer_hyper", []), list, "checkpoint 'optimizer_hyper'")
         return cls(_digest_map(_req(body, "tensor_digests", Mapping, w), "checkpoint 'tensor_digests'"),
+        if self.ranks is not None:
+            body["ranks"] = list(self.ranks)
                    model, optimizer, meta, state, path=path,
                    optimizer_hyper=[_group(g, f"checkpoint 'optimizer_hyper' group {i}") for i, g in enumerate(hyper)],
-                   created=_opt(body, "created", bool, w))
+                   created=_opt(body, "created", bool, w), ranks=_ranks(body.get("ranks")))
+
+
+def _ranks(value: Any) -> list[bytes] | None:
+    """A checkpoint's ``ranks``: one 32-byte model digest per rank (at most 2^16 ranks)."""
+    if value is None:
+        return None
+    ranks = _typed(value, list, "checkpoint 'ranks'")
+    if not 1 <= len(ranks) <= 1 << 16:
+        raise FormatError(f"checkpoint 'ranks' has {len(ranks)} digests; 1 to 65536 expected")
+    return [_digest(d, f"checkpoint 'ranks' {i}") for i, d in enumerate(ranks)]
 
 
 @dataclass(frozen=True, slots=True)

@@ -245,8 +245,25 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def optimizers_of(optimizer: Any) -> list[Any]:
-    """One optimizer, or each of a list or tuple of them."""
-    return list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    """One optimizer, or each of a list or tuple of them, framework wrappers unwrapped
+    (:func:`unwrap_optimizer`). Schedulers pass through unchanged."""
+    return [unwrap_optimizer(o) for o in (optimizer if isinstance(optimizer, (list, tuple)) else [optimizer])]
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside a framework's wrapper: an object that passes for a
+    ``torch.optim.Optimizer`` (``isinstance`` holds) without being an initialised one (it has no
+    step-hook registry of its own) and wraps one in ``optimizer`` (accelerate's
+    ``AcceleratedOptimizer``) or ``_optimizer`` (Lightning's ``LightningOptimizer``). Their ``step``
+    calls the wrapped optimizer's, whose step hooks the recorder registers. Anything else as is."""
+    for _ in range(8):  # wrappers of wrappers, bounded
+        if not isinstance(optimizer, torch.optim.Optimizer) or "_optimizer_step_pre_hooks" in vars(optimizer):
+            return optimizer
+        inner = vars(optimizer).get("_optimizer", vars(optimizer).get("optimizer"))
+        if not isinstance(inner, torch.optim.Optimizer):
+            return optimizer
+        optimizer = inner
+    return optimizer
 
 
 def snapshot(step: int, model: Any, optimizer: Any, scheduler: Any = None) -> Snapshot:
@@ -559,5 +576,5 @@ def run_step(recipe: Any, model: Any, optimizer: Any, scheduler: Any, seed: int,
 __all__ = ["RESEED_PER_STEP", "STREAM", "CountSketch", "Snapshot", "architecture", "batch_digest", "build_scheduler",
            "canonical_state", "continue_step", "deterministic", "environment", "load_tensors", "optimizer_groups",
            "restore", "rng_state", "run_step", "safetensors_dtype", "seed_everything", "set_rng_state",
-           "sketch_slots", "snapshot", "snapshot_digests", "tensor_bytes", "torch_digests", "write_checkpoint",
-           "place_checkpoint", "temporary_name", "being_written", "TEMPORARY"]
+           "sketch_slots", "snapshot", "snapshot_digests", "tensor_bytes", "torch_digests", "unwrap_optimizer",
+           "write_checkpoint", "place_checkpoint", "temporary_name", "being_written", "TEMPORARY"]

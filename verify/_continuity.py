@@ -42,7 +42,9 @@ def check_continuity(ctx: Context) -> CheckResult:
     metas = {cp.seq: read_meta(cp.directory) for cp in view.stored_checkpoints()}  # state.cbor, read once
     walk = _Walk(view, bounds, _lr_cap(metas, bounds))
     walk.run()
-    evidence = [f"per-tensor norms at {len(view.steps)} steps"]
+    skipped = [s for s, body in view.steps.items() if body.optimizer_steps == 0]
+    evidence = [f"per-tensor norms at {len(view.steps)} steps"
+                + (f", {len(skipped)} skipped (no optimizer step: checked not to move)" if skipped else "")]
     if walk.sketch_checks:
         evidence.append(f"sketches at {walk.sketch_checks} step(s)")
     intervals = _check_checkpoints(view, bounds, walk, metas)
@@ -55,6 +57,7 @@ def check_continuity(ctx: Context) -> CheckResult:
     data: dict[str, Any] = {
         "steps_checked": len(view.steps), "anomalies": anomalies,
         "margin": max(walk.ratios) if walk.ratios else None, "superseded_steps": [s for _, s in view.superseded],
+        "skipped_steps": skipped[:1000],
         "checkpoint_intervals_checked": intervals, "sketch_steps_checked": walk.sketch_checks,
         "distance_from_init": walk.distance[:: max(1, len(walk.distance) // 1000)],
         "optimizer_family": bounds.family, "sketch_intervals_skipped": walk.sketch_skipped,

@@ -1,0 +1,61 @@
+"""One rank of a recorded torch.distributed run (gloo, CPU), started by tests/test_distributed.py:
+``python tests/distributed_worker.py SCENARIO RANK WORLD PORT OUT KEY``.
+
+Scenarios: ``ddp`` (a DistributedDataParallel loop, checkpoint_every 3, sealed with the final
+weights), ``diverge`` (the same, with rank 1's weights nudged after step 4, which DDP does not undo),
+``resume`` (``ddp`` stopped after step 5 without sealing, then ``Recorder.resume`` on every rank
+continues to the end)."""
+
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ledger.hooks import Recorder
+
+STEPS = 8
+
+
+def main() -> None:
+    scenario, rank, world, port, out, key = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], \
+        Path(sys.argv[5]), sys.argv[6]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    rec = Recorder(out / "ledger", model=ddp, optimizer=opt, key=key, seed=0, checkpoint_every=3)
+    stop = 6 if scenario == "resume" else STEPS
+    for step in range(stop):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(100 * step + rank))
+        loss = ddp(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if scenario == "diverge" and rank == 1 and step == 4:
+            with torch.no_grad():
+                model[0].bias.add_(1e-3)
+        rec.step(loss=loss, batch=x)
+    if scenario == "resume":
+        rec.abort()  # as a crash would leave it: valid, unsealed
+        rec = Recorder.resume(out / "ledger", model=ddp, optimizer=opt, key=key)
+        assert rec.current_step == 6, rec.current_step  # the checkpoint of step 5 (checkpoint_every 3)
+        for step in range(rec.current_step, STEPS):
+            x = torch.randn(4, 8, generator=torch.Generator().manual_seed(100 * step + rank))
+            loss = ddp(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss, batch=x)
+    rec.close(final_weights=out / "model.safetensors")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
