@@ -155,6 +155,10 @@ def ledger_info(path: str) -> dict[str, Any]:
         "metrics": metrics,
         "genesis_fields": sorted(k if isinstance(k, str) else repr(k) for k in genesis),
     }
+    for field in ("framework", "distributed"):  # the trainer's claims about how the run was driven
+        value = genesis.get(field)
+        if isinstance(value, Mapping):
+            facts[field] = {str(k): _fact(v) for k, v in value.items()}
     if omitted:
         facts["metrics_omitted"] = omitted
     return facts

@@ -15,6 +15,7 @@ from conftest import FIXED_SEED
 
 import ledger
 from ledger import Signer
+from ledger._cli import ledger_info
 from ledger.errors import ConfigurationError
 from ledger.hooks import Recorder
 from ledger.verify import verify_ledger
@@ -72,6 +73,7 @@ def test_framework_facts_in_genesis(tmp_path):
     facts = {"name": "lightning", "version": "2.6.6", "step_mapping": "ledger step s is global_step s+1"}
     Recorder(tmp_path / "L", model=model, optimizer=opt, key=SIGNER, seed=1, framework=facts).close()
     assert ledger.open(tmp_path / "L").genesis()["framework"] == facts
+    assert ledger_info(str(tmp_path / "L"))["framework"] == facts  # `ledger info` shows the claim
     with pytest.raises(ConfigurationError, match="framework must map"):
         Recorder(tmp_path / "M", model=model, optimizer=opt, key=SIGNER, seed=1, framework={"name": [1]})
     assert not (tmp_path / "M").exists()
