@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ledger import _dcp
 from ledger import torch as lt
 from ledger._fingerprint import model_digest
 from ledger.errors import ConfigurationError
@@ -78,6 +79,22 @@ def restore_on_rank(group: Ranks, directory: Path, model: Any, optimizer: Any, s
                                  "resume on a filesystem every rank sees, or restore the state on every rank and "
                                  "pass Recorder.resume(..., at=cursor)")
     lt.restore(directory, unwrap_model(model), optimizer, scheduler, rng=False)  # its RNG was not recorded
+
+
+def dcp_manifest(group: Ranks | None, directory: Path) -> dict[str, dict[str, Any]]:
+    """The manifest of a DCP checkpoint directory (``ledger._dcp``): each rank hashes the files it
+    wrote (so ranks on other machines need not share a filesystem), rank 0 also the coordinator's
+    ``.metadata``; the pieces are all-gathered (names, sizes, digests: never file contents)."""
+    if not directory.is_dir():
+        raise ConfigurationError(f"{directory} is not a directory: pass the checkpoint_id given to "
+                                 "torch.distributed.checkpoint.save")
+    rank = group.rank if group else 0
+    mine = _dcp.rank_files(directory, rank, coordinator=rank == 0)
+    if group is None:
+        return mine
+    every: list[Any] = [None] * group.world
+    torch.distributed.all_gather_object(every, mine)
+    return {name: info for part in every for name, info in part.items()}
 
 
 def unwrap_model(model: Any) -> Any:
@@ -160,6 +177,12 @@ class Follower:
     def cursor(self) -> dict[str, Any]:
         """This rank's position (rank 0's cursor names the chain head)."""
         return {"run_id": self.run_id, "step": self._step - 1, "rank": self._group.rank}
+
+    def record_dcp(self, directory: str | os.PathLike[str]) -> dict[str, Any]:
+        """Hash the DCP files this rank wrote and send their digests to rank 0."""
+        self._refuse_closed("record_dcp")
+        dcp_manifest(self._group, Path(directory))
+        return self.cursor()
 
     def flush(self) -> None:
         """Nothing is written on this rank."""

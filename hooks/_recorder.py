@@ -17,7 +17,7 @@ import torch
 from ledger import torch as lt
 from ledger._fingerprint import model_digest, safetensors_digests
 from ledger._record import Kind
-from ledger._schema import FinalWeights, Genesis, SealBody
+from ledger._schema import CheckpointBody, FinalWeights, Genesis, SealBody
 from ledger._writer import LedgerWriter
 from ledger.errors import ConfigurationError, FormatError, LedgerError, StorageError
 from ledger.hooks import _distributed, _resume
@@ -238,6 +238,20 @@ class Recorder:
         self._refuse_closed("checkpoint")
         if self._checkpoints.last_step != self._step - 1:
             self._checkpoint(self._step - 1)
+        self.flush()
+        return self.cursor()
+
+    def record_dcp(self, directory: str | os.PathLike[str]) -> dict[str, Any]:
+        """Record a ``torch.distributed.checkpoint`` directory just saved (call on every rank once
+        ``dcp.save(..., checkpoint_id=directory)`` returned): a checkpoint entry of layout ``"dcp"``
+        at the last recorded step holds the signed manifest of its files (each rank hashes the files
+        it wrote), so ``ledger verify --checkpoints DIR`` can check the directory (docs/FORMAT.md
+        §11.1). Returns once the entry is durable, with :meth:`cursor`."""
+        self._refuse_closed("record_dcp")
+        where = Path(directory)
+        files = _distributed.dcp_manifest(self._ranks, where)
+        body, step = CheckpointBody.dcp(files, str(where.absolute())), self._step - 1
+        self._queue.put(Job(lambda: self._append(Kind.CHECKPOINT, step, body)))
         self.flush()
         return self.cursor()
 

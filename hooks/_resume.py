@@ -101,7 +101,8 @@ def plan(root: Path, signer: Signer, tensor_shapes: dict[str, tuple[int, ...]],
         try:
             if entry.kind is Kind.CHECKPOINT:
                 body = CheckpointBody.from_body(entry.body())
-                checkpoints.append((entry, body, checkpoint_location(root, body, genesis)))
+                if body.stored_here:  # a DCP checkpoint is restored by torch.distributed.checkpoint.load
+                    checkpoints.append((entry, body, checkpoint_location(root, body, genesis)))
             elif entry.kind is Kind.PRUNE:
                 pruned_digests.add(PruneBody.from_body(entry.body()).state_digest)
         except FormatError as exc:

@@ -161,12 +161,16 @@ class FingerprintPolicy:
     overhead_budget: float
     norms: str = "every step (L2, float32, tensor_order)"
     sketch_kind: str = "count-sketch/v1"
+    tensor_digest: str = "tensor/v1"  # the per-tensor digest scheme (docs/FORMAT.md §10.1); written when not v1
 
     def to_body(self) -> dict[str, Any]:
         """The ``fingerprints`` map of genesis."""
-        return {"tensor_order": list(self.tensor_order), "norms": self.norms, "sketch": self.sketch,
+        body = {"tensor_order": list(self.tensor_order), "norms": self.norms, "sketch": self.sketch,
                 "sketch_k": self.sketch_k, "sketch_seed": self.sketch_seed, "sketch_kind": self.sketch_kind,
                 "digests": self.digests, "overhead_budget": self.overhead_budget}
+        if self.tensor_digest != "tensor/v1":
+            body["tensor_digest"] = self.tensor_digest
+        return body
 
     @classmethod
     def from_body(cls, body: Any) -> FingerprintPolicy:
@@ -183,7 +187,17 @@ class FingerprintPolicy:
                    _text(body, "digests", "auto", "fingerprints"),
                    _number(body.get("overhead_budget", 0.01), "fingerprints 'overhead_budget'"),
                    _text(body, "norms", "", "fingerprints"),
-                   _text(body, "sketch_kind", "count-sketch/v1", "fingerprints"))
+                   _text(body, "sketch_kind", "count-sketch/v1", "fingerprints"),
+                   _scheme(_text(body, "tensor_digest", "tensor/v1", "fingerprints")))
+
+
+def _scheme(scheme: str) -> str:
+    from ledger._blocked import SCHEMES
+
+    if scheme not in SCHEMES:
+        raise FormatError(f"fingerprints 'tensor_digest' {scheme[:40]!r} is not a digest scheme this verifier knows "
+                          f"({', '.join(SCHEMES)})")
+    return scheme
 
 
 @dataclass(frozen=True, slots=True)
@@ -474,12 +488,29 @@ class CheckpointBody:
 
     def to_body(self) -> dict[str, Any]:
         """The checkpoint map."""
+        if self.layout == "dcp":
+            return {"layout": "dcp", "files": dict(self.files or {}), "state_digest": self.state_digest,
+                    "path": self.path}
         body: dict[str, Any] = {"tensor_digests": dict(self.tensor_digests), "model_digest": self.model_digest,
                 "optimizer_digest": self.optimizer_digest, "meta_digest": self.meta_digest,
                 "state_digest": self.state_digest, "path": self.path,
                 "optimizer_hyper": list(self.optimizer_hyper)}
         if self.created is not None:
     ranks: list[bytes] | None = None  # distributed: each rank's model digest at this step, by rank
+    layout: str = "ledger"  # "ledger": our files (§11); "dcp": a torch.distributed.checkpoint directory (§11.1)
+    files: dict[str, dict[str, Any]] | None = None  # "dcp": the manifest {name: {size, sha256, rank}}
+
+    @classmethod
+    def dcp(cls, files: dict[str, dict[str, Any]], path: str) -> CheckpointBody:
+        """The entry of a DCP checkpoint: its manifest, pinned by ``state_digest`` (docs/FORMAT.md §11.1)."""
+        from ledger._dcp import manifest_digest
+
+        return cls({}, b"", b"", b"", manifest_digest(files), path, layout="dcp", files=files)
+
+    @property
+    def stored_here(self) -> bool:
+        """True for a checkpoint in the recorder's own layout (which resume, replay and continuity read)."""
+        return self.layout == "ledger"
             body["created"] = self.created
         return body
 
@@ -491,6 +522,16 @@ class CheckpointBody:
         path = _req(body, "path", str, w)
         if not path or "\x00" in path:
             raise FormatError("checkpoint 'path' is empty or holds a NUL character")
+        layout = _text(body, "layout", "ledger", w)
+        if layout == "dcp":
+            from ledger._dcp import check_files, manifest_digest
+
+            files = check_files(body.get("files"))
+            if _digest(body.get("state_digest"), "checkpoint 'state_digest'") != manifest_digest(files):
+                raise FormatError("a DCP checkpoint's 'state_digest' is not the digest of its 'files'")
+            return cls.dcp(files, path)
+        if layout != "ledger":
+            raise FormatError(f"checkpoint 'layout' {layout[:40]!r} is not 'ledger' or 'dcp'")
         model, optimizer, meta, state = (_digest(body.get(k), f"checkpoint {k!r}")
                                          for k in ("model_digest", "optimizer_digest", "meta_digest", "state_digest"))
         hyper = _typed(body.get("optimizer_hyper", []), list, "checkpoint 'optimizer_hyper'")

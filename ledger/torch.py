@@ -82,7 +82,7 @@ def _numpy_safe_dtypes() -> frozenset[torch.dtype]:
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """Little-endian contiguous bytes of a tensor, on the CPU (a copy; never touches the live tensor)."""
     if tensor.device.type == "cpu" and tensor.dtype in _numpy_safe_dtypes() and tensor.is_contiguous() \
-            and sys.byteorder == "little":
+            and sys.byteorder == "little" and tensor.numel():  # memoryview cannot cast a (0, n) array
         return tensor.detach().numpy().data.cast("B")  # zero-copy fast path (no torch ops)
     flat = tensor.detach().reshape(-1)
     if flat.device.type != "cpu":
@@ -96,10 +96,13 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return raw.data
 
 
-def torch_digests(tensors: Mapping[str, torch.Tensor]) -> dict[str, bytes]:
-    """Tensor digests of named torch tensors (copied to the CPU one at a time)."""
-    return {name: tensor_digest(name, safetensors_dtype(t), tuple(t.shape), tensor_bytes(t))
-            for name, t in tensors.items()}
+def torch_digests(tensors: Mapping[str, torch.Tensor], scheme: str = "tensor/v1") -> dict[str, bytes]:
+    """Tensor digests of named torch tensors (copied to the CPU one at a time), in the digest scheme
+    a genesis states (``tensor/v1``, or ``tensor-blocked/v1``: docs/FORMAT.md §10.1)."""
+    from ledger._blocked import digest_function
+
+    digest = digest_function(scheme)
+    return {name: digest(name, safetensors_dtype(t), tuple(t.shape), tensor_bytes(t)) for name, t in tensors.items()}
 
 
 def batch_digest(batch: Any) -> bytes:

@@ -4,7 +4,8 @@
 Scenarios: ``ddp`` (a DistributedDataParallel loop, checkpoint_every 3, sealed with the final
 weights), ``diverge`` (the same, with rank 1's weights nudged after step 4, which DDP does not undo),
 ``resume`` (``ddp`` stopped after step 5 without sealing, then ``Recorder.resume`` on every rank
-continues to the end)."""
+continues to the end), ``dcp`` (no ledger checkpoints; after step 3 a torch.distributed.checkpoint
+save into OUT/dcp-3, recorded with ``record_dcp``)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def main() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
-    rec = Recorder(out / "ledger", model=ddp, optimizer=opt, key=key, seed=0, checkpoint_every=3)
+    rec = Recorder(out / "ledger", model=ddp, optimizer=opt, key=key, seed=0,
+                   checkpoint_every=None if scenario == "dcp" else 3)
     stop = 6 if scenario == "resume" else STEPS
     for step in range(stop):
         x = torch.randn(4, 8, generator=torch.Generator().manual_seed(100 * step + rank))
@@ -41,6 +43,11 @@ def main() -> None:
             with torch.no_grad():
                 model[0].bias.add_(1e-3)
         rec.step(loss=loss, batch=x)
+        if scenario == "dcp" and step == 3:
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, checkpoint_id=out / "dcp-3")
+            rec.record_dcp(out / "dcp-3")
     if scenario == "resume":
         rec.abort()  # as a crash would leave it: valid, unsealed
         rec = Recorder.resume(out / "ledger", model=ddp, optimizer=opt, key=key)

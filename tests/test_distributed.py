@@ -68,3 +68,28 @@ def test_crash_resume_on_every_rank(tmp_path, keys):
     assert ("resume", 5) in labels and labels[-1] == ("seal", 7)
     report = verify_ledger(tmp_path / "ledger", key=keys[1], model=tmp_path / "model.safetensors")
     assert report.verdict == "pass", {c.name: c.detail for c in report.checks}
+
+
+def test_dcp_checkpoint_manifest(tmp_path, keys):
+    """A DCP directory is recorded by a signed manifest of every rank's files; verify checks it where
+    it was written and under --checkpoints, and names a changed file and the rank that wrote it."""
+    run("dcp", tmp_path, keys)
+    dcp_dir = tmp_path / "dcp-3"
+    entry = next(e for e in ledger.open(tmp_path / "ledger").entries() if e.kind.label == "checkpoint")
+    files = entry.body()["files"]
+    assert entry.step == 3 and entry.body()["layout"] == "dcp"
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= set(files) and files["__1_0.distcp"]["rank"] == 1
+    report = verify_ledger(tmp_path / "ledger", key=keys[1], model=tmp_path / "model.safetensors")
+    assert report.verdict == "pass" and report.check("checkpoints").data["matched"] == [3]
+    moved = tmp_path / "elsewhere"
+    dcp_dir.rename(moved)
+    assert verify_ledger(tmp_path / "ledger", key=keys[1]).check("checkpoints").status == "warn"  # missing
+    assert verify_ledger(tmp_path / "ledger", key=keys[1], checkpoints=moved).check("checkpoints").status == "pass"
+    with open(moved / "__1_0.distcp", "r+b") as handle:
+        handle.seek(40)
+        byte = handle.read(1)
+        handle.seek(40)
+        handle.write(bytes([byte[0] ^ 1]))
+    report = verify_ledger(tmp_path / "ledger", key=keys[1], checkpoints=moved)
+    checkpoints = report.check("checkpoints")
+    assert report.verdict == "fail" and "__1_0.distcp differs (written by rank 1)" in checkpoints.detail

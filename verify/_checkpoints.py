@@ -6,10 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 from ledger import _state
+from ledger._blocked import TENSOR_V1
+from ledger._dcp import compare as dcp_compare
+from ledger._fingerprint import model_digest
 from ledger._record import Kind
 from ledger.errors import LedgerError
 from ledger.verify._context import Context
 from ledger.verify._result import CheckResult, Status
+from ledger.verify._run import Checkpoint, RunView
 
 
 def check_checkpoints(ctx: Context) -> CheckResult:
@@ -18,7 +22,7 @@ def check_checkpoints(ctx: Context) -> CheckResult:
     view = ctx.view
     assert view is not None
     malformed = view.malformed_of(Kind.CHECKPOINT, Kind.PRUNE)
-    if not view.checkpoints and not malformed:
+    if not view.checkpoints and not view.dcp and not malformed:
         return CheckResult("checkpoints", Status.SKIP, "the run recorded no checkpoints",
                            summary="no checkpoints recorded")
     matched: list[int] = []
@@ -60,8 +64,17 @@ def check_checkpoints(ctx: Context) -> CheckResult:
             bad.append((cp.step, f"(seq {cp.seq}) holds step {meta_step}, its entry says {cp.step}"))
         else:
             matched.append(cp.step)
+    for cp in view.dcp:  # torch.distributed.checkpoint directories against their signed manifests
+        if not cp.directory.is_dir():
+            missing.append(cp.step)
+            continue
+        problems = dcp_compare(cp.directory, cp.body.files or {})
+        if problems:
+            bad.append((cp.step, f"(seq {cp.seq}, DCP {cp.directory.name}): {'; '.join(problems[:5])}"))
+        else:
+            matched.append(cp.step)
     init = next((cp for cp in view.checkpoints if cp.step == -1), None)
-    if init is not None and init.body.model_digest != view.init.model_digest:
+    if init is not None and _init_differs(view, init, matched):
         bad.append((-1, "the init checkpoint's weights are not the genesis init fingerprint"))
     data: dict[str, Any] = {"matched": matched, "pruned": pruned, "missing": missing,
                             "bad": [{"step": s, "reason": r} for s, r in bad], "damaged_seqs": damaged}
@@ -74,6 +87,17 @@ def check_checkpoints(ctx: Context) -> CheckResult:
                            "(pass --checkpoints DIR if they are kept elsewhere)", data,
                            summary=f"{len(missing)} checkpoint(s) missing")
     return CheckResult("checkpoints", Status.PASS, f"{summary}; every stored state matches its entry", data)
+
+
+def _init_differs(view: RunView, init: Checkpoint, matched: list[int]) -> bool:
+    """The init checkpoint holds other weights than the genesis init fingerprint. A checkpoint entry's
+    digests are ``tensor/v1`` of its files; under ``tensor-blocked/v1`` its model file, once matched
+    with its entry, is rehashed in that scheme (missing or bad files are reported on their own)."""
+    if view.digest_scheme == TENSOR_V1:
+        return init.body.model_digest != view.init.model_digest
+    if -1 not in matched:
+        return False
+    return model_digest(view.file_digests(init.directory / _state.FILES[0])) != view.init.model_digest
 
 
 # ----------------------------------------------------------------------------- init

@@ -30,11 +30,9 @@ def _declared_base(view: RunView | None, path: Path, entry: dict[str, Any]) -> b
     """A "derived" pair whose foreign file is the base the run declares it fine-tunes (its tensors
     have the digests genesis declares): expected ancestry, reported, not failed."""
     base = view.genesis.base if view is not None and view.recorded else None
-    if base is None:
+    if view is None or base is None:
         return False
-    from ledger._fingerprint import safetensors_digests
-
-    declared, found = base["tensor_digests"], safetensors_digests(path)
+    declared, found = base["tensor_digests"], view.file_digests(path)
     shared = set(declared) & set(found)
     if not shared or any(declared[n] != found[n] for n in shared):
         return False

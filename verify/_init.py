@@ -226,7 +226,7 @@ def _check_recipe(ctx: Context) -> CheckResult:
         data.update(_disclosed(opened), raised=str(exc))
         return CheckResult("init", Status.WARN, str(exc), data, summary="the recipe raised")
     tensors, *others = draws
-    rebuilt = torch_digests(tensors)
+    rebuilt = torch_digests(tensors, view.digest_scheme)
     differ = sorted(n for n in set(recorded) | set(rebuilt) if recorded.get(n) != rebuilt.get(n))
     kinds = _kinds(view.genesis.architecture)
 
@@ -277,10 +277,8 @@ def _check_recipe(ctx: Context) -> CheckResult:
     if ctx.against:
         data["against"] = _against(ctx.against, seeds, arrays, random_names, lineage, problems, warnings, notes)
     if ctx.base is not None:
-        from ledger._fingerprint import safetensors_digests
-
         try:
-            found = safetensors_digests(ctx.base)
+            found = view.file_digests(ctx.base)
         except (FormatError, ConfigurationError) as exc:
             found = {}
             problems.append(f"the --base file cannot be read: {exc}")
@@ -401,8 +399,6 @@ def _check_base(ctx: Context, base: dict[str, Any]) -> CheckResult:
     base's digests and, with ``--base FILE``, the file's; tensors of the init that the file lacks (a
     new head) are regenerated from the recipe when one is given. The seed-dependence and laundering
     tests do not apply: the base is not a random draw."""
-    from ledger._fingerprint import safetensors_digests
-
     view = ctx.view
     assert view is not None
     label = f"{base['id']} (revision {base['revision']})" if base.get("revision") else str(base["id"])
@@ -422,7 +418,7 @@ def _check_base(ctx: Context, base: dict[str, Any]) -> CheckResult:
         return CheckResult("init", Status.WARN, f"declares fine-tuning from {label}: give --base FILE to check it "
                            f"({not_applied})", data, summary=f"fine-tuning from {label} not checked (no --base)")
     try:
-        found = safetensors_digests(ctx.base)
+        found = view.file_digests(ctx.base)
     except (FormatError, ConfigurationError) as exc:
         return CheckResult("init", Status.FAIL, f"the --base file cannot be read: {exc}", data)
     differ = sorted(n for n in declared if n in found and found[n] != declared[n])
@@ -450,7 +446,7 @@ def _check_base(ctx: Context, base: dict[str, Any]) -> CheckResult:
         except _RecipeRaised as exc:
             data["raised"] = str(exc)
             return CheckResult("init", Status.WARN, f"{sentence}; {exc}", data, summary="the recipe raised")
-        rebuilt = torch_digests({n: tensors[n] for n in new if n in tensors})
+        rebuilt = torch_digests({n: tensors[n] for n in new if n in tensors}, view.digest_scheme)
         wrong = sorted(n for n in new if rebuilt.get(n) != declared[n])
         data["regenerated"] = sorted(set(new) - set(wrong))
         if wrong:

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ledger._blocked import TENSOR_V1, safetensors_digests_as
 from ledger._encoding import decode_body
-from ledger._fingerprint import safetensors_digests
 from ledger._record import HEADER_SIZE, Kind, decode_header
 from ledger._schema import SealBody
 from ledger.errors import ConfigurationError, FormatError
@@ -48,7 +48,7 @@ def check_model(ctx: Context) -> CheckResult:
                            summary="no sealed final weights in the ledger")
     sealed = final.tensor_digests
     try:
-        found = safetensors_digests(model)
+        found = safetensors_digests_as(model, ctx.view.digest_scheme if ctx.view is not None else TENSOR_V1)
     except (FormatError, ConfigurationError) as exc:  # a damaged file, index or shard: the weights cannot be read
         return CheckResult("model", Status.FAIL, f"{model}: {exc}", {"file": str(model)})
     missing = sorted(set(sealed) - set(found))
@@ -82,7 +82,7 @@ def _unsealed(ctx: Context, model: Path) -> CheckResult:
     data: dict[str, Any] = {"file": str(model), "sealed": False, "compared_with": where or f"step {last}"}
     try:
         if digests is not None:
-            found = safetensors_digests(model)
+            found = view.file_digests(model)
             differ = sorted(n for n in set(found) | set(digests) if found.get(n) != digests.get(n))
             problems = [f"{len(differ)} tensor(s) differ from {where}: {', '.join(differ[:8])}"] if differ else []
         else:

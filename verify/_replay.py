@@ -197,7 +197,7 @@ def _init_differs(view: RunView, model: Any, mode: str, rho: float) -> str | Non
     from ledger.torch import CountSketch, canonical_state, torch_digests
 
     tensors, _ = canonical_state(model)
-    digests = torch_digests(tensors)
+    digests = torch_digests(tensors, view.digest_scheme)
     recorded = view.init.tensor_digests
     differ = sorted(n for n in set(recorded) | set(digests) if recorded.get(n) != digests.get(n))
     if not differ:

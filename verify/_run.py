@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ledger._blocked import TENSOR_V1, safetensors_digests_as
+from ledger._dcp import is_dcp
 from ledger._encoding import decode_body
 from ledger._record import HEADER_SIZE, Header, Kind, decode_header
 from ledger._schema import (
@@ -20,7 +22,7 @@ from ledger._schema import (
     StepBody,
     checkpoint_directory,
 )
-from ledger.errors import FormatError
+from ledger.errors import FormatError, LedgerError
 from ledger.verify._load import Loaded
 
 # what a schema decoder may still raise on a crafted body instead of FormatError (reported as malformed)
@@ -52,6 +54,7 @@ class RunView:
     genesis: Genesis
     steps: dict[int, StepBody] = field(default_factory=dict)
     checkpoints: list[Checkpoint] = field(default_factory=list)
+    dcp: list[Checkpoint] = field(default_factory=list)  # torch.distributed.checkpoint manifests (§11.1)
     superseded: list[tuple[int, int]] = field(default_factory=list)  # (seq, step) of superseded step entries
     seal: SealBody | None = None
     malformed: list[tuple[int, Kind, str]] = field(default_factory=list)  # (seq, kind, why)
@@ -96,23 +99,54 @@ class RunView:
         """"seq N: why" for each entry of these kinds whose body breaks the schema."""
         return [f"seq {seq}: {why}" for seq, kind, why in self.malformed if kind in kinds]
 
+    @property
+    def digest_scheme(self) -> str:
+        """The per-tensor digest scheme of the ledger's init, step, base and seal digests (genesis
+        ``fingerprints.tensor_digest``; checkpoint entries always use ``tensor/v1``)."""
+        return self.genesis.fingerprints.tensor_digest if self.genesis.fingerprints else TENSOR_V1
+
+    def file_digests(self, path: str | Path) -> dict[str, bytes]:
+        """Tensor digests of a safetensors file in this ledger's scheme, to compare with its digests."""
+        return safetensors_digests_as(path, self.digest_scheme)
+
     def last_state(self) -> tuple[int, dict[str, bytes] | None, str]:
-        """The last recorded step, the full digests of the state after it when the ledger holds them
-        (its checkpoint, else the digests its step entry carries), and where they come from."""
+        """The last recorded step, the full digests of the state after it (in :attr:`digest_scheme`)
+        when the ledger holds them (its checkpoint, else the digests its step entry carries), and
+        where they come from."""
         last = self.last_step
         checkpoint = next((cp for cp in reversed(self.checkpoints) if cp.step == last), None)
-        if checkpoint is not None:
+        if checkpoint is not None and self.digest_scheme == TENSOR_V1:
             return last, dict(checkpoint.body.tensor_digests), f"the checkpoint at step {last}"
         body = self.steps.get(last)
         if body is not None and body.tensor_digests is not None:
             order = self.tensor_order
             return last, {name: body.tensor_digests[32 * i:32 * (i + 1)] for i, name in enumerate(order)}, \
                 f"the digests logged at step {last}"
+        if checkpoint is not None and checkpoint.stored and checkpoint.seq not in self.damaged:
+            # a checkpoint entry's digests are tensor/v1 of its files: rehash its model file in this
+            # scheme, once the file is shown to be the one the entry signs
+            from ledger._fingerprint import safetensors_digests
+
+            path = checkpoint.directory / "model.safetensors"
+            try:
+                if safetensors_digests(path) == dict(checkpoint.body.tensor_digests):
+                    return last, self.file_digests(path), f"the checkpoint at step {last}"
+            except (LedgerError, OSError):
+                pass  # the checkpoints check names a damaged checkpoint
         return last, None, ""
 
     def stored_checkpoints(self) -> list[Checkpoint]:
         """Checkpoints whose files are here and were not found damaged, in chain order."""
         return [cp for cp in self.checkpoints if cp.seq not in self.damaged and cp.stored]
+
+
+def dcp_directory(body: CheckpointBody, override: Path | None) -> Path:
+    """Where a DCP checkpoint is: ``--checkpoints DIR`` when DIR is that DCP directory (it holds
+    ``.metadata``) or holds it under its recorded name; else the recorded path."""
+    recorded = Path(body.path)
+    if override is not None:
+        return override if is_dcp(override) else override / recorded.name
+    return recorded
 
 
 def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None, limit: int | None = None) -> RunView:
@@ -163,6 +197,9 @@ def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None, limit:
                     view.steps[header.step] = StepBody.from_body(body, view.genesis)
             elif header.kind is Kind.CHECKPOINT:
                 cp = CheckpointBody.from_body(body)
+                if not cp.stored_here:
+                    view.dcp.append(Checkpoint(header.seq, header.step, cp, dcp_directory(cp, checkpoint_dir)))
+                    continue
                 view.checkpoints.append(Checkpoint(header.seq, header.step, cp,
                                                    checkpoint_directory(ledger_root, cp, view.genesis,
                                                                         checkpoint_dir)))

@@ -1,0 +1,240 @@
+"""Fingerprints of a model whose tensors are sharded across ranks (FSDP2 ``fully_shard``: DTensor
+parameters with ``Shard(0)`` placements), computed by each rank on its local shard only, and equal to
+the one-process fingerprints of the gathered weights whatever the world size or layout.
+
+API (every rank calls each method at the same point, with the same names in the same order; the
+collectives run on the default process group)::
+
+    fp = ShardedFingerprints(seed=policy.sketch_seed, k=policy.sketch_k)
+    fp.is_sharded(tensors)   # bool, no collective: some tensor is a DTensor
+    fp.norms(tensors)        # np.ndarray of per-tensor L2 norms, on every rank (one all_reduce)
+    fp.sketch(tensors)       # the count-sketch (np.ndarray of k) on rank 0, None elsewhere (one reduce)
+    fp.digests(tensors)      # {name: tensor-blocked/v1 digest} on rank 0, None elsewhere (one gather)
+
+What each rank computes and sends: norms — its local sum of squares per tensor (float64, from
+float32 norms of blocks of 65536 elements as in :mod:`ledger.hooks._norms`), 8 bytes per tensor,
+all-reduced; sketch — the count-sketch (``count-sketch/v1``, docs/FORMAT.md §10) of its local elements
+at their GLOBAL flat indices, 8·k bytes, summed on rank 0 (the sketch is linear); digests — the hashes of
+the ``tensor-blocked/v1`` blocks it holds whole (32 bytes per 65536 elements) and the bytes of the at
+most two blocks per tensor it holds in part, gathered on rank 0, which combines them
+(:func:`ledger._blocked.combine`, refusing a gap or an overlap). Full weights never travel.
+
+Which rank counts which element: a DTensor's local shard counts on the ranks whose coordinate is 0
+along every mesh dimension where the tensor is ``Replicate`` (rank 0's copy for a replicated tensor);
+a plain tensor counts on global rank 0 only. A layout whose local shard is not one contiguous range
+of the flattened global tensor (``Shard(1)`` of a matrix, ``_StridedShard``), or a ``Partial``
+placement, raises :class:`~ledger.errors.ConfigurationError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.distributed as dist
+
+from ledger._blocked import BLOCK_ELEMENTS, Piece, blocked_digest, combine, piece
+from ledger._fingerprint import _CHUNK, SKETCH_K, check_sketch_k
+from ledger.errors import ConfigurationError
+from ledger.hooks._norms import _LOW, BLOCK, _foreach_norms
+from ledger.torch import _acc_dtype, _scatter, safetensors_dtype, sketch_slots, tensor_bytes
+
+_COPY_BLOCKS = 64  # blocks hashed per device→CPU copy: bounds the extra host memory of a GPU shard
+
+
+@dataclass(frozen=True, slots=True)
+class Local:
+    """The part of a named tensor this rank counts: elements ``[start, start + flat.numel())`` of its
+    flattened global tensor (``flat``: those elements, 1-D), and the global shape and dtype."""
+
+    flat: torch.Tensor
+    start: int
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def total(self) -> int:
+        """Element count of the global tensor."""
+        return math.prod(self.shape)
+
+
+def _flat_range(name: str, shape: tuple[int, ...], local: tuple[int, ...], offset: tuple[int, ...]) -> int:
+    """First flat index of a local block of ``shape`` (sizes ``local`` at ``offset``), which must be one
+    contiguous range of the C-order flattening: full in every dimension after the last split one, and
+    of size 1 in every dimension before it."""
+    split = max((i for i, (g, n) in enumerate(zip(shape, local, strict=True)) if n != g), default=-1)
+    if math.prod(local) and any(n != 1 for n in local[:max(split, 0)]):
+        raise ConfigurationError(f"tensor {name!r}: its local shard {list(local)} at offset {list(offset)} of "
+                                 f"{list(shape)} is not one contiguous range of the flattened tensor; shard "
+                                 "parameters on dim 0 (fully_shard's default Shard(0)) to fingerprint them")
+    stride, start = 1, 0
+    for g, o in zip(reversed(shape), reversed(offset), strict=True):
+        start += o * stride
+        stride *= g
+    return start
+
+
+def local_part(name: str, tensor: torch.Tensor) -> Local | None:
+    """What this rank counts of a tensor (None: nothing), or ConfigurationError for a layout that
+    cannot be fingerprinted piecewise."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    dtype, shape = safetensors_dtype(tensor), tuple(int(d) for d in tensor.shape)
+    if not isinstance(tensor, DTensor):
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        return Local(tensor.detach().reshape(-1), 0, shape, dtype) if rank0 else None
+    mesh, placements = tensor.device_mesh, tuple(tensor.placements)
+    for p in placements:
+        if isinstance(p, _StridedShard) or not isinstance(p, (Shard, Replicate)):
+            raise ConfigurationError(f"tensor {name!r} has the placement {p}: only Shard and Replicate placements "
+                                     "can be fingerprinted shard by shard (reduce a Partial one first)")
+    coordinate = mesh.get_coordinate()
+    if coordinate is None or any(c != 0 for c, p in zip(coordinate, placements, strict=True)
+                                 if isinstance(p, Replicate)):
+        return None
+    local_shape, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
+    local = tensor.to_local().detach()
+    if tuple(local.shape) != tuple(local_shape):
+        raise ConfigurationError(f"tensor {name!r}: its local shard has shape {list(local.shape)}, its placements "
+                                 f"give {list(local_shape)}")
+    return Local(local.reshape(-1), _flat_range(name, shape, tuple(local_shape), tuple(offset)), shape, dtype)
+
+
+def _collective_device() -> torch.device:
+    backend = str(dist.get_backend()) if dist.is_initialized() else "gloo"
+    return torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+
+
+class ShardedFingerprints:
+    """Norms, count-sketch and ``tensor-blocked/v1`` digests of sharded (and plain) tensors, each rank
+    working on its local shards (see the module docstring). ``seed`` and ``k``: the genesis
+    ``fingerprints.sketch_seed`` and ``sketch_k``. ``cache_limit``: local elements below which the
+    sketch slots are computed once and kept (2 bytes per element), as :class:`ledger.torch.CountSketch`."""
+
+    def __init__(self, seed: int, k: int = SKETCH_K, cache_limit: int = 1 << 25) -> None:
+        check_sketch_k(k)
+        self.seed, self.k, self.cache_limit = seed, k, cache_limit
+        self._slots: dict[tuple[str, int, int, str], torch.Tensor] = {}
+
+    @staticmethod
+    def is_sharded(tensors: Mapping[str, torch.Tensor]) -> bool:
+        """True when some tensor is a DTensor (then the methods below are needed to fingerprint them)."""
+        from torch.distributed.tensor import DTensor
+
+        return any(isinstance(t, DTensor) for t in tensors.values())
+
+    @staticmethod
+    def parts(tensors: Mapping[str, torch.Tensor]) -> dict[str, Local | None]:
+        """What this rank counts of each tensor (None: nothing)."""
+        return {name: local_part(name, t) for name, t in tensors.items()}
+
+    def norms(self, tensors: Mapping[str, torch.Tensor]) -> npt.NDArray[np.float64]:
+        """Per-tensor L2 norms of the global tensors, in the order given, on every rank."""
+        parts = list(self.parts(tensors).values())
+        squares = torch.zeros(len(parts), dtype=torch.float64)
+        with torch.no_grad():
+            for low in (False, True):
+                blocks: list[torch.Tensor] = []
+                owners: list[int] = []
+                for i, part in enumerate(parts):
+                    if part is None or part.flat.numel() == 0:
+                        continue
+                    flat = part.flat
+                    if not flat.is_floating_point():
+                        if not low:
+                            squares[i] += float(flat.double().square().sum())
+                        continue
+                    if (flat.dtype in _LOW) == low:
+                        split = torch.split(flat, BLOCK)
+                        blocks.extend(split)
+                        owners.extend([i] * len(split))
+                if blocks:
+                    block_squares = _foreach_norms(blocks, low).double().square().cpu()
+                    squares.index_add_(0, torch.tensor(owners, dtype=torch.int64), block_squares)
+        if dist.is_initialized():
+            reduced = squares.to(_collective_device())
+            dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+            squares = reduced.cpu()
+        return np.sqrt(squares.numpy().astype(np.float64))
+
+    def _local_sketch(self, name: str, part: Local) -> torch.Tensor:
+        flat, k = part.flat, self.k
+        n = flat.numel()
+        key = (name, part.start, n, str(flat.device))
+        slots = self._slots.get(key)
+        if slots is not None:
+            return _scatter(slots.long(), flat, 2 * k)
+        acc = torch.zeros(2 * k, dtype=_acc_dtype(flat), device=flat.device)
+        pieces = []
+        for lo in range(0, n, _CHUNK):
+            hi = min(lo + _CHUNK, n)
+            chunk = sketch_slots(self.seed, name, part.start + lo, part.start + hi, k, flat.device)
+            acc += _scatter(chunk, flat[lo:hi], 2 * k)
+            pieces.append(chunk.to(torch.int16 if 2 * k <= 32767 else torch.int32))
+        if n <= self.cache_limit:
+            self._slots[key] = torch.cat(pieces)
+        return acc
+
+    def sketch(self, tensors: Mapping[str, torch.Tensor]) -> npt.NDArray[np.float64] | None:
+        """The count-sketch of the global tensors (float64, k values) on rank 0; None on the others."""
+        total = torch.zeros(self.k, dtype=torch.float64)
+        with torch.no_grad():
+            for name, part in self.parts(tensors).items():
+                if part is not None and part.flat.numel():
+                    acc = self._local_sketch(name, part)
+                    total += (acc[:self.k] - acc[self.k:]).double().cpu()
+        if not dist.is_initialized():
+            return total.numpy()
+        reduced = total.to(_collective_device())
+        dist.reduce(reduced, dst=0, op=dist.ReduceOp.SUM)
+        return reduced.cpu().numpy() if dist.get_rank() == 0 else None
+
+    def digests(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, bytes] | None:
+        """``tensor-blocked/v1`` digests of the global tensors on rank 0 (None on the others); plain
+        tensors are hashed whole by rank 0, sharded ones from every rank's pieces."""
+        from torch.distributed.tensor import DTensor
+
+        mine: list[tuple[str, Piece]] = []
+        whole: dict[str, bytes] = {}
+        for name, tensor in tensors.items():
+            part = local_part(name, tensor)
+            if part is None:
+                continue
+            if not isinstance(tensor, DTensor):
+                whole[name] = blocked_digest(name, part.dtype, part.shape, tensor_bytes(tensor))
+                continue
+            mine.extend((name, p) for p in _pieces(part))
+        gathered: list[Any] = [mine]
+        if dist.is_initialized():
+            gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else []
+            dist.gather_object(mine, gathered if dist.get_rank() == 0 else None, dst=0)
+            if dist.get_rank() != 0:
+                return None
+        by_name: dict[str, list[Piece]] = {}
+        for pieces in gathered:
+            for name, p in pieces:
+                by_name.setdefault(name, []).append(p)
+        out: dict[str, bytes] = {}
+        for name, tensor in tensors.items():
+            if name in whole:
+                out[name] = whole[name]
+            else:
+                out[name] = combine(name, safetensors_dtype(tensor), tuple(tensor.shape), by_name.get(name, []))
+        return out
+
+
+def _pieces(part: Local) -> list[Piece]:
+    """The pieces of a local range, split at global block boundaries every :data:`_COPY_BLOCKS` blocks
+    so that a shard on a device is copied to the CPU a bounded run at a time."""
+    span = BLOCK_ELEMENTS * _COPY_BLOCKS
+    start, stop = part.start, part.start + part.flat.numel()
+    cuts = [start, *range((start // span + 1) * span, stop, span), stop]
+    return [piece(part.dtype, part.total, lo, tensor_bytes(part.flat[lo - start:hi - start]))
+            for lo, hi in zip(cuts, cuts[1:], strict=False) if hi > lo or start == stop]

@@ -1,0 +1,102 @@
+"""Manifests of ``torch.distributed.checkpoint`` (DCP) directories (docs/FORMAT.md §11.1).
+
+DCP writes one directory per checkpoint: ``__<rank>_<n>.distcp`` files (each rank writes its own)
+and a ``.metadata`` file (the coordinator's), with no digest of its own. The recorder records a
+signed manifest of those files — name, size, SHA-256 and the rank that hashed it — in a checkpoint
+entry of layout ``"dcp"``; its ``state_digest`` is the digest of the manifest. ``ledger verify
+--checkpoints DIR`` checks a DCP directory against it. No torch here: hashing and comparing files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ledger._encoding import encode_body
+from ledger._io import open_regular
+from ledger.errors import FormatError
+
+DOMAIN = b"training-ledger/dcp-manifest/v1\x00"
+RANK_FILE = re.compile(r"^__(\d+)_(\d+)\.distcp$")
+METADATA = ".metadata"
+MAX_FILES = 1 << 16
+_READ = 1 << 22
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """``{"size", "sha256"}`` of one regular file (not a symlink, not a FIFO), read in 4 MiB pieces."""
+    if stat.S_ISLNK(os.lstat(path).st_mode):
+        raise FormatError(f"{path} is a symbolic link; a DCP checkpoint file must be a regular file")
+    h, size = hashlib.sha256(), 0
+    with open_regular(path, what="DCP checkpoint file") as handle:
+        while piece := handle.read(_READ):
+            h.update(piece)
+            size += len(piece)
+    return {"size": size, "sha256": h.digest()}
+
+
+def rank_files(directory: Path, rank: int, *, coordinator: bool) -> dict[str, dict[str, Any]]:
+    """The files of a DCP directory one rank vouches for: those it wrote (``__<rank>_*.distcp``) and,
+    on the coordinator, every other file (``.metadata``, and anything not named after a rank)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted(os.listdir(directory)):
+        match = RANK_FILE.match(name)
+        if (match is not None and int(match.group(1)) == rank) or (match is None and coordinator):
+            if len(out) >= MAX_FILES:
+                raise FormatError(f"{directory} holds more than {MAX_FILES} files; not a DCP checkpoint")
+            out[name] = {**file_digest(directory / name), "rank": rank}
+    return out
+
+
+def manifest_digest(files: Mapping[str, Mapping[str, Any]]) -> bytes:
+    """The digest a DCP checkpoint entry's ``state_digest`` holds: SHA-256 over the domain and the
+    deterministic CBOR of the manifest ({name: {size, sha256, rank}})."""
+    return hashlib.sha256(DOMAIN + encode_body({"files": {n: dict(f) for n, f in files.items()}})).digest()
+
+
+def check_files(value: Any) -> dict[str, dict[str, Any]]:
+    """A manifest read from an entry: flat file names, sizes, 32-byte digests and ranks (FormatError)."""
+    if not isinstance(value, Mapping) or not 1 <= len(value) <= MAX_FILES:
+        raise FormatError("checkpoint 'files' is not a map of 1 to 65536 files")
+    files: dict[str, dict[str, Any]] = {}
+    for name, info in value.items():
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\x00" in name:
+            raise FormatError(f"checkpoint 'files' names {str(name)[:60]!r}, not a file name")
+        if not isinstance(info, Mapping) or set(info) != {"size", "sha256", "rank"} \
+                or not all(isinstance(info[k], int) and not isinstance(info[k], bool) and 0 <= info[k] < 1 << 62
+                           for k in ("size", "rank")) \
+                or not isinstance(info["sha256"], bytes) or len(info["sha256"]) != 32:
+            raise FormatError(f"checkpoint 'files' entry {name[:60]!r} is not {{size, sha256, rank}}")
+        files[name] = {"size": info["size"], "sha256": info["sha256"], "rank": info["rank"]}
+    return files
+
+
+def compare(directory: Path, files: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """What differs between a DCP directory and its manifest (empty: every file is there with its
+    digest and no rank file was added): missing, changed and unrecorded ``.distcp`` files."""
+    problems: list[str] = []
+    for name, want in sorted(files.items()):
+        path = directory / name
+        if not os.path.lexists(path):
+            problems.append(f"{name} is missing")
+            continue
+        try:
+            found = file_digest(path)
+        except (FormatError, OSError) as exc:
+            problems.append(f"{name} is unreadable ({exc})")
+            continue
+        if found["size"] != want["size"] or found["sha256"] != want["sha256"]:
+            problems.append(f"{name} differs (written by rank {want['rank']})")
+    extra = sorted(n for n in os.listdir(directory) if RANK_FILE.match(n) and n not in files)
+    problems += [f"{name} was not recorded" for name in extra[:8]]
+    return problems
+
+
+def is_dcp(directory: Path) -> bool:
+    """True when ``directory`` looks like a DCP checkpoint (it holds ``.metadata``)."""
+    return (directory / METADATA).is_file()
