@@ -241,6 +241,18 @@ def _architecture(value: Any) -> dict[str, Any]:
     return arch
 
 
+def _scalars(value: Any, what: str) -> dict[str, Any] | None:
+    """A map of short scalar facts (genesis ``framework``, ``distributed``): text keys, values text,
+    numbers, booleans or null."""
+    if value is None:
+        return None
+    facts = dict(_typed(value, Mapping, what))
+    for key, item in facts.items():
+        if not isinstance(key, str) or not (item is None or isinstance(item, (str, int, float, bool))):
+            raise FormatError(f"{what} holds a non-text key or a value that is not text, a number or a boolean")
+    return facts
+
+
 def _base(value: Any) -> dict[str, Any] | None:
     """A declared base model (fine-tuning): ``id``, ``revision`` and per-tensor ``tensor_digests``."""
     if value is None:
@@ -255,18 +267,6 @@ class Genesis:
     """The genesis body. Writer fields (format, run id, creation time, key) are present on every
     ledger; the training fields only when the recorder wrote it (:attr:`recorded`); ``config`` is
     the producer's own and kept as it is."""
-def _scalars(value: Any, what: str) -> dict[str, Any] | None:
-    """A map of short scalar facts (genesis ``framework``, ``distributed``): text keys, values text,
-    numbers, booleans or null."""
-    if value is None:
-        return None
-    facts = dict(_typed(value, Mapping, what))
-    for key, item in facts.items():
-        if not isinstance(key, str) or not (item is None or isinstance(item, (str, int, float, bool))):
-            raise FormatError(f"{what} holds a non-text key or a value that is not text, a number or a boolean")
-    return facts
-
-
 
     run_id: str = ""
     format: int = 1
@@ -291,6 +291,8 @@ def _scalars(value: Any, what: str) -> dict[str, Any] | None:
     step_convention: str = ""
     base: dict[str, Any] | None = None
     optimizers: tuple[OptimizerInfo, ...] = ()  # every optimizer, when the run has more than one
+    framework: dict[str, Any] | None = None  # the training framework and how its numbers map to the ledger's
+    distributed: dict[str, Any] | None = None  # torch.distributed: backend, world size, layout, writer rank
 
     @property
     def all_optimizers(self) -> list[OptimizerInfo]:
@@ -305,8 +307,6 @@ def _scalars(value: Any, what: str) -> dict[str, Any] | None:
 
     @property
     def tensor_order(self) -> list[str]:
-    framework: dict[str, Any] | None = None  # the training framework and how its numbers map to the ledger's
-    distributed: dict[str, Any] | None = None  # torch.distributed: backend, world size, layout, writer rank
         """Names of the fingerprinted tensors, in the order of per-tensor arrays."""
         return list(self.fingerprints.tensor_order) if self.fingerprints else []
 
@@ -335,6 +335,10 @@ def _scalars(value: Any, what: str) -> dict[str, Any] | None:
             body["base"] = dict(self.base)
         if self.optimizers:
             body["optimizers"] = [o.to_body() for o in self.optimizers]
+        if self.framework is not None:
+            body["framework"] = dict(self.framework)
+        if self.distributed is not None:
+            body["distributed"] = dict(self.distributed)
         return body
 
     @classmethod
@@ -349,10 +353,6 @@ def _scalars(value: Any, what: str) -> dict[str, Any] | None:
                   payload_type=str(_opt(body, "payload_type", str, w) or ""), config=body.get("config", {}))
         if not isinstance(body.get("fingerprints"), Mapping):
             return out  # not written by the recorder
-        if self.framework is not None:
-            body["framework"] = dict(self.framework)
-        if self.distributed is not None:
-            body["distributed"] = dict(self.distributed)
         policy = FingerprintPolicy.from_body(body["fingerprints"])
         checkpoint_every = _opt(body, "checkpoint_every", int, w)
         if checkpoint_every is not None:
@@ -478,6 +478,21 @@ class CheckpointBody:
     path: str
     optimizer_hyper: list[Any] = field(default_factory=list)
     created: bool | None = None  # the recorder made the directory (False: it was there); None: not recorded
+    ranks: list[bytes] | None = None  # distributed: each rank's model digest at this step, by rank
+    layout: str = "ledger"  # "ledger": our files (§11); "dcp": a torch.distributed.checkpoint directory (§11.1)
+    files: dict[str, dict[str, Any]] | None = None  # "dcp": the manifest {name: {size, sha256, rank}}
+
+    @classmethod
+    def dcp(cls, files: dict[str, dict[str, Any]], path: str) -> CheckpointBody:
+        """The entry of a DCP checkpoint: its manifest, pinned by ``state_digest`` (docs/FORMAT.md §11.1)."""
+        from ledger._dcp import manifest_digest
+
+        return cls({}, b"", b"", b"", manifest_digest(files), path, layout="dcp", files=files)
+
+    @property
+    def stored_here(self) -> bool:
+        """True for a checkpoint in the recorder's own layout (which resume, replay and continuity read)."""
+        return self.layout == "ledger"
 
     @classmethod
     def of(cls, digests: Any, path: str, optimizer_hyper: list[Any], created: bool | None = None,
@@ -496,22 +511,9 @@ class CheckpointBody:
                 "state_digest": self.state_digest, "path": self.path,
                 "optimizer_hyper": list(self.optimizer_hyper)}
         if self.created is not None:
-    ranks: list[bytes] | None = None  # distributed: each rank's model digest at this step, by rank
-    layout: str = "ledger"  # "ledger": our files (§11); "dcp": a torch.distributed.checkpoint directory (§11.1)
-    files: dict[str, dict[str, Any]] | None = None  # "dcp": the manifest {name: {size, sha256, rank}}
-
-    @classmethod
-    def dcp(cls, files: dict[str, dict[str, Any]], path: str) -> CheckpointBody:
-        """The entry of a DCP checkpoint: its manifest, pinned by ``state_digest`` (docs/FORMAT.md §11.1)."""
-        from ledger._dcp import manifest_digest
-
-        return cls({}, b"", b"", b"", manifest_digest(files), path, layout="dcp", files=files)
-
-    @property
-    def stored_here(self) -> bool:
-        """True for a checkpoint in the recorder's own layout (which resume, replay and continuity read)."""
-        return self.layout == "ledger"
             body["created"] = self.created
+        if self.ranks is not None:
+            body["ranks"] = list(self.ranks)
         return body
 
     @classmethod
@@ -536,8 +538,6 @@ class CheckpointBody:
                                          for k in ("model_digest", "optimizer_digest", "meta_digest", "state_digest"))
         hyper = _typed(body.get("optimizer_hyper", []), list, "checkpoint 'optimizer_hyper'")
         return cls(_digest_map(_req(body, "tensor_digests", Mapping, w), "checkpoint 'tensor_digests'"),
-        if self.ranks is not None:
-            body["ranks"] = list(self.ranks)
                    model, optimizer, meta, state, path=path,
                    optimizer_hyper=[_group(g, f"checkpoint 'optimizer_hyper' group {i}") for i, g in enumerate(hyper)],
                    created=_opt(body, "created", bool, w), ranks=_ranks(body.get("ranks")))
