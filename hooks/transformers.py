@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ class _Tap:
         self.batches: list[Any] = []
         self.normalised = False  # the Trainer passed num_items_in_batch: each loss is already over the whole step
         self.lossless = 0  # forwards that returned no loss
+        self.warned = False
         self._handle = model.register_forward_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
@@ -66,6 +68,11 @@ class _Tap:
         losses, batches, normalised, lossless = self.losses, self.batches, self.normalised, self.lossless
         self.losses, self.batches, self.normalised, self.lossless = [], [], False, 0
         total = None
+        if lossless and not self.warned:
+            self.warned = True
+            warnings.warn("the model returned no loss (the Trainer computes it outside the model: label smoothing, "
+                          "compute_loss_func or an overridden compute_loss); the ledger's steps carry no loss",
+                          RuntimeWarning, stacklevel=2)
         if losses and not lossless:
             total = torch.zeros((), dtype=torch.float32, device=losses[0].device)
             for loss in losses:  # the Trainer's order and dtype: tr_loss (float32) += loss [/ micro-batches]
