@@ -33,14 +33,14 @@ def check_checkpoints(ctx: Context) -> CheckResult:
     # reads but does not match its entry stays readable, so replay and continuity can say where it differs)
     damaged: list[int] = []
     for cp in view.checkpoints:
-        if cp.pruned:
-            pruned.append(cp.step)
-            continue
         diverged = [r for r, d in enumerate(cp.body.ranks or []) if d != cp.body.model_digest]
         if diverged:  # distributed: a replica's weights were not the checkpoint's (docs/FORMAT.md §12)
             bad.append((cp.step, f"(seq {cp.seq}): rank{'s' if len(diverged) > 1 else ''} "
                                  f"{', '.join(map(str, diverged[:8]))} of {len(cp.body.ranks or [])} held weights that "
                                  "differ from the checkpoint's: the replicas diverged"))
+        if cp.pruned:
+            pruned.append(cp.step)
+            continue
         if not cp.directory.is_dir():
             missing.append(cp.step)
             continue
