@@ -188,10 +188,11 @@ class LedgerTrainerCallback(TrainerCallback):
         rec = self._live()
         self._flush()
         cursor = rec.checkpoint()
-        if state.is_world_process_zero:
-            directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            if directory.is_dir():
-                write_cursor(directory, self.path, state.global_step, cursor)
+        directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if args.world_size == 1 and directory.is_dir() and all(p.is_file() for p in directory.iterdir()):
+            cursor = rec.record_dcp(directory)  # the signed manifest of the Trainer's files, checked by verify
+        if state.is_world_process_zero and directory.is_dir():
+            write_cursor(directory, self.path, state.global_step, cursor)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Seal the ledger with the final weights."""

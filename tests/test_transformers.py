@@ -74,6 +74,12 @@ def cli_verify(path: Path, public: Path, model: Path | None = None) -> tuple[int
     return done.returncode, json.loads(done.stdout)
 
 
+def entries_of(path: Path) -> list[tuple[str, int]]:
+    """(kind, step) of each entry; the Trainer checkpoint manifests (layout "dcp") as "trainer-files"."""
+    return [("trainer-files" if e.body().get("layout") == "dcp" else e.kind.label, e.step)
+            for e in ledger.open(path).entries()]
+
+
 def statuses(report: dict) -> dict[str, str]:
     return {name: check["status"] for name, check in report["checks"].items()}
 
@@ -110,9 +116,13 @@ def run(tmp_path_factory: pytest.TempPathFactory, keypair: tuple[Path, Path]) ->
 def test_one_entry_per_optimizer_step_and_the_cli_verifies(run, keypair):
     out, fit, forwards = run
     assert forwards.count == 6 * ACCUMULATION and fit.state.global_step == 6
-    entries = [(e.kind.label, e.step) for e in ledger.open(out / "L").entries()]
-    assert entries == [("genesis", -1), ("checkpoint", -1), ("step", 0), ("step", 1), ("step", 2), ("checkpoint", 2),
-                       ("step", 3), ("step", 4), ("step", 5), ("checkpoint", 5), ("seal", 5)]
+    assert entries_of(out / "L") == [
+        ("genesis", -1), ("checkpoint", -1), ("step", 0), ("step", 1), ("step", 2), ("checkpoint", 2),
+        ("trainer-files", 2), ("step", 3), ("step", 4), ("step", 5), ("checkpoint", 5), ("trainer-files", 5),
+        ("seal", 5)]
+    manifest = [e.body() for e in ledger.open(out / "L").entries() if e.body().get("layout") == "dcp"][0]
+    assert Path(manifest["path"]) == out / "hf" / "checkpoint-3"
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= set(manifest["files"])
     code, report = cli_verify(out / "L", keypair[1], out / "hf" / "final_weights.safetensors")
     assert code == 0 and report["verdict"] == "pass"
     assert {k: v for k, v in statuses(report).items() if v != "skip"} == dict.fromkeys(
@@ -194,9 +204,8 @@ def test_a_raising_run_leaves_a_valid_ledger_and_resume_continues_the_chain(run,
     # a new Trainer (fresh model) resumes from checkpoint-4: it takes the ledger over from the crashed run
     fit = trainer(tmp_path, [LedgerTrainerCallback(tmp_path / "L", key=keypair[0])], save_steps=2)
     fit.train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-4"))
-    entries = [(e.kind.label, e.step) for e in ledger.open(tmp_path / "L").entries()]
-    assert entries[-6:] == [("checkpoint", 3), ("resume", 3), ("step", 4), ("step", 5), ("checkpoint", 5),
-                            ("seal", 5)]
+    assert entries_of(tmp_path / "L")[-8:] == [("checkpoint", 3), ("trainer-files", 3), ("resume", 3), ("step", 4),
+                                               ("step", 5), ("checkpoint", 5), ("trainer-files", 5), ("seal", 5)]
     code, report = cli_verify(tmp_path / "L", keypair[1], tmp_path / "hf" / "final_weights.safetensors")
     assert code == 0 and statuses(report)["continuity"] == "pass" and statuses(report)["seal"] == "pass"
     # the resumed steps are the uninterrupted run's steps, bit for bit (no dropout, sequential data)
@@ -211,6 +220,8 @@ def test_resume_refuses_a_checkpoint_changed_since_it_was_recorded(tmp_path, key
     tensors = load_file(weights)
     tensors["transformer.ln_f.bias"][0] += 1e-3
     save_file(tensors, weights, metadata={"format": "pt"})  # still loads: the Trainer resumes from it
+    report = verify_ledger(tmp_path / "L", key=load_public_key(keypair[1]))  # the signed manifest catches it too
+    assert report.check("checkpoints").status == "fail" and "model.safetensors" in report.check("checkpoints").detail
     fit = trainer(tmp_path, [LedgerTrainerCallback(tmp_path / "L", key=keypair[0])], save_steps=2)
     with pytest.raises(ConfigurationError, match="changed since the ledger recorded it .model.safetensors"):
         fit.train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-4"))
