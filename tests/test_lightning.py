@@ -164,8 +164,8 @@ def test_failed_fit_leaves_an_unsealed_ledger_and_resume_continues_the_chain(tmp
     path, saves = tmp_path / "ledger", tmp_path / "ckpt"
     checkpoints = ModelCheckpoint(dirpath=saves, every_n_train_steps=3, save_top_k=-1)
     with pytest.raises(RuntimeError, match="diverged"), pytest.warns(RuntimeWarning, match="valid but unsealed"):
-        trainer(callbacks=[LedgerCallback(path, key=keys[0], checkpoint_every=4), checkpoints], enable_checkpointing=True,
-                max_epochs=1).fit(Tiny("adamw", fail_at=7), loader())
+        callbacks = [LedgerCallback(path, key=keys[0], checkpoint_every=4), checkpoints]
+        trainer(callbacks=callbacks, enable_checkpointing=True, max_epochs=1).fit(Tiny("adamw", fail_at=7), loader())
     assert [e.step for e in steps_of(path)] == list(range(7)) and not ledger.open(path).sealed
     code, report = verify(path, keys)
     assert code == 0 and report["verdict"] == "pass" and report["checks"]["seal"]["status"] == "warn", report
