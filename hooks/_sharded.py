@@ -5,6 +5,7 @@ the one-process fingerprints of the gathered weights whatever the world size or 
 API (every rank calls each method at the same point, with the same names in the same order; the
 collectives run on the default process group)::
 
+    tensors, aliases = sharded_state(model)  # canonical_state for DTensors (tied weights kept once)
     fp = ShardedFingerprints(seed=policy.sketch_seed, k=policy.sketch_k)
     fp.is_sharded(tensors)   # bool, no collective: some tensor is a DTensor
     fp.norms(tensors)        # np.ndarray of per-tensor L2 norms, on every rank (one all_reduce)
@@ -107,6 +108,38 @@ def local_part(name: str, tensor: torch.Tensor) -> Local | None:
     return Local(local.reshape(-1), _flat_range(name, shape, tuple(local_shape), tuple(offset)), shape, dtype)
 
 
+def sharded_state(model_or_state: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """:func:`ledger.torch.canonical_state` for a model with DTensors (whose storage safetensors
+    cannot inspect): its ``state_dict`` tensors, a tensor under several names (tied weights: one
+    parameter or buffer of the model under several names; for a plain dict, one DTensor object) kept
+    once under the lexicographically first, as for plain models. The same on every rank. Returns
+    (tensors, aliases: dropped → kept)."""
+    from torch.distributed.tensor import DTensor
+
+    from ledger.torch import canonical_state
+
+    model = hasattr(model_or_state, "state_dict")
+    state = model_or_state.state_dict() if model else dict(model_or_state)
+    owner: dict[str, int] = {}  # FSDP2's state_dict wraps each name anew: ties show on the module
+    if model:
+        for name, value in [*model_or_state.named_parameters(remove_duplicate=False),
+                            *model_or_state.named_buffers(remove_duplicate=False)]:
+            owner[name] = id(value)
+    plain, plain_aliases = canonical_state({n: t for n, t in state.items()
+                                            if isinstance(t, torch.Tensor) and not isinstance(t, DTensor)})
+    names: dict[int, list[str]] = {}
+    for name, tensor in state.items():
+        if isinstance(tensor, DTensor):
+            names.setdefault(owner.get(name, id(tensor)), []).append(name)
+    aliases = dict(plain_aliases)
+    kept = {}
+    for group in names.values():
+        first, *others = sorted(group, key=lambda n: n.encode("utf-8"))
+        kept[first] = state[first]
+        aliases.update(dict.fromkeys(others, first))
+    return {n: t for n, t in state.items() if n in plain or n in kept}, aliases
+
+
 def _collective_device() -> torch.device:
     backend = str(dist.get_backend()) if dist.is_initialized() else "gloo"
     return torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
@@ -115,8 +148,9 @@ def _collective_device() -> torch.device:
 class ShardedFingerprints:
     """Norms, count-sketch and ``tensor-blocked/v1`` digests of sharded (and plain) tensors, each rank
     working on its local shards (see the module docstring). ``seed`` and ``k``: the genesis
-    ``fingerprints.sketch_seed`` and ``sketch_k``. ``cache_limit``: local elements below which the
-    sketch slots are computed once and kept (2 bytes per element), as :class:`ledger.torch.CountSketch`."""
+    ``fingerprints.sketch_seed`` and ``sketch_k``. ``cache_limit``: when this rank's local elements
+    number at most this, their sketch slots are computed once and kept (2 bytes per element), as in
+    :class:`ledger.torch.CountSketch`; above it they are recomputed at each call."""
 
     def __init__(self, seed: int, k: int = SKETCH_K, cache_limit: int = 1 << 25) -> None:
         check_sketch_k(k)
@@ -164,7 +198,7 @@ class ShardedFingerprints:
             squares = reduced.cpu()
         return np.sqrt(squares.numpy().astype(np.float64))
 
-    def _local_sketch(self, name: str, part: Local) -> torch.Tensor:
+    def _local_sketch(self, name: str, part: Local, cache_ok: bool) -> torch.Tensor:
         flat, k = part.flat, self.k
         n = flat.numel()
         key = (name, part.start, n, str(flat.device))
@@ -177,19 +211,21 @@ class ShardedFingerprints:
             hi = min(lo + _CHUNK, n)
             chunk = sketch_slots(self.seed, name, part.start + lo, part.start + hi, k, flat.device)
             acc += _scatter(chunk, flat[lo:hi], 2 * k)
-            pieces.append(chunk.to(torch.int16 if 2 * k <= 32767 else torch.int32))
-        if n <= self.cache_limit:
+            if cache_ok:
+                pieces.append(chunk.to(torch.int16 if 2 * k <= 32767 else torch.int32))
+        if cache_ok:
             self._slots[key] = torch.cat(pieces)
         return acc
 
     def sketch(self, tensors: Mapping[str, torch.Tensor]) -> npt.NDArray[np.float64] | None:
         """The count-sketch of the global tensors (float64, k values) on rank 0; None on the others."""
         total = torch.zeros(self.k, dtype=torch.float64)
+        parts = {name: part for name, part in self.parts(tensors).items() if part is not None and part.flat.numel()}
+        cache_ok = sum(part.flat.numel() for part in parts.values()) <= self.cache_limit
         with torch.no_grad():
-            for name, part in self.parts(tensors).items():
-                if part is not None and part.flat.numel():
-                    acc = self._local_sketch(name, part)
-                    total += (acc[:self.k] - acc[self.k:]).double().cpu()
+            for name, part in parts.items():
+                acc = self._local_sketch(name, part, cache_ok)
+                total += (acc[:self.k] - acc[self.k:]).double().cpu()
         if not dist.is_initialized():
             return total.numpy()
         reduced = total.to(_collective_device())

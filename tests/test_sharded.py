@@ -25,8 +25,8 @@ import torch
 from ledger._blocked import TENSOR_BLOCKED_V1, safetensors_blocked_digests
 from ledger.errors import ConfigurationError
 from ledger.hooks._norms import Norms
-from ledger.hooks._sharded import ShardedFingerprints, _flat_range, _pieces, local_part
-from ledger.torch import CountSketch, torch_digests
+from ledger.hooks._sharded import ShardedFingerprints, _flat_range, _pieces, local_part, sharded_state
+from ledger.torch import CountSketch, canonical_state, torch_digests
 
 SEED, K = 7, 64
 BIG_ROWS, BIG_COLS = 5003, 1000  # 5 003 000 elements; 5003 rows split unevenly over 2 ranks
@@ -105,6 +105,13 @@ def worker(rank: int, world: int, port: str, out: Path) -> None:
     except ConfigurationError as exc:
         refused = str(exc)
     full = {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach() for n, t in state.items()}
+    torch.manual_seed(0)
+    tied = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
+    tied[1].weight = tied[0].weight
+    expected = canonical_state(tied)
+    fully_shard(tied)
+    tensors, aliases = sharded_state(tied)  # canonical_state itself cannot read DTensor storage
+    assert list(tensors) == list(expected[0]) and aliases == expected[1] == {"1.weight": "0.weight"}
     if rank == 0:
         assert sketch is not None and again is not None and digests is not None
         save_file({n: t.contiguous() for n, t in full.items()}, str(out / "model.safetensors"))
