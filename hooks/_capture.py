@@ -4,7 +4,7 @@ used, the gradients it used) and the step entry's body built from it and the fin
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -23,8 +23,10 @@ class Capture:
     """Step pre- and post-hooks on every optimizer of a recorded run (``optimizer``: one or a list,
     matching genesis), and what they saw since the last step entry: ``slots``, one per optimizer."""
 
-    def __init__(self, optimizer: Any, genesis: Genesis, names: list[str]) -> None:
+    def __init__(self, optimizer: Any, genesis: Genesis, names: list[str],
+                 grad_norms: Callable[[Any], torch.Tensor] | None = None) -> None:
         self.optimizers = hookable(optimizer)
+        self._grad_norms = grad_norms  # per-group norms of the global gradients (sharded runs: a collective)
         if len(self.optimizers) != len(genesis.all_optimizers):
             raise ConfigurationError(f"the ledger records {len(genesis.all_optimizers)} optimizer(s), "
                                      f"{len(self.optimizers)} given")
@@ -49,9 +51,12 @@ class Capture:
     def post_step(self, k: int, optimizer: Any, args: Any, kwargs: Any) -> None:
         """After optimizer k's step, before ``zero_grad``: the gradients the step used — those of
         the last closure call for ``optimizer.step(closure)`` — as one norm per param group."""
-        grad_norms = [total_norm([p.grad for p in group["params"] if p.grad is not None])
-                      for group in optimizer.param_groups]
-        self.slots[k].update(grad_norms=torch.stack(grad_norms), steps=self.slots[k].get("steps", 0) + 1)
+        if self._grad_norms is not None:
+            norms = self._grad_norms(optimizer)
+        else:
+            norms = torch.stack([total_norm([p.grad for p in group["params"] if p.grad is not None])
+                                 for group in optimizer.param_groups])
+        self.slots[k].update(grad_norms=norms, steps=self.slots[k].get("steps", 0) + 1)
 
     def gather(self) -> dict[str, Any]:
         """What the hooks saw since the last entry, every optimizer's groups in order (an optimizer

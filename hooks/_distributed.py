@@ -51,8 +51,12 @@ class Ranks:
         torch.distributed.all_gather_object(every, mine)
         return [bytes(d) for d in every]
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, sharded: bool) -> dict[str, Any]:
         """What genesis records about the process group (``distributed``, docs/FORMAT.md §12)."""
+        if sharded:
+            return {"backend": self.backend, "world_size": self.world, "writer_rank": 0, "layout": "sharded",
+                    "fingerprints": "each rank fingerprints its local shards; norms and sketches reduced, "
+                                    "tensor-blocked/v1 digests combined on rank 0"}
         return {"backend": self.backend, "world_size": self.world, "writer_rank": 0, "layout": "replicated",
                 "rank_check": "every rank's model digest at each checkpoint"}
 
@@ -138,15 +142,31 @@ class Follower:
     """What ``Recorder(...)`` is on a rank that does not write: the step counter, and the collectives
     rank 0 runs at the same points (checkpoints). Behaves like a recorder to the training loop."""
 
-    def __init__(self, path: str | os.PathLike[str], *, model: Any, checkpoint_every: int | None = None,
-                 resumed: tuple[str, int] | None = None, **_: Any) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, model: Any, optimizer: Any = None,
+                 checkpoint_every: int | None = None, resumed: tuple[str, int] | None = None, **_: Any) -> None:
         """As ``Recorder(...)`` on rank 0 (the same arguments), or ``resumed`` = (run id, first step)
         as announced by rank 0's ``Recorder.resume``."""
+        from ledger.hooks._capture import hookable
+        from ledger.hooks._options import Cadence, FingerprintOptions
+        from ledger.hooks._sharded_run import ShardedRun, group_grad_norms
+
         group = ranks()
         assert group is not None and group.rank != 0
         self._group, self.path, self.model = group, Path(path), unwrap_model(model)
         self.checkpoint_every, self._closed = checkpoint_every, False
-        self.run_id, self._step = resumed if resumed else (str(joined(group)), 0)
+        self._sharded: ShardedRun | None = None
+        self._cadence = Cadence(FingerprintOptions())  # rank 0's, adopted at step 0 (sharded runs)
+        self._hooks: list[Any] = []
+        if resumed:
+            self.run_id, self._step = resumed
+        else:
+            plan = joined(group)  # rank 0 checked the settings: is the model sharded?
+            if plan is not None:
+                self._sharded = ShardedRun(self.model, *plan)
+                self._sharded.init(self._sharded.tensors())  # rank 0's genesis fingerprint
+                self._hooks = [opt.register_step_post_hook(lambda opt, args, kwargs: group_grad_norms(opt))
+                               for opt in hookable(optimizer)]
+            self.run_id, self._step = str(joined(group)), 0
         self._last_checkpoint: int | None = self._step - 1 if resumed else None
         if checkpoint_every and not resumed:  # rank 0 checkpoints the init state
             self._checkpoint(-1)
@@ -160,6 +180,9 @@ class Follower:
         """Count the step; at a checkpoint step, share this rank's model digest with rank 0."""
         self._refuse_closed("step")
         step, self._step = self._step, self._step + 1
+        if self._sharded is not None:
+            self._sharded.sync(step, self._cadence, self._group)
+            self._sharded.measure(step, self._sharded.tensors(), self._cadence)
         if self.checkpoint_every and (step + 1) % self.checkpoint_every == 0:
             self._checkpoint(step)
 
@@ -189,15 +212,22 @@ class Follower:
         self._refuse_closed("flush")
 
     def close(self, final_weights: str | os.PathLike[str] | None = None) -> None:
-        """Take part in the final checkpoint (when checkpointing); rank 0 seals."""
+        """Take part in the final checkpoint (when checkpointing) or, for a sharded model, in the final
+        digests and the gathering of the final weights (when ``final_weights`` is given, as on rank 0);
+        rank 0 seals."""
         if self._closed:
             return
-        if self.checkpoint_every and self._last_checkpoint != self._step - 1:
+        if self._sharded is not None:
+            tensors = self._sharded.tensors()
+            self._sharded.final(tensors, list(tensors), final_weights, self._group.rank)
+        elif self.checkpoint_every and self._last_checkpoint != self._step - 1:
             self._checkpoint(self._step - 1)
-        self._closed = True
+        self.abort()
 
     def abort(self) -> None:
         """Stop (rank 0 leaves its ledger valid and unsealed)."""
+        for hook in self._hooks:
+            hook.remove()
         self._closed = True
 
     def _refuse_closed(self, what: str) -> None:

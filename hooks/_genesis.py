@@ -27,20 +27,27 @@ def build_genesis(*, model: Any, optimizer: Any, scheduler: Any, seed: int, conf
                   sketcher: lt.CountSketch, recipe: Any, determinism: Mapping[str, Any] | None,
                   checkpoint_every: int | None, checkpoint_dir: str | None,
                   keep: tuple[str, int] | None, base: Mapping[str, Any] | None = None,
-                  framework: Mapping[str, Any] | None = None, distributed: Mapping[str, Any] | None = None) -> Genesis:
-    """Genesis of a new recorded run (the init state is fingerprinted here)."""
+                  framework: Mapping[str, Any] | None = None, distributed: Mapping[str, Any] | None = None,
+                  sharded: Any = None) -> Genesis:
+    """Genesis of a new recorded run (the init state is fingerprinted here; ``sharded``: a
+    :class:`ledger.hooks._sharded_run.ShardedRun` when the model is sharded across ranks, whose
+    collectives every rank runs first)."""
+    if sharded is not None:
+        init_digests, init_sketch, norms = sharded.init(tensors)
+        scheme = "tensor-blocked/v1"
+    else:
+        init_digests, init_sketch, scheme = lt.torch_digests(tensors), sketcher(tensors), "tensor/v1"
+        norms = torch.stack([t.detach().double().norm() for t in tensors.values()]).cpu().numpy() if tensors \
+            else np.zeros(0)
     device = str(next(iter(tensors.values())).device) if tensors else "cpu"
     names_by_id = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     recipe_files: list[Path] = []
     if recipe is not None:
         source = inspect.getsourcefile(type(recipe))
         recipe_files = [Path(source)] if source else []
-    init_digests = lt.torch_digests(tensors)
     infos = [OptimizerInfo(f"{type(opt).__module__}.{type(opt).__qualname__}", lt.optimizer_groups(opt, names_by_id),
                            tuple(f"{c.__module__}.{c.__qualname__}" for c in type(opt).__mro__ if c is not object))
              for opt in lt.optimizers_of(optimizer)]
-    norms = torch.stack([t.detach().double().norm() for t in tensors.values()]).cpu().numpy() if tensors \
-        else np.zeros(0)
     return Genesis(
         config=dict(config or {}), seed=seed, environment=lt.environment(device),
         code=code_identity(recipe_files),
@@ -51,9 +58,9 @@ def build_genesis(*, model: Any, optimizer: Any, scheduler: Any, seed: int, conf
         optimizer=infos[0], optimizers=tuple(infos) if len(infos) > 1 else (),
         scheduler=None if scheduler is None else "+".join(type(s).__name__ for s in lt.optimizers_of(scheduler)),
         architecture=lt.architecture(model, tensors, aliases),
-        init=InitFingerprint(init_digests, model_digest(init_digests), sketcher(tensors), norms),
+        init=InitFingerprint(init_digests, model_digest(init_digests), init_sketch, norms),
         fingerprints=FingerprintPolicy(list(tensors), options.sketch, options.sketch_k, sketcher.seed,
-                                       options.digests, OVERHEAD_BUDGET, norms=NORM_POLICY),
+                                       options.digests, OVERHEAD_BUDGET, norms=NORM_POLICY, tensor_digest=scheme),
         checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir,
         retention=list(keep) if keep else "all", step_convention=STEP_CONVENTION,
         base=_declared_base(base, init_digests), framework=_framework(framework),

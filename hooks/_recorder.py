@@ -29,6 +29,8 @@ from ledger.hooks._norms import Norms
 from ledger.hooks._options import RECALIBRATE_EVERY, Cadence, FingerprintOptions, check_checkpointing, check_queue
 from ledger.hooks._options import resolve as resolve_options
 from ledger.hooks._queue import WriterQueue
+from ledger.hooks._sharded import sharded_state
+from ledger.hooks._sharded_run import ShardedRun, group_grad_norms, is_sharded, refuse
 
 MAX_LAG = 1.0  # seconds: the default time bound on what waits unwritten
 
@@ -98,7 +100,7 @@ class Recorder:
                  clock: Callable[[], int] = time.time_ns, max_lag: float = MAX_LAG,
                  framework: Mapping[str, Any] | None = None, **deprecated: Any) -> None:
         group = _distributed.ranks()
-        with _distributed.announce(group) as told:  # every rank learns the run id, or why there is none
+        with _distributed.announce(group) as told:  # every rank learns whether the model is sharded, or why not
             options = resolve_options(fingerprints, deprecated)
             check_checkpointing(checkpoint_every, keep)
             check_queue(queue_size, drain_interval, max_lag)
@@ -106,8 +108,13 @@ class Recorder:
             model = _distributed.unwrap_model(model)
             run_id = secrets.token_hex(16)
             sketch_seed = int.from_bytes(hashlib.sha256(b"sketch/" + run_id.encode()).digest()[:8], "big") >> 1
+            sharded = ShardedRun(model, sketch_seed, options.sketch_k) if is_sharded(model) else None
+            if sharded is not None and checkpoint_every:
+                raise refuse("checkpoint_every")
+            told((sketch_seed, options.sketch_k) if sharded else None)
+        with _distributed.announce(group) as told:  # every rank learns the run id, or why there is none
             sketcher = lt.CountSketch(sketch_seed, options.sketch_k)
-            tensors, aliases = lt.canonical_state(model)
+            tensors, aliases = sharded_state(model) if sharded else lt.canonical_state(model)
             root = Path(path)
             user_dir = str(Path(checkpoint_dir).absolute()) if checkpoint_dir and \
                 Path(checkpoint_dir).absolute() != (root / "checkpoints").absolute() else None
@@ -115,7 +122,8 @@ class Recorder:
                                     config=config, tensors=tensors, aliases=aliases, options=options,
                                     sketcher=sketcher, recipe=recipe, determinism=determinism,
                                     checkpoint_every=checkpoint_every, checkpoint_dir=user_dir, keep=keep, base=base,
-                                    framework=framework, distributed=group.describe() if group else None)
+                                    framework=framework, sharded=sharded,
+                                    distributed=group.describe(sharded is not None) if group else None)
             existed = os.path.lexists(root)  # create() takes only an absent or empty directory
             with _resume.storage(f"create the ledger at {root}", "give a writable directory with free space"):
                 writer = LedgerWriter.create(path, key, genesis=genesis.to_body(), run_id=run_id,
@@ -125,7 +133,7 @@ class Recorder:
         try:
             self._attach(root, model, optimizer, scheduler, writer, genesis, options, sketcher, first_step=0,
                          keep=keep, queue_size=queue_size, drain_interval=drain_interval, max_lag=max_lag,
-                         last_checkpoint_step=-1 if checkpoint_every else None)
+                         last_checkpoint_step=-1 if checkpoint_every else None, sharded=sharded)
             if checkpoint_every:  # the init state, before returning: a run killed later can always resume
                 ranks = self._ranks.digests(model) if self._ranks else None
                 snap = self._checkpoints.take(-1, model, optimizer, scheduler)
@@ -150,9 +158,10 @@ class Recorder:
                 genesis: Genesis, options: FingerprintOptions, sketcher: lt.CountSketch, *, first_step: int,
                 keep: tuple[str, int] | None, queue_size: int, drain_interval: float, max_lag: float,
                 last_checkpoint_step: int | None = None,
-                alive: Sequence[Alive] = ()) -> None:
+                alive: Sequence[Alive] = (), sharded: ShardedRun | None = None) -> None:
         """Set up recording onto ``writer`` from step ``first_step`` (a new run or a resumed one)."""
-        tensors, _ = lt.canonical_state(model)
+        self._sharded = sharded
+        tensors = sharded.tensors() if sharded else lt.canonical_state(model)[0]
         if list(tensors) != genesis.tensor_order:
             raise ConfigurationError("this model's tensors differ from the ledger's genesis architecture")
         self.path, self.model, self.optimizer, self.scheduler = path, model, optimizer, scheduler
@@ -169,7 +178,8 @@ class Recorder:
         self._failures = Failures(writer, self._checkpoints, lock)
         self._closed = False
         self._queue = WriterQueue(self._failures.run, queue_size, drain_interval, max_lag)
-        self._capture = Capture(optimizer, genesis, self._names)  # the optimizer step hooks
+        self._capture = Capture(optimizer, genesis, self._names,  # the optimizer step hooks
+                                group_grad_norms if sharded else None)
         self._last_step_time: float | None = None
         self._tensor_cache: dict[str, torch.Tensor] | None = None
         self._norm_plan: Norms | None = None
@@ -191,8 +201,13 @@ class Recorder:
         values = {} if loss is None else {"loss": detached(loss)}
         values.update({name: detached(v) for name, v in metrics.items()})
         hook = self._capture.gather()
-        t0 = time.perf_counter()
         tensors = self._tensors()
+        if self._sharded is not None:  # the same collectives on every rank
+            if self._ranks is not None:
+                ShardedRun.sync(step, cadence, self._ranks)
+            self._enqueue(step, values, hook, *self._sharded.measure(step, tensors, cadence), batch)
+            return
+        t0 = time.perf_counter()
         with torch.no_grad():
             if self._norm_plan is None:
                 self._norm_plan = Norms(list(tensors.values()))
@@ -208,6 +223,12 @@ class Recorder:
             t2 = time.perf_counter()
             digests = lt.torch_digests(tensors)
             cadence.costs["digests"].append(time.perf_counter() - t2)
+        self._enqueue(step, values, hook, norms, sketch, digests, batch)
+
+    def _enqueue(self, step: int, values: dict[str, Any], hook: dict[str, Any], norms: Any, sketch: Any,
+                 digests: dict[str, bytes] | None, batch: Any) -> None:
+        """Queue step ``step``'s entry (encoded and appended on the writer thread), then its checkpoint
+        when one is due."""
         due = bool(self.checkpoint_every) and (step + 1) % int(self.checkpoint_every or 1) == 0
         batch_d = lt.batch_digest(batch) if batch is not None else None  # now: the caller may reuse the buffers
         self._queue.put(Job(lambda: self._append(Kind.STEP, step, self._capture.body(values, hook, norms, sketch,
@@ -219,6 +240,8 @@ class Recorder:
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         """The fingerprinted tensors (cached with their norm blocks; refreshed at each calibration)."""
+        if self._tensor_cache is None and self._sharded is not None:
+            self._tensor_cache = self._sharded.tensors()
         if self._tensor_cache is None:
             self._norm_plan = None
             state = self.model.state_dict(keep_vars=True)
@@ -236,6 +259,8 @@ class Recorder:
         saves its own checkpoint, so that both hold the same state and the framework checkpoint can
         carry the cursor (``Recorder.resume(..., at=cursor)`` continues from it)."""
         self._refuse_closed("checkpoint")
+        if self._sharded is not None:
+            raise refuse("checkpoint()")
         if self._checkpoints.last_step != self._step - 1:
             self._checkpoint(self._step - 1)
         self.flush()
@@ -303,28 +328,37 @@ class Recorder:
         if self.checkpoint_every and self._checkpoints.last_step != last:
             self._checkpoint(last)
         self.flush()
-        live = lt.torch_digests(self._tensors())
-        file = None
-        if final_weights is not None:
-            target = Path(final_weights)
-            if target.exists():
-                on_disk = safetensors_digests(target)
-                if on_disk != live:
-                    differ = sorted(set(on_disk) ^ set(live) | {n for n in live if on_disk.get(n) != live[n]})
-                    raise ConfigurationError(f"{target} does not hold this model's current weights "
-                                             f"(differs in {', '.join(differ[:5])}); not sealing")
-            else:
-                from safetensors.torch import save_model
-
-                target.parent.mkdir(parents=True, exist_ok=True)
-                save_model(self.model, str(target))
-                if safetensors_digests(target) != live:
-                    raise FormatError(f"{target} was written but does not read back to the same weights")
-            file = target.name
+        if self._sharded is not None:  # every rank: the final digests; the full weights only when asked for
+            live, file = cast(tuple[dict[str, bytes], str | None],
+                              self._sharded.final(self._tensors(), self._names, final_weights, 0))
+        else:
+            live, file = self._final(final_weights)
         self._stop_thread()
         seal = SealBody(0, b"", b"", FinalWeights(live, model_digest(live), file), self._step)
         self._writer.seal(seal.recorder_fields(), step=last)
         self._closed = True
+
+    def _final(self, final_weights: str | os.PathLike[str] | None) -> tuple[dict[str, bytes], str | None]:
+        """The final weights' digests, and the file holding them: saved at ``final_weights`` as
+        safetensors, or the file already there, which must hold them."""
+        live = lt.torch_digests(self._tensors())
+        if final_weights is None:
+            return live, None
+        target = Path(final_weights)
+        if target.exists():
+            on_disk = safetensors_digests(target)
+            if on_disk != live:
+                differ = sorted(set(on_disk) ^ set(live) | {n for n in live if on_disk.get(n) != live[n]})
+                raise ConfigurationError(f"{target} does not hold this model's current weights "
+                                         f"(differs in {', '.join(differ[:5])}); not sealing")
+        else:
+            from safetensors.torch import save_model
+
+            target.parent.mkdir(parents=True, exist_ok=True)
+            save_model(self.model, str(target))
+            if safetensors_digests(target) != live:
+                raise FormatError(f"{target} was written but does not read back to the same weights")
+        return live, target.name
 
     def abort(self) -> None:
         """Stop recording without sealing: everything queued that can be written is, the ledger

@@ -91,6 +91,9 @@ def plan(root: Path, signer: Signer, tensor_shapes: dict[str, tuple[int, ...]],
     genesis = Genesis.from_body(entries[0].body())
     if not genesis.recorded or genesis.fingerprints is None:
         raise ConfigurationError(f"{root} was not written by the recorder; it cannot be resumed")
+    if genesis.fingerprints.tensor_digest != "tensor/v1":
+        raise ConfigurationError(f"{root} records a sharded (FSDP2) model, which Recorder.resume cannot continue yet: "
+                                 "start a new ledger for the resumed run")
     _check_model(genesis, tensor_shapes)
     if len(entries) == 1:
         raise ConfigurationError(f"{root} holds only its genesis: the run was stopped before Recorder() "

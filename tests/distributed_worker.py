@@ -5,7 +5,8 @@ Scenarios: ``ddp`` (a DistributedDataParallel loop, checkpoint_every 3, sealed w
 weights), ``diverge`` (the same, with rank 1's weights nudged after step 4, which DDP does not undo),
 ``resume`` (``ddp`` stopped after step 5 without sealing, then ``Recorder.resume`` on every rank
 continues to the end), ``dcp`` (no ledger checkpoints; after step 3 a torch.distributed.checkpoint
-save into OUT/dcp-3, recorded with ``record_dcp``)."""
+save into OUT/dcp-3, recorded with ``record_dcp``), ``fsdp`` (the ``dcp`` run with the model under
+FSDP2 ``fully_shard`` instead of DDP: sharded fingerprints, final weights gathered at close)."""
 
 from __future__ import annotations
 
@@ -27,11 +28,19 @@ def main() -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 7), torch.nn.Tanh(),
+                                torch.nn.Linear(7, 1))
+    if scenario == "fsdp":  # FSDP2: each Linear's parameters sharded on dim 0 (7 rows: 4 + 3)
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model[::2]:
+            fully_shard(layer)
+        ddp = fully_shard(model)
+    else:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
     rec = Recorder(out / "ledger", model=ddp, optimizer=opt, key=key, seed=0,
-                   checkpoint_every=None if scenario == "dcp" else 3)
+                   checkpoint_every=None if scenario in ("dcp", "fsdp") else 3)
     stop = 6 if scenario == "resume" else STEPS
     for step in range(stop):
         x = torch.randn(4, 8, generator=torch.Generator().manual_seed(100 * step + rank))
@@ -43,7 +52,7 @@ def main() -> None:
             with torch.no_grad():
                 model[0].bias.add_(1e-3)
         rec.step(loss=loss, batch=x)
-        if scenario == "dcp" and step == 3:
+        if scenario in ("dcp", "fsdp") and step == 3:
             import torch.distributed.checkpoint as dcp
 
             dcp.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, checkpoint_id=out / "dcp-3")

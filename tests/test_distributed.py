@@ -93,3 +93,20 @@ def test_dcp_checkpoint_manifest(tmp_path, keys):
     report = verify_ledger(tmp_path / "ledger", key=keys[1], checkpoints=moved)
     checkpoints = report.check("checkpoints")
     assert report.verdict == "fail" and "__1_0.distcp differs (written by rank 1)" in checkpoints.detail
+
+
+def test_fsdp2_run_with_sharded_fingerprints(tmp_path, keys):
+    """FSDP2 on 2 ranks: genesis states the blocked digest scheme and the sharded layout; every step
+    has norms and gradient norms of the global tensors; the sealed digests (combined from the ranks'
+    shards) are those of the gathered final weights, and the DCP checkpoint is pinned by its manifest."""
+    run("fsdp", tmp_path, keys)
+    led = ledger.open(tmp_path / "ledger")
+    genesis = led.genesis()
+    assert genesis["fingerprints"]["tensor_digest"] == "tensor-blocked/v1"
+    assert genesis["distributed"]["layout"] == "sharded"
+    steps = [e.body() for e in led.entries() if e.kind.label == "step"]
+    assert len(steps) == 8 and all(len(b["grad_norms"]) == 1 for b in steps) and steps[0]["optimizer_steps"] == 1
+    report = verify_ledger(tmp_path / "ledger", key=keys[1], model=tmp_path / "model.safetensors")
+    assert report.verdict == "pass", {c.name: c.detail for c in report.checks}
+    assert report.check("model").status == "pass" and report.check("checkpoints").data["matched"] == [3]
+    assert report.check("continuity").status in ("pass", "warn")

@@ -1,0 +1,136 @@
+"""A recorded run whose model is sharded across ranks (FSDP2 ``fully_shard``): the collectives every
+rank runs at the same points, in the same order, whether it writes (rank 0's ``Recorder``) or not
+(a ``Follower``). Fingerprints come from :class:`ledger.hooks._sharded.ShardedFingerprints` (each
+rank on its local shards; digests in ``tensor-blocked/v1``, docs/FORMAT.md §10.1).
+
+Per step: the cadence (rank 0's choice, broadcast at step 0 and at every recalibration, so ranks
+never disagree about which collectives a step runs), the norms (one all-reduce of 8 bytes per
+tensor), the sketch when due (one reduce of 8·k bytes), full digests when due (one gather of block
+hashes); in the optimizer's post-step hook, the per-group gradient norms (one all-reduce). At
+``close``: the final digests, and the full weights gathered to rank 0 only when the user asks for
+the final weights file.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from ledger._blocked import TENSOR_BLOCKED_V1, safetensors_digests_as
+from ledger.errors import ConfigurationError, FormatError
+from ledger.hooks._norms import _LOW, _foreach_norms
+from ledger.hooks._options import RECALIBRATE_EVERY, Cadence
+from ledger.hooks._sharded import ShardedFingerprints, local_part, sharded_state
+
+SCHEME = TENSOR_BLOCKED_V1
+
+
+class Ready:
+    """Norms already finished (the sharded path all-reduces them): the ``Pending`` interface."""
+
+    def __init__(self, norms: npt.NDArray[np.float64]) -> None:
+        self._norms = norms
+
+    def value(self) -> npt.NDArray[np.float64]:
+        """The per-tensor norms."""
+        return self._norms
+
+
+def is_sharded(model: Any) -> bool:
+    """True when the model holds DTensors (FSDP2 ``fully_shard``, tensor parallelism)."""
+    return ShardedFingerprints.is_sharded(dict(model.state_dict()))
+
+
+def refuse(what: str) -> ConfigurationError:
+    """What the recorder does not do for a sharded model yet, and what to do instead."""
+    return ConfigurationError(f"{what} is not available for a sharded (FSDP2) model: checkpoint with "
+                              "torch.distributed.checkpoint and record it with rec.record_dcp(DIR)")
+
+
+def group_grad_norms(optimizer: Any) -> torch.Tensor:
+    """Per param group, the L2 norm of the global gradients (float64), from each rank's local shards
+    (every rank calls it, in the optimizer's post-step hook)."""
+    squares = torch.zeros(len(optimizer.param_groups), dtype=torch.float64)
+    for i, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            part = None if p.grad is None else local_part("gradient", p.grad)
+            if part is not None and part.flat.numel():
+                flat = part.flat if part.flat.is_floating_point() else part.flat.double()
+                squares[i] += float(_foreach_norms([flat], flat.dtype in _LOW)[0].double().square().cpu())
+    if torch.distributed.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(torch.distributed.get_backend()) \
+            else torch.device("cpu")
+        reduced = squares.to(device)
+        torch.distributed.all_reduce(reduced)
+        squares = reduced.cpu()
+    return squares.sqrt()
+
+
+class ShardedRun:
+    """The collectives of one sharded run on this rank (see the module docstring)."""
+
+    def __init__(self, model: Any, sketch_seed: int, sketch_k: int) -> None:
+        self.model = model
+        self.fingerprints = ShardedFingerprints(sketch_seed, sketch_k)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fingerprinted tensors (DTensors and plain ones), the same names on every rank."""
+        return sharded_state(self.model)[0]
+
+    def init(self, tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, bytes] | None, Any, Any]:
+        """The init fingerprint: digests and sketch on rank 0 (None elsewhere), norms everywhere."""
+        return self.fingerprints.digests(tensors), self.fingerprints.sketch(tensors), self.fingerprints.norms(tensors)
+
+    @staticmethod
+    def sync(step: int, cadence: Cadence, group: Any) -> None:
+        """At step 0 and at each recalibration, every rank adopts rank 0's cadence."""
+        if step == 0 or step % RECALIBRATE_EVERY == 1:
+            cadence.sketch_every, cadence.digests = group.share((cadence.sketch_every, cadence.digests))
+
+    def measure(self, step: int, tensors: Mapping[str, torch.Tensor],
+                cadence: Cadence) -> tuple[Ready, npt.NDArray[np.float64] | None, dict[str, bytes] | None]:
+        """This step's norms, sketch (when due) and digests (when due); costs recorded for the cadence."""
+        t0 = time.perf_counter()
+        norms = Ready(self.fingerprints.norms(tensors))
+        t1 = time.perf_counter()
+        cadence.costs["norms"].append(t1 - t0)
+        sketch = digests = None
+        if cadence.sketch_due(step):
+            sketch = self.fingerprints.sketch(tensors)
+            cadence.costs["sketch"].append(time.perf_counter() - t1)
+        if cadence.digests:
+            t2 = time.perf_counter()
+            digests = self.fingerprints.digests(tensors)
+            cadence.costs["digests"].append(time.perf_counter() - t2)
+        return norms, sketch, digests
+
+    def final(self, tensors: Mapping[str, torch.Tensor], names: list[str],
+              final_weights: str | os.PathLike[str] | None, rank: int) -> tuple[dict[str, bytes] | None, str | None]:
+        """The final digests (rank 0) and, when ``final_weights`` is given, the full weights gathered
+        to rank 0 and saved there as safetensors (checked to read back to the same digests). Returns
+        (digests, file name) on rank 0, (None, None) elsewhere."""
+        live = self.fingerprints.digests(tensors)
+        if final_weights is None:
+            return live, None
+        from safetensors.torch import save_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank != 0:
+            return None, None
+        assert live is not None
+        target = Path(final_weights)
+        if target.exists():
+            raise ConfigurationError(f"{target} exists; a sharded run writes its final weights itself: remove it")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_file({name: cast(torch.Tensor, full[name]).contiguous() for name in names}, str(target))
+        if safetensors_digests_as(target, SCHEME) != live:
+            raise FormatError(f"{target} was written but does not read back to the sharded weights' digests")
+        return live, target.name
