@@ -25,3 +25,13 @@ def test_example_trains_records_and_verifies(tmp_path, script, steps):
                 "PASS: chain, signatures, seal, model, checkpoints and continuity hold")
     assert last.startswith(expected), out.stdout
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_distributed_example(tmp_path):
+    """examples/distributed.py: 2 DDP processes, one ledger, verified with every check it can run."""
+    out = subprocess.run([sys.executable, str(EXAMPLES / "distributed.py"), "--out", str(tmp_path / "out"),
+                          "--steps", "26"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip().splitlines()[-1].startswith(
+        "PASS: chain, signatures, seal, model, checkpoints and continuity hold"), out.stdout
