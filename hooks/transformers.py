@@ -10,8 +10,6 @@ forwards between ``on_step_begin`` and ``on_step_end`` only).
 from __future__ import annotations
 
 import atexit
-import hashlib
-import json
 import math
 import os
 import warnings
@@ -22,13 +20,12 @@ from typing import Any
 import torch
 import transformers
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ledger.errors import ConfigurationError
 from ledger.hooks._recorder import Recorder
+from ledger.hooks._trainer_cursor import CURSOR_FILE, PREFIX, find_checkpoint, read_cursor, write_cursor
 
-CURSOR_FILE = "ledger_cursor.json"
-CURSOR_FORMAT = "training-ledger/hf-trainer-cursor/v1"
+__all__ = ["CURSOR_FILE", "LedgerTrainerCallback"]
 _RESUME_OPTIONS = ("passphrase", "keep", "queue_size", "drain_interval", "max_lag", "fsync")
 _OURS = ("model", "optimizer", "scheduler", "framework", "seed", "config", "checkpoint_every")
 _LIVE: dict[Path, LedgerTrainerCallback] = {}  # ledger path -> the callback whose recorder holds it open
@@ -132,7 +129,7 @@ class LedgerTrainerCallback(TrainerCallback):
                                      "so the sealed weights would not be the trained ones; set it False "
                                      "(load the best checkpoint after train() instead)")
         if state.global_step > 0:
-            cursor = read_cursor(find_checkpoint(args, state), state.global_step)
+            cursor = read_cursor(find_checkpoint(args, state.global_step), state.global_step, self.path)
             kept = {k: v for k, v in self.options.items() if k in _RESUME_OPTIONS}
             self.recorder = Recorder.resume(self.path, model=model, optimizer=optimizer, key=self.key,
                                             scheduler=lr_scheduler, at=cursor, **kept)
@@ -188,11 +185,14 @@ class LedgerTrainerCallback(TrainerCallback):
         rec = self._live()
         self._flush()
         cursor = rec.checkpoint()
-        directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if args.world_size == 1 and directory.is_dir() and all(p.is_file() for p in directory.iterdir()):
-            cursor = rec.record_dcp(directory)  # the signed manifest of the Trainer's files, checked by verify
+        directory = Path(args.output_dir) / f"{PREFIX}-{state.global_step}"
+        # the signed manifest of the Trainer's files (verify checks it): a collective every rank must
+        # see the directory for, so single-process runs only; elsewhere the cursor file holds the digests
+        manifest = args.world_size == 1 and directory.is_dir() and all(p.is_file() for p in directory.iterdir())
+        if manifest:
+            cursor = rec.record_dcp(directory)
         if state.is_world_process_zero and directory.is_dir():
-            write_cursor(directory, self.path, state.global_step, cursor)
+            write_cursor(directory, self.path, state.global_step, cursor, manifest=manifest)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Seal the ledger with the final weights."""
@@ -270,67 +270,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return str(value)
-
-
-# --------------------------------------------------------------------- the cursor in checkpoint-N/
-def file_digests(directory: Path) -> dict[str, str]:
-    """SHA-256 (hex) of every file under ``directory`` by relative POSIX path, the cursor file aside."""
-    out: dict[str, str] = {}
-    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
-        name = file.relative_to(directory).as_posix()
-        if name != CURSOR_FILE:
-            digest = hashlib.sha256()
-            with file.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            out[name] = digest.hexdigest()
-    return out
-
-
-def write_cursor(directory: Path, ledger: Path, global_step: int, cursor: Mapping[str, Any]) -> Path:
-    """Write ``directory/ledger_cursor.json`` (atomically): the ledger, the chain cursor after
-    ``global_step`` and the digests of the checkpoint's files."""
-    body = {"format": CURSOR_FORMAT, "ledger": str(ledger), "global_step": global_step, "cursor": dict(cursor),
-            "files": file_digests(directory)}
-    target = directory / CURSOR_FILE
-    tmp = directory / f".{CURSOR_FILE}.tmp"
-    with tmp.open("w", encoding="utf-8") as handle:
-        json.dump(body, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
-    return target
-
-
-def find_checkpoint(args: Any, state: Any) -> Path:
-    """The checkpoint-N directory the Trainer resumed from: ``TrainingArguments.resume_from_checkpoint``
-    when it names one, else ``<output_dir>/checkpoint-<global_step>``."""
-    named = getattr(args, "resume_from_checkpoint", None)
-    if isinstance(named, (str, os.PathLike)) and (Path(named) / CURSOR_FILE).is_file():
-        return Path(named)
-    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-
-
-def read_cursor(directory: Path, global_step: int) -> dict[str, Any]:
-    """The chain cursor saved with ``directory`` (a checkpoint at ``global_step``); its files must
-    still have the digests recorded with it."""
-    path = directory / CURSOR_FILE
-    try:
-        body = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigurationError(f"the Trainer resumed at global_step {global_step} but {path} could not be read "
-                                 f"({exc}); resume from a checkpoint-N written with LedgerTrainerCallback, or set "
-                                 "TrainingArguments.resume_from_checkpoint to its directory") from None
-    if not isinstance(body, dict) or body.get("format") != CURSOR_FORMAT or not isinstance(body.get("cursor"), dict):
-        raise ConfigurationError(f"{path} is not a ledger cursor file ({CURSOR_FORMAT})")
-    cursor: dict[str, Any] = body["cursor"]
-    if body.get("global_step") != global_step or (cursor.get("checkpoint") or {}).get("step") != global_step - 1:
-        raise ConfigurationError(f"{path} was written at global_step {body.get('global_step')}, but the Trainer "
-                                 f"resumed at global_step {global_step}")
-    files: dict[str, Any] = body["files"] if isinstance(body.get("files"), dict) else {}
-    now = file_digests(directory)
-    changed = sorted(name for name in set(now) | set(files) if files.get(name) != now.get(name))
-    if changed:
-        raise ConfigurationError(f"{directory} changed since the ledger recorded it ({', '.join(changed[:5])}); "
-                                 "resume from an unmodified checkpoint")
-    return cursor

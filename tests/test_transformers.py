@@ -201,7 +201,7 @@ def test_a_raising_run_leaves_a_valid_ledger_and_resume_continues_the_chain(run,
     assert [s["step"] for s in steps_of(tmp_path / "L")] == [0, 1, 2, 3]  # step 4's entry waited for its log
     cursor = json.loads((tmp_path / "hf" / "checkpoint-4" / CURSOR_FILE).read_text())
     assert cursor["global_step"] == 4 and cursor["cursor"]["checkpoint"]["step"] == 3
-    assert "model.safetensors" in cursor["files"] and "optimizer.pt" in cursor["files"]
+    assert "manifest" in cursor and "files" not in cursor  # the ledger's signed manifest pins the files
 
     # a new Trainer (fresh model) resumes from checkpoint-4: it takes the ledger over from the crashed run
     fit = trainer(tmp_path, [LedgerTrainerCallback(tmp_path / "L", key=keypair[0])], save_steps=2)
@@ -281,7 +281,10 @@ def test_two_processes_write_one_ledger_that_verifies(tmp_path, keypair):
     assert book.genesis()["distributed"]["world_size"] == 2 and book.sealed
     checkpoints = [e.body() for e in book.entries() if e.kind is Kind.CHECKPOINT]
     assert [len(c["ranks"]) for c in checkpoints] == [2, 2, 2]  # init, after steps 1 and 3
-    assert len(steps_of(tmp_path / "L")) == 4 and (tmp_path / "hf" / "checkpoint-2" / CURSOR_FILE).is_file()
+    assert len(steps_of(tmp_path / "L")) == 4
+    cursor = json.loads((tmp_path / "hf" / "checkpoint-2" / CURSOR_FILE).read_text())
+    assert cursor["cursor"]["checkpoint"]["step"] == 1  # no manifest entry under DDP: the file holds the digests
+    assert {"model.safetensors", "optimizer.pt", "rng_state_0.pth", "rng_state_1.pth"} <= set(cursor["files"])
     report = verify_ledger(tmp_path / "L", key=load_public_key(keypair[1]),
                            model=tmp_path / "hf" / "final_weights.safetensors")
     assert report.verdict == "pass" and report.check("checkpoints").status == "pass"

@@ -1,0 +1,111 @@
+"""The chain cursor a Hugging Face Trainer checkpoint carries: ``checkpoint-N/ledger_cursor.json``.
+
+The Trainer restores no callback state, so :class:`ledger.hooks.transformers.LedgerTrainerCallback`
+writes this file into each ``checkpoint-N/`` it sees saved, and reads it back when the Trainer resumes
+from one. The checkpoint's files are pinned either by the signed manifest the ledger recorded for the
+directory (a checkpoint entry of layout ``"dcp"``, docs/FORMAT.md §11.1) or, where none was recorded,
+by their SHA-256 in the cursor file itself. No torch and no transformers here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import ledger
+from ledger import _dcp
+from ledger._record import Kind
+from ledger.errors import ConfigurationError
+
+CURSOR_FILE = "ledger_cursor.json"
+CURSOR_FORMAT = "training-ledger/hf-trainer-cursor/v1"
+PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """SHA-256 (hex) of every file under ``directory`` by relative POSIX path, the cursor file aside."""
+    out: dict[str, str] = {}
+    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
+        name = file.relative_to(directory).as_posix()
+        if name != CURSOR_FILE:
+            digest = hashlib.sha256()
+            with file.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            out[name] = digest.hexdigest()
+    return out
+
+
+def write_cursor(directory: Path, ledger_path: Path, global_step: int, cursor: Mapping[str, Any], *,
+                 manifest: bool) -> Path:
+    """Write ``directory/ledger_cursor.json`` (atomically): the ledger, the chain cursor after
+    ``global_step`` and — unless the ledger holds a signed ``manifest`` of the directory — the
+    digests of the checkpoint's files."""
+    body: dict[str, Any] = {"format": CURSOR_FORMAT, "ledger": str(ledger_path), "global_step": global_step,
+                            "cursor": dict(cursor)}
+    if manifest:
+        body["manifest"] = "the ledger's checkpoint entry of layout 'dcp' at this step"
+    else:
+        body["files"] = file_digests(directory)
+    target = directory / CURSOR_FILE
+    tmp = directory / f".{CURSOR_FILE}.tmp"
+    with tmp.open("w", encoding="utf-8") as handle:
+        json.dump(body, handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, target)
+    return target
+
+
+def find_checkpoint(args: Any, global_step: int) -> Path:
+    """The checkpoint-N directory the Trainer resumed from: ``TrainingArguments.resume_from_checkpoint``
+    when it names one holding a cursor, else ``<output_dir>/checkpoint-<global_step>`` (the Trainer
+    does not tell callbacks which directory it read)."""
+    named = getattr(args, "resume_from_checkpoint", None)
+    if isinstance(named, (str, os.PathLike)) and (Path(named) / CURSOR_FILE).is_file():
+        return Path(named)
+    return Path(args.output_dir) / f"{PREFIX}-{global_step}"
+
+
+def read_cursor(directory: Path, global_step: int, ledger_path: Path) -> dict[str, Any]:
+    """The chain cursor saved with ``directory`` (a checkpoint at ``global_step``); its files must
+    still match what was recorded of them (ConfigurationError naming those that do not)."""
+    path = directory / CURSOR_FILE
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"the Trainer resumed at global_step {global_step} but {path} could not be read "
+                                 f"({exc}); resume from a checkpoint-N written with LedgerTrainerCallback, or set "
+                                 "TrainingArguments.resume_from_checkpoint to its directory") from None
+    if not isinstance(body, dict) or body.get("format") != CURSOR_FORMAT or not isinstance(body.get("cursor"), dict):
+        raise ConfigurationError(f"{path} is not a ledger cursor file ({CURSOR_FORMAT})")
+    cursor: dict[str, Any] = body["cursor"]
+    if body.get("global_step") != global_step or (cursor.get("checkpoint") or {}).get("step") != global_step - 1:
+        raise ConfigurationError(f"{path} was written at global_step {body.get('global_step')}, but the Trainer "
+                                 f"resumed at global_step {global_step}")
+    if isinstance(body.get("files"), dict):
+        files: dict[str, Any] = body["files"]
+        now = file_digests(directory)
+        changed = [f"{name} differs" for name in sorted(set(now) | set(files)) if files.get(name) != now.get(name)]
+    else:
+        changed = _dcp.compare(directory, _manifest(ledger_path, directory, global_step - 1))
+    if changed:
+        raise ConfigurationError(f"{directory} changed since the ledger recorded it ({'; '.join(changed[:5])}); "
+                                 "resume from an unmodified checkpoint")
+    return cursor
+
+
+def _manifest(ledger_path: Path, directory: Path, step: int) -> dict[str, dict[str, Any]]:
+    """The files of the last manifest the ledger recorded for ``directory`` at ``step`` (the chain and
+    signatures are checked by ``Recorder.resume`` right after)."""
+    where = str(directory.absolute())
+    found = [e.body() for e in ledger.open(ledger_path).entries() if e.kind is Kind.CHECKPOINT and e.step == step]
+    files = [b["files"] for b in found if b.get("layout") == "dcp" and b.get("path") == where]
+    if not files:
+        raise ConfigurationError(f"the ledger at {ledger_path} records no manifest of {directory}; resume from a "
+                                 "checkpoint-N written with LedgerTrainerCallback into this ledger")
+    return dict(files[-1])
