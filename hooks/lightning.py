@@ -144,7 +144,8 @@ class LedgerCallback(Callback):
                 "mean over the step's micro-batches of training_step's undivided loss (Lightning's "
                 f"outputs['loss'] × accumulate_grad_batches = {n}; the last step of an epoch may have fewer)")
         return {"name": "lightning", "version": lightning.__version__, "step_mapping": STEP_MAPPING,
-                "loss": loss, "grad_norm": GRAD_NORM, "batch": BATCH}
+                "loss": loss, "grad_norm": GRAD_NORM, "batch": BATCH, "metrics": METRICS,
+                "accumulate_grad_batches": n, "precision": str(trainer.precision)}
 
     # ----------------------------------------------------------------- per step
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:

@@ -129,6 +129,7 @@ def test_fit_records_each_optimizer_step_and_verifies(tmp_path, keys, optimizer,
     assert framework["name"] == "lightning" and framework["version"] == L.__version__
     assert "global_step == s + 1" in framework["step_mapping"] and "after clipping" in framework["grad_norm"]
     assert ("undivided" in framework["loss"]) and (accumulate == 1 or "= 4" in framework["loss"])
+    assert framework["accumulate_grad_batches"] == accumulate and "on_step=True" in framework["metrics"]
     data_batches = batches() * 2
     for s, body in enumerate(bodies):
         micro = list(range(s * accumulate, (s + 1) * accumulate))  # batch indices across the two epochs
@@ -197,6 +198,7 @@ def test_amp_step_skipped_by_the_grad_scaler_is_an_entry_without_optimizer_steps
     assert [b["optimizer_steps"] for b in bodies] == [0 if s == 5 else 1 for s in range(BATCHES)]
     code, report = verify(tmp_path / "ledger", keys, tmp_path / "model.safetensors")
     assert code == 0 and report["checks"]["continuity"]["status"] == "pass", report
+    assert report["checks"]["continuity"]["skipped_steps"] == [5]
 
 
 def test_bad_configuration_is_refused_before_anything_is_written(tmp_path, keys, monkeypatch):
