@@ -239,18 +239,14 @@ class LedgerTrainerCallback(TrainerCallback):
 def framework(args: Any) -> dict[str, Any]:
     """What genesis records about the Trainer: how its step, loss, gradient norm and batch map to ours."""
     accumulation = int(args.gradient_accumulation_steps)
-    clip = f"clipped to max_grad_norm={args.max_grad_norm}" if args.max_grad_norm and args.max_grad_norm > 0 \
-        else "no clipping (max_grad_norm=0)"
+    clip = f"to max_grad_norm={args.max_grad_norm}" if args.max_grad_norm and args.max_grad_norm > 0 else "(none)"
     return {
         "name": "transformers", "version": transformers.__version__,
-        "step_mapping": "ledger step s is Trainer state.global_step s+1 (the entry is written after that step)",
-        "loss": f"the step's loss as Trainer.training_step returned it, summed over its {accumulation} "
-                "micro-batch(es): the model's loss output, divided by the micro-batch count unless the model "
-                "normalised it by num_items_in_batch; the Trainer logs the mean of this over logging_steps",
-        "grad_norm": f"after clipping ({clip}): the gradients the optimizer step used; hf_grad_norm is the "
-                     "Trainer's logged grad_norm, before clipping, at logging steps",
-        "batch": "the keyword inputs the model received for each micro-batch of the step, in order, without "
-                 "num_items_in_batch (rank 0's)",
+        "step_mapping": "ledger step s is Trainer state.global_step s+1",
+        "loss": f"Trainer.training_step's loss summed over the step's {accumulation} micro-batch(es) (what the "
+                "step adds to tr_loss); the Trainer logs its mean over logging_steps",
+        "grad_norm": f"after clipping {clip}; hf_grad_norm is the Trainer's logged value, before clipping",
+        "batch": "the model's keyword inputs of each micro-batch, in order, without num_items_in_batch (rank 0's)",
         "gradient_accumulation_steps": accumulation,
     }
 

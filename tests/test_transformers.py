@@ -203,9 +203,10 @@ def test_a_raising_run_leaves_a_valid_ledger_and_resume_continues_the_chain(run,
     assert cursor["global_step"] == 4 and cursor["cursor"]["checkpoint"]["step"] == 3
     assert "manifest" in cursor and "files" not in cursor  # the ledger's signed manifest pins the files
 
-    # a new Trainer (fresh model) resumes from checkpoint-4: it takes the ledger over from the crashed run
+    # a new Trainer (fresh model) resumes from its last checkpoint, checkpoint-4: the callback takes the
+    # ledger over from the crashed run's (still open in this process) and continues the chain
     fit = trainer(tmp_path, [LedgerTrainerCallback(tmp_path / "L", key=keypair[0])], save_steps=2)
-    fit.train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-4"))
+    fit.train(resume_from_checkpoint=True)
     assert entries_of(tmp_path / "L")[-8:] == [("checkpoint", 3), ("trainer-files", 3), ("resume", 3), ("step", 4),
                                                ("step", 5), ("checkpoint", 5), ("trainer-files", 5), ("seal", 5)]
     code, report = cli_verify(tmp_path / "L", keypair[1], tmp_path / "hf" / "final_weights.safetensors")
