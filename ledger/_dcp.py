@@ -86,6 +86,14 @@ def compare(directory: Path, files: Mapping[str, Mapping[str, Any]]) -> list[str
             problems.append(f"{name} is missing")
             continue
         try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                problems.append(f"{name} is unreadable (not a regular file)")
+                continue
+            if st.st_size != want["size"]:  # never hash a file of another size (a crafted path to a big one)
+                problems.append(f"{name} differs (written by rank {want['rank']}; {st.st_size} bytes, "
+                                f"{want['size']} recorded)")
+                continue
             found = file_digest(path)
         except (FormatError, OSError) as exc:
             problems.append(f"{name} is unreadable ({exc})")

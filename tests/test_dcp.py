@@ -39,7 +39,10 @@ def test_compare_names_what_changed(tmp_path):
     (tmp_path / "d" / "__1_0.distcp").write_bytes(b"rank one" * 99 + b"rank 0ne")
     (tmp_path / "d" / "__2_0.distcp").write_bytes(b"extra")
     os.remove(tmp_path / "d" / ".metadata")
-    assert compare(tmp_path / "d", files) == [".metadata is missing", "__1_0.distcp differs (written by rank 1)",
+    (tmp_path / "d" / "__0_0.distcp").write_bytes(b"rank zero" * 101)
+    assert compare(tmp_path / "d", files) == [".metadata is missing",
+                                              "__0_0.distcp differs (written by rank 0; 909 bytes, 900 recorded)",
+                                              "__1_0.distcp differs (written by rank 1)",
                                               "__2_0.distcp was not recorded"]
 
 
@@ -72,3 +75,5 @@ def test_entry_round_trip_and_pinned_digest():
         CheckpointBody.from_body({**body, "files": {".metadata": {**files[".metadata"], "size": 4}}})
     with pytest.raises(FormatError, match="'layout'"):
         CheckpointBody.from_body({**body, "layout": "zip"})
+    with pytest.raises(FormatError, match="does not end in a directory name"):
+        CheckpointBody.from_body({**body, "path": "/runs/.."})
