@@ -10,6 +10,7 @@ forwards between ``on_step_begin`` and ``on_step_end`` only).
 from __future__ import annotations
 
 import atexit
+import inspect
 import math
 import os
 import warnings
@@ -85,11 +86,12 @@ class LedgerTrainerCallback(TrainerCallback):
     """Records a ``transformers.Trainer`` run into a signed ledger at ``path``.
 
     Genesis at ``on_train_begin`` (the optimizer exists; nothing has stepped), one entry per optimizer
-    step at ``on_step_end`` (ledger step s is ``state.global_step`` s+1), a ledger checkpoint at each
-    ``on_save`` with the chain cursor and the checkpoint's file digests in
-    ``checkpoint-N/ledger_cursor.json`` (the Trainer restores no callback state: ``resume_from_checkpoint``
-    continues the chain from that file), and the seal at ``on_train_end`` with the final weights written
-    as safetensors at ``final_weights`` (default ``<output_dir>/final_weights.safetensors``).
+    step at ``on_step_end`` (ledger step s is ``state.global_step`` s+1), at each ``on_save`` a ledger
+    checkpoint of the same state, a signed manifest of the Trainer's ``checkpoint-N/`` files and the
+    chain cursor in ``checkpoint-N/ledger_cursor.json`` (the Trainer restores no callback state:
+    ``resume_from_checkpoint`` continues the chain from that file), and the seal at ``on_train_end``
+    with the final weights written as safetensors at ``final_weights`` (default
+    ``<output_dir>/final_weights.safetensors``).
 
     ``seed`` defaults to ``TrainingArguments.seed``; ``config`` is recorded with the
     ``TrainingArguments`` (secrets dropped). ``recorder_options`` go to :class:`Recorder`. A run that
@@ -107,6 +109,11 @@ class LedgerTrainerCallback(TrainerCallback):
         if taken:
             raise ConfigurationError(f"LedgerTrainerCallback sets {', '.join(taken)} itself (from the Trainer); "
                                      "remove them from its arguments")
+        allowed = set(inspect.signature(Recorder.__init__).parameters) - {"self", "path", "key", "deprecated"}
+        unknown = sorted(set(recorder_options) - allowed)
+        if unknown:
+            raise ConfigurationError(f"LedgerTrainerCallback got an unknown option {unknown[0]!r}: the Recorder "
+                                     f"takes {', '.join(sorted(allowed - set(_OURS)))}")
         self.path = Path(path).absolute()
         self.key, self.seed, self.checkpoint_every = key, seed, checkpoint_every
         self.config, self.final_weights, self.options = dict(config or {}), final_weights, recorder_options
@@ -139,10 +146,15 @@ class LedgerTrainerCallback(TrainerCallback):
                                      seed=args.seed if self.seed is None else self.seed,
                                      checkpoint_every=self.checkpoint_every, config=config, scheduler=lr_scheduler,
                                      framework=framework(args), **self.options)
-            self.recorder.checkpoint()  # the init state and its learning rates, whatever checkpoint_every says
-        if self.recorder.current_step != state.global_step:
-            raise ConfigurationError(f"the ledger continues at step {self.recorder.current_step} but the Trainer "
-                                     f"is at global_step {state.global_step}")
+        try:
+            if state.global_step == 0:
+                self.recorder.checkpoint()  # the init state and its learning rates, whatever checkpoint_every says
+            if self.recorder.current_step != state.global_step:
+                raise ConfigurationError(f"the ledger continues at step {self.recorder.current_step} but the "
+                                         f"Trainer is at global_step {state.global_step}")
+        except BaseException:
+            self.recorder.abort()
+            raise
         self._tap = _Tap(model)
         _LIVE[self.path] = self
         atexit.register(self.abort)

@@ -297,6 +297,8 @@ def test_bad_arguments_are_refused_with_one_clear_error(tmp_path, keypair):
         LedgerTrainerCallback(tmp_path / "L", key=keypair[0], mlflow="http://localhost:5000")
     with pytest.raises(ConfigurationError, match="sets model"):
         LedgerTrainerCallback(tmp_path / "L", key=keypair[0], model=torch.nn.Linear(1, 1))
+    with pytest.raises(ConfigurationError, match="unknown option 'keep_last'"):
+        LedgerTrainerCallback(tmp_path / "L", key=keypair[0], keep_last=2)
     fit = trainer(tmp_path, [LedgerTrainerCallback(tmp_path / "L", key=keypair[0])], load_best_model_at_end=True,
                   eval_strategy="steps", eval_steps=3, evaluate=Tokens(8))
     with pytest.raises(ConfigurationError, match="load_best_model_at_end"):
