@@ -116,8 +116,9 @@ def steps_of(path: Path) -> list[Any]:
 def test_fit_records_each_optimizer_step_and_verifies(tmp_path, keys, optimizer, accumulate):
     model = Tiny(optimizer)
     callback = LedgerCallback(tmp_path / "run" / "ledger", key=keys[0], checkpoint_every=5, config={"test": 1})
-    trainer(callbacks=[callback], accumulate_grad_batches=accumulate,
-            val_check_interval=8, limit_val_batches=2).fit(model, loader(), loader())
+    fitted = trainer(callbacks=[callback], accumulate_grad_batches=accumulate, val_check_interval=8,
+                     limit_val_batches=2)
+    fitted.fit(model, loader(), loader())
     n = 2 * BATCHES // accumulate
     entries = steps_of(tmp_path / "run" / "ledger")
     assert [e.step for e in entries] == list(range(n))
@@ -152,6 +153,12 @@ def test_fit_records_each_optimizer_step_and_verifies(tmp_path, keys, optimizer,
     assert {name: checks[name]["status"] for name in ("chain", "signatures", "seal", "model", "continuity")} == \
         dict.fromkeys(("chain", "signatures", "seal", "model", "continuity"), "pass")
     assert checks["continuity"]["steps_checked"] == n
+    # a Lightning checkpoint saved after the seal: the sealed ledger is not continued
+    fitted.save_checkpoint(tmp_path / "after.ckpt")
+    with pytest.raises(ConfigurationError, match="sealed"):
+        trainer(callbacks=[LedgerCallback(tmp_path / "run" / "ledger", key=keys[0])], max_epochs=3).fit(
+            Tiny(optimizer), loader(), ckpt_path=tmp_path / "after.ckpt")
+    assert ledger.open(tmp_path / "run" / "ledger").sealed
 
 
 SUPERSEDED_CHECKPOINT = pytest.mark.xfail(strict=True, reason=(
@@ -208,6 +215,13 @@ def test_bad_configuration_is_refused_before_anything_is_written(tmp_path, keys,
         LedgerCallback(tmp_path / "L", key=keys[0], checkpoint_evry=3)
     with pytest.raises(ConfigurationError, match="sets Recorder's 'model'"):
         LedgerCallback(tmp_path / "L", key=keys[0], model=nn.Linear(1, 1))
+    # a Lightning checkpoint saved without the callback carries no cursor: no new ledger mid-run
+    plain = trainer(max_steps=2)
+    plain.fit(Tiny(), loader())
+    plain.save_checkpoint(tmp_path / "plain.ckpt")
+    with pytest.raises(ConfigurationError, match="global_step 2 from a checkpoint that carries no ledger cursor"):
+        trainer(callbacks=[LedgerCallback(tmp_path / "L", key=keys[0])], max_steps=4).fit(
+            Tiny(), loader(), ckpt_path=tmp_path / "plain.ckpt")
     monkeypatch.delenv("PL_GLOBAL_SEED")
     with pytest.raises(ConfigurationError, match="seed_everything"):
         trainer(callbacks=[LedgerCallback(tmp_path / "L", key=keys[0])], max_steps=2).fit(Tiny(), loader())
