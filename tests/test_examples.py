@@ -12,7 +12,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script, steps", [("charlm.py", 12), ("manual_loop.py", 12), ("hf_trainer.py", 8)])
+@pytest.mark.parametrize("script, steps", [("charlm.py", 12), ("manual_loop.py", 12), ("hf_trainer.py", 8),
+                                           ("lightning_fit.py", 6)])
 def test_example_trains_records_and_verifies(tmp_path, script, steps):
     args = [sys.executable, str(EXAMPLES / script), "--out", str(tmp_path / "out"), "--steps", str(steps)]
     if script == "charlm.py":
