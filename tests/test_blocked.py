@@ -238,4 +238,3 @@ def test_digests_of_the_other_scheme_fail(honest: Path, tmp_path: Path) -> None:
     assert report.check("checkpoints").status is Status.FAIL
     assert "init fingerprint" in report.check("checkpoints").detail
     assert report.check("init").status is Status.FAIL
-    assert report.check("continuity").status is Status.FAIL
