@@ -27,7 +27,7 @@ import torch
 from ledger import _dcp
 from ledger import torch as lt
 from ledger._fingerprint import model_digest
-from ledger.errors import ConfigurationError
+from ledger.errors import ConfigurationError, LedgerError
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +45,10 @@ class Ranks:
         return box[0]
 
     def digests(self, model: Any) -> list[bytes]:
-        """Every rank's model digest, by rank (an all-gather of 32 bytes per rank)."""
-        mine = model_digest(lt.torch_digests(lt.canonical_state(model)[0]))
+        """Every rank's parameter digest (:func:`parameter_digest`), by rank (an all-gather of 32 bytes
+        per rank)."""
+        mine = parameter_digest(lt.torch_digests(lt.canonical_state(model)[0]),
+                                {n for n, _ in model.named_parameters(remove_duplicate=False)})
         every: list[Any] = [None] * self.world
         torch.distributed.all_gather_object(every, mine)
         return [bytes(d) for d in every]
@@ -61,17 +63,24 @@ class Ranks:
                 "rank_check": "every rank's model digest at each checkpoint"}
 
 
-def ranks() -> Ranks | None:
-    """The process group when torch.distributed is initialised with more than one process, else None."""
+def parameter_digest(digests: dict[str, bytes], parameters: set[str]) -> bytes:
+    """The model digest over the parameters' tensor digests only: what data-parallel replicas keep
+    equal (buffers such as BatchNorm running statistics are updated by each rank's own forward)."""
+    return model_digest({name: d for name, d in digests.items() if name in parameters})
+
+
+def ranks(enabled: bool | None = None) -> Ranks | None:
+    """The process group when torch.distributed is initialised with more than one process (and
+    ``enabled`` is not False: a recorder built on one rank only), else None."""
     dist = torch.distributed
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+    if enabled is False or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
         return None
     return Ranks(dist.get_rank(), dist.get_world_size(), str(dist.get_backend()))
 
 
-def follower() -> bool:
+def follower(enabled: bool | None = None) -> bool:
     """True on a rank that does not write (every rank but global rank 0)."""
-    group = ranks()
+    group = ranks(enabled)
     return group is not None and group.rank != 0
 
 
@@ -93,12 +102,18 @@ def dcp_manifest(group: Ranks | None, directory: Path) -> dict[str, dict[str, An
         raise ConfigurationError(f"{directory} is not a directory: pass the checkpoint_id given to "
                                  "torch.distributed.checkpoint.save")
     rank = group.rank if group else 0
-    mine = _dcp.rank_files(directory, rank, coordinator=rank == 0)
-    if group is None:
-        return mine
-    every: list[Any] = [None] * group.world
-    torch.distributed.all_gather_object(every, mine)
-    return {name: info for part in every for name, info in part.items()}
+    try:
+        mine: tuple[str, Any] = ("ok", _dcp.rank_files(directory, rank, coordinator=rank == 0))
+    except (LedgerError, OSError) as exc:  # shared: every rank raises it, none waits in the collective
+        mine = ("error", f"rank {rank}: {exc}")
+    every: list[Any] = [mine]
+    if group is not None:
+        every = [None] * group.world
+        torch.distributed.all_gather_object(every, mine)
+    failed = [why for status, why in every if status == "error"]
+    if failed:
+        raise ConfigurationError(f"could not record the DCP checkpoint {directory}: {'; '.join(failed[:4])}")
+    return {name: info for _, part in every for name, info in part.items()}
 
 
 def unwrap_model(model: Any) -> Any:
@@ -159,17 +174,20 @@ class Follower:
         self._hooks: list[Any] = []
         if resumed:
             self.run_id, self._step = resumed
-        else:
-            plan = joined(group)  # rank 0 checked the settings: is the model sharded?
-            if plan is not None:
-                self._sharded = ShardedRun(self.model, *plan)
-                self._sharded.init(self._sharded.tensors())  # rank 0's genesis fingerprint
-                self._hooks = [opt.register_step_post_hook(lambda opt, args, kwargs: group_grad_norms(opt))
-                               for opt in hookable(optimizer)]
-            self.run_id, self._step = str(joined(group)), 0
-        self._last_checkpoint: int | None = self._step - 1 if resumed else None
-        if checkpoint_every and not resumed:  # rank 0 checkpoints the init state
+            self._last_checkpoint: int | None = self._step - 1
+            return
+        plan = joined(group)  # phase 1: rank 0 checked the settings; its checkpoint_every; is the model sharded?
+        self.checkpoint_every = plan["checkpoint_every"]
+        if plan["sharded"] is not None:
+            self._sharded = ShardedRun(self.model, *plan["sharded"])
+            self._sharded.init(self._sharded.tensors())  # rank 0's genesis fingerprint
+            self._hooks = [opt.register_step_post_hook(lambda opt, args, kwargs: group_grad_norms(opt))
+                           for opt in hookable(optimizer)]
+        self.run_id, self._step = str(joined(group)), 0  # phase 2: the ledger exists
+        self._last_checkpoint = None
+        if self.checkpoint_every:  # rank 0 checkpoints the init state
             self._checkpoint(-1)
+        joined(group)  # phase 3: rank 0's recorder is set up (its init checkpoint landed)
 
     @property
     def current_step(self) -> int:
@@ -193,6 +211,10 @@ class Follower:
     def checkpoint(self) -> dict[str, Any]:
         """Take part in rank 0's checkpoint of the state after the last step; this rank's cursor."""
         self._refuse_closed("checkpoint")
+        if self._sharded is not None:
+            from ledger.hooks._sharded_run import refuse
+
+            raise refuse("checkpoint()")
         if self._last_checkpoint != self._step - 1:
             self._checkpoint(self._step - 1)
         return self.cursor()
@@ -219,7 +241,7 @@ class Follower:
             return
         if self._sharded is not None:
             tensors = self._sharded.tensors()
-            self._sharded.final(tensors, list(tensors), final_weights, self._group.rank)
+            self._sharded.final(tensors, list(tensors), final_weights, self._group)
         elif self.checkpoint_every and self._last_checkpoint != self._step - 1:
             self._checkpoint(self._step - 1)
         self.abort()

@@ -40,7 +40,10 @@ def build_genesis(*, model: Any, optimizer: Any, scheduler: Any, seed: int, conf
         norms = torch.stack([t.detach().double().norm() for t in tensors.values()]).cpu().numpy() if tensors \
             else np.zeros(0)
     device = str(next(iter(tensors.values())).device) if tensors else "cpu"
-    names_by_id = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    names_by_id: dict[int, str] = {}  # a tied parameter under its kept name (first in UTF-8 order, as canonical_state)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) not in names_by_id or name.encode() < names_by_id[id(param)].encode():
+            names_by_id[id(param)] = name
     recipe_files: list[Path] = []
     if recipe is not None:
         source = inspect.getsourcefile(type(recipe))

@@ -77,7 +77,10 @@ class Recorder:
     **torch.distributed.** Construct the recorder on every rank with the same arguments and call it at
     the same points: global rank 0 writes the one ledger, every other rank gets a
     :class:`ledger.hooks._distributed.Follower` that writes nothing and takes part in the collectives
-    (docs/FRAMEWORKS.md). A ``DistributedDataParallel`` model is recorded as the module it wraps.
+    (docs/FRAMEWORKS.md); rank 0's settings (``checkpoint_every``, whether it records at all) are
+    the ones every rank follows. A ``DistributedDataParallel`` model is recorded as the module it
+    wraps. ``distributed=False``: this process records on its own, as if it were alone (construct it
+    on one rank only; nothing about the other ranks is recorded).
 
     **What a crash can lose.** ``step`` returns (the step is *acknowledged*) once its entry is
     queued; a background thread appends queued entries every ``drain_interval`` seconds. Two bounds
@@ -98,8 +101,9 @@ class Recorder:
                  passphrase: bytes | None = None, recipe: Any = None, determinism: Mapping[str, Any] | None = None,
                  base: Mapping[str, Any] | None = None, fsync: str = "group",
                  clock: Callable[[], int] = time.time_ns, max_lag: float = MAX_LAG,
-                 framework: Mapping[str, Any] | None = None, **deprecated: Any) -> None:
-        group = _distributed.ranks()
+                 framework: Mapping[str, Any] | None = None, distributed: bool | None = None,
+                 **deprecated: Any) -> None:
+        group = _distributed.ranks(distributed)
         with _distributed.announce(group) as told:  # every rank learns whether the model is sharded, or why not
             options = resolve_options(fingerprints, deprecated)
             check_checkpointing(checkpoint_every, keep)
@@ -111,7 +115,8 @@ class Recorder:
             sharded = ShardedRun(model, sketch_seed, options.sketch_k) if is_sharded(model) else None
             if sharded is not None and checkpoint_every:
                 raise refuse("checkpoint_every")
-            told((sketch_seed, options.sketch_k) if sharded else None)
+            told({"sharded": (sketch_seed, options.sketch_k) if sharded else None,
+                  "checkpoint_every": checkpoint_every})  # the followers adopt rank 0's settings
         with _distributed.announce(group) as told:  # every rank learns the run id, or why there is none
             sketcher = lt.CountSketch(sketch_seed, options.sketch_k)
             tensors, aliases = sharded_state(model) if sharded else lt.canonical_state(model)
@@ -129,19 +134,21 @@ class Recorder:
                 writer = LedgerWriter.create(path, key, genesis=genesis.to_body(), run_id=run_id,
                                              passphrase=passphrase, clock=clock, fsync=fsync)
             told(run_id)
+        ranks = group.digests(model) if group and checkpoint_every else None  # before anything here can fail
         made: Path | None = None  # the init checkpoint's directory, when this call created it
         try:
-            self._attach(root, model, optimizer, scheduler, writer, genesis, options, sketcher, first_step=0,
-                         keep=keep, queue_size=queue_size, drain_interval=drain_interval, max_lag=max_lag,
-                         last_checkpoint_step=-1 if checkpoint_every else None, sharded=sharded)
-            if checkpoint_every:  # the init state, before returning: a run killed later can always resume
-                ranks = self._ranks.digests(model) if self._ranks else None
-                snap = self._checkpoints.take(-1, model, optimizer, scheduler)
-                with _resume.storage(f"write the init checkpoint under {self.checkpoint_root}",
-                                     f"nothing was left at {root}: free space or fix permissions and start again"):
-                    directory, digests, created = self._checkpoints.store(snap)
-                    made = directory if created else None
-                    self._checkpoints.enter(snap, directory, digests, created, ranks)
+            with _distributed.announce(group) as told:  # every rank learns that the recorder is set up, or why not
+                self._attach(root, model, optimizer, scheduler, writer, genesis, options, sketcher, first_step=0,
+                             keep=keep, queue_size=queue_size, drain_interval=drain_interval, max_lag=max_lag,
+                             last_checkpoint_step=-1 if checkpoint_every else None, sharded=sharded, group=group)
+                if checkpoint_every:  # the init state, before returning: a run killed later can always resume
+                    snap = self._checkpoints.take(-1, model, optimizer, scheduler)
+                    with _resume.storage(f"write the init checkpoint under {self.checkpoint_root}",
+                                         f"nothing was left at {root}: free space or fix permissions and start again"):
+                        directory, digests, created = self._checkpoints.store(snap)
+                        made = directory if created else None
+                        self._checkpoints.enter(snap, directory, digests, created, ranks)
+                told(None)
         except BaseException:
             if hasattr(self, "_queue"):
                 self._stop_thread()
@@ -150,7 +157,7 @@ class Recorder:
             raise
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Recorder:
-        if cls is Recorder and _distributed.follower():  # a rank that does not write
+        if cls is Recorder and _distributed.follower(kwargs.get("distributed")):  # a rank that does not write
             return cast(Recorder, _distributed.Follower(*args, **kwargs))
         return super().__new__(cls)
 
@@ -158,7 +165,8 @@ class Recorder:
                 genesis: Genesis, options: FingerprintOptions, sketcher: lt.CountSketch, *, first_step: int,
                 keep: tuple[str, int] | None, queue_size: int, drain_interval: float, max_lag: float,
                 last_checkpoint_step: int | None = None,
-                alive: Sequence[Alive] = (), sharded: ShardedRun | None = None) -> None:
+                alive: Sequence[Alive] = (), sharded: ShardedRun | None = None,
+                group: _distributed.Ranks | None = None) -> None:
         """Set up recording onto ``writer`` from step ``first_step`` (a new run or a resumed one)."""
         self._sharded = sharded
         tensors = sharded.tensors() if sharded else lt.canonical_state(model)[0]
@@ -167,7 +175,7 @@ class Recorder:
         self.path, self.model, self.optimizer, self.scheduler = path, model, optimizer, scheduler
         self.seed, self.checkpoint_every, self.keep = int(genesis.seed or 0), genesis.checkpoint_every, keep
         self._genesis = genesis
-        self._ranks = _distributed.ranks()
+        self._ranks = group
         self._names = list(tensors)
         self._writer, self._sketcher, self._step = writer, sketcher, first_step
         self._cadence = Cadence(options)
@@ -330,7 +338,7 @@ class Recorder:
         self.flush()
         if self._sharded is not None:  # every rank: the final digests; the full weights only when asked for
             live, file = cast(tuple[dict[str, bytes], str | None],
-                              self._sharded.final(self._tensors(), self._names, final_weights, 0))
+                              self._sharded.final(self._tensors(), self._names, final_weights, self._ranks))
         else:
             live, file = self._final(final_weights)
         self._stop_thread()
@@ -404,7 +412,7 @@ class Recorder:
     def resume(cls, path: str | os.PathLike[str], *, model: Any, optimizer: Any, key: Any, scheduler: Any = None,
                passphrase: bytes | None = None, keep: tuple[str, int] | None = None, queue_size: int = 256,
                drain_interval: float = 0.05, max_lag: float = MAX_LAG, fsync: str = "group",
-               at: Mapping[str, Any] | None = None) -> Recorder:
+               at: Mapping[str, Any] | None = None, distributed: bool | None = None) -> Recorder:
         """Continue a crashed run. Before acting on anything the ledger names, check its chain and
         every signature with ``key`` (the writer's; genesis must declare its public key) and that
         every checkpoint path lies inside the checkpoint root; then remove ``.tmp-*`` leftovers,
@@ -416,8 +424,9 @@ class Recorder:
         scheduler from its own checkpoint, which carried this :meth:`cursor`: the ledger checkpoint
         the cursor names must be in the chain and the live model and optimizer digests must equal
         it (a one-line :class:`ConfigurationError` otherwise); nothing is restored from the ledger.
-        Under torch.distributed call it on every rank (rank 0 writes)."""
-        group = _distributed.ranks()
+        Under torch.distributed call it on every rank (rank 0 writes), or pass ``distributed=False``
+        on the one rank that records."""
+        group = _distributed.ranks(distributed)
         if group is not None and group.rank:
             run_id, first, every, directory = _distributed.joined(group)
             if directory is not None:  # rank 0 restored this checkpoint: so does every rank
@@ -444,6 +453,6 @@ class Recorder:
                          lt.CountSketch(policy.sketch_seed, policy.sketch_k), first_step=last.step + 1, keep=keep,
                          queue_size=queue_size, drain_interval=drain_interval, max_lag=max_lag,
                          last_checkpoint_step=last.step,
-                         alive=[c for c in plan.alive if c[0] <= last.seq])
+                         alive=[c for c in plan.alive if c[0] <= last.seq], group=group)
         return recorder
 

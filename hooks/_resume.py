@@ -17,6 +17,7 @@ from typing import Any
 
 from ledger._chain import check_chain
 from ledger._crypto import Signer, load_signer
+from ledger._encoding import encode_body
 from ledger._entry import Entry
 from ledger._reader import Ledger
 from ledger._record import Kind
@@ -30,7 +31,7 @@ from ledger._schema import (
     checkpoint_location,
     checkpoint_root,
 )
-from ledger._state import digests_of
+from ledger._state import digests_of, read_meta
 from ledger._writer import LedgerWriter
 from ledger.errors import ConfigurationError, FormatError, LedgerError, StorageError
 from ledger.torch import TEMPORARY, being_written, canonical_state, restore, snapshot, snapshot_digests
@@ -153,10 +154,13 @@ def _named(root: Path, at: Mapping[str, Any], entries: list[Entry], genesis: Gen
     raise ConfigurationError(f"{what} names a checkpoint at step {step} that {root} does not record")
 
 
-def matches(body: CheckpointBody, model: Any, optimizer: Any) -> None:
-    """Refuse (one :class:`ConfigurationError` line) a live model and optimizer whose digests are not
-    a ledger checkpoint's (the state a framework restored is not the state the ledger recorded)."""
-    digests = snapshot_digests(snapshot(0, model, optimizer))
+def matches(body: CheckpointBody, directory: Path, model: Any, optimizer: Any, scheduler: Any) -> None:
+    """Refuse (one :class:`ConfigurationError` line) a live training state that is not a ledger
+    checkpoint's (the state a framework restored is not the state the ledger recorded): model and
+    optimizer-state digests, the optimizer's hyperparameters and, when the checkpoint's files are
+    there, the scheduler's state."""
+    snap = snapshot(0, model, optimizer, scheduler)
+    digests = snapshot_digests(snap)
     if digests.model_digest != body.model_digest:
         differ = sorted(n for n in set(digests.model) | set(body.tensor_digests)
                         if digests.model.get(n) != body.tensor_digests.get(n))
@@ -165,6 +169,20 @@ def matches(body: CheckpointBody, model: Any, optimizer: Any) -> None:
     if digests.optimizer_digest != body.optimizer_digest:
         raise ConfigurationError("the restored optimizer state is not the ledger's checkpoint; resume from "
                                  "the checkpoint saved with it")
+    live = [{k: v for k, v in g.items() if k != "params"} for g in snap.meta["param_groups"]]
+    if body.optimizer_hyper and live != body.optimizer_hyper:
+        differ = sorted({k for a, b in zip(live, body.optimizer_hyper, strict=False) for k in set(a) | set(b)
+                         if a.get(k) != b.get(k)} or {"the number of param groups"})
+        raise ConfigurationError(f"the restored optimizer's hyperparameters are not the ledger's checkpoint's "
+                                 f"(differ in {', '.join(differ[:5])}); restore the optimizer's param groups too")
+    if scheduler is not None and directory.is_dir():
+        try:
+            recorded = read_meta(directory).get("scheduler")
+        except (LedgerError, OSError):
+            return  # damaged files: the digests above are the evidence
+        if recorded is not None and encode_body({"s": snap.meta.get("scheduler")}) != encode_body({"s": recorded}):
+            raise ConfigurationError("the restored scheduler's state is not the ledger's checkpoint's; restore the "
+                                     "scheduler from the same checkpoint")
 
 
 def reopen(root: Path, key: Any, passphrase: bytes | None, model: Any, optimizer: Any, scheduler: Any,
@@ -177,7 +195,7 @@ def reopen(root: Path, key: Any, passphrase: bytes | None, model: Any, optimizer
     tensors, _ = canonical_state(model)
     planned = plan(root, signer, {name: tuple(t.shape) for name, t in tensors.items()}, at)
     if at is not None:
-        matches(planned.body, model, optimizer)
+        matches(planned.body, planned.directory, model, optimizer, scheduler)
     advice = "check that the ledger directory is writable and has free space"
     with storage(f"open the ledger at {root} for writing", advice):
         writer = LedgerWriter.open(root, signer, fsync=fsync)

@@ -112,18 +112,20 @@ class ShardedRun:
         return norms, sketch, digests
 
     def final(self, tensors: Mapping[str, torch.Tensor], names: list[str],
-              final_weights: str | os.PathLike[str] | None, rank: int) -> tuple[dict[str, bytes] | None, str | None]:
-        """The final digests (rank 0) and, when ``final_weights`` is given, the full weights gathered
-        to rank 0 and saved there as safetensors (checked to read back to the same digests). Returns
-        (digests, file name) on rank 0, (None, None) elsewhere."""
+              final_weights: str | os.PathLike[str] | None, group: Any) -> tuple[dict[str, bytes] | None, str | None]:
+        """The final digests (rank 0) and, when rank 0 was given ``final_weights``, the full weights
+        gathered to rank 0 and saved there as safetensors (checked to read back to the same digests).
+        Returns (digests, file name) on rank 0, (None, None) elsewhere."""
         live = self.fingerprints.digests(tensors)
-        if final_weights is None:
+        rank = group.rank if group is not None else 0
+        wanted = final_weights is not None if group is None else group.share(final_weights is not None)
+        if not wanted:
             return live, None
         from safetensors.torch import save_file
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if rank != 0:
+        if rank != 0 or final_weights is None:
             return None, None
         assert live is not None
         target = Path(final_weights)

@@ -529,8 +529,8 @@ class CheckpointBody:
             from ledger._dcp import check_files, manifest_digest
 
             files = check_files(body.get("files"))
-            if Path(path).name in ("", ".", ".."):
-                raise FormatError("a DCP checkpoint's 'path' does not end in a directory name")
+            if not Path(path).is_absolute() or Path(path).name in ("", ".", ".."):
+                raise FormatError("a DCP checkpoint's 'path' is not an absolute path ending in a directory name")
             if _digest(body.get("state_digest"), "checkpoint 'state_digest'") != manifest_digest(files):
                 raise FormatError("a DCP checkpoint's 'state_digest' is not the digest of its 'files'")
             return cls.dcp(files, path)

@@ -41,7 +41,7 @@ def test_compare_names_what_changed(tmp_path):
     os.remove(tmp_path / "d" / ".metadata")
     (tmp_path / "d" / "__0_0.distcp").write_bytes(b"rank zero" * 101)
     assert compare(tmp_path / "d", files) == [".metadata is missing",
-                                              "__0_0.distcp differs (written by rank 0; 909 bytes, 900 recorded)",
+                                              "__0_0.distcp differs (written by rank 0; not its recorded size)",
                                               "__1_0.distcp differs (written by rank 1)",
                                               "__2_0.distcp was not recorded"]
 
@@ -75,5 +75,15 @@ def test_entry_round_trip_and_pinned_digest():
         CheckpointBody.from_body({**body, "files": {".metadata": {**files[".metadata"], "size": 4}}})
     with pytest.raises(FormatError, match="'layout'"):
         CheckpointBody.from_body({**body, "layout": "zip"})
-    with pytest.raises(FormatError, match="does not end in a directory name"):
-        CheckpointBody.from_body({**body, "path": "/runs/.."})
+    for path in ("/runs/..", "runs/dcp-3"):
+        with pytest.raises(FormatError, match="not an absolute path ending in a directory name"):
+            CheckpointBody.from_body({**body, "path": path})
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/pagemap"), reason="needs Linux procfs")
+def test_an_endless_file_is_not_read_to_its_end():
+    """A crafted manifest naming /proc/self/pagemap (size 0 by stat, terabytes by read): one byte is read."""
+    from pathlib import Path
+
+    assert compare(Path("/proc/self"), {"pagemap": {"size": 0, "sha256": bytes(32), "rank": 0}}) == \
+        ["pagemap differs (written by rank 0; not its recorded size)"]

@@ -48,7 +48,7 @@ def test_ddp_writes_one_ledger_that_verifies(tmp_path, keys):
     assert [t["name"] for t in genesis["architecture"]["tensors"]][0] == "0.weight"  # not module.0.weight
     checkpoints = [e.body() for e in led.entries() if e.kind.label == "checkpoint"]
     assert [len(c["ranks"]) for c in checkpoints] == [2, 2, 2, 2]  # init, steps 2, 5, 7
-    assert all(c["ranks"] == [c["model_digest"]] * 2 for c in checkpoints)
+    assert all(c["ranks"][0] == c["ranks"][1] for c in checkpoints)  # parameters equal, BatchNorm statistics not
     report = verify_ledger(tmp_path / "ledger", key=keys[1], model=tmp_path / "model.safetensors")
     assert report.verdict == "pass", {c.name: c.detail for c in report.checks}
 
@@ -58,7 +58,7 @@ def test_a_diverged_rank_is_named(tmp_path, keys):
     report = verify_ledger(tmp_path / "ledger", key=keys[1], model=tmp_path / "model.safetensors")
     checkpoints = report.check("checkpoints")
     assert report.verdict == "fail" and checkpoints.status == "fail"
-    assert "checkpoint at step 5 (seq" in checkpoints.detail and "rank 1 of 2 held weights that differ" \
+    assert "checkpoint at step 5 (seq" in checkpoints.detail and "rank 1 of 2 held parameters that differ" \
         in checkpoints.detail
 
 
@@ -81,10 +81,12 @@ def test_dcp_checkpoint_manifest(tmp_path, keys):
     assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= set(files) and files["__1_0.distcp"]["rank"] == 1
     report = verify_ledger(tmp_path / "ledger", key=keys[1], model=tmp_path / "model.safetensors")
     assert report.verdict == "pass" and report.check("checkpoints").data["matched"] == [3]
-    moved = tmp_path / "elsewhere"
+    moved = tmp_path / "elsewhere" / "dcp-3"
+    moved.parent.mkdir()
     dcp_dir.rename(moved)
     assert verify_ledger(tmp_path / "ledger", key=keys[1]).check("checkpoints").status == "warn"  # missing
-    assert verify_ledger(tmp_path / "ledger", key=keys[1], checkpoints=moved).check("checkpoints").status == "pass"
+    for where in (moved, moved.parent):  # the DCP directory itself, or a folder holding it by its name
+        assert verify_ledger(tmp_path / "ledger", key=keys[1], checkpoints=where).check("checkpoints").status == "pass"
     with open(moved / "__1_0.distcp", "r+b") as handle:
         handle.seek(40)
         byte = handle.read(1)
@@ -110,3 +112,23 @@ def test_fsdp2_run_with_sharded_fingerprints(tmp_path, keys):
     assert report.verdict == "pass", {c.name: c.detail for c in report.checks}
     assert report.check("model").status == "pass" and report.check("checkpoints").data["matched"] == [3]
     assert report.check("continuity").status in ("pass", "warn")
+
+
+def test_rank_zero_settings_rule_and_a_recorder_on_one_rank(tmp_path, keys):
+    """Rank 1 passing another checkpoint_every follows rank 0's (no collective mismatch); a recorder
+    built on rank 0 only with distributed=False records alone."""
+    run("asymmetric", tmp_path / "a", keys)
+    steps = [e.step for e in ledger.open(tmp_path / "a" / "ledger").entries() if e.kind.label == "checkpoint"]
+    assert steps == [-1, 2, 5, 7]
+    run("alone", tmp_path / "b", keys)
+    genesis = ledger.open(tmp_path / "b" / "ledger").genesis()
+    assert "distributed" not in genesis
+    assert verify_ledger(tmp_path / "b" / "ledger", key=keys[1], model=tmp_path / "b" / "model.safetensors").verdict \
+        == "pass"
+
+
+def test_a_dcp_manifest_one_rank_cannot_make_is_refused_on_every_rank(tmp_path, keys):
+    run("dcp-fails", tmp_path, keys)
+    for rank in (0, 1):
+        assert "rank 0:" in (tmp_path / f"refused-{rank}").read_text()
+    assert not [e for e in ledger.open(tmp_path / "ledger").entries() if e.kind.label == "checkpoint"]

@@ -174,3 +174,62 @@ def test_amp_step_skipped_by_the_grad_scaler(tmp_path):
     continuity = report.check("continuity")
     assert report.verdict == "pass" and continuity.status == "pass", continuity.detail
     assert "1 skipped (no optimizer step" in continuity.detail and continuity.data["skipped_steps"] == [2]
+
+
+def test_resume_refuses_hyperparameters_or_a_scheduler_the_checkpoint_does_not_hold(tmp_path):
+    """A framework that restores model and optimizer state but rebuilds the param groups or the
+    scheduler from scratch does not continue the recorded run: refused, naming what differs."""
+    model, opt = tiny()
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    rec = Recorder(tmp_path / "L", model=model, optimizer=opt, scheduler=sched, key=SIGNER, seed=1,
+                   checkpoint_every=100)
+    for step in range(4):
+        rec.step(*train_step(model, opt, step))
+        sched.step()
+    cursor = rec.checkpoint()
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict()))
+    rec.abort()
+    model, opt = tiny()
+    model.load_state_dict(saved[0])
+    opt.load_state_dict(saved[1])
+    opt.param_groups[0]["lr"] = 1e-2  # the optimizer rebuilt with its initial learning rate
+    fresh = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    with pytest.raises(ConfigurationError, match=r"hyperparameters are not the ledger's checkpoint's \(differ in lr"):
+        Recorder.resume(tmp_path / "L", model=model, optimizer=opt, scheduler=fresh, key=SIGNER, at=cursor)
+    opt.load_state_dict(saved[1])
+    with pytest.raises(ConfigurationError, match="scheduler's state is not the ledger's checkpoint's"):
+        Recorder.resume(tmp_path / "L", model=model, optimizer=opt, scheduler=fresh, key=SIGNER, at=cursor)
+    fresh.load_state_dict(saved[2])
+    rec = Recorder.resume(tmp_path / "L", model=model, optimizer=opt, scheduler=fresh, key=SIGNER, at=cursor)
+    assert rec.current_step == 4
+    rec.close()
+
+
+def test_tied_weights_are_recorded_under_their_kept_name(tmp_path):
+    """A tied parameter whose last name sorts first: genesis names its optimizer tensor by the name
+    the fingerprints keep, so continuity does not call it a parameter outside every group."""
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.z_embed = torch.nn.Embedding(10, 6)
+            self.a_head = torch.nn.Linear(6, 10, bias=False)
+            self.a_head.weight = self.z_embed.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a_head(self.z_embed(x))
+
+    torch.manual_seed(0)
+    model = Tied()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with Recorder(tmp_path / "L", model=model, optimizer=opt, key=SIGNER, seed=1, checkpoint_every=3) as rec:
+        for step in range(3):
+            x = torch.randint(0, 10, (4,), generator=torch.Generator().manual_seed(step))
+            loss = model(x).logsumexp(1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.step(loss=loss, batch=x)
+        rec.close(final_weights=tmp_path / "m.safetensors")
+    assert ledger.open(tmp_path / "L").genesis()["optimizer"]["param_groups"][0]["tensors"] == ["a_head.weight"]
+    report = verify_ledger(tmp_path / "L", key=SIGNER.public, model=tmp_path / "m.safetensors")
+    assert report.verdict == "pass" and report.check("continuity").status == "pass", report.check("continuity").detail

@@ -33,11 +33,9 @@ def check_checkpoints(ctx: Context) -> CheckResult:
     # reads but does not match its entry stays readable, so replay and continuity can say where it differs)
     damaged: list[int] = []
     for cp in view.checkpoints:
-        diverged = [r for r, d in enumerate(cp.body.ranks or []) if d != cp.body.model_digest]
-        if diverged:  # distributed: a replica's weights were not the checkpoint's (docs/FORMAT.md §12)
-            bad.append((cp.step, f"(seq {cp.seq}): rank{'s' if len(diverged) > 1 else ''} "
-                                 f"{', '.join(map(str, diverged[:8]))} of {len(cp.body.ranks or [])} held weights that "
-                                 "differ from the checkpoint's: the replicas diverged"))
+        why = _replicas(view, cp)
+        if why:
+            bad.append((cp.step, f"(seq {cp.seq}): {why}"))
         if cp.pruned:
             pruned.append(cp.step)
             continue
@@ -87,6 +85,25 @@ def check_checkpoints(ctx: Context) -> CheckResult:
                            "(pass --checkpoints DIR if they are kept elsewhere)", data,
                            summary=f"{len(missing)} checkpoint(s) missing")
     return CheckResult("checkpoints", Status.PASS, f"{summary}; every stored state matches its entry", data)
+
+
+def _replicas(view: RunView, cp: Checkpoint) -> str:
+    """Why a distributed checkpoint's ``ranks`` (each rank's parameter digest, docs/FORMAT.md §12)
+    show diverged replicas ("" when they do not): a rank whose parameters are not the checkpoint's,
+    or a count of ranks that is not the recorded world size."""
+    ranks = cp.body.ranks
+    if ranks is None:
+        return ""
+    world = (view.genesis.distributed or {}).get("world_size")
+    if world != len(ranks):
+        return f"it holds {len(ranks)} rank digests, genesis records a world size of {world}"
+    parameters = {t["name"] for t in view.genesis.architecture.get("tensors", []) if t.get("kind") == "parameter"}
+    expected = model_digest({n: d for n, d in cp.body.tensor_digests.items() if n in parameters})
+    diverged = [r for r, d in enumerate(ranks) if d != expected]
+    if not diverged:
+        return ""
+    return (f"rank{'s' if len(diverged) > 1 else ''} {', '.join(map(str, diverged[:8]))} of {len(ranks)} held "
+            "parameters that differ from the checkpoint's: the replicas diverged")
 
 
 def _init_differs(view: RunView, init: Checkpoint, matched: list[int]) -> bool:

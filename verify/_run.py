@@ -141,12 +141,13 @@ class RunView:
 
 
 def dcp_directory(body: CheckpointBody, override: Path | None) -> Path:
-    """Where a DCP checkpoint is: ``--checkpoints DIR`` when DIR is that DCP directory (it holds
-    ``.metadata``) or holds it under its recorded name; else the recorded path."""
+    """Where a DCP checkpoint is: with ``--checkpoints DIR``, DIR itself when DIR is a DCP directory
+    (it holds ``.metadata``) of the checkpoint's recorded name, else ``DIR/<recorded name>``; without
+    it, the recorded path."""
     recorded = Path(body.path)
-    if override is not None:
-        return override if is_dcp(override) else override / recorded.name
-    return recorded
+    if override is None:
+        return recorded
+    return override if is_dcp(override) and override.name == recorded.name else override / recorded.name
 
 
 def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None, limit: int | None = None) -> RunView:
