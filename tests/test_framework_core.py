@@ -233,3 +233,27 @@ def test_tied_weights_are_recorded_under_their_kept_name(tmp_path):
     assert ledger.open(tmp_path / "L").genesis()["optimizer"]["param_groups"][0]["tensors"] == ["a_head.weight"]
     report = verify_ledger(tmp_path / "L", key=SIGNER.public, model=tmp_path / "m.safetensors")
     assert report.verdict == "pass" and report.check("continuity").status == "pass", report.check("continuity").detail
+
+
+def test_checkpoints_of_an_abandoned_branch_are_not_evidence(tmp_path):
+    """Resume from the checkpoint of step 3 after the run went on to checkpoints 5 and 7: those two
+    belong to the abandoned branch; the new branch's steps 4-5 are checked against its own checkpoint
+    of step 5, not the old one (which holds other weights), and the released weights verify."""
+    model, opt = tiny()
+    rec = Recorder(tmp_path / "L", model=model, optimizer=opt, key=SIGNER, seed=1, checkpoint_every=2)
+    for step in range(4):
+        rec.step(*train_step(model, opt, step))
+    cursor = rec.checkpoint()
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    for step in range(4, 8):
+        rec.step(*train_step(model, opt, step + 100))  # other data: the abandoned branch's weights differ
+    rec.abort()
+    model.load_state_dict(saved[0])
+    opt.load_state_dict(saved[1])
+    rec = Recorder.resume(tmp_path / "L", model=model, optimizer=opt, key=SIGNER, at=cursor)
+    for step in range(4, 6):
+        rec.step(*train_step(model, opt, step))
+    rec.close(final_weights=tmp_path / "m.safetensors")
+    report = verify_ledger(tmp_path / "L", key=SIGNER.public, model=tmp_path / "m.safetensors")
+    assert report.verdict == "pass", {c.name: c.detail for c in report.checks}
+    assert report.check("continuity").status == "pass" and report.check("model").status == "pass"

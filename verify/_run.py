@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ class Checkpoint:
     body: CheckpointBody
     directory: Path
     pruned: bool = False
+    superseded: bool = False  # on a branch a later resume abandoned (between its checkpoint and itself)
 
     @property
     def stored(self) -> bool:
@@ -114,7 +117,7 @@ class RunView:
         when the ledger holds them (its checkpoint, else the digests its step entry carries), and
         where they come from."""
         last = self.last_step
-        checkpoint = next((cp for cp in reversed(self.checkpoints) if cp.step == last), None)
+        checkpoint = next((cp for cp in reversed(self.checkpoints) if cp.step == last and not cp.superseded), None)
         if checkpoint is not None and self.digest_scheme == TENSOR_V1:
             return last, dict(checkpoint.body.tensor_digests), f"the checkpoint at step {last}"
         body = self.steps.get(last)
@@ -136,8 +139,9 @@ class RunView:
         return last, None, ""
 
     def stored_checkpoints(self) -> list[Checkpoint]:
-        """Checkpoints whose files are here and were not found damaged, in chain order."""
-        return [cp for cp in self.checkpoints if cp.seq not in self.damaged and cp.stored]
+        """Checkpoints of the run's own branch (none a resume abandoned) whose files are here and were
+        not found damaged, in chain order."""
+        return [cp for cp in self.checkpoints if cp.seq not in self.damaged and cp.stored and not cp.superseded]
 
 
 def dcp_directory(body: CheckpointBody, override: Path | None) -> Path:
@@ -148,6 +152,24 @@ def dcp_directory(body: CheckpointBody, override: Path | None) -> Path:
     if override is None:
         return recorded
     return override if is_dcp(override) and override.name == recorded.name else override / recorded.name
+
+
+def _within(spans: list[tuple[int, int]]) -> Callable[[int], bool]:
+    """Whether a seq lies strictly inside one of ``spans`` (merged once; each lookup a bisection, so a
+    ledger with many resumes costs n log n)."""
+    merged: list[list[int]] = []
+    for lo, hi in sorted((lo + 1, hi) for lo, hi in spans if hi - lo > 1):  # the seqs lo+1 … hi-1
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    starts = [lo for lo, _ in merged]
+
+    def inside(seq: int) -> bool:
+        i = bisect.bisect_right(starts, seq) - 1
+        return i >= 0 and seq < merged[i][1]
+
+    return inside
 
 
 def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None, limit: int | None = None) -> RunView:
@@ -174,10 +196,12 @@ def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None, limit:
         except _DECODER_GAPS as exc:
             view.malformed.append((header.seq, header.kind, f"{type(exc).__name__}: {exc}"))
     superseded_seqs: set[int] = set()
+    abandoned: list[tuple[int, int]] = []  # (checkpoint seq, resume seq): what lies between was abandoned
     for header, body in decoded:  # resume entries come after the steps they supersede
         if header.kind is Kind.RESUME:
             try:
-                span = ResumeBody.from_body(body).superseded
+                resume = ResumeBody.from_body(body)
+                span = resume.superseded
                 if span is not None and not span.last_seq < header.seq:
                     raise FormatError(f"resume supersedes entries up to seq {span.last_seq}, at or after itself")
             except FormatError as exc:
@@ -188,6 +212,7 @@ def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None, limit:
                 continue
             if span is not None:  # only seqs that exist (a crafted span may name 2**62 of them)
                 superseded_seqs.update(range(max(span.first_seq, 0), min(span.last_seq + 1, len(records))))
+            abandoned.append((resume.checkpoint_seq, header.seq))
     pruned: set[bytes] = set()
     for header, body in decoded:
         try:
@@ -212,7 +237,8 @@ def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None, limit:
             view.malformed.append((header.seq, header.kind, str(exc)))
         except _DECODER_GAPS as exc:
             view.malformed.append((header.seq, header.kind, f"{type(exc).__name__}: {exc}"))
-    view.checkpoints = [Checkpoint(cp.seq, cp.step, cp.body, cp.directory, cp.body.state_digest in pruned)
-                        for cp in view.checkpoints]
+    inside = _within(abandoned)
+    view.checkpoints = [Checkpoint(cp.seq, cp.step, cp.body, cp.directory, cp.body.state_digest in pruned,
+                                   inside(cp.seq)) for cp in view.checkpoints]
     return view
 
