@@ -229,6 +229,11 @@ class Follower:
         dcp_manifest(self._group, Path(directory))
         return self.cursor()
 
+    def record_files(self, directory: str | os.PathLike[str]) -> dict[str, Any]:
+        """Rank 0 records the files it wrote; nothing to do here."""
+        self._refuse_closed("record_files")
+        return self.cursor()
+
     def flush(self) -> None:
         """Nothing is written on this rank."""
         self._refuse_closed("flush")

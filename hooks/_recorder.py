@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import torch
 
+from ledger import _dcp
 from ledger import torch as lt
 from ledger._fingerprint import model_digest, safetensors_digests
 from ledger._record import Kind
@@ -282,8 +283,25 @@ class Recorder:
         §11.1). Returns once the entry is durable, with :meth:`cursor`."""
         self._refuse_closed("record_dcp")
         where = Path(directory)
-        files = _distributed.dcp_manifest(self._ranks, where)
-        body, step = CheckpointBody.dcp(files, str(where.absolute())), self._step - 1
+        return self._manifest(CheckpointBody.dcp(_distributed.dcp_manifest(self._ranks, where), str(where.absolute())))
+
+    def record_files(self, directory: str | os.PathLike[str]) -> dict[str, Any]:
+        """Record a checkpoint directory this process (rank 0) wrote with another tool — a Hugging Face
+        Trainer ``checkpoint-N/``, subdirectories included: a checkpoint entry of layout ``"files"``
+        at the last recorded step holds the signed manifest of every file in it, which ``ledger verify
+        --checkpoints DIR`` checks (docs/FORMAT.md §11.1). No collective: other ranks' calls do
+        nothing. Returns once the entry is durable, with :meth:`cursor`."""
+        self._refuse_closed("record_files")
+        where = Path(directory)
+        try:
+            files = _dcp.tree_files(where)
+        except (LedgerError, OSError) as exc:
+            raise ConfigurationError(f"could not record the files of {where}: {reason(exc)}") from None
+        return self._manifest(CheckpointBody.dcp(files, str(where.absolute()), "files"))
+
+    def _manifest(self, body: CheckpointBody) -> dict[str, Any]:
+        """Append a manifest's checkpoint entry at the last recorded step, durably; the cursor."""
+        step = self._step - 1
         self._queue.put(Job(lambda: self._append(Kind.CHECKPOINT, step, body)))
         self.flush()
         return self.cursor()

@@ -2,14 +2,13 @@
 
 The Trainer restores no callback state, so :class:`ledger.hooks.transformers.LedgerTrainerCallback`
 writes this file into each ``checkpoint-N/`` it sees saved, and reads it back when the Trainer resumes
-from one. The checkpoint's files are pinned either by the signed manifest the ledger recorded for the
-directory (a checkpoint entry of layout ``"dcp"``, docs/FORMAT.md §11.1) or, where none was recorded,
-by their SHA-256 in the cursor file itself. No torch and no transformers here.
+from one. The checkpoint's files, this one included, are pinned by the signed manifest the ledger
+records of the directory right after it is written (a checkpoint entry of layout ``"files"``,
+docs/FORMAT.md §11.1), which resume checks first. No torch and no transformers here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -26,31 +25,12 @@ CURSOR_FORMAT = "training-ledger/hf-trainer-cursor/v1"
 PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
 
 
-def file_digests(directory: Path) -> dict[str, str]:
-    """SHA-256 (hex) of every file under ``directory`` by relative POSIX path, the cursor file aside."""
-    out: dict[str, str] = {}
-    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
-        name = file.relative_to(directory).as_posix()
-        if name != CURSOR_FILE:
-            digest = hashlib.sha256()
-            with file.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            out[name] = digest.hexdigest()
-    return out
-
-
-def write_cursor(directory: Path, ledger_path: Path, global_step: int, cursor: Mapping[str, Any], *,
-                 manifest: bool) -> Path:
-    """Write ``directory/ledger_cursor.json`` (atomically): the ledger, the chain cursor after
-    ``global_step`` and — unless the ledger holds a signed ``manifest`` of the directory — the
-    digests of the checkpoint's files."""
+def write_cursor(directory: Path, ledger_path: Path, global_step: int, cursor: Mapping[str, Any]) -> Path:
+    """Write ``directory/ledger_cursor.json`` (atomically): the ledger and the chain cursor after
+    ``global_step`` (the ledger checkpoint written with the directory)."""
     body: dict[str, Any] = {"format": CURSOR_FORMAT, "ledger": str(ledger_path), "global_step": global_step,
-                            "cursor": dict(cursor)}
-    if manifest:
-        body["manifest"] = "the ledger's checkpoint entry of layout 'dcp' at this step"
-    else:
-        body["files"] = file_digests(directory)
+                            "cursor": dict(cursor),
+                            "manifest": "the ledger's checkpoint entry of layout 'files' at this step"}
     target = directory / CURSOR_FILE
     tmp = directory / f".{CURSOR_FILE}.tmp"
     with tmp.open("w", encoding="utf-8") as handle:
@@ -87,12 +67,7 @@ def read_cursor(directory: Path, global_step: int, ledger_path: Path) -> dict[st
     if body.get("global_step") != global_step or (cursor.get("checkpoint") or {}).get("step") != global_step - 1:
         raise ConfigurationError(f"{path} was written at global_step {body.get('global_step')}, but the Trainer "
                                  f"resumed at global_step {global_step}")
-    if isinstance(body.get("files"), dict):
-        files: dict[str, Any] = body["files"]
-        now = file_digests(directory)
-        changed = [f"{name} differs" for name in sorted(set(now) | set(files)) if files.get(name) != now.get(name)]
-    else:
-        changed = _dcp.compare(directory, _manifest(ledger_path, directory, global_step - 1))
+    changed = _dcp.compare(directory, _manifest(ledger_path, directory, global_step - 1), nested=True)
     if changed:
         raise ConfigurationError(f"{directory} changed since the ledger recorded it ({'; '.join(changed[:5])}); "
                                  "resume from an unmodified checkpoint")
@@ -104,7 +79,7 @@ def _manifest(ledger_path: Path, directory: Path, step: int) -> dict[str, dict[s
     signatures are checked by ``Recorder.resume`` right after)."""
     where = str(directory.absolute())
     found = [e.body() for e in ledger.open(ledger_path).entries() if e.kind is Kind.CHECKPOINT and e.step == step]
-    files = [b["files"] for b in found if b.get("layout") == "dcp" and b.get("path") == where]
+    files = [b["files"] for b in found if b.get("layout") == "files" and b.get("path") == where]
     if not files:
         raise ConfigurationError(f"the ledger at {ledger_path} records no manifest of {directory}; resume from a "
                                  "checkpoint-N written with LedgerTrainerCallback into this ledger")

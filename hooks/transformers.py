@@ -198,13 +198,9 @@ class LedgerTrainerCallback(TrainerCallback):
         self._flush()
         cursor = rec.checkpoint()
         directory = Path(args.output_dir) / f"{PREFIX}-{state.global_step}"
-        # the signed manifest of the Trainer's files (verify checks it): a collective every rank must
-        # see the directory for, so single-process runs only; elsewhere the cursor file holds the digests
-        manifest = args.world_size == 1 and directory.is_dir() and all(p.is_file() for p in directory.iterdir())
-        if manifest:
-            cursor = rec.record_dcp(directory)
-        if state.is_world_process_zero and directory.is_dir():
-            write_cursor(directory, self.path, state.global_step, cursor, manifest=manifest)
+        if state.is_world_process_zero and directory.is_dir():  # the process that wrote it (and the ledger)
+            write_cursor(directory, self.path, state.global_step, cursor)
+            rec.record_files(directory)  # the signed manifest of every file, the cursor file included
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Seal the ledger with the final weights."""

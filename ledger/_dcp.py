@@ -1,4 +1,6 @@
-"""Manifests of ``torch.distributed.checkpoint`` (DCP) directories (docs/FORMAT.md §11.1).
+"""Manifests of checkpoint directories other tools write (docs/FORMAT.md §11.1): layout ``"dcp"``,
+a ``torch.distributed.checkpoint`` directory; layout ``"files"``, any directory one process wrote
+(a Hugging Face Trainer ``checkpoint-N/``, subdirectories included).
 
 DCP writes one directory per checkpoint: ``__<rank>_<n>.distcp`` files (each rank writes its own)
 and a ``.metadata`` file (the coordinator's), with no digest of its own. The recorder records a
@@ -56,19 +58,53 @@ def rank_files(directory: Path, rank: int, *, coordinator: bool) -> dict[str, di
     return out
 
 
+MAX_DEPTH = 8
+
+
+def tree_files(directory: Path) -> dict[str, dict[str, Any]]:
+    """Every regular file under ``directory`` (layout ``"files"``), by its relative POSIX path, hashed
+    by this process (``rank`` 0); symlinks and other special files are refused, not followed."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(_walk(directory, directory, 0)):
+        if len(out) >= MAX_FILES:
+            raise FormatError(f"{directory} holds more than {MAX_FILES} files")
+        out[path.relative_to(directory).as_posix()] = {**file_digest(path), "rank": 0}
+    if not out:
+        raise FormatError(f"{directory} holds no file")
+    return out
+
+
+def _walk(root: Path, directory: Path, depth: int) -> list[Path]:
+    """Regular files under ``directory`` (no symlink followed; deeper than MAX_DEPTH refused)."""
+    if depth > MAX_DEPTH:
+        raise FormatError(f"{root} nests directories more than {MAX_DEPTH} deep")
+    found: list[Path] = []
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        if entry.is_dir(follow_symlinks=False):
+            found += _walk(root, Path(entry.path), depth + 1)
+        elif entry.is_file(follow_symlinks=False):
+            found.append(Path(entry.path))
+        else:
+            raise FormatError(f"{entry.path} is not a regular file or directory (a symlink?); not recorded")
+    return found
+
+
 def manifest_digest(files: Mapping[str, Mapping[str, Any]]) -> bytes:
     """The digest a DCP checkpoint entry's ``state_digest`` holds: SHA-256 over the domain and the
     deterministic CBOR of the manifest ({name: {size, sha256, rank}})."""
     return hashlib.sha256(DOMAIN + encode_body({"files": {n: dict(f) for n, f in files.items()}})).digest()
 
 
-def check_files(value: Any) -> dict[str, dict[str, Any]]:
-    """A manifest read from an entry: flat file names, sizes, 32-byte digests and ranks (FormatError)."""
+def check_files(value: Any, nested: bool = False) -> dict[str, dict[str, Any]]:
+    """A manifest read from an entry: file names (flat for ``"dcp"``; relative POSIX paths, no ``..``,
+    for ``"files"``: ``nested``), sizes, 32-byte digests and ranks (FormatError)."""
     if not isinstance(value, Mapping) or not 1 <= len(value) <= MAX_FILES:
         raise FormatError("checkpoint 'files' is not a map of 1 to 65536 files")
     files: dict[str, dict[str, Any]] = {}
     for name, info in value.items():
-        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\x00" in name:
+        parts = name.split("/") if isinstance(name, str) else [""]
+        if not isinstance(name, str) or "\x00" in name or (len(parts) > 1 and not nested) \
+                or len(parts) > MAX_DEPTH + 1 or any(p in ("", ".", "..") for p in parts):
             raise FormatError(f"checkpoint 'files' names {str(name)[:60]!r}, not a file name")
         if not isinstance(info, Mapping) or set(info) != {"size", "sha256", "rank"} \
                 or not all(isinstance(info[k], int) and not isinstance(info[k], bool) and 0 <= info[k] < 1 << 62
@@ -79,12 +115,16 @@ def check_files(value: Any) -> dict[str, dict[str, Any]]:
     return files
 
 
-def compare(directory: Path, files: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """What differs between a DCP directory and its manifest (empty: every file is there with its
-    digest and no rank file was added): missing, changed and unrecorded ``.distcp`` files."""
+def compare(directory: Path, files: Mapping[str, Mapping[str, Any]], nested: bool = False) -> list[str]:
+    """What differs between a directory and its manifest (empty: every file is there with its digest
+    and nothing was added): missing and changed files, and unrecorded ones — ``.distcp`` files of a DCP
+    directory, any file of a ``"files"`` one (``nested``). No symlink is followed."""
     problems: list[str] = []
     for name, want in sorted(files.items()):
         path = directory / name
+        if any(p.is_symlink() for p in list(path.parents)[: name.count("/")]):
+            problems.append(f"{name} is unreadable (under a symbolic link)")
+            continue
         if not os.path.lexists(path):
             problems.append(f"{name} is missing")
             continue
@@ -101,7 +141,14 @@ def compare(directory: Path, files: Mapping[str, Mapping[str, Any]]) -> list[str
         if found["size"] != want["size"] or found["sha256"] != want["sha256"]:
             problems.append(f"{name} differs (written by rank {want['rank']}"
                             f"{'' if found['size'] == want['size'] else '; not its recorded size'})")
-    extra = sorted(n for n in os.listdir(directory) if RANK_FILE.match(n) and n not in files)
+    if nested:
+        try:
+            present = [p.relative_to(directory).as_posix() for p in _walk(directory, directory, 0)]
+        except (FormatError, OSError) as exc:
+            return [*problems, f"the directory cannot be listed ({exc})"]
+        extra = sorted(n for n in present if n not in files)
+    else:
+        extra = sorted(n for n in os.listdir(directory) if RANK_FILE.match(n) and n not in files)
     problems += [f"{name} was not recorded" for name in extra[:8]]
     return problems
 

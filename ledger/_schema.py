@@ -483,11 +483,12 @@ class CheckpointBody:
     files: dict[str, dict[str, Any]] | None = None  # "dcp": the manifest {name: {size, sha256, rank}}
 
     @classmethod
-    def dcp(cls, files: dict[str, dict[str, Any]], path: str) -> CheckpointBody:
-        """The entry of a DCP checkpoint: its manifest, pinned by ``state_digest`` (docs/FORMAT.md §11.1)."""
+    def dcp(cls, files: dict[str, dict[str, Any]], path: str, layout: str = "dcp") -> CheckpointBody:
+        """The entry of a checkpoint directory another tool wrote (layout ``"dcp"`` or ``"files"``):
+        its manifest, pinned by ``state_digest`` (docs/FORMAT.md §11.1)."""
         from ledger._dcp import manifest_digest
 
-        return cls({}, b"", b"", b"", manifest_digest(files), path, layout="dcp", files=files)
+        return cls({}, b"", b"", b"", manifest_digest(files), path, layout=layout, files=files)
 
     @property
     def stored_here(self) -> bool:
@@ -503,8 +504,8 @@ class CheckpointBody:
 
     def to_body(self) -> dict[str, Any]:
         """The checkpoint map."""
-        if self.layout == "dcp":
-            return {"layout": "dcp", "files": dict(self.files or {}), "state_digest": self.state_digest,
+        if self.layout != "ledger":
+            return {"layout": self.layout, "files": dict(self.files or {}), "state_digest": self.state_digest,
                     "path": self.path}
         body: dict[str, Any] = {"tensor_digests": dict(self.tensor_digests), "model_digest": self.model_digest,
                 "optimizer_digest": self.optimizer_digest, "meta_digest": self.meta_digest,
@@ -525,17 +526,17 @@ class CheckpointBody:
         if not path or "\x00" in path:
             raise FormatError("checkpoint 'path' is empty or holds a NUL character")
         layout = _text(body, "layout", "ledger", w)
-        if layout == "dcp":
+        if layout in ("dcp", "files"):
             from ledger._dcp import check_files, manifest_digest
 
-            files = check_files(body.get("files"))
+            files = check_files(body.get("files"), nested=layout == "files")
             if not Path(path).is_absolute() or Path(path).name in ("", ".", ".."):
                 raise FormatError("a DCP checkpoint's 'path' is not an absolute path ending in a directory name")
             if _digest(body.get("state_digest"), "checkpoint 'state_digest'") != manifest_digest(files):
                 raise FormatError("a DCP checkpoint's 'state_digest' is not the digest of its 'files'")
-            return cls.dcp(files, path)
+            return cls.dcp(files, path, layout)
         if layout != "ledger":
-            raise FormatError(f"checkpoint 'layout' {layout[:40]!r} is not 'ledger' or 'dcp'")
+            raise FormatError(f"checkpoint 'layout' {layout[:40]!r} is not 'ledger', 'dcp' or 'files'")
         model, optimizer, meta, state = (_digest(body.get(k), f"checkpoint {k!r}")
                                          for k in ("model_digest", "optimizer_digest", "meta_digest", "state_digest"))
         hyper = _typed(body.get("optimizer_hyper", []), list, "checkpoint 'optimizer_hyper'")

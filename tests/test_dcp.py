@@ -87,3 +87,33 @@ def test_an_endless_file_is_not_read_to_its_end():
 
     assert compare(Path("/proc/self"), {"pagemap": {"size": 0, "sha256": bytes(32), "rank": 0}}) == \
         ["pagemap differs (written by rank 0; not its recorded size)"]
+
+
+def test_files_layout_covers_subdirectories(tmp_path):
+    """Layout "files" (a Trainer checkpoint-N/): every file under the directory, by relative path;
+    an added or changed file anywhere is named; symlinks are refused when recording."""
+    from ledger._dcp import tree_files
+
+    root = tmp_path / "checkpoint-3"
+    (root / "global_step3").mkdir(parents=True)
+    (root / "trainer_state.json").write_text("{}")
+    (root / "global_step3" / "shard.bin").write_bytes(b"x" * 50)
+    files = tree_files(root)
+    assert set(files) == {"trainer_state.json", "global_step3/shard.bin"}
+    assert check_files(files, nested=True) == files
+    with pytest.raises(FormatError):
+        check_files(files)  # a DCP manifest is flat
+    assert compare(root, files, nested=True) == []
+    (root / "global_step3" / "extra.bin").write_bytes(b"y")
+    (root / "global_step3" / "shard.bin").write_bytes(b"z" * 50)
+    assert compare(root, files, nested=True) == ["global_step3/shard.bin differs (written by rank 0)",
+                                                  "global_step3/extra.bin was not recorded"]
+    os.symlink(root / "trainer_state.json", root / "link.json")
+    with pytest.raises(FormatError, match="not a regular file or directory"):
+        tree_files(root)
+
+
+@pytest.mark.parametrize("name", ["../x", "a/../b", "a//b", "/abs", "./a", "a/"])
+def test_files_layout_refuses_paths_that_leave_the_directory(name):
+    with pytest.raises(FormatError):
+        check_files({name: {"size": 1, "sha256": bytes(32), "rank": 0}}, nested=True)

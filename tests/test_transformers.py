@@ -77,8 +77,8 @@ def cli_verify(path: Path, public: Path, model: Path | None = None) -> tuple[int
 
 
 def entries_of(path: Path) -> list[tuple[str, int]]:
-    """(kind, step) of each entry; the Trainer checkpoint manifests (layout "dcp") as "trainer-files"."""
-    return [("trainer-files" if e.body().get("layout") == "dcp" else e.kind.label, e.step)
+    """(kind, step) of each entry; the Trainer checkpoint manifests (layout "files") as "trainer-files"."""
+    return [("trainer-files" if e.body().get("layout") == "files" else e.kind.label, e.step)
             for e in ledger.open(path).entries()]
 
 
@@ -122,7 +122,7 @@ def test_one_entry_per_optimizer_step_and_the_cli_verifies(run, keypair):
         ("genesis", -1), ("checkpoint", -1), ("step", 0), ("step", 1), ("step", 2), ("checkpoint", 2),
         ("trainer-files", 2), ("step", 3), ("step", 4), ("step", 5), ("checkpoint", 5), ("trainer-files", 5),
         ("seal", 5)]
-    manifest = [e.body() for e in ledger.open(out / "L").entries() if e.body().get("layout") == "dcp"][0]
+    manifest = [e.body() for e in ledger.open(out / "L").entries() if e.body().get("layout") == "files"][0]
     assert Path(manifest["path"]) == out / "hf" / "checkpoint-3"
     assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= set(manifest["files"])
     code, report = cli_verify(out / "L", keypair[1], out / "hf" / "final_weights.safetensors")
@@ -280,12 +280,14 @@ def test_two_processes_write_one_ledger_that_verifies(tmp_path, keypair):
     assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)[-4000:]
     book = ledger.open(tmp_path / "L")
     assert book.genesis()["distributed"]["world_size"] == 2 and book.sealed
-    checkpoints = [e.body() for e in book.entries() if e.kind is Kind.CHECKPOINT]
+    checkpoints = [e.body() for e in book.entries() if e.kind is Kind.CHECKPOINT and "layout" not in e.body()]
     assert [len(c["ranks"]) for c in checkpoints] == [2, 2, 2]  # init, after steps 1 and 3
     assert len(steps_of(tmp_path / "L")) == 4
     cursor = json.loads((tmp_path / "hf" / "checkpoint-2" / CURSOR_FILE).read_text())
-    assert cursor["cursor"]["checkpoint"]["step"] == 1  # no manifest entry under DDP: the file holds the digests
-    assert {"model.safetensors", "optimizer.pt", "rng_state_0.pth", "rng_state_1.pth"} <= set(cursor["files"])
+    assert cursor["cursor"]["checkpoint"]["step"] == 1
+    manifests = [e.body() for e in book.entries() if e.body().get("layout") == "files"]  # rank 0 records them
+    assert {"model.safetensors", "optimizer.pt", "rng_state_0.pth", "rng_state_1.pth", CURSOR_FILE} \
+        <= set(manifests[0]["files"])
     report = verify_ledger(tmp_path / "L", key=load_public_key(keypair[1]),
                            model=tmp_path / "hf" / "final_weights.safetensors")
     assert report.verdict == "pass" and report.check("checkpoints").status == "pass"

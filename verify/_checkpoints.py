@@ -66,9 +66,10 @@ def check_checkpoints(ctx: Context) -> CheckResult:
         if not cp.directory.is_dir():
             missing.append(cp.step)
             continue
-        problems = dcp_compare(cp.directory, cp.body.files or {})
+        problems = dcp_compare(cp.directory, cp.body.files or {}, nested=cp.body.layout == "files")
         if problems:
-            bad.append((cp.step, f"(seq {cp.seq}, DCP {cp.directory.name}): {'; '.join(problems[:5])}"))
+            what = "DCP" if cp.body.layout == "dcp" else "files of"
+            bad.append((cp.step, f"(seq {cp.seq}, {what} {cp.directory.name}): {'; '.join(problems[:5])}"))
         else:
             matched.append(cp.step)
     init = next((cp for cp in view.checkpoints if cp.step == -1), None)
