@@ -28,6 +28,7 @@ from ledger import _dcp
 from ledger import torch as lt
 from ledger._fingerprint import model_digest
 from ledger.errors import ConfigurationError, LedgerError
+from ledger.hooks._options import RECALIBRATE_EVERY, Cadence, FingerprintOptions
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +163,6 @@ class Follower:
         """As ``Recorder(...)`` on rank 0 (the same arguments), or ``resumed`` = (run id, first step)
         as announced by rank 0's ``Recorder.resume``."""
         from ledger.hooks._capture import hookable
-        from ledger.hooks._options import Cadence, FingerprintOptions
         from ledger.hooks._sharded_run import ShardedRun, group_grad_norms
 
         group = ranks()
@@ -172,6 +172,7 @@ class Follower:
         self._sharded: ShardedRun | None = None
         self._cadence = Cadence(FingerprintOptions())  # rank 0's, adopted at step 0 (sharded runs)
         self._hooks: list[Any] = []
+        self._cache: dict[str, torch.Tensor] | None = None  # the sharded tensors (state_dict is not free)
         if resumed:
             self.run_id, self._step = resumed
             self._last_checkpoint: int | None = self._step - 1
@@ -200,7 +201,9 @@ class Follower:
         step, self._step = self._step, self._step + 1
         if self._sharded is not None:
             self._sharded.sync(step, self._cadence, self._group)
-            self._sharded.measure(step, self._sharded.tensors(), self._cadence)
+            if self._cache is None or step % RECALIBRATE_EVERY == 1:  # as rank 0 refreshes its tensors
+                self._cache = self._sharded.tensors()
+            self._sharded.measure(step, self._cache, self._cadence)
         if self.checkpoint_every and (step + 1) % self.checkpoint_every == 0:
             self._checkpoint(step)
 
