@@ -96,3 +96,25 @@ def check_queue(queue_size: int, drain_interval: float, max_lag: float) -> None:
         raise ConfigurationError("queue_size must be a positive number of entries")
     if not drain_interval > 0 or not max_lag > 0:
         raise ConfigurationError("drain_interval and max_lag must be positive numbers of seconds")
+
+
+def callback_options(owner: str, options: dict[str, Any], ours: tuple[str, ...], mlflow: Any) -> dict[str, Any]:
+    """The ``Recorder`` options a framework callback (``owner``) passes through: ``mlflow`` refused
+    until the MLflow integration lands, the options the callback sets itself (``ours``) and unknown
+    ones refused, each with one line."""
+    import inspect
+
+    from ledger.hooks._recorder import Recorder
+
+    if mlflow is not None:
+        raise ConfigurationError(f"{owner}(mlflow=...) is not available yet (the MLflow integration has not landed): "
+                                 "leave mlflow=None")
+    taken = sorted(set(options) & set(ours))
+    if taken:
+        raise ConfigurationError(f"{owner} sets Recorder's {', '.join(taken)} itself (from the trainer): remove "
+                                 "them from its arguments")
+    allowed = set(inspect.signature(Recorder.__init__).parameters) - {"self", "path", "key", "deprecated", *ours}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ConfigurationError(f"{owner} got an unknown option {unknown[0]!r}: it takes {', '.join(sorted(allowed))}")
+    return options

@@ -27,6 +27,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from ledger.errors import ConfigurationError, LedgerError
+from ledger.hooks._options import callback_options
 from ledger.hooks._recorder import Recorder
 
 SEED_VARIABLE = "PL_GLOBAL_SEED"  # what lightning.seed_everything sets
@@ -60,17 +61,7 @@ class LedgerCallback(Callback):
     def __init__(self, path: str | os.PathLike[str], *, key: Any, seed: int | None = None,
                  checkpoint_every: int | None = None, mlflow: Any = None, config: Mapping[str, Any] | None = None,
                  final_weights: str | os.PathLike[str] | None = None, **recorder_options: Any) -> None:
-        if mlflow is not None:
-            raise ConfigurationError("LedgerCallback(mlflow=...) is not available yet (the MLflow integration has "
-                                     "not landed): leave mlflow=None and log to MLflow with Lightning's MLFlowLogger")
-        allowed = set(inspect.signature(Recorder.__init__).parameters) - {"self", "deprecated", *SET_BY_CALLBACK}
-        for name in recorder_options:
-            if name in SET_BY_CALLBACK:
-                raise ConfigurationError(f"LedgerCallback sets Recorder's {name!r} itself (from the Trainer): "
-                                         f"remove {name}= from its arguments")
-            if name not in allowed:
-                raise ConfigurationError(f"LedgerCallback got an unknown option {name!r}: "
-                                         f"it takes {', '.join(sorted(allowed))}")
+        callback_options("LedgerCallback", recorder_options, SET_BY_CALLBACK, mlflow)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ConfigurationError(f"seed must be an int, got {seed!r}")
         self.path = Path(path)

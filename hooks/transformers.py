@@ -10,7 +10,6 @@ forwards between ``on_step_begin`` and ``on_step_end`` only).
 from __future__ import annotations
 
 import atexit
-import inspect
 import math
 import os
 import warnings
@@ -23,6 +22,7 @@ import transformers
 from transformers import TrainerCallback
 
 from ledger.errors import ConfigurationError
+from ledger.hooks._options import callback_options
 from ledger.hooks._recorder import Recorder
 from ledger.hooks._trainer_cursor import CURSOR_FILE, PREFIX, find_checkpoint, read_cursor, write_cursor
 
@@ -102,18 +102,7 @@ class LedgerTrainerCallback(TrainerCallback):
     def __init__(self, path: str | os.PathLike[str], *, key: Any, seed: int | None = None,
                  checkpoint_every: int | None = None, mlflow: Any = None, config: Mapping[str, Any] | None = None,
                  final_weights: str | os.PathLike[str] | None = None, **recorder_options: Any) -> None:
-        if mlflow is not None:
-            raise ConfigurationError("mlflow= is not available yet (the MLflow integration has not landed); "
-                                     "leave it None")
-        taken = sorted(set(recorder_options) & set(_OURS))
-        if taken:
-            raise ConfigurationError(f"LedgerTrainerCallback sets {', '.join(taken)} itself (from the Trainer); "
-                                     "remove them from its arguments")
-        allowed = set(inspect.signature(Recorder.__init__).parameters) - {"self", "path", "key", "deprecated"}
-        unknown = sorted(set(recorder_options) - allowed)
-        if unknown:
-            raise ConfigurationError(f"LedgerTrainerCallback got an unknown option {unknown[0]!r}: the Recorder "
-                                     f"takes {', '.join(sorted(allowed - set(_OURS)))}")
+        callback_options("LedgerTrainerCallback", recorder_options, _OURS, mlflow)
         self.path = Path(path).absolute()
         self.key, self.seed, self.checkpoint_every = key, seed, checkpoint_every
         self.config, self.final_weights, self.options = dict(config or {}), final_weights, recorder_options

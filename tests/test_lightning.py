@@ -213,7 +213,7 @@ def test_bad_configuration_is_refused_before_anything_is_written(tmp_path, keys,
         LedgerCallback(tmp_path / "L", key=keys[0], mlflow="http://localhost:5000")
     with pytest.raises(ConfigurationError, match="unknown option 'checkpoint_evry'"):
         LedgerCallback(tmp_path / "L", key=keys[0], checkpoint_evry=3)
-    with pytest.raises(ConfigurationError, match="sets Recorder's 'model'"):
+    with pytest.raises(ConfigurationError, match="sets Recorder's model itself"):
         LedgerCallback(tmp_path / "L", key=keys[0], model=nn.Linear(1, 1))
     # a Lightning checkpoint saved without the callback carries no cursor: no new ledger mid-run
     plain = trainer(max_steps=2)
