@@ -148,7 +148,7 @@ def _named(root: Path, at: Mapping[str, Any], entries: list[Entry], genesis: Gen
     if not 0 <= seq < len(entries) or entries[seq].hash != head:
         raise ConfigurationError(f"{what} names entry {seq} with a head that is not in {root}'s chain: the "
                                  "checkpoint was written with another ledger or the ledger was replaced")
-    for entry, body, directory in checkpoints:
+    for entry, body, directory in reversed(checkpoints):  # the last one: an earlier branch may hold the same state
         if entry.seq <= seq and entry.step == step and body.state_digest == digest:
             return entry, body, directory
     raise ConfigurationError(f"{what} names a checkpoint at step {step} that {root} does not record")

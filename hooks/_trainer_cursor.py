@@ -17,11 +17,13 @@ from typing import Any
 
 import ledger
 from ledger import _dcp
+from ledger._io import read_regular
 from ledger._record import Kind
 from ledger.errors import ConfigurationError
 
 CURSOR_FILE = "ledger_cursor.json"
 CURSOR_FORMAT = "training-ledger/hf-trainer-cursor/v1"
+MAX_CURSOR = 1 << 20  # bytes: a cursor file is a few hundred
 PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
 
 
@@ -55,22 +57,25 @@ def read_cursor(directory: Path, global_step: int, ledger_path: Path) -> dict[st
     """The chain cursor saved with ``directory`` (a checkpoint at ``global_step``); its files must
     still match what was recorded of them (ConfigurationError naming those that do not)."""
     path = directory / CURSOR_FILE
-    try:
-        body = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigurationError(f"the Trainer resumed at global_step {global_step} but {path} could not be read "
-                                 f"({exc}); resume from a checkpoint-N written with LedgerTrainerCallback, or set "
-                                 "TrainingArguments.resume_from_checkpoint to its directory") from None
-    if not isinstance(body, dict) or body.get("format") != CURSOR_FORMAT or not isinstance(body.get("cursor"), dict):
-        raise ConfigurationError(f"{path} is not a ledger cursor file ({CURSOR_FORMAT})")
-    cursor: dict[str, Any] = body["cursor"]
-    if body.get("global_step") != global_step or (cursor.get("checkpoint") or {}).get("step") != global_step - 1:
-        raise ConfigurationError(f"{path} was written at global_step {body.get('global_step')}, but the Trainer "
-                                 f"resumed at global_step {global_step}")
+    # the files first, this one included: a cursor file the ledger's signed manifest vouches for is parsed
     changed = _dcp.compare(directory, _manifest(ledger_path, directory, global_step - 1), nested=True)
     if changed:
         raise ConfigurationError(f"{directory} changed since the ledger recorded it ({'; '.join(changed[:5])}); "
                                  "resume from an unmodified checkpoint")
+    try:
+        body = json.loads(read_regular(path, what="ledger cursor file", limit=MAX_CURSOR,
+                                       error=ConfigurationError).decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ConfigurationError(f"the Trainer resumed at global_step {global_step} but {path} could not be read "
+                                 f"({exc}); resume from a checkpoint-N written with LedgerTrainerCallback, or set "
+                                 "TrainingArguments.resume_from_checkpoint to its directory") from None
+    cursor = body.get("cursor") if isinstance(body, dict) else None
+    if not isinstance(body, dict) or body.get("format") != CURSOR_FORMAT or not isinstance(cursor, dict) \
+            or not isinstance(cursor.get("checkpoint"), dict):
+        raise ConfigurationError(f"{path} is not a ledger cursor file ({CURSOR_FORMAT})")
+    if body.get("global_step") != global_step or cursor["checkpoint"].get("step") != global_step - 1:
+        raise ConfigurationError(f"{path} was written at global_step {body.get('global_step')}, but the Trainer "
+                                 f"resumed at global_step {global_step}")
     return cursor
 
 

@@ -189,7 +189,11 @@ class LedgerTrainerCallback(TrainerCallback):
         directory = Path(args.output_dir) / f"{PREFIX}-{state.global_step}"
         if state.is_world_process_zero and directory.is_dir():  # the process that wrote it (and the ledger)
             write_cursor(directory, self.path, state.global_step, cursor)
-            rec.record_files(directory)  # the signed manifest of every file, the cursor file included
+            try:
+                rec.record_files(directory)  # the signed manifest of every file, the cursor file included
+            except ConfigurationError as exc:  # e.g. a symlink another callback put there: training goes on
+                warnings.warn(f"{directory.name} was not recorded ({exc}); verify cannot check its files and the "
+                              "run cannot resume from it", RuntimeWarning, stacklevel=2)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Seal the ledger with the final weights."""

@@ -139,8 +139,7 @@ def compare(directory: Path, files: Mapping[str, Mapping[str, Any]], nested: boo
             problems.append(f"{name} is unreadable ({exc})")
             continue
         if found["size"] != want["size"] or found["sha256"] != want["sha256"]:
-            problems.append(f"{name} differs (written by rank {want['rank']}"
-                            f"{'' if found['size'] == want['size'] else '; not its recorded size'})")
+            problems.append(f"{name} differs (written by rank {want['rank']})")
     if nested:
         try:
             present = [p.relative_to(directory).as_posix() for p in _walk(directory, directory, 0)]
@@ -149,7 +148,8 @@ def compare(directory: Path, files: Mapping[str, Mapping[str, Any]], nested: boo
         extra = sorted(n for n in present if n not in files)
     else:
         extra = sorted(n for n in os.listdir(directory) if RANK_FILE.match(n) and n not in files)
-    problems += [f"{name} was not recorded" for name in extra[:8]]
+    if extra:  # counted, not named: the names of files nobody recorded are not the ledger's to print
+        problems.append(f"{len(extra)} file{'s' if len(extra) > 1 else ''} the manifest does not list")
     return problems
 
 

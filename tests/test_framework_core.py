@@ -14,8 +14,9 @@ import torch
 from conftest import FIXED_SEED
 
 import ledger
-from ledger import Signer
+from ledger import Kind, LedgerWriter, Signer
 from ledger._cli import ledger_info
+from ledger._schema import CheckpointBody, ResumeBody
 from ledger.errors import ConfigurationError
 from ledger.hooks import Recorder
 from ledger.verify import verify_ledger
@@ -257,3 +258,50 @@ def test_checkpoints_of_an_abandoned_branch_are_not_evidence(tmp_path):
     report = verify_ledger(tmp_path / "L", key=SIGNER.public, model=tmp_path / "m.safetensors")
     assert report.verdict == "pass", {c.name: c.detail for c in report.checks}
     assert report.check("continuity").status == "pass" and report.check("model").status == "pass"
+
+
+def _recorded(path: Path, steps: int = 6) -> None:
+    model, opt = tiny()
+    rec = Recorder(path, model=model, optimizer=opt, key=SIGNER, seed=1, checkpoint_every=2)
+    for step in range(steps):
+        rec.step(*train_step(model, opt, step))
+    rec.abort()  # valid, unsealed: the trainer may append
+
+
+@pytest.mark.parametrize("forged, why", [
+    (lambda first: ResumeBody(0, -1, first.body()["state_digest"]), "which is not a checkpoint entry"),
+    (lambda first: ResumeBody(first.seq, -1, first.body()["state_digest"]), "leaves step entry seq"),
+])
+def test_a_resume_entry_cannot_take_checkpoints_out_of_the_evidence(tmp_path, forged, why):
+    """A signed resume entry the trainer appends to drop the checkpoints that disprove its steps: it
+    must name a checkpoint entry of its step and digest and supersede every step after it; one that
+    does not is malformed (continuity fails) and every checkpoint stays evidence."""
+    _recorded(tmp_path / "L")
+    entries = list(ledger.open(tmp_path / "L").entries())
+    first = next(e for e in entries if e.kind is Kind.CHECKPOINT)
+    writer = LedgerWriter.open(tmp_path / "L", SIGNER)
+    writer.append(Kind.RESUME, 5, forged(first).to_body())
+    writer.close()
+    report = verify_ledger(tmp_path / "L", key=SIGNER.public)
+    continuity = report.check("continuity")
+    assert report.verdict == "fail" and continuity.status == "fail" and why in continuity.detail, continuity.detail
+    assert report.check("checkpoints").data["matched"] == [-1, 1, 3, 5]
+
+
+def test_a_manifest_outside_the_ledgers_folder_is_not_read(tmp_path):
+    """A crafted 'files' entry naming a directory elsewhere on the verifier's machine: verify reads it
+    only under --checkpoints, and never prints the names of files nobody recorded."""
+    _recorded(tmp_path / "run" / "L")
+    elsewhere = tmp_path / "private"
+    elsewhere.mkdir()
+    (elsewhere / "id_ed25519").write_text("secret")
+    writer = LedgerWriter.open(tmp_path / "run" / "L", SIGNER)
+    files = {"notes.txt": {"size": 3, "sha256": bytes(32), "rank": 0}}
+    writer.append(Kind.CHECKPOINT, 5, CheckpointBody.dcp(files, str(elsewhere), "files").to_body())
+    writer.close()
+    report = verify_ledger(tmp_path / "run" / "L", key=SIGNER.public)
+    checkpoints = report.check("checkpoints")
+    assert checkpoints.status == "warn" and "recorded outside the ledger's folder" in checkpoints.detail
+    named = verify_ledger(tmp_path / "run" / "L", key=SIGNER.public, checkpoints=tmp_path).check("checkpoints")
+    assert named.status == "fail" and "1 file the manifest does not list" in named.detail
+    assert "id_ed25519" not in named.detail and "id_ed25519" not in str(named.data)

@@ -331,3 +331,37 @@ def test_a_process_that_dies_of_an_exception_leaves_its_ledger_closed_and_unseal
     report = verify_ledger(tmp_path / "out" / "ledger", key=load_public_key(tmp_path / "out" / "keys" / "trainer.pub"))
     assert report.verdict == "pass" and report.check("seal").status == "warn"
     assert [s["step"] for s in steps_of(tmp_path / "out" / "ledger")] == list(range(7))
+
+
+class LinkIntoCheckpoint(TrainerCallback):  # type: ignore[misc]
+    """Another callback that links a shared file into each checkpoint-N (before the ledger's runs)."""
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: D102
+        target = Path(args.output_dir) / f"checkpoint-{state.global_step}" / "shared_vocab.json"
+        target.symlink_to(Path(args.output_dir).parent / "vocab.json")
+
+
+def test_a_checkpoint_that_cannot_be_recorded_warns_and_training_goes_on(tmp_path, keypair):
+    (tmp_path / "vocab.json").write_text("{}")
+    callbacks = [LinkIntoCheckpoint(), LedgerTrainerCallback(tmp_path / "L", key=keypair[0])]
+    with pytest.warns(RuntimeWarning, match="checkpoint-3 was not recorded .*symlink"):
+        trainer(tmp_path, callbacks).train()
+    assert ledger.open(tmp_path / "L").sealed
+    assert not [e for e in ledger.open(tmp_path / "L").entries() if e.body().get("layout") == "files"]
+
+
+CURSOR_V1 = '{"format": "training-ledger/hf-trainer-cursor/v1", "cursor": {"checkpoint": "x"}}'
+
+
+@pytest.mark.parametrize("content", [CURSOR_V1, "[1]", "[" * 100_000, "x" * (2 << 20)])
+def test_a_malformed_cursor_file_is_one_clear_error(tmp_path, keypair, content):
+    """The cursor file is read only once the signed manifest vouches for it; crafted content (wrong
+    types, deep nesting, megabytes) is one ConfigurationError, never a traceback."""
+    from ledger.hooks._trainer_cursor import read_cursor
+
+    with pytest.raises(RuntimeError):
+        trainer(tmp_path, [LedgerTrainerCallback(tmp_path / "L", key=keypair[0]), RaiseAt(4)], save_steps=3).train()
+    directory = tmp_path / "hf" / "checkpoint-3"
+    with pytest.raises(ConfigurationError, match="changed since the ledger recorded it"):  # not parsed before
+        (directory / CURSOR_FILE).write_text(content)
+        read_cursor(directory, 3, tmp_path / "L")

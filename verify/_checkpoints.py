@@ -3,6 +3,7 @@ pruned, missing ones as missing."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ledger import _state
@@ -62,7 +63,14 @@ def check_checkpoints(ctx: Context) -> CheckResult:
             bad.append((cp.step, f"(seq {cp.seq}) holds step {meta_step}, its entry says {cp.step}"))
         else:
             matched.append(cp.step)
-    for cp in view.dcp:  # torch.distributed.checkpoint directories against their signed manifests
+    outside: list[int] = []
+    for cp in view.dcp:  # directories other tools wrote (DCP, a Trainer's checkpoint-N) against their manifests
+        if cp.superseded:  # the abandoned branch of a resume: the directory may since hold the new branch's files
+            continue
+        if not _may_read(ctx, cp.directory):
+            missing.append(cp.step)
+            outside.append(cp.step)
+            continue
         if not cp.directory.is_dir():
             missing.append(cp.step)
             continue
@@ -82,10 +90,25 @@ def check_checkpoints(ctx: Context) -> CheckResult:
         detail = "; ".join(f"checkpoint at step {s} {r}" if isinstance(s, int) else r for s, r in bad[:5])
         return CheckResult("checkpoints", Status.FAIL, f"{detail} ({summary})", data)
     if missing:
+        far = f"; the directories of steps {outside[:8]} were recorded outside the ledger's folder and are read " \
+              "only under --checkpoints DIR" if outside else ""
         return CheckResult("checkpoints", Status.WARN, f"{summary}: checkpoints at steps {missing[:8]} are not here "
-                           "(pass --checkpoints DIR if they are kept elsewhere)", data,
+                           f"(pass --checkpoints DIR if they are kept elsewhere){far}", data,
                            summary=f"{len(missing)} checkpoint(s) missing")
     return CheckResult("checkpoints", Status.PASS, f"{summary}; every stored state matches its entry", data)
+
+
+def _may_read(ctx: Context, directory: Path) -> bool:
+    """A directory a manifest entry names is read when the verifier named the root (--checkpoints) or
+    it lies in the folder that holds the ledger: a crafted entry must not make verify list or hash
+    files elsewhere on the verifier's machine."""
+    if ctx.checkpoints is not None:
+        return True
+    try:
+        directory.absolute().resolve().relative_to(ctx.ledger.path.absolute().resolve().parent)
+    except (ValueError, OSError, RuntimeError):
+        return False
+    return True
 
 
 def _replicas(view: RunView, cp: Checkpoint) -> str:

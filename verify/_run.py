@@ -154,6 +154,19 @@ def dcp_directory(body: CheckpointBody, override: Path | None) -> Path:
     return override if is_dcp(override) and override.name == recorded.name else override / recorded.name
 
 
+def _located(ledger_root: Path, body: CheckpointBody, genesis: Genesis, override: Path | None) -> Path:
+    """A checkpoint's directory: under ``--checkpoints DIR`` when it is there, else where the run kept
+    it (a run whose other checkpoints — a Trainer's checkpoint-N — were moved keeps its own in place)."""
+    directory = checkpoint_directory(ledger_root, body, genesis, override)
+    if override is not None and not directory.is_dir():
+        try:
+            kept = checkpoint_directory(ledger_root, body, genesis)
+        except FormatError:
+            return directory
+        return kept if kept.is_dir() else directory
+    return directory
+
+
 def _within(spans: list[tuple[int, int]]) -> Callable[[int], bool]:
     """Whether a seq lies strictly inside one of ``spans`` (merged once; each lookup a bisection, so a
     ledger with many resumes costs n log n)."""
@@ -196,7 +209,7 @@ def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None, limit:
         except _DECODER_GAPS as exc:
             view.malformed.append((header.seq, header.kind, f"{type(exc).__name__}: {exc}"))
     superseded_seqs: set[int] = set()
-    abandoned: list[tuple[int, int]] = []  # (checkpoint seq, resume seq): what lies between was abandoned
+    resumes: list[tuple[int, ResumeBody]] = []  # (seq, body): what lies after its checkpoint was abandoned
     for header, body in decoded:  # resume entries come after the steps they supersede
         if header.kind is Kind.RESUME:
             try:
@@ -212,23 +225,26 @@ def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None, limit:
                 continue
             if span is not None:  # only seqs that exist (a crafted span may name 2**62 of them)
                 superseded_seqs.update(range(max(span.first_seq, 0), min(span.last_seq + 1, len(records))))
-            abandoned.append((resume.checkpoint_seq, header.seq))
+            resumes.append((header.seq, resume))
     pruned: set[bytes] = set()
+    step_seqs: list[int] = []
+    checkpoint_at: dict[int, tuple[int, bytes]] = {}  # seq -> (step, state digest) of every checkpoint entry
     for header, body in decoded:
         try:
             if header.kind is Kind.STEP:
+                step_seqs.append(header.seq)
                 if header.seq in superseded_seqs:
                     view.superseded.append((header.seq, header.step))
                 else:
                     view.steps[header.step] = StepBody.from_body(body, view.genesis)
             elif header.kind is Kind.CHECKPOINT:
                 cp = CheckpointBody.from_body(body)
+                checkpoint_at[header.seq] = (header.step, cp.state_digest)
                 if not cp.stored_here:
                     view.dcp.append(Checkpoint(header.seq, header.step, cp, dcp_directory(cp, checkpoint_dir)))
                     continue
                 view.checkpoints.append(Checkpoint(header.seq, header.step, cp,
-                                                   checkpoint_directory(ledger_root, cp, view.genesis,
-                                                                        checkpoint_dir)))
+                                                   _located(ledger_root, cp, view.genesis, checkpoint_dir)))
             elif header.kind is Kind.PRUNE:
                 pruned.add(PruneBody.from_body(body).state_digest)
             elif header.kind is Kind.SEAL:
@@ -237,8 +253,34 @@ def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None, limit:
             view.malformed.append((header.seq, header.kind, str(exc)))
         except _DECODER_GAPS as exc:
             view.malformed.append((header.seq, header.kind, f"{type(exc).__name__}: {exc}"))
-    inside = _within(abandoned)
+    inside = _within(_abandoned(view, resumes, checkpoint_at, step_seqs, superseded_seqs))
     view.checkpoints = [Checkpoint(cp.seq, cp.step, cp.body, cp.directory, cp.body.state_digest in pruned,
                                    inside(cp.seq)) for cp in view.checkpoints]
+    view.dcp = [Checkpoint(cp.seq, cp.step, cp.body, cp.directory, superseded=inside(cp.seq)) for cp in view.dcp]
     return view
+
+
+def _abandoned(view: RunView, resumes: list[tuple[int, ResumeBody]], checkpoint_at: dict[int, tuple[int, bytes]],
+               step_seqs: list[int], superseded: set[int]) -> list[tuple[int, int]]:
+    """The (checkpoint seq, resume seq) spans whose checkpoint entries a resume abandoned. A resume
+    is believed only when it names a checkpoint entry before it, of its step and state digest, and
+    supersedes every step entry between that checkpoint and itself; otherwise it is malformed (the
+    continuity check fails naming it) and abandons nothing, so no resume can take checkpoints out of
+    the evidence while their steps still count."""
+    spans = []
+    steps = sorted(step_seqs)
+    for seq, resume in resumes:
+        c = resume.checkpoint_seq
+        if checkpoint_at.get(c) != (resume.checkpoint_step, resume.state_digest) or not c < seq:
+            view.malformed.append((seq, Kind.RESUME, f"resume names checkpoint seq {c}, which is not a checkpoint "
+                                                     f"entry of step {resume.checkpoint_step} with its state digest"))
+            continue
+        between = steps[bisect.bisect_right(steps, c):bisect.bisect_left(steps, seq)]
+        live = [s for s in between if s not in superseded]
+        if live:
+            view.malformed.append((seq, Kind.RESUME, f"resume from checkpoint seq {c} leaves step entry seq "
+                                                     f"{live[0]} after that checkpoint counted (not superseded)"))
+            continue
+        spans.append((c, seq))
+    return spans
 
