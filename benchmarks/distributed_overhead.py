@@ -1,5 +1,6 @@
 """Benchmark of the recorder under torch.distributed: 2 processes on this CPU (gloo), a 5.3M-parameter
-MLP (512 → 2048 → 2048 → 512, batch 64), data parallel (DDP) and sharded (FSDP2 ``fully_shard``).
+MLP (512 → 2048 → 2048 → 512, batch 64; ``parallel_mlp`` of examples/distributed.py), data parallel
+(DDP) and sharded (FSDP2 ``fully_shard``).
 
 For each layout, a plain and a recorded run (same seed, same batches, ``checkpoint_every=None``,
 fingerprints at their defaults) each train ``--steps`` steps; the first 10 are warm-up. Printed per
@@ -16,6 +17,7 @@ are those of a loaded machine.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import socket
 import statistics
 import sys
@@ -23,6 +25,7 @@ import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,23 +35,23 @@ from ledger.hooks import Recorder
 
 WORLD = 2
 WARMUP = 10
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def example() -> Any:
+    """examples/distributed.py, whose parallel_mlp builds the model and makes it parallel."""
+    spec = importlib.util.spec_from_file_location("distributed_example", ROOT / "examples" / "distributed.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def rank_main(rank: int, port: int, layout: str, recorded: bool, steps: int, out: Path, queue) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=300))
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(512, 2048), torch.nn.GELU(), torch.nn.Linear(2048, 2048),
-                                torch.nn.GELU(), torch.nn.Linear(2048, 512))
-    if layout == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model[::2]:
-            fully_shard(layer)
-        wrapped = fully_shard(model)
-    else:
-        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    wrapped = example().parallel_mlp([512, 2048, 2048, 512], layout)
     optimizer = torch.optim.AdamW(wrapped.parameters(), lr=1e-4)
     rec = Recorder(out / "ledger", model=wrapped, optimizer=optimizer, key=out / "k.pem", seed=0) if recorded \
         else None

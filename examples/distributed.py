@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from _outdir import fresh_output  # examples/_outdir.py (the script's folder is on sys.path)
 
 import ledger
 from ledger.hooks import Recorder
@@ -26,20 +25,28 @@ from ledger.hooks import Recorder
 WORLD = 2
 
 
+def parallel_mlp(widths: list[int], layout: str) -> torch.nn.Module:
+    """An MLP (Linear layers of ``widths``, GELU between) built from seed 0 — the same init on every
+    rank — and made parallel: ``"ddp"`` (replicated) or ``"fsdp"`` (every Linear sharded with FSDP2)."""
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:], strict=False)):
+        layers += [torch.nn.GELU()] if i else []
+        layers.append(torch.nn.Linear(a, b))
+    model = torch.nn.Sequential(*layers)
+    if layout != "fsdp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model[::2]:
+        fully_shard(layer)
+    return fully_shard(model)
+
+
 def train(rank: int, port: int, out: Path, layout: str, steps: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=120))
-    torch.manual_seed(0)  # the same init on every rank
-    model = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.GELU(), torch.nn.Linear(256, 256),
-                                torch.nn.GELU(), torch.nn.Linear(256, 1))
-    if layout == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model[::2]:
-            fully_shard(layer)
-        wrapped = fully_shard(model)
-    else:
-        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    wrapped = parallel_mlp([32, 256, 256, 1], layout)
     optimizer = torch.optim.AdamW(wrapped.parameters(), lr=1e-3)
     rec = Recorder(out / "ledger", model=wrapped, optimizer=optimizer, key=out / "keys" / "trainer.pem",  # ledger
                    seed=0, checkpoint_every=25 if layout == "ddp" else None, config={"layout": layout})
@@ -61,6 +68,8 @@ def main() -> int:
     parser.add_argument("--layout", choices=["ddp", "fsdp"], default="ddp")
     parser.add_argument("--steps", type=int, default=50)
     args = parser.parse_args()
+    from _outdir import fresh_output  # examples/_outdir.py (the script's folder is on sys.path)
+
     fresh_output(args.out)
     _, public_key = ledger.generate_keypair(args.out / "keys" / "trainer")
     with socket.socket() as s:
