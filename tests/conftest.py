@@ -61,3 +61,15 @@ def make_ledger(tmp_path: Path, signer: Signer) -> Callable[..., Path]:
         return write_ledger(tmp_path / f"ledger{next(counter)}", kwargs.pop("signer", signer), steps, **kwargs)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real ``mlflow server`` (sqlite, local artifacts) for the session; yields its tracking URI."""
+    from mlflow_server import start_mlflow_server
+
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+    try:
+        yield server.tracking_uri
+    finally:
+        server.stop()
