@@ -103,7 +103,7 @@ class Recorder:
                  base: Mapping[str, Any] | None = None, fsync: str = "group",
                  clock: Callable[[], int] = time.time_ns, max_lag: float = MAX_LAG,
                  framework: Mapping[str, Any] | None = None, distributed: bool | None = None,
-                 **deprecated: Any) -> None:
+                 mlflow: Any = None, **deprecated: Any) -> None:
         group = _distributed.ranks(distributed)
         with _distributed.announce(group) as told:  # every rank learns whether the model is sharded, or why not
             options = resolve_options(fingerprints, deprecated)
@@ -122,6 +122,7 @@ class Recorder:
             sketcher = lt.CountSketch(sketch_seed, options.sketch_k)
             tensors, aliases = sharded_state(model) if sharded else lt.canonical_state(model)
             root = Path(path)
+            config, mirror = _mlflow_config(mlflow, config)  # the run exists before genesis names it
             user_dir = str(Path(checkpoint_dir).absolute()) if checkpoint_dir and \
                 Path(checkpoint_dir).absolute() != (root / "checkpoints").absolute() else None
             genesis = build_genesis(model=model, optimizer=optimizer, scheduler=scheduler, seed=int(seed),
@@ -150,6 +151,8 @@ class Recorder:
                         made = directory if created else None
                         self._checkpoints.enter(snap, directory, digests, created, ranks)
                 told(None)
+            if mirror is not None:
+                self._start_mirror(*mirror)
         except BaseException:
             if hasattr(self, "_queue"):
                 self._stop_thread()
@@ -192,6 +195,13 @@ class Recorder:
         self._last_step_time: float | None = None
         self._tensor_cache: dict[str, torch.Tensor] | None = None
         self._norm_plan: Norms | None = None
+        self._mirror: Any = None  # the MLflow mirror (ledger.hooks.mlflow.Mirror), when mirroring
+
+    def _start_mirror(self, sink: Any, config: Mapping[str, Any], created: bool) -> None:
+        from ledger.hooks import mlflow as mirroring
+
+        self._mirror = mirroring.start(sink, config, self.path, created)
+        self._mirror_timeout = float(sink.close_timeout)
 
     # ----------------------------------------------------------------- per step
     def step(self, loss: Any = None, batch: Any = None, **metrics: Any) -> None:
@@ -360,9 +370,14 @@ class Recorder:
         else:
             live, file = self._final(final_weights)
         self._stop_thread()
-        seal = SealBody(0, b"", b"", FinalWeights(live, model_digest(live), file), self._step)
+        mirrored, deadline = None, time.monotonic() + getattr(self, "_mirror_timeout", 0.0)
+        if self._mirror is not None:  # how far the mirror got before the seal, recorded in it
+            mirrored = self._mirror.settle(self._writer.next_seq - 1, deadline - time.monotonic())
+        seal = SealBody(0, b"", b"", FinalWeights(live, model_digest(live), file), self._step, mirrored)
         self._writer.seal(seal.recorder_fields(), step=last)
         self._closed = True
+        if self._mirror is not None:  # the seal and the parts the close rolled: bounded, never raises
+            self._mirror.finish(max(deadline - time.monotonic(), 0.0 if mirrored and mirrored["missing"] else 10.0))
 
     def _final(self, final_weights: str | os.PathLike[str] | None) -> tuple[dict[str, bytes], str | None]:
         """The final weights' digests, and the file holding them: saved at ``final_weights`` as
@@ -394,6 +409,8 @@ class Recorder:
             return
         self._closed = True
         self._stop_thread()
+        if self._mirror is not None:
+            self._mirror.stop()
         problems = self._failures.problems()
         try:
             self._writer.close()
@@ -430,7 +447,8 @@ class Recorder:
     def resume(cls, path: str | os.PathLike[str], *, model: Any, optimizer: Any, key: Any, scheduler: Any = None,
                passphrase: bytes | None = None, keep: tuple[str, int] | None = None, queue_size: int = 256,
                drain_interval: float = 0.05, max_lag: float = MAX_LAG, fsync: str = "group",
-               at: Mapping[str, Any] | None = None, distributed: bool | None = None) -> Recorder:
+               at: Mapping[str, Any] | None = None, distributed: bool | None = None,
+               mlflow: Any = None) -> Recorder:
         """Continue a crashed run. Before acting on anything the ledger names, check its chain and
         every signature with ``key`` (the writer's; genesis must declare its public key) and that
         every checkpoint path lies inside the checkpoint root; then remove ``.tmp-*`` leftovers,
@@ -443,7 +461,10 @@ class Recorder:
         the cursor names must be in the chain and the live model and optimizer digests must equal
         it (a one-line :class:`ConfigurationError` otherwise); nothing is restored from the ledger.
         Under torch.distributed call it on every rank (rank 0 writes), or pass ``distributed=False``
-        on the one rank that records."""
+        on the one rank that records.
+
+        ``mlflow``: a run recorded with ``mlflow=`` goes on mirroring into the same MLflow run (genesis
+        ``config["mlflow"]`` names it); ``False`` stops mirroring, an ``MlflowSink`` overrides where."""
         group = _distributed.ranks(distributed)
         if group is not None and group.rank:
             run_id, first, every, directory = _distributed.joined(group)
@@ -472,5 +493,40 @@ class Recorder:
                          queue_size=queue_size, drain_interval=drain_interval, max_lag=max_lag,
                          last_checkpoint_step=last.step,
                          alive=[c for c in plan.alive if c[0] <= last.seq], group=group)
+        recorded = plan.genesis.config.get("mlflow") if isinstance(plan.genesis.config, Mapping) else None
+        if mlflow is not False and (mlflow is not None or isinstance(recorded, Mapping)):
+            try:
+                recorder._start_mirror(*_mlflow_attach(mlflow, recorded))
+            except BaseException:
+                recorder.abort()
+                raise
         return recorder
 
+
+
+def _mlflow_config(option: Any, config: Mapping[str, Any] | None) -> tuple[Mapping[str, Any] | None, Any]:
+    """Create or attach the MLflow run a ``mlflow=`` option asks for; the config genesis records (with
+    ``config["mlflow"]``) and what starting the mirror needs (None when not mirroring)."""
+    if option is None or option is False:
+        return config, None
+    if config is not None and "mlflow" in config:
+        raise ConfigurationError("config['mlflow'] is where the recorder names the MLflow run: rename that key")
+    from ledger.hooks import mlflow as mirroring
+
+    sink = mirroring.sink_of(option)
+    assert sink is not None
+    named, created = sink.open(active=option is True)
+    return {**(config or {}), "mlflow": named}, (sink, named, created)
+
+
+def _mlflow_attach(option: Any, recorded: Any) -> tuple[Any, Mapping[str, Any], bool]:
+    """For a resume: the run genesis names (or the one an ``MlflowSink`` names), attached."""
+    from ledger.hooks import mlflow as mirroring
+
+    sink = mirroring.sink_of(option) if option not in (None, True) else None
+    if sink is None:
+        if not isinstance(recorded, Mapping) or not recorded.get("run_id"):
+            raise ConfigurationError("this ledger's genesis names no MLflow run: pass mlflow=MlflowSink(run_id=…)")
+        sink = mirroring.MlflowSink(tracking_uri=recorded.get("tracking_uri"), run_id=str(recorded["run_id"]))
+    named, _ = sink.open()
+    return sink, named, False

@@ -665,6 +665,7 @@ class SealBody:
     tree_root: bytes
     final: FinalWeights | None = None
     steps: int | None = None
+    mirror: Mapping[str, Any] | None = None  # how far an MLflow mirror got before the seal (§12)
 
     def recorder_fields(self) -> dict[str, Any]:
         """What the recorder adds to the seal (the writer adds count, head and root)."""
@@ -673,6 +674,8 @@ class SealBody:
             body["final"] = self.final.to_body()
         if self.steps is not None:
             body["steps"] = self.steps
+        if self.mirror is not None:
+            body["mirror"] = dict(self.mirror)
         return body
 
     @classmethod
@@ -688,9 +691,14 @@ class SealBody:
                                    _digest(final.get("model_digest"), "seal final 'model_digest'"),
                                    _opt(final, "file", str, "seal final"))
         steps = _opt(body, "steps", int, w)
+        mirror = _opt(body, "mirror", Mapping, w)
+        if mirror is not None:
+            _req(mirror, "mlflow_run_id", str, "seal mirror")
+            _int(_req(mirror, "mirrored_through_seq", int, "seal mirror"), "seal mirror 'mirrored_through_seq'", -1)
+            _req(mirror, "missing", bool, "seal mirror")
         return cls(_int(_req(body, "entry_count", int, w), "seal 'entry_count'", 0),
                    _digest(body.get("head"), "seal 'head'"), _digest(body.get("tree_root"), "seal 'tree_root'"),
-                   weights, None if steps is None else _int(steps, "seal 'steps'", 0))
+                   weights, None if steps is None else _int(steps, "seal 'steps'", 0), mirror)
 
 
 # ----------------------------------------------------------------------------- where checkpoints are
