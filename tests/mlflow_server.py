@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HEALTH_TIMEOUT_S = 120.0
+#: the servers this process started, by tracking URI (a test given the fixture's URI finds the database)
+RUNNING: dict[str, MlflowServer] = {}
 
 
 def free_port() -> int:
@@ -46,8 +48,9 @@ class MlflowServer:
     process: subprocess.Popen
     log_path: Path
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
         """Stop the server's whole process group (SIGTERM, then SIGKILL)."""
+        RUNNING.pop(self.tracking_uri, None)
         if self.process.poll() is None:
             try:
                 os.killpg(self.process.pid, signal.SIGTERM)
@@ -110,6 +113,7 @@ def start_mlflow_server(tmp: Path, *, port: int | None = None, timeout: float = 
             tail = log_path.read_text(errors="replace")[-2000:]
             raise RuntimeError(f"mlflow server exited with {process.returncode}:\n{tail}")
         if _healthy(uri):
+            RUNNING[uri] = server
             return server
         time.sleep(0.5)
     server.stop()

@@ -115,7 +115,7 @@ def test_a_genesis_that_breaks_the_schema_fails_provenance_with_the_reason(tmp_p
 # ----------------------------------------------------------------------------- checks, registry, report
 def test_the_registry_is_ordered_and_every_check_has_one_contract():
     assert [c.name for c in CHECKS] == ["chain", "signatures", "seal", "model", "checkpoints", "init", "continuity",
-                                        "replay", "independence"]
+                                        "replay", "independence", "mlflow"]
     assert all(isinstance(c, Check) and callable(c.run) for c in CHECKS)
 
 

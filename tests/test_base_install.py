@@ -20,7 +20,8 @@ from ledger.verify import verify_ledger
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / "tests" / "data" / "stored-run"
 NO_RECIPE_CHECKS = {"chain": "pass", "signatures": "pass", "seal": "pass", "model": "pass", "checkpoints": "pass",
-                    "continuity": "pass", "init": "skip", "replay": "skip", "independence": "skip"}
+                    "continuity": "pass", "init": "skip", "replay": "skip", "independence": "skip",
+                    "mlflow": "skip"}
 
 
 def test_stored_run_verifies_here():

@@ -250,7 +250,8 @@ def test_resume_after_a_crash_passes_and_reports_superseded_steps(tmp_path):
 def test_missing_recipe_skips_init_and_replay_and_require_fails(honest):
     report = verify_ledger(honest, key=SIGNER.public)
     assert report.verdict == "pass"
-    assert {n["check"] for n in report.not_shown} == {"model", "init", "replay", "independence"}
+    assert {n["check"] for n in report.not_shown} == {"model", "init", "replay", "independence",
+                                                          "mlflow"}
     assert "init (no --recipe given); replay (no --recipe given)" in report.sentence()
     required = verify_ledger(honest, key=SIGNER.public, require=["init"])
     assert required.verdict == "fail" and required.check("init").status == "fail"

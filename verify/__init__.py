@@ -2,19 +2,22 @@
 
 :func:`verify_ledger` loads the ledger and the inputs into one :class:`Context`, runs the checks of
 :data:`CHECKS` in order — ``chain``, ``signatures``, ``seal``, ``model``, ``checkpoints``, ``init``,
-``continuity``, ``replay``, ``independence`` — and returns a :class:`Report` that
+``continuity``, ``replay``, ``independence``, ``mlflow`` — and returns a :class:`Report` that
 :func:`render_text`, :func:`render_json` and :func:`render_html` show. A check whose inputs or
 optional dependencies are absent is skipped by the registry with the reason. This package never
 imports ``ledger.hooks``, and imports torch, scipy and matplotlib only inside the checks and
-renderers that need them.
+renderers that need them (and mlflow only inside :mod:`ledger.verify._mlflow`'s functions).
+:func:`verify_mlflow_run` verifies the ledger an MLflow run published, and compares the run with it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import random
 import secrets
+import tempfile
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -37,6 +40,7 @@ from ledger.verify._integrity import check_chain, check_seal, check_signatures
 from ledger.verify._lineage import Lineage, compare_files
 from ledger.verify._load import Loaded, first_break, header_field, header_matrix
 from ledger.verify._load import load as _load
+from ledger.verify._mlflow import MlflowSource, check_mlflow, download_ledger
 from ledger.verify._model import check_model
 from ledger.verify._registry import Check, Requirement, extra, given, readable_genesis, recorded, run_checks
 from ledger.verify._replay import check_replay
@@ -72,6 +76,9 @@ CHECKS: tuple[Check, ...] = (
                                    _TORCH)),
     Check("independence", check_independence,
           (given("against", "no --against given"), extra("scipy", "lineage", "the lineage tests"))),
+    Check("mlflow", check_mlflow, (readable_genesis(), given("mlflow", "no --mlflow-run given: no MLflow run was "
+                                                                       "compared"),
+                                   extra("mlflow", "mlflow", "comparing with an MLflow run"))),
 )
 CHECK_NAMES = tuple(check.name for check in CHECKS)
 
@@ -84,7 +91,7 @@ def verify_ledger(path: str | os.PathLike[str], *, key: PublicKey | str | os.Pat
                   progress: Progress | None = None, checkpoints: str | os.PathLike[str] | None = None,
                   recipe: Any = None, replay: int = 2, replay_seed: int | None = None,
                   tolerance: float | None = None, against: Iterable[str | os.PathLike[str]] = (),
-                  base: str | os.PathLike[str] | None = None) -> Report:
+                  base: str | os.PathLike[str] | None = None, mlflow: MlflowSource | None = None) -> Report:
     """Run every check of :data:`CHECKS` on the ledger at ``path`` and return the report. Never
     raises for a damaged ledger: that is a failed check (:meth:`Report.raise_if_failed` turns a failed
     verdict into :class:`~ledger.VerificationError`); raises :class:`~ledger.ConfigurationError` for
@@ -101,7 +108,8 @@ def verify_ledger(path: str | os.PathLike[str], *, key: PublicKey | str | os.Pat
     and N random entries' signatures and bodies only (drawn with ``sample_seed``); ``require`` names
     checks that must pass (a warn or skip then fails); ``replay`` random intervals are re-executed
     besides the anomalies, the final state and the largest update, drawn with ``replay_seed`` (fresh
-    randomness when None); ``tolerance`` forces the relative rule with that ρ.
+    randomness when None); ``tolerance`` forces the relative rule with that ρ. ``mlflow`` names the MLflow
+    run the ledger was mirrored to: check ``mlflow`` compares it with the ledger.
     """
     options = Options(sample=sample, sample_seed=secrets.randbits(64) if sample_seed is None else sample_seed,
                       workers=workers, replay=replay,
@@ -109,8 +117,25 @@ def verify_ledger(path: str | os.PathLike[str], *, key: PublicKey | str | os.Pat
                       tolerance=tolerance, require=tuple(require))
     ctx = load_context(path, options, key=key, model=model, checkpoints=checkpoints, recipe=recipe, against=against,
                        base=base, progress=progress)
+    if mlflow is not None:
+        ctx = dataclasses.replace(ctx, mlflow=mlflow)
     return Report(run_checks(ctx, CHECKS), _facts(ctx), training_series(ctx.loaded, ctx.view)).require(
         options.require)
+
+
+def verify_mlflow_run(run_id: str, tracking_uri: str | None = None, **kwargs: Any) -> Report:
+    """Download the ledger an MLflow run published (its ``ledger/`` artifacts) into a temporary
+    directory, verify it as :func:`verify_ledger` does (same keyword arguments) and compare the run
+    with it (check ``mlflow``). Raises :class:`~ledger.ConfigurationError` when the server cannot be
+    reached or the run holds no ledger. The downloaded key is not trusted: pass ``key``."""
+    source = MlflowSource(run_id, tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="ledger-mlflow-") as tmp:
+        path = download_ledger(source, Path(tmp))
+        report = verify_ledger(path, mlflow=source, **kwargs)
+    facts = {**report.ledger, "path": f"mlflow:{run_id}/ledger", "mlflow_run": run_id}
+    if tracking_uri:
+        facts["tracking_uri"] = tracking_uri
+    return dataclasses.replace(report, ledger=facts)
 
 
 def load_context(path: str | os.PathLike[str], options: Options | None = None, *,
@@ -198,7 +223,7 @@ def _facts(ctx: Context) -> dict[str, Any]:
 __all__ = ["CHECKS", "Check", "CheckResult", "Context", "Lineage", "Options", "Report", "Requirement", "RunView",
            "Status", "check_chain", "check_checkpoints", "check_continuity", "check_independence", "check_init",
            "check_model", "check_replay", "check_seal", "check_signatures", "compare_files", "load_context",
-           "render_html", "render_json", "render_text", "run_checks", "verify_ledger"]
+           "render_html", "render_json", "render_text", "run_checks", "verify_ledger", "verify_mlflow_run"]
 
 
 # Names that were public here before 0.2; they keep working one release, with a warning.

@@ -1,0 +1,395 @@
+"""``mlflow``: the MLflow run a ledger was mirrored to holds exactly the ledger's values for the keys
+the ledger owns (docs/VERIFYING.md, "Verifying from MLflow").
+
+:func:`download_ledger` fetches the run's ``ledger/`` artifacts (the published ledger) into a
+directory; :func:`check_mlflow` compares the run's metrics, params and tags with the ledger.
+``mlflow`` is imported here only, inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ledger._encoding import decode_body
+from ledger._record import HEADER_SIZE, Kind, decode_header
+from ledger.errors import ConfigurationError, FormatError
+from ledger.verify._context import Context
+from ledger.verify._load import first_break
+from ledger.verify._result import CheckResult, Status
+
+PARAM_LIMIT = 6000  # MLflow's param value length limit: the mirror truncates to it
+PAGE = 25_000  # metric history points per request
+MAX_POINTS = 2_000_000  # points read in all (owned keys): beyond it the check fails, reading stops
+EXTRA_PER_KEY = 10_000  # points beyond the ledger's own for one key before reading of that key stops
+SHOWN = 20  # differences listed in the detail (all counted; the first 1000 in the JSON data)
+KEPT = 1000
+MLFLOW_MAX = sys.float_info.max  # MLflow's SQL store writes ±inf as ±this
+
+
+@dataclass(frozen=True, slots=True)
+class MlflowSource:
+    """Which MLflow run to compare with: its id and the tracking URI (None: MLflow's configured one)."""
+
+    run_id: str
+    tracking_uri: str | None = None
+
+
+@contextlib.contextmanager
+def _quick_failures() -> Iterator[None]:
+    """An unreachable server fails in seconds, not after MLflow's default minutes of retries, and no
+    progress bar reaches stderr (unless the user set these MLflow variables themselves)."""
+    defaults = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    added = [name for name in defaults if name not in os.environ]
+    os.environ.update({name: defaults[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def _client(source: MlflowSource) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=source.tracking_uri)
+
+
+def _where(source: MlflowSource) -> str:
+    return f"MLflow run {source.run_id}" + (f" at {source.tracking_uri}" if source.tracking_uri else "")
+
+
+def _cannot(source: MlflowSource, exc: BaseException) -> ConfigurationError:
+    text = " ".join(str(exc).split())
+    return ConfigurationError(f"cannot read {_where(source)}: {type(exc).__name__}: {text[:300]}")
+
+
+def download_ledger(source: MlflowSource, dest: Path) -> Path:
+    """Download the run's ``ledger/`` artifacts into ``dest`` and return the ledger directory.
+    Raises :class:`~ledger.ConfigurationError` (exit 2) when the server cannot be reached, the run
+    does not exist, or it holds no ledger artifacts."""
+    from mlflow.exceptions import MlflowException
+
+    with _quick_failures():
+        try:
+            client = _client(source)
+            client.get_run(source.run_id)
+            listed = client.list_artifacts(source.run_id, "ledger")
+            if not listed:
+                raise ConfigurationError(f"{_where(source)} holds no ledger artifacts (nothing under ledger/)")
+            local = client.download_artifacts(source.run_id, "ledger", dst_path=str(dest))
+        except ConfigurationError:
+            raise
+        except (MlflowException, OSError) as exc:
+            raise _cannot(source, exc) from exc
+        except Exception as exc:  # noqa: BLE001 - requests' and the artifact repository's own errors
+            raise _cannot(source, exc) from exc
+    return Path(local)
+
+
+# --- the ledger's side -------------------------------------------------------------------------------
+
+
+def flatten_config(config: Any, prefix: str = "") -> dict[str, str]:
+    """Genesis ``config`` as MLflow params: nested maps joined with ".", values ``str(v)`` truncated to
+    MLflow's limit (the contract the mirror writes by)."""
+    out: dict[str, str] = {}
+    if not isinstance(config, Mapping):
+        return out
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_config(value, name + "."))
+        else:
+            out[name] = str(value)[:PARAM_LIMIT]
+    return out
+
+
+def as_stored(value: float) -> float:
+    """A float as MLflow's SQL store keeps it: ±inf becomes ±1.797e308 (NaN stays NaN)."""
+    if math.isinf(value):
+        return MLFLOW_MAX if value > 0 else -MLFLOW_MAX
+    return value
+
+
+def _same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == b
+
+
+@dataclass
+class _LedgerSide:
+    metrics: dict[str, dict[int, float]]  # key -> step -> value (live entries)
+    seqs: dict[int, int]  # step -> seq of its live entry
+    superseded: dict[str, dict[int, list[float]]]  # key -> step -> values of superseded entries
+    params: dict[str, str]
+    seal_mirror: Any  # the seal's ``mirror`` field (what the ledger itself recorded as not mirrored)
+    last_step: int
+
+
+def _ledger_side(ctx: Context) -> _LedgerSide:
+    view = ctx.view
+    assert view is not None
+    superseded_seqs = {seq for seq, _ in view.superseded}
+    metrics: dict[str, dict[int, float]] = {}
+    seqs: dict[int, int] = {}
+    superseded: dict[str, dict[int, list[float]]] = {}
+    seal_mirror: Any = None
+    last_step = -1
+    records = ctx.loaded.records
+    for index in range(first_break(ctx.loaded)):
+        record = records[index]
+        try:
+            header = decode_header(record)
+            if header.kind not in (Kind.STEP, Kind.SEAL):
+                continue
+            body = decode_body(record[HEADER_SIZE:])
+        except FormatError:
+            continue  # chain and the provenance checks name damaged entries
+        if header.kind is Kind.SEAL:
+            seal_mirror = body.get("mirror") if isinstance(body, dict) else None
+            continue
+        values = body.get("metrics") if isinstance(body, dict) else None
+        if not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            if not isinstance(key, str) or not isinstance(value, (int, float)):
+                continue
+            stored = as_stored(float(value))
+            if header.seq in superseded_seqs:
+                superseded.setdefault(key, {}).setdefault(header.step, []).append(stored)
+            else:
+                metrics.setdefault(key, {})[header.step] = stored
+                seqs[header.step] = header.seq
+                last_step = max(last_step, header.step)
+    genesis = view.genesis
+    params = flatten_config(genesis.config)
+    if genesis.seed is not None:
+        params["ledger.seed"] = str(genesis.seed)
+    return _LedgerSide(metrics, seqs, superseded, params, seal_mirror, last_step)
+
+
+def recorded_gap(seal_mirror: Any) -> int | None:
+    """The seq after which the ledger itself recorded that entries were not mirrored (seal ``mirror``
+    {``missing``: true, ``mirrored_through_seq``: N} gives N), or None when it recorded no gap."""
+    if not isinstance(seal_mirror, Mapping) or seal_mirror.get("missing") is not True:
+        return None
+    through = seal_mirror.get("mirrored_through_seq")
+    return through if isinstance(through, int) and not isinstance(through, bool) else -1
+
+
+# --- the comparison ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Findings:
+    differs: list[dict[str, Any]]
+    missing: list[dict[str, Any]]
+    compared: int = 0
+    metric_points: int = 0
+    superseded: int = 0
+    capped: str = ""
+
+    def differ(self, kind: str, key: str, step: int | None, mlflow: Any, ledger: Any) -> None:
+        self.differs.append({"kind": kind, "key": key, "step": step, "mlflow": mlflow, "ledger": ledger})
+
+    def lack(self, kind: str, key: str, step: int | None, ledger: Any, seq: int | None = None) -> None:
+        self.missing.append({"kind": kind, "key": key, "step": step, "ledger": ledger, "seq": seq})
+
+
+def _history_pages(store: Any, run_id: str, key: str) -> Iterator[list[Any]]:
+    token = None
+    while True:
+        page = store.get_metric_history(run_id=run_id, metric_key=key, max_results=PAGE, page_token=token)
+        yield list(page)
+        token = getattr(page, "token", None)
+        if not token:
+            return
+
+
+def _compare_metrics(store: Any, run_id: str, side: _LedgerSide, found: _Findings) -> None:
+    budget = MAX_POINTS
+    for key in sorted(side.metrics.keys() | side.superseded.keys()):
+        live = side.metrics.get(key, {})
+        old = side.superseded.get(key, {})
+        limit = len(live) + sum(len(v) for v in old.values()) + EXTRA_PER_KEY
+        seen: set[int] = set()
+        points = 0
+        for page in _history_pages(store, run_id, key):
+            for metric in page:
+                points += 1
+                step, value = int(metric.step), float(metric.value)
+                expected = live.get(step)
+                if expected is not None and _same(expected, value):
+                    if step in seen:
+                        found.differ("metric (logged again)", key, step, value, expected)
+                    else:
+                        seen.add(step)
+                        found.compared += 1
+                elif any(_same(v, value) for v in old.get(step, ())):
+                    found.superseded += 1
+                else:
+                    found.differ("metric", key, step, value, expected)
+            if points > limit or points > budget:
+                found.capped = (f"stopped reading metric {key!r} after {points} values (the ledger holds "
+                                f"{len(live)}; at most {limit} are read per key and {MAX_POINTS} in all)")
+                found.differ("metric", key, None, f"more than {points} values", len(live))
+                return
+        budget -= points
+        found.metric_points += points
+        for step in sorted(live.keys() - seen):
+            found.lack("metric", key, step, live[step], side.seqs.get(step))
+
+
+def _compare_params(params: Mapping[str, str], side: _LedgerSide, found: _Findings) -> None:
+    for key, expected in sorted(side.params.items()):
+        value = params.get(key)
+        if value is None:
+            found.lack("param", key, None, expected)
+        elif value != expected:
+            found.differ("param", key, None, value, expected)
+        else:
+            found.compared += 1
+
+
+def _compare_tags(ctx: Context, tags: Mapping[str, str], found: _Findings, notes: list[str]) -> None:
+    genesis = ctx.view.genesis if ctx.view is not None else None
+    assert genesis is not None
+    exact = {"ledger.run_id": genesis.run_id, "ledger.key_id": genesis.key_id.hex(),
+             "ledger.format": str(genesis.format)}
+    for key, expected in exact.items():
+        value = tags.get(key)
+        if value is None:
+            found.lack("tag", key, None, expected)
+        elif value != expected:
+            found.differ("tag", key, None, value, expected)
+        else:
+            found.compared += 1
+    hashes = ctx.loaded.hashes
+    head, entries = tags.get("ledger.head"), tags.get("ledger.entries")
+    if head is None:
+        found.lack("tag", "ledger.head", None, hashes[-1].hex() if hashes else None)
+    else:
+        index = next((i for i in range(len(hashes) - 1, -1, -1) if hashes[i].hex() == head), None)
+        if index is None:
+            found.differ("tag", "ledger.head", None, head, "the hash of one of the ledger's entries")
+        else:
+            found.compared += 1
+            if entries is not None and entries != str(index + 1):
+                found.differ("tag", "ledger.entries", None, entries, str(index + 1))
+            elif entries is not None:
+                found.compared += 1
+            if index != len(hashes) - 1:
+                notes.append(f"MLflow's ledger.head names entry seq {index}, not the ledger's last (seq "
+                             f"{len(hashes) - 1}): the mirror's last tag update lags the ledger")
+    if entries is None:
+        found.lack("tag", "ledger.entries", None, str(len(hashes)))
+    cursor = tags.get("ledger.mirrored_seq")
+    if cursor is not None:
+        if not cursor.lstrip("-").isdigit() or not -1 <= int(cursor) < len(hashes):
+            found.differ("tag", "ledger.mirrored_seq", None, cursor, f"a seq of the ledger (< {len(hashes)})")
+        else:
+            found.compared += 1
+    owned = tags.get("ledger.owned")
+    if owned is not None:
+        try:
+            json.loads(owned)
+        except ValueError:
+            found.differ("tag", "ledger.owned", None, owned[:80], "a JSON object")
+
+
+def _fmt(value: Any) -> str:
+    return "absent" if value is None else repr(value)
+
+
+def _line(item: Mapping[str, Any], missing: bool = False) -> str:
+    where = f"{item['kind']} {item['key']}" + (f" step {item['step']}" if item["step"] is not None else "")
+    if missing:
+        return f"{where}: absent from MLflow, ledger {_fmt(item['ledger'])}"
+    return f"{where}: MLflow {_fmt(item['mlflow'])}, ledger {_fmt(item['ledger'])}"
+
+
+def check_mlflow(ctx: Context) -> CheckResult:
+    """Compare the MLflow run ``ctx.mlflow`` with the ledger for the keys the ledger owns: its step
+    entries' metric names, the params derived from genesis config and seed, the ``ledger.*`` tags."""
+    from mlflow.exceptions import MlflowException
+
+    source: MlflowSource = ctx.mlflow
+    side = _ledger_side(ctx)
+    found = _Findings([], [])
+    notes: list[str] = []
+    with _quick_failures():
+        try:
+            client = _client(source)
+            run = client.get_run(source.run_id)
+            store = client._tracking_client.store  # paged metric history (MlflowClient reads every page at once)
+            _compare_metrics(store, source.run_id, side, found)
+            params, tags, latest = dict(run.data.params), dict(run.data.tags), dict(run.data.metrics)
+        except (MlflowException, OSError) as exc:
+            raise _cannot(source, exc) from exc
+    _compare_params(params, side, found)
+    _compare_tags(ctx, tags, found, notes)
+    config = ctx.view.genesis.config if ctx.view is not None else None
+    recorded_for = config.get("mlflow") if isinstance(config, Mapping) else None
+    if isinstance(recorded_for, Mapping) and recorded_for.get("run_id") not in (None, source.run_id):
+        found.differ("run", "mlflow.run_id", None, source.run_id, recorded_for.get("run_id"))
+    owned_metrics = side.metrics.keys() | side.superseded.keys()
+    uncovered = {
+        "metrics": sorted(k for k in latest if k not in owned_metrics),
+        "params": sorted(k for k in params if k not in side.params),
+        "tags": sorted(k for k in tags if not k.startswith("ledger.") and not k.startswith("mlflow.")),
+    }
+    unknown_ledger_tags = sorted(k for k in tags if k.startswith("ledger.") and k not in _KNOWN_TAGS)
+    gap = recorded_gap(side.seal_mirror)
+    if isinstance(side.seal_mirror, Mapping) and side.seal_mirror.get("mlflow_run_id") not in (None, source.run_id):
+        found.differ("run", "seal mirror.mlflow_run_id", None, source.run_id, side.seal_mirror.get("mlflow_run_id"))
+    # a value the ledger itself recorded as not mirrored (after the seal's mirrored_through_seq) only warns
+    excused = [m for m in found.missing if gap is not None and (m["seq"] is None or m["seq"] > gap)]
+    unexcused = [m for m in found.missing if not (gap is not None and (m["seq"] is None or m["seq"] > gap))]
+    found.missing = unexcused + excused
+    data: dict[str, Any] = {
+        "run_id": source.run_id, "compared": found.compared, "metric_points": found.metric_points,
+        "superseded": found.superseded, "differs": found.differs[:KEPT], "differs_count": len(found.differs),
+        "missing": found.missing[:KEPT], "missing_count": len(found.missing),
+        "not_covered": {k: v[:KEPT] for k, v in uncovered.items()}, "unknown_ledger_tags": unknown_ledger_tags[:KEPT],
+    }
+    if side.seal_mirror is not None:
+        data["seal_mirror"] = side.seal_mirror if isinstance(side.seal_mirror, (dict, list, str, int)) else str(
+            side.seal_mirror)
+    if found.capped:
+        data["capped"] = found.capped
+    covered = f"{found.compared} values compared ({found.metric_points} metric points read"
+    covered += f", {found.superseded} superseded by a resume)" if found.superseded else ")"
+    extra = sum(len(v) for v in uncovered.values())
+    tail = f"; {extra} keys not covered (not the ledger's)" if extra else ""
+    if found.differs or unexcused:
+        lines = [_line(d) for d in found.differs[:SHOWN]]
+        lines += [_line(m, missing=True) for m in unexcused[:max(SHOWN - len(lines), 0)]]
+        more = len(found.differs) + len(unexcused) - len(lines)
+        detail = (f"{len(found.differs)} MLflow value(s) not in the ledger or different"
+                  + (f", {len(unexcused)} ledger value(s) absent from MLflow" if unexcused else "")
+                  + f": {'; '.join(lines)}" + (f"; … {more} more" if more > 0 else "") + f" ({covered}{tail})")
+        return CheckResult("mlflow", Status.FAIL, detail, data, summary="MLflow differs from the ledger")
+    if excused:
+        detail = (f"{len(excused)} ledger value(s) absent from MLflow, a gap the ledger recorded in its seal (after "
+                  f"seq {gap}; ledger mlflow sync fills it): {'; '.join(_line(m, True) for m in excused[:5])}; "
+                  f"{covered}{tail}")
+        return CheckResult("mlflow", Status.WARN, detail, data, summary="mirror gap recorded by the ledger")
+    if notes or unknown_ledger_tags:
+        warn = notes + ([f"ledger.* tags the ledger does not define: {', '.join(unknown_ledger_tags[:SHOWN])}"]
+                        if unknown_ledger_tags else [])
+        return CheckResult("mlflow", Status.WARN, f"{'; '.join(warn)} ({covered}{tail})", data)
+    if gap is not None:
+        tail += f"; the ledger recorded a mirror gap after seq {gap}, since filled"
+    return CheckResult("mlflow", Status.PASS, f"MLflow run {source.run_id} matches the ledger: {covered}{tail}", data)
+
+
+_KNOWN_TAGS = frozenset({"ledger.run_id", "ledger.key_id", "ledger.format", "ledger.head", "ledger.entries",
+                         "ledger.mirrored_seq", "ledger.owned"})
