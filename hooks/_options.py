@@ -99,16 +99,13 @@ def check_queue(queue_size: int, drain_interval: float, max_lag: float) -> None:
 
 
 def callback_options(owner: str, options: dict[str, Any], ours: tuple[str, ...], mlflow: Any) -> dict[str, Any]:
-    """The ``Recorder`` options a framework callback (``owner``) passes through: ``mlflow`` refused
-    until the MLflow integration lands, the options the callback sets itself (``ours``) and unknown
-    ones refused, each with one line."""
+    """The ``Recorder`` options a framework callback (``owner``) passes through, ``mlflow`` (True or an
+    ``MlflowSink``: mirror the ledger into MLflow) among them; the options the callback sets itself
+    (``ours``) and unknown ones are refused, each with one line."""
     import inspect
 
     from ledger.hooks._recorder import Recorder
 
-    if mlflow is not None:
-        raise ConfigurationError(f"{owner}(mlflow=...) is not available yet (the MLflow integration has not landed): "
-                                 "leave mlflow=None")
     taken = sorted(set(options) & set(ours))
     if taken:
         raise ConfigurationError(f"{owner} sets Recorder's {', '.join(taken)} itself (from the trainer): remove "
@@ -117,4 +114,4 @@ def callback_options(owner: str, options: dict[str, Any], ours: tuple[str, ...],
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ConfigurationError(f"{owner} got an unknown option {unknown[0]!r}: it takes {', '.join(sorted(allowed))}")
-    return options
+    return {**options, "mlflow": mlflow} if mlflow is not None else options

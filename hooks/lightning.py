@@ -52,7 +52,8 @@ class LedgerCallback(Callback):
     ``checkpoint_every``: the recorder's own ledger checkpoints (every Lightning checkpoint save writes
     one as well). ``config``: recorded in genesis. ``final_weights``: where the seal writes the final
     weights as safetensors (default: ``model.safetensors`` next to the ledger directory).
-    ``mlflow``: not available yet. Other keyword arguments go to :class:`ledger.hooks.Recorder`
+    ``mlflow``: True or an ``MlflowSink``, mirror the ledger into MLflow (``Recorder(mlflow=…)``).
+    Other keyword arguments go to :class:`ledger.hooks.Recorder`
     (``fingerprints``, ``keep``, ``checkpoint_dir``, ``passphrase``, ...).
 
     Under DDP the recorder is built on every rank and only global rank 0 writes.
@@ -61,7 +62,7 @@ class LedgerCallback(Callback):
     def __init__(self, path: str | os.PathLike[str], *, key: Any, seed: int | None = None,
                  checkpoint_every: int | None = None, mlflow: Any = None, config: Mapping[str, Any] | None = None,
                  final_weights: str | os.PathLike[str] | None = None, **recorder_options: Any) -> None:
-        callback_options("LedgerCallback", recorder_options, SET_BY_CALLBACK, mlflow)
+        recorder_options = callback_options("LedgerCallback", recorder_options, SET_BY_CALLBACK, mlflow)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ConfigurationError(f"seed must be an int, got {seed!r}")
         self.path = Path(path)

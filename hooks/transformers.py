@@ -27,7 +27,7 @@ from ledger.hooks._recorder import Recorder
 from ledger.hooks._trainer_cursor import CURSOR_FILE, PREFIX, find_checkpoint, read_cursor, write_cursor
 
 __all__ = ["CURSOR_FILE", "LedgerTrainerCallback"]
-_RESUME_OPTIONS = ("passphrase", "keep", "queue_size", "drain_interval", "max_lag", "fsync")
+_RESUME_OPTIONS = ("passphrase", "keep", "queue_size", "drain_interval", "max_lag", "fsync", "mlflow")
 _OURS = ("model", "optimizer", "scheduler", "framework", "seed", "config", "checkpoint_every")
 _LIVE: dict[Path, LedgerTrainerCallback] = {}  # ledger path -> the callback whose recorder holds it open
 
@@ -102,7 +102,7 @@ class LedgerTrainerCallback(TrainerCallback):
     def __init__(self, path: str | os.PathLike[str], *, key: Any, seed: int | None = None,
                  checkpoint_every: int | None = None, mlflow: Any = None, config: Mapping[str, Any] | None = None,
                  final_weights: str | os.PathLike[str] | None = None, **recorder_options: Any) -> None:
-        callback_options("LedgerTrainerCallback", recorder_options, _OURS, mlflow)
+        recorder_options = callback_options("LedgerTrainerCallback", recorder_options, _OURS, mlflow)
         self.path = Path(path).absolute()
         self.key, self.seed, self.checkpoint_every = key, seed, checkpoint_every
         self.config, self.final_weights, self.options = dict(config or {}), final_weights, recorder_options
