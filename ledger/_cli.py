@@ -231,7 +231,12 @@ _STATUS_COLOURS = {"pass": "green", "fail": "red", "warn": "yellow", "skip": "br
 
 
 @cli.command()
-@click.argument("ledger_path", metavar="LEDGER")
+@click.argument("ledger_path", metavar="LEDGER", required=False)
+@click.option("--mlflow-run", "mlflow_run", metavar="RUN_ID", help="Verify the ledger this MLflow run published "
+              "(its ledger/ artifacts, downloaded to a temporary directory) instead of LEDGER, and compare the "
+              "run's metrics, params and tags with it (check mlflow).")
+@click.option("--tracking-uri", "tracking_uri", metavar="URI", help="The MLflow tracking server of --mlflow-run "
+              "(default: MLflow's configured one, MLFLOW_TRACKING_URI).")
 @click.option("--key", type=click.Path(), help="The trainer's public key (PEM). Without it signatures "
               "are only self-consistent.")
 @click.option("--model", type=click.Path(), help="The released weights (safetensors, or a sharded *.index.json) "
@@ -259,26 +264,43 @@ _STATUS_COLOURS = {"pass": "green", "fail": "red", "warn": "yellow", "skip": "br
 @click.option("--workers", type=click.IntRange(min=1), help="Processes for signature checks (default: all cores).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), metavar="FILE.html",
               help="Also write a one-file HTML report (checks, ledger facts, plots) to FILE.html.")
-def verify(ledger_path: str, key: str | None, model: str | None, checkpoint_dir: str | None, recipe: str | None,
+def verify(ledger_path: str | None, mlflow_run: str | None, tracking_uri: str | None, key: str | None,
+           model: str | None, checkpoint_dir: str | None, recipe: str | None,
            replay: int, replay_seed: int | None, tolerance: float | None, against: tuple[str, ...], sample: int | None,
            sample_seed: int | None, require: str, as_json: bool, workers: int | None,
            report_path: str | None, base: str | None) -> None:
-    """Verify a ledger; exit 0 when no check failed, 1 when one did."""
+    """Verify a ledger (or the one an MLflow run published); exit 0 when no check failed, 1 when one did."""
     import importlib.util
 
-    from ledger.verify import render_json, render_text, verify_ledger
+    from ledger.verify import render_json, render_text, verify_ledger, verify_mlflow_run
+
+    if (ledger_path is None) == (mlflow_run is None):
+        raise ConfigurationError("give either LEDGER or --mlflow-run RUN_ID")
+    if tracking_uri and not mlflow_run:
+        raise ConfigurationError("--tracking-uri needs --mlflow-run")
+    if mlflow_run and importlib.util.find_spec("mlflow") is None:
+        raise ConfigurationError("--mlflow-run needs mlflow, which is not installed: "
+                                 "pip install 'training-ledger[mlflow]'")
 
     if report_path and importlib.util.find_spec("matplotlib") is None:
         raise ConfigurationError("--report needs matplotlib, which is not installed: "
                                  "pip install 'training-ledger[report]'")
     if report_path:
         recipe_file = recipe.rpartition(":")[0] or recipe if recipe else None
-        _refuse_report_inside(report_path, ledger_path, checkpoint_dir or _recorded_checkpoint_dir(ledger_path),
+        # a ledger downloaded from MLflow lies in a fresh temporary directory: no report can be inside it
+        _refuse_report_inside(report_path, ledger_path, checkpoint_dir or (
+            _recorded_checkpoint_dir(ledger_path) if ledger_path else None),
                               [p for p in (key, model, base, recipe_file, *against) if p])
     names = [n.strip() for n in require.split(",") if n.strip()]
-    report = verify_ledger(ledger_path, key=key, model=model, sample=sample, sample_seed=sample_seed, require=names,
-                           workers=workers, progress=_Progress(), checkpoints=checkpoint_dir, recipe=recipe,
-                           replay=replay, replay_seed=replay_seed, tolerance=tolerance, against=against, base=base)
+    options: dict[str, Any] = dict(key=key, model=model, sample=sample, sample_seed=sample_seed, require=names,
+                                   workers=workers, progress=_Progress(), checkpoints=checkpoint_dir, recipe=recipe,
+                                   replay=replay, replay_seed=replay_seed, tolerance=tolerance, against=against,
+                                   base=base)
+    if mlflow_run is not None:
+        report = verify_mlflow_run(mlflow_run, tracking_uri, **options)
+    else:
+        assert ledger_path is not None
+        report = verify_ledger(ledger_path, **options)
     if as_json:
         click.echo(render_json(report))
     else:
@@ -303,7 +325,7 @@ def _recorded_checkpoint_dir(ledger_path: str) -> str | None:
     return value if os.path.isabs(value) else os.path.join(ledger_path, value)
 
 
-def _refuse_report_inside(report_path: str, ledger_path: str, checkpoint_dir: str | None,
+def _refuse_report_inside(report_path: str, ledger_path: str | None, checkpoint_dir: str | None,
                           inputs: list[str]) -> None:
     """Refuse (exit 2) a report path inside the ledger directory or the checkpoint root, or naming
     an input file: verify writes nothing but the report, and never over its evidence."""
@@ -311,7 +333,7 @@ def _refuse_report_inside(report_path: str, ledger_path: str, checkpoint_dir: st
 
     try:
         target = Path(report_path).resolve()
-        roots = [(Path(ledger_path).resolve(), "inside the ledger directory")]
+        roots = [(Path(ledger_path).resolve(), "inside the ledger directory")] if ledger_path else []
         if checkpoint_dir:
             roots.append((Path(checkpoint_dir).resolve(), "inside the checkpoint directory"))
         resolved_inputs = [(path, Path(path).resolve()) for path in inputs]
@@ -377,6 +399,30 @@ def _write_report(report: Any, report_path: str) -> None:
             except OSError:
                 pass
     click.echo(f"report written to {printable(report_path)}", err=True)
+
+
+@cli.group(name="mlflow")
+def mlflow_group() -> None:
+    """The MLflow mirror of a ledger (needs the mlflow extra)."""
+
+
+@mlflow_group.command(name="sync")
+@click.argument("ledger_path", metavar="LEDGER", type=click.Path())
+@click.option("--run-id", help="The MLflow run (default: the one genesis config['mlflow'] names).")
+@click.option("--tracking-uri", help="The tracking server (default: the one genesis names).")
+def mlflow_sync(ledger_path: str, run_id: str | None, tracking_uri: str | None) -> None:
+    """Push what the MLflow run lacks of LEDGER: entries after its ledger.mirrored_seq tag, parts not
+    uploaded, the public key. Idempotent: a second run logs nothing again."""
+    import importlib.util
+
+    Ledger(ledger_path)  # a missing or foreign directory: one line, exit 2
+    if importlib.util.find_spec("mlflow") is None:
+        raise ConfigurationError("ledger mlflow sync needs mlflow: pip install 'training-ledger[mlflow]'")
+    from ledger.hooks.mlflow import sync
+
+    done = sync(ledger_path, run_id, tracking_uri)
+    click.echo(f"mirrored {done.metrics} metric values and {done.parts} parts; the run holds entries through seq "
+               f"{done.cursor}")
 
 
 @cli.command(name="compare")

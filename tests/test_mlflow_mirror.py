@@ -1,0 +1,280 @@
+"""The MLflow mirror against a real ``mlflow server`` (the session fixture ``mlflow_server``): a recorded
+run's metrics, params, tags and artifacts land in the run, the downloaded ``ledger/`` verifies; a
+server outage leaves training and the ledger unaffected, the seal records the gap and ``ledger mlflow
+sync`` fills it, nothing twice; ``Recorder.resume`` goes on in the same run."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("mlflow")
+torch = pytest.importorskip("torch")
+
+import ledger  # noqa: E402
+from ledger._schema import SealBody  # noqa: E402
+from ledger.errors import ConfigurationError, FormatError  # noqa: E402
+from ledger.hooks import Recorder  # noqa: E402
+from ledger.hooks.mlflow import MlflowSink, flatten  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _recipe() -> Any:
+    data, _ = ledger.load_recipe(f"{ROOT / 'examples' / 'charlm.py'}:recipe")
+    return data
+
+
+def _train(rec: Recorder, model: Any, optimizer: Any, data: Any, steps: range, pause: float = 0.0) -> None:
+    from torch.nn import functional as F
+
+    for step in steps:
+        x, y = data.batch(step)
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        rec.step(loss=loss, batch=(x, y), lr=3e-3)
+        if pause:
+            time.sleep(pause)
+
+
+def _setup(tmp: Path, seed: int = 1) -> tuple[Path, Path, Any, Any, Any]:
+    private, public = ledger.generate_keypair(tmp / "trainer")
+    data = _recipe()
+    model = data.build_model(seed)
+    return private, public, data, model, torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ledger", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+
+
+def _client(uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _step_metrics(path: Path) -> dict[tuple[str, int], tuple[float, int]]:
+    """(name, step) -> (value, ms) of every step entry of the ledger."""
+    out = {}
+    for entry in ledger.open(path).entries():
+        if entry.kind.label == "step":
+            for name, value in entry.body().get("metrics", {}).items():
+                out[(name, entry.step)] = (float(value), entry.time_ns // 1_000_000)
+    return out
+
+
+def _check_run(uri: str, run_id: str, path: Path, tmp: Path, public: Path) -> None:
+    """Every step's metrics once at its step and time; params; tags; the downloaded ledger verifies."""
+    client = _client(uri)
+    ledger_metrics = _step_metrics(path)
+    for name in {n for n, _ in ledger_metrics}:
+        history = client.get_metric_history(run_id, name)
+        seen = [(m.step, m.value, m.timestamp) for m in history]
+        assert len(seen) == len({s for s, _, _ in seen}), f"{name}: a step logged twice"
+        expected = sorted((s, v, t) for (n, s), (v, t) in ledger_metrics.items() if n == name)
+        assert len(seen) == len(expected)
+        for (s, v, t), (es, ev, et) in zip(sorted(seen), expected, strict=True):
+            assert (s, t) == (es, et) and math.isclose(v, ev, rel_tol=1e-12)
+    run = client.get_run(run_id)
+    opened = ledger.open(path)
+    genesis = opened.genesis()
+    last = opened.last_entry()
+    tags = run.data.tags
+    assert tags["ledger.run_id"] == genesis["run_id"]
+    assert tags["ledger.key_id"] == bytes(genesis["key_id"]).hex()
+    assert tags["ledger.mirrored_seq"] == str(last.seq)
+    assert tags["ledger.entries"] == str(last.seq + 1)
+    assert tags["ledger.head"] == last.hash.hex()
+    assert run.data.params["ledger.seed"] == str(genesis["seed"])
+    assert run.data.params["opt.name"] == "adamw" and run.data.params["mlflow.run_id"] == run_id
+    download = Path(client.download_artifacts(run_id, "ledger", str(tmp)))
+    assert sorted(p.name for p in (download / "parts").iterdir()) == sorted(
+        p.name for p in (path / "parts").iterdir())
+    done = _cli("verify", str(download), "--key", str(public))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (download / "key.pub").read_bytes() == public.read_bytes()
+
+
+@pytest.mark.slow
+def test_recorded_run_is_mirrored_and_its_download_verifies(mlflow_server: str, tmp_path: Path) -> None:
+    private, public, data, model, optimizer = _setup(tmp_path)
+    sink = MlflowSink(tracking_uri=mlflow_server, experiment="mirror-test", run_name="mirrored", interval=0.2)
+    rec = Recorder(tmp_path / "ledger", model=model, optimizer=optimizer, key=private, seed=1, checkpoint_every=10,
+                   config={"lr": 3e-3, "opt": {"name": "adamw", "betas": [0.9, 0.99]}}, mlflow=sink)
+    run_id = rec._genesis.config["mlflow"]["run_id"]
+    assert run_id == sink.run_id
+    times = []
+    from torch.nn import functional as F
+
+    for step in range(30):
+        x, y = data.batch(step)
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        t0 = time.perf_counter()
+        rec.step(loss=loss, batch=(x, y), lr=3e-3)
+        times.append(time.perf_counter() - t0)
+    rec.close()
+    seal = ledger.open(tmp_path / "ledger").last_entry().body()
+    assert seal["mirror"] == {"mlflow_run_id": run_id, "mirrored_through_seq": seal["entry_count"] - 1,
+                              "missing": False}
+    assert sorted(times)[len(times) // 2] < 0.025  # rec.step never waits for MLflow (median, 2 shared cores)
+    _check_run(mlflow_server, run_id, tmp_path / "ledger", tmp_path / "download", public)
+    assert _client(mlflow_server).get_run(run_id).info.status == "FINISHED"
+
+
+class _Proxy:
+    """A TCP forwarder in front of the server, which can be taken down (connections refused and cut)
+    and brought back on the same port: a server outage without restarting mlflow."""
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.removeprefix("http://").split(":")
+        self.upstream = (host, int(port))
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._conns: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self.up()
+
+    def up(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        assert self._listener is not None
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+        self._conns = []
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.upstream)
+            except OSError:
+                client.close()
+                continue
+            self._conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+@pytest.mark.slow
+def test_outage_is_recorded_in_the_seal_and_sync_fills_it_once(mlflow_server: str, tmp_path: Path) -> None:
+    proxy = _Proxy(mlflow_server)
+    private, public, data, model, optimizer = _setup(tmp_path)
+    sink = MlflowSink(tracking_uri=proxy.uri, experiment="mirror-test", interval=0.1, close_timeout=2.0)
+    rec = Recorder(tmp_path / "ledger", model=model, optimizer=optimizer, key=private, seed=1, checkpoint_every=10,
+                   config={"opt": {"name": "adamw"}}, mlflow=sink)
+    run_id = str(sink.run_id)
+    _train(rec, model, optimizer, data, range(10))
+    rec.flush()
+    deadline = time.monotonic() + 20
+    while (rec._mirror.cursor or -1) < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proxy.down()
+    started = time.perf_counter()
+    _train(rec, model, optimizer, data, range(10, 30))
+    assert time.perf_counter() - started < 20  # training went on at its pace
+    with pytest.warns(RuntimeWarning, match="mlflow sync"):
+        rec.close()
+    seal = ledger.open(tmp_path / "ledger").last_entry().body()
+    assert seal["mirror"]["missing"] is True and seal["mirror"]["mlflow_run_id"] == run_id
+    assert 10 <= seal["mirror"]["mirrored_through_seq"] < seal["entry_count"] - 1
+    done = _cli("verify", str(tmp_path / "ledger"), "--key", str(public))
+    assert done.returncode == 0, done.stdout + done.stderr
+    client = _client(mlflow_server)
+    assert len(client.get_metric_history(run_id, "loss")) < 30
+
+    refused = _cli("mlflow", "sync", str(tmp_path / "ledger"))  # the server (the proxy) still down: exit 2
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    proxy.up()
+    first = _cli("mlflow", "sync", str(tmp_path / "ledger"))
+    assert first.returncode == 0, first.stderr
+    second = _cli("mlflow", "sync", str(tmp_path / "ledger"), "--tracking-uri", mlflow_server, "--run-id", run_id)
+    assert second.returncode == 0 and second.stdout.startswith("mirrored 0 metric values and 0 parts"), second.stdout
+    _check_run(mlflow_server, run_id, tmp_path / "ledger", tmp_path / "download", public)
+    proxy.down()
+
+
+@pytest.mark.slow
+def test_resume_continues_the_same_run(mlflow_server: str, tmp_path: Path) -> None:
+    private, public, data, model, optimizer = _setup(tmp_path)
+    sink = MlflowSink(tracking_uri=mlflow_server, experiment="mirror-test", interval=0.1)
+    rec = Recorder(tmp_path / "ledger", model=model, optimizer=optimizer, key=private, seed=1, checkpoint_every=5,
+                   config={"opt": {"name": "adamw"}}, mlflow=sink)
+    _train(rec, model, optimizer, data, range(12))
+    rec.flush()
+    time.sleep(0.5)
+    rec.abort()  # as a crash leaves it: unsealed, steps 10 and 11 after the last checkpoint
+    model = data.build_model(1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    resumed = Recorder.resume(tmp_path / "ledger", model=model, optimizer=optimizer, key=private)
+    assert resumed._mirror is not None and resumed._mirror.run_id == sink.run_id
+    _train(resumed, model, optimizer, data, range(resumed.current_step, 20))
+    resumed.close()
+    client = _client(mlflow_server)
+    run = client.get_run(str(sink.run_id))
+    last = ledger.open(tmp_path / "ledger").last_entry()
+    assert run.data.tags["ledger.mirrored_seq"] == str(last.seq)
+    steps = sorted(m.step for m in client.get_metric_history(str(sink.run_id), "loss"))
+    assert steps == sorted([*range(20), 10, 11])  # superseded steps 10, 11 hold two values: expected
+    assert last.body()["mirror"]["missing"] is False
+
+
+def test_unreachable_server_at_construction_writes_nothing(tmp_path: Path) -> None:
+    private, _, _, model, optimizer = _setup(tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(ConfigurationError, match="could not create an MLflow run"):
+        Recorder(tmp_path / "ledger", model=model, optimizer=optimizer, key=private, seed=1,
+                 mlflow=MlflowSink(tracking_uri=f"http://127.0.0.1:{port}"))
+    assert not (tmp_path / "ledger").exists()
+
+
+def test_config_flattens_to_params_and_the_seal_field_is_typed() -> None:
+    assert flatten({"lr": 0.1, "opt": {"name": "adamw", "betas": [0.9, 0.99], "x": {}}, "long": "a" * 7000}) == {
+        "lr": "0.1", "opt.name": "adamw", "opt.betas": "[0.9, 0.99]", "opt.x": "{}", "long": "a" * 6000}
+    base = {"entry_count": 3, "head": b"\0" * 32, "tree_root": b"\0" * 32}
+    mirror = {"mlflow_run_id": "abc", "mirrored_through_seq": -1, "missing": True}
+    assert SealBody.from_body({**base, "mirror": mirror}).recorder_fields() == {"mirror": mirror}
+    for bad in ({**mirror, "missing": 1}, {**mirror, "mirrored_through_seq": -2}, {"missing": False}):
+        with pytest.raises(FormatError):
+            SealBody.from_body({**base, "mirror": bad})
