@@ -221,22 +221,26 @@ def _compare_metrics(store: Any, run_id: str, side: _LedgerSide, found: _Finding
         old = side.superseded.get(key, {})
         limit = len(live) + sum(len(v) for v in old.values()) + EXTRA_PER_KEY
         seen: set[int] = set()
+        remaining: dict[int, list[float]] = {}  # superseded values not yet matched, per step
         points = 0
         for page in _history_pages(store, run_id, key):
             for metric in page:
                 points += 1
                 step, value = int(metric.step), float(metric.value)
                 expected = live.get(step)
-                if expected is not None and _same(expected, value):
-                    if step in seen:
-                        found.differ("metric (logged again)", key, step, value, expected)
-                    else:
-                        seen.add(step)
-                        found.compared += 1
-                elif any(_same(v, value) for v in old.get(step, ())):
+                live_match = expected is not None and _same(expected, value)
+                left = remaining.get(step)
+                if left is None and step in old:
+                    left = remaining[step] = list(old[step])
+                twin = next((i for i, v in enumerate(left or ()) if _same(v, value)), None)
+                if live_match and step not in seen:
+                    seen.add(step)
+                    found.compared += 1
+                elif twin is not None and left is not None:  # each superseded value once
+                    del left[twin]
                     found.superseded += 1
                 else:
-                    found.differ("metric", key, step, value, expected)
+                    found.differ("metric (logged again)" if live_match else "metric", key, step, value, expected)
             if points > limit or points > budget:
                 found.capped = (f"stopped reading metric {key!r} after {points} values (the ledger holds "
                                 f"{len(live)}; at most {limit} are read per key and {MAX_POINTS} in all)")
