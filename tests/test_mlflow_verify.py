@@ -242,3 +242,25 @@ def test_a_gap_is_excused_only_by_the_seal_mirror_field():
     assert mlflow_check.recorded_gap({"mlflow_run_id": "r", "mirrored_through_seq": 9, "missing": False}) is None
     assert mlflow_check.recorded_gap({"mlflow_run_id": "r", "mirrored_through_seq": 9, "missing": True}) == 9
     assert mlflow_check.as_stored(float("-inf")) == -sys.float_info.max
+
+
+def test_a_run_mirrored_by_the_recorder_verifies_from_mlflow(mlflow_server, tmp_path):
+    """The mirror and the verifier agree on the contract: a run recorded with mlflow= passes."""
+    from ledger.hooks.mlflow import MlflowSink
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sink = MlflowSink(tracking_uri=mlflow_server, experiment=f"mirrored-{time.time_ns()}", interval=0.2)
+    with Recorder(tmp_path / "L", model=model, optimizer=opt, key=SIGNER, seed=3, config=CONFIG, mlflow=sink) as rec:
+        for step in range(10):
+            model(torch.randn(3, 4)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            rec.step(loss=float("inf") if step == 4 else 1.0 / (step + 1), batch=torch.zeros(1))
+    pub = tmp_path / "trainer.pub"
+    pub.write_bytes(public_key_pem(SIGNER.public.raw))
+    code, report, err = verify(mlflow_server, sink.run_id, "--key", str(pub))
+    assert code == 0, (err, {k: c["detail"] for k, c in report.get("checks", {}).items() if c["status"] != "pass"})
+    check = report["checks"]["mlflow"]
+    assert check["status"] == "pass" and check["metric_points"] >= 10 and check["differs_count"] == 0
