@@ -54,7 +54,11 @@ def recorded(tmp_path_factory) -> tuple[Path, Path]:
     return root / "L", pub
 
 
-def publish(uri: str, path: Path, pub: Path, keep=lambda metric: True) -> str:
+PARAMS = {"lr": "0.05", "model.width": "4", "model.act": "relu", "note": "x" * 6000, "ledger.seed": "7"}
+
+
+def publish(uri: str, path: Path, pub: Path, keep=lambda metric: True, params: dict | None = None,
+            drop_last_part: bool = False) -> str:
     """Write an MLflow run from a ledger as the mirror does (log_batch of its metrics, params and tags;
     log_artifacts of the ledger directory under ledger/); return the run id."""
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -68,7 +72,7 @@ def publish(uri: str, path: Path, pub: Path, keep=lambda metric: True) -> str:
     ctx = load_context(path)
     genesis = ctx.view.genesis
     # genesis config flattened with ".", str(v) truncated to 6000 characters, and the seed (the contract)
-    params = {"lr": "0.05", "model.width": "4", "model.act": "relu", "note": "x" * 6000, "ledger.seed": "7"}
+    params = PARAMS if params is None else params
     tags = {"ledger.run_id": genesis.run_id, "ledger.key_id": genesis.key_id.hex(),
             "ledger.format": str(genesis.format),
             "ledger.head": ctx.loaded.hashes[-1].hex(), "ledger.entries": str(len(ctx.loaded.hashes)),
@@ -82,6 +86,8 @@ def publish(uri: str, path: Path, pub: Path, keep=lambda metric: True) -> str:
     staging = path.parent / f"publish-{run_id}"
     shutil.copytree(path, staging)
     shutil.copy(pub, staging / "key.pub")
+    if drop_last_part:  # a run still going: its last entries are not uploaded yet
+        sorted((staging / "parts").glob("*.parquet"))[-1].unlink()
     client.log_artifacts(run_id, str(staging), "ledger")
     return run_id
 
@@ -264,3 +270,16 @@ def test_a_run_mirrored_by_the_recorder_verifies_from_mlflow(mlflow_server, tmp_
     assert code == 0, (err, {k: c["detail"] for k, c in report.get("checks", {}).items() if c["status"] != "pass"})
     check = report["checks"]["mlflow"]
     assert check["status"] == "pass" and check["metric_points"] >= 10 and check["differs_count"] == 0
+
+
+def test_a_run_still_going_warns_for_values_past_its_published_parts(mlflow_server, tmp_path):
+    from conftest import write_ledger
+
+    path = write_ledger(tmp_path / "L", SIGNER, 37, seal=False, rollover=8)  # part 4 holds seq 32-37
+    pub = tmp_path / "trainer.pub"
+    pub.write_bytes(public_key_pem(SIGNER.public.raw))
+    run_id = publish(mlflow_server, path, pub, params={"lr": "0.001"}, drop_last_part=True)
+    report = verify_mlflow_run(run_id, mlflow_server, key=pub)
+    check = report.check("mlflow")
+    assert report.verdict == "pass" and check.status == "warn", check.detail
+    assert "after the published ledger's last step" in check.detail and not check.data["sealed"]

@@ -132,6 +132,7 @@ class _LedgerSide:
     params: dict[str, str]
     seal_mirror: Any  # the seal's ``mirror`` field (what the ledger itself recorded as not mirrored)
     last_step: int
+    sealed: bool
 
 
 def _ledger_side(ctx: Context) -> _LedgerSide:
@@ -143,6 +144,7 @@ def _ledger_side(ctx: Context) -> _LedgerSide:
     superseded: dict[str, dict[int, list[float]]] = {}
     seal_mirror: Any = None
     last_step = -1
+    sealed = False
     records = ctx.loaded.records
     for index in range(first_break(ctx.loaded)):
         record = records[index]
@@ -155,6 +157,7 @@ def _ledger_side(ctx: Context) -> _LedgerSide:
             continue  # chain and the provenance checks name damaged entries
         if header.kind is Kind.SEAL:
             seal_mirror = body.get("mirror") if isinstance(body, dict) else None
+            sealed = True
             continue
         values = body.get("metrics") if isinstance(body, dict) else None
         if not isinstance(values, dict):
@@ -173,7 +176,7 @@ def _ledger_side(ctx: Context) -> _LedgerSide:
     params = flatten_config(genesis.config)
     if genesis.seed is not None:
         params["ledger.seed"] = str(genesis.seed)
-    return _LedgerSide(metrics, seqs, superseded, params, seal_mirror, last_step)
+    return _LedgerSide(metrics, seqs, superseded, params, seal_mirror, last_step, sealed)
 
 
 def recorded_gap(seal_mirror: Any) -> int | None:
@@ -198,10 +201,16 @@ class _Findings:
     capped: str = ""
 
     def differ(self, kind: str, key: str, step: int | None, mlflow: Any, ledger: Any) -> None:
-        self.differs.append({"kind": kind, "key": key, "step": step, "mlflow": mlflow, "ledger": ledger})
+        self.differs.append({"kind": kind, "key": key, "step": step, "mlflow": _plain(mlflow),
+                             "ledger": _plain(ledger)})
 
     def lack(self, kind: str, key: str, step: int | None, ledger: Any, seq: int | None = None) -> None:
-        self.missing.append({"kind": kind, "key": key, "step": step, "ledger": ledger, "seq": seq})
+        self.missing.append({"kind": kind, "key": key, "step": step, "ledger": _plain(ledger), "seq": seq})
+
+
+def _plain(value: Any) -> Any:
+    """NaN and ±inf as text, so the JSON report stays strict JSON."""
+    return repr(value) if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _history_pages(store: Any, run_id: str, key: str) -> Iterator[list[Any]]:
@@ -263,7 +272,7 @@ def _compare_params(params: Mapping[str, str], side: _LedgerSide, found: _Findin
             found.compared += 1
 
 
-def _compare_tags(ctx: Context, tags: Mapping[str, str], found: _Findings, notes: list[str]) -> None:
+def _compare_tags(ctx: Context, tags: Mapping[str, str], found: _Findings, notes: list[str], sealed: bool) -> None:
     genesis = ctx.view.genesis if ctx.view is not None else None
     assert genesis is not None
     exact = {"ledger.run_id": genesis.run_id, "ledger.key_id": genesis.key_id.hex(),
@@ -282,7 +291,10 @@ def _compare_tags(ctx: Context, tags: Mapping[str, str], found: _Findings, notes
         found.lack("tag", "ledger.head", None, hashes[-1].hex() if hashes else None)
     else:
         index = next((i for i in range(len(hashes) - 1, -1, -1) if hashes[i].hex() == head), None)
-        if index is None:
+        if index is None and not sealed:
+            notes.append(f"MLflow's ledger.head {head[:16]}… is not an entry of the published ledger, which is not "
+                         "sealed (the run may still be going: its log is uploaded at close)")
+        elif index is None:
             found.differ("tag", "ledger.head", None, head, "the hash of one of the ledger's entries")
         else:
             found.compared += 1
@@ -297,8 +309,13 @@ def _compare_tags(ctx: Context, tags: Mapping[str, str], found: _Findings, notes
         found.lack("tag", "ledger.entries", None, str(len(hashes)))
     cursor = tags.get("ledger.mirrored_seq")
     if cursor is not None:
-        if not cursor.lstrip("-").isdigit() or not -1 <= int(cursor) < len(hashes):
-            found.differ("tag", "ledger.mirrored_seq", None, cursor, f"a seq of the ledger (< {len(hashes)})")
+        if len(cursor) > 20 or not cursor.lstrip("-").isdigit() or int(cursor) < -1:
+            found.differ("tag", "ledger.mirrored_seq", None, cursor[:40], "a seq of the ledger")
+        elif int(cursor) >= len(hashes):
+            if sealed:
+                found.differ("tag", "ledger.mirrored_seq", None, cursor, f"a seq of the ledger (< {len(hashes)})")
+            else:
+                notes.append(f"MLflow's ledger.mirrored_seq {cursor} is past the published ledger (not sealed)")
         else:
             found.compared += 1
     owned = tags.get("ledger.owned")
@@ -339,7 +356,7 @@ def check_mlflow(ctx: Context) -> CheckResult:
         except (MlflowException, OSError) as exc:
             raise _cannot(source, exc) from exc
     _compare_params(params, side, found)
-    _compare_tags(ctx, tags, found, notes)
+    _compare_tags(ctx, tags, found, notes, side.sealed)
     config = ctx.view.genesis.config if ctx.view is not None else None
     recorded_for = config.get("mlflow") if isinstance(config, Mapping) else None
     if isinstance(recorded_for, Mapping) and recorded_for.get("run_id") not in (None, source.run_id):
@@ -358,10 +375,18 @@ def check_mlflow(ctx: Context) -> CheckResult:
     excused = [m for m in found.missing if gap is not None and (m["seq"] is None or m["seq"] > gap)]
     unexcused = [m for m in found.missing if not (gap is not None and (m["seq"] is None or m["seq"] > gap))]
     found.missing = unexcused + excused
+    # the published ledger of a run still going (no seal: its log is not uploaded yet) ends before MLflow's
+    # values do: metrics past its last step only warn, as the seal check does
+    ahead = [d for d in found.differs if not side.sealed and d["kind"] == "metric" and d["ledger"] is None
+             and d["step"] is not None and d["step"] > side.last_step]
+    if ahead:
+        found.differs = [d for d in found.differs if d not in ahead]
+        notes.append(f"{len(ahead)} MLflow value(s) after the published ledger's last step {side.last_step} (the "
+                     "ledger is not sealed: the run may still be going; verify again after close)")
     data: dict[str, Any] = {
         "run_id": source.run_id, "compared": found.compared, "metric_points": found.metric_points,
         "superseded": found.superseded, "differs": found.differs[:KEPT], "differs_count": len(found.differs),
-        "missing": found.missing[:KEPT], "missing_count": len(found.missing),
+        "missing": found.missing[:KEPT], "missing_count": len(found.missing), "sealed": side.sealed,
         "not_covered": {k: v[:KEPT] for k, v in uncovered.items()}, "unknown_ledger_tags": unknown_ledger_tags[:KEPT],
     }
     if side.seal_mirror is not None:
