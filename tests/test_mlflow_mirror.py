@@ -258,6 +258,26 @@ def test_resume_continues_the_same_run(mlflow_server: str, tmp_path: Path) -> No
     assert last.body()["mirror"]["missing"] is False
 
 
+@pytest.mark.slow
+def test_mlflow_true_attaches_to_the_active_run(mlflow_server: str, tmp_path: Path) -> None:
+    import mlflow
+
+    private, _, data, model, optimizer = _setup(tmp_path)
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        with mlflow.start_run() as run:
+            rec = Recorder(tmp_path / "ledger", model=model, optimizer=optimizer, key=private, seed=1, mlflow=True)
+            assert rec._genesis.config["mlflow"] == {"tracking_uri": mlflow_server,
+                                                     "experiment_id": run.info.experiment_id,
+                                                     "run_id": run.info.run_id}
+            _train(rec, model, optimizer, data, range(5))
+            rec.close()
+            assert _client(mlflow_server).get_run(run.info.run_id).info.status == "RUNNING"  # the user's run
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert len(_client(mlflow_server).get_metric_history(run.info.run_id, "loss")) == 5
+
+
 def test_unreachable_server_at_construction_writes_nothing(tmp_path: Path) -> None:
     private, _, _, model, optimizer = _setup(tmp_path)
     with socket.socket() as probe:
