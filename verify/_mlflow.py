@@ -14,7 +14,7 @@ import math
 import os
 import sys
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -193,16 +193,28 @@ def recorded_gap(seal_mirror: Any) -> int | None:
 
 @dataclass
 class _Findings:
-    differs: list[dict[str, Any]]
-    missing: list[dict[str, Any]]
+    """What the comparison found. MLflow decides how many values differ: only the first KEPT are kept
+    (all are counted), so a hostile run cannot grow this past a bound."""
+
+    side: _LedgerSide
+    differs: list[dict[str, Any]] = field(default_factory=list)
+    missing: list[dict[str, Any]] = field(default_factory=list)  # at most the ledger's own values
+    differs_count: int = 0
+    ahead: int = 0  # metric values past the last step of a published ledger that is not sealed
     compared: int = 0
     metric_points: int = 0
     superseded: int = 0
     capped: str = ""
 
     def differ(self, kind: str, key: str, step: int | None, mlflow: Any, ledger: Any) -> None:
-        self.differs.append({"kind": kind, "key": key, "step": step, "mlflow": _plain(mlflow),
-                             "ledger": _plain(ledger)})
+        if kind == "metric" and ledger is None and step is not None and not self.side.sealed \
+                and step > self.side.last_step:
+            self.ahead += 1
+            return
+        self.differs_count += 1
+        if len(self.differs) < KEPT:
+            self.differs.append({"kind": kind, "key": key, "step": step, "mlflow": _plain(mlflow),
+                                 "ledger": _plain(ledger)})
 
     def lack(self, kind: str, key: str, step: int | None, ledger: Any, seq: int | None = None) -> None:
         self.missing.append({"kind": kind, "key": key, "step": step, "ledger": _plain(ledger), "seq": seq})
@@ -344,7 +356,7 @@ def check_mlflow(ctx: Context) -> CheckResult:
 
     source: MlflowSource = ctx.mlflow
     side = _ledger_side(ctx)
-    found = _Findings([], [])
+    found = _Findings(side)
     notes: list[str] = []
     with _quick_failures():
         try:
@@ -375,17 +387,15 @@ def check_mlflow(ctx: Context) -> CheckResult:
     excused = [m for m in found.missing if gap is not None and (m["seq"] is None or m["seq"] > gap)]
     unexcused = [m for m in found.missing if not (gap is not None and (m["seq"] is None or m["seq"] > gap))]
     found.missing = unexcused + excused
-    # the published ledger of a run still going (no seal: its log is not uploaded yet) ends before MLflow's
-    # values do: metrics past its last step only warn, as the seal check does
-    ahead = [d for d in found.differs if not side.sealed and d["kind"] == "metric" and d["ledger"] is None
-             and d["step"] is not None and d["step"] > side.last_step]
-    if ahead:
-        found.differs = [d for d in found.differs if d not in ahead]
-        notes.append(f"{len(ahead)} MLflow value(s) after the published ledger's last step {side.last_step} (the "
+    # the published ledger of a run still going (no seal: its last entries are uploaded at close) ends
+    # before MLflow's values do: metrics past its last step only warn, as the seal check does
+    if found.ahead:
+        notes.append(f"{found.ahead} MLflow value(s) after the published ledger's last step {side.last_step} (the "
                      "ledger is not sealed: the run may still be going; verify again after close)")
     data: dict[str, Any] = {
         "run_id": source.run_id, "compared": found.compared, "metric_points": found.metric_points,
-        "superseded": found.superseded, "differs": found.differs[:KEPT], "differs_count": len(found.differs),
+        "superseded": found.superseded, "differs": found.differs, "differs_count": found.differs_count,
+        "ahead_of_ledger": found.ahead,
         "missing": found.missing[:KEPT], "missing_count": len(found.missing), "sealed": side.sealed,
         "not_covered": {k: v[:KEPT] for k, v in uncovered.items()}, "unknown_ledger_tags": unknown_ledger_tags[:KEPT],
     }
@@ -398,11 +408,11 @@ def check_mlflow(ctx: Context) -> CheckResult:
     covered += f", {found.superseded} superseded by a resume)" if found.superseded else ")"
     extra = sum(len(v) for v in uncovered.values())
     tail = f"; {extra} keys not covered (not the ledger's)" if extra else ""
-    if found.differs or unexcused:
+    if found.differs_count or unexcused:
         lines = [_line(d) for d in found.differs[:SHOWN]]
         lines += [_line(m, missing=True) for m in unexcused[:max(SHOWN - len(lines), 0)]]
-        more = len(found.differs) + len(unexcused) - len(lines)
-        detail = (f"{len(found.differs)} MLflow value(s) not in the ledger or different"
+        more = found.differs_count + len(unexcused) - len(lines)
+        detail = (f"{found.differs_count} MLflow value(s) not in the ledger or different"
                   + (f", {len(unexcused)} ledger value(s) absent from MLflow" if unexcused else "")
                   + f": {'; '.join(lines)}" + (f"; … {more} more" if more > 0 else "") + f" ({covered}{tail})")
         return CheckResult("mlflow", Status.FAIL, detail, data, summary="MLflow differs from the ledger")
