@@ -67,7 +67,10 @@ class MlflowSink:
     """Where a recorder mirrors to. ``tracking_uri`` None: MLflow's configured one. ``run_id``: attach
     to that run; else ``experiment`` (a name, created when absent; None: the default experiment) and
     ``run_name`` for a new run. ``close_timeout``: how long ``Recorder.close`` waits for the mirror.
-    ``interval``: seconds between the mirror's reads of the ledger."""
+    ``interval``: seconds between the mirror's passes over the ledger. Opening a sink sets MLflow's
+    HTTP retry settings (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` 1, ``…_BACKOFF_FACTOR`` 1, ``…_TIMEOUT``
+    20 s) in this process unless they are set: the mirror retries by itself, with a backoff up to
+    30 s, and MLflow's defaults would hold one request for minutes on a dead server."""
 
     tracking_uri: str | None = None
     experiment: str | None = None
