@@ -258,6 +258,58 @@ def test_resume_continues_the_same_run(mlflow_server: str, tmp_path: Path) -> No
     assert last.body()["mirror"]["missing"] is False
 
 
+_CHILD = """
+import sys, time, torch
+from pathlib import Path
+from torch.nn import functional as F
+import ledger
+from ledger.hooks import Recorder
+from ledger.hooks.mlflow import MlflowSink
+root, uri = Path(sys.argv[1]), sys.argv[2]
+data, _ = ledger.load_recipe(sys.argv[3])
+model = data.build_model(1)
+optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+rec = Recorder(root / "ledger", model=model, optimizer=optimizer, key=root / "trainer.pem", seed=1,
+               checkpoint_every=5, mlflow=MlflowSink(tracking_uri=uri, interval=0.1))
+for step in range(12):
+    x, y = data.batch(step)
+    F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    rec.step(loss=1.0, batch=(x, y))
+rec.flush()
+print(rec._genesis.config["mlflow"]["run_id"], flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_continues_the_same_run(mlflow_server: str, tmp_path: Path) -> None:
+    private, _, data, _, _ = _setup(tmp_path)
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path), mlflow_server,
+                              f"{ROOT / 'examples' / 'charlm.py'}:recipe"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        run_id = child.stdout.readline().strip()
+        client = _client(mlflow_server)
+        deadline = time.monotonic() + 30
+        while int(client.get_run(run_id).data.tags.get("ledger.mirrored_seq", -1)) < 10 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        child.kill()
+        child.wait()
+    model = data.build_model(1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    resumed = Recorder.resume(tmp_path / "ledger", model=model, optimizer=optimizer, key=private)
+    assert resumed._mirror.run_id == run_id
+    _train(resumed, model, optimizer, data, range(resumed.current_step, 16))
+    resumed.close()
+    last = ledger.open(tmp_path / "ledger").last_entry()
+    assert last.body()["mirror"] == {"mlflow_run_id": run_id, "mirrored_through_seq": last.seq - 1, "missing": False}
+    assert client.get_run(run_id).data.tags["ledger.mirrored_seq"] == str(last.seq)
+    assert {m.step for m in client.get_metric_history(run_id, "loss")} == set(range(16))
+
+
 @pytest.mark.slow
 def test_mlflow_true_attaches_to_the_active_run(mlflow_server: str, tmp_path: Path) -> None:
     import mlflow
