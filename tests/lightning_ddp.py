@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.strategies import DDPStrategy
 from test_lightning import Tiny, loader, trainer
 
@@ -23,6 +24,9 @@ def main() -> None:
     strategy = DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=60))
     callback = LedgerCallback(out / "ledger", key=key, checkpoint_every=3)
     trainer(callbacks=[callback], strategy=strategy, devices=2, max_epochs=1).fit(Tiny("sgd"), loader())
+    if torch.distributed.is_initialized():  # gloo's threads left to interpreter exit may abort it
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -255,6 +255,10 @@ from ledger.hooks.transformers import LedgerTrainerCallback
 out = Path(sys.argv[1])
 trainer(out, [LedgerTrainerCallback(out / "L", key=Path(sys.argv[2]))], ddp_backend="gloo",
         gradient_accumulation_steps=2, max_steps=4, save_steps=2).train()
+import torch.distributed as dist
+if dist.is_initialized():  # gloo's threads left to interpreter exit may abort it ("terminate called ...")
+    dist.barrier()
+    dist.destroy_process_group()
 """
 
 
