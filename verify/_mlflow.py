@@ -274,12 +274,17 @@ def _compare_metrics(store: Any, run_id: str, side: _LedgerSide, found: _Finding
 
 
 def _compare_params(params: Mapping[str, str], side: _LedgerSide, found: _Findings) -> None:
-    for key, expected in sorted(side.params.items()):
-        value = params.get(key)
+    _compare_exact("param", side.params, params, found)
+
+
+def _compare_exact(kind: str, expected: Mapping[str, str], actual: Mapping[str, str], found: _Findings) -> None:
+    """Each expected value against the run's: lacking, differing, or one more value compared."""
+    for key, want in sorted(expected.items()):
+        value = actual.get(key)
         if value is None:
-            found.lack("param", key, None, expected)
-        elif value != expected:
-            found.differ("param", key, None, value, expected)
+            found.lack(kind, key, None, want)
+        elif value != want:
+            found.differ(kind, key, None, value, want)
         else:
             found.compared += 1
 
@@ -287,16 +292,8 @@ def _compare_params(params: Mapping[str, str], side: _LedgerSide, found: _Findin
 def _compare_tags(ctx: Context, tags: Mapping[str, str], found: _Findings, notes: list[str], sealed: bool) -> None:
     genesis = ctx.view.genesis if ctx.view is not None else None
     assert genesis is not None
-    exact = {"ledger.run_id": genesis.run_id, "ledger.key_id": genesis.key_id.hex(),
-             "ledger.format": str(genesis.format)}
-    for key, expected in exact.items():
-        value = tags.get(key)
-        if value is None:
-            found.lack("tag", key, None, expected)
-        elif value != expected:
-            found.differ("tag", key, None, value, expected)
-        else:
-            found.compared += 1
+    _compare_exact("tag", {"ledger.run_id": genesis.run_id, "ledger.key_id": genesis.key_id.hex(),
+                           "ledger.format": str(genesis.format)}, tags, found)
     hashes = ctx.loaded.hashes
     head, entries = tags.get("ledger.head"), tags.get("ledger.entries")
     if head is None:
