@@ -13,6 +13,7 @@ raises the same error). The DDP model ends in a BatchNorm, whose running statist
 
 from __future__ import annotations
 
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -93,6 +94,8 @@ def main() -> None:
         rec.close(final_weights=out / "model.safetensors")
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # everything is closed: skip interpreter teardown, where gloo's threads abort at random
 
 
 if __name__ == "__main__":

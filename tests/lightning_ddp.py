@@ -4,6 +4,7 @@ Lightning's launcher starts rank 1 by running this script again."""
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from datetime import timedelta
@@ -27,6 +28,8 @@ def main() -> None:
     if torch.distributed.is_initialized():  # gloo's threads left to interpreter exit may abort it
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # everything is closed: skip interpreter teardown, where gloo's threads abort at random
 
 
 if __name__ == "__main__":
