@@ -18,7 +18,9 @@ from ledger._chain import ChainBreak, linked
 from ledger._crypto import Signer, load_signer
 from ledger._encoding import encode_body, metric_value
 from ledger._entry import Entry
+from ledger._heads import write_head
 from ledger._layout import DirectoryLock, Layout, create_file, fsync_dir, make_dirs, remove_dirs, unlink_quietly
+from ledger._note import TreeHead, note_from_signature, origin_of
 from ledger._record import (
     FORMAT_VERSION,
     PAYLOAD_TYPE,
@@ -32,6 +34,7 @@ from ledger._record import (
 from ledger.errors import ConfigurationError, FormatError, StorageError
 
 Clock = Callable[[], int]
+OnHead = Callable[[int, bytes], None]  # (size, signed note): called once heads/<size>.note is durable
 FSYNC_MODES = ("always", "group", "never")
 ROLLOVER_BYTES_MAX = _wal.MAX_LOG - _wal.MAX_FRAME  # a roll at this size plus one frame stays within MAX_LOG
 GENESIS_RESERVED = ("format", "run_id", "created_ns", "public_key", "key_id", "payload_type")
@@ -72,7 +75,7 @@ class LedgerWriter:
 
     def __init__(self, layout: Layout, signer: Signer, *, lock: DirectoryLock, run_id: str,
                  head: bytes, next_seq: int, fsync: str, fsync_interval: float,
-                 rollover_entries: int, rollover_bytes: int, clock: Clock) -> None:
+                 rollover_entries: int, rollover_bytes: int, clock: Clock, on_head: OnHead | None = None) -> None:
         if fsync not in FSYNC_MODES:
             raise ConfigurationError(f"fsync must be one of {', '.join(FSYNC_MODES)}, not {fsync!r}")
         if not 1 <= rollover_entries <= _wal.MAX_LOG_FRAMES or not 1 <= rollover_bytes <= ROLLOVER_BYTES_MAX:
@@ -94,11 +97,18 @@ class LedgerWriter:
         with _storage(f"open {layout.wal}"):
             self._wal = _wal.WalWriter(layout.wal)
         self._tree = MerkleAccumulator()
+        self._last_head: tuple[int, bytes] | None = None  # (size, note) of the head the last checkpoint got
         self._last_step = -1
         self.sealed = False
         self.closed = False
         self.recovery = Recovery(0, 0, None)
         self._moved: str | None = None  # why the ledger's path no longer names the locked directory
+        self.on_head = on_head  # called with (size, note) after each heads/<size>.note is durable
+        try:
+            self._origin: str | None = origin_of(run_id)
+        except FormatError as exc:
+            self._origin = None
+            warnings.warn(f"no tree heads for this ledger: {exc}", RuntimeWarning, stacklevel=3)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -106,12 +116,13 @@ class LedgerWriter:
                genesis: Mapping[str, Any] | None = None, run_id: str | None = None,
                passphrase: bytes | None = None, clock: Clock = time.time_ns, fsync: str = "group",
                fsync_interval: float = 1.0, rollover_entries: int = 8192,
-               rollover_bytes: int = 64 << 20) -> LedgerWriter:
+               rollover_bytes: int = 64 << 20, on_head: OnHead | None = None) -> LedgerWriter:
         """Start a new ledger at ``path`` (absent or an empty directory) and write its genesis.
 
         ``genesis`` holds the caller's fields; the writer adds the format version, run id,
-        creation time, public key and key id (those names are reserved). On any failure nothing
-        that this call created is left behind."""
+        creation time, public key and key id (those names are reserved). ``on_head(size, note)``
+        is called after each signed tree head is durable in ``heads/`` (docs/FORMAT.md §13). On any
+        failure nothing that this call created is left behind."""
         signer = _as_signer(key, passphrase)
         layout = Layout(Path(path))
         fields = dict(genesis or {})
@@ -133,7 +144,7 @@ class LedgerWriter:
             run_id = run_id or secrets.token_hex(16)
             writer = cls(layout, signer, lock=lock, run_id=run_id, head=ZERO_HASH, next_seq=0, fsync=fsync,
                          fsync_interval=fsync_interval, rollover_entries=rollover_entries,
-                         rollover_bytes=rollover_bytes, clock=clock)
+                         rollover_bytes=rollover_bytes, clock=clock, on_head=on_head)
             created = clock()
             body = {**fields, "format": FORMAT_VERSION, "run_id": run_id, "created_ns": created,
                     "public_key": signer.public.raw, "key_id": signer.public.key_id, "payload_type": PAYLOAD_TYPE}
@@ -154,7 +165,7 @@ class LedgerWriter:
     def open(cls, path: str | os.PathLike[str], key: Signer | str | os.PathLike[str], *,
              passphrase: bytes | None = None, clock: Clock = time.time_ns, fsync: str = "group",
              fsync_interval: float = 1.0, rollover_entries: int = 8192,
-             rollover_bytes: int = 64 << 20) -> LedgerWriter:
+             rollover_bytes: int = 64 << 20, on_head: OnHead | None = None) -> LedgerWriter:
         """Reopen an existing, unsealed ledger to continue its chain (e.g. after a crash).
 
         Recovers the log: whole entries are rolled into a part; a torn frame and anything after it
@@ -177,7 +188,8 @@ class LedgerWriter:
             hashes = _one_chain(ledger, layout)
             writer = cls(layout, signer, lock=lock, run_id=genesis.body()["run_id"], head=last.hash,
                          next_seq=last.seq + 1, fsync=fsync, fsync_interval=fsync_interval,
-                         rollover_entries=rollover_entries, rollover_bytes=rollover_bytes, clock=clock)
+                         rollover_entries=rollover_entries, rollover_bytes=rollover_bytes, clock=clock,
+                         on_head=on_head)
             for entry_hash in hashes:
                 writer._tree.add(entry_hash)
             writer._last_step = last.step
@@ -215,44 +227,92 @@ class LedgerWriter:
     def append(self, kind: Kind | str, step: int, body: Mapping[str, Any], *, time_ns: int | None = None) -> Entry:
         """Sign and append one entry; returns it once it has reached the OS. A
         :class:`StorageError` means the entry is not in the ledger (unless the message says it
-        reached the log and only the fsync failed)."""
+        reached the log and only the fsync failed). A checkpoint entry gets ``tree_head``, the
+        signed head of the entries before it, also written to ``heads/`` (docs/FORMAT.md §13)."""
         kind = Kind.parse(kind)
         if kind is Kind.GENESIS and self.next_seq != 0:
             raise ConfigurationError("only the first entry can be a genesis")
         metrics = {name: metric_value(v) for name, v in dict(body.get("metrics", {})).items()}
-        body_bytes = encode_body(body)
+        with_head = kind is Kind.CHECKPOINT and self._origin is not None
+        if with_head and "tree_head" in body:
+            raise ConfigurationError("checkpoint field name reserved by the format: tree_head (the writer adds it)")
+        body_bytes = b"" if with_head else encode_body(body)
+        published: tuple[int, bytes] | None = None
         with self._mutex:
-            if self.closed:
-                raise ConfigurationError("the ledger writer is closed")
-            if self.sealed:
-                raise ConfigurationError("the ledger is sealed; a sealed ledger takes no more entries")
-            header = Header(FORMAT_VERSION, kind, self.next_seq, int(step),
-                            self._clock() if time_ns is None else time_ns, self._run_digest, self.head)
-            record = encode_record(header, body_bytes)
-            entry = Entry(record=record, signature=self._signer.sign(record), key_id=self._signer.public.key_id)
-            frame = _wal.encode_frame(entry)
-            self._make_room(len(frame))
-            with _storage(f"append entry {self.next_seq} to {self.layout.wal}"):
-                self._wal.append(frame)
-            self.head, self.next_seq, self._last_step = entry.hash, self.next_seq + 1, header.step
-            self._tree.add(entry.hash)
-            self._pending.append((entry, self.head, metrics))
-            self._pending_bytes += len(frame)
-            now = time.monotonic()
-            if self._fsync == "always" or (self._fsync == "group" and now - self._last_sync >= self._fsync_interval):
-                with _storage(f"fsync {self.layout.wal} (entry {header.seq} is in the log but may not be durable)"):
+            entry = self._append(kind, step, body, body_bytes, metrics, time_ns, with_head)
+            if with_head:
+                published = self._last_head
+        if published is not None:
+            self._publish(*published)
+        return entry
+
+    def _signed_head(self) -> tuple[TreeHead, bytes]:
+        """The head of the entries so far and its signature (caller holds the mutex)."""
+        assert self._origin is not None
+        head = TreeHead(self._origin, self.next_seq, self._tree.root())
+        return head, self._signer.sign_bytes(head.text())
+
+    def _publish(self, size: int, note: bytes) -> None:
+        """Write ``heads/<size>.note`` durably, then tell ``on_head``. Called once the entries the
+        head covers are durable (fsynced). Never fails the append: the ledger holds the head
+        already; a failure is a warning (the file is for publishing)."""
+        if self._moved is not None or (not self.closed and self._lock.moved() is not None):
+            warnings.warn(f"heads/{size}.note not written: the ledger directory moved", RuntimeWarning, stacklevel=3)
+            return
+        try:
+            write_head(self.layout.root, size, note)
+        except (OSError, FormatError) as exc:
+            warnings.warn(f"could not write heads/{size}.note ({_reason(exc)}); the ledger holds the head",
+                          RuntimeWarning, stacklevel=3)
+            return
+        if self.on_head is not None:
+            try:
+                self.on_head(size, note)
+            except Exception as exc:  # noqa: BLE001 - a publisher's failure must not stop the writer
+                warnings.warn(f"on_head({size}) failed: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=3)
+
+    def _append(self, kind: Kind, step: int, body: Mapping[str, Any], body_bytes: bytes,
+                metrics: dict[str, float], time_ns: int | None, with_head: bool) -> Entry:
+        """The body of :meth:`append`, under the mutex."""
+        if self.closed:
+            raise ConfigurationError("the ledger writer is closed")
+        if self.sealed:
+            raise ConfigurationError("the ledger is sealed; a sealed ledger takes no more entries")
+        if with_head:
+            head, signature = self._signed_head()
+            body_bytes = encode_body({**body, "tree_head": {"size": head.size, "root": head.root,
+                                                            "signature": signature}})
+            self._last_head = (head.size, note_from_signature(head, self._signer.public.raw, signature))
+            if self._fsync != "never":  # a head is published only for entries that survive a power loss
+                with _storage(f"fsync {self.layout.wal} before signing head {head.size}"):
                     self._wal.fsync()
-                self._last_sync = now
-            if (len(self._pending) >= self._rollover_entries or self._pending_bytes >= self._rollover_bytes) \
-                    and self.next_seq >= self._roll_retry_seq:
-                try:
-                    self._roll()
-                except (OSError, StorageError) as exc:
-                    # every entry is still in the log: keep appending, retry the roll later
-                    self._roll_retry_seq = self.next_seq + min(self._rollover_entries, 64)
-                    warnings.warn(f"could not roll {self.layout.wal} into a part ({_reason(exc)}); its entries "
-                                  "stay in the log and the roll is retried", RuntimeWarning, stacklevel=2)
-            return entry
+        header = Header(FORMAT_VERSION, kind, self.next_seq, int(step),
+                        self._clock() if time_ns is None else time_ns, self._run_digest, self.head)
+        record = encode_record(header, body_bytes)
+        entry = Entry(record=record, signature=self._signer.sign(record), key_id=self._signer.public.key_id)
+        frame = _wal.encode_frame(entry)
+        self._make_room(len(frame))
+        with _storage(f"append entry {self.next_seq} to {self.layout.wal}"):
+            self._wal.append(frame)
+        self.head, self.next_seq, self._last_step = entry.hash, self.next_seq + 1, header.step
+        self._tree.add(entry.hash)
+        self._pending.append((entry, self.head, metrics))
+        self._pending_bytes += len(frame)
+        now = time.monotonic()
+        if self._fsync == "always" or (self._fsync == "group" and now - self._last_sync >= self._fsync_interval):
+            with _storage(f"fsync {self.layout.wal} (entry {header.seq} is in the log but may not be durable)"):
+                self._wal.fsync()
+            self._last_sync = now
+        if (len(self._pending) >= self._rollover_entries or self._pending_bytes >= self._rollover_bytes) \
+                and self.next_seq >= self._roll_retry_seq:
+            try:
+                self._roll()
+            except (OSError, StorageError) as exc:
+                # every entry is still in the log: keep appending, retry the roll later
+                self._roll_retry_seq = self.next_seq + min(self._rollover_entries, 64)
+                warnings.warn(f"could not roll {self.layout.wal} into a part ({_reason(exc)}); its entries "
+                              "stay in the log and the roll is retried", RuntimeWarning, stacklevel=2)
+        return entry
 
     def _make_room(self, frame_bytes: int) -> None:
         """Roll the log into a part first when this frame would take it past what readers accept
@@ -277,8 +337,9 @@ class LedgerWriter:
                 self._last_sync = time.monotonic()
 
     def seal(self, body: Mapping[str, Any] | None = None, *, step: int | None = None) -> Entry:
-        """Append the seal (entry count, head, Merkle tree root of every entry before it) and
-        close. ``body`` adds fields (e.g. the final weights' digests); ``step`` defaults to the
+        """Append the seal (entry count, head, Merkle tree root of every entry before it), close,
+        and write the final signed tree head (all entries, the seal included) to ``heads/``.
+        ``body`` adds fields (e.g. the final weights' digests); ``step`` defaults to the
         last entry's step."""
         fields = dict(body or {})
         clash = sorted(set(fields) & {"entry_count", "head", "tree_root"})
@@ -289,7 +350,14 @@ class LedgerWriter:
             last_step = self._last_step
         entry = self.append(Kind.SEAL, last_step if step is None else step, fields)
         self.sealed = True
+        final = None
+        if self._origin is not None:
+            with self._mutex:  # the head of the whole ledger, seal included: it can only be beside it
+                head, signature = self._signed_head()
+                final = (head.size, note_from_signature(head, self._signer.public.raw, signature))
         self.close()
+        if final is not None:
+            self._publish(*final)
         return entry
 
     def close(self) -> None:

@@ -1,0 +1,162 @@
+"""Signed tree heads in and beside a ledger (docs/FORMAT.md §13.2): the writer's ``tree_head`` on
+checkpoint entries, ``heads/<size>.note`` files and ``on_head``; ``list_heads``; verify's ``heads``
+check on real ledgers, forged and forked heads."""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+from conftest import FIXED_SEED, fixed_clock, step_body
+
+import ledger
+from ledger import LedgerWriter, Signer
+from ledger._heads import list_heads, write_head
+from ledger._note import TreeHead, note_from_signature, open_note, origin_of, sign_note
+from ledger._record import Kind, merkle_root
+from ledger._schema import CheckpointBody, RecordedHead
+from ledger.errors import ConfigurationError, FormatError
+
+SIGNER = Signer.from_seed(FIXED_SEED)
+DOC = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"
+
+
+def write_run(path: Path, *, checkpoints: tuple[int, ...] = (3, 7), steps: int = 10, seal: bool = True,
+              on_head=None, signer: Signer = SIGNER, run_id: str = "run-heads") -> Path:
+    """A ledger of ``steps`` step entries with a checkpoint entry after the given steps."""
+    writer = LedgerWriter.create(path, signer, run_id=run_id, clock=fixed_clock(), on_head=on_head)
+    for i in range(steps):
+        writer.append("step", i, step_body(i))
+        if i in checkpoints:
+            writer.append("checkpoint", i, {"path": f"checkpoints/{i}"})
+    writer.seal() if seal else writer.close()
+    return path
+
+
+def test_checkpoint_entries_carry_the_signed_head_of_the_entries_before_them(tmp_path):
+    seen: list[tuple[int, bytes]] = []
+    path = write_run(tmp_path / "L", on_head=lambda size, note: seen.append((size, note)))
+    entries = list(ledger.open(path).entries())
+    hashes = [e.hash for e in entries]
+    origin = origin_of("run-heads")
+    checkpoint_sizes = []
+    for entry in entries:
+        if entry.kind is Kind.CHECKPOINT:
+            head = RecordedHead.from_body(entry.body()["tree_head"])
+            assert head is not None and head.size == entry.seq
+            assert head.root == merkle_root(hashes[:entry.seq])
+            note = note_from_signature(TreeHead(origin, head.size, head.root), SIGNER.public.raw, head.signature)
+            assert open_note(note, SIGNER.public.raw) == (TreeHead(origin, entry.seq, head.root), True)
+            checkpoint_sizes.append(entry.seq)
+        else:
+            assert "tree_head" not in entry.body()
+    # heads/: every checkpoint head, then the final head of the whole ledger (seal included)
+    heads = list_heads(path)
+    assert [size for size, _ in heads] == [*checkpoint_sizes, len(entries)] == [size for size, _ in seen]
+    assert [note for _, note in heads] == [note for _, note in seen]
+    final, ok = open_note(heads[-1][1], SIGNER.public.raw)
+    assert ok and final.root == merkle_root(hashes) and final.origin == origin
+    assert not [p for p in (path / "heads").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_tree_head_is_reserved_and_validated(tmp_path):
+    writer = LedgerWriter.create(tmp_path / "L", SIGNER, run_id="r")
+    with pytest.raises(ConfigurationError, match="tree_head"):
+        writer.append("checkpoint", 0, {"path": "x", "tree_head": {"size": 1}})
+    writer.close()
+    good = {"size": 3, "root": bytes(32), "signature": bytes(64)}
+    assert RecordedHead.from_body(good) == RecordedHead(3, bytes(32), bytes(64))
+    assert RecordedHead.from_body(None) is None
+    for bad in ({**good, "signature": bytes(63)}, {**good, "root": b"x"}, {**good, "size": -1},
+                {**good, "size": True}, {"root": bytes(32), "signature": bytes(64)}, [1, 2]):
+        with pytest.raises(FormatError):
+            RecordedHead.from_body(bad)
+
+
+def test_a_reopened_writer_goes_on_publishing_heads(tmp_path):
+    path = write_run(tmp_path / "L", checkpoints=(1,), steps=3, seal=False)
+    writer = LedgerWriter.open(path, SIGNER)
+    writer.append("checkpoint", 2, {"path": "c"})
+    writer.seal()
+    entries = list(ledger.open(path).entries())
+    assert [size for size, _ in list_heads(path)] == [3, 5, len(entries)]
+    assert open_note(list_heads(path)[1][1], SIGNER.public.raw)[0].root == merkle_root([e.hash for e in entries][:5])
+
+
+def test_a_failing_on_head_warns_and_writing_goes_on(tmp_path):
+    def boom(size: int, note: bytes) -> None:
+        raise RuntimeError("publisher down")
+
+    with pytest.warns(RuntimeWarning, match="publisher down"):
+        path = write_run(tmp_path / "L", checkpoints=(1,), steps=3, on_head=boom)
+    assert ledger.open(path).last_entry().kind is Kind.SEAL and len(list_heads(path)) == 2
+
+
+def test_write_head_never_rewrites_and_list_heads_is_bounded(tmp_path):
+    head = TreeHead("o", 5, bytes(32))
+    note = sign_note(head, SIGNER)
+    assert write_head(tmp_path, 5, note) is True
+    assert write_head(tmp_path, 5, note) is False  # the same bytes: nothing to do
+    with pytest.raises(FormatError, match="fork"):
+        write_head(tmp_path, 5, sign_note(TreeHead("o", 5, bytes([1]) * 32), SIGNER))
+    assert (tmp_path / "heads" / "5.note").read_bytes() == note
+    write_head(tmp_path, 10, sign_note(TreeHead("o", 10, bytes(32)), SIGNER))
+    (tmp_path / "heads" / "9.tsr").write_bytes(b"token")  # other names are not heads
+    (tmp_path / "heads" / "007.note").write_bytes(b"x")
+    assert [size for size, _ in list_heads(tmp_path)] == [5, 10]
+    os.symlink("/etc/passwd", tmp_path / "heads" / "11.note")
+    with pytest.raises(FormatError, match="11.note"):
+        list_heads(tmp_path)
+    os.unlink(tmp_path / "heads" / "11.note")
+    os.mkfifo(tmp_path / "heads" / "12.note")
+    with pytest.raises(FormatError, match="12.note"):
+        list_heads(tmp_path)
+    os.unlink(tmp_path / "heads" / "12.note")
+    (tmp_path / "heads" / "13.note").write_bytes(b"x" * (17 << 10))
+    with pytest.raises(FormatError, match="13.note"):
+        list_heads(tmp_path)
+    assert list_heads(tmp_path / "nowhere") == []
+
+
+def test_heads_file_in_the_way_warns_and_the_ledger_is_still_written(tmp_path):
+    (tmp_path / "L").mkdir()
+    writer = LedgerWriter.create(tmp_path / "L", SIGNER, run_id="r")
+    (tmp_path / "L" / "heads").write_bytes(b"not a directory")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        writer.append("checkpoint", 0, {"path": "x"})
+        writer.seal()
+    assert any("heads/1.note" in str(w.message) for w in caught)
+    assert [e.kind for e in ledger.open(tmp_path / "L").entries()] == [Kind.GENESIS, Kind.CHECKPOINT, Kind.SEAL]
+
+
+def test_format_doc_carries_the_note_vector():
+    block = re.search(r"<!-- note-vector:begin -->\n```\n(.*?)```\n<!-- note-vector:end -->", DOC.read_text(),
+                      re.S)
+    assert block is not None
+    from test_notes import VECTOR_NOTE
+
+    assert block.group(1).encode() == VECTOR_NOTE
+
+
+def test_the_recorder_s_checkpoints_carry_heads_and_the_schema_reads_them(tmp_path):
+    pytest.importorskip("torch")
+    from recipes import TinyRecipe
+
+    from ledger.hooks import train
+
+    seen: list[int] = []
+    train(TinyRecipe(), steps=6, path=tmp_path / "L", key=SIGNER, seed=3, checkpoint_every=3)
+    entries = list(ledger.open(tmp_path / "L").entries())
+    hashes = [e.hash for e in entries]
+    for entry in entries:
+        if entry.kind is Kind.CHECKPOINT:
+            body = CheckpointBody.from_body(entry.body())
+            assert body.tree_head is not None and body.tree_head.size == entry.seq
+            assert body.tree_head.root == merkle_root(hashes[:entry.seq])
+            assert body.to_body()["tree_head"] == entry.body()["tree_head"]
+            seen.append(entry.seq)
+    assert len(seen) == 3 and [s for s, _ in list_heads(tmp_path / "L")] == [*seen, len(entries)]
