@@ -1,0 +1,162 @@
+"""RFC 9162 Merkle inclusion and consistency proofs over entry hashes (§2.1.3–2.1.4).
+
+Pure functions. Proofs are computed from the sequence of leaf hashes (the entry hashes, already
+``SHA-256(0x00 ‖ record)``) without building the tree: every sibling subtree root is streamed from
+its leaves with a stack of O(log n) hashes, so a proof over n leaves costs O(n) hashing and
+O(log n) memory beyond the leaf hashes themselves. Verification follows the RFC's algorithms
+step by step and costs O(log n).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+from ledger._record import HASH_SIZE
+
+EMPTY_ROOT = hashlib.sha256(b"").digest()
+MAX_PATH = 64  # a tree of < 2^64 leaves has inclusion proofs of at most 64 hashes
+MAX_CONSISTENCY = 2 * MAX_PATH  # and consistency proofs of at most ~2 × 64
+
+
+class ProofError(ValueError):
+    """A proof that cannot be computed for these sizes (a bad index or size)."""
+
+
+def _node(left: bytes, right: bytes) -> bytes:
+    return hashlib.sha256(b"\x01" + left + right).digest()
+
+
+def _split(n: int) -> int:
+    """The largest power of two smaller than ``n`` (n ≥ 2)."""
+    return 1 << ((n - 1).bit_length() - 1)
+
+
+def subtree_root(leaves: Sequence[bytes], lo: int, hi: int) -> bytes:
+    """MTH of ``leaves[lo:hi]`` (RFC 9162 §2.1.1), streamed: a stack of perfect subtrees."""
+    if hi <= lo:
+        return EMPTY_ROOT
+    stack: list[tuple[int, bytes]] = []
+    for i in range(lo, hi):
+        size, node = 1, leaves[i]
+        while stack and stack[-1][0] == size:
+            left_size, left = stack.pop()
+            size, node = size + left_size, _node(left, node)
+        stack.append((size, node))
+    node = stack[-1][1]
+    for _, left in reversed(stack[:-1]):
+        node = _node(left, node)
+    return node
+
+
+def inclusion_proof(leaves: Sequence[bytes], index: int, size: int | None = None) -> list[bytes]:
+    """PATH(index, D[0:size]) of RFC 9162 §2.1.3.1: the audit path of leaf ``index`` in the tree
+    of the first ``size`` leaves (all of them by default), nearest sibling first."""
+    n = len(leaves) if size is None else size
+    if not 0 <= index < n <= len(leaves):
+        raise ProofError(f"no inclusion proof of leaf {index} in a tree of {n} leaves")
+    path: list[bytes] = []
+    lo, hi = 0, n
+    while hi - lo > 1:  # descend to the leaf; siblings are collected root side first
+        k = _split(hi - lo)
+        if index - lo < k:
+            path.append(subtree_root(leaves, lo + k, hi))
+            hi = lo + k
+        else:
+            path.append(subtree_root(leaves, lo, lo + k))
+            lo += k
+    path.reverse()
+    return path
+
+
+def consistency_proof(leaves: Sequence[bytes], old_size: int, size: int | None = None) -> list[bytes]:
+    """PROOF(old_size, D[0:size]) of RFC 9162 §2.1.4.1: the hashes that show the tree of the
+    first ``old_size`` leaves is a prefix of the tree of ``size`` leaves (empty when equal or
+    when ``old_size`` is 0)."""
+    n = len(leaves) if size is None else size
+    if not 0 <= old_size <= n <= len(leaves):
+        raise ProofError(f"no consistency proof from {old_size} to {n} leaves")
+    if old_size in (0, n):
+        return []
+    proof: list[bytes] = []
+    m, lo, hi, complete = old_size, 0, n, True
+    while m != hi - lo:  # SUBPROOF(m, D[lo:hi], complete)
+        k = _split(hi - lo)
+        if m <= k:
+            proof.append(subtree_root(leaves, lo + k, hi))
+            hi = lo + k
+        else:
+            proof.append(subtree_root(leaves, lo, lo + k))
+            m, lo, complete = m - k, lo + k, False
+    if not complete:
+        proof.append(subtree_root(leaves, lo, hi))
+    proof.reverse()
+    return proof
+
+
+def _well_formed(proof: Sequence[bytes], limit: int) -> bool:
+    return len(proof) <= limit and all(isinstance(p, bytes) and len(p) == HASH_SIZE for p in proof)
+
+
+def root_from_inclusion(index: int, size: int, leaf: bytes, proof: Sequence[bytes]) -> bytes | None:
+    """RFC 9162 §2.1.3.2: the root that ``proof`` gives for ``leaf`` at ``index`` in a tree of
+    ``size`` leaves, or None when the proof cannot be one for those numbers."""
+    if not 0 <= index < size or len(leaf) != HASH_SIZE or not _well_formed(proof, MAX_PATH):
+        return None
+    fn, sn, r = index, size - 1, leaf
+    for p in proof:
+        if sn == 0:
+            return None
+        if fn & 1 or fn == sn:
+            r = _node(p, r)
+            if not fn & 1:
+                while not fn & 1 and fn != 0:
+                    fn, sn = fn >> 1, sn >> 1
+        else:
+            r = _node(r, p)
+        fn, sn = fn >> 1, sn >> 1
+    return r if sn == 0 else None
+
+
+def verify_inclusion(index: int, size: int, leaf: bytes, proof: Sequence[bytes], root: bytes) -> bool:
+    """True when ``proof`` shows ``leaf`` is leaf ``index`` of the tree of ``size`` leaves whose
+    MTH is ``root`` (RFC 9162 §2.1.3.2)."""
+    return root_from_inclusion(index, size, leaf, proof) == root
+
+
+def verify_consistency(old_size: int, size: int, old_root: bytes, root: bytes, proof: Sequence[bytes]) -> bool:
+    """True when ``proof`` shows the tree of ``old_size`` leaves with MTH ``old_root`` is a prefix
+    of the tree of ``size`` leaves with MTH ``root`` (RFC 9162 §2.1.4.2). Equal sizes need equal
+    roots and an empty proof; size 0 needs the empty tree's root and an empty proof."""
+    if not 0 <= old_size <= size or len(old_root) != HASH_SIZE or len(root) != HASH_SIZE \
+            or not _well_formed(proof, MAX_CONSISTENCY):
+        return False
+    if old_size == size:
+        return not proof and old_root == root
+    if old_size == 0:
+        return not proof and old_root == EMPTY_ROOT
+    if not proof:
+        return False
+    path = list(proof)
+    if old_size & (old_size - 1) == 0:  # an exact power of two: the old root is a node of the new tree
+        path.insert(0, old_root)
+    fn, sn = old_size - 1, size - 1
+    while fn & 1:
+        fn, sn = fn >> 1, sn >> 1
+    fr = sr = path[0]
+    for c in path[1:]:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            fr, sr = _node(c, fr), _node(c, sr)
+            if not fn & 1:
+                while not fn & 1 and fn != 0:
+                    fn, sn = fn >> 1, sn >> 1
+        else:
+            sr = _node(sr, c)
+        fn, sn = fn >> 1, sn >> 1
+    return sn == 0 and fr == old_root and sr == root
+
+
+__all__ = ["EMPTY_ROOT", "ProofError", "consistency_proof", "inclusion_proof", "root_from_inclusion",
+           "subtree_root", "verify_consistency", "verify_inclusion"]
