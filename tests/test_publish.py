@@ -1,0 +1,459 @@
+"""Release bundles: `ledger publish` and `ledger verify DIR` on a real recorded run, checked with
+independent implementations (securesystemslib DSSE, in-toto-attestation, the model_signing CLI)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import FIXED_SEED
+from recipes import TinyRecipe
+
+import ledger
+from ledger import Kind, Signer
+from ledger._attest import LEDGER_PREDICATE, PAYLOAD_TYPE, SLSA_PREDICATE, open_envelope, pae, seal_envelope
+from ledger._cli import cli
+from ledger._crypto import load_release_key, load_release_signer
+from ledger._fingerprint import safetensors_digests
+from ledger._record import entry_hash, merkle_root
+from ledger.hooks import train
+
+SIGNER = Signer.from_seed(FIXED_SEED)
+VENV_BIN = Path(sys.executable).parent
+
+
+def invoke(*args: object) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def verify_json(bundle: Path, *extra: object) -> tuple[int, dict]:
+    code, out, err = invoke("verify", bundle, "--json", *extra)
+    assert code in (0, 1), err
+    return code, json.loads(out)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A real recorded run (TinyRecipe, 6 steps, checkpoints every 4), sealed, with a config.json
+    beside the final weights and a P-256 release key."""
+    out = tmp_path_factory.mktemp("run")
+    train(TinyRecipe(), steps=6, path=out / "L", key=SIGNER, seed=3, checkpoint_every=4,
+          final_weights=out / "final" / "model.safetensors", config={"purpose": "publish test"})
+    (out / "final" / "config.json").write_text('{"model_type": "tiny"}')
+    ledger.generate_keypair(out / "keys" / "release", key_type="p256")
+    (out / "keys" / "trainer.pem").write_bytes(_trainer_pem())
+    (out / "keys" / "trainer.pub").write_bytes(ledger._crypto.public_key_pem(SIGNER.public.raw))
+    return out
+
+
+def _trainer_pem() -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return Ed25519PrivateKey.from_private_bytes(FIXED_SEED).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+@pytest.fixture(scope="module")
+def bundle(run: Path) -> Path:
+    code, out, err = invoke("publish", run / "L", "--model", run / "final" / "model.safetensors",
+                            "--out", run / "bundle", "--release-key", run / "keys" / "release.pem")
+    assert code == 0, err
+    assert "published" in out
+    return run / "bundle"
+
+
+@pytest.fixture
+def copy(bundle: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "bundle"
+    shutil.copytree(bundle, target)
+    return target
+
+
+def trusted(run: Path) -> list[object]:
+    return ["--release-key", run / "keys" / "release.pub", "--key", run / "keys" / "trainer.pub"]
+
+
+def envelopes(bundle: Path) -> list[dict]:
+    return [json.loads(line) for line in (bundle / "attestations.intoto.jsonl").read_text().splitlines()]
+
+
+def statement_of(envelope: dict) -> dict:
+    return json.loads(base64.b64decode(envelope["payload"]))
+
+
+def test_pae_known_answer_from_the_dsse_specification():
+    expected = b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
+    assert pae("http://example.com/HelloWorld", b"hello world") == expected
+
+
+# ----------------------------------------------------------------------------- keys
+def test_keygen_p256_writes_pkcs8_and_spki_and_never_overwrites(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    code, _, err = invoke("keygen", "--type", "p256", tmp_path / "k" / "rel")
+    assert code == 0, err
+    private, public = tmp_path / "k" / "rel.pem", tmp_path / "k" / "rel.pub"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600 and stat.S_IMODE(public.stat().st_mode) == 0o644
+    assert private.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+    key = serialization.load_pem_private_key(private.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1"
+    assert load_release_key(public).algorithm == "p256"
+    before = private.read_bytes()
+    code, _, err = invoke("keygen", "--type", "p256", tmp_path / "k" / "rel")
+    assert code == 2 and "already exists" in err and private.read_bytes() == before
+    code, _, _ = invoke("keygen", tmp_path / "k" / "trainer")  # the default stays Ed25519
+    assert code == 0 and ledger.load_signer(tmp_path / "k" / "trainer.pem").public.raw
+
+
+# ----------------------------------------------------------------------------- the bundle
+def test_layout_and_hugging_face_loading(run, bundle):
+    from safetensors.torch import load_file
+
+    assert sorted(p.name for p in bundle.iterdir()) == ["LEDGER.md", "attestations.intoto.jsonl", "ledger", "model",
+                                                        "model.sig", "release.pub"]
+    assert sorted(p.name for p in (bundle / "model").iterdir()) == ["config.json", "model.safetensors"]
+    assert {"parts", "key.pub", "wal.log"} <= {p.name for p in (bundle / "ledger").iterdir()}
+    loaded = load_file(str(bundle / "model" / "model.safetensors"))  # what from_pretrained(subfolder="model") reads
+    original = load_file(str(run / "final" / "model.safetensors"))
+    assert loaded.keys() == original.keys() and all((loaded[k] == original[k]).all() for k in loaded)
+    card = (bundle / "LEDGER.md").read_text()
+    genesis = ledger.open(bundle / "ledger").genesis()
+    assert genesis["run_id"] in card and genesis["key_id"].hex() in card
+    assert load_release_key(run / "keys" / "release.pub").key_id.hex() in card
+    assert "ledger verify release --key release/ledger/key.pub --release-key release/release.pub" in card
+    assert not [p for p in run.iterdir() if p.name.startswith(".bundle.")]  # no temporary directory left
+
+
+def test_dsse_envelopes_verify_with_securesystemslib(run, bundle):
+    from cryptography.hazmat.primitives import serialization
+    from securesystemslib.dsse import Envelope
+    from securesystemslib.exceptions import VerificationError
+    from securesystemslib.signer import CryptoSigner, SSlibKey
+
+    release = load_release_key(run / "keys" / "release.pub")
+    key = SSlibKey.from_crypto(serialization.load_pem_public_key((run / "keys" / "release.pub").read_bytes()),
+                               keyid=release.key_id.hex())
+    lines = envelopes(bundle)
+    assert len(lines) == 2
+    for raw in lines:
+        envelope = Envelope.from_dict(json.loads(json.dumps(raw)))
+        assert envelope.payload_type == PAYLOAD_TYPE and envelope.pae() == pae(PAYLOAD_TYPE, envelope.payload)
+        assert list(envelope.verify([key], 1)) == [release.key_id.hex()]
+        envelope.payload = envelope.payload.replace(b'"runId"', b'"runID"')
+        with pytest.raises(VerificationError):
+            envelope.verify([key], 1)
+    # and the other way: securesystemslib signs, our reader verifies
+    private = serialization.load_pem_private_key((run / "keys" / "release.pem").read_bytes(), None)
+    theirs = Envelope(base64.b64decode(lines[0]["payload"]), PAYLOAD_TYPE, {})
+    theirs.sign(CryptoSigner(private, key))
+    opened = open_envelope(json.dumps(theirs.to_dict()).encode(), {release.key_id.hex(): release})
+    assert opened.verified == (release.key_id.hex(),) and opened.bad == ()
+
+
+def test_statements_follow_in_toto_and_slsa_and_state_the_ledger(run, bundle):
+    from google.protobuf import json_format
+    from in_toto_attestation.predicates.provenance.v1 import provenance_pb2
+    from in_toto_attestation.v1 import statement_pb2
+    from in_toto_attestation.v1.statement import Statement
+
+    statements = {s["predicateType"]: s for s in map(statement_of, envelopes(bundle))}
+    assert set(statements) == {LEDGER_PREDICATE, SLSA_PREDICATE}
+    model_sha = hashlib.sha256((bundle / "model" / "model.safetensors").read_bytes()).hexdigest()
+    for s in statements.values():
+        Statement.copy_from_pb(json_format.ParseDict(s, statement_pb2.Statement())).validate()
+        assert {x["name"]: x["digest"]["sha256"] for x in s["subject"]}["model/model.safetensors"] == model_sha
+    json_format.ParseDict(statements[SLSA_PREDICATE]["predicate"], provenance_pb2.Provenance())  # no unknown field
+    book = ledger.open(run / "L")
+    entries = list(book.entries())
+    genesis, seal = entries[0].body(), entries[-1].body()
+    root = merkle_root([entry_hash(e.record) for e in entries]).hex()
+    predicate = statements[LEDGER_PREDICATE]["predicate"]
+    assert predicate["runId"] == genesis["run_id"] and predicate["origin"] == f"training-ledger/{genesis['run_id']}"
+    assert predicate["ledger"]["treeSize"] == len(entries) and predicate["ledger"]["rootHash"] == root
+    assert predicate["ledger"]["sealTreeRoot"] == seal["tree_root"].hex()
+    assert predicate["keys"]["trainer"]["keyId"] == genesis["key_id"].hex()
+    assert predicate["keys"]["release"]["keyId"] == load_release_key(run / "keys" / "release.pub").key_id.hex()
+    final = safetensors_digests(bundle / "model" / "model.safetensors")
+    assert predicate["weights"]["final"]["tensorDigests"] == {k: v.hex() for k, v in sorted(final.items())}
+    assert predicate["weights"]["init"]["modelDigest"] == genesis["init"]["model_digest"].hex()
+    assert predicate["recipe"]["sourceSha256"] == genesis["recipe"]["source_sha256"].hex()
+    slsa = statements[SLSA_PREDICATE]["predicate"]
+    assert slsa["buildDefinition"]["externalParameters"]["config"] == {"purpose": "publish test"}
+    assert slsa["runDetails"]["byproducts"][0]["digest"] == {"rfc9162_sha256": root}
+    batches = [e.body()["batch_digest"] for e in entries if e.kind is Kind.STEP]
+    deps = {d["name"]: d for d in slsa["buildDefinition"]["resolvedDependencies"]}
+    assert deps["batch-digests"]["digest"] == {"rfc9162_sha256": merkle_root([entry_hash(b) for b in batches]).hex()}
+    assert deps["recipe"]["digest"] == {"sha256": genesis["recipe"]["source_sha256"].hex()}
+
+
+def test_model_signing_cli_accepts_the_release_and_rejects_a_changed_byte(run, copy):
+    command = [str(VENV_BIN / "model_signing"), "verify", "key", "--signature", str(copy / "model.sig"),
+               "--public_key", str(run / "keys" / "release.pub"), str(copy / "model")]
+    ok = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    weights = copy / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    bad = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+
+
+# ----------------------------------------------------------------------------- verify DIR
+def test_bundle_verifies_with_keys_and_says_self_consistent_without(run, bundle):
+    code, report = verify_json(bundle, *trusted(run))
+    assert code == 0 and report["verdict"] == "pass"
+    for name in ("bundle", "attestations", "subjects", "release", "oms", "chain", "signatures", "seal", "model"):
+        assert report["checks"][name]["status"] == "pass", (name, report["checks"][name])
+    code, report = verify_json(bundle)
+    assert code == 0
+    assert report["checks"]["attestations"]["status"] == "warn"
+    assert "self-consistent, signer not authenticated" in report["checks"]["attestations"]["detail"]
+
+
+def _tamper_weight(bundle: Path) -> None:
+    path = bundle / "model" / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def _tamper_attestation(bundle: Path) -> None:
+    lines = envelopes(bundle)
+    payload = base64.b64decode(lines[0]["payload"]).replace(b'"treeSize":', b'"treeSize":1')
+    lines[0]["payload"] = base64.b64encode(payload).decode()
+    (bundle / "attestations.intoto.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+
+
+def _tamper_part(bundle: Path) -> None:
+    part = next((bundle / "ledger" / "parts").iterdir())
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    part.write_bytes(bytes(data))
+
+
+def _tamper_signature(bundle: Path) -> None:
+    sig = json.loads((bundle / "model.sig").read_text())
+    raw = bytearray(base64.b64decode(sig["dsseEnvelope"]["signatures"][0]["sig"]))
+    raw[10] ^= 1
+    sig["dsseEnvelope"]["signatures"][0]["sig"] = base64.b64encode(bytes(raw)).decode()
+    (bundle / "model.sig").write_text(json.dumps(sig))
+
+
+@pytest.mark.parametrize(("tamper", "failed"), [
+    (_tamper_weight, {"subjects", "oms", "model"}),
+    (_tamper_attestation, {"attestations"}),
+    (_tamper_part, {"chain"}),
+    (_tamper_signature, {"oms"}),
+], ids=["weight-byte", "attestation", "part", "model.sig"])
+def test_tamper_matrix_fails_naming_the_check(run, copy, tamper, failed):
+    tamper(copy)
+    code, report = verify_json(copy, *trusted(run))
+    assert code == 1 and report["verdict"] == "fail"
+    statuses = {name: c["status"] for name, c in report["checks"].items()}
+    assert failed <= {n for n, s in statuses.items() if s == "fail"}, statuses
+
+
+def test_a_wrong_release_key_fails_the_attestations(run, bundle, tmp_path):
+    ledger.generate_keypair(tmp_path / "other", key_type="p256")
+    code, report = verify_json(bundle, "--release-key", tmp_path / "other.pub")
+    assert code == 1
+    assert report["checks"]["attestations"]["status"] == "fail" and report["checks"]["oms"]["status"] == "fail"
+
+
+def test_policy_keys_ids_origin_and_minimum(run, bundle, tmp_path):
+    genesis = ledger.open(bundle / "ledger").genesis()
+    release_id = load_release_key(run / "keys" / "release.pub").key_id.hex()
+    shutil.copy(run / "keys" / "trainer.pub", tmp_path / "trainer.pub")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'origin = "training-ledger/{genesis["run_id"]}"\nmin_signatures = 1\n'
+                      f'keys = ["trainer.pub"]\nkey_ids = ["{release_id}"]\n')
+    code, report = verify_json(bundle, "--policy", policy)
+    assert code == 0 and all(report["checks"][n]["status"] == "pass"
+                             for n in ("attestations", "oms", "release", "signatures"))
+    policy.write_text(f'origin = "training-ledger/another-run"\nkey_ids = ["{release_id}"]\n')
+    code, report = verify_json(bundle, "--policy", policy)
+    assert code == 1 and "policy" in report["checks"]["release"]["detail"]
+    policy.write_text(f'min_signatures = 2\nkeys = ["trainer.pub"]\nkey_ids = ["{release_id}"]\n')
+    code, report = verify_json(bundle, "--policy", policy)
+    assert code == 1 and "2 needed" in report["checks"]["attestations"]["detail"]
+    policy.write_text(f'key_ids = ["{release_id}"]\ntrust_everything = true\n')
+    code, _, err = invoke("verify", bundle, "--policy", policy)
+    assert code == 2 and "unknown field" in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- hostile bundles
+def _resign(run: Path, bundle: Path, edit) -> None:
+    signer = load_release_signer(run / "keys" / "release.pem")
+    lines = []
+    for envelope in envelopes(bundle):
+        statement = statement_of(envelope)
+        edit(statement)
+        lines.append(seal_envelope(statement, [signer]))
+    (bundle / "attestations.intoto.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+
+
+def test_dot_dot_subject_is_compared_never_opened(run, copy, tmp_path):
+    (copy.parent / "outside.safetensors").write_bytes(b"x")
+
+    def edit(statement: dict) -> None:
+        statement["subject"].append({"name": "model/../../outside.safetensors",
+                                     "digest": {"sha256": hashlib.sha256(b"x").hexdigest()}})
+
+    _resign(run, copy, edit)
+    code, report = verify_json(copy, *trusted(run))
+    assert code == 1 and report["checks"]["attestations"]["status"] == "pass"
+    assert "not a file in model/" in report["checks"]["subjects"]["detail"]
+
+
+def test_dot_dot_shard_in_an_index_is_refused(run, copy):
+    (copy.parent / "evil.safetensors").write_bytes((copy / "model" / "model.safetensors").read_bytes())
+    (copy / "model" / "model.safetensors").unlink()
+    index = {"metadata": {}, "weight_map": {name: "../../evil.safetensors"
+                                            for name in safetensors_digests(copy.parent / "evil.safetensors")}}
+    (copy / "model" / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, report = verify_json(copy, *trusted(run))
+    assert code == 1 and report["checks"]["model"]["status"] == "fail"
+    assert "not a file name next to the index" in report["checks"]["model"]["detail"]
+
+
+@pytest.mark.parametrize("where", ["model/model.safetensors", "ledger", "model.sig"])
+def test_symlinks_fail_the_layout_and_nothing_is_read(run, copy, where):
+    target = copy / where
+    moved = copy.parent / ("outside-" + target.name)
+    target.rename(moved)
+    os.symlink(moved, target)
+    code, report = verify_json(copy, *trusted(run))
+    assert code == 1 and report["checks"]["bundle"]["status"] == "fail"
+    assert "symlink" in report["checks"]["bundle"]["detail"]
+    assert all(c["status"] == "skip" for n, c in report["checks"].items() if n != "bundle")
+
+
+def test_a_fifo_in_the_bundle_fails_without_blocking(run, copy):
+    os.mkfifo(copy / "model" / "extra.bin")
+    code, report = verify_json(copy, *trusted(run))
+    assert code == 1 and "FIFO" in report["checks"]["bundle"]["detail"]
+
+
+def test_verify_writes_nothing_in_the_bundle(run, copy):
+    before = {p: p.stat().st_mtime_ns for p in copy.rglob("*")}
+    verify_json(copy, *trusted(run))
+    assert {p: p.stat().st_mtime_ns for p in copy.rglob("*")} == before
+
+
+# ----------------------------------------------------------------------------- publish refusals and options
+def test_publish_refuses_an_existing_out_and_leaves_it_alone(run, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = invoke("publish", run / "L", "--model", run / "final" / "model.safetensors", "--out", out,
+                          "--release-key", run / "keys" / "release.pem")
+    assert code == 2 and "already exists" in err and len(err.strip().splitlines()) == 1
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_publish_refuses_weights_that_are_not_the_sealed_ones(run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(run / "final" / "model.safetensors"))
+    weights["0.bias"] = weights["0.bias"] + 1e-3
+    save_file(weights, str(tmp_path / "edited.safetensors"))
+    code, _, err = invoke("publish", run / "L", "--model", tmp_path / "edited.safetensors", "--out",
+                          tmp_path / "out", "--release-key", run / "keys" / "release.pem")
+    assert code == 1 and "not the sealed final weights" in err and "0.bias" in err
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["edited.safetensors"]
+
+
+def test_publish_refuses_an_unsealed_ledger_and_a_missing_key(run, tmp_path):
+    import torch
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    from ledger.hooks import Recorder
+
+    with pytest.raises(RuntimeError, match="stop"), pytest.warns(RuntimeWarning, match="unsealed"):
+        with Recorder(tmp_path / "U", model=model, optimizer=opt, key=SIGNER, seed=0) as rec:
+            model(torch.ones(1, 2)).sum().backward()
+            opt.step()
+            rec.step(loss=1.0)
+            raise RuntimeError("stop")  # the ledger is left unsealed
+    code, _, err = invoke("publish", tmp_path / "U", "--model", run / "final" / "model.safetensors", "--out",
+                          tmp_path / "out", "--release-key", run / "keys" / "release.pem")
+    assert code == 2 and "not sealed" in err
+    code, _, err = invoke("publish", run / "L", "--model", run / "final" / "model.safetensors", "--out",
+                          tmp_path / "out2")
+    assert code == 2 and "--release-key" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+
+
+def test_ed25519_release_key_skips_model_sig_and_checkpoints_travel(run, tmp_path):
+    out = tmp_path / "b"
+    code, stdout, err = invoke("publish", run / "L", "--model", run / "final" / "model.safetensors", "--out", out,
+                               "--release-key", run / "keys" / "trainer.pem", "--include-checkpoints")
+    assert code == 0, err
+    assert "model.sig not written" in stdout and not (out / "model.sig").exists()
+    assert (out / "ledger" / "checkpoints").is_dir()
+    code, report = verify_json(out, "--key", run / "keys" / "trainer.pub")
+    assert code == 0
+    statuses = {n: c["status"] for n, c in report["checks"].items()}
+    assert statuses["attestations"] == "pass" and statuses["oms"] == "skip" and statuses["checkpoints"] == "pass"
+
+
+# ----------------------------------------------------------------------------- heads, timestamps, shards
+def test_heads_and_tsa_tokens_are_attested_and_checked(run, tmp_path):
+    from ledger._note import open_note
+
+    ledger_copy = tmp_path / "L"
+    shutil.copytree(run / "L", ledger_copy)
+    size = len(list(ledger.open(ledger_copy).entries()))
+    token = b"\x30\x03\x02\x01\x00"  # stands for the DER token a TSA returned for heads/<size>.note
+    (ledger_copy / "heads" / f"{size}.tsr").write_bytes(token)
+    out = tmp_path / "b"
+    code, _, err = invoke("publish", ledger_copy, "--model", run / "final" / "model.safetensors", "--out", out,
+                          "--release-key", run / "keys" / "release.pem")
+    assert code == 0, err
+    statements = {s["predicateType"]: s for s in map(statement_of, envelopes(out))}
+    predicate = statements[LEDGER_PREDICATE]["predicate"]
+    final = (out / "ledger" / "heads" / f"{size}.note").read_bytes()
+    head, signed = open_note(final, SIGNER.public.raw)
+    assert signed and head.size == size and head.root.hex() == predicate["ledger"]["rootHash"]
+    assert {h["size"] for h in predicate["heads"]} >= {size}
+    assert predicate["timestamps"] == [{"size": size, "file": f"ledger/heads/{size}.tsr",
+                                        "sha256": hashlib.sha256(token).hexdigest()}]
+    code, report = verify_json(out, *trusted(run))
+    assert code == 0 and report["checks"]["release"]["timestamps"] == 1
+    (out / "ledger" / "heads" / f"{size}.tsr").write_bytes(token + b"\x00")
+    code, report = verify_json(out, *trusted(run))
+    assert code == 1 and "timestamps" in report["checks"]["release"]["detail"]
+
+
+def test_a_sharded_index_is_published_and_verified(run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(run / "final" / "model.safetensors"))
+    names = sorted(weights)
+    shards = {"model-00001-of-00002.safetensors": names[:3], "model-00002-of-00002.safetensors": names[3:]}
+    (tmp_path / "w").mkdir()
+    for file, members in shards.items():
+        save_file({n: weights[n] for n in members}, str(tmp_path / "w" / file))
+    index = {"metadata": {}, "weight_map": {n: f for f, members in shards.items() for n in members}}
+    (tmp_path / "w" / "model.safetensors.index.json").write_text(json.dumps(index))
+    out = tmp_path / "b"
+    code, _, err = invoke("publish", run / "L", "--model", tmp_path / "w" / "model.safetensors.index.json",
+                          "--out", out, "--release-key", run / "keys" / "release.pem")
+    assert code == 0, err
+    assert sorted(p.name for p in (out / "model").iterdir()) == [*sorted(shards), "model.safetensors.index.json"]
+    code, report = verify_json(out, *trusted(run))
+    assert code == 0 and report["checks"]["model"]["status"] == "pass" and report["checks"]["subjects"]["files"] == 3
