@@ -234,8 +234,8 @@ class LedgerWriter:
             raise ConfigurationError("only the first entry can be a genesis")
         metrics = {name: metric_value(v) for name, v in dict(body.get("metrics", {})).items()}
         with_head = kind is Kind.CHECKPOINT and self._origin is not None
-        if with_head and "tree_head" in body:
-            raise ConfigurationError("checkpoint field name reserved by the format: tree_head (the writer adds it)")
+        if with_head and "tree_head" in body:  # the writer's head of this ledger replaces a copied one
+            body = {name: value for name, value in body.items() if name != "tree_head"}
         body_bytes = b"" if with_head else encode_body(body)
         published: tuple[int, bytes] | None = None
         with self._mutex:

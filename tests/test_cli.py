@@ -92,7 +92,8 @@ def test_verify_pass_text_and_json(sealed):
     path, pub = sealed
     out = ledger_cli("verify", path, "--key", pub)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1].startswith("PASS: chain, signatures and seal hold for 17 entries")
+    assert out.stdout.strip().splitlines()[-1].startswith("PASS: chain, signatures, seal and heads hold for 17 "
+                                                                "entries")
     out = ledger_cli("verify", path, "--json")
     report = json.loads(out.stdout)
     assert out.returncode == 0 and report["verdict"] == "pass" and report["rests_on"] == ["chain", "seal"]
@@ -115,7 +116,7 @@ def test_verify_fail_exit_1_names_the_entry(sealed):
     out = ledger_cli("verify", path, "--key", pub)
     assert out.returncode == 1
     assert "chain        fail  first bad entry seq 8" in out.stdout and out.stdout.strip().startswith("ledger ")
-    assert out.stdout.strip().splitlines()[-1].startswith("FAIL: chain and seal failed")
+    assert out.stdout.strip().splitlines()[-1].startswith("FAIL: chain, seal and heads failed")
 
 
 @pytest.mark.parametrize("args, message", [

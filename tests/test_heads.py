@@ -18,7 +18,7 @@ from ledger._heads import list_heads, write_head
 from ledger._note import TreeHead, note_from_signature, open_note, origin_of, sign_note
 from ledger._record import Kind, merkle_root
 from ledger._schema import CheckpointBody, RecordedHead
-from ledger.errors import ConfigurationError, FormatError
+from ledger.errors import FormatError
 
 SIGNER = Signer.from_seed(FIXED_SEED)
 DOC = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"
@@ -62,11 +62,11 @@ def test_checkpoint_entries_carry_the_signed_head_of_the_entries_before_them(tmp
     assert not [p for p in (path / "heads").iterdir() if p.name.endswith(".tmp")]
 
 
-def test_tree_head_is_reserved_and_validated(tmp_path):
+def test_tree_head_is_the_writer_s_and_validated(tmp_path):
     writer = LedgerWriter.create(tmp_path / "L", SIGNER, run_id="r")
-    with pytest.raises(ConfigurationError, match="tree_head"):
-        writer.append("checkpoint", 0, {"path": "x", "tree_head": {"size": 1}})
+    entry = writer.append("checkpoint", 0, {"path": "x", "tree_head": {"size": 7}})  # a copied body's head
     writer.close()
+    assert RecordedHead.from_body(entry.body()["tree_head"]).size == 1  # is the writer's own
     good = {"size": 3, "root": bytes(32), "signature": bytes(64)}
     assert RecordedHead.from_body(good) == RecordedHead(3, bytes(32), bytes(64))
     assert RecordedHead.from_body(None) is None
@@ -160,3 +160,92 @@ def test_the_recorder_s_checkpoints_carry_heads_and_the_schema_reads_them(tmp_pa
             assert body.to_body()["tree_head"] == entry.body()["tree_head"]
             seen.append(entry.seq)
     assert len(seen) == 3 and [s for s, _ in list_heads(tmp_path / "L")] == [*seen, len(entries)]
+
+
+# ---------------------------------------------------------------- verify: check heads
+def verify_heads(path: Path, key=True):
+    from ledger.verify import verify_ledger
+
+    return verify_ledger(path, key=SIGNER.public if key else None).check("heads")
+
+
+def test_an_honest_ledger_passes_heads_and_a_missing_heads_file_is_fine(tmp_path):
+    path = write_run(tmp_path / "L")
+    result = verify_heads(path)
+    assert result.status == "pass" and result.data["checkpoint_heads"] == 2 and result.data["published_heads"] == 3
+    assert verify_heads(path, key=False).status == "warn"
+    (path / "heads" / "5.note").unlink()  # heads/ is for publishing: the ledger keeps the head
+    assert verify_heads(path).status == "pass"
+
+
+def test_a_ledger_without_heads_skips(tmp_path):
+    writer = LedgerWriter.create(tmp_path / "L", SIGNER, run_id="r")
+    writer.append("step", 0, step_body(0))
+    writer.close()
+    assert verify_heads(tmp_path / "L").status == "skip"
+
+
+def test_a_forged_published_head_fails_naming_it(tmp_path):
+    path = write_run(tmp_path / "L")
+    other = Signer.from_seed(bytes(32))
+    note = (path / "heads" / "5.note").read_bytes()
+    head = open_note(note, SIGNER.public.raw)[0]
+    (path / "heads" / "5.note").unlink()
+    (path / "heads" / "5.note").write_bytes(sign_note(head, other))
+    result = verify_heads(path)
+    assert result.status == "fail" and "heads/5.note: not signed by the trainer's key" in result.detail
+    (path / "heads" / "5.note").unlink()
+    (path / "heads" / "5.note").write_bytes(note.replace(b"\n5\n", b"\n6\n"))
+    assert "heads/5.note: states size 6" in verify_heads(path).detail
+    (path / "heads" / "5.note").unlink()
+    (path / "heads" / "5.note").write_bytes(b"garbage")
+    assert "heads/5.note: not a signed tree head" in verify_heads(path).detail
+
+
+def test_a_head_the_ledger_does_not_extend_is_a_fork(tmp_path):
+    ours = write_run(tmp_path / "ours", checkpoints=(3,), steps=6, seal=False)
+    longer = write_run(tmp_path / "longer", checkpoints=(3, 7), steps=10)  # the same first entries, then more
+    forked = write_run(tmp_path / "forked", checkpoints=(1, 3), steps=6)  # same run and key, other entries
+    assert verify_heads(ours).status == "pass"
+    # a head of the longer ledger: ours holds fewer entries than it states
+    final = max(list_heads(longer))
+    (ours / "heads" / head_file(final[0])).write_bytes(final[1])
+    result = verify_heads(ours)
+    assert result.status == "fail" and f"a signed head of {final[0]} entries" in result.detail \
+        and result.data["forks"] == [final[0]]
+    (ours / "heads" / head_file(final[0])).unlink()
+    # a head signed by the trainer's key over other entries at a size ours has
+    size, note = next((s, n) for s, n in list_heads(forked) if s == 6)
+    (ours / "heads" / head_file(size)).write_bytes(note)
+    result = verify_heads(ours)
+    assert result.status == "fail" and f"fork at size {size}" in result.detail and result.data["forks"] == [size]
+
+
+def head_file(size: int) -> str:
+    return f"{size}.note"
+
+
+def test_checkpoint_heads_that_do_not_state_their_prefix_fail(tmp_path):
+    def ledger_with(tree_head) -> Path:
+        path = tmp_path / f"L{len(list(tmp_path.iterdir()))}"
+        writer = LedgerWriter.create(path, SIGNER, run_id="run-heads", clock=fixed_clock())
+        writer._origin = None  # write the field ourselves, signed into the entry by the trainer's key
+        writer.append("step", 0, step_body(0))
+        writer.append("checkpoint", 0, {"path": "c", "tree_head": tree_head(writer)})
+        writer.close()
+        return path
+
+    def signed(size: int, root: bytes) -> dict:
+        text = TreeHead(origin_of("run-heads"), size, root).text()
+        return {"size": size, "root": root, "signature": SIGNER.sign_bytes(text)}
+
+    good = ledger_with(lambda w: signed(2, w._tree.root()))
+    assert verify_heads(good).status == "pass"
+    wrong_root = verify_heads(ledger_with(lambda w: signed(2, bytes(32))))
+    assert wrong_root.status == "fail" and "fork at size 2" in wrong_root.detail
+    wrong_size = verify_heads(ledger_with(lambda w: signed(1, w._tree.root())))
+    assert "checkpoint seq 2: tree_head size 1 is not its seq" in wrong_size.detail
+    forged = verify_heads(ledger_with(lambda w: {**signed(2, w._tree.root()), "signature": bytes(64)}))
+    assert "checkpoint seq 2: tree_head signature does not verify" in forged.detail
+    malformed = verify_heads(ledger_with(lambda w: {"size": 2}))
+    assert malformed.status == "fail" and "checkpoint seq 2: tree_head" in malformed.detail

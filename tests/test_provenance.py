@@ -113,7 +113,8 @@ def failed(report) -> list[str]:
 def test_honest_run_passes_with_bit_exact_replay(honest):
     report = verify(honest, model=honest.parent / "L.safetensors")
     assert report.verdict == "pass", report.to_dict()["checks"]
-    assert report.rests_on == ["chain", "signatures", "seal", "model", "checkpoints", "init", "continuity", "replay"]
+    assert report.rests_on == ["chain", "signatures", "seal", "heads", "model", "checkpoints", "init", "continuity",
+                              "replay"]
     replay = report.check("replay").data
     assert replay["mode"] == "bit-exact" and all(i["bit_exact"] for i in replay["intervals"])
     assert len(replay["intervals"]) == 3 and replay["cost_fraction"] == 1.0
