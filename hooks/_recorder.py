@@ -32,6 +32,7 @@ from ledger.hooks._options import resolve as resolve_options
 from ledger.hooks._queue import WriterQueue
 from ledger.hooks._sharded import sharded_state
 from ledger.hooks._sharded_run import ShardedRun, group_grad_norms, is_sharded, refuse
+from ledger.hooks._tsa import Timestamper, TsaOptions, options_of, timestamps_field
 
 MAX_LAG = 1.0  # seconds: the default time bound on what waits unwritten
 
@@ -69,6 +70,12 @@ class Recorder:
 
     ``keep``: checkpoint retention, None (all), ("last", n) or ("every", n).
 
+    ``tsa``: the URL of an RFC 3161 time-stamping authority (or :class:`ledger.hooks._tsa.TsaOptions`):
+    every signed tree head (at each checkpoint, and the seal's) is timestamped on a background
+    thread — training never waits on it; a failure is retried with backoff — and the tokens go into
+    the next entry's ``timestamps`` and ``heads/<size>.tsr``; the seal records the heads still
+    unstamped after a bounded wait (docs/FORMAT.md §13, ``ledger verify --tsa-roots``).
+
     ``framework``: what genesis records about a training framework driving the recorder (its name,
     version, and how its step numbers, loss, gradient norm and batches map to the ledger's); the
     framework callbacks (:mod:`ledger.hooks.lightning`, :mod:`ledger.hooks.transformers`) fill it.
@@ -103,12 +110,13 @@ class Recorder:
                  base: Mapping[str, Any] | None = None, fsync: str = "group",
                  clock: Callable[[], int] = time.time_ns, max_lag: float = MAX_LAG,
                  framework: Mapping[str, Any] | None = None, distributed: bool | None = None,
-                 mlflow: Any = None, **deprecated: Any) -> None:
+                 mlflow: Any = None, tsa: str | TsaOptions | None = None, **deprecated: Any) -> None:
         group = _distributed.ranks(distributed)
         with _distributed.announce(group) as told:  # every rank learns whether the model is sharded, or why not
             options = resolve_options(fingerprints, deprecated)
             check_checkpointing(checkpoint_every, keep)
             check_queue(queue_size, drain_interval, max_lag)
+            stamping = options_of(tsa)
             hookable(optimizer)  # nothing is written for an optimizer the recorder cannot hook
             model = _distributed.unwrap_model(model)
             run_id = secrets.token_hex(16)
@@ -142,7 +150,8 @@ class Recorder:
             with _distributed.announce(group) as told:  # every rank learns that the recorder is set up, or why not
                 self._attach(root, model, optimizer, scheduler, writer, genesis, options, sketcher, first_step=0,
                              keep=keep, queue_size=queue_size, drain_interval=drain_interval, max_lag=max_lag,
-                             last_checkpoint_step=-1 if checkpoint_every else None, sharded=sharded, group=group)
+                             last_checkpoint_step=-1 if checkpoint_every else None, sharded=sharded, group=group,
+                             tsa=stamping)
                 if checkpoint_every:  # the init state, before returning: a run killed later can always resume
                     snap = self._checkpoints.take(-1, model, optimizer, scheduler)
                     with _resume.storage(f"write the init checkpoint under {self.checkpoint_root}",
@@ -156,6 +165,9 @@ class Recorder:
         except BaseException:
             if hasattr(self, "_queue"):
                 self._stop_thread()
+            stamper: Timestamper | None = getattr(self, "_tsa", None)
+            if stamper is not None:
+                stamper.stop()
             writer.release()
             undo_construction(root, existed, made)
             raise
@@ -170,7 +182,7 @@ class Recorder:
                 keep: tuple[str, int] | None, queue_size: int, drain_interval: float, max_lag: float,
                 last_checkpoint_step: int | None = None,
                 alive: Sequence[Alive] = (), sharded: ShardedRun | None = None,
-                group: _distributed.Ranks | None = None) -> None:
+                group: _distributed.Ranks | None = None, tsa: TsaOptions | None = None) -> None:
         """Set up recording onto ``writer`` from step ``first_step`` (a new run or a resumed one)."""
         self._sharded = sharded
         tensors = sharded.tensors() if sharded else lt.canonical_state(model)[0]
@@ -196,6 +208,9 @@ class Recorder:
         self._tensor_cache: dict[str, torch.Tensor] | None = None
         self._norm_plan: Norms | None = None
         self._mirror: Any = None  # the MLflow mirror (ledger.hooks.mlflow.Mirror), when mirroring
+        self._tsa = Timestamper(tsa, path / "heads").start() if tsa is not None else None
+        if self._tsa is not None:
+            writer.on_head = self._tsa.submit  # each head, once heads/<size>.note is durable
 
     def _start_mirror(self, sink: Any, config: Mapping[str, Any], created: bool) -> None:
         from ledger.hooks import mlflow as mirroring
@@ -328,8 +343,15 @@ class Recorder:
     # ----------------------------------------------------------------- background writer
     def _append(self, kind: Kind, step: int, body: Body) -> int:
         """Append one typed entry (on the writer thread, or the caller's once it has stopped);
-        returns its seq."""
-        return self._writer.append(kind, step, body.to_body()).seq
+        returns its seq. Timestamp tokens that arrived since the last entry go into this one."""
+        tokens = self._tsa.take() if self._tsa is not None else []
+        fields = {**body.to_body(), **timestamps_field(tokens)}
+        try:
+            return self._writer.append(kind, step, fields).seq
+        except BaseException:
+            if tokens and self._tsa is not None:
+                self._tsa.give_back(tokens)
+            raise
 
     def flush(self) -> None:
         """Return once everything queued so far is appended to the ledger and durable (fsync);
@@ -359,6 +381,8 @@ class Recorder:
         if self._writer.sealed:  # an earlier close() sealed, then could not roll (disk full): finish that
             self._writer.close()
             self._closed = True
+            if self._tsa is not None:
+                self._tsa.finish(str(self.path))
             return
         last = self._step - 1
         if self.checkpoint_every and self._checkpoints.last_step != last:
@@ -374,8 +398,11 @@ class Recorder:
         if self._mirror is not None:  # how far the mirror got before the seal, recorded in it
             mirrored = self._mirror.settle(self._writer.next_seq - 1, deadline - time.monotonic())
         seal = SealBody(0, b"", b"", FinalWeights(live, model_digest(live), file), self._step, mirrored)
-        self._writer.seal(seal.recorder_fields(), step=last)
+        stamped = self._tsa.seal_fields() if self._tsa is not None else {}  # after a bounded wait
+        self._writer.seal({**seal.recorder_fields(), **stamped}, step=last)
         self._closed = True
+        if self._tsa is not None:  # a bounded wait for the final head's token; a warning names heads left unstamped
+            self._tsa.finish(str(self.path))
         if self._mirror is not None:  # the seal and the parts the close rolled: bounded, never raises
             self._mirror.finish(max(deadline - time.monotonic(), 0.0 if mirrored and mirrored["missing"] else 10.0))
 
@@ -411,6 +438,8 @@ class Recorder:
         self._stop_thread()
         if self._mirror is not None:
             self._mirror.stop()
+        if self._tsa is not None:
+            self._tsa.stop()
         problems = self._failures.problems()
         try:
             self._writer.close()
@@ -448,7 +477,7 @@ class Recorder:
                passphrase: bytes | None = None, keep: tuple[str, int] | None = None, queue_size: int = 256,
                drain_interval: float = 0.05, max_lag: float = MAX_LAG, fsync: str = "group",
                at: Mapping[str, Any] | None = None, distributed: bool | None = None,
-               mlflow: Any = None) -> Recorder:
+               mlflow: Any = None, tsa: str | TsaOptions | None = None) -> Recorder:
         """Continue a crashed run. Before acting on anything the ledger names, check its chain and
         every signature with ``key`` (the writer's; genesis must declare its public key) and that
         every checkpoint path lies inside the checkpoint root; then remove ``.tmp-*`` leftovers,
@@ -464,7 +493,8 @@ class Recorder:
         on the one rank that records.
 
         ``mlflow``: a run recorded with ``mlflow=`` goes on mirroring into the same MLflow run (genesis
-        ``config["mlflow"]`` names it); ``False`` stops mirroring, an ``MlflowSink`` overrides where."""
+        ``config["mlflow"]`` names it); ``False`` stops mirroring, an ``MlflowSink`` overrides where.
+        ``tsa``: timestamp the heads written from now on (as ``Recorder(tsa=...)``)."""
         group = _distributed.ranks(distributed)
         if group is not None and group.rank:
             run_id, first, every, directory = _distributed.joined(group)
@@ -475,6 +505,7 @@ class Recorder:
         with _distributed.announce(group) as told:
             check_checkpointing(None, keep)
             check_queue(queue_size, drain_interval, max_lag)
+            stamping = options_of(tsa)
             root = Path(path)
             model = _distributed.unwrap_model(model)
             writer, plan = _resume.reopen(root, key, passphrase, model, optimizer, scheduler, fsync, at)
@@ -492,7 +523,7 @@ class Recorder:
                          lt.CountSketch(policy.sketch_seed, policy.sketch_k), first_step=last.step + 1, keep=keep,
                          queue_size=queue_size, drain_interval=drain_interval, max_lag=max_lag,
                          last_checkpoint_step=last.step,
-                         alive=[c for c in plan.alive if c[0] <= last.seq], group=group)
+                         alive=[c for c in plan.alive if c[0] <= last.seq], group=group, tsa=stamping)
         recorded = plan.genesis.config.get("mlflow") if isinstance(plan.genesis.config, Mapping) else None
         if mlflow is not False and (mlflow is not None or isinstance(recorded, Mapping)):
             try:

@@ -73,3 +73,16 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
         yield server.tracking_uri
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def tsa_server(tmp_path_factory: pytest.TempPathFactory):
+    """A local RFC 3161 TSA (throwaway CA, ``openssl ts -reply`` over HTTP on 127.0.0.1) for the
+    session; yields the running :class:`tsa_server.TsaServer` (``.url``, ``.authority.root``, ``.mode``)."""
+    from tsa_server import start_tsa_server
+
+    server = start_tsa_server(tmp_path_factory.mktemp("tsa"))
+    try:
+        yield server
+    finally:
+        server.stop()

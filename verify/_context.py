@@ -64,6 +64,7 @@ class Context:
     progress: Progress | None = None
     results: Mapping[str, CheckResult] = field(default_factory=dict)
     mlflow: Any = None  # the MLflow run to compare with (verify/_mlflow.MlflowSource), for check ``mlflow``
+    tsa_roots: tuple[Any, ...] = ()  # trusted TSA root certificates (``--tsa-roots``), for check ``timestamps``
     # draws --sample entries: one stream seeded with sample_seed, shared by the checks in order (chain,
     # then signatures), so a seed reproduces the whole draw
     rng: random.Random = field(default_factory=random.Random)
