@@ -38,13 +38,12 @@ from ledger import _parts, _wal
 from ledger._crypto import public_key_pem
 from ledger._encoding import decode_body
 from ledger._layout import Layout
+from ledger._mirror import OWNED_TAGS, TAG_CHARS, accepts_name, params_of
 from ledger._reader import _safe_seq, wal_table
 from ledger._record import Kind
 from ledger.errors import ConfigurationError
 
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # MLflow's limits per log_batch call
-PARAM_CHARS = 6000  # MLflow's limit on a param value
-TAG_CHARS = 8000
 CLOSE_TIMEOUT = 30.0  # seconds close() waits for the mirror, by default
 INTERVAL = 5.0  # seconds between the mirror's passes (each costs a request or two: ~15 ms of client CPU)
 MAX_BACKOFF = 30.0
@@ -122,20 +121,6 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:300]}"
 
 
-def flatten(config: Any, prefix: str = "") -> dict[str, str]:
-    """Genesis ``config`` as MLflow params: nested maps joined with ``.``, values ``str(v)`` cut to
-    MLflow's limit."""
-    out: dict[str, str] = {}
-    if isinstance(config, Mapping):
-        for key, value in config.items():
-            name = f"{prefix}{key}"
-            if isinstance(value, Mapping) and value:
-                out.update(flatten(value, name + "."))
-            else:
-                out[name] = str(value)[:PARAM_CHARS]
-    return out
-
-
 @dataclass(frozen=True, slots=True)
 class Progress:
     """How far one mirroring went: metrics logged, parts uploaded, the cursor after it."""
@@ -162,6 +147,8 @@ class Mirror:
         self._wal_at = (0, 0, 0)  # (device, inode, byte offset) of the log read up to (a roll replaces the file)
         self._wal_ends: list[tuple[int, int]] = []  # (seq, end offset) of the frames read in this pass
         self._names: set[str] = set()  # metric names mirrored (for the ledger.owned tag)
+        self.refused: set[str] = set()  # metric names MLflow does not accept: not mirrored
+        self.cpu_seconds = 0.0  # the mirror thread's CPU time (docs/PERFORMANCE.md)
         self._set_up = False
         self._wake = threading.Event()
         self._changed = threading.Condition()
@@ -198,6 +185,9 @@ class Mirror:
                     genesis = _genesis_body(table)
                 if kind == Kind.STEP.label:
                     for name, value in values or ():
+                        if not accepts_name(name):  # MLflow would refuse the whole batch
+                            self.refused.add(name)
+                            continue
                         metrics.append(Metric(name, float("nan") if value is None else float(value),
                                               int(time_ns) // 1_000_000, int(step)))
                         self._names.add(name)
@@ -214,12 +204,11 @@ class Mirror:
         self._advance_log()
         parts = self._upload_parts()
         if final:
-            owned = {"metrics": sorted(self._names), "params": [], "tags": [
-                "ledger.run_id", "ledger.key_id", "ledger.format", "ledger.head", "ledger.entries",
-                "ledger.mirrored_seq", "ledger.owned"]}
+            owned = {"metrics": sorted(self._names), "params": [], "tags": list(OWNED_TAGS),
+                     "refused": sorted(self.refused)}
             text = json.dumps(owned)
             if len(text) > TAG_CHARS:
-                owned["metrics"] = ["…"]
+                owned["metrics"] = owned["refused"] = ["…"]
                 text = json.dumps(owned)
             self.client.set_tag(self.run_id, "ledger.owned", text)
         return Progress(logged, parts, self.cursor)
@@ -237,8 +226,7 @@ class Mirror:
 
     def _setup(self, genesis: Mapping[str, Any], param: Any, tag: Any) -> None:
         """Params, static tags and the public key (once per mirror; idempotent on the server)."""
-        params = flatten(genesis.get("config", {}))
-        params["ledger.seed"] = str(genesis.get("seed"))
+        params = params_of(genesis.get("config", {}), genesis.get("seed"))
         items = [param(k, v) for k, v in params.items()]
         for i in range(0, len(items), MAX_PARAMS):
             self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS])
@@ -327,6 +315,7 @@ class Mirror:
             if self._stop:
                 return
             final = self._final
+            started = time.thread_time()
             try:
                 self.push(final=final)
             except Exception as exc:  # the server is down or slow, the run refused something: retry later
@@ -337,6 +326,8 @@ class Mirror:
                 self.failures, self.error, delay = 0, None, self.interval
                 if final:
                     self._done = True
+            finally:
+                self.cpu_seconds += time.thread_time() - started
             with self._changed:
                 self._changed.notify_all()
             if self._done:
@@ -409,10 +400,19 @@ def start(sink: MlflowSink, config: Mapping[str, Any], path: str | os.PathLike[s
                   created=created).start()
 
 
-def sync(path: str | os.PathLike[str], run_id: str | None = None, tracking_uri: str | None = None) -> Progress:
+MAX_REPORT = 64 << 20  # bytes of an HTML report sync uploads
+
+
+def sync(path: str | os.PathLike[str], run_id: str | None = None, tracking_uri: str | None = None,
+         report: str | os.PathLike[str] | None = None) -> Progress:
     """Push what the run lacks of the ledger at ``path`` (``ledger mlflow sync``): entries after the
-    run's ``ledger.mirrored_seq`` tag, parts not uploaded, the key; nothing twice."""
+    run's ``ledger.mirrored_seq`` tag, parts not uploaded, the key; nothing twice. ``report``: an
+    HTML verify report, uploaded as ``ledger/report.html`` (replacing an earlier one)."""
+    from ledger._io import read_regular
     from ledger._reader import Ledger
+
+    page = read_regular(report, what="report", limit=MAX_REPORT, error=ConfigurationError) \
+        if report is not None else None
 
     config = Ledger(path).genesis().get("config", {})
     recorded = config.get("mlflow") if isinstance(config, Mapping) else None
@@ -435,4 +435,12 @@ def sync(path: str | os.PathLike[str], run_id: str | None = None, tracking_uri: 
             raise ConfigurationError(f"could not mirror into MLflow run {run_id}: {_short(exc)}") from None
         total = Progress(total.metrics + step.metrics, total.parts + step.parts, step.cursor)
         if step.cursor == before:
-            return total
+            break
+    if page is not None:
+        with tempfile.TemporaryDirectory(prefix="ledger-mlflow-") as tmp:
+            (Path(tmp) / "report.html").write_bytes(page)
+            try:
+                mirror.client.log_artifact(str(run_id), str(Path(tmp) / "report.html"), "ledger")
+            except Exception as exc:
+                raise ConfigurationError(f"could not upload the report to MLflow run {run_id}: {_short(exc)}") from None
+    return total

@@ -5,12 +5,11 @@ sync`` fills it, nothing twice; ``Recorder.resume`` goes on in the same run."""
 
 from __future__ import annotations
 
-import contextlib
+import json
 import math
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,11 @@ pytest.importorskip("mlflow")
 torch = pytest.importorskip("torch")
 
 import ledger  # noqa: E402
+from ledger._mirror import accepts_name, params_of  # noqa: E402
 from ledger._schema import SealBody  # noqa: E402
 from ledger.errors import ConfigurationError, FormatError  # noqa: E402
 from ledger.hooks import Recorder  # noqa: E402
-from ledger.hooks.mlflow import MlflowSink, flatten  # noqa: E402
+from ledger.hooks.mlflow import MlflowSink  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def _check_run(uri: str, run_id: str, path: Path, tmp: Path, public: Path) -> No
     """Every step's metrics once at its step and time; params; tags; the downloaded ledger verifies."""
     client = _client(uri)
     ledger_metrics = _step_metrics(path)
-    for name in {n for n, _ in ledger_metrics}:
+    for name in {n for n, _ in ledger_metrics if accepts_name(n)}:
         history = client.get_metric_history(run_id, name)
         seen = [(m.step, m.value, m.timestamp) for m in history]
         assert len(seen) == len({s for s, _, _ in seen}), f"{name}: a step logged twice"
@@ -126,7 +126,7 @@ def test_recorded_run_is_mirrored_and_its_download_verifies(mlflow_server: str, 
         optimizer.step()
         optimizer.zero_grad()
         t0 = time.perf_counter()
-        rec.step(loss=loss, batch=(x, y), lr=3e-3)
+        rec.step(loss=loss, batch=(x, y), lr=3e-3, **{"acc#top1": 0.5})  # a name MLflow refuses
         times.append(time.perf_counter() - t0)
     rec.close()
     seal = ledger.open(tmp_path / "ledger").last_entry().body()
@@ -134,103 +134,65 @@ def test_recorded_run_is_mirrored_and_its_download_verifies(mlflow_server: str, 
                               "missing": False}
     assert sorted(times)[len(times) // 2] < 0.025  # rec.step never waits for MLflow (median, 2 shared cores)
     _check_run(mlflow_server, run_id, tmp_path / "ledger", tmp_path / "download", public)
-    assert _client(mlflow_server).get_run(run_id).info.status == "FINISHED"
-
-
-class _Proxy:
-    """A TCP forwarder in front of the server, which can be taken down (connections refused and cut)
-    and brought back on the same port: a server outage without restarting mlflow."""
-
-    def __init__(self, upstream: str) -> None:
-        host, port = upstream.removeprefix("http://").split(":")
-        self.upstream = (host, int(port))
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self._conns: list[socket.socket] = []
-        self._listener: socket.socket | None = None
-        self.up()
-
-    def up(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(16)
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def down(self) -> None:
-        assert self._listener is not None
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        for conn in self._conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-            conn.close()
-        self._conns = []
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            try:
-                server = socket.create_connection(self.upstream)
-            except OSError:
-                client.close()
-                continue
-            self._conns += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                dst.sendall(data)
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
+    run = _client(mlflow_server).get_run(run_id)
+    assert run.info.status == "FINISHED" and "acc#top1" not in run.data.metrics
+    assert json.loads(run.data.tags["ledger.owned"])["refused"] == ["acc#top1"]
+    checked = _cli("verify", "--mlflow-run", run_id, "--tracking-uri", mlflow_server, "--key", str(public), "--json")
+    assert checked.returncode == 0, checked.stdout[-2000:] + checked.stderr
+    mlflow_check = json.loads(checked.stdout)["checks"]["mlflow"]
+    assert mlflow_check["status"] == "pass" and mlflow_check["refused_names"] == ["acc#top1"], mlflow_check
 
 
 @pytest.mark.slow
-def test_outage_is_recorded_in_the_seal_and_sync_fills_it_once(mlflow_server: str, tmp_path: Path) -> None:
-    proxy = _Proxy(mlflow_server)
-    private, public, data, model, optimizer = _setup(tmp_path)
-    sink = MlflowSink(tracking_uri=proxy.uri, experiment="mirror-test", interval=0.1, close_timeout=2.0)
-    rec = Recorder(tmp_path / "ledger", model=model, optimizer=optimizer, key=private, seed=1, checkpoint_every=10,
-                   config={"opt": {"name": "adamw"}}, mlflow=sink)
-    run_id = str(sink.run_id)
-    _train(rec, model, optimizer, data, range(10))
-    rec.flush()
-    deadline = time.monotonic() + 20
-    while (rec._mirror.cursor or -1) < 10 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proxy.down()
-    started = time.perf_counter()
-    _train(rec, model, optimizer, data, range(10, 30))
-    assert time.perf_counter() - started < 20  # training went on at its pace
-    with pytest.warns(RuntimeWarning, match="mlflow sync"):
-        rec.close()
-    seal = ledger.open(tmp_path / "ledger").last_entry().body()
-    assert seal["mirror"]["missing"] is True and seal["mirror"]["mlflow_run_id"] == run_id
-    assert 10 <= seal["mirror"]["mirrored_through_seq"] < seal["entry_count"] - 1
-    done = _cli("verify", str(tmp_path / "ledger"), "--key", str(public))
-    assert done.returncode == 0, done.stdout + done.stderr
-    client = _client(mlflow_server)
-    assert len(client.get_metric_history(run_id, "loss")) < 30
+def test_server_killed_mid_run_gap_in_the_seal_sync_fills_it_once(tmp_path: Path) -> None:
+    """A server of its own, SIGKILLed mid-run and restarted on the same port and database."""
+    from mlflow_server import start_mlflow_server
 
-    refused = _cli("mlflow", "sync", str(tmp_path / "ledger"))  # the server (the proxy) still down: exit 2
-    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
-    proxy.up()
-    first = _cli("mlflow", "sync", str(tmp_path / "ledger"))
-    assert first.returncode == 0, first.stderr
-    second = _cli("mlflow", "sync", str(tmp_path / "ledger"), "--tracking-uri", mlflow_server, "--run-id", run_id)
-    assert second.returncode == 0 and second.stdout.startswith("mirrored 0 metric values and 0 parts"), second.stdout
-    _check_run(mlflow_server, run_id, tmp_path / "ledger", tmp_path / "download", public)
-    proxy.down()
+    server = start_mlflow_server(tmp_path / "server")
+    try:
+        private, public, data, model, optimizer = _setup(tmp_path)
+        sink = MlflowSink(tracking_uri=server.tracking_uri, experiment="mirror-test", interval=0.1, close_timeout=2.0)
+        rec = Recorder(tmp_path / "ledger", model=model, optimizer=optimizer, key=private, seed=1,
+                       checkpoint_every=10, config={"opt": {"name": "adamw"}}, mlflow=sink)
+        run_id = str(sink.run_id)
+        _train(rec, model, optimizer, data, range(10))
+        rec.flush()
+        deadline = time.monotonic() + 20
+        while (rec._mirror.cursor or -1) < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.kill()
+        started = time.perf_counter()
+        _train(rec, model, optimizer, data, range(10, 30))
+        assert time.perf_counter() - started < 20  # training went on at its pace
+        with pytest.warns(RuntimeWarning, match="mlflow sync"):
+            rec.close()
+        seal = ledger.open(tmp_path / "ledger").last_entry().body()
+        assert seal["mirror"]["missing"] is True and seal["mirror"]["mlflow_run_id"] == run_id
+        assert 10 <= seal["mirror"]["mirrored_through_seq"] < seal["entry_count"] - 1
+        done = _cli("verify", str(tmp_path / "ledger"), "--key", str(public), "--report", str(tmp_path / "r.html"))
+        assert done.returncode == 0, done.stdout + done.stderr
+
+        refused = _cli("mlflow", "sync", str(tmp_path / "ledger"))  # the server still down: exit 2, one line
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+        server = start_mlflow_server(tmp_path / "server", port=server.port)
+        client = _client(server.tracking_uri)
+        assert len(client.get_metric_history(run_id, "loss")) < 30  # the gap, as the restarted server has it
+        first = _cli("mlflow", "sync", str(tmp_path / "ledger"))
+        assert first.returncode == 0, first.stderr
+        second = _cli("mlflow", "sync", str(tmp_path / "ledger"), "--tracking-uri", server.tracking_uri,
+                      "--run-id", run_id, "--report", str(tmp_path / "r.html"))
+        assert second.returncode == 0 and second.stdout.startswith("mirrored 0 metric values and 0 parts"), \
+            second.stdout
+        uploaded = client.download_artifacts(run_id, "ledger/report.html", str(tmp_path / "report"))
+        assert Path(uploaded).read_bytes() == (tmp_path / "r.html").read_bytes()
+        _check_run(server.tracking_uri, run_id, tmp_path / "ledger", tmp_path / "download", public)
+        checked = _cli("verify", "--mlflow-run", run_id, "--tracking-uri", server.tracking_uri, "--key", str(public),
+                       "--json")
+        assert checked.returncode == 0, checked.stdout[-2000:] + checked.stderr
+        mlflow_check = json.loads(checked.stdout)["checks"]["mlflow"]
+        assert mlflow_check["status"] == "pass" and "since filled" in mlflow_check["detail"], mlflow_check
+    finally:
+        server.stop()
 
 
 @pytest.mark.slow
@@ -342,8 +304,20 @@ def test_unreachable_server_at_construction_writes_nothing(tmp_path: Path) -> No
 
 
 def test_config_flattens_to_params_and_the_seal_field_is_typed() -> None:
-    assert flatten({"lr": 0.1, "opt": {"name": "adamw", "betas": [0.9, 0.99], "x": {}}, "long": "a" * 7000}) == {
-        "lr": "0.1", "opt.name": "adamw", "opt.betas": "[0.9, 0.99]", "opt.x": "{}", "long": "a" * 6000}
+    config = {"lr": 0.1, "opt": {"name": "adamw", "betas": [0.9, 0.99], "x": {}}, "long": "a" * 7000, "a#b": 1,
+              "../up": 2, "": 3}
+    assert params_of(config, 7) == {"lr": "0.1", "opt.name": "adamw", "opt.betas": "[0.9, 0.99]", "opt.x": "{}",
+                                    "long": "a" * 6000, "ledger.seed": "7"}
+    # MLflow's own rule (mlflow.utils.validation), so a name it refuses is never sent in a batch
+    from mlflow.utils.validation import _validate_metric_name
+
+    for name in ("loss", "train/loss", "lr group 0", "a:b", "é", "a#b", "../x", "/x", "a//b", "", ".", "x" * 251):
+        try:
+            _validate_metric_name(name)
+            mlflow_ok = len(name) <= 250
+        except Exception:
+            mlflow_ok = False
+        assert accepts_name(name) == mlflow_ok, name
     base = {"entry_count": 3, "head": b"\0" * 32, "tree_root": b"\0" * 32}
     mirror = {"mlflow_run_id": "abc", "mirrored_through_seq": -1, "missing": True}
     assert SealBody.from_body({**base, "mirror": mirror}).recorder_fields() == {"mirror": mirror}

@@ -12,26 +12,25 @@ import contextlib
 import json
 import math
 import os
-import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ledger._encoding import decode_body
+from ledger._mirror import OWNED_TAGS, accepts_name, as_stored, params_of
+from ledger._parts import PART_DIGITS
 from ledger._record import HEADER_SIZE, Kind, decode_header
 from ledger.errors import ConfigurationError, FormatError
 from ledger.verify._context import Context
 from ledger.verify._load import first_break
 from ledger.verify._result import CheckResult, Status
 
-PARAM_LIMIT = 6000  # MLflow's param value length limit: the mirror truncates to it
 PAGE = 25_000  # metric history points per request
 MAX_POINTS = 2_000_000  # points read in all (owned keys): beyond it the check fails, reading stops
 EXTRA_PER_KEY = 10_000  # points beyond the ledger's own for one key before reading of that key stops
 SHOWN = 20  # differences listed in the detail (all counted; the first 1000 in the JSON data)
 KEPT = 1000
-MLFLOW_MAX = sys.float_info.max  # MLflow's SQL store writes ±inf as ±this
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,52 +71,60 @@ def _cannot(source: MlflowSource, exc: BaseException) -> ConfigurationError:
     return ConfigurationError(f"cannot read {_where(source)}: {type(exc).__name__}: {text[:300]}")
 
 
-def download_ledger(source: MlflowSource, dest: Path) -> Path:
-    """Download the run's ``ledger/`` artifacts into ``dest`` and return the ledger directory.
-    Raises :class:`~ledger.ConfigurationError` (exit 2) when the server cannot be reached, the run
-    does not exist, or it holds no ledger artifacts."""
-    from mlflow.exceptions import MlflowException
+MAX_DOWNLOAD = 8 << 30  # bytes of ledger artifacts downloaded in all (the listed sizes)
+MAX_FILES = 4096 + 16  # parts (ledger._parts.MAX_PARTS) and the few other files
 
+
+def _wanted(path: str) -> bool:
+    """The artifacts that make up a published ledger: ``ledger/key.pub`` and ``ledger/parts/NNNNNN.parquet``
+    (anything else under ``ledger/``, a report or a file someone added, is not downloaded)."""
+    if path == "ledger/key.pub":
+        return True
+    folder, _, name = path.rpartition("/")
+    stem = name.removesuffix(".parquet")
+    return folder == "ledger/parts" and name.endswith(".parquet") and len(stem) == PART_DIGITS and stem.isdigit() \
+        and stem.isascii()
+
+
+def _listing(client: Any, source: MlflowSource) -> list[tuple[str, int]]:
+    """The wanted artifacts and their listed sizes, checked against the caps before anything is fetched."""
+    found: list[tuple[str, int]] = []
+    for folder in ("ledger", "ledger/parts"):
+        for item in client.list_artifacts(source.run_id, folder):
+            if not item.is_dir and _wanted(item.path):
+                found.append((item.path, int(item.file_size or 0)))
+            if len(found) > MAX_FILES:
+                raise ConfigurationError(f"{_where(source)} lists more than {MAX_FILES} ledger artifacts")
+    total = sum(size for _, size in found)
+    if total > MAX_DOWNLOAD:
+        raise ConfigurationError(f"{_where(source)}'s ledger artifacts are {total} bytes, more than the "
+                                 f"{MAX_DOWNLOAD >> 30} GiB verify downloads")
+    return found
+
+
+def download_ledger(source: MlflowSource, dest: Path) -> Path:
+    """Download the run's published ledger (``ledger/key.pub`` and ``ledger/parts/*``, within
+    :data:`MAX_DOWNLOAD` bytes as listed) into ``dest`` and return the ledger directory. Raises
+    :class:`~ledger.ConfigurationError` (exit 2) when the server cannot be reached, the run does
+    not exist, or it holds no ledger parts."""
     with _quick_failures():
         try:
             client = _client(source)
             client.get_run(source.run_id)
-            listed = client.list_artifacts(source.run_id, "ledger")
-            if not listed:
-                raise ConfigurationError(f"{_where(source)} holds no ledger artifacts (nothing under ledger/)")
-            local = client.download_artifacts(source.run_id, "ledger", dst_path=str(dest))
+            listed = _listing(client, source)
+            if not any(path.startswith("ledger/parts/") for path, _ in listed):
+                raise ConfigurationError(f"{_where(source)} holds no ledger artifacts (no ledger/parts/*.parquet)")
+            (dest / "ledger" / "parts").mkdir(parents=True, exist_ok=True)
+            for path, _ in listed:
+                client.download_artifacts(source.run_id, path, dst_path=str(dest / path.rpartition("/")[0]))
         except ConfigurationError:
             raise
-        except (MlflowException, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - MLflow's, requests' and the artifact repository's own errors
             raise _cannot(source, exc) from exc
-        except Exception as exc:  # noqa: BLE001 - requests' and the artifact repository's own errors
-            raise _cannot(source, exc) from exc
-    return Path(local)
+    return dest / "ledger"
 
 
 # --- the ledger's side -------------------------------------------------------------------------------
-
-
-def flatten_config(config: Any, prefix: str = "") -> dict[str, str]:
-    """Genesis ``config`` as MLflow params: nested maps joined with ".", values ``str(v)`` truncated to
-    MLflow's limit (the contract the mirror writes by)."""
-    out: dict[str, str] = {}
-    if not isinstance(config, Mapping):
-        return out
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten_config(value, name + "."))
-        else:
-            out[name] = str(value)[:PARAM_LIMIT]
-    return out
-
-
-def as_stored(value: float) -> float:
-    """A float as MLflow's SQL store keeps it: ±inf becomes ±1.797e308 (NaN stays NaN)."""
-    if math.isinf(value):
-        return MLFLOW_MAX if value > 0 else -MLFLOW_MAX
-    return value
 
 
 def _same(a: float, b: float) -> bool:
@@ -131,6 +138,7 @@ class _LedgerSide:
     superseded: dict[str, dict[int, list[float]]]  # key -> step -> values of superseded entries
     params: dict[str, str]
     seal_mirror: Any  # the seal's ``mirror`` field (what the ledger itself recorded as not mirrored)
+    refused: set[str]  # metric names MLflow does not accept (never mirrored, expected absent)
     last_step: int
     sealed: bool
 
@@ -145,6 +153,7 @@ def _ledger_side(ctx: Context) -> _LedgerSide:
     seal_mirror: Any = None
     last_step = -1
     sealed = False
+    refused: set[str] = set()
     records = ctx.loaded.records
     for index in range(first_break(ctx.loaded)):
         record = records[index]
@@ -165,6 +174,9 @@ def _ledger_side(ctx: Context) -> _LedgerSide:
         for key, value in values.items():
             if not isinstance(key, str) or not isinstance(value, (int, float)):
                 continue
+            if not accepts_name(key):
+                refused.add(key)
+                continue
             stored = as_stored(float(value))
             if header.seq in superseded_seqs:
                 superseded.setdefault(key, {}).setdefault(header.step, []).append(stored)
@@ -173,10 +185,8 @@ def _ledger_side(ctx: Context) -> _LedgerSide:
                 seqs[header.step] = header.seq
                 last_step = max(last_step, header.step)
     genesis = view.genesis
-    params = flatten_config(genesis.config)
-    if genesis.seed is not None:
-        params["ledger.seed"] = str(genesis.seed)
-    return _LedgerSide(metrics, seqs, superseded, params, seal_mirror, last_step, sealed)
+    params = params_of(genesis.config, genesis.seed)
+    return _LedgerSide(metrics, seqs, superseded, params, seal_mirror, refused, last_step, sealed)
 
 
 def recorded_gap(seal_mirror: Any) -> int | None:
@@ -405,6 +415,11 @@ def check_mlflow(ctx: Context) -> CheckResult:
     covered += f", {found.superseded} superseded by a resume)" if found.superseded else ")"
     extra = sum(len(v) for v in uncovered.values())
     tail = f"; {extra} keys not covered (not the ledger's)" if extra else ""
+    if side.refused:
+        names = sorted(side.refused)
+        data["refused_names"] = names[:KEPT]
+        tail += (f"; {len(names)} metric name(s) MLflow does not accept, so not mirrored: "
+                 f"{', '.join(repr(n) for n in names[:5])}" + (" …" if len(names) > 5 else ""))
     if found.differs_count or unexcused:
         lines = [_line(d) for d in found.differs[:SHOWN]]
         lines += [_line(m, missing=True) for m in unexcused[:max(SHOWN - len(lines), 0)]]
@@ -427,5 +442,4 @@ def check_mlflow(ctx: Context) -> CheckResult:
     return CheckResult("mlflow", Status.PASS, f"MLflow run {source.run_id} matches the ledger: {covered}{tail}", data)
 
 
-_KNOWN_TAGS = frozenset({"ledger.run_id", "ledger.key_id", "ledger.format", "ledger.head", "ledger.entries",
-                         "ledger.mirrored_seq", "ledger.owned"})
+_KNOWN_TAGS = frozenset(OWNED_TAGS)
