@@ -410,9 +410,12 @@ def mlflow_group() -> None:
 @click.argument("ledger_path", metavar="LEDGER", type=click.Path())
 @click.option("--run-id", help="The MLflow run (default: the one genesis config['mlflow'] names).")
 @click.option("--tracking-uri", help="The tracking server (default: the one genesis names).")
-def mlflow_sync(ledger_path: str, run_id: str | None, tracking_uri: str | None) -> None:
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), metavar="FILE.html",
+              help="Also upload this verify report (ledger verify --report) as the run's ledger/report.html.")
+def mlflow_sync(ledger_path: str, run_id: str | None, tracking_uri: str | None, report_path: str | None) -> None:
     """Push what the MLflow run lacks of LEDGER: entries after its ledger.mirrored_seq tag, parts not
-    uploaded, the public key. Idempotent: a second run logs nothing again."""
+    uploaded, the public key (and a verify report with --report). Idempotent: a second run logs
+    nothing again."""
     import importlib.util
 
     Ledger(ledger_path)  # a missing or foreign directory: one line, exit 2
@@ -420,9 +423,9 @@ def mlflow_sync(ledger_path: str, run_id: str | None, tracking_uri: str | None) 
         raise ConfigurationError("ledger mlflow sync needs mlflow: pip install 'training-ledger[mlflow]'")
     from ledger.hooks.mlflow import sync
 
-    done = sync(ledger_path, run_id, tracking_uri)
+    done = sync(ledger_path, run_id, tracking_uri, report=report_path)
     click.echo(f"mirrored {done.metrics} metric values and {done.parts} parts; the run holds entries through seq "
-               f"{done.cursor}")
+               f"{done.cursor}" + ("; report uploaded as ledger/report.html" if report_path else ""))
 
 
 @cli.command(name="compare")
