@@ -211,6 +211,7 @@ class Recorder:
         self._tsa = Timestamper(tsa, path / "heads").start() if tsa is not None else None
         if self._tsa is not None:
             writer.on_head = self._tsa.submit  # each head, once heads/<size>.note is durable
+            self._tsa.catch_up(path)  # a resumed run: heads an earlier process left unstamped
 
     def _start_mirror(self, sink: Any, config: Mapping[str, Any], created: bool) -> None:
         from ledger.hooks import mlflow as mirroring

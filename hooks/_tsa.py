@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ledger import _tsa
+from ledger._heads import list_heads
 from ledger._layout import create_file, fsync_dir, unlink_quietly
 from ledger._note import split_note
 from ledger._schema import Timestamp
@@ -132,6 +133,17 @@ class Timestamper:
                 del self._pending[min(self._pending)]
             self._pending[size] = _Head(size, text)
             self._cond.notify_all()
+
+    def catch_up(self, ledger_dir: Path) -> None:
+        """Queue the heads already in ``heads/`` without a token (a resumed run: stamped late, they
+        still bound those entries). A ``heads/`` that cannot be read is left to verify."""
+        try:
+            heads = list_heads(ledger_dir)
+        except (LedgerError, OSError):
+            return
+        for size, note in heads:
+            if not (self.heads / f"{size}.tsr").exists():
+                self.submit(size, note)
 
     def take(self) -> list[tuple[int, bytes]]:
         """The tokens (size, DER response) that arrived since the last call, for the next entry."""

@@ -405,3 +405,38 @@ def test_format_vector() -> None:
     assert text.count(b"\n") == 3 and text.startswith(b"training-ledger/example-run\n3\n")
     assert hashlib.sha256(text).hexdigest() == vector.group(1)
     assert _tsa.request(text).digest.hex() == vector.group(1)
+
+
+def test_resume_stamps_the_heads_an_interrupted_run_left_unstamped(tsa_server, tmp_path: Path) -> None:
+    import torch
+
+    import ledger
+    from ledger import Signer
+    from ledger.hooks import Recorder
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.Adam(model.parameters())
+    key = Signer.from_seed(bytes(32))
+    dead = TsaOptions(f"http://127.0.0.1:{__import__('tsa_server').free_port()}/", timeout=0.2, backoff=0.1)
+    rec = Recorder(tmp_path / "L", model=model, optimizer=opt, key=key, seed=0, checkpoint_every=2, tsa=dead)
+    for _ in range(5):
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        rec.step(loss=1.0)
+    rec.flush()
+    rec.abort()  # a crash: unsealed, every head so far without a token
+    before = note_sizes(tmp_path / "L")
+    assert before and not list((tmp_path / "L" / "heads").glob("*.tsr"))
+    rec = Recorder.resume(tmp_path / "L", model=model, optimizer=opt, key=key, tsa=tsa_server.url)
+    for _ in range(2):
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        rec.step(loss=1.0)
+    rec.close()
+    carried = sorted(s for sizes_ in entry_tokens(tmp_path / "L").values() for s in sizes_)
+    assert set(before) <= set(carried)  # the earlier process's heads, stamped after the resume, in the ledger
+    check = verify(tmp_path / "L", tsa_server.authority.root).check("timestamps")
+    assert check.status == "pass", check.detail
+    assert check.data["verified_heads"] == note_sizes(tmp_path / "L")
+    assert ledger.open(tmp_path / "L").sealed

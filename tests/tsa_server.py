@@ -122,6 +122,13 @@ class TsaServer(ThreadingHTTPServer):
         self.refused = 0
         self._thread = threading.Thread(target=self.serve_forever, name="tsa-server", daemon=True)
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client that gave up (its timeout, during ``hang``) is not an error worth a traceback."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
+
     @property
     def url(self) -> str:
         """Where a client POSTs its queries."""
