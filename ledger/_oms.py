@@ -44,7 +44,8 @@ def sign(model_dir: str | os.PathLike[str], signature: str | os.PathLike[str], p
 
     try:
         signing.Config().use_elliptic_key_signer(  # type: ignore[no-untyped-call]
-            private_key=Path(private_key), password=passphrase,  # bytes, as cryptography takes it
+            # model_signing annotates password as str but hands it to cryptography, which takes bytes
+            private_key=Path(private_key), password=passphrase,  # type: ignore[arg-type]
         ).sign(Path(model_dir), Path(signature))
     except (ValueError, TypeError, OSError) as exc:
         raise ConfigurationError(f"model_signing could not sign {model_dir}: {str(exc)[:300]}") from exc

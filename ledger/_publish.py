@@ -24,6 +24,7 @@ from ledger._attest import LEDGER_PREDICATE, SLSA_PREDICATE, jsonable, provenanc
 from ledger._crypto import ReleaseSigner, public_key_pem
 from ledger._io import open_regular
 from ledger._layout import create_file, fsync_dir
+from ledger._publish_card import model_card
 from ledger._publish_facts import heads_of, ledger_facts, ledger_predicate
 from ledger._text import printable
 from ledger.errors import ConfigurationError, StorageError, VerificationError
@@ -166,8 +167,6 @@ def publish(ledger: str | os.PathLike[str], model: str | os.PathLike[str], out: 
         else:
             skipped = ("model.sig not written: OMS key signatures need an ECDSA P-256 release key "
                        "(`ledger keygen --type p256`)")
-        from ledger._publish_card import model_card
-
         create_file(tmp / "LEDGER.md", model_card(facts, subjects, has_oms=skipped is None).encode("utf-8"))
         for directory in (tmp / "model", tmp / "ledger", tmp):
             fsync_dir(directory)

@@ -457,3 +457,44 @@ def test_a_sharded_index_is_published_and_verified(run, tmp_path):
     assert sorted(p.name for p in (out / "model").iterdir()) == [*sorted(shards), "model.safetensors.index.json"]
     code, report = verify_json(out, *trusted(run))
     assert code == 0 and report["checks"]["model"]["status"] == "pass" and report["checks"]["subjects"]["files"] == 3
+
+
+def test_a_signed_predicate_naming_another_release_pem_fails_release(run, copy, tmp_path):
+    _, other = ledger.generate_keypair(tmp_path / "other", key_type="p256")
+
+    def edit(statement: dict) -> None:
+        if statement["predicateType"] == LEDGER_PREDICATE:
+            statement["predicate"]["keys"]["release"]["publicKeyPem"] = other.read_text()
+
+    _resign(run, copy, edit)
+    code, report = verify_json(copy, *trusted(run))
+    assert code == 1 and report["checks"]["attestations"]["status"] == "pass"
+    assert "publicKeyPem" in report["checks"]["release"]["detail"]
+
+
+def test_ed25519_envelopes_verify_with_securesystemslib(run, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from securesystemslib.dsse import Envelope
+    from securesystemslib.signer import SSlibKey
+
+    out = tmp_path / "b"
+    assert invoke("publish", run / "L", "--model", run / "final" / "model.safetensors", "--out", out,
+                  "--release-key", run / "keys" / "trainer.pem")[0] == 0
+    public = load_release_key(run / "keys" / "trainer.pub")
+    assert public.key_id == SIGNER.public.key_id  # the ledger's key id is the release key id too
+    key = SSlibKey.from_crypto(serialization.load_pem_public_key(public.pem()), keyid=public.key_id.hex())
+    for raw in envelopes(out):
+        assert list(Envelope.from_dict(raw).verify([key], 1)) == [public.key_id.hex()]
+
+
+def test_an_encrypted_p256_release_key_signs_with_its_passphrase(run, tmp_path, monkeypatch):
+    private, public = ledger.generate_keypair(tmp_path / "enc", b"correct horse", key_type="p256")
+    args = ("publish", run / "L", "--model", run / "final" / "model.safetensors", "--release-key", private)
+    monkeypatch.delenv("LEDGER_KEY_PASSPHRASE", raising=False)
+    code, _, err = invoke(*args, "--out", tmp_path / "a")
+    assert code == 2 and "encrypted" in err and not (tmp_path / "a").exists()
+    monkeypatch.setenv("LEDGER_KEY_PASSPHRASE", "correct horse")
+    code, _, err = invoke(*args, "--out", tmp_path / "b")
+    assert code == 0, err
+    code, report = verify_json(tmp_path / "b", "--release-key", public)
+    assert code == 0 and report["checks"]["oms"]["status"] == "pass"

@@ -14,6 +14,7 @@ from typing import Any
 
 from ledger import _oms
 from ledger._attest import LEDGER_PREDICATE, SLSA_PREDICATE, Opened, jsonable, open_envelope, provenance
+from ledger._crypto import release_key_from_pem
 from ledger._io import MiB, open_regular, read_regular
 from ledger._publish_facts import heads_of, ledger_facts, ledger_predicate
 from ledger.errors import ConfigurationError, FormatError
@@ -125,6 +126,16 @@ def _differences(expected: Any, found: Any, path: str = "") -> list[str]:
     return [] if expected == found else [path or "(whole)"]
 
 
+def _pem_key_id(pem: Any) -> str | None:
+    """The hex key id of a PEM public key given as text, or None when it is not one."""
+    if not isinstance(pem, str) or len(pem) > 16 << 10:
+        return None
+    try:
+        return release_key_from_pem(pem.encode("ascii", "replace"), "the attested release key").key_id.hex()
+    except ConfigurationError:
+        return None
+
+
 def _release(root: Path, scanned: Scan, trust: Trust, entry: str | None, state: State) -> CheckResult:
     statements = state.get("statements") or {}
     if LEDGER_PREDICATE not in statements:
@@ -138,6 +149,8 @@ def _release(root: Path, scanned: Scan, trust: Trust, entry: str | None, state: 
                 for p in _differences(ledger_predicate(facts, heads, stamps), claimed)][:6]
     if not isinstance(release, dict) or release.get("keyId") not in state.get("signers", set()):
         problems.append("the release key the attestation names did not sign it")
+    elif _pem_key_id(release.get("publicKeyPem")) != release.get("keyId"):
+        problems.append("the attestation's release publicKeyPem is not the key of its keyId")
     slsa = statements.get(SLSA_PREDICATE)
     if slsa is not None:
         version = slsa["predicate"].get("runDetails", {}).get("builder", {}).get("version", {})
