@@ -498,3 +498,51 @@ def test_an_encrypted_p256_release_key_signs_with_its_passphrase(run, tmp_path, 
     assert code == 0, err
     code, report = verify_json(tmp_path / "b", "--release-key", public)
     assert code == 0 and report["checks"]["oms"]["status"] == "pass"
+
+
+def test_a_transformers_model_loads_from_the_bundle_with_subfolder_model(run, tmp_path, monkeypatch):
+    """The Hugging Face layout: from_pretrained(DIR, subfolder="model") reads the published weights
+    (offline), and they are the sealed ones."""
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ledger.hooks import Recorder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16, tie_word_embeddings=False,
+                        bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder(tmp_path / "L", model=model, optimizer=opt, key=SIGNER, seed=0)
+    ids = torch.randint(0, 50, (2, 8))
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    rec.step(loss=loss)
+    model.save_pretrained(tmp_path / "final")
+    rec.close(final_weights=tmp_path / "final" / "model.safetensors")
+    out = tmp_path / "bundle"
+    code, _, err = invoke("publish", tmp_path / "L", "--model", tmp_path / "final" / "model.safetensors", "--out", out,
+                          "--release-key", run / "keys" / "release.pem")
+    assert code == 0, err
+    assert {"config.json", "generation_config.json"} <= {p.name for p in (out / "model").iterdir()}
+    loaded = GPT2LMHeadModel.from_pretrained(out, subfolder="model", local_files_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(),
+                                                  strict=True))
+    assert verify_json(out, *trusted(run))[0] == 0
+
+
+def test_verify_as_a_subprocess_writes_nothing_anywhere(run, copy, tmp_path):
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    before = {p: p.stat().st_mtime_ns for p in copy.rglob("*")}
+    env = {**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"),
+           "XDG_CONFIG_HOME": str(home / ".config"), "PYTHONDONTWRITEBYTECODE": "1"}
+    done = subprocess.run([sys.executable, "-m", "ledger", "verify", str(copy), *map(str, trusted(run))],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert list(home.iterdir()) == [] and list(cwd.iterdir()) == []
+    assert {p: p.stat().st_mtime_ns for p in copy.rglob("*")} == before
