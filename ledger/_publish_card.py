@@ -36,12 +36,13 @@ def model_card(facts: Mapping[str, Any], subjects: Mapping[str, str], *, has_oms
         rows.append(_row(f"batch-digest root ({facts['batches']['steps']} steps)", facts["batches"]["root"]))
     files = "\n".join(f"| `{name}` | `{digest}` |" for name, digest in sorted(subjects.items()))
     oms = ("\n\nThe OpenSSF Model Signing signature of `model/` checks with the reference verifier too:\n\n"
-           "```sh\nmodel_signing verify key --signature model.sig --public_key release.pub model\n```"
+           "```sh\nmodel_signing verify key --signature release/model.sig --public_key release/release.pub "
+           "release/model\n```"
            if has_oms else "")
     return f"""## Training ledger
 
 This release comes with a signed, hash-chained record of the training run that produced it
-([training-ledger](https://training-ledger.dev), format version {facts['formatVersion']}). The
+(training-ledger, ledger format version {facts['formatVersion']}). The
 ledger (`ledger/`) holds the run's genesis (configuration, seed, software environment, code and
 recipe digests, optimizer, architecture and a fingerprint of the initial weights), one signed entry
 per optimizer step (metrics, learning rates, gradient norm, a digest of the batch, per-tensor norms
