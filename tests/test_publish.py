@@ -97,6 +97,22 @@ def test_pae_known_answer_from_the_dsse_specification():
     assert pae("http://example.com/HelloWorld", b"hello world") == expected
 
 
+def test_the_documented_dsse_vector_is_reproduced():
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from ledger._attest import statement
+    from ledger._crypto import ReleaseSigner
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "PUBLISHING.md").read_text()
+    block = doc.split("<!-- dsse-vector:begin -->")[1].split("<!-- dsse-vector:end -->")[0]
+    documented = json.loads(block.strip().removeprefix("```json").removesuffix("```"))
+    signer = ReleaseSigner(Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
+    ours = seal_envelope(statement({"model/model.safetensors": "00" * 32}, LEDGER_PREDICATE, {"runId": "example"}),
+                         [signer])
+    assert ours == documented
+    assert open_envelope(json.dumps(documented).encode(), {signer.public.key_id.hex(): signer.public}).verified
+
+
 # ----------------------------------------------------------------------------- keys
 def test_keygen_p256_writes_pkcs8_and_spki_and_never_overwrites(tmp_path):
     from cryptography.hazmat.primitives import serialization
