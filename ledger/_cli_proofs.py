@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from ledger._io import read_regular
+from ledger._merkle import SubtreeCache
 from ledger._note import MAX_NOTE_BYTES, TreeHead, open_note, origin_of
 from ledger._proofs import (
     MAX_PROOF_BYTES,
@@ -82,12 +83,11 @@ def _load(ledger_path: str, key: str | None) -> tuple[Any, bytes, bool, str]:
     return loaded, public, given, run_id
 
 
-def _heads(ledger_path: str, loaded: Any, public: bytes, run_id: str) -> dict[int, bytes]:
+def _heads(ledger_path: str, loaded: Any, public: bytes, run_id: str, tree: SubtreeCache) -> dict[int, bytes]:
     """Every head of the ledger signed by ``public`` (checkpoint entries and heads/), by size;
     exits 1 naming the size when the ledger does not extend one (a fork, or a ledger cut short)."""
     from ledger._heads import list_heads
     from ledger._note import note_from_signature
-    from ledger.verify._heads import prefix_roots
 
     origin, n = origin_of(run_id), len(loaded.hashes)
     found: dict[int, list[tuple[bytes, TreeHead, str]]] = {}
@@ -103,7 +103,7 @@ def _heads(ledger_path: str, loaded: Any, public: bytes, run_id: str) -> dict[in
         note = note_from_signature(head, public, recorded.signature)
         if recorded.size == seq and open_note(note, public)[1]:
             found.setdefault(seq, []).append((note, head, f"checkpoint seq {seq}"))
-    roots = prefix_roots(loaded.hashes, {s for s in found if s <= n})
+    roots = {s: tree.root(0, s) for s in found if s <= n}
     for size, heads in sorted(found.items()):
         for _, head, where in heads:
             if size > n:
@@ -158,19 +158,20 @@ def prove(ledger_path: str, seqs: tuple[int, ...], old_path: str | None, out: st
     if bool(seqs) == bool(old_path):
         raise click.UsageError("give --seq N (one or more) or --consistency-from OLD_HEAD")
     loaded, public, _, run_id = _load(ledger_path, key)
-    n, heads = len(loaded.hashes), _heads(ledger_path, loaded, public, run_id)
+    tree = SubtreeCache(loaded.hashes)
+    n, heads = len(loaded.hashes), _heads(ledger_path, loaded, public, run_id, tree)
     if not heads:
         raise ConfigurationError(f"{ledger_path} holds no signed tree heads (written before heads were recorded)")
     size = max(heads)
     proof: InclusionProof | ConsistencyProof
     if old_path is not None:
         old = _read_note(old_path, public, origin_of(run_id))
-        _require_extends(old, old_path, loaded.hashes)
+        _require_extends(old, old_path, tree)
         if old.size > size:
             raise ConfigurationError(f"{old_path} has {old.size} entries, more than the newest signed head of the "
                                      f"ledger ({size}): there is no newer head to prove it against yet")
         proof = make_consistency(run_id, read_regular(old_path, what="head file", limit=MAX_NOTE_BYTES),
-                                 old.size, heads[size], size, loaded.hashes)
+                                 old.size, heads[size], size, loaded.hashes, tree)
         what = f"the head of {size} entries extends the head of {old.size}"
     else:
         beyond = [s for s in seqs if s >= n]
@@ -180,21 +181,20 @@ def prove(ledger_path: str, seqs: tuple[int, ...], old_path: str | None, out: st
             raise ConfigurationError(f"no signed tree head covers seq {max(seqs)} yet: the newest covers seq 0 to "
                                      f"{size - 1} (the next comes with the next checkpoint, or the seal)")
         signatures = {s: loaded.table["signature"][s].as_py() for s in seqs}
-        proof = make_inclusion(run_id, heads[size], size, loaded.hashes, loaded.records, signatures, list(seqs))
+        proof = make_inclusion(run_id, heads[size], size, loaded.hashes, loaded.records, signatures, list(seqs),
+                               tree)
         what = f"{len(set(seqs))} entr{'y' if len(set(seqs)) == 1 else 'ies'} in the signed head of {size} entries"
     data = proof.to_json()
     _write(out, data)
     click.echo(f"wrote {printable(out)} ({len(data)} bytes): {what}")
 
 
-def _require_extends(old: TreeHead, old_path: str, hashes: list[bytes]) -> None:
+def _require_extends(old: TreeHead, old_path: str, tree: SubtreeCache) -> None:
     """Exit 1 unless the ledger's first ``old.size`` entries have the old head's root."""
-    from ledger._merkle import subtree_root
-
-    if old.size > len(hashes):
-        _fail(f"{old_path} states {old.size} entries but the ledger holds {len(hashes)}: it was cut short, or "
+    if old.size > len(tree.leaves):
+        _fail(f"{old_path} states {old.size} entries but the ledger holds {len(tree.leaves)}: it was cut short, or "
               "forked")
-    if subtree_root(hashes, 0, old.size) != old.root:
+    if tree.root(0, old.size) != old.root:
         _fail(f"fork at size {old.size}: the ledger does not extend the head in {old_path}")
 
 
@@ -274,7 +274,7 @@ def consistency(old_path: str, ledger_path: str, key: str | None) -> None:
     a fork or a ledger cut short."""
     loaded, public, given, run_id = _load(ledger_path, key)
     old, n = _read_note(old_path, public, origin_of(run_id)), len(loaded.hashes)
-    _require_extends(old, old_path, loaded.hashes)
+    _require_extends(old, old_path, SubtreeCache(loaded.hashes))
     note = "" if given else " (checked with the key in genesis: signer not authenticated; pass --key)"
     click.echo(f"PASS: the ledger ({n} entries) extends the signed head of {old.size} entries{note}")
 

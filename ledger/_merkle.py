@@ -10,9 +10,9 @@ step by step and costs O(log n).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from ledger._record import HASH_SIZE
+from ledger._record import HASH_SIZE, merkle_root
 
 EMPTY_ROOT = hashlib.sha256(b"").digest()
 MAX_PATH = 64  # a tree of < 2^64 leaves has inclusion proofs of at most 64 hashes
@@ -49,9 +49,53 @@ def subtree_root(leaves: Sequence[bytes], lo: int, hi: int) -> bytes:
     return node
 
 
-def inclusion_proof(leaves: Sequence[bytes], index: int, size: int | None = None) -> list[bytes]:
+class SubtreeCache:
+    """The roots of the perfect subtrees of at least 2^``block_level`` leaves, each computed once
+    on first use (about 2n / 2^block_level hashes: ~64 KiB for 10^6 leaves), so that many proofs
+    and prefix roots over one ledger cost one pass over its leaves instead of one pass each."""
+
+    def __init__(self, leaves: Sequence[bytes], block_level: int = 10) -> None:
+        self.leaves, self._block = leaves, block_level
+        self._nodes: dict[tuple[int, int], bytes] = {}
+
+    def perfect(self, level: int, index: int) -> bytes:
+        """The root of leaves [index·2^level, (index+1)·2^level)."""
+        if level < self._block:
+            return merkle_root(list(self.leaves[index << level:(index + 1) << level]))
+        node = self._nodes.get((level, index))
+        if node is None:
+            node = merkle_root(list(self.leaves[index << level:(index + 1) << level])) if level == self._block \
+                else _node(self.perfect(level - 1, 2 * index), self.perfect(level - 1, 2 * index + 1))
+            self._nodes[(level, index)] = node
+        return node
+
+    def root(self, lo: int, hi: int) -> bytes:
+        """MTH of ``leaves[lo:hi]`` for the ranges RFC 9162's recursion visits (``lo`` a multiple
+        of the smallest power of two ≥ ``hi − lo``: prefixes, and every subtree of a proof); any
+        other range is streamed."""
+        if hi - lo <= 1 or lo % (1 << (hi - lo - 1).bit_length()):
+            return subtree_root(self.leaves, lo, hi)
+        nodes = []
+        while lo < hi:  # perfect aligned nodes, largest first
+            level = (hi - lo).bit_length() - 1
+            nodes.append(self.perfect(level, lo >> level))
+            lo += 1 << level
+        node = nodes[-1]
+        for left in reversed(nodes[:-1]):
+            node = _node(left, node)
+        return node
+
+
+def _roots(leaves: Sequence[bytes], tree: SubtreeCache | None) -> Callable[[int, int], bytes]:
+    return tree.root if tree is not None else (lambda lo, hi: subtree_root(leaves, lo, hi))
+
+
+def inclusion_proof(leaves: Sequence[bytes], index: int, size: int | None = None,
+                    tree: SubtreeCache | None = None) -> list[bytes]:
     """PATH(index, D[0:size]) of RFC 9162 §2.1.3.1: the audit path of leaf ``index`` in the tree
-    of the first ``size`` leaves (all of them by default), nearest sibling first."""
+    of the first ``size`` leaves (all of them by default), nearest sibling first. Streamed from the
+    leaves (O(log n) memory), or from ``tree``'s cached subtrees."""
+    root_of = _roots(leaves, tree)
     n = len(leaves) if size is None else size
     if not 0 <= index < n <= len(leaves):
         raise ProofError(f"no inclusion proof of leaf {index} in a tree of {n} leaves")
@@ -60,19 +104,21 @@ def inclusion_proof(leaves: Sequence[bytes], index: int, size: int | None = None
     while hi - lo > 1:  # descend to the leaf; siblings are collected root side first
         k = _split(hi - lo)
         if index - lo < k:
-            path.append(subtree_root(leaves, lo + k, hi))
+            path.append(root_of(lo + k, hi))
             hi = lo + k
         else:
-            path.append(subtree_root(leaves, lo, lo + k))
+            path.append(root_of(lo, lo + k))
             lo += k
     path.reverse()
     return path
 
 
-def consistency_proof(leaves: Sequence[bytes], old_size: int, size: int | None = None) -> list[bytes]:
+def consistency_proof(leaves: Sequence[bytes], old_size: int, size: int | None = None,
+                      tree: SubtreeCache | None = None) -> list[bytes]:
     """PROOF(old_size, D[0:size]) of RFC 9162 §2.1.4.1: the hashes that show the tree of the
     first ``old_size`` leaves is a prefix of the tree of ``size`` leaves (empty when equal or
-    when ``old_size`` is 0)."""
+    when ``old_size`` is 0). Streamed, or from ``tree``'s cached subtrees."""
+    root_of = _roots(leaves, tree)
     n = len(leaves) if size is None else size
     if not 0 <= old_size <= n <= len(leaves):
         raise ProofError(f"no consistency proof from {old_size} to {n} leaves")
@@ -83,13 +129,13 @@ def consistency_proof(leaves: Sequence[bytes], old_size: int, size: int | None =
     while m != hi - lo:  # SUBPROOF(m, D[lo:hi], complete)
         k = _split(hi - lo)
         if m <= k:
-            proof.append(subtree_root(leaves, lo + k, hi))
+            proof.append(root_of(lo + k, hi))
             hi = lo + k
         else:
-            proof.append(subtree_root(leaves, lo, lo + k))
+            proof.append(root_of(lo, lo + k))
             m, lo, complete = m - k, lo + k, False
     if not complete:
-        proof.append(subtree_root(leaves, lo, hi))
+        proof.append(root_of(lo, hi))
     proof.reverse()
     return proof
 
@@ -158,5 +204,5 @@ def verify_consistency(old_size: int, size: int, old_root: bytes, root: bytes, p
     return sn == 0 and fr == old_root and sr == root
 
 
-__all__ = ["EMPTY_ROOT", "ProofError", "consistency_proof", "inclusion_proof", "root_from_inclusion",
+__all__ = ["EMPTY_ROOT", "ProofError", "SubtreeCache", "consistency_proof", "inclusion_proof", "root_from_inclusion",
            "subtree_root", "verify_consistency", "verify_inclusion"]

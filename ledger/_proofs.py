@@ -26,6 +26,7 @@ from ledger._encoding import decode_body
 from ledger._merkle import (
     MAX_CONSISTENCY,
     MAX_PATH,
+    SubtreeCache,
     consistency_proof,
     inclusion_proof,
     verify_consistency,
@@ -104,19 +105,21 @@ def _dump(obj: dict[str, Any]) -> bytes:
 
 
 def make_inclusion(run_id: str, head_note: bytes, size: int, hashes: Sequence[bytes], records: Sequence[bytes],
-                   signatures: Sequence[bytes] | Mapping[int, bytes], seqs: Sequence[int]) -> InclusionProof:
+                   signatures: Sequence[bytes] | Mapping[int, bytes], seqs: Sequence[int],
+                   tree: SubtreeCache | None = None) -> InclusionProof:
     """An inclusion proof of entries ``seqs`` in the tree of the first ``size`` entry hashes."""
     if not seqs or len(set(seqs)) > MAX_PROVED:
         raise FormatError(f"prove 1 to {MAX_PROVED} entries")
+    tree = tree or SubtreeCache(hashes)  # the subtrees the proofs share are hashed once
     entries = tuple(ProvedEntry(seq, bytes(records[seq]), bytes(signatures[seq]),
-                                tuple(inclusion_proof(hashes, seq, size))) for seq in sorted(set(seqs)))
+                                tuple(inclusion_proof(hashes, seq, size, tree))) for seq in sorted(set(seqs)))
     return InclusionProof(run_id, head_note, entries)
 
 
 def make_consistency(run_id: str, old_note: bytes, old_size: int, head_note: bytes, size: int,
-                     hashes: Sequence[bytes]) -> ConsistencyProof:
+                     hashes: Sequence[bytes], tree: SubtreeCache | None = None) -> ConsistencyProof:
     """A consistency proof from the head of ``old_size`` entries to the head of ``size``."""
-    return ConsistencyProof(run_id, old_note, head_note, tuple(consistency_proof(hashes, old_size, size)))
+    return ConsistencyProof(run_id, old_note, head_note, tuple(consistency_proof(hashes, old_size, size, tree)))
 
 
 # ------------------------------------------------------------------------ strict parsing

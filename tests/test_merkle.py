@@ -229,3 +229,17 @@ def test_proofs_over_a_million_leaves_without_the_tree():
     assert peak < 64 << 10  # O(log n): a few stacks of ≤ 20 hashes, not the 10^6-node tree
     assert len(proof) == 20 and verify_inclusion(m, n, leaves[m], proof, root)
     assert verify_consistency(old, n, merkle_root(leaves[:old]), root, cproof)
+
+
+def test_the_subtree_cache_gives_the_same_proofs_and_roots():
+    from ledger._merkle import SubtreeCache
+
+    leaves = leaves_of(3000, salt=3)
+    tree = SubtreeCache(leaves, block_level=3)
+    for n in (1, 2, 7, 8, 9, 1000, 1024, 1025, 2047, 3000):
+        assert tree.root(0, n) == subtree_root(leaves, 0, n)
+        for m in {0, n // 3, n - 1}:
+            assert inclusion_proof(leaves, m, n, tree) == inclusion_proof(leaves, m, n)
+        for old in {1, n // 2 or 1, n}:
+            assert consistency_proof(leaves, old, n, tree) == consistency_proof(leaves, old, n)
+    assert tree.root(5, 9) == subtree_root(leaves, 5, 9)  # not a range of the recursion: streamed

@@ -15,8 +15,9 @@ from typing import Any
 from ledger._crypto import verify_bytes
 from ledger._encoding import decode_body
 from ledger._heads import head_name, list_heads
+from ledger._merkle import SubtreeCache
 from ledger._note import TreeHead, open_note, origin_of
-from ledger._record import HEADER_SIZE, Kind, MerkleAccumulator
+from ledger._record import HEADER_SIZE, Kind
 from ledger._schema import RecordedHead
 from ledger.errors import FormatError
 from ledger.verify._context import Context
@@ -27,16 +28,10 @@ _SHOWN = 5  # problems named in the detail; the data lists up to 1000
 
 
 def prefix_roots(hashes: list[bytes], sizes: set[int]) -> dict[int, bytes]:
-    """The RFC 9162 root of the first ``s`` hashes for each ``s`` in ``sizes`` (≤ len(hashes)),
-    in one pass."""
-    acc, out = MerkleAccumulator(), {}
-    if 0 in sizes:
-        out[0] = acc.root()
-    for i, leaf in enumerate(hashes, start=1):
-        acc.add(leaf)
-        if i in sizes:
-            out[i] = acc.root()
-    return out
+    """The RFC 9162 root of the first ``s`` hashes for each ``s`` in ``sizes`` (≤ len(hashes)):
+    the perfect subtrees they share are hashed once."""
+    tree = SubtreeCache(hashes)
+    return {size: tree.root(0, size) for size in sizes}
 
 
 def _key(ctx: Context) -> tuple[bytes | None, str]:
