@@ -379,3 +379,23 @@ def test_several_optimizers_are_recorded_and_checked(tmp_path):
     assert torch.equal(adam2.state_dict()["state"][0]["exp_avg"], adam.state_dict()["state"][0]["exp_avg"])
     buffers = [o.state_dict()["state"][0]["momentum_buffer"] for o in (sgd2, sgd)]
     assert torch.equal(*buffers)
+
+
+def test_plain_sgd_one_step_interval_at_exactly_the_bound_passes(tmp_path: Path) -> None:
+    """Plain SGD moves its group by exactly lr·‖g‖: between checkpoints one step apart the ratio is 1,
+    and the stored weights' float32 rounding put it just over (an honest run failed continuity)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder(tmp_path / "ledger", model=model, optimizer=optimizer, key=SIGNER, seed=0, checkpoint_every=3)
+    for _ in range(10):
+        x, y = torch.randn(8, 4), torch.randn(8, 1)
+        optimizer.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        rec.step(loss=loss)
+    rec.close()
+    check = verify_ledger(tmp_path / "ledger").check("continuity")
+    assert check.status is Status.PASS, check.detail
+    assert 0.999 < check.data["margin"] <= 1.0 + 1e-6  # the bound is tight, not loosened

@@ -360,6 +360,8 @@ def _interval(view: RunView, bounds: Bounds, steps: list[int], before: dict[str,
     order = view.tensor_order
     opt_steps = sum(bounds.steps[s] for s in steps)
     group_moves: dict[int, float] = {}
+    group_rounding: dict[int, float] = {}  # squared L2 of the stored weights' rounding, per group
+    group_eps: dict[int, float] = {}
     for i, name in enumerate(order):
         old, new = before[name].astype(np.float64), after[name].astype(np.float64)
         g = int(bounds.group_of[i])
@@ -378,9 +380,15 @@ def _interval(view: RunView, bounds: Bounds, steps: list[int], before: dict[str,
                 worst, worst_name, rule = ratio, name, "per-coordinate"
         elif kind == "sgd":
             group_moves[g] = group_moves.get(g, 0.0) + float(np.square(new - old).sum())
+            # each stored coordinate is rounded once per update: up to rounding × |w| each, in L2 over the group
+            top = np.maximum(np.abs(old), np.abs(new))
+            group_rounding[g] = group_rounding.get(g, 0.0) + float(np.square(opt_steps * rounding[i] * top).sum())
+            group_eps[g] = max(group_eps.get(g, 0.0), float(rounding[i]))
     for g, squared in group_moves.items():
-        budget = sum(_sgd_budget(bounds, s, g) for s in steps)
-        ratio = math.sqrt(squared) / (budget * (1 + 1e-9) + 1e-12) if squared else 0.0
+        # the update lr·g is itself rounded (relative eps) besides the weights it lands on
+        budget = sum(_sgd_budget(bounds, s, g) for s in steps) * (1 + 4 * group_eps[g] + 1e-9)
+        budget += math.sqrt(group_rounding[g])
+        ratio = math.sqrt(squared) / (budget + 1e-12) if squared else 0.0
         if ratio > worst:
             worst, worst_name, rule = ratio, f"param group {g}", "group L2"
     return worst, worst_name, rule
