@@ -155,6 +155,12 @@ def test_clean_prefix_is_a_valid_unsealed_ledger(book, capsys, cut):
         last.unlink()
     else:
         rewrite(last, lambda t: t.slice(0, t.num_rows - 1))
+    # the final signed head beside the ledger still states the whole ledger: the cut is caught
+    code, report = run(capsys, path, "--key", pub)
+    assert code == 1 and report["checks"]["heads"]["status"] == "fail" and "cut short" in \
+        report["checks"]["heads"]["detail"]
+    for final in (path / "heads").glob("*.note"):  # a cutter who also removes that head
+        final.unlink()
     code, report = run(capsys, path, "--key", pub)
     assert code == 0 and report["verdict"] == "pass"
     assert report["checks"]["seal"]["status"] == "warn" and report["ledger"]["sealed"] is False
