@@ -21,9 +21,9 @@ def test_example_trains_records_and_verifies(tmp_path, script, steps):
     out = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     last = out.stdout.strip().splitlines()[-1]
-    expected = ("PASS: chain, signatures, seal, model, checkpoints, init, continuity and replay hold"
+    expected = ("PASS: chain, signatures, seal, heads, model, checkpoints, init, continuity and replay hold"
                 if script == "charlm.py" else
-                "PASS: chain, signatures, seal, model, checkpoints and continuity hold")
+                "PASS: chain, signatures, seal, heads, model, checkpoints and continuity hold")
     assert last.startswith(expected), out.stdout
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
@@ -35,4 +35,4 @@ def test_distributed_example(tmp_path):
                           "--steps", "26"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip().splitlines()[-1].startswith(
-        "PASS: chain, signatures, seal, model, checkpoints and continuity hold"), out.stdout
+        "PASS: chain, signatures, seal, heads, model, checkpoints and continuity hold"), out.stdout
