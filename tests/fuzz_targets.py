@@ -47,7 +47,25 @@ def _safetensors(data: bytes) -> None:
     read_safetensors(path)
 
 
-TARGETS: dict[str, Callable[[bytes], None]] = {"record": _record, "wal": _wal, "safetensors": _safetensors}
+_KEY = bytes.fromhex("03a107bff3ce10be1d70dd18e74bc09967e4d6309ba50d5f1ddc8664125531b8")  # seed 00…1f (FORMAT §8)
+
+
+def _note(data: bytes) -> None:
+    from ledger._note import open_note
+
+    head, _ = open_note(data, _KEY)
+    head.text()
+
+
+def _proof(data: bytes) -> None:
+    from ledger._proofs import InclusionProof, check_consistency, check_inclusion, parse_proof
+
+    proof = parse_proof(data)
+    check_inclusion(proof, _KEY) if isinstance(proof, InclusionProof) else check_consistency(proof, _KEY)
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {"record": _record, "wal": _wal, "safetensors": _safetensors,
+                                               "note": _note, "proof": _proof}
 
 
 def run_one(target: str, data: bytes) -> None:
@@ -68,6 +86,9 @@ def main() -> None:
         import ledger._encoding  # noqa: F401
         import ledger._entry  # noqa: F401
         import ledger._fingerprint  # noqa: F401
+        import ledger._merkle  # noqa: F401
+        import ledger._note  # noqa: F401
+        import ledger._proofs  # noqa: F401
         import ledger._record  # noqa: F401
         import ledger._wal  # noqa: F401
         import ledger._weights  # noqa: F401

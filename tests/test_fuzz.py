@@ -1,7 +1,8 @@
 """Coverage-guided fuzzing of the format readers (atheris), and a replay of every kept input.
 
-The fuzz run (slow) gives each target — the record decoder, the write-ahead-log frame reader and the
-safetensors header reader (tests/fuzz_targets.py) — 20 s under libFuzzer with a 2 GiB RSS limit; a
+The fuzz run (slow) gives each target — the record decoder, the write-ahead-log frame reader, the
+safetensors header reader, the signed-tree-head (note) reader and the proof-file reader and checker
+(tests/fuzz_targets.py) — 20 s under libFuzzer with a 2 GiB RSS limit; a
 crash (any exception but FormatError, a timeout, an RSS blow-up) fails the test and names the input,
 which is then kept in tests/fuzz_corpus/<target>/ so the fast replay below guards it for ever.
 """
