@@ -223,7 +223,7 @@ def test_recipe_errors_warn_and_the_other_checks_still_run(run, tmp_path, name, 
     replay = report.check("replay")
     assert replay.status == "warn" and replay.detail.startswith(detail), replay.detail
     assert report.verdict == "pass" and [c.name for c in report.checks if c.status == "pass"] == [
-        "chain", "signatures", "seal", "checkpoints", "init", "continuity"]
+        "chain", "signatures", "seal", "heads", "checkpoints", "init", "continuity"]
     pub = tmp_path / "trainer.pub"
     pub.write_bytes(public_key_pem(SIGNER.public.raw))
     command = [sys.executable, "-m", "ledger", "verify", str(run), "--key", str(pub), "--recipe", spec,
