@@ -1,7 +1,8 @@
 """``ledger publish``: a release bundle of weights, ledger, attestations and OMS signature.
 
 Layout (docs/PUBLISHING.md): ``model/`` (the weights as a Hugging Face repository folder),
-``ledger/`` (parts, log, ``key.pub``, ``heads/``, checkpoints when asked), ``attestations.intoto.jsonl``,
+``ledger/`` (parts, log, ``key.pub``, ``heads/``, and with ``include_checkpoints`` the
+``<state digest>`` directories of the ledger's own checkpoint entries), ``attestations.intoto.jsonl``,
 ``model.sig`` (P-256 release keys), ``release.pub`` and ``LEDGER.md``. The bundle is built in a
 temporary directory beside ``out`` and renamed into place when whole; an existing ``out`` is never
 touched. Before anything is signed, the copied weights are checked against the seal's tensor
@@ -50,6 +51,8 @@ def copy_file(src: Path, dst: Path, what: str) -> str:
                 os.fsync(out.fileno())
     except FileNotFoundError:
         raise ConfigurationError(f"{what} {src} does not exist") from None
+    except FileExistsError:
+        raise ConfigurationError(f"{what} {src}: the bundle already holds a file named {dst.name}") from None
     return digest.hexdigest()
 
 
@@ -73,6 +76,12 @@ def _weights(model: Path) -> tuple[list[tuple[Path, str]], str]:
     if model.name.endswith(".index.json"):
         entry = "model.safetensors.index.json"
         files = [(model, entry)] + [(shard, shard.name) for shard in _shard_files(model)]
+        taken = {"model.safetensors", entry, model.name, *CONFIG_FILES}
+        clash = sorted(name for _, name in files[1:] if name in taken)
+        if clash:
+            raise ConfigurationError(f"--model {model}: shard {clash[0]!r} would be named like the bundle's entry, "
+                                     "its index or a config file in model/ (a loader could read it instead): rename "
+                                     "the shards")
     elif model.name.endswith(".safetensors"):
         entry = "model.safetensors"
         files = [(model, entry)]
@@ -100,22 +109,43 @@ def _gate(ledger_dir: Path, weights: Path) -> None:
                                 report)
 
 
-def _copy_ledger(ledger: Path, dst: Path, include_checkpoints: bool, checkpoints: Path | None) -> None:
+def _checkpoint_dirs(book: Any, root: Path) -> list[Path]:
+    """The ``<state digest>`` directories under ``root`` that this ledger's checkpoint entries name
+    (in the recorder's layout, not pruned, present): nothing else in ``root`` is published."""
+    from ledger._record import Kind
+    from ledger._schema import CheckpointBody, PruneBody
+
+    named: dict[str, None] = {}
+    pruned: set[str] = set()
+    for item in book.entries():
+        if item.kind is Kind.CHECKPOINT:
+            body = CheckpointBody.from_body(item.body())
+            if body.stored_here:
+                named[body.state_digest.hex()] = None
+        elif item.kind is Kind.PRUNE:
+            pruned.add(PruneBody.from_body(item.body()).state_digest.hex())
+    return [root / name for name in named if name not in pruned and (root / name).is_dir()]
+
+
+def _copy_ledger(ledger: Path, dst: Path, checkpoints: list[Path] | None) -> None:
     dst.mkdir()
     _copy_tree(ledger / "parts", dst / "parts", "ledger part")
-    for name in ("wal.log", "manifest.json"):
-        if (ledger / name).is_file():
-            copy_file(ledger / name, dst / name, f"ledger {name}")
+    if (ledger / "wal.log").is_file():  # manifest.json is a convenience index no verifier reads: left out
+        copy_file(ledger / "wal.log", dst / "wal.log", "ledger wal.log")
     if (ledger / "heads").is_dir():
         (dst / "heads").mkdir()
         for item in sorted((ledger / "heads").iterdir()):
             if _HEAD_FILE.match(item.name):
                 copy_file(item, dst / "heads" / item.name, "tree head file")
-    if include_checkpoints:
-        if checkpoints is None or not checkpoints.is_dir():
-            raise ConfigurationError(f"--include-checkpoints: the run's checkpoint directory {checkpoints} is not "
-                                     "there")
-        _copy_tree(checkpoints, dst / "checkpoints", "checkpoint file")
+    if checkpoints is not None:
+        from ledger._state import FILES
+
+        (dst / "checkpoints").mkdir()
+        for directory in checkpoints:
+            (dst / "checkpoints" / directory.name).mkdir()
+            for name in FILES:
+                if (directory / name).is_file() and not (directory / name).is_symlink():
+                    copy_file(directory / name, dst / "checkpoints" / directory.name / name, "checkpoint file")
 
 
 def publish(ledger: str | os.PathLike[str], model: str | os.PathLike[str], out: str | os.PathLike[str],
@@ -142,13 +172,16 @@ def publish(ledger: str | os.PathLike[str], model: str | os.PathLike[str], out: 
     files, entry = _weights(model)
     checkpoints = None
     if include_checkpoints:
-        checkpoints = checkpoint_root(ledger, Genesis.from_body(book.genesis()))
+        root = checkpoint_root(ledger, Genesis.from_body(book.genesis()))
+        if not root.is_dir():
+            raise ConfigurationError(f"--include-checkpoints: the run's checkpoint directory {root} is not there")
+        checkpoints = _checkpoint_dirs(book, root)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".publishing", dir=out.parent))
     try:
         (tmp / "model").mkdir()
         subjects = {f"model/{name}": copy_file(src, tmp / "model" / name, "weights file") for src, name in files}
-        _copy_ledger(ledger, tmp / "ledger", include_checkpoints, checkpoints)
+        _copy_ledger(ledger, tmp / "ledger", checkpoints)
         _gate(tmp / "ledger", tmp / "model" / entry)
         facts = ledger_facts(tmp / "ledger", entry=f"model/{entry}", version=__version__)
         create_file(tmp / "ledger" / "key.pub", public_key_pem(bytes.fromhex(facts["keys"]["trainer"]["publicKey"])))

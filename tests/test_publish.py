@@ -148,7 +148,9 @@ def test_layout_and_hugging_face_loading(run, bundle):
     genesis = ledger.open(bundle / "ledger").genesis()
     assert genesis["run_id"] in card and genesis["key_id"].hex() in card
     assert load_release_key(run / "keys" / "release.pub").key_id.hex() in card
-    assert "ledger verify release --key release/ledger/key.pub --release-key release/release.pub" in card
+    assert "ledger verify release --key TRAINER.pub --release-key LAB_RELEASE.pub" in card
+    assert "release/release.pub" not in card and "release/ledger/key.pub" not in card
+    assert "manifest.json" not in {p.name for p in (bundle / "ledger").iterdir()}  # no verifier reads it
     assert not [p for p in run.iterdir() if p.name.startswith(".bundle.")]  # no temporary directory left
 
 
@@ -340,9 +342,10 @@ def test_dot_dot_shard_in_an_index_is_refused(run, copy):
     index = {"metadata": {}, "weight_map": {name: "../../evil.safetensors"
                                             for name in safetensors_digests(copy.parent / "evil.safetensors")}}
     (copy / "model" / "model.safetensors.index.json").write_text(json.dumps(index))
-    code, report = verify_json(copy, *trusted(run))
-    assert code == 1 and report["checks"]["model"]["status"] == "fail"
-    assert "not a file name next to the index" in report["checks"]["model"]["detail"]
+    code, report = verify_json(copy, *trusted(run))  # the index is read for its shards by the bundle check
+    assert code == 1 and report["checks"]["bundle"]["status"] == "fail"
+    assert "not a file name next to the index" in report["checks"]["bundle"]["detail"]
+    assert report["checks"]["model"]["status"] == "skip"
 
 
 @pytest.mark.parametrize("where", ["model/model.safetensors", "ledger", "model.sig"])
@@ -562,3 +565,224 @@ def test_verify_as_a_subprocess_writes_nothing_anywhere(run, copy, tmp_path):
     assert done.returncode == 0, done.stderr
     assert list(home.iterdir()) == [] and list(cwd.iterdir()) == []
     assert {p: p.stat().st_mtime_ns for p in copy.rglob("*")} == before
+
+
+# ----------------------------------------------------------------------------- review findings (issue #13)
+def _resign_files(run: Path, bundle: Path, edit=None) -> None:
+    """Re-sign both attestations (with the lab's release key) so that they name every file now in
+    model/ with its SHA-256: a forgery that only the layout rules can catch."""
+    subjects = [{"name": f"model/{p.name}", "digest": {"sha256": hashlib.sha256(p.read_bytes()).hexdigest()}}
+                for p in sorted((bundle / "model").iterdir())]
+
+    def set_subjects(statement: dict) -> None:
+        statement["subject"] = subjects
+        if edit is not None:
+            edit(statement)
+
+    _resign(run, bundle, set_subjects)
+    (bundle / "model.sig").unlink()
+    from ledger import _oms
+
+    _oms.sign(bundle / "model", bundle / "model.sig", run / "keys" / "release.pem")
+
+
+def _add_index_beside(copy: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    sealed = load_file(str(copy / "model" / "model.safetensors"))
+    names = sorted(sealed)
+    shards = {"model-00001-of-00002.safetensors": names[:3], "model-00002-of-00002.safetensors": names[3:]}
+    for file, members in shards.items():
+        save_file({n: sealed[n] for n in members}, str(copy / "model" / file))
+    (copy / "model" / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: f for f, members in shards.items() for n in members}}))
+    save_file({k: v + 1.0 for k, v in sealed.items()}, str(copy / "model" / "model.safetensors"))  # a loader's pick
+
+
+def _point_at_index(statement: dict) -> None:
+    if statement["predicateType"] == LEDGER_PREDICATE:
+        statement["predicate"]["weights"]["file"] = "model/model.safetensors.index.json"
+
+
+@pytest.mark.parametrize("extra", ["index-beside-the-file", "pytorch_model.bin", "weights.gguf"])
+def test_a_second_weights_entry_or_a_stray_weight_file_fails_the_bundle(run, copy, extra):
+    """Finding 1: verify compared one entry while a loader would read another file."""
+    if extra == "index-beside-the-file":
+        _add_index_beside(copy)
+        _resign_files(run, copy, _point_at_index)
+    else:
+        (copy / "model" / extra).write_bytes(b"not the sealed weights")
+        _resign_files(run, copy)
+    code, report = verify_json(copy, *trusted(run))
+    assert code == 1 and report["checks"]["bundle"]["status"] == "fail", report["checks"]["bundle"]
+    assert report["checks"]["model"]["status"] == "skip"
+    assert ("both" if extra.startswith("index") else extra) in report["checks"]["bundle"]["detail"]
+
+
+@pytest.mark.parametrize("shard", ["model.safetensors", "model.safetensors.index.json", "config.json"])
+def test_publish_refuses_shard_names_that_collide_in_model(run, tmp_path, shard):
+    """Findings 1 and 6: a shard named like the entry, the index or a config file (exit 3 before)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(run / "final" / "model.safetensors"))
+    names = sorted(weights)
+    save_file({n: weights[n] for n in names[:3]}, str(tmp_path / "a.safetensors"))
+    save_file({n: weights[n] for n in names[3:]}, str(tmp_path / shard))
+    index = tmp_path / "x.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {n: "a.safetensors" if i < 3 else shard
+                                                                for i, n in enumerate(names)}}))
+    code, _, err = invoke("publish", run / "L", "--model", index, "--out", tmp_path / "out",
+                          "--release-key", run / "keys" / "release.pem")
+    assert code == 2 and repr(shard) in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def _forged(tmp_path: Path) -> Path:
+    """A forger's bundle: its own trainer key, its own P-256 release key, published as the docs say."""
+    train(TinyRecipe(), steps=3, path=tmp_path / "L", key=Signer.from_seed(bytes(32)), seed=1,
+          final_weights=tmp_path / "final" / "model.safetensors")
+    ledger.generate_keypair(tmp_path / "forger", key_type="p256")
+    code, _, err = invoke("publish", tmp_path / "L", "--model", tmp_path / "final" / "model.safetensors",
+                          "--out", tmp_path / "release", "--release-key", tmp_path / "forger.pem")
+    assert code == 0, err
+    return tmp_path / "release"
+
+
+def test_keys_or_a_policy_inside_the_bundle_are_refused_and_the_card_names_none(tmp_path):
+    """Finding 2: the card's command trusted the keys shipped in the bundle (a forgery passed)."""
+    release = _forged(tmp_path)
+    card = (release / "LEDGER.md").read_text()
+    assert "ledger verify release --key TRAINER.pub --release-key LAB_RELEASE.pub" in card
+    assert "--public_key LAB_RELEASE.pub release/model" in card
+    for args in (["--key", release / "ledger" / "key.pub", "--release-key", release / "release.pub"],
+                 ["--release-key", release / "model" / ".." / "release.pub"]):
+        code, out, err = invoke("verify", release, *args)
+        assert code == 2 and "inside the bundle" in err and len(err.strip().splitlines()) == 1, (out, err)
+    (release / "policy.toml").write_text('keys = ["release.pub"]\n')
+    code, _, err = invoke("verify", release, "--policy", release / "policy.toml")
+    assert code == 2 and "inside the bundle" in err
+    (tmp_path / "policy.toml").write_text(f'keys = ["{release / "release.pub"}"]\n')
+    code, _, err = invoke("verify", release, "--policy", tmp_path / "policy.toml")
+    assert code == 2 and "inside the bundle" in err
+    (release / "policy.toml").unlink()
+    # the card's policy snippet (key ids), kept outside the folder: pins exactly the forger's ids
+    snippet = card.split("```toml\n")[1].split("```")[0]
+    (tmp_path / "policy.toml").write_text(snippet)
+    code, report = verify_json(release, "--policy", tmp_path / "policy.toml")
+    assert code == 0 and report["checks"]["attestations"]["status"] == "pass"
+    assert report["checks"]["signatures"]["status"] == "pass"
+
+
+def test_with_a_policy_the_trainer_key_does_not_count_toward_min_signatures(run, copy, tmp_path):
+    """Finding 3: --key (the trainer's) was added to the policy's accepted keys."""
+    ledger.generate_keypair(tmp_path / "second", key_type="p256")
+    shutil.copy(run / "keys" / "release.pub", tmp_path / "release.pub")
+    (tmp_path / "policy.toml").write_text('min_signatures = 2\nkeys = ["release.pub", "second.pub"]\n')
+    signers = [load_release_signer(run / "keys" / "release.pem"), load_release_signer(run / "keys" / "trainer.pem")]
+    lines = [json.dumps(seal_envelope(statement_of(e), signers)) for e in envelopes(copy)]
+    (copy / "attestations.intoto.jsonl").write_text("\n".join(lines) + "\n")
+    code, report = verify_json(copy, "--policy", tmp_path / "policy.toml", "--key", run / "keys" / "trainer.pub")
+    assert code == 1 and "2 needed" in report["checks"]["attestations"]["detail"]
+    assert report["checks"]["signatures"]["status"] == "pass"  # --key still authenticates the ledger
+    code, _, err = invoke("verify", copy, "--policy", tmp_path / "policy.toml", "--release-key",
+                          run / "keys" / "release.pub")
+    assert code == 2 and "not both" in err
+
+
+def test_a_bundle_never_reads_checkpoints_outside_it(run, tmp_path):
+    """Finding 4: genesis checkpoint_dir (absolute, or ../) led verify out of DIR."""
+    outside = tmp_path / "outside-ckpts"
+    train(TinyRecipe(), steps=6, path=tmp_path / "L", key=SIGNER, seed=3, checkpoint_every=4,
+          final_weights=tmp_path / "final" / "model.safetensors", checkpoint_dir=outside)
+    assert any(outside.iterdir())
+    out = tmp_path / "b"
+    code, _, err = invoke("publish", tmp_path / "L", "--model", tmp_path / "final" / "model.safetensors",
+                          "--out", out, "--release-key", run / "keys" / "release.pem")
+    assert code == 0, err
+    code, report = verify_json(out, *trusted(run))
+    checkpoints = report["checks"]["checkpoints"]
+    assert code == 0 and checkpoints["status"] == "warn" and checkpoints["matched"] == [], checkpoints
+    assert len(checkpoints["missing"]) == 3
+    # with --include-checkpoints they travel and are read from DIR/ledger/checkpoints
+    code, _, err = invoke("publish", tmp_path / "L", "--model", tmp_path / "final" / "model.safetensors",
+                          "--out", tmp_path / "c", "--release-key", run / "keys" / "release.pem",
+                          "--include-checkpoints")
+    assert code == 0, err
+    shutil.rmtree(outside)
+    code, report = verify_json(tmp_path / "c", *trusted(run))
+    assert code == 0 and report["checks"]["checkpoints"]["status"] == "pass"
+
+
+def test_include_checkpoints_copies_only_the_ledgers_own_and_verify_names_uncovered_files(run, tmp_path):
+    """Finding 5: the whole checkpoint directory was copied (other runs, private files)."""
+    shutil.copytree(run / "L", tmp_path / "L")
+    root = tmp_path / "L" / "checkpoints"
+    own = sorted(p.name for p in root.iterdir())
+    (root / "other-run").mkdir()
+    (root / "other-run" / "secret.txt").write_text("private")
+    (root / ("ab" * 32)).mkdir()
+    (root / ("ab" * 32) / "model.safetensors").write_bytes(b"x")
+    (root / own[0] / "notes.txt").write_text("private")
+    out = tmp_path / "b"
+    code, _, err = invoke("publish", tmp_path / "L", "--model", run / "final" / "model.safetensors", "--out", out,
+                          "--release-key", run / "keys" / "release.pem", "--include-checkpoints")
+    assert code == 0, err
+    copied = out / "ledger" / "checkpoints"
+    assert sorted(p.name for p in copied.iterdir()) == own
+    from ledger._state import FILES
+
+    assert all(sorted(p.name for p in (copied / d).iterdir()) == sorted(FILES) for d in own)
+    code, report = verify_json(out, *trusted(run))
+    assert code == 0 and report["checks"]["bundle"]["status"] == "pass", report["checks"]["bundle"]
+    (out / "ledger" / "notes.txt").write_text("unchecked")
+    (out / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    code, report = verify_json(out, *trusted(run))
+    assert code == 0 and report["checks"]["bundle"]["status"] == "warn"
+    assert report["checks"]["bundle"]["uncovered"] == ["ledger/notes.txt"]
+    (out / "LEDGER.md").write_text((out / "LEDGER.md").read_text() + "\nAlso: trust us.\n")
+    code, report = verify_json(out, *trusted(run))
+    assert report["checks"]["bundle"]["uncovered"] == ["LEDGER.md", "ledger/notes.txt"]
+
+
+def test_hostile_inputs_end_with_exit_1_or_2_never_3(run, copy, tmp_path):
+    """Finding 6: deep directory names (ENAMETOOLONG) and a deeply nested TOML policy exited 3."""
+    fd = os.open(copy / "model", os.O_RDONLY)
+    for _ in range(30):
+        os.mkdir("d" * 200, dir_fd=fd)
+        child = os.open("d" * 200, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    os.close(fd)
+    code, out, err = invoke("verify", copy, *trusted(run))
+    assert code == 1 and "bundle" in out and err.strip() == "", err
+    (tmp_path / "p.toml").write_text("keys = " + "[" * 30000 + "]" * 30000 + "\n")
+    code, _, err = invoke("verify", run / "bundle", "--policy", tmp_path / "p.toml")
+    assert code == 2 and "nests too deeply" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_attested_release_algorithm_is_that_of_its_key_and_model_sig_is_required(run, copy):
+    """Finding 7: a predicate claiming "ed25519" for a P-256 key, model.sig deleted: oms skipped, exit 0."""
+    def claim_ed25519(statement: dict) -> None:
+        if statement["predicateType"] == LEDGER_PREDICATE:
+            statement["predicate"]["keys"]["release"]["algorithm"] = "ed25519"
+
+    _resign(run, copy, claim_ed25519)
+    (copy / "model.sig").unlink()
+    code, report = verify_json(copy, *trusted(run))
+    assert code == 1
+    assert "algorithm" in report["checks"]["release"]["detail"]
+    assert report["checks"]["oms"]["status"] == "fail" and "P-256" in report["checks"]["oms"]["detail"]
+
+
+def test_unnamed_files_fail_by_name_without_being_hashed(run, copy, monkeypatch):
+    """Finding 8: a file no attestation names was hashed in full (twice) before failing by name."""
+    from ledger.verify import _bundle_checks
+
+    with open(copy / "model" / "notes.txt", "wb") as handle:
+        handle.truncate(1 << 30)  # sparse
+    hashed: list[str] = []
+    real = _bundle_checks._sha256
+    monkeypatch.setattr(_bundle_checks, "_sha256", lambda path: hashed.append(path.name) or real(path))
+    code, report = verify_json(copy, *trusted(run))
+    assert code == 1 and "model/notes.txt is not named" in report["checks"]["subjects"]["detail"]
+    assert hashed == [] and report["checks"]["oms"]["status"] == "skip"

@@ -1,7 +1,8 @@
 """The checks of a release bundle: ``attestations``, ``subjects``, ``release`` and ``oms``.
 
 Each reads only files that :func:`ledger.verify._bundle.scan` found (regular files, inside DIR)
-and returns a :class:`CheckResult`; a damaged input is a failed check, never an exception.
+and returns a :class:`CheckResult`; a damaged input is a failed check, never an exception. Files
+are hashed only once their names are the attested ones (an unnamed file fails by name, unread).
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from typing import Any
 
 from ledger import _oms
 from ledger._attest import LEDGER_PREDICATE, SLSA_PREDICATE, Opened, jsonable, open_envelope, provenance
-from ledger._crypto import release_key_from_pem
+from ledger._crypto import ReleaseKey, release_key_from_pem
 from ledger._io import MiB, open_regular, read_regular
+from ledger._policy import Trust
+from ledger._publish_card import model_card
 from ledger._publish_facts import heads_of, ledger_facts, ledger_predicate
 from ledger.errors import ConfigurationError, FormatError
-from ledger.verify._bundle import ATTESTATIONS, Scan, Trust
+from ledger.verify._bundle import ATTESTATIONS, Scan
 from ledger.verify._result import CheckResult, Status
 
 MAX_ATTESTATIONS_BYTES = 64 * MiB
@@ -96,19 +99,25 @@ def _subjects(root: Path, scanned: Scan, trust: Trust, entry: str | None, state:
     if not statements:
         return CheckResult("subjects", Status.SKIP, "no readable attestation names the files", summary="no attestation")
     files = sorted(name for name in scanned.files if name.startswith("model/"))
-    actual = {name: _sha256(root / name) for name in files}
     problems: list[str] = []
+    attested: dict[str, dict[str, str]] = {}
     for kind, statement in sorted(statements.items()):
-        named: dict[str, str] = {}
+        named = attested.setdefault(kind, {})
         for item in statement["subject"]:
             if item["name"] in named:
                 problems.append(f"{_SHORT[kind]} names {item['name']!r} twice")
             named[item["name"]] = item["digest"]["sha256"]
         problems += [f"{_SHORT[kind]} names {n!r}, which is not a file in model/"
-                     for n in sorted(set(named) - set(actual))]
-        problems += [f"{n} is not named by the {_SHORT[kind]}" for n in sorted(set(actual) - set(named))]
+                     for n in sorted(set(named) - set(files))]
+        problems += [f"{n} is not named by the {_SHORT[kind]}" for n in sorted(set(files) - set(named))]
+    if problems:  # decided by the names: nothing is hashed (an unnamed file may be large)
+        state["names_differ"] = True
+        return CheckResult("subjects", Status.FAIL, "; ".join(dict.fromkeys(problems[:8])), {"files": len(files)})
+    actual = {name: _sha256(root / name) for name in files}
+    for named in attested.values():
         problems += [f"{n}: SHA-256 {actual[n][:16]}… is not the attested {named[n][:16]}…"
-                     for n in sorted(set(actual) & set(named)) if actual[n] != named[n]]
+                     for n in files if actual[n] != named[n]]
+    state["subjects"] = actual
     data = {"files": len(actual)}
     if problems:
         return CheckResult("subjects", Status.FAIL, "; ".join(dict.fromkeys(problems[:8])), data)
@@ -126,12 +135,12 @@ def _differences(expected: Any, found: Any, path: str = "") -> list[str]:
     return [] if expected == found else [path or "(whole)"]
 
 
-def _pem_key_id(pem: Any) -> str | None:
-    """The hex key id of a PEM public key given as text, or None when it is not one."""
+def _pem_key(pem: Any) -> ReleaseKey | None:
+    """The PEM public key given as text, or None when it is not one."""
     if not isinstance(pem, str) or len(pem) > 16 << 10:
         return None
     try:
-        return release_key_from_pem(pem.encode("ascii", "replace"), "the attested release key").key_id.hex()
+        return release_key_from_pem(pem.encode("ascii", "replace"), "the attested release key")
     except ConfigurationError:
         return None
 
@@ -147,10 +156,14 @@ def _release(root: Path, scanned: Scan, trust: Trust, entry: str | None, state: 
     heads, stamps = heads_of(root / "ledger", facts)
     problems = [f"the ledger attestation's {p} differs from the bundle's ledger"
                 for p in _differences(ledger_predicate(facts, heads, stamps), claimed)][:6]
+    pem_key = _pem_key(release.get("publicKeyPem")) if isinstance(release, dict) else None
     if not isinstance(release, dict) or release.get("keyId") not in state.get("signers", set()):
         problems.append("the release key the attestation names did not sign it")
-    elif _pem_key_id(release.get("publicKeyPem")) != release.get("keyId"):
+    elif pem_key is None or pem_key.key_id.hex() != release.get("keyId"):
         problems.append("the attestation's release publicKeyPem is not the key of its keyId")
+    elif release.get("algorithm") != pem_key.algorithm:
+        problems.append(f"the attestation's release algorithm {str(release.get('algorithm'))[:20]!r} is not that of "
+                        f"its publicKeyPem ({pem_key.algorithm})")
     slsa = statements.get(SLSA_PREDICATE)
     if slsa is not None:
         version = slsa["predicate"].get("runDetails", {}).get("builder", {}).get("version", {})
@@ -159,6 +172,10 @@ def _release(root: Path, scanned: Scan, trust: Trust, entry: str | None, state: 
                      for p in _differences(jsonable(provenance(facts)), slsa["predicate"])][:6]
     if trust.policy is not None and trust.policy.origin is not None and trust.policy.origin != facts["origin"]:
         problems.append(f"origin {facts['origin']!r} is not the policy's {trust.policy.origin!r}")
+    if not problems and "LEDGER.md" in scanned.files and isinstance(state.get("subjects"), dict):
+        card = model_card(facts, state["subjects"], has_oms="model.sig" in scanned.files).encode("utf-8")
+        state["card"] = scanned.files["LEDGER.md"] == len(card) and read_regular(
+            root / "LEDGER.md", what="LEDGER.md", limit=len(card)) == card
     data = {"tree_size": facts["ledger"]["treeSize"], "root": facts["ledger"]["rootHash"], "origin": facts["origin"],
             "heads": len(heads), "timestamps": len(stamps)}
     if problems:
@@ -170,14 +187,18 @@ def _release(root: Path, scanned: Scan, trust: Trust, entry: str | None, state: 
 
 
 def _oms_check(root: Path, scanned: Scan, trust: Trust, entry: str | None, state: State) -> CheckResult:
-    predicate = (state.get("statements") or {}).get(LEDGER_PREDICATE, {}).get("predicate", {})
-    release = predicate.get("keys", {}).get("release", {}) if isinstance(predicate.get("keys"), dict) else {}
-    algorithm = release.get("algorithm") if isinstance(release, dict) else None
+    known = {**{ident: key for ident, (key, _) in trust.shipped.items()}, **trust.keys}
+    signers = [known[ident].algorithm for ident in sorted(state.get("signers", ())) if ident in known]
     if "model.sig" not in scanned.files:
-        if algorithm == "ed25519":
-            return CheckResult("oms", Status.SKIP, "no model.sig: the release key is Ed25519, and OMS key signatures "
-                               "need ECDSA P-256", summary="no model.sig (Ed25519 release key)")
-        return CheckResult("oms", Status.FAIL, "model.sig is missing (the release key is not Ed25519)")
+        if signers and set(signers) == {"ed25519"}:
+            return CheckResult("oms", Status.SKIP, "no model.sig: the attestations are signed by Ed25519 keys only, "
+                               "and OMS key signatures need ECDSA P-256", summary="no model.sig (Ed25519 release key)")
+        return CheckResult("oms", Status.FAIL, "model.sig is missing: " + (
+            "a P-256 key signed the attestations, and publish writes model.sig for one" if signers else
+            "no verified signature shows the release key to be Ed25519"))
+    if state.get("names_differ"):
+        return CheckResult("oms", Status.SKIP, "not checked: the files in model/ are not the attested ones (check "
+                           "subjects)", summary="subjects failed")
     if not _oms.available():
         return CheckResult("oms", Status.SKIP, f"checking model.sig needs model-signing: {_oms.EXTRA_LINE}",
                            summary="model-signing not installed")
@@ -203,14 +224,18 @@ _CHECKS: tuple[tuple[str, Callable[[Path, Scan, Trust, str | None, State], Check
     ("attestations", _attestations), ("subjects", _subjects), ("release", _release), ("oms", _oms_check))
 
 
-def run_bundle_checks(root: Path, scanned: Scan, trust: Trust, entry: str | None) -> list[CheckResult]:
-    """Run the bundle checks in order (``bundle`` passed already: the layout is sound)."""
-    results = [CheckResult("bundle", Status.PASS, f"{len(scanned.files)} regular files, no links or special files; "
-                           f"weights entry {entry or '(none)'}", {"files": len(scanned.files), "entry": entry})]
+def run_bundle_checks(root: Path, scanned: Scan, trust: Trust, entry: str | None, why: list[str],
+                      state: State) -> list[CheckResult]:
+    """Run the bundle checks in order (the layout is sound: no link, no special file); ``entry`` is the
+    weights entry, None with the reasons ``why`` there is none. ``state`` collects what later steps
+    need (``card``: LEDGER.md is the card publish writes)."""
     if entry is None:
-        results[0] = CheckResult("bundle", Status.FAIL, "model/ holds neither model.safetensors nor "
-                                 "model.safetensors.index.json")
-    state: State = {}
+        first = CheckResult("bundle", Status.FAIL, "; ".join(why), {"files": len(scanned.files), "entry": None})
+    else:
+        first = CheckResult("bundle", Status.PASS, f"{len(scanned.files)} regular files, no links or special files; "
+                            f"weights entry {entry} and no other weight file in model/",
+                            {"files": len(scanned.files), "entry": entry})
+    results = [first]
     for name, run in _CHECKS:
         try:
             result = run(root, scanned, trust, entry, state)
