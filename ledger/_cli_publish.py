@@ -25,7 +25,8 @@ from ledger.errors import ConfigurationError
 @click.option("--release-key", type=click.Path(), metavar="KEY.pem",
               help="The release private key (P-256 from `ledger keygen --type p256`, or Ed25519); default: "
                    "$LEDGER_RELEASE_KEY. A P-256 key also signs model.sig (OpenSSF Model Signing).")
-@click.option("--include-checkpoints", is_flag=True, help="Copy the run's checkpoints into DIR/ledger/checkpoints.")
+@click.option("--include-checkpoints", is_flag=True, help="Copy this ledger's own checkpoints (the state-digest "
+              "directories its entries name, nothing else) into DIR/ledger/checkpoints.")
 @click.option("--passphrase-env", metavar="VAR", default="LEDGER_KEY_PASSPHRASE", show_default=True,
               help="Environment variable holding the release key's passphrase, when it is encrypted.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
