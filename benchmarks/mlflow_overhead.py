@@ -65,6 +65,9 @@ def _timed(model: Any, optimizer: Any, recipe: Any, steps: int,
     return time.perf_counter() - start
 
 
+MIRROR_CPU: list[tuple[float, float, float]] = []  # (mirror thread CPU, process CPU, wall) of each mirrored loop
+
+
 def recorded(recipe: Any, steps: int, key: Path, where: Path, sink: MlflowSink | None) -> tuple[float, float, float]:
     """(construction, loop, close) seconds of a recorded run."""
     torch.manual_seed(1)
@@ -76,6 +79,8 @@ def recorded(recipe: Any, steps: int, key: Path, where: Path, sink: MlflowSink |
     t1 = time.perf_counter()
     seconds = _timed(model, optimizer, recipe, steps, lambda step, loss, batch: rec.step(loss=loss, batch=batch))
     t2 = time.perf_counter()
+    if sink is not None and rec._mirror is not None:  # the mirror thread's own CPU time during the loop
+        MIRROR_CPU.append((rec._mirror.cpu_seconds, CPU[-1], seconds))
     rec.close()
     if sink is not None:
         body = ledger.open(where).last_entry().body()
@@ -153,6 +158,12 @@ def main() -> int:
               f"   | {1000 * cpu / args.steps:8.2f} ms  x{cpu / plain_cpu:.3f} of plain"
               + (f"   (x{median / ledger_only:.3f} wall, x{cpu / ledger_cpu:.3f} CPU of ledger)"
                  if name == "ledger+mirror" else ""))
+    if MIRROR_CPU:
+        own = [cpu / total for cpu, total, _ in MIRROR_CPU[1:] or MIRROR_CPU]
+        per_second = [1000 * cpu / wall for cpu, _, wall in MIRROR_CPU[1:] or MIRROR_CPU]
+        print(f"  mirror thread CPU during the loop (time.thread_time around each pass, setup pass included): "
+              f"median {statistics.median(per_second):.2f} ms per second of training, "
+              f"{100 * statistics.median(own):.2f}% of the process's CPU")
     if closes:
         print(f"  mirror close (waits for the mirror, uploads the part): median {statistics.median(closes):.2f} s")
     return 0

@@ -560,5 +560,5 @@ def _mlflow_attach(option: Any, recorded: Any) -> tuple[Any, Mapping[str, Any], 
         if not isinstance(recorded, Mapping) or not recorded.get("run_id"):
             raise ConfigurationError("this ledger's genesis names no MLflow run: pass mlflow=MlflowSink(run_id=…)")
         sink = mirroring.MlflowSink(tracking_uri=recorded.get("tracking_uri"), run_id=str(recorded["run_id"]))
-    named, _ = sink.open()
+    named = mirroring.named_offline(sink) if sink.run_id else sink.open()[0]
     return sink, named, False

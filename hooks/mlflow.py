@@ -16,6 +16,10 @@ ledger's step and time; genesis ``config`` flattened with ``.`` as params, plus 
 tags ``ledger.run_id``, ``ledger.key_id``, ``ledger.format``, ``ledger.head``, ``ledger.entries``,
 ``ledger.mirrored_seq``, ``ledger.owned``; artifacts ``ledger/key.pub`` and ``ledger/parts/*``
 (closed parts as they roll, every part after close), so a download of ``ledger/`` is a ledger.
+Names MLflow refuses are not mirrored (``ledger._mirror.accepts_name``); a param the run already
+holds with another value is left as it is and named (a warning, ``ledger.owned``'s ``conflicts``).
+The set-up (params, key, static tags; ``ledger.format`` last) is decided by what the run holds and
+done before any metric, so a failed set-up is retried by the next pass or by ``sync``.
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ import pyarrow as pa
 
 from ledger import _parts, _wal
 from ledger._crypto import public_key_pem
-from ledger._encoding import decode_body
 from ledger._layout import Layout
 from ledger._mirror import OWNED_TAGS, TAG_CHARS, accepts_name, params_of
 from ledger._reader import _safe_seq, wal_table
@@ -101,8 +104,27 @@ class MlflowSink:
         except Exception as exc:  # the server is unreachable, the run does not exist, …
             raise ConfigurationError(f"could not {'attach MLflow run ' + run_id if run_id else 'create an MLflow run'}"
                                      f" at {uri}: {_short(exc)}") from None
-        self.run_id = run_id
-        return {"tracking_uri": uri, "experiment_id": experiment_id, "run_id": run_id}, created
+        self.run_id, self.tracking_uri = run_id, uri
+        return {"tracking_uri": _redacted(uri), "experiment_id": experiment_id, "run_id": run_id}, created
+
+
+def named_offline(sink: MlflowSink) -> dict[str, Any]:
+    """The run a sink with a ``run_id`` names, without contacting the server (a resume goes on while the
+    server is down: the mirror retries in the background)."""
+    import mlflow
+
+    sink.tracking_uri = sink.tracking_uri or mlflow.get_tracking_uri()
+    return {"tracking_uri": _redacted(sink.tracking_uri), "run_id": sink.run_id}
+
+
+def _redacted(uri: str) -> str:
+    """The tracking URI without a ``user:password@`` part (genesis records it; credentials stay out)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def sink_of(option: Any) -> MlflowSink | None:
@@ -148,8 +170,11 @@ class Mirror:
         self._wal_ends: list[tuple[int, int]] = []  # (seq, end offset) of the frames read in this pass
         self._names: set[str] = set()  # metric names mirrored (for the ledger.owned tag)
         self.refused: set[str] = set()  # metric names MLflow does not accept: not mirrored
+        self.conflicts: set[str] = set()  # params the run held with other values before the mirror
         self.cpu_seconds = 0.0  # the mirror thread's CPU time (docs/PERFORMANCE.md)
         self._set_up = False
+        self._held: dict[str, str] = {}  # the run's params when the mirror first read it
+        self._params: set[str] = set()  # the params the ledger owns
         self._wake = threading.Event()
         self._changed = threading.Condition()
         self._final = self._stop = False
@@ -158,19 +183,23 @@ class Mirror:
 
     # ----------------------------------------------------------------- one pass
     def push(self, final: bool = False) -> Progress:
-        """One pass: set the run up (params, static tags, key), log every entry after the cursor, upload
-        parts not uploaded yet (``final``: after close, also the owned-keys tag). Raises on failure;
-        what was logged before the failure stays logged and the cursor says so."""
-        from mlflow.entities import Metric, Param, RunTag
+        """One pass: set the run up when it is not (params, the key, static tags), log every entry after
+        the cursor, upload parts not uploaded yet (``final``: after close, also the owned-keys tag).
+        Raises on failure; what was logged before the failure stays logged and the cursor says so."""
+        from mlflow.entities import Metric, RunTag
 
         if self.cursor is None:
-            tags = self.client.get_run(self.run_id).data.tags
+            run = self.client.get_run(self.run_id)
+            tags = run.data.tags
             self.cursor = int(tags.get("ledger.mirrored_seq", -1))
-            with contextlib.suppress(ValueError, TypeError):
+            self._set_up = "ledger.format" in tags  # set last by _setup: the run holds params and key
+            self._held = dict(run.data.params)
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
                 self._names.update(json.loads(tags.get("ledger.owned", "{}")).get("metrics", []))
         if self._uploaded is None:
             self._uploaded = {Path(f.path).name for f in self.client.list_artifacts(self.run_id, "ledger/parts")}
-        genesis = None
+        if not self._set_up:  # before any metric: a cursor past genesis never skips the set-up
+            self._setup(RunTag)
         logged = 0
         for table in self._tables():
             rows = zip(table["seq"].to_pylist(), table["kind"].to_pylist(), table["step"].to_pylist(),
@@ -181,8 +210,6 @@ class Mirror:
             for seq, kind, step, time_ns, digest, values in rows:
                 if seq != done + 1:  # a gap (a roll between two reads): the next pass reads it
                     break
-                if seq == 0 and not self._set_up:
-                    genesis = _genesis_body(table)
                 if kind == Kind.STEP.label:
                     for name, value in values or ():
                         if not accepts_name(name):  # MLflow would refuse the whole batch
@@ -195,23 +222,23 @@ class Mirror:
                             logged += self._log(metrics, done, head, RunTag)
                             metrics = []
                 done, head = seq, digest
-            if genesis is not None and not self._set_up:
-                self._setup(genesis, Param, RunTag)
             if done > self.cursor or metrics:
                 logged += self._log(metrics, done, head, RunTag)
-        if not self._set_up and self.cursor >= 0:  # attached after genesis was mirrored
-            self._set_up = True
         self._advance_log()
         parts = self._upload_parts()
         if final:
-            owned = {"metrics": sorted(self._names), "params": [], "tags": list(OWNED_TAGS),
-                     "refused": sorted(self.refused)}
-            text = json.dumps(owned)
-            if len(text) > TAG_CHARS:
-                owned["metrics"] = owned["refused"] = ["…"]
-                text = json.dumps(owned)
-            self.client.set_tag(self.run_id, "ledger.owned", text)
+            self._owned_tag()
         return Progress(logged, parts, self.cursor)
+
+    def _owned_tag(self) -> None:
+        """The ``ledger.owned`` tag: the keys the mirror wrote (informative; the check re-derives them)."""
+        owned = {"metrics": sorted(self._names), "params": sorted(self._params), "tags": list(OWNED_TAGS),
+                 "refused": sorted(self.refused), "conflicts": sorted(self.conflicts)}
+        text = json.dumps(owned)
+        if len(text) > TAG_CHARS:
+            owned = {**owned, "metrics": ["…"], "params": ["…"], "refused": ["…"]}
+            text = json.dumps(owned)
+        self.client.set_tag(self.run_id, "ledger.owned", text)
 
     def _log(self, metrics: list[Any], done: int, head: bytes, tag: Any) -> int:
         """One log_batch: ``metrics`` and, when entries were completed, the cursor tags (in the same
@@ -224,23 +251,37 @@ class Mirror:
         self.cursor = max(self.cursor, done)
         return len(metrics)
 
-    def _setup(self, genesis: Mapping[str, Any], param: Any, tag: Any) -> None:
-        """Params, static tags and the public key (once per mirror; idempotent on the server)."""
+    def _setup(self, tag: Any) -> None:
+        """Params, the public key, then the static tags (``ledger.format`` last: it says the set-up is
+        complete). Idempotent on the server; a param the run already holds with another value (MLflow
+        refuses to change one) is left as it is, named in a warning and in ``ledger.owned``."""
+        from mlflow.entities import Param
+
+        from ledger._reader import Ledger
+
+        genesis = Ledger(self.layout.root).genesis()
         params = params_of(genesis.get("config", {}), genesis.get("seed"))
-        items = [param(k, v) for k, v in params.items()]
+        self._params = set(params)
+        clash = {k for k, v in params.items() if k in self._held and self._held[k] != v}
+        if clash - self.conflicts:
+            warnings.warn(f"MLflow run {self.run_id} already holds other values for params {sorted(clash)[:5]}: "
+                          "they are not mirrored, and verify --mlflow-run will name them", RuntimeWarning,
+                          stacklevel=2)
+        self.conflicts |= clash
+        items = [Param(k, v) for k, v in params.items() if k not in clash and k not in self._held]
         for i in range(0, len(items), MAX_PARAMS):
             self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS])
-        key_id = genesis.get("key_id", b"")
-        self.client.log_batch(self.run_id, tags=[
-            tag("ledger.run_id", str(genesis.get("run_id"))),
-            tag("ledger.key_id", bytes(key_id).hex() if isinstance(key_id, bytes | bytearray) else str(key_id)),
-            tag("ledger.format", str(genesis.get("format")))])
         public = genesis.get("public_key")
         if isinstance(public, bytes | bytearray):
             with tempfile.TemporaryDirectory(prefix="ledger-mlflow-") as tmp:
                 target = Path(tmp) / "key.pub"
                 target.write_bytes(public_key_pem(bytes(public)))
                 self.client.log_artifact(self.run_id, str(target), "ledger")
+        key_id = genesis.get("key_id", b"")
+        self.client.log_batch(self.run_id, tags=[
+            tag("ledger.run_id", str(genesis.get("run_id"))),
+            tag("ledger.key_id", bytes(key_id).hex() if isinstance(key_id, bytes | bytearray) else str(key_id)),
+            tag("ledger.format", str(genesis.get("format")))])
         self._set_up = True
 
     def _upload_parts(self) -> int:
@@ -283,7 +324,8 @@ class Mirror:
             return _wal.frames(b"")
         with handle:
             info = os.fstat(handle.fileno())
-            same = self._wal_at[:2] == (info.st_dev, info.st_ino)
+            # the same file (a roll replaces it; a new one may reuse the inode, then it is shorter at first)
+            same = self._wal_at[:2] == (info.st_dev, info.st_ino) and info.st_size >= self._wal_at[2]
             offset = self._wal_at[2] if same else 0
             self._wal_at = (info.st_dev, info.st_ino, offset)
             handle.seek(offset)
@@ -387,16 +429,9 @@ def _after(table: pa.Table, cursor: int) -> pa.Table:
     return table.filter(pc.greater(table["seq"], cursor))
 
 
-def _genesis_body(table: pa.Table) -> dict[str, Any]:
-    from ledger._record import HEADER_SIZE
-
-    record = table["record"][0].as_py()
-    return dict(decode_body(record[HEADER_SIZE:]))
-
-
 def start(sink: MlflowSink, config: Mapping[str, Any], path: str | os.PathLike[str], created: bool) -> Mirror:
     """The background mirror of the ledger at ``path`` into the run ``config`` (genesis ``config["mlflow"]``) names."""
-    return Mirror(path, str(config["run_id"]), config.get("tracking_uri"), interval=sink.interval,
+    return Mirror(path, str(config["run_id"]), sink.tracking_uri or config.get("tracking_uri"), interval=sink.interval,
                   created=created).start()
 
 

@@ -324,3 +324,75 @@ def test_config_flattens_to_params_and_the_seal_field_is_typed() -> None:
     for bad in ({**mirror, "missing": 1}, {**mirror, "mirrored_through_seq": -2}, {"missing": False}):
         with pytest.raises(FormatError):
             SealBody.from_body({**base, "mirror": bad})
+
+
+def _ledger_for_sync(tmp: Path) -> tuple[Path, Path]:
+    from conftest import write_ledger
+
+    from ledger import Signer
+    from ledger._crypto import public_key_pem
+
+    signer = Signer.from_seed(bytes(range(32)))
+    path = write_ledger(tmp / "L", signer, 20)  # genesis config {"lr": 1e-3}: param lr "0.001"
+    public = tmp / "trainer.pub"
+    public.write_bytes(public_key_pem(signer.public.raw))
+    return path, public
+
+
+def _new_run(uri: str) -> str:
+    client = _client(uri)
+    return str(client.create_run(client.create_experiment(f"sync-{time.time_ns()}")).info.run_id)
+
+
+@pytest.mark.slow
+def test_sync_sets_up_a_run_whose_set_up_never_happened(mlflow_server: str, tmp_path: Path) -> None:
+    """A mirror whose cursor moved before its set-up failed (params, key, static tags never written):
+    the set-up is decided by what the run holds, so sync repairs it."""
+    path, public = _ledger_for_sync(tmp_path)
+    run_id = _new_run(mlflow_server)
+    _client(mlflow_server).set_tag(run_id, "ledger.mirrored_seq", "5")
+    done = _cli("mlflow", "sync", str(path), "--run-id", run_id, "--tracking-uri", mlflow_server)
+    assert done.returncode == 0, done.stderr
+    run = _client(mlflow_server).get_run(run_id)
+    assert run.data.params["lr"] == "0.001" and run.data.tags["ledger.format"] == "1"
+    assert [a.path for a in _client(mlflow_server).list_artifacts(run_id, "ledger") if not a.is_dir] == [
+        "ledger/key.pub"]
+
+
+@pytest.mark.slow
+def test_a_param_the_run_already_holds_does_not_stop_the_mirror(mlflow_server: str, tmp_path: Path) -> None:
+    """MLflow refuses to change a logged param: the mirror leaves it, warns, mirrors everything else,
+    and verify names the difference."""
+    path, public = _ledger_for_sync(tmp_path)
+    run_id = _new_run(mlflow_server)
+    _client(mlflow_server).log_param(run_id, "lr", "1e-3")  # the user's own spelling of the same lr
+    done = _cli("mlflow", "sync", str(path), "--run-id", run_id, "--tracking-uri", mlflow_server)
+    assert done.returncode == 0 and "already holds other values for params ['lr']" in done.stderr, done.stderr
+    assert len(_client(mlflow_server).get_metric_history(run_id, "loss")) == 20
+    assert json.loads(_client(mlflow_server).get_run(run_id).data.tags["ledger.owned"])["conflicts"] == ["lr"]
+    checked = _cli("verify", "--mlflow-run", run_id, "--tracking-uri", mlflow_server, "--key", str(public))
+    assert checked.returncode == 1 and "param lr: MLflow '1e-3', ledger '0.001'" in checked.stdout, checked.stdout
+
+
+@pytest.mark.slow
+def test_resume_while_the_server_is_down_goes_on(mlflow_server: str, tmp_path: Path) -> None:
+    """A resume names the run genesis recorded without contacting the server: training goes on, the
+    mirror retries, close records the gap."""
+    private, public, data, model, optimizer = _setup(tmp_path)
+    sink = MlflowSink(tracking_uri=mlflow_server, experiment="mirror-test", interval=0.1)
+    rec = Recorder(tmp_path / "ledger", model=model, optimizer=optimizer, key=private, seed=1, checkpoint_every=5,
+                   config={"opt": {"name": "adamw"}}, mlflow=sink)
+    _train(rec, model, optimizer, data, range(7))
+    rec.abort()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    model = data.build_model(1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    resumed = Recorder.resume(tmp_path / "ledger", model=model, optimizer=optimizer, key=private,
+                              mlflow=MlflowSink(tracking_uri=dead, run_id=sink.run_id, close_timeout=1.0))
+    _train(resumed, model, optimizer, data, range(resumed.current_step, 12))
+    with pytest.warns(RuntimeWarning, match="mlflow sync"):
+        resumed.close()
+    mirror = ledger.open(tmp_path / "ledger").last_entry().body()["mirror"]
+    assert mirror["missing"] is True and mirror["mlflow_run_id"] == sink.run_id

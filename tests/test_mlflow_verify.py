@@ -176,19 +176,34 @@ def test_artifact_part_replaced(published, tmp_path):
     assert report["checks"]["chain"]["first_bad_seq"] == 3
 
 
-def test_unreachable_server_is_exit_2_with_one_line():
+def test_unreachable_server_is_exit_2_with_one_line(tmp_path):
+    pub = tmp_path / "trainer.pub"
+    pub.write_bytes(public_key_pem(SIGNER.public.raw))
     started = time.monotonic()
-    code, report, err = verify(f"http://127.0.0.1:{free_port()}", "0" * 32)
+    code, report, err = verify(f"http://127.0.0.1:{free_port()}", "0" * 32, "--key", str(pub))
     assert code == 2 and report == {}
     assert len(err.strip().splitlines()) == 1 and err.startswith("ledger: error: cannot read MLflow run")
     assert time.monotonic() - started < 60
 
 
-def test_run_without_ledger_artifacts_is_exit_2(mlflow_server):
+def test_run_without_ledger_artifacts_is_exit_2(mlflow_server, tmp_path):
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     run_id = client.create_run(client.create_experiment(f"empty-{time.time_ns()}")).info.run_id
-    code, _, err = verify(mlflow_server, run_id)
+    pub = tmp_path / "trainer.pub"
+    pub.write_bytes(public_key_pem(SIGNER.public.raw))
+    code, _, err = verify(mlflow_server, run_id, "--key", str(pub))
     assert code == 2 and len(err.strip().splitlines()) == 1 and "holds no ledger artifacts" in err
+
+
+def test_without_key_or_with_a_missing_local_store_is_exit_2_and_writes_nothing(published, tmp_path):
+    """The run's own key.pub is not evidence: --key is required; a sqlite URI naming no database is
+    refused before MLflow would create one."""
+    uri, run_id, pub = published
+    code, _, err = verify(uri, run_id)
+    assert code == 2 and "--mlflow-run needs --key" in err
+    store = tmp_path / "none.db"
+    code, _, err = verify(f"sqlite:///{store}", run_id, "--key", str(pub))
+    assert code == 2 and "does not exist" in err and not store.exists()
 
 
 def test_a_ledger_value_absent_from_mlflow_fails(mlflow_server, recorded):
@@ -209,7 +224,52 @@ def test_metric_history_reading_is_paged_and_capped(mlflow_server, recorded, mon
     monkeypatch.setattr(mlflow_check, "EXTRA_PER_KEY", 50)
     check = verify_mlflow_run(run_id, mlflow_server, key=pub).check("mlflow")
     assert check.status == "fail" and "stopped reading metric 'loss' after 64 values" in check.data["capped"]
-    assert "at most 62 are read per key" in check.data["capped"]
+    assert "at most 62 are read for it" in check.data["capped"]
+
+
+def test_history_paging_that_cannot_end_stops():
+    """A hostile server: empty pages that ask for more, a token seen before, endless pages."""
+
+    class Page(list):
+        token = "again"
+
+    class Store:
+        def __init__(self, points):
+            self.points, self.calls = points, 0
+
+        def get_metric_history(self, **_):
+            self.calls += 1
+            return Page(self.points)
+
+    for points in ([], [Metric("loss", 1.0, 0, 0)]):
+        store = Store(points)
+        with pytest.raises(mlflow_check._Hostile):
+            list(mlflow_check._history_pages(store, "r", "loss", 1000))
+        assert store.calls <= 2
+
+
+def test_values_mlflow_shows_edited_in_the_database(published):
+    """The latest value MLflow shows (its latest_metrics table: run list, compare, search) and a
+    metric's timestamp are compared too."""
+    uri, run_id, pub = published
+    with sqlite3.connect(RUNNING[uri].db_path) as db:
+        assert db.execute("UPDATE latest_metrics SET value = 0.0001 WHERE run_uuid = ? AND key = 'loss'",
+                          (run_id,)).rowcount == 1
+        assert db.execute("UPDATE metrics SET timestamp = timestamp + 31536000000 WHERE run_uuid = ? AND key = 'lr' "
+                          "AND step = 3", (run_id,)).rowcount == 1
+    code, report, _ = verify(uri, run_id, "--key", str(pub))
+    detail = _detail(report)
+    assert code == 1 and "metric (latest shown) loss step 11: MLflow 0.0001" in detail, detail
+    assert "metric (time) lr step 3:" in detail
+
+
+def test_the_ledger_value_logged_again_by_the_user_only_warns(published, recorded):
+    uri, run_id, pub = published
+    step3 = next(e for e in ledger.open(recorded[0]).entries() if e.kind.label == "step" and e.step == 3)
+    mlflow.MlflowClient(tracking_uri=uri).log_metric(run_id, "loss", step3.metrics()["loss"], step=3)
+    code, report, _ = verify(uri, run_id, "--key", str(pub))
+    check = report["checks"]["mlflow"]
+    assert code == 0 and check["status"] == "warn" and check["duplicates"] == 1, check["detail"]
 
 
 def test_values_a_resume_superseded_are_reported_not_failed(mlflow_server, tmp_path):
@@ -279,7 +339,10 @@ def test_a_run_still_going_warns_for_values_past_its_published_parts(mlflow_serv
     pub = tmp_path / "trainer.pub"
     pub.write_bytes(public_key_pem(SIGNER.public.raw))
     run_id = publish(mlflow_server, path, pub, params={"lr": "0.001", "ledger.seed": "None"}, drop_last_part=True)
-    report = verify_mlflow_run(run_id, mlflow_server, key=pub)
+    report = verify_mlflow_run(run_id, mlflow_server, key=pub, live=True)
     check = report.check("mlflow")
     assert report.verdict == "pass" and check.status == "warn", check.detail
     assert "after the published ledger's last step" in check.detail and not check.data["sealed"]
+    # without --live the same run fails: a published ledger cut short hides what MLflow holds after the cut
+    check = verify_mlflow_run(run_id, mlflow_server, key=pub).check("mlflow")
+    assert check.status == "fail" and "is not sealed" in check.detail

@@ -39,6 +39,7 @@ class MlflowSource:
 
     run_id: str
     tracking_uri: str | None = None
+    live: bool = False  # the run is still going: an unsealed published ledger warns instead of failing
 
 
 @contextlib.contextmanager
@@ -102,11 +103,23 @@ def _listing(client: Any, source: MlflowSource) -> list[tuple[str, int]]:
     return found
 
 
+def _local_store(uri: str | None) -> Path | None:
+    """The database file or directory a local tracking URI names (``sqlite:///…``, ``file:…``, a path)."""
+    if not uri or uri.startswith("databricks") or "://" in uri and not uri.startswith(("sqlite:", "file:")):
+        return None
+    if uri.startswith("sqlite:"):
+        return Path(uri.removeprefix("sqlite:///"))  # sqlite:////abs → /abs, sqlite:///rel → rel
+    return Path(uri.removeprefix("file://").removeprefix("file:"))
+
+
 def download_ledger(source: MlflowSource, dest: Path) -> Path:
     """Download the run's published ledger (``ledger/key.pub`` and ``ledger/parts/*``, within
     :data:`MAX_DOWNLOAD` bytes as listed) into ``dest`` and return the ledger directory. Raises
     :class:`~ledger.ConfigurationError` (exit 2) when the server cannot be reached, the run does
     not exist, or it holds no ledger parts."""
+    store = _local_store(source.tracking_uri)
+    if store is not None and not store.exists():  # MLflow would create it: verify writes nothing there
+        raise ConfigurationError(f"the tracking store {source.tracking_uri} does not exist")
     with _quick_failures():
         try:
             client = _client(source)
@@ -135,6 +148,7 @@ def _same(a: float, b: float) -> bool:
 class _LedgerSide:
     metrics: dict[str, dict[int, float]]  # key -> step -> value (live entries)
     seqs: dict[int, int]  # step -> seq of its live entry
+    ms: dict[int, int]  # step -> its live entry's time in ms (MLflow's metric timestamp)
     superseded: dict[str, dict[int, list[float]]]  # key -> step -> values of superseded entries
     params: dict[str, str]
     seal_mirror: Any  # the seal's ``mirror`` field (what the ledger itself recorded as not mirrored)
@@ -149,6 +163,7 @@ def _ledger_side(ctx: Context) -> _LedgerSide:
     superseded_seqs = {seq for seq, _ in view.superseded}
     metrics: dict[str, dict[int, float]] = {}
     seqs: dict[int, int] = {}
+    ms: dict[int, int] = {}
     superseded: dict[str, dict[int, list[float]]] = {}
     seal_mirror: Any = None
     last_step = -1
@@ -183,10 +198,11 @@ def _ledger_side(ctx: Context) -> _LedgerSide:
             else:
                 metrics.setdefault(key, {})[header.step] = stored
                 seqs[header.step] = header.seq
+                ms[header.step] = header.time_ns // 1_000_000
                 last_step = max(last_step, header.step)
     genesis = view.genesis
     params = params_of(genesis.config, genesis.seed)
-    return _LedgerSide(metrics, seqs, superseded, params, seal_mirror, refused, last_step, sealed)
+    return _LedgerSide(metrics, seqs, ms, superseded, params, seal_mirror, refused, last_step, sealed)
 
 
 def recorded_gap(seal_mirror: Any) -> int | None:
@@ -214,6 +230,7 @@ class _Findings:
     compared: int = 0
     metric_points: int = 0
     superseded: int = 0
+    duplicates: int = 0  # the ledger's value logged again at its step (nothing MLflow shows changes)
     capped: str = ""
 
     def differ(self, kind: str, key: str, step: int | None, mlflow: Any, ledger: Any) -> None:
@@ -235,52 +252,93 @@ def _plain(value: Any) -> Any:
     return repr(value) if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def _history_pages(store: Any, run_id: str, key: str) -> Iterator[list[Any]]:
-    token = None
-    while True:
+class _Hostile(Exception):
+    """The server's paging cannot end (an empty page that asks for more, a token seen before)."""
+
+
+def _history_pages(store: Any, run_id: str, key: str, pages: int) -> Iterator[list[Any]]:
+    """The metric history of ``key``, page by page, at most ``pages`` requests."""
+    token, seen = None, set()
+    for _ in range(pages):
         page = store.get_metric_history(run_id=run_id, metric_key=key, max_results=PAGE, page_token=token)
-        yield list(page)
+        points = list(page)
+        yield points
         token = getattr(page, "token", None)
         if not token:
             return
+        if not points or token in seen:
+            raise _Hostile(f"the server's history of metric {key!r} asks for more pages without giving values")
+        seen.add(token)
+    raise _Hostile(f"the server's history of metric {key!r} runs past {pages} pages")
 
 
-def _compare_metrics(store: Any, run_id: str, side: _LedgerSide, found: _Findings) -> None:
+def _read_history(store: Any, run_id: str, key: str, limit: int) -> dict[int, list[tuple[float, int]]]:
+    """(value, timestamp ms) of the run's points for ``key``, by step; at most ``limit`` + one page read."""
+    by_step: dict[int, list[tuple[float, int]]] = {}
+    points = 0
+    for page in _history_pages(store, run_id, key, limit // PAGE + 2):
+        for metric in page:
+            by_step.setdefault(int(metric.step), []).append((float(metric.value), int(metric.timestamp)))
+        points += len(page)
+        if points > limit:
+            raise _Hostile(f"stopped reading metric {key!r} after {points} values (at most {limit} are read for it)")
+    return by_step
+
+
+def _compare_metrics(store: Any, run_id: str, side: _LedgerSide, found: _Findings,
+                     shown: Mapping[str, float]) -> None:
+    """Each owned key's history against the ledger: the live value at its step and time once, superseded
+    values once each, the ledger's value again only as a duplicate; anything else differs. The value
+    MLflow shows as latest must be the one this history gives."""
     budget = MAX_POINTS
     for key in sorted(side.metrics.keys() | side.superseded.keys()):
         live = side.metrics.get(key, {})
         old = side.superseded.get(key, {})
-        limit = len(live) + sum(len(v) for v in old.values()) + EXTRA_PER_KEY
-        seen: set[int] = set()
-        remaining: dict[int, list[float]] = {}  # superseded values not yet matched, per step
-        points = 0
-        for page in _history_pages(store, run_id, key):
-            for metric in page:
-                points += 1
-                step, value = int(metric.step), float(metric.value)
-                expected = live.get(step)
-                live_match = expected is not None and _same(expected, value)
-                left = remaining.get(step)
-                if left is None and step in old:
-                    left = remaining[step] = list(old[step])
-                twin = next((i for i, v in enumerate(left or ()) if _same(v, value)), None)
-                if live_match and step not in seen:
-                    seen.add(step)
-                    found.compared += 1
-                elif twin is not None and left is not None:  # each superseded value once
-                    del left[twin]
-                    found.superseded += 1
-                else:
-                    found.differ("metric (logged again)" if live_match else "metric", key, step, value, expected)
-            if points > limit or points > budget:
-                found.capped = (f"stopped reading metric {key!r} after {points} values (the ledger holds "
-                                f"{len(live)}; at most {limit} are read per key and {MAX_POINTS} in all)")
-                found.differ("metric", key, None, f"more than {points} values", len(live))
-                return
+        limit = min(len(live) + sum(len(v) for v in old.values()) + EXTRA_PER_KEY, budget)
+        try:
+            by_step = _read_history(store, run_id, key, limit)
+        except _Hostile as exc:
+            found.capped = f"{exc} (the ledger holds {len(live)}; {MAX_POINTS} are read in all)"
+            found.differ("metric", key, None, "a history verify cannot read to its end", len(live))
+            return
+        points = sum(len(v) for v in by_step.values())
         budget -= points
         found.metric_points += points
-        for step in sorted(live.keys() - seen):
-            found.lack("metric", key, step, live[step], side.seqs.get(step))
+        for step in sorted(by_step.keys() | live.keys()):
+            _compare_step(key, step, by_step.get(step, []), live.get(step), side.ms.get(step),
+                          list(old.get(step, ())), side.seqs.get(step), found)
+        latest = max(((s, t, v) for s, pts in by_step.items() for v, t in pts),
+                     key=lambda p: (p[0], p[1], -math.inf if math.isnan(p[2]) else p[2]), default=None)
+        if latest is not None and key in shown and not _same(float(shown[key]), latest[2]):
+            found.differ("metric (latest shown)", key, latest[0], float(shown[key]), latest[2])
+
+
+def _compare_step(key: str, step: int, points: list[tuple[float, int]], expected: float | None, ms: int | None,
+                  old: list[float], seq: int | None, found: _Findings) -> None:
+    exact = next((i for i, (v, t) in enumerate(points) if expected is not None and _same(v, expected) and t == ms),
+                 None)
+    if exact is not None:
+        found.compared += 1
+        points = points[:exact] + points[exact + 1:]
+    moved = None  # the ledger's value at another time, when no point has its time
+    for value, stamp in points:
+        twin = next((i for i, v in enumerate(old) if _same(v, value)), None)
+        if twin is not None:  # each superseded value once
+            del old[twin]
+            found.superseded += 1
+        elif expected is not None and _same(value, expected):
+            if exact is not None:
+                found.duplicates += 1
+            elif moved is None:
+                moved = stamp
+            else:
+                found.duplicates += 1
+        else:
+            found.differ("metric", key, step, value, expected)
+    if moved is not None:
+        found.differ("metric (time)", key, step, f"{expected!r} at {moved} ms", f"{expected!r} at {ms} ms")
+    elif exact is None and expected is not None:
+        found.lack("metric", key, step, expected, seq)
 
 
 def _compare_params(params: Mapping[str, str], side: _LedgerSide, found: _Findings) -> None:
@@ -369,9 +427,9 @@ def check_mlflow(ctx: Context) -> CheckResult:
         try:
             client = _client(source)
             run = client.get_run(source.run_id)
-            store = client._tracking_client.store  # paged metric history (MlflowClient reads every page at once)
-            _compare_metrics(store, source.run_id, side, found)
             params, tags, latest = dict(run.data.params), dict(run.data.tags), dict(run.data.metrics)
+            store = client._tracking_client.store  # paged metric history (MlflowClient reads every page at once)
+            _compare_metrics(store, source.run_id, side, found, latest)
         except (MlflowException, OSError) as exc:
             raise _cannot(source, exc) from exc
     _compare_params(params, side, found)
@@ -390,10 +448,17 @@ def check_mlflow(ctx: Context) -> CheckResult:
     gap = recorded_gap(side.seal_mirror)
     if isinstance(side.seal_mirror, Mapping) and side.seal_mirror.get("mlflow_run_id") not in (None, source.run_id):
         found.differ("run", "seal mirror.mlflow_run_id", None, source.run_id, side.seal_mirror.get("mlflow_run_id"))
-    # a value the ledger itself recorded as not mirrored (after the seal's mirrored_through_seq) only warns
-    excused = [m for m in found.missing if gap is not None and (m["seq"] is None or m["seq"] > gap)]
-    unexcused = [m for m in found.missing if not (gap is not None and (m["seq"] is None or m["seq"] > gap))]
+    # a value the ledger itself recorded as not mirrored (after the seal's mirrored_through_seq) only warns;
+    # params and tags only when nothing was mirrored (they are set up before the first metric)
+    def recorded_as_missing(item: Mapping[str, Any]) -> bool:
+        return gap is not None and (gap == -1 if item["seq"] is None else item["seq"] > gap)
+
+    excused = [m for m in found.missing if recorded_as_missing(m)]
+    unexcused = [m for m in found.missing if not recorded_as_missing(m)]
     found.missing = unexcused + excused
+    if found.duplicates:
+        notes.append(f"{found.duplicates} ledger value(s) logged again at their step (the same value at another "
+                     "time: your own mlflow.log_metric of a key the ledger owns?)")
     # the published ledger of a run still going (no seal: its last entries are uploaded at close) ends
     # before MLflow's values do: metrics past its last step only warn, as the seal check does
     if found.ahead:
@@ -402,7 +467,7 @@ def check_mlflow(ctx: Context) -> CheckResult:
     data: dict[str, Any] = {
         "run_id": source.run_id, "compared": found.compared, "metric_points": found.metric_points,
         "superseded": found.superseded, "differs": found.differs, "differs_count": found.differs_count,
-        "ahead_of_ledger": found.ahead,
+        "ahead_of_ledger": found.ahead, "duplicates": found.duplicates,
         "missing": found.missing[:KEPT], "missing_count": len(found.missing), "sealed": side.sealed,
         "not_covered": {k: v[:KEPT] for k, v in uncovered.items()}, "unknown_ledger_tags": unknown_ledger_tags[:KEPT],
     }
@@ -420,6 +485,11 @@ def check_mlflow(ctx: Context) -> CheckResult:
         data["refused_names"] = names[:KEPT]
         tail += (f"; {len(names)} metric name(s) MLflow does not accept, so not mirrored: "
                  f"{', '.join(repr(n) for n in names[:5])}" + (" …" if len(names) > 5 else ""))
+    if not side.sealed and not source.live:
+        detail = (f"the ledger {_where(source)} published is not sealed: a run still going (verify with --live), "
+                  "or one whose published ledger was cut short, which hides what follows the cut"
+                  f" ({covered}{tail})")
+        return CheckResult("mlflow", Status.FAIL, detail, data, summary="published ledger not sealed")
     if found.differs_count or unexcused:
         lines = [_line(d) for d in found.differs[:SHOWN]]
         lines += [_line(m, missing=True) for m in unexcused[:max(SHOWN - len(lines), 0)]]
