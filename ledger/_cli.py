@@ -59,8 +59,11 @@ def cli(debug: bool) -> None:
 @click.argument("prefix", type=click.Path(dir_okay=False))
 @click.option("--encrypt", is_flag=True, help="Encrypt the private key with a passphrase (prompted).")
 @click.option("--passphrase-env", metavar="VAR", help="Read the passphrase from environment variable VAR.")
-def keygen(prefix: str, encrypt: bool, passphrase_env: str | None) -> None:
-    """Write an Ed25519 key pair: PREFIX.pem (private, mode 0600) and PREFIX.pub (public)."""
+@click.option("--type", "key_type", type=click.Choice(["ed25519", "p256"]), default="ed25519", show_default=True,
+              help="ed25519: a trainer's key. p256: an ECDSA P-256 release key for `ledger publish` (OpenSSF Model "
+                   "Signing accepts only ECDSA keys).")
+def keygen(prefix: str, encrypt: bool, passphrase_env: str | None, key_type: str) -> None:
+    """Write a key pair: PREFIX.pem (private, PKCS#8, mode 0600) and PREFIX.pub (public)."""
     passphrase = None
     if passphrase_env:
         value = os.environ.get(passphrase_env)
@@ -72,7 +75,7 @@ def keygen(prefix: str, encrypt: bool, passphrase_env: str | None) -> None:
             raise ConfigurationError("--encrypt asks for the passphrase on a terminal and there is none; give it "
                                      "with --passphrase-env VAR (e.g. --passphrase-env LEDGER_KEY_PASSPHRASE)")
         passphrase = click.prompt("Passphrase", hide_input=True, confirmation_prompt=True).encode()
-    private_path, public_path = generate_keypair(prefix, passphrase)
+    private_path, public_path = generate_keypair(prefix, passphrase, key_type)
     click.echo(f"private key: {printable(private_path)} (keep it secret)")
     click.echo(f"public key:  {printable(public_path)} (publish it with your ledgers)")
 
@@ -237,8 +240,10 @@ _STATUS_COLOURS = {"pass": "green", "fail": "red", "warn": "yellow", "skip": "br
               "run's metrics, params and tags with it (check mlflow).")
 @click.option("--tracking-uri", "tracking_uri", metavar="URI", help="The MLflow tracking server of --mlflow-run "
               "(default: MLflow's configured one, MLFLOW_TRACKING_URI).")
+@click.option("--live", is_flag=True, help="With --mlflow-run: the run is still going, so its published ledger "
+              "is not sealed yet; without --live an unsealed one fails check mlflow (it may have been cut short).")
 @click.option("--key", type=click.Path(), help="The trainer's public key (PEM). Without it signatures "
-              "are only self-consistent.")
+              "are only self-consistent (required with --mlflow-run).")
 @click.option("--model", type=click.Path(), help="The released weights (safetensors, or a sharded *.index.json) "
               "to compare with the sealed final weights.")
 @click.option("--checkpoints", "checkpoint_dir", type=click.Path(), help="Directory holding the run's checkpoints "
@@ -264,20 +269,32 @@ _STATUS_COLOURS = {"pass": "green", "fail": "red", "warn": "yellow", "skip": "br
 @click.option("--workers", type=click.IntRange(min=1), help="Processes for signature checks (default: all cores).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), metavar="FILE.html",
               help="Also write a one-file HTML report (checks, ledger facts, plots) to FILE.html.")
-def verify(ledger_path: str | None, mlflow_run: str | None, tracking_uri: str | None, key: str | None,
+@click.option("--tsa-roots", "tsa_roots", type=click.Path(), metavar="PEM", help="Root certificates of the "
+              "time-stamping authorities to trust (PEM): check timestamps verifies the ledger's RFC 3161 tokens "
+              "and reports when its entries provably existed.")
+@click.option("--release-key", "release_key", type=click.Path(), metavar="PUB", help="A release bundle's public "
+              "release key (PEM, P-256 or Ed25519): the attestations and model.sig must be signed by it.")
+@click.option("--policy", type=click.Path(), metavar="FILE.toml", help="A release bundle's trust policy: accepted "
+              "keys or key ids, the origin, the minimum number of signatures (docs/PUBLISHING.md).")
+def verify(ledger_path: str | None, mlflow_run: str | None, tracking_uri: str | None, live: bool, key: str | None,
            model: str | None, checkpoint_dir: str | None, recipe: str | None,
            replay: int, replay_seed: int | None, tolerance: float | None, against: tuple[str, ...], sample: int | None,
            sample_seed: int | None, require: str, as_json: bool, workers: int | None,
-           report_path: str | None, base: str | None) -> None:
-    """Verify a ledger (or the one an MLflow run published); exit 0 when no check failed, 1 when one did."""
+           report_path: str | None, base: str | None, tsa_roots: str | None, release_key: str | None,
+           policy: str | None) -> None:
+    """Verify a ledger, a release bundle written by `ledger publish`, or the ledger an MLflow run
+    published; exit 0 when no check failed, 1 when one did."""
     import importlib.util
 
     from ledger.verify import render_json, render_text, verify_ledger, verify_mlflow_run
 
     if (ledger_path is None) == (mlflow_run is None):
         raise ConfigurationError("give either LEDGER or --mlflow-run RUN_ID")
-    if tracking_uri and not mlflow_run:
-        raise ConfigurationError("--tracking-uri needs --mlflow-run")
+    if (tracking_uri or live) and not mlflow_run:
+        raise ConfigurationError(f"{'--tracking-uri' if tracking_uri else '--live'} needs --mlflow-run")
+    if mlflow_run and not key:  # whoever can edit the run can replace its ledger and its key.pub
+        raise ConfigurationError("--mlflow-run needs --key (the trainer's public key): the run's own "
+                                 "ledger/key.pub is not evidence")
     if mlflow_run and importlib.util.find_spec("mlflow") is None:
         raise ConfigurationError("--mlflow-run needs mlflow, which is not installed: "
                                  "pip install 'training-ledger[mlflow]'")
@@ -290,14 +307,23 @@ def verify(ledger_path: str | None, mlflow_run: str | None, tracking_uri: str | 
         # a ledger downloaded from MLflow lies in a fresh temporary directory: no report can be inside it
         _refuse_report_inside(report_path, ledger_path, checkpoint_dir or (
             _recorded_checkpoint_dir(ledger_path) if ledger_path else None),
-                              [p for p in (key, model, base, recipe_file, *against) if p])
+                              [p for p in (key, model, base, recipe_file, tsa_roots, *against) if p])
     names = [n.strip() for n in require.split(",") if n.strip()]
     options: dict[str, Any] = dict(key=key, model=model, sample=sample, sample_seed=sample_seed, require=names,
                                    workers=workers, progress=_Progress(), checkpoints=checkpoint_dir, recipe=recipe,
                                    replay=replay, replay_seed=replay_seed, tolerance=tolerance, against=against,
-                                   base=base)
+                                   base=base, tsa_roots=tsa_roots)
+    from ledger.verify._bundle import is_bundle, verify_bundle
+
+    bundle = ledger_path is not None and is_bundle(ledger_path)
+    if (release_key or policy) and not bundle:
+        raise ConfigurationError("--release-key and --policy apply to a release bundle (a directory written by "
+                                 "`ledger publish`)")
     if mlflow_run is not None:
-        report = verify_mlflow_run(mlflow_run, tracking_uri, **options)
+        report = verify_mlflow_run(mlflow_run, tracking_uri, live=live, **options)
+    elif bundle:
+        assert ledger_path is not None
+        report = verify_bundle(ledger_path, release_key=release_key, policy=policy, **options)
     else:
         assert ledger_path is not None
         report = verify_ledger(ledger_path, **options)
@@ -481,3 +507,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("ledger: aborted", err=True)
         sys.exit(EXIT_CANNOT_RUN)
+
+
+from ledger._cli_proofs import register as _register_proofs  # noqa: E402
+from ledger._cli_publish import publish as _publish  # noqa: E402 - the command registers once the group exists
+
+cli.add_command(_publish)
+_register_proofs(cli)  # prove, verify-proof, consistency (ledger/_cli_proofs.py)

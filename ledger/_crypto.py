@@ -1,4 +1,5 @@
-"""Ed25519 keys and DSSE signatures: the only module that touches ``cryptography.hazmat``."""
+"""Ed25519 keys and DSSE signatures, and release keys (Ed25519 or ECDSA P-256): the only module that
+touches ``cryptography.hazmat``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ledger._io import KiB, read_regular
@@ -52,6 +54,15 @@ def verify_raw(public_raw: bytes, record: bytes, signature: bytes) -> bool:
     return True
 
 
+def verify_bytes(public_raw: bytes, data: bytes, signature: bytes) -> bool:
+    """Verify an Ed25519 signature over ``data`` itself (no PAE; see :meth:`Signer.sign_bytes`)."""
+    try:
+        Ed25519PublicKey.from_public_bytes(public_raw).verify(signature, bytes(data))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
 def verify_many(public_raw: bytes, records: list[bytes], signatures: list[bytes]) -> list[int]:
     """Indices (into ``records``) whose signature does not verify. Runs in the caller's process."""
     key = Ed25519PublicKey.from_public_bytes(public_raw)
@@ -80,9 +91,16 @@ class Signer:
         """The 64-byte signature of ``PAE(record)``."""
         return self._key.sign(pae(record))
 
+    def sign_bytes(self, data: bytes) -> bytes:
+        """The 64-byte Ed25519 signature of ``data`` itself, no PAE: for formats that define their
+        own signed bytes (C2SP signed notes, docs/FORMAT.md §13)."""
+        return self._key.sign(bytes(data))
 
-def generate_keypair(prefix: str | os.PathLike[str], passphrase: bytes | None = None) -> tuple[Path, Path]:
-    """Write a new Ed25519 key pair: ``PREFIX.pem`` (PKCS#8, mode 0600, encrypted when a
+
+def generate_keypair(prefix: str | os.PathLike[str], passphrase: bytes | None = None,
+                     key_type: str = "ed25519") -> tuple[Path, Path]:
+    """Write a new key pair — Ed25519 (the trainer's key), or ECDSA P-256 with ``key_type="p256"``
+    (a release key, docs/PUBLISHING.md) —: ``PREFIX.pem`` (PKCS#8, mode 0600, encrypted when a
     passphrase is given) and ``PREFIX.pub`` (SubjectPublicKeyInfo PEM). Never overwrites.
 
     Each file is written to a temporary name, fsynced and linked into place only when whole; on
@@ -92,7 +110,10 @@ def generate_keypair(prefix: str | os.PathLike[str], passphrase: bytes | None = 
     for path in (private_path, public_path):
         if os.path.lexists(path):
             raise ConfigurationError(f"{path} already exists; choose another prefix or remove it yourself")
-    key = Ed25519PrivateKey.generate()
+    if key_type not in KEY_TYPES:
+        raise ConfigurationError(f"unknown key type {key_type!r} (one of {', '.join(KEY_TYPES)})")
+    key: Ed25519PrivateKey | ec.EllipticCurvePrivateKey = (
+        Ed25519PrivateKey.generate() if key_type == "ed25519" else ec.generate_private_key(ec.SECP256R1()))
     encryption: serialization.KeySerializationEncryption = (
         serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
     )
@@ -188,3 +209,102 @@ def public_key_pem(raw: bytes) -> bytes:
     """PEM (SubjectPublicKeyInfo) of a raw Ed25519 public key."""
     return Ed25519PublicKey.from_public_bytes(raw).public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+# ----------------------------------------------------------------------------- release keys
+KEY_TYPES = ("ed25519", "p256")  # `ledger keygen --type`
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseKey:
+    """A release public key (docs/PUBLISHING.md): Ed25519 or ECDSA P-256, held as its DER
+    SubjectPublicKeyInfo. Key id: SHA-256 of the raw key for Ed25519 (as the ledger's), of the DER
+    SubjectPublicKeyInfo for P-256."""
+
+    algorithm: str  # "ed25519" | "p256"
+    der: bytes
+
+    @property
+    def key_id(self) -> bytes:
+        """The key id (see the class)."""
+        if self.algorithm == "ed25519":
+            return key_id(self.der[-32:])
+        return hashlib.sha256(self.der).digest()
+
+    def pem(self) -> bytes:
+        """The SubjectPublicKeyInfo PEM."""
+        return serialization.load_der_public_key(self.der).public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def verify(self, data: bytes, signature: bytes) -> bool:
+        """True when ``signature`` is this key's signature of ``data`` (Ed25519 over the bytes;
+        ECDSA P-256 with SHA-256, DER-encoded signature)."""
+        key = serialization.load_der_public_key(self.der)
+        try:
+            if isinstance(key, Ed25519PublicKey):
+                key.verify(signature, bytes(data))
+            elif isinstance(key, ec.EllipticCurvePublicKey):
+                key.verify(signature, bytes(data), ec.ECDSA(hashes.SHA256()))
+            else:
+                return False
+        except (InvalidSignature, ValueError):
+            return False
+        return True
+
+
+def _release_key(key: object, where: str) -> ReleaseKey:
+    if isinstance(key, Ed25519PublicKey):
+        algorithm = "ed25519"
+    elif isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        algorithm = "p256"
+    else:
+        raise KeyLoadError(f"{where} holds a {type(key).__name__.removeprefix('_')}: a release key is Ed25519 or "
+                           "ECDSA P-256 (`ledger keygen --type p256`)")
+    return ReleaseKey(algorithm, key.public_bytes(serialization.Encoding.DER,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def release_key_from_pem(data: bytes, where: str) -> ReleaseKey:
+    """A release public key from PEM bytes (``where`` names them in errors); a private key is refused."""
+    if b"PRIVATE KEY" in data:
+        raise KeyLoadError(f"{where} is a private key; give the public key (.pub)")
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise KeyLoadError(f"{where} is not a PEM public key") from exc
+    return _release_key(key, where)
+
+
+def load_release_key(path: str | os.PathLike[str]) -> ReleaseKey:
+    """Load a release public key (Ed25519 or P-256) from a PEM file."""
+    return release_key_from_pem(_read_key_file(path), os.fsdecode(path))
+
+
+class ReleaseSigner:
+    """Signs bytes with a release private key (Ed25519, or ECDSA P-256 with SHA-256)."""
+
+    def __init__(self, private_key: Ed25519PrivateKey | ec.EllipticCurvePrivateKey, where: str = "key") -> None:
+        self._key = private_key
+        self.public = _release_key(private_key.public_key(), where)
+
+    def sign(self, data: bytes) -> bytes:
+        """The signature of ``data`` (64 bytes for Ed25519; DER ECDSA for P-256)."""
+        if isinstance(self._key, Ed25519PrivateKey):
+            return self._key.sign(bytes(data))
+        return self._key.sign(bytes(data), ec.ECDSA(hashes.SHA256()))
+
+
+def load_release_signer(path: str | os.PathLike[str], passphrase: bytes | None = None) -> ReleaseSigner:
+    """Load a release private key (Ed25519 or P-256 PEM); one clear error for every way it can fail."""
+    data = _read_key_file(path)
+    try:
+        key = serialization.load_pem_private_key(data, password=passphrase)
+    except TypeError as exc:
+        raise KeyLoadError(f"private key {path} is encrypted; give its passphrase" if passphrase is None
+                           else f"private key {path} is not encrypted; give no passphrase") from exc
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise KeyLoadError(f"{path} is not a PEM private key (or the passphrase is wrong)") from exc
+    if not isinstance(key, (Ed25519PrivateKey, ec.EllipticCurvePrivateKey)):
+        raise KeyLoadError(f"{path} holds a {type(key).__name__.removeprefix('_')}: a release key is Ed25519 or "
+                           "ECDSA P-256")
+    return ReleaseSigner(key, os.fsdecode(path))

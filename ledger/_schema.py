@@ -466,6 +466,33 @@ def _steps_each(body: Mapping[str, Any], genesis: Genesis | None) -> list[int] |
 
 # ----------------------------------------------------------------------------- checkpoints, resume, prune
 @dataclass(frozen=True, slots=True)
+class RecordedHead:
+    """A checkpoint entry's ``tree_head`` (docs/FORMAT.md §13): the signed tree head of the
+    entries before it — ``size`` (= the entry's seq), the RFC 9162 ``root`` over them and the
+    64-byte Ed25519 ``signature`` of the note text. The writer adds it."""
+
+    size: int
+    root: bytes
+    signature: bytes
+
+    def to_body(self) -> dict[str, Any]:
+        """The ``tree_head`` map."""
+        return {"size": self.size, "root": self.root, "signature": self.signature}
+
+    @classmethod
+    def from_body(cls, value: Any) -> RecordedHead | None:
+        """Read and validate a ``tree_head`` map (None: absent; ledgers before the field)."""
+        if value is None:
+            return None
+        body = _body(value, "checkpoint 'tree_head'")
+        signature = body.get("signature")
+        if not isinstance(signature, bytes) or len(signature) != 64:
+            raise FormatError("checkpoint 'tree_head' 'signature' is not a 64-byte signature")
+        return cls(_int(_req(body, "size", int, "checkpoint 'tree_head'"), "checkpoint 'tree_head' 'size'", 0),
+                   _digest(body.get("root"), "checkpoint 'tree_head' 'root'"), signature)
+
+
+@dataclass(frozen=True, slots=True)
 class CheckpointBody:
     """A stored training state: its digests (docs/FORMAT.md §11), where its files are, and the
     optimizer hyperparameters it holds (as the recorder copied them; the files are the evidence)."""
@@ -481,6 +508,7 @@ class CheckpointBody:
     ranks: list[bytes] | None = None  # distributed: each rank's model digest at this step, by rank
     layout: str = "ledger"  # "ledger": our files (§11); "dcp": a torch.distributed.checkpoint directory (§11.1)
     files: dict[str, dict[str, Any]] | None = None  # "dcp": the manifest {name: {size, sha256, rank}}
+    tree_head: RecordedHead | None = None  # the signed head of the entries before it (the writer adds it)
 
     @classmethod
     def dcp(cls, files: dict[str, dict[str, Any]], path: str, layout: str = "dcp") -> CheckpointBody:
@@ -504,10 +532,11 @@ class CheckpointBody:
 
     def to_body(self) -> dict[str, Any]:
         """The checkpoint map."""
+        head = {} if self.tree_head is None else {"tree_head": self.tree_head.to_body()}
         if self.layout != "ledger":
             return {"layout": self.layout, "files": dict(self.files or {}), "state_digest": self.state_digest,
-                    "path": self.path}
-        body: dict[str, Any] = {"tensor_digests": dict(self.tensor_digests), "model_digest": self.model_digest,
+                    "path": self.path, **head}
+        body: dict[str, Any] = {**head, "tensor_digests": dict(self.tensor_digests), "model_digest": self.model_digest,
                 "optimizer_digest": self.optimizer_digest, "meta_digest": self.meta_digest,
                 "state_digest": self.state_digest, "path": self.path,
                 "optimizer_hyper": list(self.optimizer_hyper)}
@@ -520,8 +549,12 @@ class CheckpointBody:
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> CheckpointBody:
         """Read and validate a checkpoint body."""
+        body = _body(body, "checkpoint")
+        return replace(cls._from_body(body), tree_head=RecordedHead.from_body(body.get("tree_head")))
+
+    @classmethod
+    def _from_body(cls, body: Mapping[str, Any]) -> CheckpointBody:
         w = "checkpoint"
-        body = _body(body, w)
         path = _req(body, "path", str, w)
         if not path or "\x00" in path:
             raise FormatError("checkpoint 'path' is empty or holds a NUL character")
@@ -699,6 +732,62 @@ class SealBody:
         return cls(_int(_req(body, "entry_count", int, w), "seal 'entry_count'", 0),
                    _digest(body.get("head"), "seal 'head'"), _digest(body.get("tree_root"), "seal 'tree_root'"),
                    weights, None if steps is None else _int(steps, "seal 'steps'", 0), mirror)
+
+
+# ----------------------------------------------------------------------------- timestamps (§13)
+MAX_TIMESTAMPS = 1024  # tokens one entry carries
+MAX_TIMESTAMP_TOKEN = 64 << 10  # as ledger._tsa.MAX_TOKEN
+
+
+@dataclass(frozen=True, slots=True)
+class Timestamp:
+    """An RFC 3161 token (the TSA's DER ``TimeStampResp``) over the tree head of the first ``size``
+    entries: one item of an entry's optional ``timestamps`` field (docs/FORMAT.md §13)."""
+
+    size: int
+    token: bytes
+
+    def to_body(self) -> dict[str, Any]:
+        """The ``timestamps`` item."""
+        return {"size": self.size, "token": self.token}
+
+
+def timestamps_of(body: Any, where: str, seq: int | None = None) -> list[Timestamp]:
+    """An entry body's ``timestamps`` (empty when absent): a list of at most :data:`MAX_TIMESTAMPS`
+    maps ``{size, token}``, size ≥ 1 — and at most ``seq`` when the entry's seq is given (a head
+    cannot cover the entry carrying its token) — and a token of 1 to :data:`MAX_TIMESTAMP_TOKEN` bytes."""
+    value = _body(body, where).get("timestamps")
+    if value is None:
+        return []
+    items = _typed(value, list, f"{where} 'timestamps'")
+    if not 1 <= len(items) <= MAX_TIMESTAMPS:
+        raise FormatError(f"{where} 'timestamps' holds {len(items)} tokens; 1 to {MAX_TIMESTAMPS} expected")
+    out = []
+    for i, item in enumerate(items):
+        what = f"{where} 'timestamps' item {i}"
+        item = _typed(item, Mapping, what)
+        size = _int(_req(item, "size", int, what), f"{what} 'size'", 1)
+        if seq is not None and size > seq:
+            raise FormatError(f"{what} stamps a head of {size} entries, which would include this entry (seq {seq})")
+        token = _req(item, "token", bytes, what)
+        if not 1 <= len(token) <= MAX_TIMESTAMP_TOKEN:
+            raise FormatError(f"{what} 'token' is {len(token)} bytes; 1 to {MAX_TIMESTAMP_TOKEN} expected")
+        out.append(Timestamp(size, token))
+    return out
+
+
+def tsa_status_of(body: Any) -> dict[str, Any] | None:
+    """A seal's optional ``tsa`` field: the TSA the recorder asked (``url``) and the heads still
+    without a token when it sealed (``unstamped``, sizes), or None."""
+    value = _body(body, "seal").get("tsa")
+    if value is None:
+        return None
+    status = _typed(value, Mapping, "seal 'tsa'")
+    url = _req(status, "url", str, "seal tsa")
+    unstamped = _typed(status.get("unstamped", []), list, "seal tsa 'unstamped'")
+    if len(unstamped) > 1 << 16:
+        raise FormatError("seal tsa 'unstamped' lists more than 65536 heads")
+    return {"url": url[:2048], "unstamped": [_int(s, "seal tsa 'unstamped' item", 1) for s in unstamped]}
 
 
 # ----------------------------------------------------------------------------- where checkpoints are

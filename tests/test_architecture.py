@@ -114,8 +114,8 @@ def test_a_genesis_that_breaks_the_schema_fails_provenance_with_the_reason(tmp_p
 
 # ----------------------------------------------------------------------------- checks, registry, report
 def test_the_registry_is_ordered_and_every_check_has_one_contract():
-    assert [c.name for c in CHECKS] == ["chain", "signatures", "seal", "model", "checkpoints", "init", "continuity",
-                                        "replay", "independence", "mlflow"]
+    assert [c.name for c in CHECKS] == ["chain", "signatures", "seal", "heads", "model", "checkpoints", "init",
+                                        "continuity", "replay", "independence", "mlflow", "timestamps"]
     assert all(isinstance(c, Check) and callable(c.run) for c in CHECKS)
 
 

@@ -252,7 +252,7 @@ def test_missing_recipe_skips_init_and_replay_and_require_fails(honest):
     report = verify_ledger(honest, key=SIGNER.public)
     assert report.verdict == "pass"
     assert {n["check"] for n in report.not_shown} == {"model", "init", "replay", "independence",
-                                                          "mlflow"}
+                                                          "mlflow", "timestamps"}
     assert "init (no --recipe given); replay (no --recipe given)" in report.sentence()
     required = verify_ledger(honest, key=SIGNER.public, require=["init"])
     assert required.verdict == "fail" and required.check("init").status == "fail"

@@ -128,7 +128,7 @@ def test_one_entry_per_optimizer_step_and_the_cli_verifies(run, keypair):
     code, report = cli_verify(out / "L", keypair[1], out / "hf" / "final_weights.safetensors")
     assert code == 0 and report["verdict"] == "pass"
     assert {k: v for k, v in statuses(report).items() if v != "skip"} == dict.fromkeys(
-        ["chain", "signatures", "seal", "model", "checkpoints", "continuity"], "pass")
+        ["chain", "signatures", "seal", "heads", "model", "checkpoints", "continuity"], "pass")
 
 
 def test_genesis_records_the_framework_and_training_arguments(run):

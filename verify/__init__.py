@@ -1,8 +1,8 @@
 """Checking a ledger: every check is a small unit with a name and a result (docs/VERIFYING.md).
 
 :func:`verify_ledger` loads the ledger and the inputs into one :class:`Context`, runs the checks of
-:data:`CHECKS` in order — ``chain``, ``signatures``, ``seal``, ``model``, ``checkpoints``, ``init``,
-``continuity``, ``replay``, ``independence``, ``mlflow`` — and returns a :class:`Report` that
+:data:`CHECKS` in order — ``chain``, ``signatures``, ``seal``, ``heads``, ``model``, ``checkpoints``, ``init``,
+``continuity``, ``replay``, ``independence``, ``mlflow``, ``timestamps`` — and returns a :class:`Report` that
 :func:`render_text`, :func:`render_json` and :func:`render_html` show. A check whose inputs or
 optional dependencies are absent is skipped by the registry with the reason. This package never
 imports ``ledger.hooks``, and imports torch, scipy and matplotlib only inside the checks and
@@ -33,6 +33,7 @@ from ledger.verify._checkpoints import check_checkpoints
 from ledger.verify._context import Context, Options
 from ledger.verify._continuity import check_continuity
 from ledger.verify._disclosure import watch_files
+from ledger.verify._heads import check_heads
 from ledger.verify._independence import check_independence
 from ledger.verify._init import check_init
 from ledger.verify._inputs import require_file
@@ -48,6 +49,7 @@ from ledger.verify._result import CheckResult, Report, Status
 from ledger.verify._run import RunView
 from ledger.verify._run import build as _build
 from ledger.verify._series import training_series
+from ledger.verify._timestamps import check_timestamps
 from ledger.verify.report import render_html, render_json, render_text
 
 _TORCH = extra("torch", "torch", "regenerating the init and replaying steps")
@@ -68,6 +70,7 @@ CHECKS: tuple[Check, ...] = (
     Check("chain", check_chain),
     Check("signatures", check_signatures),
     Check("seal", check_seal),
+    Check("heads", check_heads),
     Check("model", check_model, (given("model", "no --model given: the released weights were not compared"),)),
     Check("checkpoints", check_checkpoints, _RECORDED),
     Check("init", check_init, (*_RECORDED, _RECIPE_OR_BASE, _TORCH_UNLESS_BASE)),
@@ -79,6 +82,10 @@ CHECKS: tuple[Check, ...] = (
     Check("mlflow", check_mlflow, (readable_genesis(), given("mlflow", "no --mlflow-run given: no MLflow run was "
                                                                        "compared"),
                                    extra("mlflow", "mlflow", "comparing with an MLflow run"))),
+    Check("timestamps", check_timestamps,
+          (readable_genesis(), given("tsa_roots", "no --tsa-roots given: timestamps were not verified (no TSA is "
+                                                  "trusted by default)"),
+           extra("rfc3161_client", "tsa", "verifying timestamps"))),
 )
 CHECK_NAMES = tuple(check.name for check in CHECKS)
 
@@ -91,7 +98,8 @@ def verify_ledger(path: str | os.PathLike[str], *, key: PublicKey | str | os.Pat
                   progress: Progress | None = None, checkpoints: str | os.PathLike[str] | None = None,
                   recipe: Any = None, replay: int = 2, replay_seed: int | None = None,
                   tolerance: float | None = None, against: Iterable[str | os.PathLike[str]] = (),
-                  base: str | os.PathLike[str] | None = None, mlflow: MlflowSource | None = None) -> Report:
+                  base: str | os.PathLike[str] | None = None, mlflow: MlflowSource | None = None,
+                  tsa_roots: str | os.PathLike[str] | None = None) -> Report:
     """Run every check of :data:`CHECKS` on the ledger at ``path`` and return the report. Never
     raises for a damaged ledger: that is a failed check (:meth:`Report.raise_if_failed` turns a failed
     verdict into :class:`~ledger.VerificationError`); raises :class:`~ledger.ConfigurationError` for
@@ -109,26 +117,31 @@ def verify_ledger(path: str | os.PathLike[str], *, key: PublicKey | str | os.Pat
     checks that must pass (a warn or skip then fails); ``replay`` random intervals are re-executed
     besides the anomalies, the final state and the largest update, drawn with ``replay_seed`` (fresh
     randomness when None); ``tolerance`` forces the relative rule with that ρ. ``mlflow`` names the MLflow
-    run the ledger was mirrored to: check ``mlflow`` compares it with the ledger.
+    run the ledger was mirrored to: check ``mlflow`` compares it with the ledger. ``tsa_roots`` is a PEM
+    file of the TSA root certificates trusted for check ``timestamps`` (without it the check skips).
     """
     options = Options(sample=sample, sample_seed=secrets.randbits(64) if sample_seed is None else sample_seed,
                       workers=workers, replay=replay,
                       replay_seed=secrets.randbits(63) if replay_seed is None else replay_seed,
                       tolerance=tolerance, require=tuple(require))
     ctx = load_context(path, options, key=key, model=model, checkpoints=checkpoints, recipe=recipe, against=against,
-                       base=base, progress=progress)
+                       base=base, progress=progress, tsa_roots=tsa_roots)
     if mlflow is not None:
         ctx = dataclasses.replace(ctx, mlflow=mlflow)
     return Report(run_checks(ctx, CHECKS), _facts(ctx), training_series(ctx.loaded, ctx.view)).require(
         options.require)
 
 
-def verify_mlflow_run(run_id: str, tracking_uri: str | None = None, **kwargs: Any) -> Report:
+def verify_mlflow_run(run_id: str, tracking_uri: str | None = None, *, live: bool = False, **kwargs: Any) -> Report:
     """Download the ledger an MLflow run published (its ``ledger/`` artifacts) into a temporary
-    directory, verify it as :func:`verify_ledger` does (same keyword arguments) and compare the run
-    with it (check ``mlflow``). Raises :class:`~ledger.ConfigurationError` when the server cannot be
-    reached or the run holds no ledger. The downloaded key is not trusted: pass ``key``."""
-    source = MlflowSource(run_id, tracking_uri)
+    directory, verify it as :func:`verify_ledger` does (same keyword arguments; ``key`` is required:
+    the run's own ``key.pub`` is not evidence) and compare the run with it (check ``mlflow``; ``live``:
+    the run is still going, so an unsealed published ledger warns instead of failing). Raises
+    :class:`~ledger.ConfigurationError` when the server cannot be reached or the run holds no ledger."""
+    if kwargs.get("key") is None:
+        raise ConfigurationError("verifying from MLflow needs the trainer's public key (key=…): whoever can edit "
+                                 "the run can replace its ledger and its key.pub")
+    source = MlflowSource(run_id, tracking_uri, live)
     with tempfile.TemporaryDirectory(prefix="ledger-mlflow-") as tmp:
         path = download_ledger(source, Path(tmp))
         report = verify_ledger(path, mlflow=source, **kwargs)
@@ -142,7 +155,7 @@ def load_context(path: str | os.PathLike[str], options: Options | None = None, *
                  key: PublicKey | str | os.PathLike[str] | None = None, model: str | os.PathLike[str] | None = None,
                  checkpoints: str | os.PathLike[str] | None = None, recipe: Any = None,
                  against: Iterable[str | os.PathLike[str]] = (), base: str | os.PathLike[str] | None = None,
-                 progress: Progress | None = None) -> Context:
+                 progress: Progress | None = None, tsa_roots: str | os.PathLike[str] | None = None) -> Context:
     """Check the inputs (as :func:`verify_ledger` takes them), read the ledger and recompute every
     entry hash: the :class:`Context` the checks run on. The files the recipe opens while it is
     imported are recorded for ``init`` (disclosure, not proof). Without torch installed the recipe is
@@ -156,6 +169,11 @@ def load_context(path: str | os.PathLike[str], options: Options | None = None, *
     for what, file in (("weights file", model), ("--base file", base), *(("--against file", f) for f in against)):
         if file is not None:
             require_file(file, what)
+    trusted_tsa: tuple[Any, ...] = ()
+    if tsa_roots is not None:
+        from ledger._tsa import load_roots
+
+        trusted_tsa = load_roots(tsa_roots)
     if checkpoints is not None and not os.path.isdir(checkpoints):
         raise ConfigurationError(f"checkpoint directory {checkpoints} does not exist")
     recipe_digest = None
@@ -183,7 +201,7 @@ def load_context(path: str | os.PathLike[str], options: Options | None = None, *
                    checkpoints=Path(checkpoints) if checkpoints is not None else None, recipe=recipe,
                    recipe_digest=recipe_digest, against=tuple(Path(f) for f in against),
                    base=Path(base) if base is not None else None, recipe_files=recipe_files, progress=progress,
-                   rng=random.Random(options.sample_seed))
+                   rng=random.Random(options.sample_seed), tsa_roots=trusted_tsa)
 
 
 def _refuse_newer_format(ledger: Ledger, loaded: Loaded) -> None:
