@@ -135,7 +135,7 @@ def _signer_name(response: Any) -> str:
             cert = x509.load_der_x509_certificate(der)
             if cert.issuer == signer.issuer and cert.serial_number == signer.serial_number:
                 return str(cert.subject.rfc4514_string())[:200]
-    except (ValueError, TypeError):
+    except Exception:  # noqa: BLE001, S110 - a name is only shown: a malformed certificate leaves it unknown
         pass
     return "?"
 

@@ -440,3 +440,36 @@ def test_resume_stamps_the_heads_an_interrupted_run_left_unstamped(tsa_server, t
     assert check.status == "pass", check.detail
     assert check.data["verified_heads"] == note_sizes(tmp_path / "L")
     assert ledger.open(tmp_path / "L").sealed
+
+
+# ----------------------------------------------------------------------------- review fixes
+def test_a_malformed_certificate_in_an_answer_is_no_crash(tsa_server) -> None:
+    """One byte of the TSA's embedded certificate (X.509 version 4): the signer's name is unknown,
+    never an exception out of accept() (it killed the timestamper thread)."""
+    query, answer = stamp(tsa_server)
+    damaged = bytearray(answer)
+    at = bytes(damaged).find(bytes.fromhex("a003020102"))
+    assert at > 0
+    damaged[at + 4] = 3
+    assert _tsa.accept(bytes(damaged), query).tsa == "?"
+
+
+def test_any_failed_query_is_retried_and_the_thread_lives_on(tsa_server, tmp_path: Path, monkeypatch) -> None:
+    import ledger.hooks._tsa as hooks_tsa
+
+    calls = {"n": 0}
+    real = hooks_tsa._post
+
+    def flaky(url: str, query: bytes, timeout: float) -> bytes:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyError("a parser's surprise")
+        return real(url, query, timeout)
+
+    monkeypatch.setattr(hooks_tsa, "_post", flaky)
+    stamper = Timestamper(TsaOptions(tsa_server.url, backoff=0.05, max_backoff=0.1), tmp_path).start()
+    stamper.submit(3, note(3))
+    assert stamper.settle(20), stamper.unstamped()
+    assert stamper.failures == 1 and calls["n"] == 2
+    assert stamper._thread is not None and stamper._thread.is_alive()
+    assert stamper.stop() == {}
