@@ -170,16 +170,19 @@ def sign_note(head: TreeHead, signer: Signer) -> bytes:
 
 def open_note(data: bytes, public_raw: bytes | None) -> tuple[TreeHead, bool]:
     """Parse a signed tree head strictly; return the head and whether it is signed by
-    ``public_raw`` under the name ``origin``: at least one such line, and every line with that
-    name and key hash verifies (a bad one makes it False). :class:`FormatError` on bad bytes."""
+    ``public_raw`` under the name ``origin``: exactly one such line (name and key hash), and it
+    verifies. :class:`FormatError` on bad bytes, and on a note with more than one line by that key
+    (so a note costs at most one signature check)."""
     text, lines = split_note(data)
     head = parse_checkpoint(text)
     if public_raw is None:
         return head, False
     want = key_hash(head.origin, public_raw)
     ours = [line for line in lines if line.name == head.origin and line.key_hash == want]
-    verified = bool(ours) and all(len(line.signature) == SIGNATURE_SIZE and
-                                  verify_bytes(public_raw, text, line.signature) for line in ours)
+    if len(ours) > 1:
+        raise FormatError(f"note has {len(ours)} signature lines by the same key; a key signs a note once")
+    verified = bool(ours) and len(ours[0].signature) == SIGNATURE_SIZE and \
+        verify_bytes(public_raw, text, ours[0].signature)
     return head, verified
 
 

@@ -249,3 +249,38 @@ def test_checkpoint_heads_that_do_not_state_their_prefix_fail(tmp_path):
     assert "checkpoint seq 2: tree_head signature does not verify" in forged.detail
     malformed = verify_heads(ledger_with(lambda w: {"size": 2}))
     assert malformed.status == "fail" and "checkpoint seq 2: tree_head" in malformed.detail
+
+
+# ---------------------------------------------------------------- review fixes
+def test_hostile_heads_cost_no_signature_checks_and_no_prefix_roots(tmp_path, monkeypatch):
+    """Notes that repeat the key's one valid line (100 times) or are empty are refused before any
+    signature check and before any prefix root is computed: verify stays linear in the honest heads."""
+    import ledger._note as note_module
+    import ledger.verify._heads as heads_check
+
+    path = write_run(tmp_path / "L")
+    note = (path / "heads" / "10.note").read_bytes()
+    text, line = note.split(b"\n\n")
+    for size in range(20, 60):  # wrong size for their text, and 100 lines by one key
+        (path / "heads" / f"{size}.note").write_bytes(text + b"\n\n" + line * 100)
+    for size in range(60, 100):
+        (path / "heads" / f"{size}.note").write_bytes(b"")
+    (path / "heads" / "10.note").write_bytes(text + b"\n\n" + line * 100)  # right size and origin, 100 lines
+    calls = {"verify": 0, "roots": set()}
+    real_verify, real_roots = note_module.verify_bytes, heads_check.prefix_roots
+
+    def counting_verify(*args):
+        calls["verify"] += 1
+        return real_verify(*args)
+
+    def counting_roots(hashes, sizes):
+        calls["roots"] |= set(sizes)
+        return real_roots(hashes, sizes)
+
+    monkeypatch.setattr(note_module, "verify_bytes", counting_verify)
+    monkeypatch.setattr(heads_check, "prefix_roots", counting_roots)
+    result = verify_heads(path)
+    assert result.status == "fail" and "heads/10.note: not a signed tree head" in result.detail
+    assert "by the same key" in " ".join(result.data["problems"])
+    assert calls["verify"] <= 2  # heads/5.note and heads/14.note; never the 100-line notes
+    assert calls["roots"] <= {5, 10, 14}  # only heads that verified (and the checkpoint heads)

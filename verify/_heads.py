@@ -15,9 +15,8 @@ from typing import Any
 from ledger._crypto import verify_bytes
 from ledger._encoding import decode_body
 from ledger._heads import head_name, list_heads
-from ledger._merkle import SubtreeCache
 from ledger._note import TreeHead, open_note, origin_of
-from ledger._record import HEADER_SIZE, Kind
+from ledger._record import HEADER_SIZE, Kind, MerkleAccumulator
 from ledger._schema import RecordedHead
 from ledger.errors import FormatError
 from ledger.verify._context import Context
@@ -28,10 +27,15 @@ _SHOWN = 5  # problems named in the detail; the data lists up to 1000
 
 
 def prefix_roots(hashes: list[bytes], sizes: set[int]) -> dict[int, bytes]:
-    """The RFC 9162 root of the first ``s`` hashes for each ``s`` in ``sizes`` (≤ len(hashes)):
-    the perfect subtrees they share are hashed once."""
-    tree = SubtreeCache(hashes)
-    return {size: tree.root(0, size) for size in sizes}
+    """The RFC 9162 root of the first ``s`` hashes for each ``s`` in ``sizes`` (those ≤
+    len(hashes)): one incremental pass over the hashes, however many sizes are asked for."""
+    out: dict[int, bytes] = {}
+    tree = MerkleAccumulator()
+    for size in sorted(s for s in sizes if 0 <= s <= len(hashes)):
+        while tree.size < size:
+            tree.add(hashes[tree.size])
+        out[size] = tree.root()
+    return out
 
 
 def _key(ctx: Context) -> tuple[bytes | None, str]:
@@ -81,32 +85,36 @@ def check_heads(ctx: Context) -> CheckResult:
     origin = origin_of(run_id)
     problems: list[tuple[int, str]] = [(seq, f"checkpoint seq {seq}: tree_head {why}") for seq, why in unreadable]
     forks: list[int] = []
-    roots = prefix_roots(loaded.hashes, {h.size for _, h in recorded if h.size <= n} |
-                         {s for s, _ in published if s <= n})
+    signed_recorded = []
     for seq, head in recorded:
         if head.size != seq:
             problems.append((seq, f"checkpoint seq {seq}: tree_head size {head.size} is not its seq"))
-            continue
-        signed = TreeHead(origin, head.size, head.root)
-        if not verify_bytes(public, signed.text(), head.signature):
+        elif not verify_bytes(public, TreeHead(origin, head.size, head.root).text(), head.signature):
             problems.append((seq, f"checkpoint seq {seq}: tree_head signature does not verify (forged)"))
-        elif roots.get(head.size) != head.root:
+        else:
+            signed_recorded.append((seq, head))
+    signed_published = []
+    for size, note in published:  # the cheap checks first (name, size, origin); one signature check last
+        where = f"heads/{head_name(size)}"
+        try:
+            stated = open_note(note, None)[0]
+            if stated.size != size or stated.origin != origin:
+                problems.append((size, f"{where}: states size {stated.size} of {stated.origin[:80]!r}, not size "
+                                       f"{size} of {origin!r}"))
+            elif not open_note(note, public)[1]:
+                problems.append((size, f"{where}: not signed by the trainer's key (forged, or another key)"))
+            else:
+                signed_published.append((size, stated, where))
+        except FormatError as exc:
+            problems.append((size, f"{where}: not a signed tree head ({exc})"))
+    roots = prefix_roots(loaded.hashes, {h.size for _, h in signed_recorded} | {s for s, _, _ in signed_published})
+    for seq, head in signed_recorded:
+        if roots.get(head.size) != head.root:
             forks.append(head.size)
             problems.append((seq, f"fork at size {head.size}: the head signed in checkpoint seq {seq} is not the "
                                   f"root of the entries before it"))
-    for size, note in published:
-        where = f"heads/{head_name(size)}"
-        try:
-            stated, verified = open_note(note, public)
-        except FormatError as exc:
-            problems.append((size, f"{where}: not a signed tree head ({exc})"))
-            continue
-        if stated.size != size or stated.origin != origin:
-            problems.append((size, f"{where}: states size {stated.size} of {stated.origin[:80]!r}, not size {size} of "
-                                   f"{origin!r}"))
-        elif not verified:
-            problems.append((size, f"{where}: not signed by the trainer's key (forged, or another key)"))
-        elif size > n:
+    for size, stated, where in signed_published:
+        if size > n:
             forks.append(size)
             problems.append((size, f"{where}: a signed head of {size} entries, but the ledger holds {n}: it was cut "
                                    "short or forked"))
