@@ -14,8 +14,9 @@ at close the recorder waits a bounded time and records in the seal how far the m
 What the run holds (docs/FORMAT.md §12 and issue #12's contract): every step entry's metrics at the
 ledger's step and time; genesis ``config`` flattened with ``.`` as params, plus ``ledger.seed``;
 tags ``ledger.run_id``, ``ledger.key_id``, ``ledger.format``, ``ledger.head``, ``ledger.entries``,
-``ledger.mirrored_seq``, ``ledger.owned``; artifacts ``ledger/key.pub`` and ``ledger/parts/*``
-(closed parts as they roll, every part after close), so a download of ``ledger/`` is a ledger.
+``ledger.mirrored_seq``, ``ledger.owned``; artifacts ``ledger/key.pub``, ``ledger/parts/*``
+(closed parts as they roll, every part after close) and ``ledger/heads/*`` (signed tree heads and
+their timestamps as they are written), so a download of ``ledger/`` is a ledger.
 Names MLflow refuses are not mirrored (``ledger._mirror.accepts_name``); a param the run already
 holds with another value is left as it is and named (a warning, ``ledger.owned``'s ``conflicts``).
 The set-up (params, key, static tags; ``ledger.format`` last) is decided by what the run holds and
@@ -41,7 +42,7 @@ import pyarrow as pa
 from ledger import _parts, _wal
 from ledger._crypto import public_key_pem
 from ledger._layout import Layout
-from ledger._mirror import OWNED_TAGS, TAG_CHARS, accepts_name, params_of
+from ledger._mirror import OWNED_TAGS, TAG_CHARS, accepts_name, is_head_file, params_of
 from ledger._reader import _safe_seq, wal_table
 from ledger._record import Kind
 from ledger.errors import ConfigurationError
@@ -165,6 +166,7 @@ class Mirror:
         self.error: str | None = None  # the last failure, while failing
         self.failures = 0
         self._uploaded: set[str] | None = None
+        self._heads_uploaded: set[str] | None = None
         self._spans: dict[str, int] = {}  # part name -> its last seq
         self._wal_at = (0, 0, 0)  # (device, inode, byte offset) of the log read up to (a roll replaces the file)
         self._wal_ends: list[tuple[int, int]] = []  # (seq, end offset) of the frames read in this pass
@@ -285,14 +287,30 @@ class Mirror:
         self._set_up = True
 
     def _upload_parts(self) -> int:
+        """Upload closed parts and the signed tree heads and their tokens (``heads/N.note``, ``N.tsr``:
+        immutable once written) not uploaded yet; the number of parts uploaded."""
         assert self._uploaded is not None
+        if self._heads_uploaded is None:
+            self._heads_uploaded = {Path(f.path).name for f in self.client.list_artifacts(self.run_id, "ledger/heads")}
         count = 0
         for part in _parts.list_parts(self.layout.parts):
             if part.name not in self._uploaded:
                 self.client.log_artifact(self.run_id, str(part), "ledger/parts")
                 self._uploaded.add(part.name)
                 count += 1
+        for head in sorted(self._head_files(), key=lambda p: p.name):
+            if head.name not in self._heads_uploaded:
+                self.client.log_artifact(self.run_id, str(head), "ledger/heads")
+                self._heads_uploaded.add(head.name)
         return count
+
+    def _head_files(self) -> list[Path]:
+        folder = self.layout.root / "heads"
+        try:
+            names = [p for p in folder.iterdir() if is_head_file(p.name) and p.is_file() and not p.is_symlink()]
+        except OSError:  # no heads yet
+            return []
+        return names
 
     def _tables(self) -> Iterator[pa.Table]:
         """The entries after the cursor, part by part then the log tail (one source in memory at a time)."""

@@ -25,6 +25,13 @@ OWNED_TAGS = ("ledger.run_id", "ledger.key_id", "ledger.format", "ledger.head", 
 _NAME = re.compile(r"[/\w.\- :]*")
 
 
+def is_head_file(name: str) -> bool:
+    """A signed tree head or its timestamp beside a ledger: ``heads/<size>.note`` / ``<size>.tsr``
+    (docs/FORMAT.md §13), the only files of ``heads/`` a mirror uploads and a verifier downloads."""
+    stem, dot, suffix = name.partition(".")
+    return bool(dot) and suffix in ("note", "tsr") and stem.isascii() and stem.isdigit() and len(stem) <= 20
+
+
 def accepts_name(name: str) -> bool:
     """True when MLflow accepts ``name`` as a metric or param key. A name it refuses cannot be
     mirrored: the mirror leaves it out, and the check expects it absent."""

@@ -101,8 +101,10 @@ def _check_run(uri: str, run_id: str, path: Path, tmp: Path, public: Path) -> No
     assert run.data.params["ledger.seed"] == str(genesis["seed"])
     assert run.data.params["opt.name"] == "adamw" and run.data.params["mlflow.run_id"] == run_id
     download = Path(client.download_artifacts(run_id, "ledger", str(tmp)))
-    assert sorted(p.name for p in (download / "parts").iterdir()) == sorted(
-        p.name for p in (path / "parts").iterdir())
+    for folder in ("parts", "heads"):  # every part, every signed tree head
+        assert sorted(p.name for p in (download / folder).iterdir()) == sorted(
+            p.name for p in (path / folder).iterdir())
+    assert any((download / "heads").iterdir())
     done = _cli("verify", str(download), "--key", str(public))
     assert done.returncode == 0, done.stdout + done.stderr
     assert (download / "key.pub").read_bytes() == public.read_bytes()
@@ -141,6 +143,7 @@ def test_recorded_run_is_mirrored_and_its_download_verifies(mlflow_server: str, 
     assert checked.returncode == 0, checked.stdout[-2000:] + checked.stderr
     mlflow_check = json.loads(checked.stdout)["checks"]["mlflow"]
     assert mlflow_check["status"] == "pass" and mlflow_check["refused_names"] == ["acc#top1"], mlflow_check
+    assert json.loads(checked.stdout)["checks"]["heads"]["status"] == "pass"  # the heads came with the ledger
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ledger._encoding import decode_body
-from ledger._mirror import OWNED_TAGS, accepts_name, as_stored, params_of
+from ledger._mirror import OWNED_TAGS, accepts_name, as_stored, is_head_file, params_of
 from ledger._parts import PART_DIGITS
 from ledger._record import HEADER_SIZE, Kind, decode_header
 from ledger.errors import ConfigurationError, FormatError
@@ -73,15 +73,18 @@ def _cannot(source: MlflowSource, exc: BaseException) -> ConfigurationError:
 
 
 MAX_DOWNLOAD = 8 << 30  # bytes of ledger artifacts downloaded in all (the listed sizes)
-MAX_FILES = 4096 + 16  # parts (ledger._parts.MAX_PARTS) and the few other files
+MAX_FILES = 4096 + 16 + 20_000  # parts (ledger._parts.MAX_PARTS), the key, signed heads and their tokens
 
 
 def _wanted(path: str) -> bool:
-    """The artifacts that make up a published ledger: ``ledger/key.pub`` and ``ledger/parts/NNNNNN.parquet``
-    (anything else under ``ledger/``, a report or a file someone added, is not downloaded)."""
+    """The artifacts that make up a published ledger: ``ledger/key.pub``, ``ledger/parts/NNNNNN.parquet``
+    and ``ledger/heads/<size>.note|.tsr`` (anything else under ``ledger/``, a report or a file someone
+    added, is not downloaded)."""
     if path == "ledger/key.pub":
         return True
     folder, _, name = path.rpartition("/")
+    if folder == "ledger/heads":
+        return is_head_file(name)
     stem = name.removesuffix(".parquet")
     return folder == "ledger/parts" and name.endswith(".parquet") and len(stem) == PART_DIGITS and stem.isdigit() \
         and stem.isascii()
@@ -90,7 +93,7 @@ def _wanted(path: str) -> bool:
 def _listing(client: Any, source: MlflowSource) -> list[tuple[str, int]]:
     """The wanted artifacts and their listed sizes, checked against the caps before anything is fetched."""
     found: list[tuple[str, int]] = []
-    for folder in ("ledger", "ledger/parts"):
+    for folder in ("ledger", "ledger/parts", "ledger/heads"):
         for item in client.list_artifacts(source.run_id, folder):
             if not item.is_dir and _wanted(item.path):
                 found.append((item.path, int(item.file_size or 0)))
@@ -127,7 +130,8 @@ def download_ledger(source: MlflowSource, dest: Path) -> Path:
             listed = _listing(client, source)
             if not any(path.startswith("ledger/parts/") for path, _ in listed):
                 raise ConfigurationError(f"{_where(source)} holds no ledger artifacts (no ledger/parts/*.parquet)")
-            (dest / "ledger" / "parts").mkdir(parents=True, exist_ok=True)
+            for folder in ("parts", "heads"):
+                (dest / "ledger" / folder).mkdir(parents=True, exist_ok=True)
             for path, _ in listed:
                 client.download_artifacts(source.run_id, path, dst_path=str(dest / path.rpartition("/")[0]))
         except ConfigurationError:
