@@ -47,11 +47,7 @@ class PublicKey:
 
 def verify_raw(public_raw: bytes, record: bytes, signature: bytes) -> bool:
     """Verify a DSSE signature over ``record`` with a raw Ed25519 public key."""
-    try:
-        Ed25519PublicKey.from_public_bytes(public_raw).verify(signature, pae(record))
-    except (InvalidSignature, ValueError):
-        return False
-    return True
+    return verify_bytes(public_raw, pae(record), signature)
 
 
 def verify_bytes(public_raw: bytes, data: bytes, signature: bytes) -> bool:

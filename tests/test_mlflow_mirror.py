@@ -198,12 +198,18 @@ def test_server_killed_mid_run_gap_in_the_seal_sync_fills_it_once(tmp_path: Path
         server.stop()
 
 
+def _mirrored(tmp: Path, uri: str) -> tuple[Path, Any, Any, Any, MlflowSink, Recorder]:
+    """A recorder mirroring into a new run of the server at ``uri`` (a pass every 0.1 s)."""
+    private, _, data, model, optimizer = _setup(tmp)
+    sink = MlflowSink(tracking_uri=uri, experiment="mirror-test", interval=0.1)
+    rec = Recorder(tmp / "ledger", model=model, optimizer=optimizer, key=private, seed=1, checkpoint_every=5,
+                   config={"opt": {"name": "adamw"}}, mlflow=sink)
+    return private, data, model, optimizer, sink, rec
+
+
 @pytest.mark.slow
 def test_resume_continues_the_same_run(mlflow_server: str, tmp_path: Path) -> None:
-    private, public, data, model, optimizer = _setup(tmp_path)
-    sink = MlflowSink(tracking_uri=mlflow_server, experiment="mirror-test", interval=0.1)
-    rec = Recorder(tmp_path / "ledger", model=model, optimizer=optimizer, key=private, seed=1, checkpoint_every=5,
-                   config={"opt": {"name": "adamw"}}, mlflow=sink)
+    private, data, model, optimizer, sink, rec = _mirrored(tmp_path, mlflow_server)
     _train(rec, model, optimizer, data, range(12))
     rec.flush()
     time.sleep(0.5)
@@ -381,10 +387,7 @@ def test_a_param_the_run_already_holds_does_not_stop_the_mirror(mlflow_server: s
 def test_resume_while_the_server_is_down_goes_on(mlflow_server: str, tmp_path: Path) -> None:
     """A resume names the run genesis recorded without contacting the server: training goes on, the
     mirror retries, close records the gap."""
-    private, public, data, model, optimizer = _setup(tmp_path)
-    sink = MlflowSink(tracking_uri=mlflow_server, experiment="mirror-test", interval=0.1)
-    rec = Recorder(tmp_path / "ledger", model=model, optimizer=optimizer, key=private, seed=1, checkpoint_every=5,
-                   config={"opt": {"name": "adamw"}}, mlflow=sink)
+    private, data, model, optimizer, sink, rec = _mirrored(tmp_path, mlflow_server)
     _train(rec, model, optimizer, data, range(7))
     rec.abort()
     with socket.socket() as probe:
