@@ -65,7 +65,8 @@ class LedgerWriter:
     ``append`` returns once the entry has reached the OS. ``fsync`` policy: ``"group"`` (default)
     fsyncs the log when at least ``fsync_interval`` seconds passed since the last fsync, and at
     every :meth:`sync`, roll-over and close; ``"always"`` fsyncs every append; ``"never"`` leaves
-    it to the OS. Use :meth:`create` or :meth:`open`.
+    it to the OS, except before a checkpoint's signed tree head (every mode fsyncs the entries a
+    head covers before signing it). Use :meth:`create` or :meth:`open`.
 
     When the disk refuses a write, :class:`StorageError` is raised and nothing of that entry stays
     in the log; the writer goes on when space returns. A roll-over that fails while appending is
@@ -279,13 +280,15 @@ class LedgerWriter:
         if self.sealed:
             raise ConfigurationError("the ledger is sealed; a sealed ledger takes no more entries")
         if with_head:
+            # in every fsync mode, "never" included: a head is signed only over entries that survive a
+            # power loss (else an honest resume forks from heads/<size>.note; one fsync per checkpoint)
+            with _storage(f"fsync {self.layout.wal} before signing head {self.next_seq}"):
+                self._wal.fsync()
+            self._last_sync = time.monotonic()
             head, signature = self._signed_head()
             body_bytes = encode_body({**body, "tree_head": {"size": head.size, "root": head.root,
                                                             "signature": signature}})
             self._last_head = (head.size, note_from_signature(head, self._signer.public.raw, signature))
-            if self._fsync != "never":  # a head is published only for entries that survive a power loss
-                with _storage(f"fsync {self.layout.wal} before signing head {head.size}"):
-                    self._wal.fsync()
         header = Header(FORMAT_VERSION, kind, self.next_seq, int(step),
                         self._clock() if time_ns is None else time_ns, self._run_digest, self.head)
         record = encode_record(header, body_bytes)

@@ -284,3 +284,26 @@ def test_hostile_heads_cost_no_signature_checks_and_no_prefix_roots(tmp_path, mo
     assert "by the same key" in " ".join(result.data["problems"])
     assert calls["verify"] <= 2  # heads/5.note and heads/14.note; never the 100-line notes
     assert calls["roots"] <= {5, 10, 14}  # only heads that verified (and the checkpoint heads)
+
+
+@pytest.mark.parametrize("mode", ["never", "group"])
+def test_the_log_is_fsynced_before_a_head_is_signed_in_every_mode(tmp_path, monkeypatch, mode):
+    """fsync="never" and a power loss after a checkpoint left heads/7.note durable over entries that
+    were not: an honest resume then forked from its own head. The log is fsynced first, always."""
+    import ledger._wal as wal
+    import ledger._writer as writer_module
+
+    events: list[str] = []
+    real_fsync, real_sign = wal.WalWriter.fsync, Signer.sign_bytes
+    monkeypatch.setattr(wal.WalWriter, "fsync", lambda self: (events.append("fsync"), real_fsync(self))[1])
+    monkeypatch.setattr(Signer, "sign_bytes", lambda self, data: (events.append("sign head"), real_sign(self, data))[1])
+    real_write = writer_module.write_head
+    monkeypatch.setattr(writer_module, "write_head", lambda *a: (events.append("publish"), real_write(*a))[1])
+    writer = LedgerWriter.create(tmp_path / "L", SIGNER, run_id="r", clock=fixed_clock(), fsync=mode,
+                                 fsync_interval=3600)
+    for i in range(6):
+        writer.append("step", i, step_body(i))
+    events.clear()
+    writer.append("checkpoint", 5, {"path": "c/5"})
+    assert events == ["fsync", "sign head", "publish"]
+    writer.close()
