@@ -198,34 +198,37 @@ def _require_extends(old: TreeHead, old_path: str, tree: SubtreeCache) -> None:
         _fail(f"fork at size {old.size}: the ledger does not extend the head in {old_path}")
 
 
-def show_outcome(outcome: Outcome, as_json: bool) -> None:
-    """Print what a proof showed: the head(s), the proved entries decoded, the verdict."""
+def show_outcome(outcome: Outcome, as_json: bool, run_id: str = "") -> None:
+    """Print what a proof showed: the head(s), the proved entries decoded, the verdict (naming the
+    run the proof is of). Every text line goes through :func:`printable` (entries are the trainer's
+    and can hold terminal escapes)."""
     import json
 
     head = outcome.head
     entries = [{**{k: e[k] for k in ("seq", "kind", "step", "time_ns")}, "metrics": _plain(e["body"].get("metrics"))
                 if isinstance(e["body"], dict) else None, "fields": _fields(e["body"])} for e in outcome.entries]
     if as_json:
-        click.echo(json.dumps({"verdict": "pass" if outcome.ok else "fail", "fork": outcome.fork,
+        click.echo(json.dumps({"verdict": "pass" if outcome.ok else "fail", "fork": outcome.fork, "run_id": run_id,
                                "head": _head(head), "old_head": _head(outcome.old_head) if outcome.old_head else None,
                                "entries": entries, "problems": list(outcome.problems)}, indent=2, default=str))
         return
-    click.echo(f"head: {printable(head.origin)}, {head.size} entries, root {head.root.hex()}")
+    lines = [f"head: {head.origin}, {head.size} entries, root {head.root.hex()}"]
     if outcome.old_head is not None:
-        click.echo(f"old head: {outcome.old_head.size} entries, root {outcome.old_head.root.hex()}")
+        lines.append(f"old head: {outcome.old_head.size} entries, root {outcome.old_head.root.hex()}")
     for e in entries:
-        metrics = " ".join(f"{printable(k)}={v}" for k, v in (e["metrics"] or {}).items())
-        click.echo(f"seq {e['seq']}: {e['kind']} at step {e['step']}: {metrics or ', '.join(e['fields'])}")
-    for problem in outcome.problems:
-        click.echo(f"  {printable(problem)}")
+        metrics = " ".join(f"{k}={v}" for k, v in (e["metrics"] or {}).items())
+        lines.append(f"seq {e['seq']}: {e['kind']} at step {e['step']}: {metrics or ', '.join(e['fields'])}")
+    lines.extend(f"  {problem}" for problem in outcome.problems)
     if outcome.ok:
         shown = f"{len(entries)} entr{'y is' if len(entries) == 1 else 'ies are'} in the signed tree head of " \
             f"{head.size} entries" \
             if outcome.old_head is None else \
             f"the signed tree head of {head.size} entries extends the signed head of {outcome.old_head.size}"
-        click.echo(f"PASS: {shown}")
+        lines.append(f"PASS: {shown} of run {run_id!r} ({head.origin})")
     else:
-        click.echo(f"FAIL: {'fork: ' if outcome.fork else ''}{printable(outcome.problems[0])}")
+        lines.append(f"FAIL: {'fork: ' if outcome.fork else ''}{outcome.problems[0]}")
+    for line in lines:
+        click.echo(printable(line))
 
 
 def _head(head: TreeHead | None) -> dict[str, Any] | None:
@@ -246,8 +249,10 @@ def _fields(body: Any) -> list[str]:
 @click.command(name="verify-proof")
 @click.argument("proof_path", metavar="FILE", type=click.Path())
 @click.option("--key", required=True, type=click.Path(), help="The trainer's public key (PEM).")
+@click.option("--run-id", "run_id", help="The run the proof must be of (the key may sign many runs: without "
+              "it, the verdict names the run the proof states).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def verify_proof(proof_path: str, key: str, as_json: bool) -> None:
+def verify_proof(proof_path: str, key: str, run_id: str | None, as_json: bool) -> None:
     """Check a proof file with the trainer's public key alone, and print what it proves."""
     from ledger._crypto import load_public_key
 
@@ -255,13 +260,15 @@ def verify_proof(proof_path: str, key: str, as_json: bool) -> None:
     try:
         proof = parse_proof(read_regular(proof_path, what="proof file", limit=MAX_PROOF_BYTES,
                                          error=ConfigurationError))
+        if run_id is not None and proof.run_id != run_id:
+            _fail(f"the proof is of run {proof.run_id[:200]!r}, not of run {run_id[:200]!r} (--run-id)")
         outcome = check_inclusion(proof, public) if isinstance(proof, InclusionProof) else \
             check_consistency(proof, public)
     except FileNotFoundError:
         raise ConfigurationError(f"{proof_path} does not exist") from None
     except FormatError as exc:
         raise ConfigurationError(f"{proof_path} is not a valid proof file: {exc}") from None
-    show_outcome(outcome, as_json)
+    show_outcome(outcome, as_json, proof.run_id)
     sys.exit(EXIT_PASS if outcome.ok else EXIT_FAIL)
 
 

@@ -43,8 +43,12 @@ def origin_of(run_id: str) -> str:
     """The origin line (and key name) of a ledger's tree heads: ``training-ledger/<run id>``.
     Characters a C2SP key name may not hold (white space, ``+``), control characters and ``%``
     are written ``%XX`` per UTF-8 byte, so every run id gives one valid, distinct name."""
-    origin = ORIGIN_PREFIX + "".join(_escape(ch) for ch in run_id)
-    if len(origin.encode("utf-8")) > MAX_ORIGIN_BYTES:
+    try:
+        origin = ORIGIN_PREFIX + "".join(_escape(ch) for ch in run_id)
+        encoded = origin.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FormatError("the run id is not valid Unicode text (a lone surrogate)") from None
+    if len(encoded) > MAX_ORIGIN_BYTES:
         raise FormatError(f"the run id makes an origin longer than {MAX_ORIGIN_BYTES} bytes")
     return origin
 

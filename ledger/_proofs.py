@@ -32,15 +32,20 @@ from ledger._merkle import (
     verify_consistency,
     verify_inclusion,
 )
-from ledger._note import MAX_NOTE_BYTES, TreeHead, open_note, origin_of
+from ledger._note import MAX_NOTE_BYTES, MAX_ORIGIN_BYTES, TreeHead, open_note, origin_of
 from ledger._record import HEADER_SIZE, MAX_RECORD_BYTES, decode_header, entry_hash, run_digest
 from ledger.errors import FormatError
 
 INCLUSION = "training-ledger/inclusion-proof/v1"
 CONSISTENCY = "training-ledger/consistency-proof/v1"
-MAX_PROOF_BYTES = 256 << 20
 MAX_PROVED = 4096  # entries in one inclusion proof
 MAX_PROVED_BYTES = 128 << 20  # of records in one inclusion proof
+# the records as base64 (4/3), plus 16 MiB for signatures, audit paths, heads and indentation
+MAX_PROOF_BYTES = MAX_PROVED_BYTES // 3 * 4 + (16 << 20)
+# JSON structure ('[', '{', ',', ':') a proof of MAX_PROVED entries can hold: per entry 4 keys and a
+# path of up to MAX_PATH hashes, and whatever the two notes and the run id hold as text. Counted
+# before parsing, so a file of nested empty lists cannot make millions of Python objects.
+MAX_STRUCTURE = MAX_PROVED * (MAX_PATH + 16) + 2 * MAX_NOTE_BYTES + 4 * MAX_ORIGIN_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,20 +159,31 @@ def _path(value: Any, limit: int, what: str) -> tuple[bytes, ...]:
     return tuple(_bytes(p, f"{what} hash", 32, 32) for p in value)
 
 
+def _utf8(value: str, what: str) -> bytes:
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, as JSON's \ud800 escape makes one
+        raise FormatError(f"{what} is not valid Unicode text (a lone surrogate)") from None
+
+
 def _note(value: Any, what: str) -> bytes:
     if not isinstance(value, str) or len(value) > MAX_NOTE_BYTES:
         raise FormatError(f"{what} is not a signed note")
-    return value.encode()
+    return _utf8(value, what)
 
 
 def parse_proof(data: bytes) -> InclusionProof | ConsistencyProof:
     """Read a proof file strictly; :class:`FormatError` names what is wrong."""
     if len(data) > MAX_PROOF_BYTES:
         raise FormatError(f"a proof file is at most {MAX_PROOF_BYTES >> 20} MiB")
+    structure = sum(data.count(c) for c in (b"[", b"{", b",", b":"))
+    if structure > MAX_STRUCTURE:
+        raise FormatError(f"the file holds {structure} JSON lists, objects and items, more than a proof of "
+                          f"{MAX_PROVED} entries can")
     try:
         obj = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates,
                          parse_constant=lambda c: (_ for _ in ()).throw(FormatError(f"{c} is not JSON")))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (UnicodeDecodeError, RecursionError, ValueError) as exc:  # ValueError: JSON errors, 4300+ digits
         raise FormatError(f"not a JSON proof file ({type(exc).__name__})") from None
     kind = obj.get("proof") if isinstance(obj, dict) else None
     if kind == INCLUSION:
@@ -175,12 +191,15 @@ def parse_proof(data: bytes) -> InclusionProof | ConsistencyProof:
         entries = obj["entries"]
         if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_PROVED:
             raise FormatError(f"'entries' is not a list of 1 to {MAX_PROVED} entries")
-        proved, total = [], 0
+        proved, total, seen = [], 0, set()
         for i, item in enumerate(entries):
             item = _keys(item, {"seq", "record", "signature", "path"}, f"entries[{i}]")
             seq = item["seq"]
             if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 1 << 63:
                 raise FormatError(f"entries[{i}].seq is not a non-negative integer")
+            if seq in seen:
+                raise FormatError(f"entries[{i}] repeats seq {seq}")
+            seen.add(seq)
             record = _bytes(item["record"], f"entries[{i}].record")
             total += len(record)
             if total > MAX_PROVED_BYTES:
@@ -198,6 +217,7 @@ def parse_proof(data: bytes) -> InclusionProof | ConsistencyProof:
 def _run_id(obj: dict[str, Any]) -> str:
     if not isinstance(obj["run_id"], str) or not obj["run_id"]:
         raise FormatError("'run_id' is not a non-empty string")
+    _utf8(obj["run_id"], "'run_id'")
     return str(obj["run_id"])
 
 

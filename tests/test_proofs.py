@@ -75,7 +75,7 @@ def test_prove_and_verify_entries_of_a_sealed_ledger(capsys, sealed, pub, tmp_pa
     code, out, _ = cli(capsys, "prove", sealed, "--seq", 3, "--seq", 9, "--out", tmp_path / "p.json")
     assert code == 0 and "2 entries in the signed head of 15 entries" in out  # the final head: seal included
     code, out, _ = cli(capsys, "verify-proof", tmp_path / "p.json", "--key", pub)
-    assert code == 0 and out.strip().endswith("PASS: 2 entries are in the signed tree head of 15 entries")
+    assert code == 0 and "PASS: 2 entries are in the signed tree head of 15 entries of run 'proof-run'" in out
     assert "seq 3: step at step 2: " in out and "loss=0.3333333333333333" in out and "seq 9: step at step 7" in out
     code, out, _ = cli(capsys, "verify-proof", tmp_path / "p.json", "--key", pub, "--json")
     report = json.loads(out)
@@ -175,6 +175,8 @@ HOSTILE = {
     "nan": b'{"proof": "training-ledger/consistency-proof/v1", "run_id": NaN}',
     "list": b"[1, 2]",
     "not utf-8": b"\xff\xfe",
+    "number of 5000 digits": b'{"proof": "training-ledger/consistency-proof/v1", "x": ' + b"9" * 5000 + b"}",
+    "nested lists": b'{"proof": "x", "pad": [' + b"[]," * 400_000 + b"[]]}",
 }
 
 
@@ -190,6 +192,10 @@ def test_hostile_proof_files_are_one_line_exit_2(capsys, sealed, pub, tmp_path, 
                         "hash not 32 bytes": {**e0, "path": [base64.b64encode(bytes(31)).decode()]}}.items():
         cases[name] = json.dumps({**good, "entries": [entry]}).encode()
     cases["head not a note"] = json.dumps({**good, "head": "hello\n"}).encode()
+    cases["lone surrogate head"] = json.dumps({**good, "head": "\ud800"}).encode()
+    cases["lone surrogate run id"] = json.dumps({**good, "run_id": "proof-run\ud800"}).encode()
+    cases["repeated seq"] = json.dumps({**good, "entries": [e0, e0, e0]}).encode()
+    cases["huge seq"] = (tmp_path / "p.json").read_text().replace('"seq": 3', '"seq": ' + "1" * 5000).encode()
     cases["no entries"] = json.dumps({**good, "entries": []}).encode()
     for name, data in cases.items():
         target = tmp_path / "hostile.json"
@@ -225,3 +231,42 @@ def test_format_doc_proof_vector(capsys, tmp_path):
     block = re.search(r"<!-- proof-vector:begin -->\n```json\n(.*?)```\n<!-- proof-vector:end -->", DOC.read_text(),
                       re.S)
     assert block is not None and block.group(1).encode() == (tmp_path / "p.json").read_bytes()
+
+
+def test_a_structure_bomb_is_refused_before_parsing(monkeypatch):
+    """64 MiB of nested empty lists took 1.78 GB to parse: the JSON structure is counted first, and
+    the file size is bounded by what a proof of MAX_PROVED records can take."""
+    import ledger._proofs as proofs
+    from ledger.errors import FormatError
+
+    assert proofs.MAX_PROOF_BYTES <= proofs.MAX_PROVED_BYTES * 4 // 3 + (32 << 20)
+    monkeypatch.setattr(proofs.json, "loads", lambda *a, **k: pytest.fail("parsed a structure bomb"))
+    with pytest.raises(FormatError, match="JSON lists, objects and items"):
+        proofs.parse_proof(b'{"proof": "x", "pad": [' + b"[]," * (proofs.MAX_STRUCTURE // 2) + b"[]]}")
+
+
+def test_verify_proof_pins_the_run_and_names_it(capsys, tmp_path, pub):
+    """The key signs many runs: a proof of another run passes unless --run-id pins it; the verdict
+    names the run either way."""
+    write_run(tmp_path / "good", run_id="good-run")
+    write_run(tmp_path / "look-alike", run_id="good-run\u2024v2")  # ONE DOT LEADER
+    cli(capsys, "prove", tmp_path / "look-alike", "--seq", 3, "--out", tmp_path / "p.json")
+    code, out, _ = cli(capsys, "verify-proof", tmp_path / "p.json", "--key", pub)
+    assert code == 0 and "of run 'good-run\u2024v2'" in out.splitlines()[-1]
+    code, out, _ = cli(capsys, "verify-proof", tmp_path / "p.json", "--key", pub, "--run-id", "good-run")
+    assert code == 1 and out.strip().startswith("FAIL: the proof is of run") and "not of run 'good-run'" in out
+    code, out, _ = cli(capsys, "verify-proof", tmp_path / "p.json", "--key", pub, "--run-id", "good-run\u2024v2")
+    assert code == 0
+
+
+def test_terminal_escapes_in_proved_entries_are_shown_escaped(capsys, tmp_path, pub):
+    writer = LedgerWriter.create(tmp_path / "L", SIGNER, run_id="esc-run", clock=fixed_clock())
+    writer.append("step", 0, {"\x1b[2K\rPASS: all good \x1b[8m": 1})
+    writer.append("checkpoint", 0, {"path": "x"})
+    writer.seal()
+    cli(capsys, "prove", tmp_path / "L", "--seq", 1, "--seq", 2, "--out", tmp_path / "p.json")
+    forged = edit(tmp_path / "p.json", lambda o: o["entries"][1].__setitem__("signature",
+                                                                             b64_flip(o["entries"][1]["signature"], 0)))
+    for proof, expected in ((tmp_path / "p.json", 0), (forged, 1)):
+        code, out, _ = cli(capsys, "verify-proof", proof, "--key", pub)
+        assert code == expected and "\x1b" not in out and "\r" not in out and "\\x1b[2K\\rPASS" in out, out
