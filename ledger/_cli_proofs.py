@@ -79,6 +79,10 @@ def _load(ledger_path: str, key: str | None) -> tuple[Any, bytes, bool, str]:
     run_id = loaded.genesis.get("run_id") if loaded.genesis else None
     if not isinstance(run_id, str):
         raise FormatError(f"{ledger_path}: the genesis names no run id")
+    try:
+        origin_of(run_id)
+    except FormatError as exc:
+        raise ConfigurationError(f"{ledger_path} carries no signed tree heads: {exc}") from None
     public, given = _public(key, loaded.genesis)
     return loaded, public, given, run_id
 

@@ -126,6 +126,12 @@ class LedgerWriter:
         failure nothing that this call created is left behind."""
         signer = _as_signer(key, passphrase)
         layout = Layout(Path(path))
+        if isinstance(run_id, str) and run_id:
+            try:
+                origin_of(run_id)
+            except FormatError as exc:  # a ledger that could never carry signed tree heads: refused
+                raise ConfigurationError(f"run_id cannot name this ledger's signed tree heads ({exc}); "
+                                         "choose a shorter run id") from None
         fields = dict(genesis or {})
         clash = sorted(set(fields) & set(GENESIS_RESERVED))
         if clash:

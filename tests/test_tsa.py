@@ -473,3 +473,28 @@ def test_any_failed_query_is_retried_and_the_thread_lives_on(tsa_server, tmp_pat
     assert stamper.failures == 1 and calls["n"] == 2
     assert stamper._thread is not None and stamper._thread.is_alive()
     assert stamper.stop() == {}
+
+
+def test_a_run_id_too_long_for_heads_is_refused_and_old_ledgers_skip(tsa_server, tmp_path: Path, monkeypatch,
+                                                                     capsys) -> None:
+    """A run id whose origin is over 1024 bytes silently got no heads, and verify --tsa-roots then
+    failed: now create refuses it; a ledger written so before skips timestamps, and prove exits 2."""
+    import ledger._note as note_module
+    from ledger import LedgerWriter, Signer
+    from ledger._cli import main
+
+    long_id = "r" * 1100
+    with pytest.raises(ConfigurationError, match="shorter run id"):
+        LedgerWriter.create(tmp_path / "new", Signer.from_seed(bytes(32)), run_id=long_id)
+    assert not (tmp_path / "new").exists()
+    monkeypatch.setattr(note_module, "MAX_ORIGIN_BYTES", 1 << 20)  # a ledger from before the refusal
+    writer = LedgerWriter.create(tmp_path / "old", Signer.from_seed(bytes(32)), run_id=long_id)
+    monkeypatch.undo()
+    writer._origin = None
+    writer.append("step", 0, {"metrics": {"loss": 1.0}})
+    writer.append("checkpoint", 0, {"path": "c"})
+    writer.seal()
+    assert verify(tmp_path / "old", tsa_server.authority.root).check("timestamps").status == "skip"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prove", str(tmp_path / "old"), "--seq", "1", "--out", str(tmp_path / "p.json")])
+    assert exit_info.value.code == 2 and "no signed tree heads" in capsys.readouterr().err
