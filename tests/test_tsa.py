@@ -498,3 +498,19 @@ def test_a_run_id_too_long_for_heads_is_refused_and_old_ledgers_skip(tsa_server,
     with pytest.raises(SystemExit) as exit_info:
         main(["prove", str(tmp_path / "old"), "--seq", "1", "--out", str(tmp_path / "p.json")])
     assert exit_info.value.code == 2 and "no signed tree heads" in capsys.readouterr().err
+
+
+def test_a_token_moved_to_another_head_s_file_is_not_hidden(stamped_run: Path, tsa_server, tmp_path: Path) -> None:
+    """heads/<b>.tsr overwritten with head a's genuine token, both heads' tokens also in the ledger:
+    deduplicating on the token alone skipped it ("every head has a token")."""
+    import shutil
+
+    copy = tmp_path / "L"
+    shutil.copytree(stamped_run, copy)
+    stamped = sorted(size for sizes in entry_tokens(copy).values() for size in sizes)
+    first, other = stamped[0], stamped[1]
+    target = copy / "heads" / f"{other}.tsr"
+    target.chmod(0o644)
+    target.write_bytes((copy / "heads" / f"{first}.tsr").read_bytes())
+    check = verify(copy, tsa_server.authority.root).check("timestamps")
+    assert check.status == "fail" and f"head {other} (heads/{other}.tsr)" in check.detail

@@ -149,10 +149,10 @@ def check_timestamps(ctx: Context) -> CheckResult:
     tokens = in_ledger + beside
     roots = _roots(hashes, heads | {size for size, _, _ in tokens})
     times: dict[int, _dt.datetime] = {}
-    checked: set[bytes] = set()
+    checked: set[tuple[int, bytes]] = set()
     for size, token, where in tokens:
-        if token in checked and size in times:
-            continue  # the same token in the ledger and in heads/
+        if (size, token) in checked:
+            continue  # the same token for the same head, in the ledger and in heads/
         if size not in roots:
             problems.append(f"head {size} ({where}): a token for {size} entries, but the ledger holds {len(hashes)}")
             continue
@@ -162,7 +162,7 @@ def check_timestamps(ctx: Context) -> CheckResult:
         except (FormatError, LedgerError) as exc:
             problems.append(f"head {size} ({where}): {exc}")
             continue
-        checked.add(token)
+        checked.add((size, token))
         times[size] = min(times.get(size, stamp.time), stamp.time)
     anchors = _anchors(times)
     lacking = sorted(heads - set(times))
