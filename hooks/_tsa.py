@@ -12,6 +12,7 @@ close the recorder waits a bounded time, then records in the seal which heads ar
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import random
@@ -39,8 +40,8 @@ MAX_PENDING = 4096  # heads waiting for a token; a run checkpoints far less ofte
 class TsaOptions:
     """Where and how to timestamp: the TSA's ``url`` (http or https), the ``timeout`` of one query
     in seconds, the first retry ``backoff`` and its cap ``max_backoff`` (doubling in between), and
-    ``close_timeout``: how long ``close()`` waits for heads still unstamped (twice: before the seal,
-    and after it for the seal's own head)."""
+    ``close_timeout``: how long ``close()`` waits in all for heads still unstamped (one budget for
+    the wait before the seal and the one after it for the seal's own head)."""
 
     url: str
     timeout: float = 10.0
@@ -108,6 +109,7 @@ class Timestamper:
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _stopping: bool = False
     _hurry: bool = False
+    _close_deadline: float | None = None  # set by seal_fields: finish() waits only for what is left
     _thread: threading.Thread | None = None
 
     def start(self) -> Timestamper:
@@ -188,16 +190,22 @@ class Timestamper:
         """The seal's fields, after waiting at most ``close_timeout`` for the heads queued: the
         tokens not yet in an entry (``timestamps``) and ``tsa``: the TSA asked and the heads still
         unstamped (docs/FORMAT.md §13)."""
+        self._close_deadline = time.monotonic() + self.options.close_timeout
         self.settle(self.options.close_timeout)
         status = {"url": self.options.public_url, "unstamped": list(self.unstamped())}
         return {"tsa": status, **timestamps_field(self.take())}
 
     def finish(self, where: str) -> None:
-        """After the seal: wait at most ``close_timeout`` for the final head's token (it goes to
-        ``heads/`` only), stop, and warn naming the heads of ledger ``where`` left without a token."""
-        left = self.stop(self.options.close_timeout)
+        """After the seal: wait for the final head's token (it goes to ``heads/`` only) for what is
+        left of ``close_timeout`` since :meth:`seal_fields` (all of it without one), stop, and warn
+        naming the heads of ledger ``where`` left without a token."""
+        budget = self.options.close_timeout if self._close_deadline is None else \
+            self._close_deadline - time.monotonic()
+        left = self.stop(max(budget, 0.0))
         if left:
-            sizes, why = ", ".join(map(str, list(left)[:10])), next(iter(left.values())) or "not tried"
+            errors = [why for why in left.values() if why]
+            sizes = ", ".join(map(str, list(left)[:10]))
+            why = errors[-1] if errors else f"no answer within close_timeout ({self.options.close_timeout:g} s)"
             warnings.warn(f"{len(left)} tree head(s) of {where} have no timestamp (sizes {sizes}; last error: {why}); "
                           "ledger verify --tsa-roots lists them", RuntimeWarning, stacklevel=3)
 
@@ -243,9 +251,11 @@ class Timestamper:
 
 def _post(url: str, query: bytes, timeout: float) -> bytes:
     """POST a DER query as ``application/timestamp-query``; the answer's bytes (at most
-    :data:`ledger._tsa.MAX_TOKEN`). OSError or LedgerError when there is no good answer."""
-    request = urllib.request.Request(url, data=query, method="POST",
-                                     headers={"Content-Type": _tsa.QUERY_TYPE, "Accept": _tsa.REPLY_TYPE})
+    :data:`ledger._tsa.MAX_TOKEN`). A ``user:password@`` in the URL is sent as HTTP Basic
+    authorization, never as part of the URL. OSError or LedgerError when there is no good answer."""
+    target, headers = _with_credentials(url)
+    request = urllib.request.Request(target, data=query, method="POST",
+                                     headers={"Content-Type": _tsa.QUERY_TYPE, "Accept": _tsa.REPLY_TYPE, **headers})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http(s) only, checked
             answer: bytes = response.read(_tsa.MAX_TOKEN + 1)
@@ -256,6 +266,18 @@ def _post(url: str, query: bytes, timeout: float) -> bytes:
     if len(answer) > _tsa.MAX_TOKEN:
         raise ConfigurationError(f"the TSA's answer is more than {_tsa.MAX_TOKEN} bytes")
     return answer
+
+
+def _with_credentials(url: str) -> tuple[str, dict[str, str]]:
+    """The URL without its user information, and the Basic ``Authorization`` header it stated."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None:
+        return url, {}
+    netloc = parts.netloc.rpartition("@")[2]
+    user = urllib.parse.unquote(parts.username)
+    password = urllib.parse.unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), {"Authorization": f"Basic {token}"}
 
 
 def _write_token(path: Path, token: bytes) -> None:

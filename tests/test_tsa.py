@@ -514,3 +514,55 @@ def test_a_token_moved_to_another_head_s_file_is_not_hidden(stamped_run: Path, t
     target.write_bytes((copy / "heads" / f"{first}.tsr").read_bytes())
     check = verify(copy, tsa_server.authority.root).check("timestamps")
     assert check.status == "fail" and f"head {other} (heads/{other}.tsr)" in check.detail
+
+
+def test_close_waits_one_close_timeout_in_all_when_the_tsa_is_down(tmp_path: Path) -> None:
+    """The wait before the seal and the one after it for the final head share one close_timeout (an
+    outage cost 2 x close_timeout at close, and the warning said "not tried")."""
+    from tsa_server import free_port
+
+    options = TsaOptions(f"http://127.0.0.1:{free_port()}/", timeout=0.2, backoff=0.05, max_backoff=0.1,
+                         close_timeout=1.5)
+    stamper = Timestamper(options, tmp_path).start()
+    stamper.submit(4, note(4))
+    started = time.monotonic()
+    fields = stamper.seal_fields()
+    assert fields["tsa"]["unstamped"] == [4]
+    stamper.submit(6, note(6))  # the final head, after the seal
+    with pytest.warns(RuntimeWarning, match="have no timestamp") as caught:
+        stamper.finish("L")
+    assert time.monotonic() - started < 2.2
+    assert "not tried" not in str(caught[0].message) and "could not be reached" in str(caught[0].message)
+
+
+def test_credentials_in_the_tsa_url_are_sent_as_basic_authorization(tsa_server) -> None:
+    """http://user:secret@host/ never worked (urllib put it in the Host header and failed)."""
+    import base64
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    seen: dict[str, str | None] = {}
+
+    class Front(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            seen["authorization"], seen["host"] = self.headers.get("Authorization"), self.headers.get("Host")
+            answer = tsa_server.authority.reply(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass
+
+    front = ThreadingHTTPServer(("127.0.0.1", 0), Front)
+    Thread(target=front.serve_forever, daemon=True).start()
+    try:
+        query = _tsa.request(TEXT)
+        answer = _post(f"http://us%40er:p%3Ass@127.0.0.1:{front.server_address[1]}/tsr", query.der, 10.0)
+        assert _tsa.accept(answer, query).digest == query.digest
+        assert seen["authorization"] == "Basic " + base64.b64encode(b"us@er:p:ss").decode()
+        assert seen["host"] == f"127.0.0.1:{front.server_address[1]}"
+    finally:
+        front.shutdown()
+        front.server_close()
