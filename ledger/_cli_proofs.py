@@ -182,8 +182,8 @@ def prove(ledger_path: str, seqs: tuple[int, ...], old_path: str | None, out: st
         if beyond:
             raise ConfigurationError(f"seq {beyond[0]} is not in the ledger ({n} entries, seq 0 to {n - 1})")
         if max(seqs) >= size:
-            raise ConfigurationError(f"no signed tree head covers seq {max(seqs)} yet: the newest covers seq 0 to "
-                                     f"{size - 1} (the next comes with the next checkpoint, or the seal)")
+            raise ConfigurationError(f"no signed tree head covers seq {max(seqs)}: the newest covers seq 0 to "
+                                     f"{size - 1} ({_next_head(loaded, n)})")
         signatures = {s: loaded.table["signature"][s].as_py() for s in seqs}
         proof = make_inclusion(run_id, heads[size], size, loaded.hashes, loaded.records, signatures, list(seqs),
                                tree)
@@ -191,6 +191,16 @@ def prove(ledger_path: str, seqs: tuple[int, ...], old_path: str | None, out: st
     data = proof.to_json()
     _write(out, data)
     click.echo(f"wrote {printable(out)} ({len(data)} bytes): {what}")
+
+
+def _next_head(loaded: Any, n: int) -> str:
+    """Where the head that would cover the newest entries comes from."""
+    from ledger._record import Kind, decode_header
+
+    if decode_header(loaded.records[n - 1]).kind is Kind.SEAL:
+        return (f"the ledger is sealed but its final head heads/{n}.note is missing: the writer stopped before "
+                "writing it; reopening the ledger with the trainer's key (LedgerWriter.open) writes it")
+    return "the next comes with the next checkpoint, or the seal"
 
 
 def _require_extends(old: TreeHead, old_path: str, tree: SubtreeCache) -> None:

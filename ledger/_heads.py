@@ -3,7 +3,8 @@
 The writer puts every head it signs here (each checkpoint's head as it is written, the final head
 at seal): one C2SP signed note per file, written under a temporary name, fsynced and linked into
 place, never rewritten. These files are what a lab posts; the ledger does not depend on them (a
-missing one is fine, the checkpoint entries carry the same heads). Other files in ``heads/`` (the
+missing one is fine, the checkpoint entries carry the same heads, and a reopening writer rebuilds
+the ones a crash left out: :func:`unpublished`). Other files in ``heads/`` (the
 timestamp tokens ``<size>.tsr``) are not read here.
 """
 
@@ -15,11 +16,14 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
+from ledger._crypto import verify_bytes
 from ledger._io import file_kind, read_regular
 from ledger._layout import create_file, fsync_dir, unlink_quietly
-from ledger._note import MAX_NOTE_BYTES
+from ledger._note import MAX_NOTE_BYTES, TreeHead, note_from_signature
 from ledger.errors import FormatError
 
 HEADS_DIR = "heads"
@@ -110,4 +114,26 @@ def list_heads(ledger_dir: str | os.PathLike[str]) -> list[tuple[int, bytes]]:
     return out
 
 
-__all__ = ["HEADS_DIR", "head_name", "heads_dir", "list_heads", "write_head"]
+def unpublished(ledger_dir: str | os.PathLike[str], origin: str, public_raw: bytes,
+                checkpoints: Iterable[tuple[int, Any]]) -> list[tuple[int, bytes]]:
+    """The signed notes of checkpoint heads missing from ``heads/``: for each (seq, body) of a
+    checkpoint entry whose ``tree_head`` states its seq and verifies under ``public_raw``, the note
+    :func:`~ledger._note.note_from_signature` rebuilds, when ``heads/<seq>.note`` is absent (a
+    writer killed between the entry and the file). Unreadable fields are left to verify."""
+    from ledger._schema import RecordedHead
+
+    directory, out = heads_dir(ledger_dir), []
+    for seq, body in checkpoints:
+        try:
+            head = RecordedHead.from_body(body.get("tree_head") if isinstance(body, dict) else None)
+        except FormatError:
+            continue
+        if head is None or head.size != seq or os.path.lexists(directory / head_name(seq)):
+            continue
+        signed = TreeHead(origin, head.size, head.root)
+        if verify_bytes(public_raw, signed.text(), head.signature):
+            out.append((seq, note_from_signature(signed, public_raw, head.signature)))
+    return out
+
+
+__all__ = ["HEADS_DIR", "head_name", "heads_dir", "list_heads", "unpublished", "write_head"]

@@ -18,7 +18,7 @@ from ledger._chain import ChainBreak, linked
 from ledger._crypto import Signer, load_signer
 from ledger._encoding import encode_body, metric_value
 from ledger._entry import Entry
-from ledger._heads import write_head
+from ledger._heads import unpublished, write_head
 from ledger._layout import DirectoryLock, Layout, create_file, fsync_dir, make_dirs, remove_dirs, unlink_quietly
 from ledger._note import TreeHead, note_from_signature, origin_of
 from ledger._record import (
@@ -191,8 +191,11 @@ class LedgerWriter:
             if genesis.key_id != signer.public.key_id:
                 raise ConfigurationError("this key did not sign the ledger's genesis; open it with the trainer's key")
             if last.kind is Kind.SEAL:
-                raise ConfigurationError(f"{layout.root} is sealed; a sealed ledger takes no more entries")
-            hashes = _one_chain(ledger, layout)
+                written = _final_head(ledger, layout, signer, genesis.body()["run_id"])
+                raise ConfigurationError(f"{layout.root} is sealed; a sealed ledger takes no more entries"
+                                         + ("; its final signed tree head, missing from heads/, was written"
+                                            if written else ""))
+            hashes, checkpoints = _one_chain(ledger, layout)
             writer = cls(layout, signer, lock=lock, run_id=genesis.body()["run_id"], head=last.hash,
                          next_seq=last.seq + 1, fsync=fsync, fsync_interval=fsync_interval,
                          rollover_entries=rollover_entries, rollover_bytes=rollover_bytes, clock=clock,
@@ -202,6 +205,9 @@ class LedgerWriter:
             writer._last_step = last.step
             with _storage(f"recover the log of {layout.root} (nothing was changed)"):
                 writer._recover(ledger)
+            if writer._origin is not None:  # heads a crash left out of heads/ (killed after the entry)
+                for size, note in unpublished(layout.root, writer._origin, signer.public.raw, checkpoints):
+                    writer._publish(size, note)
         except BaseException:
             if writer is not None:
                 writer._wal.close()
@@ -519,22 +525,48 @@ def _undo_create(layout: Layout) -> None:
         os.rmdir(layout.parts)
 
 
-def _one_chain(ledger: Any, layout: Layout) -> list[bytes]:
+def _final_head(ledger: Any, layout: Layout, signer: Signer, run_id: str) -> bool:
+    """Write the final signed tree head of a sealed ledger when ``heads/`` lacks it (a writer
+    killed between the seal and that file): the same note :meth:`LedgerWriter.seal` writes
+    (Ed25519 is deterministic). True when written; a failure is a warning."""
+    try:
+        origin = origin_of(run_id)
+        size = ledger.last_entry().seq + 1
+        if os.path.lexists(layout.root / "heads" / f"{size}.note"):
+            return False
+        tree = MerkleAccumulator()
+        for entry_hash in _one_chain(ledger, layout)[0]:
+            tree.add(entry_hash)
+        head = TreeHead(origin, tree.size, tree.root())
+        return write_head(layout.root, head.size, note_from_signature(head, signer.public.raw,
+                                                                      signer.sign_bytes(head.text())))
+    except (OSError, FormatError) as exc:
+        warnings.warn(f"the sealed ledger's final head is missing from heads/ and could not be written "
+                      f"({_reason(exc)})", RuntimeWarning, stacklevel=3)
+        return False
+
+
+def _one_chain(ledger: Any, layout: Layout) -> tuple[list[bytes], list[tuple[int, Any]]]:
     """Entry hashes of a ledger whose entries form one chain: seq 0, 1, 2 … each linking to the
     one before; a log frame for a seq a part already holds must be that same entry. Otherwise
-    :class:`FormatError` naming the seq (a fork: two writers, or a copied and diverged ledger)."""
+    :class:`FormatError` naming the seq (a fork: two writers, or a copied and diverged ledger).
+    Also (seq, body) of every checkpoint entry (their signed heads)."""
     stale: dict[int, bytes] = {}
     for entry in _wal.read(layout.wal).entries:
         with contextlib.suppress(FormatError):
             stale.setdefault(entry.seq, entry.hash)
     hashes: list[bytes] = []
+    checkpoints: list[tuple[int, Any]] = []
     try:
         for entry in linked(ledger.entries()):
             entry_hash = entry.hash
             if stale.get(entry.seq, entry_hash) != entry_hash:
                 raise ChainBreak(f"two different entries with seq {entry.seq} (one in a part, one in wal.log)")
             hashes.append(entry_hash)
+            if entry.kind is Kind.CHECKPOINT:
+                with contextlib.suppress(FormatError):  # an unreadable body: verify names it
+                    checkpoints.append((entry.seq, entry.body()))
     except ChainBreak as exc:
         raise FormatError(f"{layout.root} has {exc}: the chain is forked or broken; a writer cannot continue it "
                           "(run `ledger verify` for details)") from None
-    return hashes
+    return hashes, checkpoints

@@ -307,3 +307,52 @@ def test_the_log_is_fsynced_before_a_head_is_signed_in_every_mode(tmp_path, monk
     writer.append("checkpoint", 5, {"path": "c/5"})
     assert events == ["fsync", "sign head", "publish"]
     writer.close()
+
+
+def test_heads_a_crash_left_out_are_written_on_reopen(tmp_path, monkeypatch, capsys):
+    """Killed after a checkpoint entry but before heads/<size>.note: open() rebuilds the note from the
+    entry's tree_head. Killed after the seal but before the final head: opening the sealed ledger
+    with the key writes it (and still refuses it); prove says so meanwhile."""
+    import ledger._writer as writer_module
+    from ledger._cli import main
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args):
+        raise Killed
+
+    path = tmp_path / "L"
+    writer = LedgerWriter.create(path, SIGNER, run_id="cr-run", clock=fixed_clock())
+    for i in range(4):
+        writer.append("step", i, step_body(i))
+    monkeypatch.setattr(writer_module, "write_head", killed)
+    with pytest.raises(Killed):
+        writer.append("checkpoint", 3, {"path": "c/3"})
+    writer.release()
+    monkeypatch.undo()
+    assert list_heads(path) == []
+    seen: list[int] = []
+    writer = LedgerWriter.open(path, SIGNER, clock=fixed_clock(), on_head=lambda size, note: seen.append(size))
+    assert [size for size, _ in list_heads(path)] == [5] == seen
+    assert open_note(list_heads(path)[0][1], SIGNER.public.raw)[1]
+
+    writer.append("step", 4, step_body(4))
+    monkeypatch.setattr(writer_module, "write_head", killed)
+    with pytest.raises(Killed):
+        writer.seal()
+    monkeypatch.undo()
+    assert [size for size, _ in list_heads(path)] == [5]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prove", str(path), "--seq", "6", "--out", str(tmp_path / "p.json")])
+    assert exit_info.value.code == 2 and "final head heads/8.note is missing" in capsys.readouterr().err
+    with pytest.raises(ledger.errors.ConfigurationError, match="final signed tree head, missing from heads/, was"):
+        LedgerWriter.open(path, SIGNER)
+    final = list_heads(path)[-1]
+    assert final[0] == 8 and open_note(final[1], SIGNER.public.raw) == (
+        TreeHead(origin_of("cr-run"), 8, merkle_root([e.hash for e in ledger.open(path).entries()])), True)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prove", str(path), "--seq", "6", "--out", str(tmp_path / "p.json")])
+    assert exit_info.value.code == 0
+    verified = ledger.verify.verify_ledger(path, key=SIGNER.public).check("heads")
+    assert verified.status == "pass"
