@@ -6,7 +6,8 @@ builds the query (SHA-256, a nonce, the TSA's certificate asked for), :func:`acc
 answer against its query when it arrives (granted, same imprint, same nonce), and
 :func:`verify_token` checks a stored token against trusted roots (:func:`load_roots`): the CMS
 signature chains to one of them, the signing certificate carries the critical ``timeStamping``
-extended key usage, and the imprint is the head's digest — and returns the TSA's ``genTime``.
+extended key usage, and the imprint is the head's digest — and returns the TSA's ``genTime`` and
+its stated accuracy.
 Parsing and the signature checks are the ``rfc3161-client`` library's (the ``tsa`` extra); its
 exceptions are wrapped here into :class:`~ledger.errors.FormatError` (bytes that are not a token)
 and :class:`~ledger.errors.VerificationError` (a token that does not prove what it should).
@@ -45,12 +46,19 @@ class Request:
 @dataclass(frozen=True, slots=True)
 class Stamp:
     """What a token says: the SHA-256 ``digest`` it covers, when (``time``, the TSA's genTime, UTC),
-    its ``serial`` number and who signed it (``tsa``: the signing certificate's subject)."""
+    its ``serial`` number, who signed it (``tsa``: the signing certificate's subject) and the
+    ``accuracy`` of genTime the TSA states (None when it states none)."""
 
     digest: bytes
     time: _dt.datetime
     serial: int
     tsa: str
+    accuracy: _dt.timedelta | None = None
+
+    @property
+    def latest(self) -> _dt.datetime:
+        """The latest time the token allows: genTime plus its stated accuracy (RFC 3161 §2.4.2)."""
+        return self.time + (self.accuracy or _dt.timedelta(0))
 
 
 def _library() -> Any:
@@ -122,7 +130,19 @@ def _stamp(response: Any) -> Stamp:
     when = info.gen_time
     if when.tzinfo is None:
         when = when.replace(tzinfo=_dt.timezone.utc)
-    return Stamp(_imprint(response), when, int(info.serial_number), _signer_name(response))
+    return Stamp(_imprint(response), when, int(info.serial_number), _signer_name(response), _accuracy(info))
+
+
+def _accuracy(info: Any) -> _dt.timedelta | None:
+    """The token's accuracy as a duration (seconds, millis, micros), None when absent or unreadable."""
+    try:
+        stated = info.accuracy
+        if stated is None:
+            return None
+        return _dt.timedelta(seconds=int(stated.seconds or 0), milliseconds=int(stated.millis or 0),
+                             microseconds=int(stated.micros or 0))
+    except Exception:  # noqa: BLE001 - an absent or malformed optional field reads as "not stated"
+        return None
 
 
 def _signer_name(response: Any) -> str:

@@ -566,3 +566,19 @@ def test_credentials_in_the_tsa_url_are_sent_as_basic_authorization(tsa_server) 
     finally:
         front.shutdown()
         front.server_close()
+
+
+def test_anchors_allow_for_the_accuracy_the_token_states(stamped_run: Path, tsa_server) -> None:
+    """The local TSA states accuracy secs:1: an anchor says "before genTime + 1 s", not before genTime."""
+    import datetime as dt
+
+    check = verify(stamped_run, tsa_server.authority.root).check("timestamps")
+    roots = _tsa.load_roots(tsa_server.authority.root)
+    for anchor in check.data["anchors"]:
+        size = anchor["size"]
+        text = TreeHead(_origin(stamped_run), size, _root(stamped_run, size)).text()
+        stamp = _tsa.verify_token((stamped_run / "heads" / f"{size}.tsr").read_bytes(),
+                                  hashlib.sha256(text).digest(), roots)
+        assert stamp.accuracy == dt.timedelta(seconds=1) and stamp.latest == stamp.time + stamp.accuracy
+        assert anchor["before"] == stamp.latest.strftime("%Y-%m-%dT%H:%M:%SZ")
+        assert anchor["before"] != stamp.time.strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -4,7 +4,8 @@ Each token — in an entry's ``timestamps`` field, or beside the ledger in ``hea
 verify against the TSA roots the verifier trusts (``--tsa-roots PEM``) and cover SHA-256 of the
 note text of the head of the first ``size`` entries *of this ledger* (its origin, size and RFC 9162
 root recomputed from the entries). A token that does not fails the check naming the size. Each
-verified token anchors a prefix: "entries up to seq size−1 existed before genTime"; the result lists
+verified token anchors a prefix: "entries up to seq size−1 existed before genTime" (plus the
+accuracy the token states); the result lists
 the earliest anchor for each part of the ledger and the heads (``heads/*.note``, checkpoint
 ``tree_head`` fields, the sealed ledger's final head) that have no token. Without ``--tsa-roots``
 the registry skips the check (nothing is trusted by default).
@@ -163,7 +164,7 @@ def check_timestamps(ctx: Context) -> CheckResult:
             problems.append(f"head {size} ({where}): {exc}")
             continue
         checked.add((size, token))
-        times[size] = min(times.get(size, stamp.time), stamp.time)
+        times[size] = min(times.get(size, stamp.latest), stamp.latest)  # genTime + the accuracy it states
     anchors = _anchors(times)
     lacking = sorted(heads - set(times))
     data: dict[str, Any] = {
