@@ -120,7 +120,8 @@ def test_an_open_ledger_proves_against_its_newest_checkpoint_head(capsys, tmp_pa
     assert code == 0 and "signed head of 9 entries" in out  # the checkpoint at seq 9 signs entries 0…8
     assert cli(capsys, "verify-proof", tmp_path / "p.json", "--key", pub)[0] == 0
     code, _, err = cli(capsys, "prove", path, "--seq", 12, "--out", tmp_path / "q.json")
-    assert code == 2 and "no signed tree head covers seq 12: the newest covers seq 0 to 8 (the next comes with the next checkpoint" in err
+    assert code == 2 and "no signed tree head covers seq 12: the newest covers seq 0 to 8 (the next comes with the " \
+        "next checkpoint" in err
     code, _, err = cli(capsys, "prove", path, "--seq", 99, "--out", tmp_path / "q.json")
     assert code == 2 and "seq 99 is not in the ledger" in err
     old = write_run(tmp_path / "old", heads=False)
