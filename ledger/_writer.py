@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ledger import _parts, _wal
-from ledger._chain import ChainBreak, linked
+from ledger._chain import ChainBreak, check_chain, linked
 from ledger._crypto import Signer, load_signer
 from ledger._encoding import encode_body, metric_value
 from ledger._entry import Entry
@@ -534,9 +534,24 @@ def _final_head(ledger: Any, layout: Layout, signer: Signer, run_id: str) -> boo
         size = ledger.last_entry().seq + 1
         if os.path.lexists(layout.root / "heads" / f"{size}.note"):
             return False
+        # the key signs only what it signed before: every entry's signature, and a seal whose count,
+        # head and root are those of the entries before it (an edited seal still links: nothing follows it)
+        entries = list(ledger.entries())
+        check_chain(entries, signer.public.raw)
         tree = MerkleAccumulator()
-        for entry_hash in _one_chain(ledger, layout)[0]:
+        for entry_hash in _one_chain(ledger, layout)[0][:-1]:
             tree.add(entry_hash)
+        seal = entries[-1].body()
+        if (seal.get("entry_count"), seal.get("head"), seal.get("tree_root")) != (
+                size - 1, entries[-2].hash, tree.root()):
+            raise FormatError("its seal's entry count, head or tree root is not that of the entries before it")
+        tree.add(entries[-1].hash)
+        if layout.wal.exists():  # the seal may still be in the log only: durable before it is signed
+            fd = os.open(layout.wal, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         head = TreeHead(origin, tree.size, tree.root())
         return write_head(layout.root, head.size, note_from_signature(head, signer.public.raw,
                                                                       signer.sign_bytes(head.text())))

@@ -356,3 +356,29 @@ def test_heads_a_crash_left_out_are_written_on_reopen(tmp_path, monkeypatch, cap
     assert exit_info.value.code == 0
     verified = ledger.verify.verify_ledger(path, key=SIGNER.public).check("heads")
     assert verified.status == "pass"
+
+
+def test_reopening_a_sealed_ledger_signs_no_head_over_an_edited_seal(tmp_path):
+    """The final head a crash left out is written on reopen only over what the key signed: an edited
+    seal (nothing links after it, so the chain still links) gets no head (second-pass review)."""
+    from ledger._entry import Entry
+    from ledger._parts import entries_table, list_parts, read_part, table_entries, write_part
+
+    path = tmp_path / "L"
+    writer = LedgerWriter.create(path, SIGNER, run_id="edited-seal", clock=fixed_clock())
+    writer.append("step", 0, step_body(0))
+    writer.seal({"final": "aaaaaaaa"})
+    size = len(list(ledger.open(path).entries()))
+    os.unlink(path / "heads" / f"{size}.note")  # the crash window: the seal written, its head not
+    part = list_parts(path / "parts")[-1]
+    table = read_part(part)
+    entries = table_entries(table)
+    entries[-1] = Entry(record=entries[-1].record.replace(b"aaaaaaaa", b"bbbbbbbb"),
+                        signature=entries[-1].signature, key_id=entries[-1].key_id)
+    os.chmod(part, 0o644)
+    os.unlink(part)
+    write_part(part, entries_table(entries, "edited-seal", [dict(m) for m in table["metrics"].to_pylist()]),
+               "edited-seal")
+    with pytest.warns(RuntimeWarning, match="could not be written"), pytest.raises(Exception, match="is sealed"):
+        LedgerWriter.open(path, SIGNER)
+    assert list_heads(path) == []
