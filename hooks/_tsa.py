@@ -257,7 +257,7 @@ def _post(url: str, query: bytes, timeout: float) -> bytes:
     request = urllib.request.Request(target, data=query, method="POST",
                                      headers={"Content-Type": _tsa.QUERY_TYPE, "Accept": _tsa.REPLY_TYPE, **headers})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http(s) only, checked
+        with _OPENER.open(request, timeout=timeout) as response:
             answer: bytes = response.read(_tsa.MAX_TOKEN + 1)
     except urllib.error.HTTPError as exc:
         raise ConfigurationError(f"the TSA answered HTTP {exc.code} {exc.reason}") from None
@@ -266,6 +266,17 @@ def _post(url: str, query: bytes, timeout: float) -> bytes:
     if len(answer) > _tsa.MAX_TOKEN:
         raise ConfigurationError(f"the TSA's answer is more than {_tsa.MAX_TOKEN} bytes")
     return answer
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """RFC 3161 over HTTP needs no redirect, and following one would hand the query (and a Basic
+    ``Authorization`` header) to whatever origin the answer names: refused."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        raise urllib.error.HTTPError(req.full_url, code, f"redirect to {newurl[:200]} refused", headers, fp)
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 def _with_credentials(url: str) -> tuple[str, dict[str, str]]:

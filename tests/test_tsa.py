@@ -582,3 +582,45 @@ def test_anchors_allow_for_the_accuracy_the_token_states(stamped_run: Path, tsa_
         assert stamp.accuracy == dt.timedelta(seconds=1) and stamp.latest == stamp.time + stamp.accuracy
         assert anchor["before"] == stamp.latest.strftime("%Y-%m-%dT%H:%M:%SZ")
         assert anchor["before"] != stamp.time.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_a_redirect_is_refused_and_credentials_go_nowhere_else() -> None:
+    """RFC 3161 over HTTP needs no redirect; following one handed the query and the Basic
+    credentials to the origin it named (second-pass review)."""
+    import http.server
+    import threading
+
+    from ledger.errors import ConfigurationError
+    from ledger.hooks import _tsa as timestamper
+
+    seen: dict[str, object] = {}
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(302)
+            self.send_header("Location", f"http://localhost:{other.server_port}/steal")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    class Other(Redirect):
+        def do_POST(self) -> None:  # noqa: N802
+            seen["authorization"] = self.headers.get("Authorization")
+            self.send_response(200)
+            self.end_headers()
+
+        do_GET = do_POST  # noqa: N815
+
+    tsa = http.server.HTTPServer(("127.0.0.1", 0), Redirect)
+    other = http.server.HTTPServer(("127.0.0.1", 0), Other)
+    for server in (tsa, other):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ConfigurationError, match="redirect .* refused"):
+            timestamper._post(f"http://alice:s3cret@127.0.0.1:{tsa.server_port}/tsr", b"query", 5)
+    finally:
+        tsa.shutdown()
+        other.shutdown()
+    assert seen == {}
