@@ -298,8 +298,11 @@ class Mirror:
                 self.client.log_artifact(self.run_id, str(part), "ledger/parts")
                 self._uploaded.add(part.name)
                 count += 1
+        # a head only once the parts uploaded hold every entry it covers: a head ahead of the published
+        # parts would read as a fork to a verifier of the run while it goes on
+        through = max((self._spans[name] for name in self._uploaded if name in self._spans), default=-1)
         for head in sorted(self._head_files(), key=lambda p: p.name):
-            if head.name not in self._heads_uploaded:
+            if head.name not in self._heads_uploaded and int(head.name.partition(".")[0]) <= through + 1:
                 self.client.log_artifact(self.run_id, str(head), "ledger/heads")
                 self._heads_uploaded.add(head.name)
         return count

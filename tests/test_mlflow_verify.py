@@ -346,3 +346,27 @@ def test_a_run_still_going_warns_for_values_past_its_published_parts(mlflow_serv
     # without --live the same run fails: a published ledger cut short hides what MLflow holds after the cut
     check = verify_mlflow_run(run_id, mlflow_server, key=pub).check("mlflow")
     assert check.status == "fail" and "is not sealed" in check.detail
+
+
+def test_two_step_entries_at_one_step_mirrored_by_sync_pass(tmp_path):
+    """Train and eval metrics in two entries at one step (the public LedgerWriter allows it): the
+    check keeps each key's own time, so our own mirror's output passes (second-pass review)."""
+    from ledger import LedgerWriter
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    pub = tmp_path / "trainer.pub"
+    pub.write_bytes(public_key_pem(SIGNER.public.raw))
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("two")).info.run_id
+    clock = iter(range(1_700_000_000_000_000_000, 1_800_000_000_000_000_000, 250_000_000))  # 250 ms apart
+    writer = LedgerWriter.create(tmp_path / "L", SIGNER, genesis={"config": {"lr": 0.1}}, run_id="two-entries",
+                                 clock=lambda: next(clock))
+    for step in range(3):
+        writer.append("step", step, {"metrics": {"loss": 1.0 / (step + 1)}})
+        writer.append("step", step, {"metrics": {"eval_loss": 2.0 / (step + 1)}})
+    writer.seal()
+    synced = subprocess.run([sys.executable, "-m", "ledger", "mlflow", "sync", str(tmp_path / "L"), "--run-id",
+                             run_id, "--tracking-uri", uri], capture_output=True, text=True, timeout=300)
+    assert synced.returncode == 0, synced.stderr
+    code, report, err = verify(uri, run_id, "--key", str(pub))
+    assert code == 0 and report["checks"]["mlflow"]["status"] == "pass", (err, _detail(report))

@@ -151,8 +151,8 @@ def _same(a: float, b: float) -> bool:
 @dataclass
 class _LedgerSide:
     metrics: dict[str, dict[int, float]]  # key -> step -> value (live entries)
-    seqs: dict[int, int]  # step -> seq of its live entry
-    ms: dict[int, int]  # step -> its live entry's time in ms (MLflow's metric timestamp)
+    seqs: dict[str, dict[int, int]]  # key -> step -> seq of the live entry holding it
+    ms: dict[str, dict[int, int]]  # key -> step -> that entry's time in ms (MLflow's metric timestamp)
     superseded: dict[str, dict[int, list[float]]]  # key -> step -> values of superseded entries
     params: dict[str, str]
     seal_mirror: Any  # the seal's ``mirror`` field (what the ledger itself recorded as not mirrored)
@@ -166,8 +166,8 @@ def _ledger_side(ctx: Context) -> _LedgerSide:
     assert view is not None
     superseded_seqs = {seq for seq, _ in view.superseded}
     metrics: dict[str, dict[int, float]] = {}
-    seqs: dict[int, int] = {}
-    ms: dict[int, int] = {}
+    seqs: dict[str, dict[int, int]] = {}
+    ms: dict[str, dict[int, int]] = {}
     superseded: dict[str, dict[int, list[float]]] = {}
     seal_mirror: Any = None
     last_step = -1
@@ -201,8 +201,8 @@ def _ledger_side(ctx: Context) -> _LedgerSide:
                 superseded.setdefault(key, {}).setdefault(header.step, []).append(stored)
             else:
                 metrics.setdefault(key, {})[header.step] = stored
-                seqs[header.step] = header.seq
-                ms[header.step] = header.time_ns // 1_000_000
+                seqs.setdefault(key, {})[header.step] = header.seq
+                ms.setdefault(key, {})[header.step] = header.time_ns // 1_000_000
                 last_step = max(last_step, header.step)
     genesis = view.genesis
     params = params_of(genesis.config, genesis.seed)
@@ -309,8 +309,8 @@ def _compare_metrics(store: Any, run_id: str, side: _LedgerSide, found: _Finding
         budget -= points
         found.metric_points += points
         for step in sorted(by_step.keys() | live.keys()):
-            _compare_step(key, step, by_step.get(step, []), live.get(step), side.ms.get(step),
-                          list(old.get(step, ())), side.seqs.get(step), found)
+            _compare_step(key, step, by_step.get(step, []), live.get(step), side.ms.get(key, {}).get(step),
+                          list(old.get(step, ())), side.seqs.get(key, {}).get(step), found)
         latest = max(((s, t, v) for s, pts in by_step.items() for v, t in pts),
                      key=lambda p: (p[0], p[1], -math.inf if math.isnan(p[2]) else p[2]), default=None)
         if latest is not None and key in shown and not _same(float(shown[key]), latest[2]):
