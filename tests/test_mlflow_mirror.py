@@ -410,6 +410,7 @@ def test_a_run_still_going_verifies_live_heads_follow_the_published_parts(tmp_pa
     ahead of the published parts read as a fork while the run went on (second-pass review)."""
     from ledger._writer import LedgerWriter
 
+    monkeypatch.chdir(tmp_path)  # a sqlite store's artifacts go to ./mlruns of the creating process
     create = LedgerWriter.create.__func__  # type: ignore[attr-defined]
     monkeypatch.setattr(LedgerWriter, "create", classmethod(
         lambda cls, *a, **k: create(cls, *a, **{**k, "rollover_entries": 8})))  # a run of many parts, small

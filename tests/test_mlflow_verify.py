@@ -348,10 +348,12 @@ def test_a_run_still_going_warns_for_values_past_its_published_parts(mlflow_serv
     assert check.status == "fail" and "is not sealed" in check.detail
 
 
-def test_two_step_entries_at_one_step_mirrored_by_sync_pass(tmp_path):
+def test_two_step_entries_at_one_step_mirrored_by_sync_pass(tmp_path, monkeypatch):
     """Train and eval metrics in two entries at one step (the public LedgerWriter allows it): the
     check keeps each key's own time, so our own mirror's output passes (second-pass review)."""
     from ledger import LedgerWriter
+
+    monkeypatch.chdir(tmp_path)  # a sqlite store's artifacts go to ./mlruns of the creating process
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     pub = tmp_path / "trainer.pub"
