@@ -13,11 +13,14 @@ import math
 import mmap
 import os
 import struct
+import threading
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ledger._filehash import Cancelled, OpenFile, Span, hash_spans
 from ledger._io import open_regular, read_regular
 from ledger.errors import ConfigurationError, FormatError
 
@@ -66,6 +69,7 @@ def model_digest(digests: Mapping[str, bytes]) -> bytes:
 # ----------------------------------------------------------------------------- safetensors files
 MAX_HEADER_BYTES = 16 << 20  # a safetensors JSON header larger than this is refused (docs/FORMAT.md §10)
 MAX_INDEX_BYTES = 16 << 20  # and so is a ``*.index.json`` larger than this
+_OPEN_AT_ONCE = 64  # shard files held open together while their tensors are hashed
 _MAX_DIMS = 255  # the tensor digest carries ndim in one byte
 
 
@@ -175,6 +179,30 @@ class Shard:
     start: int
 
 
+_OPEN_AT_ONCE = 64  # shards held open together while their tensors are hashed
+
+
+def _open_shard(file: Path, path: Path, seen: set[str],
+                stack: ExitStack) -> tuple[Any, dict[str, TensorEntry], int, int]:
+    """One file of a safetensors checkpoint, opened in ``stack``, its header validated (the names in
+    ``seen`` are taken by earlier shards; its own are added): (handle, entries, data start, size)."""
+    try:
+        handle = stack.enter_context(open_regular(file, what="weights file"))
+    except FileNotFoundError:
+        if file == path:
+            raise ConfigurationError(f"weights file {file} does not exist") from None
+        raise FormatError(f"weights file {file} (named by {path.name}) does not exist") from None
+    size = os.fstat(handle.fileno()).st_size
+    header, start = _read_header(handle, file, size)
+    entries = {name: _entry(file, name, info, start, size) for name, info in header.items() if name != "__metadata__"}
+    _check_layout(file, entries, size - start)
+    for name in entries:
+        if name in seen:
+            raise FormatError(f"tensor {name[:200]!r} appears in more than one shard")
+        seen.add(name)
+    return handle, entries, start, size
+
+
 def read_shards(path: str | os.PathLike[str]) -> Iterator[Shard]:
     """Each file of a safetensors file (or of every shard named by a ``*.index.json``), its header
     validated against the file's size (malformed, or not a regular file → FormatError naming file
@@ -182,40 +210,33 @@ def read_shards(path: str | os.PathLike[str]) -> Iterator[Shard]:
     shard an index names → FormatError), its bytes memory-mapped."""
     seen: set[str] = set()
     for file in _shard_files(Path(path)):
-        try:
-            opened = open_regular(file, what="weights file")
-            handle = opened.__enter__()
-        except FileNotFoundError:
-            if file == Path(path):
-                raise ConfigurationError(f"weights file {file} does not exist") from None
-            raise FormatError(f"weights file {file} (named by {Path(path).name}) does not exist") from None
-        try:
-            size = os.fstat(handle.fileno()).st_size
-            header, start = _read_header(handle, file, size)
-            entries = {name: _entry(file, name, info, start, size)
-                       for name, info in header.items() if name != "__metadata__"}
-            _check_layout(file, entries, size - start)
-            for name in entries:
-                if name in seen:
-                    raise FormatError(f"tensor {name[:200]!r} appears in more than one shard")
-                seen.add(name)
+        with ExitStack() as stack:
+            handle, entries, start, size = _open_shard(file, Path(path), seen, stack)
             with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else _Empty() as data:
                 yield Shard(file, entries, data, start)
-        finally:
-            opened.__exit__(None, None, None)
 
 
-def safetensors_digests(path: str | os.PathLike[str]) -> dict[str, bytes]:
+def safetensors_digests(path: str | os.PathLike[str], *, workers: int | None = None,
+                        cancel: threading.Event | None = None) -> dict[str, bytes]:
     """Tensor digests of a safetensors file (or of every shard named by a ``*.index.json``),
-    hashed from the file's raw bytes without loading the tensors."""
+    hashed from the file's raw bytes without loading the tensors: the same checks as
+    :func:`read_shards`, tensors hashed in parallel threads (``workers``, default all CPUs) from
+    bounded reads (not a memory map), so memory stays a few MiB per thread whatever the size.
+    ``cancel``: set, it stops the hashing (:class:`ledger._filehash.Cancelled`)."""
     digests: dict[str, bytes] = {}
-    for shard in read_shards(path):
-        for name, e in shard.entries.items():
-            view = memoryview(shard.data)[shard.start + e.begin:shard.start + e.end]
-            try:
-                digests[name] = tensor_digest(name, e.dtype, e.shape, view)
-            finally:
-                view.release()
+    seen: set[str] = set()
+    files = _shard_files(Path(path))
+    for lo in range(0, len(files), _OPEN_AT_ONCE):  # a bounded number of files open at once
+        with ExitStack() as stack:
+            batch = []
+            for file in files[lo:lo + _OPEN_AT_ONCE]:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled
+                handle, entries, start, _ = _open_shard(file, Path(path), seen, stack)
+                batch.append(OpenFile(handle.fileno(), file, [
+                    Span(name, _tensor_prefix(name, e.dtype, e.shape, e.end - e.begin), start + e.begin, start + e.end)
+                    for name, e in entries.items()]))
+            digests.update(hash_spans(batch, workers=workers, cancel=cancel))
     return digests
 
 

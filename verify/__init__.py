@@ -36,7 +36,7 @@ from ledger.verify._disclosure import watch_files
 from ledger.verify._heads import check_heads
 from ledger.verify._independence import check_independence
 from ledger.verify._init import check_init
-from ledger.verify._inputs import require_file
+from ledger.verify._inputs import ModelDigests, require_file
 from ledger.verify._integrity import check_chain, check_seal, check_signatures
 from ledger.verify._lineage import Lineage, compare_files
 from ledger.verify._load import Loaded, first_break, header_field, header_matrix
@@ -128,8 +128,12 @@ def verify_ledger(path: str | os.PathLike[str], *, key: PublicKey | str | os.Pat
                        base=base, progress=progress, tsa_roots=tsa_roots)
     if mlflow is not None:
         ctx = dataclasses.replace(ctx, mlflow=mlflow)
-    return Report(run_checks(ctx, CHECKS), _facts(ctx), training_series(ctx.loaded, ctx.view)).require(
-        options.require)
+    try:
+        results = run_checks(ctx, CHECKS)
+    finally:
+        if ctx.model_digests is not None:  # unread when check model did not hash in tensor/v1
+            ctx.model_digests.cancel()
+    return Report(results, _facts(ctx), training_series(ctx.loaded, ctx.view)).require(options.require)
 
 
 def verify_mlflow_run(run_id: str, tracking_uri: str | None = None, *, live: bool = False, **kwargs: Any) -> Report:
@@ -182,26 +186,35 @@ def load_context(path: str | os.PathLike[str], options: Options | None = None, *
         with watch_files(ignore=[recipe.rpartition(":")[0]]) as watch:
             recipe, recipe_digest = load_recipe(recipe)
         recipe_files = watch.files
-    ledger = Ledger(path)
-    loaded = _load(ledger)
-    _refuse_newer_format(ledger, loaded)
-    view, view_error = None, None
-    if loaded.genesis is not None:
-        try:  # entries past the first broken link are not decoded: the chain has failed already
-            view = _build(loaded, ledger.path, Path(checkpoints) if checkpoints is not None else None,
-                          limit=first_break(loaded))
-        except FormatError as exc:  # a genesis that breaks the schema: the provenance checks fail with this
-            view_error = str(exc)
-        except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
-            view_error = f"{type(exc).__name__}: {exc}"  # a schema gap let a crafted genesis through
-        except MemoryError:  # the decoded bodies do not fit under a memory limit: the provenance checks fail
-            view_error = "the entries' bodies could not be decoded: they do not fit in memory"
+    # the weights hash on every core while the ledger is read and checked (after the recipe's import,
+    # whose file opens are watched): check ``model`` takes the digests
+    prefetch = ModelDigests(model) if model is not None else None
+    try:
+        ledger = Ledger(path)
+        loaded = _load(ledger)
+        _refuse_newer_format(ledger, loaded)
+        view, view_error = None, None
+        if loaded.genesis is not None:
+            try:  # entries past the first broken link are not decoded: the chain has failed already
+                view = _build(loaded, ledger.path, Path(checkpoints) if checkpoints is not None else None,
+                              limit=first_break(loaded))
+            except FormatError as exc:  # a genesis that breaks the schema: the provenance checks fail with this
+                view_error = str(exc)
+            except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
+                view_error = f"{type(exc).__name__}: {exc}"  # a schema gap let a crafted genesis through
+            except MemoryError:  # the decoded bodies do not fit under a memory limit: the provenance checks fail
+                view_error = "the entries' bodies could not be decoded: they do not fit in memory"
+    except BaseException:
+        if prefetch is not None:
+            prefetch.cancel()
+        raise
     return Context(ledger=ledger, loaded=loaded, view=view, view_error=view_error, options=options, key=public,
                    model=Path(model) if model is not None else None,
                    checkpoints=Path(checkpoints) if checkpoints is not None else None, recipe=recipe,
                    recipe_digest=recipe_digest, against=tuple(Path(f) for f in against),
                    base=Path(base) if base is not None else None, recipe_files=recipe_files, progress=progress,
-                   rng=random.Random(options.sample_seed), tsa_roots=trusted_tsa)
+                   rng=random.Random(options.sample_seed), tsa_roots=trusted_tsa,
+                   model_digests=prefetch)
 
 
 def _refuse_newer_format(ledger: Ledger, loaded: Loaded) -> None:

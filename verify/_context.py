@@ -11,6 +11,7 @@ from typing import Any
 from ledger._crypto import PublicKey
 from ledger._reader import Ledger
 from ledger.errors import ConfigurationError
+from ledger.verify._inputs import ModelDigests
 from ledger.verify._load import Loaded
 from ledger.verify._result import CheckResult
 from ledger.verify._run import RunView
@@ -65,6 +66,7 @@ class Context:
     results: Mapping[str, CheckResult] = field(default_factory=dict)
     mlflow: Any = None  # the MLflow run to compare with (verify/_mlflow.MlflowSource), for check ``mlflow``
     tsa_roots: tuple[Any, ...] = ()  # trusted TSA root certificates (``--tsa-roots``), for check ``timestamps``
+    model_digests: ModelDigests | None = None  # the ``model`` file's tensor/v1 digests, hashing since the load began
     # draws --sample entries: one stream seeded with sample_seed, shared by the checks in order (chain,
     # then signatures), so a seed reproduces the whole draw
     rng: random.Random = field(default_factory=random.Random)

@@ -29,9 +29,29 @@ def _seal(records: Records | Sequence[bytes]) -> SealBody | None:
     return SealBody.from_body(decode_body(records[-1][HEADER_SIZE:]))
 
 
+def _file_digests(ctx: Context, model: Path) -> dict[str, bytes]:
+    """The file's digests in the ledger's scheme: those hashing since the load began when that is
+    ``tensor/v1`` (the background hashing is stopped otherwise)."""
+    scheme = ctx.view.digest_scheme if ctx.view is not None else TENSOR_V1
+    prefetched = ctx.model_digests
+    if prefetched is not None and prefetched.path == model and scheme == TENSOR_V1:
+        return prefetched.result()
+    if prefetched is not None:
+        prefetched.cancel()  # not this scheme (or not this file): it would only compete for the cores
+    return safetensors_digests_as(model, scheme)
+
+
 def check_model(ctx: Context) -> CheckResult:
     """Compare the tensor digests of a safetensors file (or sharded index) with the seal's; on an
     unsealed ledger, with the state at the last recorded step."""
+    try:
+        return _check_model(ctx)
+    finally:  # the background hashing, when unread, stops here: no thread outlives the check
+        if ctx.model_digests is not None:
+            ctx.model_digests.cancel()
+
+
+def _check_model(ctx: Context) -> CheckResult:
     model = ctx.model
     assert model is not None  # the registry skips this check without --model
     try:
@@ -48,7 +68,7 @@ def check_model(ctx: Context) -> CheckResult:
                            summary="no sealed final weights in the ledger")
     sealed = final.tensor_digests
     try:
-        found = safetensors_digests_as(model, ctx.view.digest_scheme if ctx.view is not None else TENSOR_V1)
+        found = _file_digests(ctx, model)
     except (FormatError, ConfigurationError) as exc:  # a damaged file, index or shard: the weights cannot be read
         return CheckResult("model", Status.FAIL, f"{model}: {exc}", {"file": str(model)})
     missing = sorted(set(sealed) - set(found))
@@ -82,7 +102,7 @@ def _unsealed(ctx: Context, model: Path) -> CheckResult:
     data: dict[str, Any] = {"file": str(model), "sealed": False, "compared_with": where or f"step {last}"}
     try:
         if digests is not None:
-            found = view.file_digests(model)
+            found = _file_digests(ctx, model)
             differ = sorted(n for n in set(found) | set(digests) if found.get(n) != digests.get(n))
             problems = [f"{len(differ)} tensor(s) differ from {where}: {', '.join(differ[:8])}"] if differ else []
         else:
