@@ -16,6 +16,7 @@ import torch
 
 from ledger import _dcp
 from ledger import torch as lt
+from ledger._filehash import threads
 from ledger._fingerprint import model_digest, safetensors_digests
 from ledger._record import Kind
 from ledger._schema import CheckpointBody, FinalWeights, Genesis, SealBody
@@ -410,7 +411,7 @@ class Recorder:
     def _final(self, final_weights: str | os.PathLike[str] | None) -> tuple[dict[str, bytes], str | None]:
         """The final weights' digests, and the file holding them: saved at ``final_weights`` as
         safetensors, or the file already there, which must hold them."""
-        live = lt.torch_digests(self._tensors())
+        live = lt.torch_digests(self._tensors(), workers=threads())  # training is over: every core
         if final_weights is None:
             return live, None
         target = Path(final_weights)

@@ -81,8 +81,7 @@ def _numpy_safe_dtypes() -> frozenset[torch.dtype]:
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """Little-endian contiguous bytes of a tensor, on the CPU (a copy; never touches the live tensor)."""
-    if tensor.device.type == "cpu" and tensor.dtype in _numpy_safe_dtypes() and tensor.is_contiguous() \
-            and sys.byteorder == "little" and tensor.numel():  # memoryview cannot cast a (0, n) array
+    if _zero_copy(tensor):  # memoryview cannot cast a (0, n) array: an empty tensor takes the path below
         return tensor.detach().numpy().data.cast("B")  # zero-copy fast path (no torch ops)
     flat = tensor.detach().reshape(-1)
     if flat.device.type != "cpu":
@@ -96,13 +95,36 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return raw.data
 
 
-def torch_digests(tensors: Mapping[str, torch.Tensor], scheme: str = "tensor/v1") -> dict[str, bytes]:
+def torch_digests(tensors: Mapping[str, torch.Tensor], scheme: str = "tensor/v1", *,
+                  workers: int = 1) -> dict[str, bytes]:
     """Tensor digests of named torch tensors (copied to the CPU one at a time), in the digest scheme
-    a genesis states (``tensor/v1``, or ``tensor-blocked/v1``: docs/FORMAT.md §10.1)."""
+    a genesis states (``tensor/v1``, or ``tensor-blocked/v1``: docs/FORMAT.md §10.1). ``workers`` > 1
+    hashes the CPU tensors whose bytes need no copy in that many threads (largest first; hashlib
+    releases the GIL), so memory stays one copied tensor whatever the thread count."""
     from ledger._blocked import digest_function
 
     digest = digest_function(scheme)
-    return {name: digest(name, safetensors_dtype(t), tuple(t.shape), tensor_bytes(t)) for name, t in tensors.items()}
+
+    def one(name: str) -> bytes:
+        t = tensors[name]
+        return digest(name, safetensors_dtype(t), tuple(t.shape), tensor_bytes(t))
+
+    shared = [n for n, t in tensors.items() if _zero_copy(t)] if workers > 1 and scheme == "tensor/v1" else []
+    out: dict[str, bytes] = {}
+    if len(shared) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        shared.sort(key=lambda n: -tensors[n].nbytes)
+        with ThreadPoolExecutor(min(workers, len(shared)), thread_name_prefix="ledger-hash") as pool:
+            out.update(zip(shared, pool.map(one, shared), strict=True))
+    out.update((name, one(name)) for name in tensors if name not in out)
+    return {name: out[name] for name in tensors}
+
+
+def _zero_copy(tensor: torch.Tensor) -> bool:
+    """Whether :func:`tensor_bytes` reads the tensor's own CPU memory (no copy)."""
+    return tensor.device.type == "cpu" and tensor.dtype in _numpy_safe_dtypes() and tensor.is_contiguous() \
+        and sys.byteorder == "little" and bool(tensor.numel())
 
 
 def batch_digest(batch: Any) -> bytes:

@@ -228,3 +228,15 @@ def test_memory_does_not_grow_with_the_file(tmp_path):
     grown = int(subprocess.run([sys.executable, "-c", PEAK, str(path)], capture_output=True, text=True,
                                check=True, timeout=300).stdout)
     assert grown < 64 << 20, f"peak RSS grew by {grown >> 20} MiB hashing a 192 MiB file"
+
+
+def test_threaded_torch_digests_equal_the_sequential_ones():
+    torch = pytest.importorskip("torch")
+    from ledger.torch import torch_digests
+
+    tensors = {"big": torch.randn(CHUNK // 2), "t": torch.randn(4, 6).t(), "bf": torch.randn(9).to(torch.bfloat16),
+               "empty": torch.zeros(0, 2), "flag": torch.tensor([True, False]),
+               **{f"s{i}": torch.arange(i, dtype=torch.int64) for i in range(1, 50)}}
+    expected = torch_digests(tensors)
+    got = torch_digests(tensors, workers=4)
+    assert got == expected and list(got) == list(tensors)
