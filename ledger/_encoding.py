@@ -121,7 +121,7 @@ def encode_body(body: Mapping[str, Any]) -> bytes:
 
 def _tag_hook(*args: Any) -> Any:
     # cbor2 5.x calls hook(decoder, tag); 6.x calls hook(tag, immutable).
-    tag = next(arg for arg in args if isinstance(arg, cbor2.CBORTag))
+    tag = args[0] if isinstance(args[0], cbor2.CBORTag) else args[1]
     dtype = _TAG_DTYPES.get(tag.tag)
     if dtype is None or not isinstance(tag.value, bytes):
         raise FormatError(f"unknown CBOR tag {tag.tag} in record body")
