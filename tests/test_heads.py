@@ -25,9 +25,12 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"
 
 
 def write_run(path: Path, *, checkpoints: tuple[int, ...] = (3, 7), steps: int = 10, seal: bool = True,
-              on_head=None, signer: Signer = SIGNER, run_id: str = "run-heads") -> Path:
-    """A ledger of ``steps`` step entries with a checkpoint entry after the given steps."""
+              on_head=None, signer: Signer = SIGNER, run_id: str = "run-heads", heads: bool = True) -> Path:
+    """A ledger of ``steps`` step entries with a checkpoint entry after the given steps (``heads``
+    False: written as a writer from before signed heads)."""
     writer = LedgerWriter.create(path, signer, run_id=run_id, clock=fixed_clock(), on_head=on_head)
+    if not heads:
+        writer._origin = None
     for i in range(steps):
         writer.append("step", i, step_body(i))
         if i in checkpoints:

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FIXED_SEED, fixed_clock, step_body
+from conftest import FIXED_SEED, fixed_clock
+from test_heads import write_run as heads_run
 
 import ledger._cli_proofs
 from ledger import LedgerWriter, Signer
@@ -27,15 +28,9 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"
 
 def write_run(path: Path, *, steps: int = 12, checkpoints: tuple[int, ...] = (4,), seal: bool = True,
               run_id: str = "proof-run", signer: Signer = SIGNER, heads: bool = True) -> Path:
-    writer = LedgerWriter.create(path, signer, run_id=run_id, clock=fixed_clock())
-    if not heads:
-        writer._origin = None  # a writer from before signed heads
-    for i in range(steps):
-        writer.append("step", i, step_body(i))
-        if i in checkpoints:
-            writer.append("checkpoint", i, {"path": f"checkpoints/{i}"})
-    writer.seal() if seal else writer.close()
-    return path
+    """test_heads' ledger with this file's defaults: 12 steps, one checkpoint after step 4."""
+    return heads_run(path, steps=steps, checkpoints=checkpoints, seal=seal, run_id=run_id, signer=signer,
+                     heads=heads)
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:
