@@ -189,13 +189,7 @@ def load_signer(path: str | os.PathLike[str], passphrase: bytes | None = None) -
 
 def load_public_key(path: str | os.PathLike[str]) -> PublicKey:
     """Load an Ed25519 public key from a PEM file (a private key file is refused)."""
-    data = _read_key_file(path)
-    if b"PRIVATE KEY" in data:
-        raise KeyLoadError(f"{path} is a private key; pass the public key (.pub) to verify")
-    try:
-        key = serialization.load_pem_public_key(data)
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise KeyLoadError(f"{path} is not a PEM public key (expected the .pub from `ledger keygen`)") from exc
+    key = _pem_public(_read_key_file(path), str(path), " (expected the .pub from `ledger keygen`)")
     if not isinstance(key, Ed25519PublicKey):
         raise KeyLoadError(f"{path} holds a {type(key).__name__.removeprefix('_')}, not an Ed25519 key")
     return PublicKey(key.public_bytes(_RAW, _RAW_PUB))
@@ -260,15 +254,19 @@ def _release_key(key: object, where: str) -> ReleaseKey:
                                                   serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
+def _pem_public(data: bytes, where: str, hint: str = "") -> object:
+    """The public key in PEM ``data`` (``where`` names it in errors); a private key is refused."""
+    if b"PRIVATE KEY" in data:
+        raise KeyLoadError(f"{where} is a private key; pass the public key (.pub)")
+    try:
+        return serialization.load_pem_public_key(data)
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise KeyLoadError(f"{where} is not a PEM public key{hint}") from exc
+
+
 def release_key_from_pem(data: bytes, where: str) -> ReleaseKey:
     """A release public key from PEM bytes (``where`` names them in errors); a private key is refused."""
-    if b"PRIVATE KEY" in data:
-        raise KeyLoadError(f"{where} is a private key; give the public key (.pub)")
-    try:
-        key = serialization.load_pem_public_key(data)
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise KeyLoadError(f"{where} is not a PEM public key") from exc
-    return _release_key(key, where)
+    return _release_key(_pem_public(data, where), where)
 
 
 def load_release_key(path: str | os.PathLike[str]) -> ReleaseKey:
