@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from ledger.verify._bounds import Bounds
+from ledger.verify._columns import StepColumns
 
 TENSORS = {"a": (3, 4), "b": (5,), "c": (7,)}
 GROUPS = [["a", "b"], ["c"]]
@@ -30,6 +31,14 @@ def _view(groups: list[dict]) -> SimpleNamespace:
                               tensors=lambda: {n: {"name": n, "shape": list(s), "dtype": "F32", "kind": "parameter"}
                                                for n, s in TENSORS.items()})
     return SimpleNamespace(genesis=genesis, tensor_order=list(TENSORS))
+
+
+def _step(bounds: Bounds, s: int, body: SimpleNamespace, prev: np.ndarray) -> np.ndarray:
+    """The bound at one recorded step (a one-row ``Bounds.run``)."""
+    columns = StepColumns(np.array([s]), prev[None, :], np.array([body.optimizer_steps]), body.lrs[None, :],
+                          np.array([True]), body.grad_norms[None, :], np.array([True]),
+                          hyper={0: body.hyper} if body.hyper is not None else {})
+    return bounds.run(columns, prev[None, :])[0]
 
 
 def _explicit(history: list[tuple[float, float, float, bool]]) -> float:
@@ -62,7 +71,7 @@ def test_recurrence_equals_the_sum_over_the_whole_history(seed):
         prev = rng.random(len(TENSORS)) * 10
         k = int(rng.choice([0, 1, 1, 1, 3]))
         body = SimpleNamespace(hyper=hyper, optimizer_steps_each=None, optimizer_steps=k, lrs=lrs, grad_norms=grads)
-        bound = bounds.step(s, body, prev)
+        bound = _step(bounds, s, body, prev)
         for g, names in enumerate(GROUPS):
             idx = [list(TENSORS).index(n) for n in names]
             theta = float(np.sqrt(np.square(prev[idx]).sum()))
@@ -73,7 +82,7 @@ def test_recurrence_equals_the_sum_over_the_whole_history(seed):
                 histories[g].append((drive, c["momentum"], float(lrs[g]), c["nesterov"]))
                 expected += _explicit(histories[g])
             assert bound[idx] == pytest.approx(expected, rel=1e-12, abs=1e-300)
-            assert bounds.sgd_totals[s][g] == pytest.approx(expected, rel=1e-12, abs=1e-300)
+            assert bounds.sgd_totals[0, g] == pytest.approx(expected, rel=1e-12, abs=1e-300)
 
 
 @pytest.mark.parametrize("nesterov, dampening", [(False, 0.0), (False, 0.3), (False, 0.9), (True, 0.0)])
@@ -99,7 +108,7 @@ def test_bound_holds_for_torch_sgd(nesterov, dampening):
         grads = np.array([math.sqrt(sum(float(params[n].grad.norm()) ** 2 for n in names)) for names in GROUPS])
         optimizer.step()
         body = SimpleNamespace(hyper=None, optimizer_steps_each=None, optimizer_steps=1, lrs=lrs, grad_norms=grads)
-        bound = bounds.step(s, body, prev)
+        bound = _step(bounds, s, body, prev)
         for g, names in enumerate(GROUPS):
             moved = math.sqrt(sum(float((params[n].detach() - before[n]).norm()) ** 2 for n in names))
             assert moved <= bound[list(TENSORS).index(names[0])] * (1 + 1e-9), (s, g, moved)

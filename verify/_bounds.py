@@ -20,12 +20,13 @@ parameter's dtype (u = 2⁻²⁴ float32, 2⁻⁸ bfloat16, 2⁻¹¹ float16).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from ledger._schema import StepBody
+from ledger.verify._columns import StepColumns
 from ledger.verify._run import RunView
 
 Floats = npt.NDArray[np.float64]
@@ -96,54 +97,88 @@ class Bounds:
         self.t = np.zeros(len(optimizers), dtype=np.int64)  # steps so far, per optimizer (Adam's step count)
         self.buffer = np.zeros(len(self.groups))  # SGD: bound on the momentum buffer's norm per group
         self.moments = np.zeros(len(self.groups))  # Adam: A_t per group
-        self.coef: dict[int, Floats] = {}
-        self.decay: dict[int, Floats] = {}
-        self.steps: dict[int, int] = {}
-        self.sgd_totals: dict[int, dict[int, float]] = {}
+        # per row of the last columns given to :meth:`run`: Σ α·B and Σ α·λ per group, optimizer steps,
+        # SGD's summed bound per group (inf where none), the learning rates in force (rows × groups)
+        self.coef = self.decay = self.sgd_totals = self.lrs = np.zeros((0, len(self.groups)))
+        self.steps = np.zeros(0, dtype=np.int64)
         self.groups_at: dict[int, list[dict[str, Any]]] = {}
         self.vacuous = False
 
-    def lrs(self, body: StepBody) -> Floats:
-        """The learning rate of each group at this step (logged, else the group's)."""
-        if body.lrs is not None:
-            return body.lrs
-        return np.asarray([float(g.get("lr", math.nan)) for g in self.groups], dtype=np.float64)
-
-    def step(self, s: int, body: StepBody, prev_norms: Floats) -> Floats:
-        """L2 bound on each tensor's update at step s (inf for tensors outside every group)."""
-        if body.hyper is not None:
-            self.groups = [{**g, **h} for g, h in zip(self.groups, body.hyper, strict=False)] + self.groups[
-                len(body.hyper):]
-        self.groups_at[s] = self.groups
-        each = body.optimizer_steps_each if body.optimizer_steps_each is not None else [body.optimizer_steps]
-        lrs = self.lrs(body)
-        bound = np.full(len(self.group_of), np.inf)
-        coef, decay = np.zeros(len(self.groups)), np.zeros(len(self.groups))
-        for g, group in enumerate(self.groups):
-            mask = self.group_of == g
-            lr = float(lrs[g]) if g < len(lrs) else float(group.get("lr", math.nan))
-            wd = float(group.get("weight_decay", 0.0) or 0.0)
-            owner, kind = self.owner[g], self.group_family[g]
-            k, t = (int(each[owner]) if owner < len(each) else 0), int(self.t[owner])
-            if kind in ("adam", "adamw"):
-                beta1, beta2 = (float(b) for b in group["betas"])
-                self.vacuous |= beta1 * beta1 > beta2
-                for j in range(1, k + 1):
-                    self.moments[g], b = adam_step(float(self.moments[g]), beta1, beta2, t + j)
-                    coef[g] += lr * b
-                decay[g] = lr * wd * k if kind == "adamw" else 0.0
-                bound[mask] = coef[g] * self.sqrt_d[mask] + decay[g] * prev_norms[mask]
-            elif kind == "sgd" and body.grad_norms is not None:
-                mu = float(group.get("momentum", 0.0) or 0.0)
-                theta = float(np.sqrt(np.square(prev_norms[mask]).sum()))
-                drive = float(body.grad_norms[g]) + wd * theta
-                total = 0.0
-                for _ in range(k):
-                    self.buffer[g] = mu * self.buffer[g] + drive if mu else drive
-                    total += lr * (drive + mu * self.buffer[g] if group.get("nesterov") else self.buffer[g])
-                bound[mask] = total
-                self.sgd_totals.setdefault(s, {})[g] = total
-        for owner, k in enumerate(each[:len(self.t)]):
-            self.t[owner] += int(k)
-        self.coef[s], self.decay[s], self.steps[s] = coef, decay, sum(int(k) for k in each)
+    def run(self, columns: StepColumns, prev_norms: Floats) -> Floats:
+        """L2 bound on each tensor's update at each row's step (rows × tensors; inf for tensors
+        outside every group), given each row's previous norms; continues from the rows of an
+        earlier call."""
+        n, width = len(columns.steps), len(self.groups)
+        each = np.zeros((n, len(self.t)), dtype=np.int64)  # optimizer steps per row and optimizer
+        if len(self.t):
+            each[:, 0] = columns.optimizer_steps
+        self.steps = columns.optimizer_steps.copy()
+        for row, ks in columns.each.items():
+            each[row] = [int(k) for k in ks[:len(self.t)]] + [0] * (len(self.t) - min(len(ks), len(self.t)))
+            self.steps[row] = sum(int(k) for k in ks)
+        t0 = self.t + np.cumsum(each, axis=0) - each  # each optimizer's steps before the row
+        self.coef, self.decay = np.zeros((n, width)), np.zeros((n, width))
+        self.sgd_totals, self.lrs = np.full((n, width), np.inf), np.zeros((n, width))
+        bound = np.full((n, len(self.group_of)), np.inf)
+        for lo, hi in self._spans(columns):
+            groups = self.groups
+            for g, group in enumerate(groups):
+                lr = np.where(columns.has_lrs[lo:hi], columns.lrs[lo:hi, g] if g < columns.lrs.shape[1] else math.nan,
+                              float(group.get("lr", math.nan)))
+                self.lrs[lo:hi, g] = lr
+                self._group(g, group, lr, each[lo:hi, self.owner[g]], t0[lo:hi, self.owner[g]], columns, lo, hi,
+                            prev_norms, bound)
+        self.t += each.sum(axis=0)
         return bound
+
+    def _spans(self, columns: StepColumns) -> Iterator[tuple[int, int]]:
+        """Row spans with one set of hyperparameters, applying each row's ``hyper`` as it comes."""
+        starts = sorted(columns.hyper)
+        bounds = [0, *[r for r in starts if r > 0], len(columns.steps)]
+        steps = columns.steps.tolist()
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            hyper = columns.hyper.get(lo)
+            if hyper is not None:
+                self.groups = [{**g, **h} for g, h in zip(self.groups, hyper, strict=False)] + self.groups[len(hyper):]
+            self.groups_at.update(dict.fromkeys(steps[lo:hi], self.groups))
+            if hi > lo:
+                yield lo, hi
+
+    def _group(self, g: int, group: dict[str, Any], lr: Floats, k: np.ndarray, t0: np.ndarray,
+               columns: StepColumns, lo: int, hi: int, prev_norms: Floats, bound: Floats) -> None:
+        """Group g's bounds over rows lo…hi−1 (one set of hyperparameters)."""
+        mask = self.group_of == g
+        wd = float(group.get("weight_decay", 0.0) or 0.0)
+        kind = self.group_family[g]
+        if kind in ("adam", "adamw"):
+            beta1, beta2 = (float(b) for b in group["betas"])
+            self.vacuous |= beta1 * beta1 > beta2
+            a, coef = float(self.moments[g]), self.coef[lo:hi, g]
+            for row, (rate, steps, t) in enumerate(zip(lr.tolist(), k.tolist(), t0.tolist(), strict=True)):
+                c = 0.0
+                for j in range(1, steps + 1):
+                    a, b = adam_step(a, beta1, beta2, t + j)
+                    c += rate * b
+                coef[row] = c
+            self.moments[g] = a
+            self.decay[lo:hi, g] = lr * wd * k if kind == "adamw" else 0.0
+            decay = self.decay[lo:hi, g, None]
+            bound[lo:hi, mask] = coef[:, None] * self.sqrt_d[mask] + decay * prev_norms[lo:hi, mask]
+        elif kind == "sgd":
+            mu = float(group.get("momentum", 0.0) or 0.0)
+            nesterov = bool(group.get("nesterov"))
+            theta = np.sqrt(np.square(prev_norms[lo:hi, mask]).sum(axis=1))
+            grads = columns.grad_norms[lo:hi, g] if g < columns.grad_norms.shape[1] else np.full(hi - lo, math.nan)
+            drives = (grads + wd * theta).tolist()
+            buffer, totals = float(self.buffer[g]), self.sgd_totals[lo:hi, g]
+            has = columns.has_grad_norms[lo:hi].tolist()
+            for row, (rate, steps, drive) in enumerate(zip(lr.tolist(), k.tolist(), drives, strict=True)):
+                if not has[row]:
+                    continue
+                total = 0.0
+                for _ in range(steps):
+                    buffer = mu * buffer + drive if mu else drive
+                    total += rate * (drive + mu * buffer if nesterov else buffer)
+                totals[row] = total
+            self.buffer[g] = buffer
+            bound[lo:hi, mask] = np.where(np.asarray(has)[:, None], totals[:, None], np.inf)

@@ -22,6 +22,7 @@ from ledger._record import Kind
 from ledger._state import read_meta, read_weights
 from ledger._weights import NumpySketch
 from ledger.verify._bounds import Bounds, dtype_rounding, norm_rtol
+from ledger.verify._columns import StepColumns
 from ledger.verify._context import Context
 from ledger.verify._intervals import state_distance
 from ledger.verify._result import CheckResult, Status
@@ -42,7 +43,8 @@ def check_continuity(ctx: Context) -> CheckResult:
     metas = {cp.seq: read_meta(cp.directory) for cp in view.stored_checkpoints()}  # state.cbor, read once
     walk = _Walk(view, bounds, _lr_cap(metas, bounds))
     walk.run()
-    skipped = [s for s, body in view.steps.items() if body.optimizer_steps == 0]
+    cols = view.steps.columns
+    skipped = cols.steps[cols.optimizer_steps == 0].tolist()
     evidence = [f"per-tensor norms at {len(view.steps)} steps"
                 + (f", {len(skipped)} skipped (no optimizer step: checked not to move)" if skipped else "")]
     if walk.sketch_checks:
@@ -156,75 +158,106 @@ class _Walk:
 
     def _steps(self, rtol: np.ndarray, rounding: np.ndarray, jl: float, order: list[str],
                moved_buffers: set[str]) -> None:
-        view, bounds = self.view, self.bounds
-        prev_norms, sketch_at, sketch_prev = view.init.norms, -1, view.init.sketch
-        sketch_budget, sketch_unbounded, expected = 0.0, False, 0
-        for s in sorted(view.steps):
-            body = view.steps[s]
-            if s != expected:
-                self.anomalies.append({"step": s, "ratio": math.inf, "evidence": "steps",
-                                       "detail": f"steps {expected}…{s - 1} are missing"})
-            expected = s + 1
-            norms = body.norms
-            bound = bounds.step(s, body, prev_norms)
-            top = np.maximum(norms, prev_norms)
-            slack = (rtol + rounding * max(body.optimizer_steps, 1)) * top + 1e-12
-            delta = np.abs(norms - prev_norms)
-            moved = delta > slack
-            outside, unbounded = bounds.group_of < 0, ~np.isfinite(bound)
-            ratio = np.where(moved & ~unbounded, delta / (np.where(unbounded, 1.0, bound) + slack), 0.0)
-            for i in np.flatnonzero(outside & moved & bounds.parameter):
-                self.anomalies.append({"step": s, "ratio": math.inf, "evidence": "norms", "tensor": order[i],
-                                       "detail": "a parameter in no recorded optimizer group moved"})
-            moved_buffers.update(order[i] for i in np.flatnonzero(outside & moved & ~bounds.parameter))
-            self._confirm_lr(s, body, bound, delta, slack, moved & ~unbounded)
-            bounded = ratio[~unbounded]
-            if bounded.size:
-                worst = int(np.flatnonzero(~unbounded)[int(np.argmax(bounded))])
-                if ratio[worst] > 1:
-                    what = "weights moved at a step where the optimizer took no step" \
-                        if body.optimizer_steps == 0 else ""
-                    self.anomalies.append({"step": s, "ratio": float(ratio[worst]), "evidence": "norms",
-                                           "tensor": order[worst], **({"detail": what} if what else {})})
-                else:
-                    self.ratios.append(float(ratio[worst]))
-            finite = ~unbounded
-            self.series["steps"].append(s)
-            self.series["moved"].append(float(delta[finite].sum()))
-            self.series["bound"].append(float(bound[finite].sum()))
-            self.series["ratio"].append(float(ratio[finite].max()) if finite.any() else 0.0)
-            sketch_budget += float(np.sqrt(np.square(bound[finite] + slack[finite]).sum()))
-            # a tensor outside every param group (e.g. BatchNorm running statistics) that moved has no
-            # bound, so the sketch interval holding that step cannot be checked as a whole
-            sketch_unbounded |= bool(np.any(unbounded & moved))
-            if body.sketch is not None:
-                distance = float(np.linalg.norm(body.sketch - sketch_prev))
-                r = distance / (jl * sketch_budget + 1e-12)
-                if sketch_unbounded or bounds.family is None:
-                    self.sketch_skipped += 1
-                elif r > 1:
-                    self.anomalies.append({"step": s, "ratio": r, "evidence": "sketch", "since_step": sketch_at})
-                else:
-                    self.ratios.append(r)
-                    self.sketch_checks += 1
-                self.distance.append([s, float(np.linalg.norm(body.sketch - view.init.sketch))])
-                sketch_at, sketch_prev, sketch_budget, sketch_unbounded = s, body.sketch, 0.0, False
-            prev_norms = norms
-
-
-    def _confirm_lr(self, s: int, body: Any, bound: np.ndarray, delta: np.ndarray, slack: np.ndarray,
-                    checked: np.ndarray) -> None:
-        """Would this step fit the bound at the largest learning rate a stored checkpoint holds? (The
-        bound is proportional to the learning rate.)"""
-        cap, lrs = self.lr_cap, self.bounds.lrs(body)
-        if cap is None or len(cap) != len(lrs) or not np.any(lrs > cap * (1 + 1e-9)):
+        """Every step's norms against its bound, all steps at once (rows × tensors); the sketch
+        budget summed step by step between sketches."""
+        view, bounds, cols = self.view, self.bounds, self.view.steps.columns
+        steps, norms = cols.steps, cols.norms
+        if not len(steps):
             return
-        group = self.bounds.group_of
-        scale = np.where(group >= 0, np.minimum(1.0, cap[np.maximum(group, 0)] / np.where(lrs > 0, lrs, 1.0)
-                                                [np.maximum(group, 0)]), 1.0)
-        capped = np.where(checked, delta / (bound * scale + slack), 0.0)
-        if capped.size and float(capped.max()) > 1:
-            self.unconfirmed.append((s, float(lrs.max()), float(capped.max())))
+        prev = np.vstack([view.init.norms[None, :], norms[:-1]])
+        bound = bounds.run(cols, prev)
+        top = np.maximum(norms, prev)
+        slack = (rtol + rounding * np.maximum(cols.optimizer_steps, 1)[:, None]) * top + 1e-12
+        delta = np.abs(norms - prev)
+        moved = delta > slack
+        outside, unbounded = bounds.group_of < 0, ~np.isfinite(bound)
+        checked = moved & ~unbounded
+        ratio = np.where(checked, delta / (np.where(unbounded, 1.0, bound) + slack), 0.0)
+        found: list[tuple[int, int, int, dict[str, Any]]] = []  # (row, evidence order, tensor, anomaly)
+        expected = np.concatenate([[0], steps[:-1] + 1])
+        for row in np.flatnonzero(steps != expected).tolist():
+            found.append((row, 0, 0, {"step": int(steps[row]), "ratio": math.inf, "evidence": "steps",
+                                      "detail": f"steps {int(expected[row])}…{int(steps[row]) - 1} are missing"}))
+        for row, i in zip(*np.nonzero(outside & moved & bounds.parameter), strict=True):
+            found.append((int(row), 1, int(i), {"step": int(steps[row]), "ratio": math.inf, "evidence": "norms",
+                                                "tensor": order[i],
+                                                "detail": "a parameter in no recorded optimizer group moved"}))
+        moved_buffers.update(order[i] for i in np.flatnonzero((outside & moved & ~bounds.parameter).any(axis=0)))
+        self._confirm_lr(steps, bound, delta, slack, checked)
+        has_bound = (~unbounded).any(axis=1)
+        worst = np.argmax(np.where(unbounded, -np.inf, ratio), axis=1)
+        worst_ratio = ratio[np.arange(len(steps)), worst]
+        over = has_bound & (worst_ratio > 1)
+        for row in np.flatnonzero(over).tolist():
+            what = {"detail": "weights moved at a step where the optimizer took no step"} \
+                if cols.optimizer_steps[row] == 0 else {}
+            found.append((row, 2, 0, {"step": int(steps[row]), "ratio": float(worst_ratio[row]), "evidence": "norms",
+                                      "tensor": order[int(worst[row])], **what}))
+        honest = has_bound & ~over
+        finite = ~unbounded
+        self.series["steps"] += steps.tolist()
+        self.series["moved"] += np.where(finite, delta, 0.0).sum(axis=1).tolist()
+        self.series["bound"] += np.where(finite, bound, 0.0).sum(axis=1).tolist()
+        self.series["ratio"] += np.where(has_bound, np.where(finite, ratio, -np.inf).max(axis=1), 0.0).tolist()
+        budgets = np.sqrt(np.square(np.where(finite, bound + slack, 0.0)).sum(axis=1)).tolist()
+        # a tensor outside every param group (e.g. BatchNorm running statistics) that moved has no
+        # bound, so the sketch interval holding that step cannot be checked as a whole
+        loose = (unbounded & moved).any(axis=1).tolist()
+        sketch_ratios = self._sketches(cols, budgets, loose, jl, found)
+        ratios = np.concatenate([worst_ratio[honest], np.asarray([r for _, r in sketch_ratios])])
+        keys = np.concatenate([2 * np.flatnonzero(honest), np.asarray([2 * row + 1 for row, _ in sketch_ratios],
+                                                                      dtype=np.int64)])
+        self.ratios += ratios[np.argsort(keys, kind="stable")].tolist()
+        found.sort(key=lambda f: f[:3])
+        self.anomalies += [a for *_, a in found]
+
+    def _sketches(self, cols: StepColumns, budgets: list[float], loose: list[bool], jl: float,
+                  found: list[tuple[int, int, int, dict[str, Any]]]) -> list[tuple[int, float]]:
+        """Each sketch against the bounds summed since the previous one; returns (row, ratio) of
+        those that fit."""
+        view, init = self.view, self.view.init.sketch
+        sketch_at, sketch_prev, start = -1, init, 0
+        fits: list[tuple[int, float]] = []
+        for row, sketch in cols.sketches.items():
+            budget = 0.0
+            for b in budgets[start:row + 1]:
+                budget += b
+            unbounded = any(loose[start:row + 1])
+            s = int(cols.steps[row])
+            distance = float(np.linalg.norm(sketch - sketch_prev))
+            r = distance / (jl * budget + 1e-12)
+            if unbounded or self.bounds.family is None:
+                self.sketch_skipped += 1
+            elif r > 1:
+                found.append((row, 3, 0, {"step": s, "ratio": r, "evidence": "sketch", "since_step": sketch_at}))
+            else:
+                fits.append((row, r))
+                self.sketch_checks += 1
+            self.distance.append([s, float(np.linalg.norm(sketch - view.init.sketch))])
+            sketch_at, sketch_prev, start = s, sketch, row + 1
+        return fits
+
+    def _confirm_lr(self, steps: np.ndarray, bound: np.ndarray, delta: np.ndarray, slack: np.ndarray,
+                    checked: np.ndarray) -> None:
+        """Would each step fit the bound at the largest learning rate a stored checkpoint holds? (The
+        bound is proportional to the learning rate.)"""
+        cap, lrs = self.lr_cap, self.bounds.lrs
+        if cap is None or len(cap) != lrs.shape[1]:
+            return
+        rows = np.flatnonzero(np.any(lrs > cap * (1 + 1e-9), axis=1))
+        if not len(rows):
+            return
+        group = np.maximum(self.bounds.group_of, 0)
+        lrs = lrs[rows]
+        scale = np.where(self.bounds.group_of >= 0,
+                         np.minimum(1.0, cap[group] / np.where(lrs > 0, lrs, 1.0)[:, group]), 1.0)
+        capped = np.where(checked[rows], delta[rows] / (bound[rows] * scale + slack[rows]), 0.0)
+        if not capped.shape[1]:
+            return
+        top = capped.max(axis=1)
+        for row, lr, ratio in zip(rows[top > 1].tolist(), lrs[top > 1].max(axis=1).tolist(), top[top > 1].tolist(),
+                                  strict=True):
+            self.unconfirmed.append((int(steps[row]), float(lr), float(ratio)))
 
 
 def _describe(anomaly: dict[str, Any]) -> str:
@@ -266,10 +299,11 @@ def _check_checkpoints(view: RunView, bounds: Bounds, walk: _Walk, metas: dict[i
             t, before = previous
             walk.checkpoint_distances.append({"from_step": t, "to_step": cp.step,
                                               **state_distance(before, weights, order)})
-            steps = [s for s in range(t + 1, cp.step + 1) if s in view.steps]
-            if steps and any(f is not None for f in bounds.group_family):
+            steps = view.steps.columns.steps
+            rows = np.arange(np.searchsorted(steps, t + 1), np.searchsorted(steps, cp.step, side="right"))
+            if len(rows) and any(f is not None for f in bounds.group_family):
                 intervals += 1
-                worst, name, rule = _interval(view, bounds, steps, before, weights, rounding)
+                worst, name, rule = _interval(view, bounds, rows, before, weights, rounding)
                 if worst > 1:
                     walk.anomalies.append({"step": cp.step, "from_step": t, "ratio": worst, "evidence": "checkpoint",
                                            "tensor": name, "rule": rule})
@@ -353,12 +387,12 @@ def _plain(value: Any) -> Any:
         float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
-def _interval(view: RunView, bounds: Bounds, steps: list[int], before: dict[str, np.ndarray],
+def _interval(view: RunView, bounds: Bounds, rows: np.ndarray, before: dict[str, np.ndarray],
               after: dict[str, np.ndarray], rounding: np.ndarray) -> tuple[float, str, str]:
     """(largest ratio to the bound, its tensor, the rule) between two stored states."""
     worst, worst_name, rule = 0.0, "", "per-coordinate"
     order = view.tensor_order
-    opt_steps = sum(bounds.steps[s] for s in steps)
+    opt_steps = int(bounds.steps[rows].sum())
     group_moves: dict[int, float] = {}
     group_rounding: dict[int, float] = {}  # squared L2 of the stored weights' rounding, per group
     group_eps: dict[int, float] = {}
@@ -371,8 +405,8 @@ def _interval(view: RunView, bounds: Bounds, steps: list[int], before: dict[str,
             continue
         kind = bounds.group_family[g]
         if kind in ("adam", "adamw"):
-            a = sum(float(bounds.coef[s][g]) for s in steps)
-            decay = sum(float(bounds.decay[s][g]) for s in steps)
+            a = sum(bounds.coef[rows, g].tolist())
+            decay = sum(bounds.decay[rows, g].tolist())
             top = np.maximum(np.abs(old), np.abs(new)) + a
             limit = a + decay * top + opt_steps * rounding[i] * top
             ratio = float((np.abs(new - old) / (limit * (1 + 1e-9) + 1e-12)).max()) if old.size else 0.0
@@ -386,16 +420,12 @@ def _interval(view: RunView, bounds: Bounds, steps: list[int], before: dict[str,
             group_eps[g] = max(group_eps.get(g, 0.0), float(rounding[i]))
     for g, squared in group_moves.items():
         # the update lr·g is itself rounded (relative eps) besides the weights it lands on
-        budget = sum(_sgd_budget(bounds, s, g) for s in steps) * (1 + 4 * group_eps[g] + 1e-9)
+        budget = sum(bounds.sgd_totals[rows, g].tolist()) * (1 + 4 * group_eps[g] + 1e-9)
         budget += math.sqrt(group_rounding[g])
         ratio = math.sqrt(squared) / (budget + 1e-12) if squared else 0.0
         if ratio > worst:
             worst, worst_name, rule = ratio, f"param group {g}", "group L2"
     return worst, worst_name, rule
-
-
-def _sgd_budget(bounds: Bounds, step: int, group: int) -> float:
-    return float(bounds.sgd_totals.get(step, {}).get(group, math.inf))
 
 
 # ----------------------------------------------------------------------------- the final state

@@ -144,10 +144,8 @@ def interval_movement(view: RunView, pairs: list[Interval],
 def movement(view: RunView) -> dict[int, float]:
     """How far each step moved the weights, by the sum of per-tensor norm changes (the ranking of
     last resort)."""
-    out, prev = {}, view.init.norms if view.recorded else None
-    for s in sorted(view.steps):
-        norms = view.steps[s].norms
-        if prev is not None and norms.shape == prev.shape:
-            out[s] = float(np.abs(norms - prev).sum())
-        prev = norms
-    return out
+    cols = view.steps.columns
+    if not view.recorded or not len(cols.steps) or view.init.norms.shape != cols.norms.shape[1:]:
+        return {}
+    prev = np.vstack([view.init.norms[None, :], cols.norms[:-1]])
+    return dict(zip(cols.steps.tolist(), np.abs(cols.norms - prev).sum(axis=1).tolist(), strict=True))

@@ -6,12 +6,14 @@ import bisect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from ledger._blocked import TENSOR_V1, safetensors_digests_as
 from ledger._dcp import is_dcp
 from ledger._encoding import decode_body
-from ledger._record import HEADER_SIZE, Header, Kind, decode_header
+from ledger._record import FORMAT_VERSION, HEADER_SIZE, MAX_RECORD_BYTES, Kind, decode_header
 from ledger._schema import (
     CheckpointBody,
     FingerprintPolicy,
@@ -21,14 +23,11 @@ from ledger._schema import (
     PruneBody,
     ResumeBody,
     SealBody,
-    StepBody,
     checkpoint_directory,
 )
 from ledger.errors import FormatError, LedgerError
-from ledger.verify._load import Loaded
-
-# what a schema decoder may still raise on a crafted body instead of FormatError (reported as malformed)
-_DECODER_GAPS = (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, RecursionError)
+from ledger.verify._columns import DECODER_GAPS, Steps, StepsRead, read_steps
+from ledger.verify._load import Loaded, header_field, header_matrix
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +54,7 @@ class RunView:
     that kind fails naming them (:meth:`malformed_of`)."""
 
     genesis: Genesis
-    steps: dict[int, StepBody] = field(default_factory=dict)
+    steps: Steps = field(default_factory=Steps.none)
     checkpoints: list[Checkpoint] = field(default_factory=list)
     dcp: list[Checkpoint] = field(default_factory=list)  # torch.distributed.checkpoint manifests (§11.1)
     superseded: list[tuple[int, int]] = field(default_factory=list)  # (seq, step) of superseded step entries
@@ -195,18 +194,26 @@ def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None, limit:
     records = loaded.records.materialize()
     if limit is not None:
         records = records[:limit]
-    decoded: list[tuple[Header, dict[str, Any]]] = []
-    for record in records:
-        try:
-            header = decode_header(record)
-        except FormatError:
-            continue  # the chain check names entries whose header is damaged
+    headers = _headers(loaded, records)
+    step_records = [record for header, record in headers if header.kind is Kind.STEP]
+    read = read_steps([r[HEADER_SIZE:] for r in step_records], view.genesis)
+    decoded: list[tuple[_Entry, dict[str, Any]]] = []  # a step entry's body: {"index": its index in ``read``}
+    steps_seen = 0
+    for header, record in headers:
+        if header.kind is Kind.STEP:
+            index, steps_seen = steps_seen, steps_seen + 1
+            failure = read.failed.get(index)
+            if failure is not None and failure[0] == "decode":
+                view.malformed.append((header.seq, header.kind, failure[1]))
+            else:
+                decoded.append((header, {"index": index}))
+            continue
         try:
             if header.kind not in (Kind.GENESIS, Kind.EVAL):
                 decoded.append((header, decode_body(record[HEADER_SIZE:])))
         except FormatError as exc:
             view.malformed.append((header.seq, header.kind, str(exc)))
-        except _DECODER_GAPS as exc:
+        except DECODER_GAPS as exc:
             view.malformed.append((header.seq, header.kind, f"{type(exc).__name__}: {exc}"))
     superseded_seqs: set[int] = set()
     resumes: list[tuple[int, ResumeBody]] = []  # (seq, body): what lies after its checkpoint was abandoned
@@ -220,13 +227,14 @@ def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None, limit:
             except FormatError as exc:
                 view.malformed.append((header.seq, header.kind, str(exc)))
                 continue
-            except _DECODER_GAPS as exc:
+            except DECODER_GAPS as exc:
                 view.malformed.append((header.seq, header.kind, f"{type(exc).__name__}: {exc}"))
                 continue
             if span is not None:  # only seqs that exist (a crafted span may name 2**62 of them)
                 superseded_seqs.update(range(max(span.first_seq, 0), min(span.last_seq + 1, len(records))))
             resumes.append((header.seq, resume))
     pruned: set[bytes] = set()
+    counted: dict[int, int] = {}  # step -> its entry's index in ``read`` (the last entry of a step wins)
     step_seqs: list[int] = []
     checkpoint_at: dict[int, tuple[int, bytes]] = {}  # seq -> (step, state digest) of every checkpoint entry
     for header, body in decoded:
@@ -235,8 +243,10 @@ def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None, limit:
                 step_seqs.append(header.seq)
                 if header.seq in superseded_seqs:
                     view.superseded.append((header.seq, header.step))
+                elif (failure := read.failed.get(body["index"])) is not None:
+                    view.malformed.append((header.seq, header.kind, failure[1]))
                 else:
-                    view.steps[header.step] = StepBody.from_body(body, view.genesis)
+                    counted[header.step] = body["index"]
             elif header.kind is Kind.CHECKPOINT:
                 cp = CheckpointBody.from_body(body)
                 checkpoint_at[header.seq] = (header.step, cp.state_digest)
@@ -251,13 +261,54 @@ def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None, limit:
                 view.seal = SealBody.from_body(body)
         except FormatError as exc:
             view.malformed.append((header.seq, header.kind, str(exc)))
-        except _DECODER_GAPS as exc:
+        except DECODER_GAPS as exc:
             view.malformed.append((header.seq, header.kind, f"{type(exc).__name__}: {exc}"))
+    view.steps = _steps(read, counted, step_records, view.genesis)
     inside = _within(_abandoned(view, resumes, checkpoint_at, step_seqs, superseded_seqs))
     view.checkpoints = [Checkpoint(cp.seq, cp.step, cp.body, cp.directory, cp.body.state_digest in pruned,
                                    inside(cp.seq)) for cp in view.checkpoints]
     view.dcp = [Checkpoint(cp.seq, cp.step, cp.body, cp.directory, superseded=inside(cp.seq)) for cp in view.dcp]
     return view
+
+
+class _Entry(NamedTuple):
+    """What the run view needs of a record's header."""
+
+    kind: Kind
+    seq: int
+    step: int
+
+
+def _headers(loaded: Loaded, records: list[bytes]) -> list[tuple[_Entry, bytes]]:
+    """Each record with its header's kind, seq and step, in order; records whose header is damaged
+    are left out (the chain check names them). Step entries' headers are read all at once from the
+    Arrow buffers, the others one by one."""
+    matrix, lengths = header_matrix(loaded.table["record"])
+    matrix, lengths = matrix[:len(records)], lengths[:len(records)]
+    seqs, steps = header_field(matrix, "seq"), header_field(matrix, "step")
+    fast = ((lengths >= HEADER_SIZE) & (lengths <= MAX_RECORD_BYTES) & (header_field(matrix, "kind") == Kind.STEP)
+            & (header_field(matrix, "version") == FORMAT_VERSION) & (header_field(matrix, "reserved") == 0)
+            & (seqs >= 0))
+    out: list[tuple[_Entry, bytes]] = []
+    for record, quick, seq, step in zip(records, fast.tolist(), seqs.tolist(), steps.tolist(), strict=True):
+        if quick:
+            out.append((_Entry(Kind.STEP, seq, step), record))
+            continue
+        try:
+            header = decode_header(record)
+        except FormatError:
+            continue
+        out.append((_Entry(header.kind, header.seq, header.step), record))
+    return out
+
+
+def _steps(read: StepsRead, counted: dict[int, int], records: list[bytes], genesis: Genesis) -> Steps:
+    """The steps that count, ascending, as columns (with the bodies decoded on the way)."""
+    order = sorted(counted)
+    rows = np.asarray([counted[s] for s in order], dtype=np.int64)
+    read.columns.steps[rows] = order
+    decoded = {new: read.decoded[old] for new, old in enumerate(rows.tolist()) if old in read.decoded}
+    return Steps(read.columns.take(rows), [records[r][HEADER_SIZE:] for r in rows.tolist()], genesis, decoded)
 
 
 def _abandoned(view: RunView, resumes: list[tuple[int, ResumeBody]], checkpoint_at: dict[int, tuple[int, bytes]],

@@ -21,10 +21,11 @@ def hyper_in_effect(view: RunView, step: int) -> list[dict[str, Any]]:
     """The optimizer hyperparameters in effect at ``step``: the genesis param groups updated by the
     ``hyper`` of every step entry up to ``step`` (a scheduler may move betas, momentum, …)."""
     groups = [dict(g) for g in view.optimizer.param_groups]
-    for s in sorted(view.steps):
-        if s > step:
+    cols = view.steps.columns
+    for row in sorted(cols.hyper):
+        if cols.steps[row] > step:
             break
-        for g, changes in enumerate(view.steps[s].hyper or []):
+        for g, changes in enumerate(cols.hyper[row]):
             if g < len(groups):
                 groups[g].update(changes)
     return groups

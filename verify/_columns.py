@@ -1,0 +1,198 @@
+"""The recorded steps as columns: one array per field over all steps, instead of an object per step.
+
+:func:`read_steps` checks and reads step bodies — those of one shape at once through a
+:class:`~ledger.verify._template.Template`, the rest one by one with ``decode_body`` and
+``StepBody.from_body`` — into :class:`StepColumns`; :class:`Steps` is the run view's mapping from step
+to ``StepBody``, which decodes a body only when one is asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+
+from ledger._encoding import _SCAN_FROM, decode_body
+from ledger._schema import Genesis, StepBody
+from ledger.errors import FormatError
+from ledger.verify._template import Template, template
+
+# what a schema decoder may still raise on a crafted body instead of FormatError (reported as malformed)
+DECODER_GAPS = (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, RecursionError)
+V = TypeVar("V")
+MIN_GROUP = 16  # bodies of one length worth a template
+MAX_TEMPLATES = 16  # templates tried per body length (a hostile ledger may make every body different)
+
+
+@dataclass
+class StepColumns:
+    """Per recorded step (rows in the order given): norms (rows × tensors), learning rates and
+    gradient norms (rows × groups, NaN where a row logs none), optimizer steps, and by row the fields
+    only some steps carry (``sketches``, ``hyper``, ``optimizer_steps_each``)."""
+
+    steps: np.ndarray
+    norms: np.ndarray
+    optimizer_steps: np.ndarray
+    lrs: np.ndarray
+    has_lrs: np.ndarray
+    grad_norms: np.ndarray
+    has_grad_norms: np.ndarray
+    sketches: dict[int, np.ndarray] = field(default_factory=dict)
+    hyper: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    each: dict[int, list[int]] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, rows: int, tensors: int, groups: int) -> StepColumns:
+        """Columns for ``rows`` steps, to be filled (step numbers −1, arrays NaN)."""
+        return cls(np.full(rows, -1, np.int64), np.full((rows, tensors), np.nan), np.zeros(rows, np.int64),
+                   np.full((rows, groups), np.nan), np.zeros(rows, bool), np.full((rows, groups), np.nan),
+                   np.zeros(rows, bool))
+
+    def take(self, rows: np.ndarray) -> StepColumns:
+        """These rows, in this order."""
+        where = {old: new for new, old in enumerate(rows.tolist())} if self.sketches or self.hyper or self.each \
+            else {}
+        return StepColumns(self.steps[rows], self.norms[rows], self.optimizer_steps[rows], self.lrs[rows],
+                           self.has_lrs[rows], self.grad_norms[rows], self.has_grad_norms[rows],
+                           _moved(self.sketches, where), _moved(self.hyper, where), _moved(self.each, where))
+
+    def fill(self, row: int, body: StepBody) -> None:
+        """Put one decoded body in ``row``."""
+        self.norms[row] = body.norms
+        self.optimizer_steps[row] = body.optimizer_steps
+        if body.lrs is not None:
+            self.lrs[row], self.has_lrs[row] = body.lrs, True
+        if body.grad_norms is not None:
+            self.grad_norms[row], self.has_grad_norms[row] = body.grad_norms, True
+        if body.sketch is not None:
+            self.sketches[row] = body.sketch
+        if body.hyper is not None:
+            self.hyper[row] = body.hyper
+        if body.optimizer_steps_each is not None:
+            self.each[row] = body.optimizer_steps_each
+
+    def fill_many(self, rows: np.ndarray, shape: Template, matrix: np.ndarray, model: StepBody) -> None:
+        """Put the bodies of ``matrix`` (one per row, all matching ``shape``, whose template decoded to
+        ``model``) in ``rows``."""
+        self.norms[rows] = shape.array(matrix, "norms")
+        self.optimizer_steps[rows] = model.optimizer_steps
+        if model.lrs is not None:
+            self.lrs[rows], self.has_lrs[rows] = shape.array(matrix, "lrs"), True
+        if model.grad_norms is not None:
+            self.grad_norms[rows], self.has_grad_norms[rows] = shape.array(matrix, "grad_norms"), True
+        if model.sketch is not None:
+            self.sketches.update(zip(rows.tolist(), shape.array(matrix, "sketch"), strict=True))
+        if model.optimizer_steps_each is not None:
+            for row in rows.tolist():
+                self.each[row] = list(model.optimizer_steps_each)
+
+
+def _moved(by_row: dict[int, V], where: dict[int, int]) -> dict[int, V]:
+    """``by_row`` with its rows renumbered by ``where`` (rows not in it dropped), in the new order."""
+    return dict(sorted(((where[r], v) for r, v in by_row.items() if r in where), key=lambda pair: pair[0]))
+
+
+@dataclass
+class StepsRead:
+    """What :func:`read_steps` found: the columns (a row per body), the bodies it decoded one by one,
+    and per failed body the stage (``"decode"`` or ``"schema"``) and the message."""
+
+    columns: StepColumns
+    decoded: dict[int, StepBody]
+    failed: dict[int, tuple[str, str]]
+
+
+def read_steps(bodies: list[bytes], genesis: Genesis) -> StepsRead:
+    """Check and read step bodies, exactly as ``StepBody.from_body(decode_body(body), genesis)`` would
+    one by one (same values, same refusals)."""
+    groups = sum(len(o.param_groups) for o in genesis.all_optimizers)
+    out = StepsRead(StepColumns.empty(len(bodies), len(genesis.tensor_order), groups), {}, {})
+    pending = np.ones(len(bodies), dtype=bool)
+    lengths = np.fromiter(map(len, bodies), dtype=np.int64, count=len(bodies))
+    sizes, counts = np.unique(lengths, return_counts=True)
+    for size in sizes[(counts >= MIN_GROUP) & (sizes <= _SCAN_FROM)].tolist():
+        _by_template(bodies, np.flatnonzero(lengths == size), genesis, out, pending)
+    for i in np.flatnonzero(pending).tolist():
+        _one(bodies, i, genesis, out)
+    return out
+
+
+def _by_template(bodies: list[bytes], idx: np.ndarray, genesis: Genesis, out: StepsRead,
+                 pending: np.ndarray) -> None:
+    """Read the bodies ``idx`` (all of one length) through templates taken from their own first bodies."""
+    matrix = np.frombuffer(b"".join([bodies[i] for i in idx.tolist()]), dtype=np.uint8).reshape(len(idx), -1)
+    left = np.arange(len(idx))
+    for _ in range(MAX_TEMPLATES):
+        if len(left) < MIN_GROUP:
+            return
+        first = int(idx[left[0]])
+        model = _one(bodies, first, genesis, out)
+        pending[first] = False
+        shape = template(bodies[first]) if model is not None else None
+        if model is None or shape is None:
+            left = left[1:]
+            continue
+        match = shape.matches(matrix[left])
+        rows = left[match]
+        out.columns.fill_many(idx[rows], shape, matrix[rows], model)
+        pending[idx[rows]] = False
+        left = left[~match]
+
+
+def _one(bodies: list[bytes], i: int, genesis: Genesis, out: StepsRead) -> StepBody | None:
+    """Read body ``i`` on its own (None when it fails, recorded in ``out.failed``)."""
+    stage = "decode"
+    try:
+        body = decode_body(bodies[i])
+        stage = "schema"
+        step = StepBody.from_body(body, genesis)
+    except FormatError as exc:
+        out.failed[i] = (stage, str(exc))
+        return None
+    except DECODER_GAPS as exc:
+        out.failed[i] = (stage, f"{type(exc).__name__}: {exc}")
+        return None
+    out.columns.fill(i, step)
+    out.decoded[i] = step
+    return step
+
+
+class Steps(Mapping[int, StepBody]):
+    """The recorded steps that count, by step number (ascending): their columns, and each
+    ``StepBody`` decoded from its body when asked for (kept once decoded)."""
+
+    def __init__(self, columns: StepColumns, bodies: list[bytes], genesis: Genesis | None,
+                 decoded: dict[int, StepBody] | None = None) -> None:
+        self.columns, self._bodies, self._genesis = columns, bodies, genesis
+        self._rows = {s: r for r, s in enumerate(columns.steps.tolist())}
+        self._decoded: dict[int, StepBody] = dict(decoded or {})
+
+    @classmethod
+    def none(cls) -> Steps:
+        """No steps."""
+        return cls(StepColumns.empty(0, 0, 0), [], None)
+
+    def __getitem__(self, step: int) -> StepBody:
+        row = self._rows[step]
+        body = self._decoded.get(row)
+        if body is None:
+            body = self._decoded[row] = StepBody.from_body(decode_body(self._bodies[row]), self._genesis)
+        return body
+
+    def __contains__(self, step: object) -> bool:
+        return step in self._rows
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def row(self, step: int) -> int:
+        """The row of a recorded step in :attr:`columns`."""
+        return self._rows[step]
+
+
+__all__ = ["DECODER_GAPS", "StepColumns", "Steps", "StepsRead", "read_steps"]
