@@ -5,8 +5,9 @@ equal, as after Adam's first step from zeros), so each tensor is split into bloc
 elements (views, no copy), the blocks' norms are taken in one fused call accumulating in float32
 (bf16/f16 widened to float32 first; float64 in float64), and their squares summed per tensor in
 float64. A logged norm is then off by at most 65536·2⁻²⁴ relative (the verifier's tolerance,
-``ledger.verify._bounds.norm_rtol``). The training thread only launches the kernels; the per-tensor
-sums are finished on the writer thread (no device synchronisation while training).
+``ledger.verify._bounds.norm_rtol``). The training thread only launches the kernels (on CUDA on a
+side stream, copied to pinned host memory: ``ledger._device``); the per-tensor sums are finished on
+the writer thread (no device synchronisation while training).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from ledger._device import Landing, lane_of
+
 BLOCK = 1 << 16
 POLICY = "every step (L2 of float32 blocks of 65536 accumulated in float64, tensor_order)"
 _LOW = (torch.bfloat16, torch.float16)
@@ -28,17 +31,18 @@ class Pending:
     """Block norms launched on the training thread; :meth:`value` finishes them (writer thread)."""
 
     count: int
-    parts: tuple[tuple[torch.Tensor, npt.NDArray[np.int64]], ...]  # (block norms, first block of each tensor)
-    owners: tuple[npt.NDArray[np.int64], ...]  # which tensor each run of blocks belongs to
-    exact: tuple[tuple[int, torch.Tensor], ...]  # (tensor index, its float64 norm)
+    landing: Landing  # the block norms of each group, then the exact norms
+    starts: tuple[npt.NDArray[np.int64], ...]  # per group: the first block of each tensor
+    owners: tuple[npt.NDArray[np.int64], ...]  # per group: which tensor each run of blocks belongs to
+    exact: tuple[int, ...]  # the tensors normed exactly (in float64)
 
     def value(self) -> npt.NDArray[np.float64]:
         """The per-tensor norms (float64)."""
+        results = self.landing.value()
         out = np.zeros(self.count)
-        for (norms, starts), owners in zip(self.parts, self.owners, strict=True):
-            squares = np.square(norms.detach().double().cpu().numpy())
-            out[owners] = np.add.reduceat(squares, starts)
-        for index, norm in self.exact:
+        for norms, starts, owners in zip(results[:len(self.starts)], self.starts, self.owners, strict=True):
+            out[owners] = np.add.reduceat(np.square(norms.double().numpy()), starts)
+        for index, norm in zip(self.exact, results[len(self.starts):], strict=True):
             out[index] = float(norm) ** 2
         return np.sqrt(out)
 
@@ -75,9 +79,17 @@ class Norms:
             blocks.extend(torch.split(tensor.detach().reshape(-1), BLOCK))
         self._groups = [(low, blocks, np.asarray(starts, dtype=np.int64), np.asarray(owners, dtype=np.int64))
                         for low, (blocks, starts, owners) in groups.items() if blocks]
+        self._lane = lane_of(tensors)
 
     def measure(self, tensors: Sequence[torch.Tensor]) -> Pending:
-        """Launch this step's norms (``tensors`` as given to the constructor, for the exact ones)."""
-        parts = tuple((_foreach_norms(blocks, low), starts) for low, blocks, starts, _ in self._groups)
-        exact = tuple((i, tensors[i].detach().double().norm()) for i in self.exact)
-        return Pending(self.count, parts, tuple(owners for *_, owners in self._groups), exact)
+        """Launch this step's norms (``tensors`` as given to the constructor, for the exact ones):
+        on CUDA on a side stream the training thread does not wait for (``ledger._device``)."""
+        exact = [tensors[i].detach() for i in self.exact]
+        blocks = [(low, blocks) for low, blocks, _, _ in self._groups]
+
+        def work() -> list[torch.Tensor]:
+            return [_foreach_norms(b, low) for low, b in blocks] + [t.double().norm() for t in exact]
+
+        landing = self._lane.launch(work, tensors)
+        return Pending(self.count, landing, tuple(starts for _, _, starts, _ in self._groups),
+                       tuple(owners for *_, owners in self._groups), tuple(self.exact))

@@ -22,22 +22,22 @@ import shutil
 import stat
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 
+from ledger._device import Landing, lane_for
 from ledger._encoding import encode_body
 from ledger._fingerprint import (
-    _CHUNK,
     BATCH_DOMAIN,
     SKETCH_K,
     TORCH_TO_SAFETENSORS,
+    _name_salt,
     check_sketch_k,
-    sketch_hash,
     tensor_digest,
 )
 from ledger._parts import fsync_path
@@ -143,33 +143,158 @@ def batch_digest(batch: Any) -> bytes:
 
 
 # ----------------------------------------------------------------------------- count-sketch on any device
+_CHUNK = 1 << 18  # coordinates per sketch pass (a power of two ≤ 2³²); 32 bytes of temporaries each at most
+_FMIX = ((16, 0x85EBCA6B), (13, 0xC2B2AE35))  # ledger._fingerprint._fmix32: its multiplying steps
+
+
+def _i32(value: int) -> int:
+    """The int32 whose bits are ``value`` mod 2³²."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >> 31 else value
+
+
+def _mix_(x: torch.Tensor, tmp: torch.Tensor) -> None:
+    """The two multiplying steps of fmix32 on int32 bit patterns, in place: products wrap mod 2³²
+    and the shifts are made logical by masking the sign bits they bring in (``tmp``: scratch)."""
+    for shift, factor in _FMIX:
+        torch.bitwise_right_shift(x, shift, out=tmp)
+        x.bitwise_xor_(tmp.bitwise_and_((1 << (32 - shift)) - 1)).mul_(_i32(factor))
+
+
+def _slots_(x: torch.Tensor, tmp: torch.Tensor, low: int | torch.Tensor, high: int | torch.Tensor,
+            k: int) -> torch.Tensor:
+    """``ledger._fingerprint.sketch_hash`` in int32: ``x`` holds the low 32 bits of each index and
+    becomes its slot; ``low`` is the name's first salt, ``high`` the index's high word plus the
+    second salt (numbers or int32 tensors like x, as int32 bits); ``tmp``: scratch of x's size."""
+    x.bitwise_xor_(low)
+    _mix_(x, tmp)
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=tmp).bitwise_and_(0xFFFF)).bitwise_xor_(high)
+    _mix_(x, tmp)
+    # fmix32's last step (x ^= x >>> 16) makes the bucket bits and leaves the sign bit 31 as it is
+    torch.bitwise_right_shift(x, 16, out=tmp).bitwise_and_(0xFFFF).bitwise_xor_(x).bitwise_and_(k - 1)
+    return x.bitwise_right_shift_(31).bitwise_and_(k).bitwise_or_(tmp)
+
+
 def sketch_slots(seed: int, name: str, start: int, stop: int, k: int, device: Any) -> torch.Tensor:
     """Slot of each coordinate in [start, stop) of tensor ``name`` (int64 on ``device``): bucket b
     with sign + is slot b, with sign − slot k + b (docs/FORMAT.md §10)."""
-    return cast(torch.Tensor, sketch_hash(torch.arange(start, stop, dtype=torch.int64, device=device), seed, name, k))
+    a, b = _name_salt(seed, name)
+    out = torch.empty(stop - start, dtype=torch.int64, device=device)
+    lo = start
+    while lo < stop:  # the high word of the index is constant between multiples of 2³²
+        hi = min(stop, ((lo >> 32) + 1) << 32)
+        x = torch.arange(hi - lo, dtype=torch.int32, device=device).add_(_i32(lo))
+        out[lo - start:hi - start] = _slots_(x, torch.empty_like(x), _i32(a), _i32((lo >> 32) + b), k)
+        lo = hi
+    return out
 
 
 def _acc_dtype(flat: torch.Tensor) -> torch.dtype:
     return torch.float32 if flat.device.type == "mps" else torch.float64
 
 
-def _slot_dtype(k: int) -> torch.dtype:
-    return torch.int16 if 2 * k <= 32767 else torch.int32
-
-
 def _scatter(slots: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
-    """Sum ``values`` into ``size`` slots in the accumulation dtype. On the CPU ``bincount``
-    (deterministic); elsewhere ``index_add_``, whose summation order may vary (within the stated
-    tolerance), so deterministic-algorithms mode is lifted for this one call."""
+    """Sum ``values`` into ``size`` slots (int32 or int64) in the accumulation dtype. On the CPU
+    ``bincount`` (deterministic); elsewhere ``index_add_``, whose summation order may vary (within
+    the stated tolerance), so deterministic-algorithms mode is lifted for this one call."""
     dtype = _acc_dtype(values)
     if values.device.type == "cpu":
         return torch.bincount(slots, weights=values.to(dtype), minlength=size)
     was = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(False)
-        return torch.zeros(size, dtype=dtype, device=values.device).index_add_(0, slots.long(), values.to(dtype))
+        return torch.zeros(size, dtype=dtype, device=values.device).index_add_(0, slots, values.to(dtype))
     finally:
         torch.use_deterministic_algorithms(was)
+
+
+@dataclass(frozen=True, slots=True)
+class _Pass:
+    """Up to ``_CHUNK`` coordinates sketched together: pieces (tensor name, start, stop) of one or
+    more tensors, and each piece's int32 (index − position in the pass, first salt, high word plus
+    second salt): as numbers for one piece; for several, on the device as the pieces' positions in
+    the pass and a (3, pieces) tensor of the steps from one piece's numbers to the next (int32,
+    mod 2³²), from which a cumulative sum spreads them over the pass."""
+
+    pieces: tuple[tuple[str, int, int], ...]
+    salts: tuple[int, int, int]
+    spread: tuple[torch.Tensor, torch.Tensor] | None
+
+    @property
+    def size(self) -> int:
+        return sum(stop - start for _, start, stop in self.pieces)
+
+
+def _passes(seed: int, sizes: Sequence[tuple[str, int]], device: torch.device) -> tuple[_Pass, ...]:
+    """The passes over tensors of these (name, element count): each tensor cut at multiples of
+    ``_CHUNK`` (so no piece crosses a multiple of 2³²); whole chunks alone, the shorter rests packed."""
+    groups: list[list[tuple[str, int, int]]] = []
+    packed: list[list[tuple[str, int, int]]] = []
+    room = 0
+    for name, n in sizes:
+        whole = n - n % _CHUNK
+        groups.extend([(name, lo, lo + _CHUNK)] for lo in range(0, whole, _CHUNK))
+        if n > whole:
+            if n - whole > room:
+                packed.append([])
+                room = _CHUNK
+            packed[-1].append((name, whole, n))
+            room -= n - whole
+    out = []
+    for pieces in groups + packed:
+        salts, positions = [], [0]
+        for name, start, stop in pieces:
+            a, b = _name_salt(seed, name)
+            salts.append((_i32(start - positions[-1]), _i32(a), _i32((start >> 32) + b)))
+            positions.append(positions[-1] + stop - start)
+        spread = None
+        if len(pieces) > 1:
+            steps = [[_i32(s - r) for s, r in zip(now, before, strict=True)]
+                     for now, before in zip(salts, [(0, 0, 0), *salts], strict=False)]
+            spread = (torch.tensor(positions[:-1], dtype=torch.int64, device=device),
+                      torch.tensor(steps, dtype=torch.int32, device=device).T.contiguous())
+        out.append(_Pass(tuple(pieces), salts[0], spread))
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """The passes over the tensors of one device and the scratch they reuse (at most 32 bytes per
+    coordinate of the widest pass)."""
+
+    sizes: tuple[int, list[tuple[str, int]]]  # (_CHUNK, each tensor's name and element count)
+    passes: tuple[_Pass, ...]
+    base: torch.Tensor  # 0, 1, 2, … (int32)
+    x: torch.Tensor  # int32 scratch
+    tmp: torch.Tensor  # int32 scratch
+    packed: torch.Tensor  # (3, width) int32 scratch for the numbers spread over packed passes
+    values: torch.Tensor  # the pass's values in the accumulation dtype
+
+    @staticmethod
+    def of(seed: int, sizes: list[tuple[str, int]], device: torch.device) -> _Plan:
+        """The plan of tensors of these (name, element count) on ``device``."""
+        passes = _passes(seed, sizes, device)
+        width = max(p.size for p in passes)
+        base = torch.arange(width, dtype=torch.int32, device=device)
+        packed = torch.empty((3, width if any(p.spread is not None for p in passes) else 0), dtype=torch.int32,
+                             device=device)
+        values = torch.empty(width, dtype=_acc_dtype(base), device=device)
+        return _Plan((_CHUNK, sizes), passes, base, torch.empty_like(base), torch.empty_like(base), packed, values)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingSketch:
+    """A sketch launched by :meth:`CountSketch.measure`; :meth:`value` waits for it and returns it."""
+
+    k: int
+    landings: tuple[Landing, ...]  # one per device: its 2k slot sums
+
+    def value(self) -> np.ndarray:
+        """The sketch (float64, k values)."""
+        acc = torch.zeros(2 * self.k, dtype=torch.float64)
+        for landing in self.landings:
+            acc += landing.value()[0].double()
+        return (acc[:self.k] - acc[self.k:]).numpy()
 
 
 class CountSketch:
@@ -178,45 +303,55 @@ class CountSketch:
     any device up to floating-point summation order, and equals ``ledger._weights.NumpySketch`` on
     the same values. Distances between sketches estimate L2 distances (relative error about 1/√k).
 
-    ``cache_limit`` (elements): below it the slots are computed once and kept (2 bytes per
-    coordinate for k ≤ 16383, on the tensors' device); above it they are recomputed in chunks at
-    each call.
+    Nothing is kept per coordinate: buckets and signs are recomputed at each call, in passes of
+    2¹⁸ coordinates (the rests of tensors share passes), whose scratch takes at most 32 bytes per
+    coordinate of a pass (8 MiB on the tensors' device) whatever the model size; it is kept between
+    calls, with the plan of the passes (a few numbers per tensor).
     """
 
-    def __init__(self, seed: int, k: int = SKETCH_K, cache_limit: int = 1 << 25) -> None:
+    def __init__(self, seed: int, k: int = SKETCH_K) -> None:
         check_sketch_k(k)
-        self.seed, self.k, self.cache_limit = seed, k, cache_limit
-        self._cache: dict[tuple[str, int, str], Any] = {}  # slots per tensor (a list while being built)
+        if k > 1 << 30:
+            raise ConfigurationError("the sketch size k must be at most 2**30")
+        self.seed, self.k = seed, k
+        self._plans: dict[torch.device, _Plan] = {}  # per device: the last one
+        self._lock = threading.Lock()
 
     def __call__(self, tensors: Mapping[str, torch.Tensor]) -> np.ndarray:
         """The sketch (float64, k values) of the named tensors, summed over tensors."""
-        total: torch.Tensor | None = None
-        cache_ok = sum(t.numel() for t in tensors.values()) <= self.cache_limit
-        with torch.no_grad():
-            for name, tensor in tensors.items():
-                flat = tensor.detach().reshape(-1)
-                n = flat.numel()
-                if n == 0:
-                    continue
-                key = (name, n, str(flat.device))
-                slots = self._cache.get(key) if cache_ok else None
-                if slots is None:
-                    acc = torch.zeros(2 * self.k, dtype=_acc_dtype(flat), device=flat.device)
-                    for lo in range(0, n, _CHUNK):
-                        hi = min(lo + _CHUNK, n)
-                        chunk_slots = sketch_slots(self.seed, name, lo, hi, self.k, flat.device)
-                        acc += _scatter(chunk_slots, flat[lo:hi], 2 * self.k)
-                        if cache_ok:
-                            self._cache.setdefault(key, []).append(chunk_slots.to(_slot_dtype(self.k)))
-                    if cache_ok:
-                        self._cache[key] = torch.cat(self._cache[key])
+        return self.measure(tensors).value()
+
+    def measure(self, tensors: Mapping[str, torch.Tensor]) -> PendingSketch:
+        """Launch the sketch of the named tensors without waiting for the device (on CUDA on a side
+        stream: ``ledger._device``); the result's ``value()`` is what calling the sketch returns."""
+        groups: dict[torch.device, dict[str, torch.Tensor]] = {}
+        for name, tensor in tensors.items():
+            if tensor.numel():
+                groups.setdefault(tensor.device, {})[name] = tensor.detach().reshape(-1)
+        return PendingSketch(self.k, tuple(
+            lane_for(device).launch(functools.partial(self._sketch, flats, device), list(flats.values()))
+            for device, flats in groups.items()))
+
+    def _sketch(self, flats: Mapping[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor]:
+        """The 2k slot sums of flat tensors on one device (on that device)."""
+        sizes = [(name, flat.numel()) for name, flat in flats.items()]
+        with self._lock:  # the scratch is shared by the calls
+            plan = self._plans.get(device)
+            if plan is None or plan.sizes != (_CHUNK, sizes):
+                plan = self._plans[device] = _Plan.of(self.seed, sizes, device)
+            acc = torch.zeros(2 * self.k, dtype=plan.values.dtype, device=device)
+            for p in plan.passes:
+                n = p.size
+                x, tmp, values = plan.x[:n], plan.tmp[:n], plan.values[:n]
+                torch.cat([flats[name][start:stop] for name, start, stop in p.pieces], out=values)
+                if p.spread is None:
+                    index, low, high = p.salts
+                    slots = _slots_(torch.add(plan.base[:n], index, out=x), tmp, low, high, self.k)
                 else:
-                    acc = _scatter(slots, flat, 2 * self.k)
-                signed = acc[: self.k] - acc[self.k:]
-                total = signed if total is None else total + signed.to(total.device)
-        if total is None:
-            return np.zeros(self.k)
-        return total.double().cpu().numpy()
+                    rows = plan.packed[:, :n].zero_().index_copy_(1, *p.spread).cumsum_(1)
+                    slots = _slots_(torch.add(plan.base[:n], rows[0], out=x), tmp, rows[1], rows[2], self.k)
+                acc += _scatter(slots, values, 2 * self.k)
+        return (acc,)
 
 
 # ----------------------------------------------------------------------------- training state (checkpoints)
