@@ -7,6 +7,7 @@ recorder writes, docs/FORMAT.md §12), then times, each in its own process, inte
 * ``bare-N``     SHA-256 of the file over all cores: N byte ranges, one thread each (the baseline);
 * ``bare-1``     SHA-256 of the whole file on one thread;
 * ``digests``    ``safetensors_digests`` (the hashing verify and the recorder's close run);
+* ``blocked``    ``safetensors_blocked_digests`` (``tensor-blocked/v1``, the same bounded reader);
 * ``mmap-ref``   the per-tensor digests from a memory map on one thread, the way they were computed
   before the chunked, parallel reader (the same digests; it checks they are byte-identical);
 * ``verify``     ``ledger verify LEDGER --key PUB --model FILE``, a whole CLI process;
@@ -61,22 +62,25 @@ print(time.perf_counter() - t0)
 
 DIGESTS = r"""
 import sys, time
+from ledger._blocked import safetensors_blocked_digests
 from ledger._fingerprint import safetensors_digests
+read = safetensors_blocked_digests if sys.argv[2:] == ["blocked"] else safetensors_digests
 t0 = time.perf_counter()
-safetensors_digests(sys.argv[1])
+read(sys.argv[1])
 print(time.perf_counter() - t0)
 """
 
 MMAP_REF = r"""
-import json, sys, time
+import mmap, sys, time
 from ledger._fingerprint import model_digest, read_shards, tensor_digest
 t0 = time.perf_counter()
 digests = {}
 for shard in read_shards(sys.argv[1]):
-    for name, e in shard.entries.items():
-        view = memoryview(shard.data)[shard.start + e.begin:shard.start + e.end]
-        digests[name] = tensor_digest(name, e.dtype, e.shape, view)
-        view.release()
+    with mmap.mmap(shard.fd, 0, access=mmap.ACCESS_READ) as data:
+        for name, e in shard.entries.items():
+            view = memoryview(data)[shard.start + e.begin:shard.start + e.end]
+            digests[name] = tensor_digest(name, e.dtype, e.shape, view)
+            view.release()
 seconds = time.perf_counter() - t0
 assert model_digest(digests).hex() == sys.argv[2], "the memory-mapped reference digests differ"
 print(seconds)
@@ -173,6 +177,7 @@ def main() -> None:
             f"bare-{cpus}": [python, "-c", BARE, str(weights), str(cpus)],
             "bare-1": [python, "-c", BARE, str(weights), "1"],
             "digests": [python, "-c", DIGESTS, str(weights)],
+            "blocked": [python, "-c", DIGESTS, str(weights), "blocked"],
             "mmap-ref": [python, "-c", MMAP_REF, str(weights), expected],
             "verify": [*verify, "--model", str(weights)],
             "verify-nomodel": verify,

@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ledger._fingerprint import _DTYPE_SIZES, read_shards, safetensors_digests, tensor_digest
+from ledger._filehash import CHUNK, Span, hash_blocks
+from ledger._fingerprint import _DTYPE_SIZES, TensorEntry, hash_safetensors, safetensors_digests, tensor_digest
 from ledger.errors import ConfigurationError
 
 TENSOR_V1 = "tensor/v1"
@@ -47,15 +48,6 @@ def _itemsize(dtype: str) -> int:
         raise ConfigurationError(f"unknown safetensors dtype {dtype!r}") from None
 
 
-def _hash_run(view: memoryview, size: int) -> bytes:
-    out = []
-    for offset in range(0, len(view), size):
-        h = _BLOCK_PREFIX.copy()
-        h.update(view[offset:offset + size])
-        out.append(h.digest())
-    return b"".join(out)
-
-
 def block_hashes(data: bytes | memoryview, itemsize: int, workers: int | None = None) -> bytes:
     """The 32-byte hashes, concatenated, of consecutive blocks of ``data`` starting at its first
     byte (the last block may be short). ``workers``: threads to hash on (default: up to 8 when
@@ -65,11 +57,11 @@ def block_hashes(data: bytes | memoryview, itemsize: int, workers: int | None = 
     count = -(-len(view) // size)
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     if workers <= 1 or count < _PARALLEL_BLOCKS:
-        return _hash_run(view, size)
+        return hash_blocks(BLOCK_DOMAIN, view, size)
     step = size * _GROUP
     runs = [view[offset:offset + step] for offset in range(0, len(view), step)]
     with ThreadPoolExecutor(workers) as pool:
-        return b"".join(pool.map(lambda run: _hash_run(run, size), runs))
+        return b"".join(pool.map(lambda run: hash_blocks(BLOCK_DOMAIN, run, size), runs))
 
 
 def _finish(name: str, dtype: str, shape: Iterable[int], hashes: bytes) -> bytes:
@@ -196,19 +188,27 @@ def combine(name: str, dtype: str, shape: Sequence[int], pieces: Iterable[Piece]
     return _finish(name, dtype, shape, b"".join(blocks[i] for i in range(block_count(total))))
 
 
+def _runs(e: TensorEntry, start: int) -> list[tuple[int, int]]:
+    """A tensor's bytes (at ``start`` of the file) cut into runs of whole blocks of at most a read
+    chunk each, so that a big tensor hashes on every thread."""
+    block = BLOCK_ELEMENTS * _itemsize(e.dtype)
+    step = max(block, CHUNK - CHUNK % block)
+    return [(start + lo, start + min(lo + step, e.end)) for lo in range(e.begin, e.end, step)]
+
+
 def safetensors_blocked_digests(path: str | os.PathLike[str], workers: int | None = None) -> dict[str, bytes]:
     """``tensor-blocked/v1`` digests of a safetensors file (or of every shard named by a
-    ``*.index.json``), hashed from the memory-mapped file without loading the tensors; the same
-    reader and checks as :func:`ledger._fingerprint.safetensors_digests`."""
-    digests: dict[str, bytes] = {}
-    for shard in read_shards(path):
-        for name, e in shard.entries.items():
-            view = memoryview(shard.data)[shard.start + e.begin:shard.start + e.end]
-            try:
-                digests[name] = blocked_digest(name, e.dtype, e.shape, view, workers)
-            finally:
-                view.release()
-    return digests
+    ``*.index.json``), hashed from bounded reads of the file on ``workers`` threads (default all
+    CPUs) without loading the tensors; the same reader and checks as
+    :func:`ledger._fingerprint.safetensors_digests`."""
+    def spans(name: str, e: TensorEntry, start: int) -> list[Span]:
+        block = BLOCK_ELEMENTS * _itemsize(e.dtype)
+        return [Span(f"{name}\x00{i}", BLOCK_DOMAIN, lo, hi, block) for i, (lo, hi) in enumerate(_runs(e, start))]
+
+    entries, hashed = hash_safetensors(path, spans, workers=workers)
+    return {name: _finish(name, e.dtype, e.shape, b"".join(hashed[f"{name}\x00{i}"]
+                                                           for i in range(len(_runs(e, 0)))))
+            for name, e in entries.items()}
 
 
 # ----------------------------------------------------------------------------- the scheme a ledger states

@@ -10,11 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import mmap
 import os
 import struct
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,16 +169,14 @@ def _check_layout(file: Path, entries: dict[str, TensorEntry], data_size: int) -
 
 @dataclass(frozen=True, slots=True)
 class Shard:
-    """One file of a safetensors checkpoint: its validated header entries and its mapped bytes
-    (``data[start + entry.begin:start + entry.end]``), valid only until the next shard is read."""
+    """One file of a safetensors checkpoint: its validated header entries and the descriptor of the
+    open file (tensor bytes at ``start + entry.begin`` to ``start + entry.end``, read with
+    :func:`ledger._filehash.read_exact`), valid only until the next shard is read."""
 
     file: Path
     entries: dict[str, TensorEntry]
-    data: Any
+    fd: int
     start: int
-
-
-_OPEN_AT_ONCE = 64  # shards held open together while their tensors are hashed
 
 
 def _open_shard(file: Path, path: Path, seen: set[str],
@@ -207,13 +204,12 @@ def read_shards(path: str | os.PathLike[str]) -> Iterator[Shard]:
     """Each file of a safetensors file (or of every shard named by a ``*.index.json``), its header
     validated against the file's size (malformed, or not a regular file → FormatError naming file
     and tensor; a tensor in two shards → FormatError; a missing file → ConfigurationError, a missing
-    shard an index names → FormatError), its bytes memory-mapped."""
+    shard an index names → FormatError), open for bounded reads (never memory-mapped)."""
     seen: set[str] = set()
     for file in _shard_files(Path(path)):
         with ExitStack() as stack:
-            handle, entries, start, size = _open_shard(file, Path(path), seen, stack)
-            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else _Empty() as data:
-                yield Shard(file, entries, data, start)
+            handle, entries, start, _ = _open_shard(file, Path(path), seen, stack)
+            yield Shard(file, entries, handle.fileno(), start)
 
 
 def safetensors_digests(path: str | os.PathLike[str], *, workers: int | None = None,
@@ -223,6 +219,20 @@ def safetensors_digests(path: str | os.PathLike[str], *, workers: int | None = N
     :func:`read_shards`, tensors hashed in parallel threads (``workers``, default all CPUs) from
     bounded reads (not a memory map), so memory stays a few MiB per thread whatever the size.
     ``cancel``: set, it stops the hashing (:class:`ledger._filehash.Cancelled`)."""
+    def spans(name: str, e: TensorEntry, start: int) -> list[Span]:
+        return [Span(name, _tensor_prefix(name, e.dtype, e.shape, e.end - e.begin), start + e.begin, start + e.end)]
+
+    return hash_safetensors(path, spans, workers=workers, cancel=cancel)[1]
+
+
+def hash_safetensors(path: str | os.PathLike[str], spans: Callable[[str, TensorEntry, int], Iterable[Span]], *,
+                     workers: int | None = None,
+                     cancel: threading.Event | None = None) -> tuple[dict[str, TensorEntry], dict[str, bytes]]:
+    """The validated entries of every tensor of a safetensors file (or of every shard named by a
+    ``*.index.json``; the checks of :func:`read_shards`) and the digests of the spans that
+    ``spans(name, entry, data_start)`` gives for each (keys unique over the whole checkpoint),
+    hashed as :func:`ledger._filehash.hash_spans` does: bounded reads on ``workers`` threads."""
+    entries: dict[str, TensorEntry] = {}
     digests: dict[str, bytes] = {}
     seen: set[str] = set()
     files = _shard_files(Path(path))
@@ -232,20 +242,12 @@ def safetensors_digests(path: str | os.PathLike[str], *, workers: int | None = N
             for file in files[lo:lo + _OPEN_AT_ONCE]:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled
-                handle, entries, start, _ = _open_shard(file, Path(path), seen, stack)
-                batch.append(OpenFile(handle.fileno(), file, [
-                    Span(name, _tensor_prefix(name, e.dtype, e.shape, e.end - e.begin), start + e.begin, start + e.end)
-                    for name, e in entries.items()]))
+                handle, held, start, _ = _open_shard(file, Path(path), seen, stack)
+                entries.update(held)
+                batch.append(OpenFile(handle.fileno(), file, [s for name, e in held.items()
+                                                              for s in spans(name, e, start)]))
             digests.update(hash_spans(batch, workers=workers, cancel=cancel))
-    return digests
-
-
-class _Empty:
-    def __enter__(self) -> bytes:
-        return b""
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+    return entries, digests
 
 
 # ----------------------------------------------------------------------------- count-sketch

@@ -7,20 +7,21 @@ checkpoint and compute its sketch (docs/FORMAT.md §10) without torch. The sketc
 
 from __future__ import annotations
 
+import collections
 import math
-import mmap
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from ledger._fingerprint import _CHUNK, SKETCH_K, check_sketch_k, read_shards, sketch_hash
+from ledger._filehash import read_exact
+from ledger._fingerprint import _CHUNK, SKETCH_K, Shard, TensorEntry, check_sketch_k, read_shards, sketch_hash
 from ledger.errors import ConfigurationError, FormatError
 
-__all__ = ["NumpySketch", "read_safetensors", "sketch_slots_numpy"]
+__all__ = ["NumpySketch", "file_fingerprints", "read_safetensors", "sketch_slots_numpy"]
 
 # safetensors dtype → little-endian layout of its bytes in the file
 _FILE_LAYOUT: dict[str, np.dtype[Any]] = {
@@ -33,25 +34,57 @@ _NEEDS_TORCH = frozenset({"F8_E4M3", "F8_E5M2"})
 
 
 # ----------------------------------------------------------------------------- safetensors files
-def _materialise(file: Path, name: str, dtype: str, shape: tuple[int, ...], data: mmap.mmap,
-                 offset: int) -> npt.NDArray[Any]:
-    """An owned, native-byte-order copy of one tensor's bytes at ``offset`` of the mapped file."""
+def _layout(file: Path, name: str, dtype: str) -> np.dtype[Any]:
+    """The numpy layout of a tensor's bytes in the file (FormatError for what numpy cannot read)."""
     if dtype in _NEEDS_TORCH:
         raise FormatError(f"{file}: tensor {name!r} of dtype {dtype} cannot be read without torch")
     layout = _FILE_LAYOUT.get(dtype)
     if layout is None:
         raise FormatError(f"{file}: tensor {name!r} has the unknown dtype {dtype!r}")
-    raw = np.frombuffer(data, dtype=layout, count=math.prod(shape), offset=offset)
-    try:  # `raw` pins the mapping: it must be gone before the mapping is closed, exception or not
-        if dtype == "BF16":  # bfloat16 is the high half of a float32: widening is exact
-            out: npt.NDArray[Any] = (raw.astype(np.uint32) << 16).view(np.float32)
-        elif dtype == "BOOL":
-            out = raw != 0
-        else:
-            out = raw.astype(layout.newbyteorder("="))  # a copy, in native byte order
-    finally:
-        del raw
-    return out.reshape(shape)
+    return layout
+
+
+def _read(shard: Shard, offset: int, out: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """``out`` filled with the file's bytes at ``offset`` of the shard's data section."""
+    read_exact(shard.fd, shard.file, shard.start + offset, out.data.cast("B"))
+    return out
+
+
+def _native(raw: npt.NDArray[Any], dtype: str) -> npt.NDArray[Any]:
+    """File-layout values in native byte order: BF16 widened to float32 (exactly: bfloat16 is the
+    high half of a float32), BOOL as bool, the rest as they are (copied only to swap bytes)."""
+    if dtype == "BF16":
+        widened: npt.NDArray[Any] = (raw.astype(np.uint32) << 16).view(np.float32)
+        return widened
+    if dtype == "BOOL":
+        flags: npt.NDArray[np.bool_] = raw != 0
+        return flags
+    return raw.astype(raw.dtype.newbyteorder("="), copy=False)
+
+
+def _materialise(shard: Shard, name: str, e: TensorEntry) -> npt.NDArray[Any]:
+    """An owned, native-byte-order copy of one tensor, read from the file into the array."""
+    layout = _layout(shard.file, name, e.dtype)
+    raw = _read(shard, e.begin, np.empty(math.prod(e.shape), dtype=layout))
+    return _native(raw, e.dtype).reshape(e.shape)
+
+
+def _chunks(shard: Shard, name: str, e: TensorEntry) -> Iterator[npt.NDArray[np.float64]]:
+    """A tensor's elements in C order as float64, :data:`_CHUNK` at a time (the chunks
+    :class:`NumpySketch` takes), read through one buffer: memory stays O(chunk)."""
+    layout = _layout(shard.file, name, e.dtype)
+    n = math.prod(e.shape)
+    buffer = np.empty(min(n, _CHUNK), dtype=layout)
+    for lo in range(0, n, _CHUNK):
+        raw = _read(shard, e.begin + lo * layout.itemsize, buffer[:min(_CHUNK, n - lo)])
+        yield _native(raw, e.dtype).astype(np.float64)
+
+
+def _with_squares(chunks: Iterable[npt.NDArray[np.float64]], squares: list[float]) -> Iterator[npt.NDArray[np.float64]]:
+    """The chunks, each one's sum of squares appended to ``squares`` as it passes."""
+    for chunk in chunks:
+        squares.append(float(np.dot(chunk, chunk)))
+        yield chunk
 
 
 def read_safetensors(path: str | os.PathLike[str], names: Iterable[str] | None = None) -> dict[str, npt.NDArray[Any]]:
@@ -71,11 +104,40 @@ def read_safetensors(path: str | os.PathLike[str], names: Iterable[str] | None =
         seen.update(shard.entries)
         for name, e in shard.entries.items():
             if wanted is None or name in wanted:
-                tensors[name] = _materialise(shard.file, name, e.dtype, e.shape, shard.data, shard.start + e.begin)
+                tensors[name] = _materialise(shard, name, e)
     if wanted is not None and wanted - seen:
         missing = ", ".join(repr(n) for n in sorted(wanted - seen))
         raise ConfigurationError(f"{path} holds no tensor named {missing}")
     return tensors
+
+
+def file_fingerprints(path: str | os.PathLike[str], order: Sequence[str],
+                      sketcher: NumpySketch | None) -> tuple[npt.NDArray[np.float64],
+                                                              npt.NDArray[np.float64] | None] | None:
+    """The L2 norms (float64, one per name of ``order``) of tensors of a safetensors file (or of
+    every shard named by a ``*.index.json``) and, with a ``sketcher``, their sketch: what
+    :func:`read_safetensors` and the sketcher give (the sketch equal, the norms up to summation
+    order), in one bounded pass over the file — memory O(:data:`_CHUNK`), whatever its size.
+    Every tensor is read as :func:`read_safetensors` reads it (FormatError for one it cannot read);
+    None when a name of ``order`` is in no file."""
+    wanted = set(order)
+    squares: dict[str, list[float]] = {}
+    signed: dict[str, npt.NDArray[np.float64] | None] = {}
+    for shard in read_shards(path):
+        for name, e in shard.entries.items():
+            _layout(shard.file, name, e.dtype)
+            if name in wanted:
+                chunks = _with_squares(_chunks(shard, name, e), squares.setdefault(name, []))
+                if sketcher is not None:
+                    signed[name] = sketcher.signed(name, chunks)
+                else:
+                    collections.deque(chunks, maxlen=0)  # read for the norms alone
+    if wanted - set(squares):
+        return None
+    norms = np.sqrt(np.array([math.fsum(squares[n]) for n in order], dtype=np.float64))
+    if sketcher is None:
+        return norms, None
+    return norms, sketcher.total(signed[n] for n in dict.fromkeys(order))
 
 
 # ----------------------------------------------------------------------------- count-sketch
@@ -100,22 +162,31 @@ class NumpySketch:
     def __call__(self, tensors: Mapping[str, npt.ArrayLike]) -> npt.NDArray[np.float64]:
         """The sketch (float64, k values) of the named arrays, summed over arrays. Each array is
         taken in C order; bool, integer and floating arrays are widened to float64."""
-        k = self.k
-        total: npt.NDArray[np.float64] | None = None
+        parts = []
         for name, tensor in tensors.items():
             array = np.asarray(tensor)
             if array.dtype.kind not in "biuf":
                 raise ConfigurationError(f"tensor {name!r} of dtype {array.dtype} cannot be sketched")
-            n = array.size
-            if n == 0:
-                continue
             flat = array.reshape(-1) if array.flags.c_contiguous else None  # a view; otherwise copy per chunk
-            acc = np.zeros(2 * k, dtype=np.float64)
-            for lo in range(0, n, _CHUNK):
-                hi = min(lo + _CHUNK, n)
-                chunk = flat[lo:hi] if flat is not None else array.flat[lo:hi]
-                slots = sketch_slots_numpy(self.seed, name, lo, hi, k)
-                acc += np.bincount(slots, weights=chunk.astype(np.float64), minlength=2 * k)
-            signed = acc[:k] - acc[k:]
-            total = signed if total is None else total + signed
-        return np.zeros(k) if total is None else total
+            parts.append(self.signed(name, ((flat[lo:lo + _CHUNK] if flat is not None else array.flat[lo:lo + _CHUNK])
+                                            .astype(np.float64) for lo in range(0, array.size, _CHUNK))))
+        return self.total(parts)
+
+    def signed(self, name: str, chunks: Iterable[npt.NDArray[np.float64]]) -> npt.NDArray[np.float64] | None:
+        """The sketch of one tensor (k values) from its float64 elements in C order, in chunks of
+        :data:`_CHUNK` elements (the last may be shorter); None for a tensor with no element."""
+        k, lo = self.k, 0
+        acc = np.zeros(2 * k, dtype=np.float64)
+        for chunk in chunks:
+            slots = sketch_slots_numpy(self.seed, name, lo, lo + len(chunk), k)
+            acc += np.bincount(slots, weights=chunk, minlength=2 * k)
+            lo += len(chunk)
+        return acc[:k] - acc[k:] if lo else None
+
+    def total(self, parts: Iterable[npt.NDArray[np.float64] | None]) -> npt.NDArray[np.float64]:
+        """The sketch of several tensors: the sum of their :meth:`signed` sketches, in order."""
+        total: npt.NDArray[np.float64] | None = None
+        for signed in parts:
+            if signed is not None:
+                total = signed if total is None else total + signed
+        return np.zeros(self.k) if total is None else total

@@ -236,6 +236,16 @@ def test_base_install_without_torch_skips_with_the_install_line(tmp_path):
     assert "pip install 'training-ledger[lineage]'" in detail and status == "pass"
 
 
+def test_the_cli_and_verify_import_no_optional_heavyweight():
+    """Start-up is part of `ledger verify --model`'s time (docs/PERFORMANCE.md, release
+    fingerprinting): importing the CLI and ledger.verify loads none of torch, pandas, scipy,
+    matplotlib, mlflow or safetensors; each loads inside the check, renderer or DataFrame that needs it."""
+    heavy = ("torch", "pandas", "scipy", "matplotlib", "mlflow", "safetensors")
+    code = f"import sys, ledger._cli, ledger.verify; print(*[m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == []
+
+
 def test_dataclasses_are_frozen():
     for cls in (CheckResult, Report, StepBody, Genesis):
         assert dataclasses.fields(cls) and cls.__dataclass_params__.frozen  # type: ignore[attr-defined]

@@ -41,14 +41,13 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
 
 
 def reference(path: Path) -> dict[str, bytes]:
-    """The definition, computed the way it was before the parallel reader: each tensor's bytes
-    from a memory map, one SHA-256 over all of them."""
+    """The definition, computed without the parallel reader: each tensor's bytes sliced from the
+    whole file read into memory, one SHA-256 over all of them."""
     digests = {}
     for shard in read_shards(path):
+        data = shard.file.read_bytes()
         for name, e in shard.entries.items():
-            view = memoryview(shard.data)[shard.start + e.begin:shard.start + e.end]
-            digests[name] = tensor_digest(name, e.dtype, e.shape, view)
-            view.release()
+            digests[name] = tensor_digest(name, e.dtype, e.shape, data[shard.start + e.begin:shard.start + e.end])
     return digests
 
 
@@ -84,6 +83,21 @@ def test_any_chunk_size_gives_the_same_digests(tmp_path, chunk):
 
     assert got == {s.key: hashlib.sha256(s.prefix + data[s.begin:s.end]).digest() for s in spans}
     assert len(expected) == 40
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 4096])
+def test_blocked_spans_hash_each_block_whatever_the_chunk(tmp_path, chunk):
+    path = tmp_path / "raw"
+    data = np.random.default_rng(2).integers(0, 255, 20000, dtype=np.uint8).tobytes()
+    path.write_bytes(data)
+    spans = [Span(f"s{i}", b"b" * i, lo, hi, block) for i, (lo, hi, block) in
+             enumerate([(0, 5000, 96), (5000, 5001, 4), (5001, 5100, 32), (5100, 20000, 1000), (300, 300, 8)])]
+    with open(path, "rb") as handle:
+        got = hash_spans([OpenFile(handle.fileno(), path, spans)], workers=3, chunk=chunk)
+    import hashlib
+
+    assert got == {s.key: b"".join(hashlib.sha256(s.prefix + data[lo:min(lo + s.block, s.end)]).digest()
+                                   for lo in range(s.begin, s.end, s.block)) for s in spans}
 
 
 def test_sharded_index_equals_the_reference(tmp_path):
@@ -214,20 +228,23 @@ def test_verify_uses_the_background_digests_and_stops_them(tmp_path, monkeypatch
 
 PEAK = r"""
 import resource, sys
+from ledger._blocked import safetensors_blocked_digests
 from ledger._fingerprint import safetensors_digests
+read = {"digests": safetensors_digests, "blocked": safetensors_blocked_digests}[sys.argv[2]]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-safetensors_digests(sys.argv[1])
+read(sys.argv[1])
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 """
 
 
-def test_memory_does_not_grow_with_the_file(tmp_path):
+@pytest.mark.parametrize("reader", ["digests", "blocked"])
+def test_memory_does_not_grow_with_the_file(tmp_path, reader):
     path = tmp_path / "big.safetensors"
     block = np.random.default_rng(5).integers(0, 255, 16 << 20, dtype=np.uint8)
     write_safetensors(path, {f"w{i}": block for i in range(12)})  # 192 MiB
-    grown = int(subprocess.run([sys.executable, "-c", PEAK, str(path)], capture_output=True, text=True,
+    grown = int(subprocess.run([sys.executable, "-c", PEAK, str(path), reader], capture_output=True, text=True,
                                check=True, timeout=300).stdout)
-    assert grown < 64 << 20, f"peak RSS grew by {grown >> 20} MiB hashing a 192 MiB file"
+    assert grown < 64 << 20, f"peak RSS grew by {grown >> 20} MiB hashing a 192 MiB file ({reader})"
 
 
 def test_threaded_torch_digests_equal_the_sequential_ones():

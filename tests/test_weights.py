@@ -16,7 +16,8 @@ import torch
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
-from ledger._weights import NumpySketch, read_safetensors, sketch_slots_numpy
+import ledger._weights as weights_module
+from ledger._weights import NumpySketch, file_fingerprints, read_safetensors, sketch_slots_numpy
 from ledger.errors import ConfigurationError, FormatError
 from ledger.torch import CountSketch, sketch_slots
 
@@ -237,6 +238,59 @@ def test_sketch_of_read_weights_and_layouts(tmp_path: Path) -> None:
     assert np.array_equal(NumpySketch(1, 8)({"t": array.T}), NumpySketch(1, 8)({"t": np.ascontiguousarray(array.T)}))
     assert np.array_equal(NumpySketch(1, 8)({}), np.zeros(8))
     assert np.array_equal(NumpySketch(1, 8)({"e": np.zeros((0, 3))}), np.zeros(8))
+
+
+def file_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    tensors = {name: t for name, t in all_dtypes().items() if not name.startswith("f64")}  # f64: inf - inf
+    tensors.update(big=torch.randn(3000, generator=g), big_bf16=torch.randn(2500, generator=g).bfloat16(),
+                   tail=torch.randn(7, 11, generator=g).half())
+    return tensors
+
+
+@pytest.mark.parametrize("chunk", [1000, 1 << 22])
+def test_file_fingerprints_equal_the_in_memory_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    chunk: int) -> None:
+    # read chunk by chunk from the file, the sketch is NumpySketch's bit for bit (the same chunks in the same
+    # order), the norms those of the whole arrays up to summation order; tensors not named are read too
+    monkeypatch.setattr(weights_module, "_CHUNK", chunk)
+    tensors = {n: t for n, t in file_tensors().items() if n not in ("f32", "f16", "bf16", "scalar")}  # finite ones
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    arrays = read_safetensors(tmp_path / "w.safetensors")
+    order = ["tail", "big", "i8", "empty", "big_bf16", "bool", "é/unicode.weight"]
+    sketcher = NumpySketch(11, 16)
+    fingerprints = file_fingerprints(tmp_path / "w.safetensors", order, sketcher)
+    assert fingerprints is not None
+    norms, sketch = fingerprints
+    assert sketch is not None and sketch.tobytes() == sketcher({n: arrays[n] for n in order}).tobytes()
+    whole = np.array([np.linalg.norm(arrays[n].astype(np.float64).ravel()) for n in order])
+    np.testing.assert_allclose(norms, whole, rtol=1e-14, atol=0)
+    alone = file_fingerprints(tmp_path / "w.safetensors", order, None)
+    assert alone is not None and alone[1] is None and alone[0].tobytes() == norms.tobytes()
+    assert file_fingerprints(tmp_path / "w.safetensors", [*order, "absent"], sketcher) is None
+
+
+def test_file_fingerprints_fail_on_what_numpy_cannot_read(tmp_path: Path) -> None:
+    save_file({"fp8": torch.ones(4).to(torch.float8_e4m3fn), "w": torch.ones(3)}, str(tmp_path / "f8.safetensors"))
+    with pytest.raises(FormatError, match="cannot be read without torch"):  # as read_safetensors does
+        file_fingerprints(tmp_path / "f8.safetensors", ["w"], NumpySketch(0, 8))
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "f8.safetensors").read_bytes()[:-2])
+    with pytest.raises(FormatError, match="lies outside the file"):
+        file_fingerprints(tmp_path / "cut.safetensors", ["w"], None)
+
+
+def test_file_fingerprints_memory_stays_one_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tracemalloc
+
+    monkeypatch.setattr(weights_module, "_CHUNK", 1 << 14)
+    save_numpy({"w": np.random.default_rng(0).standard_normal(1 << 20).astype("<f4")}, str(tmp_path / "w.safetensors"))
+    tracemalloc.start()
+    try:
+        assert file_fingerprints(tmp_path / "w.safetensors", ["w"], NumpySketch(0, 64)) is not None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"{peak} bytes traced for a 4 MiB tensor read in chunks of 64 KiB"  # the tensor: 4 MiB
 
 
 def test_documented_known_answers() -> None:

@@ -7,12 +7,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ledger._blocked import TENSOR_V1, safetensors_digests_as
 from ledger._encoding import decode_body
 from ledger._record import HEADER_SIZE, Kind, decode_header
 from ledger._schema import SealBody
 from ledger.errors import ConfigurationError, FormatError
 from ledger.verify._context import Context
+from ledger.verify._continuity import SKETCH_RTOL
 from ledger.verify._load import Records
 from ledger.verify._result import CheckResult, Status
 
@@ -88,13 +91,29 @@ def _check_model(ctx: Context) -> CheckResult:
                        f"all {len(sealed)} tensors of {os.fspath(model)} match the sealed final weights", data)
 
 
+def logged_problems(real: tuple[np.ndarray, np.ndarray | None] | None, sketch: np.ndarray | None,
+                    norms: np.ndarray | None, rtol: np.ndarray) -> list[str]:
+    """How logged fingerprints (sketch, norms) disagree with the (norms, sketch) of real weights
+    (:func:`ledger._weights.file_fingerprints`; None: tensors are missing), each phrase to be
+    followed by what the weights are — the rule of :func:`ledger.verify._continuity.fingerprint_problems`."""
+    if real is None:
+        return ["tensors of the ledger are missing from"]
+    real_norms, real_sketch = real
+    problems = []
+    if sketch is not None and real_sketch is not None and \
+            float(np.linalg.norm(real_sketch - sketch)) > SKETCH_RTOL * max(float(np.linalg.norm(sketch)), 1e-12):
+        problems.append("the logged sketch does not match")
+    if norms is not None and not np.all(np.abs(real_norms - norms) <= rtol * np.maximum(norms, real_norms) + 1e-12):
+        problems.append("the logged norms do not match")
+    return problems
+
+
 def _unsealed(ctx: Context, model: Path) -> CheckResult:
     """An unsealed ledger (an interrupted run, or one cut short): compare the file with the state at
     the last recorded step — its checkpoint or logged digests, else its norms and sketch. A match
     warns (nothing seals it as the released state); a mismatch fails."""
-    from ledger._weights import NumpySketch, read_safetensors
+    from ledger._weights import NumpySketch, file_fingerprints
     from ledger.verify._bounds import norm_rtol
-    from ledger.verify._continuity import fingerprint_problems
 
     view = ctx.view
     assert view is not None
@@ -108,8 +127,9 @@ def _unsealed(ctx: Context, model: Path) -> CheckResult:
         else:
             body = view.steps[last]
             sketcher = NumpySketch(view.policy.sketch_seed, view.policy.sketch_k)
-            problems = [f"{p} the file" for p in fingerprint_problems(
-                read_safetensors(model), view.tensor_order, sketcher, body.sketch, body.norms, norm_rtol(view))]
+            problems = [f"{p} the file" for p in logged_problems(file_fingerprints(
+                model, view.tensor_order, sketcher if body.sketch is not None else None), body.sketch, body.norms,
+                norm_rtol(view))]
             where = f"the norms{' and sketch' if body.sketch is not None else ''} logged at step {last}"
     except (FormatError, ConfigurationError) as exc:
         return CheckResult("model", Status.FAIL, f"{model}: {exc}", data)
