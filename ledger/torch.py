@@ -143,7 +143,10 @@ def batch_digest(batch: Any) -> bytes:
 
 
 # ----------------------------------------------------------------------------- count-sketch on any device
-_CHUNK = 1 << 18  # coordinates per sketch pass (a power of two ≤ 2³²); 32 bytes of temporaries each at most
+# coordinates per sketch pass (powers of two ≤ 2³²; 32 bytes of scratch each): on the CPU a pass stays in
+# cache; on an accelerator a pass is ~35 kernel launches, so passes are longer there
+_CHUNK = 1 << 18
+_DEVICE_CHUNK = 1 << 21
 _FMIX = ((16, 0x85EBCA6B), (13, 0xC2B2AE35))  # ledger._fingerprint._fmix32: its multiplying steps
 
 
@@ -208,9 +211,13 @@ def _scatter(slots: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tens
         torch.use_deterministic_algorithms(was)
 
 
+def _pass_size(device: torch.device) -> int:
+    return _CHUNK if device.type == "cpu" else _DEVICE_CHUNK
+
+
 @dataclass(frozen=True, slots=True)
 class _Pass:
-    """Up to ``_CHUNK`` coordinates sketched together: pieces (tensor name, start, stop) of one or
+    """Up to a pass size of coordinates sketched together: pieces (tensor name, start, stop) of one or
     more tensors, and each piece's int32 (index − position in the pass, first salt, high word plus
     second salt): as numbers for one piece; for several, on the device as the pieces' positions in
     the pass and a (3, pieces) tensor of the steps from one piece's numbers to the next (int32,
@@ -225,19 +232,19 @@ class _Pass:
         return sum(stop - start for _, start, stop in self.pieces)
 
 
-def _passes(seed: int, sizes: Sequence[tuple[str, int]], device: torch.device) -> tuple[_Pass, ...]:
+def _passes(seed: int, sizes: Sequence[tuple[str, int]], device: torch.device, chunk: int) -> tuple[_Pass, ...]:
     """The passes over tensors of these (name, element count): each tensor cut at multiples of
-    ``_CHUNK`` (so no piece crosses a multiple of 2³²); whole chunks alone, the shorter rests packed."""
+    ``chunk`` (so no piece crosses a multiple of 2³²); whole chunks alone, the shorter rests packed."""
     groups: list[list[tuple[str, int, int]]] = []
     packed: list[list[tuple[str, int, int]]] = []
     room = 0
     for name, n in sizes:
-        whole = n - n % _CHUNK
-        groups.extend([(name, lo, lo + _CHUNK)] for lo in range(0, whole, _CHUNK))
+        whole = n - n % chunk
+        groups.extend([(name, lo, lo + chunk)] for lo in range(0, whole, chunk))
         if n > whole:
             if n - whole > room:
                 packed.append([])
-                room = _CHUNK
+                room = chunk
             packed[-1].append((name, whole, n))
             room -= n - whole
     out = []
@@ -262,7 +269,7 @@ class _Plan:
     """The passes over the tensors of one device and the scratch they reuse (at most 32 bytes per
     coordinate of the widest pass)."""
 
-    sizes: tuple[int, list[tuple[str, int]]]  # (_CHUNK, each tensor's name and element count)
+    sizes: tuple[int, list[tuple[str, int]]]  # (pass size, each tensor's name and element count)
     passes: tuple[_Pass, ...]
     base: torch.Tensor  # 0, 1, 2, … (int32)
     x: torch.Tensor  # int32 scratch
@@ -273,13 +280,14 @@ class _Plan:
     @staticmethod
     def of(seed: int, sizes: list[tuple[str, int]], device: torch.device) -> _Plan:
         """The plan of tensors of these (name, element count) on ``device``."""
-        passes = _passes(seed, sizes, device)
+        chunk = _pass_size(device)
+        passes = _passes(seed, sizes, device, chunk)
         width = max(p.size for p in passes)
         base = torch.arange(width, dtype=torch.int32, device=device)
         packed = torch.empty((3, width if any(p.spread is not None for p in passes) else 0), dtype=torch.int32,
                              device=device)
         values = torch.empty(width, dtype=_acc_dtype(base), device=device)
-        return _Plan((_CHUNK, sizes), passes, base, torch.empty_like(base), torch.empty_like(base), packed, values)
+        return _Plan((chunk, sizes), passes, base, torch.empty_like(base), torch.empty_like(base), packed, values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,9 +312,10 @@ class CountSketch:
     the same values. Distances between sketches estimate L2 distances (relative error about 1/√k).
 
     Nothing is kept per coordinate: buckets and signs are recomputed at each call, in passes of
-    2¹⁸ coordinates (the rests of tensors share passes), whose scratch takes at most 32 bytes per
-    coordinate of a pass (8 MiB on the tensors' device) whatever the model size; it is kept between
-    calls, with the plan of the passes (a few numbers per tensor).
+    2¹⁸ coordinates on the CPU and 2²¹ on accelerators (the rests of tensors share passes), whose
+    scratch takes at most 32 bytes per coordinate of a pass (8 MiB on the CPU, 64 MiB on an
+    accelerator) whatever the model size; it is kept between calls, with the plan of the passes
+    (a few numbers per tensor).
     """
 
     def __init__(self, seed: int, k: int = SKETCH_K) -> None:
@@ -337,7 +346,7 @@ class CountSketch:
         sizes = [(name, flat.numel()) for name, flat in flats.items()]
         with self._lock:  # the scratch is shared by the calls
             plan = self._plans.get(device)
-            if plan is None or plan.sizes != (_CHUNK, sizes):
+            if plan is None or plan.sizes != (_pass_size(device), sizes):
                 plan = self._plans[device] = _Plan.of(self.seed, sizes, device)
             acc = torch.zeros(2 * self.k, dtype=plan.values.dtype, device=device)
             for p in plan.passes:

@@ -70,8 +70,8 @@ def test_int32_hash_equals_the_definition_across_word_boundaries(start: int, sto
 def test_passes_cover_every_coordinate_once_and_never_cross_a_multiple_of_2_32() -> None:
     sizes = [("a", 3), ("huge", 2**32 + 2**18 + 5), ("b", 2**18), ("c", 2**17 + 1), ("d", 2**17)]
     seen: dict[str, list[tuple[int, int]]] = {}
-    for p in lt._passes(0, sizes, torch.device("cpu")):
-        assert p.size <= lt._CHUNK and (p.spread is None) == (len(p.pieces) == 1)
+    for p in lt._passes(0, sizes, torch.device("cpu"), 2**18):
+        assert p.size <= 2**18 and (p.spread is None) == (len(p.pieces) == 1)
         for name, start, stop in p.pieces:
             assert start >> 32 == (stop - 1) >> 32
             seen.setdefault(name, []).append((start, stop))
@@ -200,7 +200,7 @@ def test_the_cpu_lane_runs_the_same_code_with_streams_that_do_nothing() -> None:
 def test_cuda_norms_and_sketch_equal_the_cpu_ones_without_synchronising() -> None:
     g = torch.Generator().manual_seed(1)
     cpu = {"w": torch.randn(300_001, generator=g), "b": torch.randn(17, generator=g).bfloat16(),
-           "n": torch.tensor(4), "big": torch.randn(2**19 + 3, generator=g)}
+           "n": torch.tensor(4), "big": torch.randn(2**22 + 3, generator=g)}
     cuda = {name: t.cuda() for name, t in cpu.items()}
     sketch, plan = lt.CountSketch(7), Norms(list(cuda.values()))
     sketch.measure(cuda).value()  # the plan of the passes (host-to-device copies) is built once
