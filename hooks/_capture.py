@@ -24,9 +24,10 @@ class Capture:
     matching genesis), and what they saw since the last step entry: ``slots``, one per optimizer."""
 
     def __init__(self, optimizer: Any, genesis: Genesis, names: list[str],
-                 grad_norms: Callable[[Any], torch.Tensor] | None = None) -> None:
+                 grad_norms: Callable[[Any], torch.Tensor] | None = None, gradients: bool = True) -> None:
         self.optimizers = hookable(optimizer)
         self._grad_norms = grad_norms  # per-group norms of the global gradients (sharded runs: a collective)
+        self._gradients = gradients  # whether the gradient norms are read (see reads_gradients)
         if len(self.optimizers) != len(genesis.all_optimizers):
             raise ConfigurationError(f"the ledger records {len(genesis.all_optimizers)} optimizer(s), "
                                      f"{len(self.optimizers)} given")
@@ -51,12 +52,15 @@ class Capture:
     def post_step(self, k: int, optimizer: Any, args: Any, kwargs: Any) -> None:
         """After optimizer k's step, before ``zero_grad``: the gradients the step used — those of
         the last closure call for ``optimizer.step(closure)`` — as one norm per param group."""
+        slot = self.slots[k]
+        slot["steps"] = slot.get("steps", 0) + 1
+        if not self._gradients:
+            return
         if self._grad_norms is not None:
-            norms = self._grad_norms(optimizer)
+            slot["grad_norms"] = self._grad_norms(optimizer)
         else:
-            norms = torch.stack([total_norm([p.grad for p in group["params"] if p.grad is not None])
-                                 for group in optimizer.param_groups])
-        self.slots[k].update(grad_norms=norms, steps=self.slots[k].get("steps", 0) + 1)
+            slot["grad_norms"] = torch.stack([total_norm([p.grad for p in group["params"] if p.grad is not None])
+                                              for group in optimizer.param_groups])
 
     def gather(self) -> dict[str, Any]:
         """What the hooks saw since the last entry, every optimizer's groups in order (an optimizer
@@ -72,8 +76,10 @@ class Capture:
             groups = opt.param_groups
             lrs += slot.get("lrs") or [_float(g["lr"]) for g in groups]
             hypers += slot.get("hyper") or [hyper(g) for g in groups]
-            grads.append(slot["grad_norms"] if "grad_norms" in slot else torch.zeros(len(groups), dtype=torch.float64))
-        hook = {"steps": sum(each), "lrs": lrs, "hyper": hypers, "grad_norms": torch.cat([g.cpu() for g in grads])}
+            if self._gradients:
+                grads.append(slot.get("grad_norms", torch.zeros(len(groups), dtype=torch.float64)))
+        hook = {"steps": sum(each), "lrs": lrs, "hyper": hypers,
+                "grad_norms": torch.cat([g.cpu() for g in grads]) if self._gradients else None}
         if len(each) > 1:
             hook["each"] = each
         return hook
@@ -105,6 +111,14 @@ class Capture:
                         tensor_digests=b"".join(digests[name] for name in self._names) if digests else None,
                         model_digest=model_digest(digests) if digests else None, batch_digest=batch_d,
                         carries=tuple(carries))
+
+
+def reads_gradients(optimizer: Any, policy: str) -> bool:
+    """Whether the recorder reads the gradient norms at each step: always under ``policy`` "every";
+    under "auto" only when the update bound of one of the optimizers uses them — every optimizer but
+    Adam and AdamW (and their subclasses), whose bound rests on the learning rate and betas alone."""
+    return policy == "every" or not all(isinstance(o, (torch.optim.Adam, torch.optim.AdamW))
+                                        for o in lt.optimizers_of(optimizer))
 
 
 def hookable(optimizer: Any) -> list[Any]:

@@ -182,8 +182,9 @@ class Follower:
         if plan["sharded"] is not None:
             self._sharded = ShardedRun(self.model, *plan["sharded"])
             self._sharded.init(self._sharded.tensors())  # rank 0's genesis fingerprint
-            self._hooks = [opt.register_step_post_hook(lambda opt, args, kwargs: group_grad_norms(opt))
-                           for opt in hookable(optimizer)]
+            if plan["gradients"]:  # the collective rank 0's hook takes
+                self._hooks = [opt.register_step_post_hook(lambda opt, args, kwargs: group_grad_norms(opt))
+                               for opt in hookable(optimizer)]
         self.run_id, self._step = str(joined(group)), 0  # phase 2: the ledger exists
         self._last_checkpoint = None
         if self.checkpoint_every:  # rank 0 checkpoints the init state

@@ -17,7 +17,7 @@ from ledger._fingerprint import model_digest
 from ledger._schema import FingerprintPolicy, Genesis, InitFingerprint, OptimizerInfo
 from ledger.errors import ConfigurationError
 from ledger.hooks._norms import POLICY as NORM_POLICY
-from ledger.hooks._options import OVERHEAD_BUDGET, FingerprintOptions
+from ledger.hooks._options import FingerprintOptions
 
 STEP_CONVENTION = "step s is the s-th optimizer step; its entry is written after it; init is step -1"
 
@@ -63,7 +63,8 @@ def build_genesis(*, model: Any, optimizer: Any, scheduler: Any, seed: int, conf
         architecture=lt.architecture(model, tensors, aliases),
         init=InitFingerprint(init_digests, model_digest(init_digests), init_sketch, norms),
         fingerprints=FingerprintPolicy(list(tensors), options.sketch, options.sketch_k, sketcher.seed,
-                                       options.digests, OVERHEAD_BUDGET, norms=NORM_POLICY, tensor_digest=scheme),
+                                       options.digests, options.budget, norms=NORM_POLICY, tensor_digest=scheme,
+                                       batch=options.batch, grad_norms=options.grad_norms),
         checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir,
         retention=list(keep) if keep else "all", step_convention=STEP_CONVENTION,
         base=_declared_base(base, init_digests), framework=_framework(framework),

@@ -15,57 +15,96 @@ from typing import Any
 from ledger._fingerprint import SKETCH_K, check_sketch_k
 from ledger.errors import ConfigurationError
 
-OVERHEAD_BUDGET = 0.01  # the recorder's target: ≤ 1% of the step time
+OVERHEAD_BUDGET = 0.01  # the default budget of the optional fingerprints: ≤ 1% of the step time
 RECALIBRATE_EVERY = 50
+SHARES = {"sketch": 0.4, "digests": 0.4, "batch": 0.2}  # each optional kind's share of the budget
+GRAD_NORM_POLICY = {"auto": "when the update bound uses them (SGD); not for Adam/AdamW", "every": "every step"}
+
+
+def _interval(value: Any, what: str, words: tuple[str, ...]) -> None:
+    if not (value in words or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)):
+        raise ConfigurationError(f"{what} must be {', '.join(repr(w) for w in words)} or a number of steps "
+                                 "(0: never between checkpoints)")
 
 
 @dataclass(frozen=True, slots=True)
 class FingerprintOptions:
     """The fingerprint policy of a recorded run (recorded in genesis ``fingerprints``).
 
-    ``sketch``: ``"auto"`` (a cadence that keeps its cost near 0.4 % of the step), an interval in
-    steps, or 0 (off). ``digests``: ``"auto"`` (every step when they cost < 0.5 % of the step, else
-    at checkpoints), ``"every"`` or ``"checkpoints"``. ``sketch_k``: buckets of the count-sketch (a
-    power of two). Per-tensor norms are taken every step whatever the policy."""
+    Every step, whatever the policy: learning rates, per-tensor weight norms, and gradient norms
+    when the optimizer's update bound uses them (``grad_norms="auto"``: SGD; Adam/AdamW's bound does
+    not, so their gradients are not read; ``"every"``: always). Full fingerprints at every
+    checkpoint and at the seal. The optional ones — ``sketch`` (the count-sketch), ``digests``
+    (full tensor digests between checkpoints) and ``batch`` (batch digests) — are each ``"auto"``
+    (scheduled against ``budget``), ``"every"`` / 1 (every step), a fixed interval in steps, or 0
+    (``"checkpoints"`` for digests: never between checkpoints). ``budget``: the fraction of the
+    measured step time the optional fingerprints may cost on the training thread (default 1%; each
+    kind gets its share in :data:`SHARES`), re-measured every ``RECALIBRATE_EVERY`` steps;
+    ``None``: every ``"auto"`` kind every step. Each step entry's ``carries`` says what it holds.
+    ``sketch_k``: buckets of the count-sketch (a power of two)."""
 
     sketch: str | int = "auto"
-    digests: str = "auto"
+    digests: str | int = "auto"
     sketch_k: int = SKETCH_K
+    batch: str | int = "auto"
+    budget: float | None = OVERHEAD_BUDGET
+    grad_norms: str = "auto"
 
     def __post_init__(self) -> None:
-        if not (self.sketch == "auto" or (isinstance(self.sketch, int) and not isinstance(self.sketch, bool)
-                                          and self.sketch >= 0)):
-            raise ConfigurationError("sketch must be 'auto', 0 (off) or a positive interval in steps")
-        if self.digests not in ("auto", "every", "checkpoints"):
-            raise ConfigurationError("digests must be 'auto', 'every' or 'checkpoints'")
+        _interval(self.sketch, "sketch", ("auto", "every"))
+        _interval(self.digests, "digests", ("auto", "every", "checkpoints"))
+        _interval(self.batch, "batch", ("auto", "every"))
+        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float))
+                                        or not 0 < self.budget < 1):
+            raise ConfigurationError("budget must be a fraction of the step time between 0 and 1 (e.g. 0.01), "
+                                     "or None (every optional fingerprint every step)")
+        if self.grad_norms not in GRAD_NORM_POLICY:
+            raise ConfigurationError("grad_norms must be 'auto' (when the update bound uses them) or 'every'")
         check_sketch_k(self.sketch_k)
+
+    def fixed(self, kind: str) -> int | None:
+        """The interval of an optional kind when it is not scheduled by the budget (None when it is)."""
+        value = getattr(self, kind)
+        if value == "auto":
+            return 1 if self.budget is None else None
+        return (1 if value == "every" else 0) if isinstance(value, str) else int(value)
 
 
 class Cadence:
-    """When the optional fingerprints are taken: chosen from the median of the recent step times and
-    of their recent costs, re-measured every ``RECALIBRATE_EVERY`` steps, under ``OVERHEAD_BUDGET``."""
+    """When the optional fingerprints are taken: each ``"auto"`` kind every n steps, n chosen from the
+    median of the recent step times and of the kind's recent costs on the training thread so that
+    it stays within its share of the budget; re-measured every ``RECALIBRATE_EVERY`` steps. A kind
+    is due at step s when n > 0 and s % n == 0; every kind is due at step 0 (its first cost)."""
 
     def __init__(self, options: FingerprintOptions) -> None:
         self.options = options
-        self.sketch_every = 1 if options.sketch == "auto" else int(options.sketch)
-        self.digests = options.digests in ("auto", "every")
+        self.every: dict[str, int] = {kind: fixed if (fixed := options.fixed(kind)) is not None else 1
+                                      for kind in SHARES}
         self.periods: collections.deque[float] = collections.deque(maxlen=32)
         self.costs: dict[str, collections.deque[float]] = {
-            name: collections.deque(maxlen=5) for name in ("norms", "sketch", "digests")}
+            name: collections.deque(maxlen=5) for name in ("norms", *SHARES)}
 
-    def sketch_due(self, step: int) -> bool:
-        """True when step ``step`` carries a sketch."""
-        return bool(self.sketch_every) and step % self.sketch_every == 0
+    def due(self, kind: str, step: int) -> bool:
+        """True when step ``step`` carries the optional fingerprint ``kind``."""
+        n = self.every[kind]
+        return n > 0 and step % n == 0
 
     def calibrate(self) -> None:
-        """Choose the sketch interval and whether full digests go in every step."""
-        if not self.periods:
+        """Choose each budgeted kind's interval from the measured costs and step time."""
+        if not self.periods or self.options.budget is None:
             return
-        budget = OVERHEAD_BUDGET * statistics.median(self.periods)
-        if self.options.sketch == "auto" and self.costs["sketch"]:
-            self.sketch_every = max(1, math.ceil(statistics.median(self.costs["sketch"]) / (0.4 * budget)))
-        if self.options.digests == "auto" and self.costs["digests"]:
-            self.digests = statistics.median(self.costs["digests"]) < 0.5 * budget
+        budget = self.options.budget * statistics.median(self.periods)
+        for kind, share in SHARES.items():
+            if self.options.fixed(kind) is None and self.costs[kind]:
+                self.every[kind] = max(1, math.ceil(statistics.median(self.costs[kind]) / (share * budget)))
+
+    def state(self) -> tuple[int, ...]:
+        """The intervals in force (sketch, digests, batch): what rank 0 broadcasts."""
+        return tuple(self.every[kind] for kind in SHARES)
+
+    def adopt(self, state: tuple[int, ...]) -> None:
+        """Take the intervals rank 0 chose."""
+        self.every = dict(zip(SHARES, (int(n) for n in state), strict=True))
 
 
 def resolve(fingerprints: FingerprintOptions | None, deprecated: dict[str, Any]) -> FingerprintOptions:

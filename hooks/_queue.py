@@ -35,13 +35,14 @@ class WriterQueue:
         self._queued = self._done = 0
         self._stopping = False
         self.waits = 0  # how many puts had to wait for a bound (for benchmarks and tests)
+        self._alive = True  # until _loop ends (cheaper to read at every put than Thread.is_alive)
         self._thread = threading.Thread(target=self._loop, name="ledger-writer", daemon=True)
         self._thread.start()
 
     @property
     def stopped(self) -> bool:
         """True once :meth:`stop` was called or the thread is gone: nothing queued would run."""
-        return self._stopping or not self._thread.is_alive()
+        return self._stopping or not self._alive
 
     def put(self, job: Any) -> None:
         """Queue a job (from the training thread); wait while a bound is reached. Raises
@@ -95,6 +96,12 @@ class WriterQueue:
         self._thread.join()
 
     def _loop(self) -> None:
+        try:
+            self._drain()
+        finally:
+            self._alive = False
+
+    def _drain(self) -> None:
         # Normal priority on purpose: the training thread waits for this one when a bound is
         # reached, so a lowered priority (it ran at nice 19 before) would turn CPU contention into
         # a training stall and let the unwritten tail grow.

@@ -23,7 +23,7 @@ from ledger._schema import CheckpointBody, FinalWeights, Genesis, SealBody
 from ledger._writer import LedgerWriter
 from ledger.errors import ConfigurationError, FormatError, LedgerError, StorageError
 from ledger.hooks import _distributed, _resume
-from ledger.hooks._capture import Capture, detached, hookable
+from ledger.hooks._capture import Capture, detached, hookable, reads_gradients
 from ledger.hooks._checkpointing import Alive, Body, Checkpoints, reason, undo_construction
 from ledger.hooks._failures import Failures, Job
 from ledger.hooks._genesis import build_genesis
@@ -126,7 +126,8 @@ class Recorder:
             if sharded is not None and checkpoint_every:
                 raise refuse("checkpoint_every")
             told({"sharded": (sketch_seed, options.sketch_k) if sharded else None,
-                  "checkpoint_every": checkpoint_every})  # the followers adopt rank 0's settings
+                  "checkpoint_every": checkpoint_every,  # the followers adopt rank 0's settings
+                  "gradients": reads_gradients(optimizer, options.grad_norms)})
         with _distributed.announce(group) as told:  # every rank learns the run id, or why there is none
             sketcher = lt.CountSketch(sketch_seed, options.sketch_k)
             tensors, aliases = sharded_state(model) if sharded else lt.canonical_state(model)
@@ -204,9 +205,10 @@ class Recorder:
         self._closed = False
         self._queue = WriterQueue(self._failures.run, queue_size, drain_interval, max_lag)
         self._capture = Capture(optimizer, genesis, self._names,  # the optimizer step hooks
-                                group_grad_norms if sharded else None)
+                                group_grad_norms if sharded else None, reads_gradients(optimizer, options.grad_norms))
         self._last_step_time: float | None = None
         self._tensor_cache: dict[str, torch.Tensor] | None = None
+        self._tensor_list: list[torch.Tensor] = []
         self._norm_plan: Norms | None = None
         self._mirror: Any = None  # the MLflow mirror (ledger.hooks.mlflow.Mirror), when mirroring
         self._tsa = Timestamper(tsa, path / "heads").start() if tsa is not None else None
@@ -243,34 +245,38 @@ class Recorder:
                 ShardedRun.sync(step, cadence, self._ranks)
             self._enqueue(step, values, hook, *self._sharded.measure(step, tensors, cadence), batch)
             return
+        if self._norm_plan is None:
+            self._norm_plan = Norms(self._tensor_list)
         t0 = time.perf_counter()
-        with torch.no_grad():
-            if self._norm_plan is None:
-                self._norm_plan = Norms(list(tensors.values()))
-            norms = self._norm_plan.measure(list(tensors.values()))
+        norms = self._norm_plan.measure(self._tensor_list)
         t1 = time.perf_counter()
         cadence.costs["norms"].append(t1 - t0)
-        sketch = None
-        if cadence.sketch_due(step):
+        sketch = digests = None
+        if cadence.due("sketch", step):
             sketch = self._sketcher(tensors)
-            cadence.costs["sketch"].append(time.perf_counter() - t1)
-        digests = None
-        if cadence.digests:
             t2 = time.perf_counter()
+            cadence.costs["sketch"].append(t2 - t1)
+            t1 = t2
+        if cadence.due("digests", step):
             digests = lt.torch_digests(tensors)
-            cadence.costs["digests"].append(time.perf_counter() - t2)
+            cadence.costs["digests"].append(time.perf_counter() - t1)
         self._enqueue(step, values, hook, norms, sketch, digests, batch)
 
     def _enqueue(self, step: int, values: dict[str, Any], hook: dict[str, Any], norms: Any, sketch: Any,
                  digests: dict[str, bytes] | None, batch: Any) -> None:
         """Queue step ``step``'s entry (encoded and appended on the writer thread), then its checkpoint
-        when one is due."""
-        due = bool(self.checkpoint_every) and (step + 1) % int(self.checkpoint_every or 1) == 0
-        batch_d = lt.batch_digest(batch) if batch is not None else None  # now: the caller may reuse the buffers
-        self._queue.put(Job(lambda: self._append(Kind.STEP, step, self._capture.body(values, hook, norms, sketch,
-                                                                                      digests, batch_d)), step))
+        when one is due. A batch due for its digest is copied now (the caller may reuse its buffers)
+        and digested on the writer thread, or digested now when it is large."""
+        leaves = None
+        if batch is not None and self._cadence.due("batch", step):
+            t0 = time.perf_counter()
+            leaves = lt.BatchLeaves(batch)
+            self._cadence.costs["batch"].append(time.perf_counter() - t0)
+        capture = self._capture
+        self._queue.put(Job(lambda: self._append(Kind.STEP, step, capture.body(
+            values, hook, norms, sketch, digests, leaves.digest() if leaves is not None else None)), step))
         self._step = step + 1
-        if due:
+        if bool(self.checkpoint_every) and (step + 1) % int(self.checkpoint_every or 1) == 0:
             self._checkpoint(step)
         self._last_step_time = time.perf_counter()
 
@@ -282,6 +288,7 @@ class Recorder:
             self._norm_plan = None
             state = self.model.state_dict(keep_vars=True)
             self._tensor_cache = {name: state[name] for name in self._names}
+            self._tensor_list = list(self._tensor_cache.values())
         return self._tensor_cache
 
     def _checkpoint(self, step: int) -> None:
@@ -519,7 +526,8 @@ class Recorder:
                           + "; ".join(f"step {s}: {why}" for s, why in plan.skipped), RuntimeWarning, stacklevel=2)
         policy = plan.genesis.fingerprints
         assert policy is not None
-        options = FingerprintOptions(policy.sketch, policy.digests, policy.sketch_k)
+        options = FingerprintOptions(policy.sketch, policy.digests, policy.sketch_k, policy.batch,
+                                     policy.overhead_budget, policy.grad_norms)
         recorder = cls.__new__(cls)
         recorder._attach(root, model, optimizer, scheduler, writer, plan.genesis, options,
                          lt.CountSketch(policy.sketch_seed, policy.sketch_k), first_step=last.step + 1, keep=keep,

@@ -92,7 +92,7 @@ class ShardedRun:
     def sync(step: int, cadence: Cadence, group: Any) -> None:
         """At step 0 and at each recalibration, every rank adopts rank 0's cadence."""
         if step == 0 or step % RECALIBRATE_EVERY == 1:
-            cadence.sketch_every, cadence.digests = group.share((cadence.sketch_every, cadence.digests))
+            cadence.adopt(group.share(cadence.state()))
 
     def measure(self, step: int, tensors: Mapping[str, torch.Tensor],
                 cadence: Cadence) -> tuple[Ready, npt.NDArray[np.float64] | None, dict[str, bytes] | None]:
@@ -102,10 +102,10 @@ class ShardedRun:
         t1 = time.perf_counter()
         cadence.costs["norms"].append(t1 - t0)
         sketch = digests = None
-        if cadence.sketch_due(step):
+        if cadence.due("sketch", step):
             sketch = self.fingerprints.sketch(tensors)
             cadence.costs["sketch"].append(time.perf_counter() - t1)
-        if cadence.digests:
+        if cadence.due("digests", step):
             t2 = time.perf_counter()
             digests = self.fingerprints.digests(tensors)
             cadence.costs["digests"].append(time.perf_counter() - t2)

@@ -36,7 +36,7 @@ SET_BY_CALLBACK = ("model", "optimizer", "scheduler", "framework", "path")
 
 STEP_MAPPING = "ledger step s is the optimizer step after which trainer.global_step == s + 1"
 GRAD_NORM = ("after clipping: the gradients the optimizer step used (Lightning clips and, with AMP, "
-             "unscales before optimizer.step)")
+             "unscales before optimizer.step); recorded when genesis fingerprints.grad_norms asks for them")
 BATCH = ("batch_digest([b1, ..., bn]) of the step's micro-batches as on_train_batch_start received them "
          "(after transfer to the device), digested after the optimizer step; n = 1 without accumulation")
 METRICS = ("values logged with self.log(..., on_step=True) during the step's batches, up to on_train_batch_end "

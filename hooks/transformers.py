@@ -246,7 +246,8 @@ def framework(args: Any) -> dict[str, Any]:
         "step_mapping": "ledger step s is Trainer state.global_step s+1",
         "loss": f"Trainer.training_step's loss summed over the step's {accumulation} micro-batch(es) (what the "
                 "step adds to tr_loss); the Trainer logs its mean over logging_steps",
-        "grad_norm": f"after clipping {clip}; hf_grad_norm is the Trainer's logged value, before clipping",
+        "grad_norm": f"after clipping {clip}, when genesis fingerprints.grad_norms asks for it; hf_grad_norm is "
+                     "the Trainer's logged value, before clipping",
         "batch": "the model's keyword inputs of each micro-batch, in order, without num_items_in_batch (rank 0's)",
         "gradient_accumulation_steps": accumulation,
     }

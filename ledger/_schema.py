@@ -157,17 +157,20 @@ class FingerprintPolicy:
     sketch: str | int
     sketch_k: int
     sketch_seed: int
-    digests: str
-    overhead_budget: float
+    digests: str | int
+    overhead_budget: float | None  # None: every "auto" kind every step
     norms: str = "every step (L2, float32, tensor_order)"
     sketch_kind: str = "count-sketch/v1"
     tensor_digest: str = "tensor/v1"  # the per-tensor digest scheme (docs/FORMAT.md §10.1); written when not v1
+    batch: str | int = "every"  # batch digests: "auto" (budgeted), "every" or an interval; before 0.3 every step
+    grad_norms: str = "every"  # "auto": only for optimizers whose update bound uses them (SGD); before 0.3 every step
 
     def to_body(self) -> dict[str, Any]:
         """The ``fingerprints`` map of genesis."""
         body = {"tensor_order": list(self.tensor_order), "norms": self.norms, "sketch": self.sketch,
                 "sketch_k": self.sketch_k, "sketch_seed": self.sketch_seed, "sketch_kind": self.sketch_kind,
-                "digests": self.digests, "overhead_budget": self.overhead_budget}
+                "digests": self.digests, "overhead_budget": self.overhead_budget, "batch": self.batch,
+                "grad_norms": self.grad_norms}
         if self.tensor_digest != "tensor/v1":
             body["tensor_digest"] = self.tensor_digest
         return body
@@ -184,11 +187,14 @@ class FingerprintPolicy:
             raise FormatError(f"fingerprints 'sketch_k' {k} is not a power of two between 2 and 2^20")
         return cls(list(order), _typed(body.get("sketch", "auto"), (str, int), "fingerprints 'sketch'"), k,
                    _int(_req(body, "sketch_seed", int, "fingerprints"), "fingerprints 'sketch_seed'"),
-                   _text(body, "digests", "auto", "fingerprints"),
+                   _typed(body.get("digests", "auto"), (str, int), "fingerprints 'digests'"),
+                   None if body.get("overhead_budget", 0.01) is None else
                    _number(body.get("overhead_budget", 0.01), "fingerprints 'overhead_budget'"),
                    _text(body, "norms", "", "fingerprints"),
                    _text(body, "sketch_kind", "count-sketch/v1", "fingerprints"),
-                   _scheme(_text(body, "tensor_digest", "tensor/v1", "fingerprints")))
+                   _scheme(_text(body, "tensor_digest", "tensor/v1", "fingerprints")),
+                   _typed(body.get("batch", "every"), (str, int), "fingerprints 'batch'"),
+                   _text(body, "grad_norms", "every", "fingerprints"))
 
 
 def _scheme(scheme: str) -> str:

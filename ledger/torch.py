@@ -130,16 +130,55 @@ def _zero_copy(tensor: torch.Tensor) -> bool:
 def batch_digest(batch: Any) -> bytes:
     """Digest of a batch: its leaves in pytree order (tensors digested like weights under their
     leaf index, other leaves as deterministic CBOR), then the list of leaf digests."""
-    from torch.utils._pytree import tree_flatten
+    return BatchLeaves(batch, copy_below=0).digest()
 
-    leaves, _ = tree_flatten(batch)
-    h = hashlib.sha256(BATCH_DOMAIN + len(leaves).to_bytes(8, "big"))
-    for index, leaf in enumerate(leaves):
-        if isinstance(leaf, torch.Tensor):
-            h.update(tensor_digest(str(index), safetensors_dtype(leaf), tuple(leaf.shape), tensor_bytes(leaf)))
-        else:
-            h.update(hashlib.sha256(encode_body({"leaf": leaf})).digest())
-    return h.digest()
+
+class BatchLeaves:
+    """A batch taken apart on the training thread so that its digest can be finished on another
+    thread (:meth:`digest`, equal to :func:`batch_digest`): while the batch's tensors add up to fewer
+    than ``copy_below`` bytes they are copied (a private CPU copy the caller cannot change; a copy
+    from an accelerator is asynchronous, into pinned memory, and waited for in :meth:`digest`),
+    else each tensor leaf is digested here."""
+
+    __slots__ = ("_count", "_leaves", "_ready")
+
+    def __init__(self, batch: Any, copy_below: int = 1 << 20) -> None:
+        from torch.utils._pytree import tree_flatten
+
+        leaves, _ = tree_flatten(batch)
+        tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+        copy = sum(t.nbytes for t in tensors) < copy_below
+        self._count = len(leaves)
+        self._ready: Any = None  # a CUDA event once a copy is asynchronous
+        out: list[Any] = []
+        for index, leaf in enumerate(leaves):
+            if not isinstance(leaf, torch.Tensor):
+                out.append(hashlib.sha256(encode_body({"leaf": leaf})).digest())
+            elif copy:
+                out.append(self._copy(leaf.detach()))
+            else:
+                out.append(tensor_digest(str(index), safetensors_dtype(leaf), tuple(leaf.shape), tensor_bytes(leaf)))
+        self._leaves = out
+
+    def _copy(self, leaf: torch.Tensor) -> torch.Tensor:
+        if leaf.device.type == "cpu":
+            return leaf.clone()
+        host = torch.empty(leaf.shape, dtype=leaf.dtype, pin_memory=torch.cuda.is_available())
+        host.copy_(leaf, non_blocking=True)
+        if leaf.device.type == "cuda":
+            self._ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self._ready.record()
+        return host
+
+    def digest(self) -> bytes:
+        """The batch digest (any thread; waits for an asynchronous copy)."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        h = hashlib.sha256(BATCH_DOMAIN + self._count.to_bytes(8, "big"))
+        for index, leaf in enumerate(self._leaves):
+            h.update(leaf if isinstance(leaf, bytes) else
+                     tensor_digest(str(index), safetensors_dtype(leaf), tuple(leaf.shape), tensor_bytes(leaf)))
+        return h.digest()
 
 
 # ----------------------------------------------------------------------------- count-sketch on any device
@@ -746,4 +785,4 @@ __all__ = ["RESEED_PER_STEP", "STREAM", "CountSketch", "Snapshot", "architecture
            "canonical_state", "continue_step", "deterministic", "environment", "load_tensors", "optimizer_groups",
            "restore", "rng_state", "run_step", "safetensors_dtype", "seed_everything", "set_rng_state",
            "sketch_slots", "snapshot", "snapshot_digests", "tensor_bytes", "torch_digests", "unwrap_optimizer",
-           "write_checkpoint", "place_checkpoint", "temporary_name", "being_written", "TEMPORARY"]
+           "write_checkpoint", "place_checkpoint", "temporary_name", "being_written", "TEMPORARY", "BatchLeaves"]

@@ -116,7 +116,8 @@ def steps_of(path: Path) -> list[Any]:
 @pytest.mark.parametrize("optimizer, accumulate", [("sgd", 1), ("adamw", 4)])
 def test_fit_records_each_optimizer_step_and_verifies(tmp_path, keys, optimizer, accumulate):
     model = Tiny(optimizer)
-    callback = LedgerCallback(tmp_path / "run" / "ledger", key=keys[0], checkpoint_every=5, config={"test": 1})
+    callback = LedgerCallback(tmp_path / "run" / "ledger", key=keys[0], checkpoint_every=5, config={"test": 1},
+                              fingerprints=FingerprintOptions(batch="every", grad_norms="every"))
     fitted = trainer(callbacks=[callback], accumulate_grad_batches=accumulate, val_check_interval=8,
                      limit_val_batches=2)
     fitted.fit(model, loader(), loader())

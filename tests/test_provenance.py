@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import ledger
 from ledger import Kind, LedgerWriter, Signer
-from ledger.hooks import Recorder
+from ledger.hooks import FingerprintOptions, Recorder
 from ledger.torch import build_scheduler, deterministic, run_step
 from ledger.verify import verify_ledger
 
@@ -38,7 +38,7 @@ def record(path: Path, recipe: Any = None, *, before: Callable[[Any], None] | No
     optimizer = recipe.build_optimizer(model)
     scheduler = build_scheduler(recipe, optimizer)
     rec = Recorder(path, model=model, optimizer=optimizer, scheduler=scheduler, key=SIGNER, seed=SEED,
-                   checkpoint_every=EVERY, recipe=recipe,
+                   checkpoint_every=EVERY, recipe=recipe, fingerprints=FingerprintOptions(batch="every"),
                    determinism={"threads": torch.get_num_threads(), "rng": "reseed-per-step/v1"})
     for step in range(steps):
         if during and during(step, model):

@@ -18,7 +18,7 @@ import ledger
 from ledger import Kind, Signer, _state
 from ledger import torch as lt
 from ledger._fingerprint import model_digest, safetensors_digests
-from ledger.hooks import Recorder, train
+from ledger.hooks import FingerprintOptions, Recorder, train
 from ledger.torch import CountSketch, build_scheduler, canonical_state, run_step, torch_digests
 from ledger.verify import verify_ledger
 
@@ -34,7 +34,8 @@ def run(tmp_path_factory) -> Path:
     """One recorded recipe run shared by several tests (10 steps, checkpoints every 4)."""
     out = tmp_path_factory.mktemp("run")
     train(TinyRecipe(), steps=10, path=out / "L", key=SIGNER, seed=3, checkpoint_every=4,
-          final_weights=out / "model.safetensors", config={"purpose": "test"})
+          final_weights=out / "model.safetensors", config={"purpose": "test"},
+          fingerprints=FingerprintOptions(batch="every", grad_norms="every"))
     return out
 
 

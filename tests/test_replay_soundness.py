@@ -19,7 +19,7 @@ from test_provenance import EVERY, SEED, SIGNER, STEPS, drift_toward, foreign_st
 
 from ledger import Kind
 from ledger._schema import Genesis
-from ledger.hooks import Recorder, train
+from ledger.hooks import FingerprintOptions, Recorder, train
 from ledger.torch import RESEED_PER_STEP, STREAM, build_scheduler, deterministic, run_step
 from ledger.verify._replay import RESEED, rng_discipline
 
@@ -35,6 +35,7 @@ def spans(report: Any, failing: bool = False) -> list[tuple[int, int]]:
 def trained(path: Path, recipe: Any = None, **options: Any) -> Path:
     """A run driven by ``ledger.hooks.train`` (RNG reseeded per step, recorded in genesis)."""
     options.setdefault("checkpoint_every", EVERY)
+    options.setdefault("fingerprints", FingerprintOptions(batch="every"))
     return train(recipe or TinyRecipe(), steps=STEPS, path=path, key=SIGNER, seed=SEED,
                  final_weights=path.parent / f"{path.name}.safetensors", **options)
 

@@ -22,6 +22,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, 
 import ledger  # noqa: E402
 from ledger import Kind, load_public_key  # noqa: E402
 from ledger.errors import ConfigurationError  # noqa: E402
+from ledger.hooks import FingerprintOptions  # noqa: E402
 from ledger.hooks.transformers import CURSOR_FILE, LedgerTrainerCallback  # noqa: E402
 from ledger.torch import batch_digest  # noqa: E402
 from ledger.verify import verify_ledger  # noqa: E402
@@ -110,7 +111,9 @@ def run(tmp_path_factory: pytest.TempPathFactory, keypair: tuple[Path, Path]) ->
     """Six optimizer steps of four micro-batches each, logged every step, Trainer checkpoints at 3 and 6."""
     out = tmp_path_factory.mktemp("hf")
     forwards = Forwards()
-    fit = trainer(out, [LedgerTrainerCallback(out / "L", key=keypair[0], config={"purpose": "test"}), forwards])
+    every = FingerprintOptions(batch="every", grad_norms="every")
+    fit = trainer(out, [LedgerTrainerCallback(out / "L", key=keypair[0], config={"purpose": "test"},
+                                              fingerprints=every), forwards])
     fit.train()
     return out, fit, forwards
 
@@ -315,7 +318,9 @@ def test_bad_arguments_are_refused_with_one_clear_error(tmp_path, keypair):
 
 
 def test_a_loss_computed_outside_the_model_is_absent_with_a_warning(tmp_path, keypair):
-    fit = trainer(tmp_path, [LedgerTrainerCallback(tmp_path / "L", key=keypair[0])], label_smoothing_factor=0.1,
+    fit = trainer(tmp_path, [LedgerTrainerCallback(tmp_path / "L", key=keypair[0],
+                                                   fingerprints=FingerprintOptions(batch="every"))],
+                  label_smoothing_factor=0.1,
                   max_steps=2, save_strategy="no")
     with pytest.warns(RuntimeWarning, match="the model returned no loss"):
         fit.train()

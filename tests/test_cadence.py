@@ -1,0 +1,134 @@
+"""The recorder's cost budget: what every step carries, how the optional fingerprints are scheduled,
+and that what genesis and the entries state is what was recorded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FIXED_SEED
+from recipes import TinyRecipe
+from torch.nn import functional as F
+
+import ledger
+from ledger import Kind, Signer
+from ledger.errors import ConfigurationError
+from ledger.hooks import FingerprintOptions, Recorder
+from ledger.hooks._options import SHARES, Cadence
+from ledger.torch import BatchLeaves, batch_digest, torch_digests
+from ledger.verify import verify_ledger
+
+SIGNER = Signer.from_seed(FIXED_SEED)
+
+
+def record(path: Path, steps: int = 12, optimizer: str = "adamw", **options: object) -> Recorder:
+    """A TinyRecipe run of ``steps`` steps; the recorder (closed, sealed with the final weights)."""
+    recipe = TinyRecipe()
+    model = recipe.build_model(3)
+    opt = recipe.build_optimizer(model) if optimizer == "adamw" else \
+        torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=1e-4)
+    rec = Recorder(path, model=model, optimizer=opt, key=SIGNER, seed=3, checkpoint_every=6,
+                   fingerprints=FingerprintOptions(**options))  # type: ignore[arg-type]
+    for s in range(steps):
+        x, y = recipe.batch(s)
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        rec.step(loss=loss, batch=(x, y))
+    rec.close(final_weights=path.parent / f"{path.name}.safetensors")
+    return rec
+
+
+def step_bodies(path: Path) -> list[dict[str, object]]:
+    return [e.body() for e in ledger.open(path).entries() if e.kind is Kind.STEP]
+
+
+def test_every_entry_carries_exactly_what_the_fixed_cadence_states(tmp_path):
+    record(tmp_path / "L", sketch=3, digests=4, batch=2)
+    for s, body in enumerate(step_bodies(tmp_path / "L")):
+        expected = ["norms"] + [kind for kind, n in (("sketch", 3), ("digests", 4), ("batch", 2)) if s % n == 0]
+        assert body["carries"] == expected, s
+        assert ("sketch" in body) == (s % 3 == 0) and ("tensor_digests" in body) == (s % 4 == 0)
+        assert ("batch_digest" in body) == (s % 2 == 0) and body["norms"].shape == (6,) and "lrs" in body
+    genesis = ledger.open(tmp_path / "L").genesis()["fingerprints"]
+    assert (genesis["sketch"], genesis["digests"], genesis["batch"]) == (3, 4, 2)
+    assert genesis["overhead_budget"] == 0.01 and genesis["grad_norms"] == "auto"
+    assert verify_ledger(tmp_path / "L", key=SIGNER.public, model=tmp_path / "L.safetensors").verdict == "pass"
+
+
+def test_budget_none_takes_every_optional_fingerprint_every_step(tmp_path):
+    record(tmp_path / "L", budget=None)
+    assert all(b["carries"] == ["norms", "sketch", "digests", "batch"] for b in step_bodies(tmp_path / "L"))
+    assert ledger.open(tmp_path / "L").genesis()["fingerprints"]["overhead_budget"] is None
+
+
+def test_gradient_norms_are_read_only_when_the_update_bound_uses_them(tmp_path):
+    record(tmp_path / "adamw")
+    record(tmp_path / "sgd", optimizer="sgd")
+    record(tmp_path / "forced", grad_norms="every")
+    assert not any("grad_norms" in b or "grad_norm" in b["metrics"] for b in step_bodies(tmp_path / "adamw"))
+    for name in ("sgd", "forced"):
+        bodies = step_bodies(tmp_path / name)
+        assert all(b["grad_norms"].shape == (1,) and b["metrics"]["grad_norm"] > 0 for b in bodies)
+    for name in ("adamw", "sgd"):  # SGD's bound has its gradient norms; AdamW's needs none
+        report = verify_ledger(tmp_path / name, key=SIGNER.public, model=tmp_path / f"{name}.safetensors")
+        assert report.verdict == "pass" and report.check("continuity").status == "pass", report.to_dict()["checks"]
+
+
+def test_the_budget_sets_each_interval_from_measured_costs():
+    cadence = Cadence(FingerprintOptions())
+    assert cadence.state() == (1, 1, 1) and all(cadence.due(kind, 0) for kind in SHARES)  # step 0 measures each
+    cadence.periods.extend([0.100] * 5)  # a 100 ms step: 1 ms budget
+    for kind, cost in (("sketch", 0.002), ("digests", 0.0001), ("batch", 0.0005)):
+        cadence.costs[kind].append(cost)
+    cadence.calibrate()  # sketch: 2 ms / 0.4 ms → every 5; digests 0.1 ms ≤ 0.4 ms → every step; batch 0.5/0.2 → 3
+    assert cadence.every == {"sketch": 5, "digests": 1, "batch": 3}
+    assert [s for s in range(12) if cadence.due("sketch", s)] == [0, 5, 10]
+    fixed = Cadence(FingerprintOptions(sketch=7, digests="checkpoints", batch="every"))
+    fixed.periods.append(1e-6)
+    for kind in SHARES:
+        fixed.costs[kind].append(1.0)
+    fixed.calibrate()  # fixed intervals are not the budget's to change
+    assert fixed.state() == (7, 0, 1) and not any(fixed.due("digests", s) for s in range(10))
+    unlimited = Cadence(FingerprintOptions(budget=None))
+    unlimited.periods.append(1e-6)
+    unlimited.costs["sketch"].append(1.0)
+    unlimited.calibrate()
+    assert unlimited.state() == (1, 1, 1)
+
+
+def test_an_auto_run_states_in_its_entries_what_the_budget_chose(tmp_path):
+    rec = record(tmp_path / "L", steps=130, sketch="auto", digests="auto")  # recalibrated at steps 1, 51, 101
+    bodies = step_bodies(tmp_path / "L")
+    sketched = [s for s, b in enumerate(bodies) if "sketch" in b["carries"]]
+    assert sketched[0] == 0 and all(("sketch" in b) == ("sketch" in b["carries"]) for b in bodies)
+    after = [s for s in sketched if s >= 101]  # the last calibration's interval holds from step 101 on
+    n = rec._cadence.every["sketch"]
+    assert after == [s for s in range(101, 130) if s % n == 0]
+    report = verify_ledger(tmp_path / "L", key=SIGNER.public, model=tmp_path / "L.safetensors")
+    assert report.verdict == "pass", report.to_dict()["checks"]
+
+
+def test_a_small_batch_is_copied_and_digested_later_a_large_one_at_once():
+    x = torch.arange(12.0).reshape(3, 4)
+    batch = {"x": x, "y": torch.tensor([1, 2, 3]), "n": 3, "t": x.t()}
+    expected = batch_digest(batch)
+    later = BatchLeaves(batch)
+    x += 1  # the caller reuses its buffer before the writer thread digests the copy
+    assert later.digest() == expected
+    now = BatchLeaves({"x": x, "y": torch.tensor([1, 2, 3]), "n": 3, "t": x.t()}, copy_below=0)
+    x -= 1
+    assert now.digest() != expected and now.digest() == batch_digest({"x": x + 1, "y": torch.tensor([1, 2, 3]),
+                                                                      "n": 3, "t": (x + 1).t()})
+    assert torch_digests({"w": x})  # the live tensor is untouched by either path
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"budget": 0}, "budget must be"), ({"budget": 1.5}, "budget must be"), ({"sketch": -1}, "sketch must be"),
+    ({"digests": "sometimes"}, "digests must be"), ({"batch": "checkpoints"}, "batch must be"),
+    ({"grad_norms": "never"}, "grad_norms must be")])
+def test_bad_options_are_refused_with_one_line(options, message):
+    with pytest.raises(ConfigurationError, match=message):
+        FingerprintOptions(**options)  # type: ignore[arg-type]
