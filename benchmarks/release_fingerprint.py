@@ -12,11 +12,15 @@ recorder writes, docs/FORMAT.md §12), then times, each in its own process, inte
   before the chunked, parallel reader (the same digests; it checks they are byte-identical);
 * ``verify``     ``ledger verify LEDGER --key PUB --model FILE``, a whole CLI process;
 * ``verify-nomodel`` the same without ``--model``: start-up and the other checks alone;
-* ``model_signing`` ``model_signing sign key`` of the file's folder, when the package is installed.
+* ``model_signing`` ``model_signing sign key`` of the file's folder, when the package is installed;
+* ``import-cli``  ``import ledger._cli, ledger.verify``: the start-up every ``ledger verify`` pays;
+* ``import-pandas`` ``import pandas``, which pyarrow imports on the first array it converts when
+  pandas is installed (``pc.equal(column, "x")``, ``ChunkedArray.to_numpy()``): ``verify`` pays it too.
 
-Prints the median wall seconds (whole process, start-up included), the median seconds the hashing
-took inside the process where the child reports it, ratios to ``bare-N`` and each process's peak
-RSS (``getrusage`` of the child). The file is read once before timing: figures are warm-cache.
+Prints the median wall seconds (whole process, start-up included), its ratio to ``bare-N``'s median
+and the median of the per-round (paired) ratios, the median CPU seconds, the median seconds the
+hashing took inside the process where the child reports it and each process's peak RSS
+(``getrusage`` of the child). The file is read once before timing: figures are warm-cache.
 Figures only, no assertions.
 
     python benchmarks/release_fingerprint.py                  # 1 GiB, 3 rounds
@@ -133,8 +137,9 @@ def write_ledger(tmp: Path, model: Path) -> str:
     return model_digest(digests).hex()
 
 
-def run_child(argv: list[str]) -> tuple[float, float | None, int]:
-    """Wall seconds, the seconds the child printed (if it prints one number), peak RSS in bytes."""
+def run_child(argv: list[str]) -> tuple[float, float | None, int, float]:
+    """Wall seconds, the seconds the child printed (if it prints one number), peak RSS in bytes,
+    CPU seconds (user + system, all its threads)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.perf_counter()
         process = subprocess.Popen(argv, stdout=out, stderr=err)
@@ -150,7 +155,7 @@ def run_child(argv: list[str]) -> tuple[float, float | None, int]:
         inner: float | None = float(text.strip().splitlines()[-1])
     except (ValueError, IndexError):
         inner = None
-    return wall, inner, usage.ru_maxrss * 1024
+    return wall, inner, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -187,23 +192,30 @@ def main() -> None:
             exe = shutil.which("model_signing", path=str(bin_dir)) or "model_signing"
             cases["model_signing"] = [exe, "sign", "key", str(weights.parent), "--private_key", str(tmp / "ms.pem"),
                                       "--signature", str(tmp / "model.sig")]
+        cases["import-cli"] = [python, "-c", "import ledger._cli, ledger.verify"]
+        cases["import-pandas"] = [python, "-c", "import pandas"]
         run_child(cases[f"bare-{cpus}"])  # the page cache holds the file from here on
-        results: dict[str, list[tuple[float, float | None, int]]] = {name: [] for name in cases}
+        results: dict[str, list[tuple[float, float | None, int, float]]] = {name: [] for name in cases}
         for _ in range(args.rounds):
             for name, argv in cases.items():
                 results[name].append(run_child(argv))
         size = weights.stat().st_size
-        base = statistics.median(w for w, _, _ in results[f"bare-{cpus}"])
-        base_inner = statistics.median(i for _, i, _ in results[f"bare-{cpus}"] if i is not None)
+        bare = results[f"bare-{cpus}"]
+        base = statistics.median(row[0] for row in bare)
+        base_inner = statistics.median(row[1] for row in bare if row[1] is not None)
         print(f"{size / (1 << 30):.3f} GiB, {cpus} CPUs, {args.rounds} interleaved rounds, warm page cache")
-        print(f"{'process':<15} {'wall s':>8} {'× bare':>7} {'hash s':>8} {'× bare':>7} {'peak RSS':>10}")
-        for name, rows in results.items():
-            wall = statistics.median(w for w, _, _ in rows)
-            inners = [i for _, i, _ in rows if i is not None]
+        print(f"{'process':<15} {'wall s':>8} {'× bare':>7} {'paired':>7} {'cpu s':>6} {'hash s':>8} {'× bare':>7} "
+              f"{'peak RSS':>10}")
+        for name, rows in results.items():  # paired: the median of each round's ratio to that round's bare-N
+            wall = statistics.median(row[0] for row in rows)
+            paired = statistics.median(row[0] / b[0] for row, b in zip(rows, bare, strict=True))
+            cpu = statistics.median(row[3] for row in rows)
+            inners = [row[1] for row in rows if row[1] is not None]
             inner = f"{statistics.median(inners):>8.3f} {statistics.median(inners) / base_inner:>6.2f}×" \
                 if inners else f"{'':>8} {'':>7}"
-            rss = max(r for _, _, r in rows)
-            print(f"{name:<15} {wall:>8.3f} {wall / base:>6.2f}× {inner} {rss / (1 << 20):>7.0f} MiB")
+            rss = max(row[2] for row in rows)
+            print(f"{name:<15} {wall:>8.3f} {wall / base:>6.2f}× {paired:>6.2f}× {cpu:>6.2f} {inner} "
+                  f"{rss / (1 << 20):>7.0f} MiB")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
