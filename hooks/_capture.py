@@ -85,7 +85,7 @@ class Capture:
         return hook
 
     def body(self, values: dict[str, Any], hook: dict[str, Any], norms: Pending,
-             sketch: np.ndarray | None, digests: dict[str, bytes] | None, batch_d: bytes | None) -> StepBody:
+             sketch: Any, digests: dict[str, bytes] | None, batch_d: bytes | None) -> StepBody:
         """The step entry (on the writer thread): metrics, what ``gather`` returned (hyperparameters
         only when they changed since the last entry that logged them) and the fingerprints."""
         metrics = {name: float(v) for name, v in values.items()}
@@ -107,7 +107,8 @@ class Capture:
             carries.append("batch")
         return StepBody(norms=norms.value(), metrics=metrics, optimizer_steps=int(hook.get("steps", 0)),
                         optimizer_steps_each=hook.get("each"),
-                        lrs=lrs, grad_norms=grad_norms, sketch=sketch, hyper=hypers,
+                        lrs=lrs, grad_norms=grad_norms, sketch=sketch.value() if sketch is not None else None,
+                        hyper=hypers,
                         tensor_digests=b"".join(digests[name] for name in self._names) if digests else None,
                         model_digest=model_digest(digests) if digests else None, batch_digest=batch_d,
                         carries=tuple(carries))

@@ -253,7 +253,7 @@ class Recorder:
         cadence.costs["norms"].append(t1 - t0)
         sketch = digests = None
         if cadence.due("sketch", step):
-            sketch = self._sketcher(tensors)
+            sketch = self._sketcher.measure(tensors)  # finished on the writer thread
             t2 = time.perf_counter()
             cadence.costs["sketch"].append(t2 - t1)
             t1 = t2

@@ -33,14 +33,15 @@ SCHEME = TENSOR_BLOCKED_V1
 
 
 class Ready:
-    """Norms already finished (the sharded path all-reduces them): the ``Pending`` interface."""
+    """Norms or a sketch already finished (the sharded path all-reduces them): the interface of a
+    measurement launched and finished later (``Pending``, ``PendingSketch``)."""
 
-    def __init__(self, norms: npt.NDArray[np.float64]) -> None:
-        self._norms = norms
+    def __init__(self, values: npt.NDArray[np.float64]) -> None:
+        self._values = values
 
     def value(self) -> npt.NDArray[np.float64]:
-        """The per-tensor norms."""
-        return self._norms
+        """The values."""
+        return self._values
 
 
 def is_sharded(model: Any) -> bool:
@@ -95,7 +96,7 @@ class ShardedRun:
             cadence.adopt(group.share(cadence.state()))
 
     def measure(self, step: int, tensors: Mapping[str, torch.Tensor],
-                cadence: Cadence) -> tuple[Ready, npt.NDArray[np.float64] | None, dict[str, bytes] | None]:
+                cadence: Cadence) -> tuple[Ready, Ready | None, dict[str, bytes] | None]:
         """This step's norms, sketch (when due) and digests (when due); costs recorded for the cadence."""
         t0 = time.perf_counter()
         norms = Ready(self.fingerprints.norms(tensors))
@@ -103,7 +104,7 @@ class ShardedRun:
         cadence.costs["norms"].append(t1 - t0)
         sketch = digests = None
         if cadence.due("sketch", step):
-            sketch = self.fingerprints.sketch(tensors)
+            sketch = Ready(self.fingerprints.sketch(tensors))
             cadence.costs["sketch"].append(time.perf_counter() - t1)
         if cadence.due("digests", step):
             t2 = time.perf_counter()
