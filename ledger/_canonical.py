@@ -11,6 +11,7 @@ loop), memory is proportional to the nesting depth (at most 64 levels).
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
 
 from ledger.errors import FormatError
 
@@ -31,11 +32,114 @@ def check_canonical(data: bytes) -> None:
     """Refuse (``FormatError``) ``data`` unless it is one CBOR map in the body's deterministic
     encoding: definite lengths, shortest heads, text keys in strictly increasing encoded order,
     shortest exact floats with the one NaN ``f97e00``, only typed-array and bignum tags, only
-    false/true/null as simple values, at most 64 levels deep, nothing after the map."""
+    false/true/null as simple values, at most 64 levels deep, nothing after the map.
+
+    A body of the same shape as one accepted before (:class:`_Shape`) is accepted after checking
+    only its floats."""
+    for shape in _SHAPES.get(len(data), ()):
+        if shape.matches(data):
+            return
     if not data or data[0] >> 5 != 5:
         raise FormatError("record body is not a map")
     if _scan(data, 0, 1, 0, False) != len(data):
         raise _bad("bytes follow the body's map")
+    _remember(data)
+
+
+class Payload(NamedTuple):
+    """Bytes of a canonical body that may change without changing its structure or its length: a
+    float's value (``info`` 25/26/27: its width), a byte string's contents, or a typed array's
+    (``tag``); ``key`` is the top-level key it lies under, ``depth`` how far below it."""
+
+    start: int
+    size: int
+    key: str
+    depth: int
+    info: int = 0  # floats: the head's additional information (25, 26, 27)
+    tag: int | None = None  # typed arrays: the tag
+
+
+def payloads(data: bytes) -> list[Payload]:
+    """The payloads of a body :func:`check_canonical` accepted, in order."""
+    out: list[Payload] = []
+    pos, count = _head(data, 0)
+    for _ in range(count):
+        start, size = _head(data, pos)
+        pos = _payloads(data, start + size, data[start:start + size].decode(errors="replace"), 0, out)
+    return out
+
+
+def _head(data: bytes, pos: int) -> tuple[int, int]:
+    """(position after the head, its argument) of the definite-length head at ``pos``."""
+    info = data[pos] & 31
+    if info < 24:
+        return pos + 1, info
+    size = 1 << (info - 24)
+    return pos + 1 + size, int.from_bytes(data[pos + 1:pos + 1 + size], "big")
+
+
+def _payloads(data: bytes, pos: int, key: str, depth: int, out: list[Payload]) -> int:
+    """Collect the payloads of the item at ``pos``; returns its end."""
+    major, info = data[pos] >> 5, data[pos] & 31
+    if major == 7 and info >= 25:
+        width = 1 << (info - 24)
+        out.append(Payload(pos + 1, width, key, depth, info=info))
+        return pos + 1 + width
+    after, arg = _head(data, pos)
+    if major == 2:
+        out.append(Payload(after, arg, key, depth))
+    if major in (2, 3):
+        return after + arg
+    if major in (4, 5):
+        for _ in range(arg * (major - 3)):
+            after = _payloads(data, after, key, depth + 1, out)
+        return after
+    if major != 6:
+        return after
+    start, length = _head(data, after)  # a tag over a byte string
+    if arg in _ITEM_SIZE:
+        out.append(Payload(start, length, key, depth, tag=arg))
+    return start + length  # a bignum's bytes are part of its shape
+
+
+class _Shape:
+    """An accepted body with its payloads left open: another body of the same length whose other
+    bytes are the same, and whose floats are each in their shortest exact width, is in the
+    deterministic encoding too (the same heads, keys, tags and simple values in the same places)."""
+
+    def __init__(self, data: bytes) -> None:
+        runs, floats, at = [], [], 0
+        for p in payloads(data):
+            runs.append((at, data[at:p.start]))
+            at = p.start + p.size
+            if p.info:
+                floats.append((p.start, p.info))
+        runs.append((at, data[at:]))
+        self.runs = tuple((start, run) for start, run in runs if run)
+        self.floats = tuple(floats)
+
+    def matches(self, data: bytes) -> bool:
+        """Whether ``data`` (of the shape's length) is a body of this shape."""
+        if not all(data.startswith(run, start) for start, run in self.runs):
+            return False
+        try:
+            for pos, info in self.floats:
+                _simple(data, pos, info)
+        except FormatError:
+            return False
+        return True
+
+
+_SHAPES: dict[int, tuple[_Shape, ...]] = {}  # by body length
+_SHAPE_BYTES = 16 << 10  # bodies up to this long are remembered …
+_SHAPE_LENGTHS, _SHAPES_PER_LENGTH = 1024, 4  # … up to these many
+
+
+def _remember(data: bytes) -> None:
+    """Keep the shape of an accepted body (within the bounds above)."""
+    known = _SHAPES.get(len(data), ())
+    if len(data) <= _SHAPE_BYTES and len(known) < _SHAPES_PER_LENGTH and (known or len(_SHAPES) < _SHAPE_LENGTHS):
+        _SHAPES[len(data)] = (*known, _Shape(bytes(data)))
 
 
 def _invalid(why: str) -> FormatError:

@@ -124,10 +124,13 @@ def test_refusals_are_those_of_each_body_read_alone():
 
 
 def test_template_refuses_shapes_it_does_not_read():
-    hyper = StepBody(norms=np.ones(3), metrics={}, hyper=[{"lr": 0.1}]).to_body()
-    listed = {**StepBody(norms=np.ones(3), metrics={}).to_body(), "norms": [1.0, 2.0, 3.5]}
-    assert template(encode_body(hyper)) is None and template(encode_body(listed)) is None
-    assert template(encode_body(StepBody(norms=np.ones(3), metrics={"loss": 0.1}).to_body())) is not None
+    genesis = _genesis()
+    hyper = encode_body(StepBody(norms=np.ones(3), metrics={}, hyper=[{"lr": 0.1}]).to_body())
+    listed = encode_body({**StepBody(norms=np.ones(3), metrics={}).to_body(), "norms": [1.0, 2.0, 3.5]})
+    other = encode_body({**StepBody(norms=np.ones(3), metrics={}).to_body(), "extra": 0.5})
+    plain = encode_body(StepBody(norms=np.ones(3), metrics={"loss": 0.1}).to_body())
+    assert all(template(data, _one(data, genesis)) is None for data in (hyper, listed, other))  # type: ignore[arg-type]
+    assert template(plain, _one(plain, genesis)) is not None  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("kind", ["torch.optim.adam.Adam", "torch.optim.adamw.AdamW", "torch.optim.sgd.SGD"])

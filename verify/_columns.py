@@ -130,7 +130,7 @@ def _by_template(bodies: list[bytes], idx: np.ndarray, genesis: Genesis, out: St
         first = int(idx[left[0]])
         model = _one(bodies, first, genesis, out)
         pending[first] = False
-        shape = template(bodies[first]) if model is not None else None
+        shape = template(bodies[first], model) if model is not None else None
         if model is None or shape is None:
             left = left[1:]
             continue

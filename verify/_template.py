@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from ledger._canonical import TYPED_ARRAY_TAGS
+from ledger._canonical import TYPED_ARRAY_TAGS, payloads
+from ledger._schema import StepBody
 
 ARRAYS = ("norms", "lrs", "grad_norms", "sketch")  # the StepBody arrays read from a template's payloads
 _DTYPES = {tag: np.dtype(name).newbyteorder("<") for name, tag in TYPED_ARRAY_TAGS.items()}
@@ -64,66 +65,22 @@ def _shortest(raw: np.ndarray, width: int) -> np.ndarray:
     return wider
 
 
-def template(data: bytes) -> Template | None:
-    """The template of a body that passed the full check, or None when its shape is not one this
-    reader takes (a float or typed array outside ``metrics`` other than the :data:`ARRAYS`, an
-    array field that is not a typed array, or ``hyper``)."""
+def template(data: bytes, model: StepBody) -> Template | None:
+    """The template of a body that passed the full check and read as ``model``, or None when its
+    shape is not one this reader takes (a float or typed array outside ``metrics`` other than the
+    :data:`ARRAYS`, an array field that is not a typed array, or ``hyper``)."""
     fixed = np.ones(len(data), dtype=bool)
     floats: list[tuple[int, int]] = []
     arrays: dict[str, tuple[int, int, np.dtype[Any]]] = {}
-    keys: list[str] = []
-    pos, count = _head(data, 0)
-    for _ in range(count):
-        start, size = _head(data, pos)
-        key = data[start:start + size].decode()
-        keys.append(key)
-        pos = _item(data, start + size, key, 0, fixed, floats, arrays)
-        if pos < 0:
+    for p in payloads(data):
+        fixed[p.start:p.start + p.size] = False
+        if p.info:
+            floats.append((p.start, p.size))
+        elif p.tag is not None and p.key in ARRAYS and p.depth == 0:
+            arrays[p.key] = (p.start, p.size, _DTYPES[p.tag])
+        if (p.info or p.tag is not None) and p.key != "metrics" and p.key not in arrays:
             return None
-    if "hyper" in keys or any(name in keys and name not in arrays for name in ARRAYS):
+    if model.hyper is not None or any(getattr(model, name) is not None and name not in arrays for name in ARRAYS):
         return None
     where = np.flatnonzero(fixed)
     return Template(len(data), where, np.frombuffer(data, dtype=np.uint8)[where].copy(), tuple(floats), arrays)
-
-
-def _head(data: bytes, pos: int) -> tuple[int, int]:
-    """(position after the head, its argument) of a definite-length head at ``pos``."""
-    info = data[pos] & 31
-    if info < 24:
-        return pos + 1, info
-    size = 1 << (info - 24)
-    return pos + 1 + size, int.from_bytes(data[pos + 1:pos + 1 + size], "big")
-
-
-def _item(data: bytes, pos: int, key: str, depth: int, fixed: np.ndarray, floats: list[tuple[int, int]],
-          arrays: dict[str, tuple[int, int, np.dtype[Any]]]) -> int:
-    """Mark the payloads of the item at ``pos`` (``depth`` levels below top-level ``key``); its end,
-    or −1 when the shape is not one this reader takes."""
-    major, info = data[pos] >> 5, data[pos] & 31
-    if major == 7 and info >= 25:
-        if key != "metrics":
-            return -1
-        width = 1 << (info - 24)
-        fixed[pos + 1:pos + 1 + width] = False
-        floats.append((pos + 1, width))
-        return pos + 1 + width
-    after, arg = _head(data, pos)
-    if major in (0, 1, 3, 7):
-        return after + arg if major == 3 else after
-    if major == 2:
-        fixed[after:after + arg] = False
-        return after + arg
-    if major in (4, 5):
-        for _ in range(arg * (major - 3)):
-            after = _item(data, after, key, depth + 1, fixed, floats, arrays)
-            if after < 0:
-                return -1
-        return after
-    start, length = _head(data, after)  # a tag over a byte string (the full check made sure)
-    if arg in _DTYPES:
-        if key in ARRAYS and depth == 0:
-            arrays[key] = (start, length, _DTYPES[arg])
-        elif key != "metrics":
-            return -1
-        fixed[start:start + length] = False
-    return start + length
