@@ -15,7 +15,8 @@ collectives run on the default process group)::
 What each rank computes and sends: norms — its local sum of squares per tensor (float64, from
 float32 norms of blocks of 65536 elements as in :mod:`ledger.hooks._norms`), 8 bytes per tensor,
 all-reduced; sketch — the count-sketch (``count-sketch/v1``, docs/FORMAT.md §10) of its local elements
-at their GLOBAL flat indices, 8·k bytes, summed on rank 0 (the sketch is linear); digests — the hashes of
+at their GLOBAL flat indices (:class:`ledger.torch.CountSketch` on pieces that start at an offset:
+nothing kept per element), 8·k bytes, summed on rank 0 (the sketch is linear); digests — the hashes of
 the ``tensor-blocked/v1`` blocks it holds whole (32 bytes per 65536 elements) and the bytes of the at
 most two blocks per tensor it holds in part, gathered on rank 0, which combines them
 (:func:`ledger._blocked.combine`, refusing a gap or an overlap). Full weights never travel.
@@ -40,10 +41,10 @@ import torch
 import torch.distributed as dist
 
 from ledger._blocked import BLOCK_ELEMENTS, Piece, blocked_digest, combine, piece
-from ledger._fingerprint import _CHUNK, SKETCH_K, check_sketch_k
+from ledger._fingerprint import SKETCH_K
 from ledger.errors import ConfigurationError
 from ledger.hooks._norms import _LOW, BLOCK, _foreach_norms
-from ledger.torch import _acc_dtype, _scatter, safetensors_dtype, sketch_slots, tensor_bytes
+from ledger.torch import CountSketch, safetensors_dtype, tensor_bytes
 
 _COPY_BLOCKS = 64  # blocks hashed per device→CPU copy: bounds the extra host memory of a GPU shard
 
@@ -148,14 +149,11 @@ def _collective_device() -> torch.device:
 class ShardedFingerprints:
     """Norms, count-sketch and ``tensor-blocked/v1`` digests of sharded (and plain) tensors, each rank
     working on its local shards (see the module docstring). ``seed`` and ``k``: the genesis
-    ``fingerprints.sketch_seed`` and ``sketch_k``. ``cache_limit``: when this rank's local elements
-    number at most this, their sketch slots are computed once and kept (2 bytes per element), as in
-    :class:`ledger.torch.CountSketch`; above it they are recomputed at each call."""
+    ``fingerprints.sketch_seed`` and ``sketch_k``. Nothing is kept per element: the sketch's
+    buckets and signs are recomputed at each call by :class:`ledger.torch.CountSketch`."""
 
-    def __init__(self, seed: int, k: int = SKETCH_K, cache_limit: int = 1 << 25) -> None:
-        check_sketch_k(k)
-        self.seed, self.k, self.cache_limit = seed, k, cache_limit
-        self._slots: dict[tuple[str, int, int, str], torch.Tensor] = {}
+    def __init__(self, seed: int, k: int = SKETCH_K) -> None:
+        self._counts = CountSketch(seed, k)
 
     @staticmethod
     def is_sharded(tensors: Mapping[str, torch.Tensor]) -> bool:
@@ -198,37 +196,14 @@ class ShardedFingerprints:
             squares = reduced.cpu()
         return np.sqrt(squares.numpy().astype(np.float64))
 
-    def _local_sketch(self, name: str, part: Local, cache_ok: bool) -> torch.Tensor:
-        flat, k = part.flat, self.k
-        n = flat.numel()
-        key = (name, part.start, n, str(flat.device))
-        slots = self._slots.get(key)
-        if slots is not None:
-            return _scatter(slots.long(), flat, 2 * k)
-        acc = torch.zeros(2 * k, dtype=_acc_dtype(flat), device=flat.device)
-        pieces = []
-        for lo in range(0, n, _CHUNK):
-            hi = min(lo + _CHUNK, n)
-            chunk = sketch_slots(self.seed, name, part.start + lo, part.start + hi, k, flat.device)
-            acc += _scatter(chunk, flat[lo:hi], 2 * k)
-            if cache_ok:
-                pieces.append(chunk.to(torch.int16 if 2 * k <= 32767 else torch.int32))
-        if cache_ok:
-            self._slots[key] = torch.cat(pieces)
-        return acc
-
     def sketch(self, tensors: Mapping[str, torch.Tensor]) -> npt.NDArray[np.float64] | None:
         """The count-sketch of the global tensors (float64, k values) on rank 0; None on the others."""
-        total = torch.zeros(self.k, dtype=torch.float64)
-        parts = {name: part for name, part in self.parts(tensors).items() if part is not None and part.flat.numel()}
-        cache_ok = sum(part.flat.numel() for part in parts.values()) <= self.cache_limit
-        with torch.no_grad():
-            for name, part in parts.items():
-                acc = self._local_sketch(name, part, cache_ok)
-                total += (acc[:self.k] - acc[self.k:]).double().cpu()
+        parts = {name: part for name, part in self.parts(tensors).items() if part is not None}
+        mine = self._counts({name: part.flat for name, part in parts.items()},
+                            {name: part.start for name, part in parts.items()})
         if not dist.is_initialized():
-            return total.numpy()
-        reduced = total.to(_collective_device())
+            return mine
+        reduced = torch.from_numpy(mine).to(_collective_device())
         dist.reduce(reduced, dst=0, op=dist.ReduceOp.SUM)
         return reduced.cpu().numpy() if dist.get_rank() == 0 else None
 

@@ -271,21 +271,24 @@ class _Pass:
         return sum(stop - start for _, start, stop in self.pieces)
 
 
-def _passes(seed: int, sizes: Sequence[tuple[str, int]], device: torch.device, chunk: int) -> tuple[_Pass, ...]:
-    """The passes over tensors of these (name, element count): each tensor cut at multiples of
-    ``chunk`` (so no piece crosses a multiple of 2³²); whole chunks alone, the shorter rests packed."""
+def _passes(seed: int, spans: Sequence[tuple[str, int, int]], device: torch.device, chunk: int) -> tuple[_Pass, ...]:
+    """The passes over these pieces (name, start, stop) of flattened tensors (coordinates [start, stop)
+    of each): each cut at multiples of ``chunk`` (so no piece crosses a multiple of 2³²); whole chunks
+    alone, the shorter rests (at most two per piece: before the first multiple, after the last) packed."""
     groups: list[list[tuple[str, int, int]]] = []
     packed: list[list[tuple[str, int, int]]] = []
     room = 0
-    for name, n in sizes:
-        whole = n - n % chunk
-        groups.extend([(name, lo, lo + chunk)] for lo in range(0, whole, chunk))
-        if n > whole:
-            if n - whole > room:
-                packed.append([])
-                room = chunk
-            packed[-1].append((name, whole, n))
-            room -= n - whole
+    for name, start, stop in spans:
+        first = min(-(-start // chunk) * chunk, stop)
+        last = max(stop - stop % chunk, first)
+        groups.extend([(name, lo, lo + chunk)] for lo in range(first, last, chunk))
+        for lo, hi in ((start, first), (last, stop)):
+            if hi > lo:
+                if hi - lo > room:
+                    packed.append([])
+                    room = chunk
+                packed[-1].append((name, lo, hi))
+                room -= hi - lo
     out = []
     for pieces in groups + packed:
         salts, positions = [], [0]
@@ -308,7 +311,7 @@ class _Plan:
     """The passes over the tensors of one device and the scratch they reuse (at most 32 bytes per
     coordinate of the widest pass)."""
 
-    sizes: tuple[int, list[tuple[str, int]]]  # (pass size, each tensor's name and element count)
+    spans: tuple[int, list[tuple[str, int, int]]]  # (pass size, each tensor's name, first and end index)
     passes: tuple[_Pass, ...]
     base: torch.Tensor  # 0, 1, 2, … (int32)
     x: torch.Tensor  # int32 scratch
@@ -317,16 +320,16 @@ class _Plan:
     values: torch.Tensor  # the pass's values in the accumulation dtype
 
     @staticmethod
-    def of(seed: int, sizes: list[tuple[str, int]], device: torch.device) -> _Plan:
-        """The plan of tensors of these (name, element count) on ``device``."""
+    def of(seed: int, spans: list[tuple[str, int, int]], device: torch.device) -> _Plan:
+        """The plan of pieces (name, start, stop) of flattened tensors on ``device``."""
         chunk = _pass_size(device)
-        passes = _passes(seed, sizes, device, chunk)
+        passes = _passes(seed, spans, device, chunk)
         width = max(p.size for p in passes)
         base = torch.arange(width, dtype=torch.int32, device=device)
         packed = torch.empty((3, width if any(p.spread is not None for p in passes) else 0), dtype=torch.int32,
                              device=device)
         values = torch.empty(width, dtype=_acc_dtype(base), device=device)
-        return _Plan((chunk, sizes), passes, base, torch.empty_like(base), torch.empty_like(base), packed, values)
+        return _Plan((chunk, spans), passes, base, torch.empty_like(base), torch.empty_like(base), packed, values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,7 +357,9 @@ class CountSketch:
     2¹⁸ coordinates on the CPU and 2²¹ on accelerators (the rests of tensors share passes), whose
     scratch takes at most 32 bytes per coordinate of a pass (8 MiB on the CPU, 64 MiB on an
     accelerator) whatever the model size; it is kept between calls, with the plan of the passes
-    (a few numbers per tensor).
+    (a few numbers per tensor). A tensor may be a piece of a larger one (a rank's shard): ``starts``
+    gives the flat index, in the larger tensor, of its first element, and the sketch of the pieces
+    summed is the larger tensor's.
     """
 
     def __init__(self, seed: int, k: int = SKETCH_K) -> None:
@@ -365,33 +370,38 @@ class CountSketch:
         self._plans: dict[torch.device, _Plan] = {}  # per device: the last one
         self._lock = threading.Lock()
 
-    def __call__(self, tensors: Mapping[str, torch.Tensor]) -> np.ndarray:
-        """The sketch (float64, k values) of the named tensors, summed over tensors."""
-        return self.measure(tensors).value()
+    def __call__(self, tensors: Mapping[str, torch.Tensor], starts: Mapping[str, int] | None = None) -> np.ndarray:
+        """The sketch (float64, k values) of the named tensors, summed over tensors; ``starts``: the
+        flat index of a tensor's first element in the tensor it is a piece of (default 0)."""
+        return self.measure(tensors, starts).value()
 
-    def measure(self, tensors: Mapping[str, torch.Tensor]) -> PendingSketch:
+    def measure(self, tensors: Mapping[str, torch.Tensor], starts: Mapping[str, int] | None = None) -> PendingSketch:
         """Launch the sketch of the named tensors without waiting for the device (on CUDA on a side
         stream: ``ledger._device``); the result's ``value()`` is what calling the sketch returns."""
         groups: dict[torch.device, dict[str, torch.Tensor]] = {}
         for name, tensor in tensors.items():
             if tensor.numel():
                 groups.setdefault(tensor.device, {})[name] = tensor.detach().reshape(-1)
+        first = starts or {}
         return PendingSketch(self.k, tuple(
-            lane_for(device).launch(functools.partial(self._sketch, flats, device), list(flats.values()))
+            lane_for(device).launch(functools.partial(self._sketch, flats, first, device), list(flats.values()))
             for device, flats in groups.items()))
 
-    def _sketch(self, flats: Mapping[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor]:
+    def _sketch(self, flats: Mapping[str, torch.Tensor], starts: Mapping[str, int],
+                device: torch.device) -> tuple[torch.Tensor]:
         """The 2k slot sums of flat tensors on one device (on that device)."""
-        sizes = [(name, flat.numel()) for name, flat in flats.items()]
+        origin = {name: starts.get(name, 0) for name in flats}
+        spans = [(name, origin[name], origin[name] + flat.numel()) for name, flat in flats.items()]
         with self._lock:  # the scratch is shared by the calls
             plan = self._plans.get(device)
-            if plan is None or plan.sizes != (_pass_size(device), sizes):
-                plan = self._plans[device] = _Plan.of(self.seed, sizes, device)
+            if plan is None or plan.spans != (_pass_size(device), spans):
+                plan = self._plans[device] = _Plan.of(self.seed, spans, device)
             acc = torch.zeros(2 * self.k, dtype=plan.values.dtype, device=device)
             for p in plan.passes:
                 n = p.size
                 x, tmp, values = plan.x[:n], plan.tmp[:n], plan.values[:n]
-                torch.cat([flats[name][start:stop] for name, start, stop in p.pieces], out=values)
+                torch.cat([flats[name][start - origin[name]:stop - origin[name]] for name, start, stop in p.pieces],
+                          out=values)
                 if p.spread is None:
                     index, low, high = p.salts
                     slots = _slots_(torch.add(plan.base[:n], index, out=x), tmp, low, high, self.k)
@@ -785,4 +795,5 @@ __all__ = ["RESEED_PER_STEP", "STREAM", "CountSketch", "Snapshot", "architecture
            "canonical_state", "continue_step", "deterministic", "environment", "load_tensors", "optimizer_groups",
            "restore", "rng_state", "run_step", "safetensors_dtype", "seed_everything", "set_rng_state",
            "sketch_slots", "snapshot", "snapshot_digests", "tensor_bytes", "torch_digests", "unwrap_optimizer",
-           "write_checkpoint", "place_checkpoint", "temporary_name", "being_written", "TEMPORARY", "BatchLeaves"]
+           "write_checkpoint", "place_checkpoint", "temporary_name", "being_written", "TEMPORARY", "BatchLeaves",
+           "PendingSketch"]

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+import ledger.torch as lt
 from ledger._blocked import TENSOR_BLOCKED_V1, safetensors_blocked_digests
 from ledger.errors import ConfigurationError
 from ledger.hooks._norms import Norms
@@ -89,7 +90,7 @@ def worker(rank: int, world: int, port: str, out: Path) -> None:
     norms = fp.norms(state)
     timings["norms"] = time.perf_counter() - began
     began = time.perf_counter()
-    sketch, again = fp.sketch(state), fp.sketch(state)  # the second one from cached slots
+    sketch, again = fp.sketch(state), fp.sketch(state)  # the second one reuses the first one's plan
     timings["sketch"] = time.perf_counter() - began
     began = time.perf_counter()
     digests = fp.digests(state)
@@ -195,6 +196,37 @@ def test_one_process_without_a_process_group() -> None:
     assert np.allclose(fp.norms(tensors), ref, rtol=1e-12)
     sketch = fp.sketch(tensors)
     assert sketch is not None and np.allclose(sketch, CountSketch(SEED, K)(tensors), rtol=1e-12, atol=1e-12)
+
+
+def kept_bytes(obj: Any, seen: dict[int, Any] | None = None) -> int:
+    """Bytes of the tensor storages reachable from an object's attributes and containers."""
+    seen = {} if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen[id(obj)] = obj  # kept alive: no other object takes its id during the walk
+    if isinstance(obj, torch.Tensor):
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(kept_bytes(key, seen) + kept_bytes(value, seen) for key, value in obj.items())
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return sum(kept_bytes(value, seen) for value in obj)
+    slots = [getattr(obj, a) for c in type(obj).__mro__ for a in getattr(c, "__slots__", ()) if hasattr(obj, a)]
+    return kept_bytes(slots, seen) + kept_bytes(getattr(obj, "__dict__", {}), seen)
+
+
+def test_the_sketch_keeps_nothing_per_element() -> None:
+    """What a ShardedFingerprints holds after sketching does not grow with the element count: the
+    same for 2**19 as for 2**23 elements, at most the passes' scratch (an int16 slot per element
+    would be 16 MiB here)."""
+    g = torch.Generator().manual_seed(2)
+    kept = []
+    for n in (2**19 + 5, 2**23 + 5):
+        tensors = {"w": torch.randn(n, generator=g), "b": torch.randn(9, generator=g)}
+        fp = ShardedFingerprints(SEED, K)
+        sketch = fp.sketch(tensors)
+        assert sketch is not None and np.allclose(sketch, CountSketch(SEED, K)(tensors), rtol=1e-12, atol=1e-12)
+        kept.append(kept_bytes(fp))
+    assert kept[0] == kept[1] <= 32 * lt._CHUNK + 2**16
 
 
 @pytest.mark.parametrize(("shape", "local", "offset", "start"), [

@@ -1,7 +1,8 @@
 """The cache-free count-sketch and the measurement lane (ledger/_device.py) of norms and sketches.
 
 What is protected: the torch sketch, which keeps nothing per coordinate, equals the numpy reference
-(`NumpySketch`, the definition of docs/FORMAT.md §10) up to summation order on every shape of input;
+(`NumpySketch`, the definition of docs/FORMAT.md §10) up to summation order on every shape of input,
+and pieces of tensors sketched at their offsets (a rank's shards) sum to the whole tensors' sketch;
 its temporaries stay bounded whatever the tensor size; and norms and sketches go through the lane
 in the order that keeps the training thread from waiting for the device (checked on the CPU with a
 recording stand-in for CUDA's streams, and on CUDA itself when there is one).
@@ -68,17 +69,46 @@ def test_int32_hash_equals_the_definition_across_word_boundaries(start: int, sto
 
 
 def test_passes_cover_every_coordinate_once_and_never_cross_a_multiple_of_2_32() -> None:
-    sizes = [("a", 3), ("huge", 2**32 + 2**18 + 5), ("b", 2**18), ("c", 2**17 + 1), ("d", 2**17)]
+    spans = [("a", 0, 3), ("huge", 0, 2**32 + 2**18 + 5), ("b", 0, 2**18), ("c", 0, 2**17 + 1), ("d", 0, 2**17),
+             ("shard", 2**32 - 2**18 - 9, 2**32 + 2**19 + 3), ("inside", 2**18 + 5, 2**18 + 70),
+             ("edge", 2**19, 2**19 + 1)]
     seen: dict[str, list[tuple[int, int]]] = {}
-    for p in lt._passes(0, sizes, torch.device("cpu"), 2**18):
+    for p in lt._passes(0, spans, torch.device("cpu"), 2**18):
         assert p.size <= 2**18 and (p.spread is None) == (len(p.pieces) == 1)
         for name, start, stop in p.pieces:
-            assert start >> 32 == (stop - 1) >> 32
+            assert start >> 18 == (stop - 1) >> 18  # within one multiple of the pass size, so of 2**32
             seen.setdefault(name, []).append((start, stop))
-    for name, n in sizes:
-        spans = sorted(seen[name])
-        assert spans[0][0] == 0 and spans[-1][1] == n
-        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+    for name, first, end in spans:
+        pieces = sorted(seen[name])
+        assert pieces[0][0] == first and pieces[-1][1] == end
+        assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:], strict=False))
+
+
+@pytest.mark.parametrize("chunk", [1 << 10, 1 << 18])
+@pytest.mark.parametrize("k", [2, 256, 1 << 17])
+def test_pieces_at_offsets_sum_to_the_sketch_of_their_tensor(monkeypatch: pytest.MonkeyPatch, chunk: int,
+                                                               k: int) -> None:
+    """Three "ranks" each sketch their piece of every tensor at its flat offset (cuts mid-pass, at a
+    pass boundary, empty pieces, one element): the pieces' sketches sum to the whole tensors'."""
+    monkeypatch.setattr(lt, "_CHUNK", chunk)
+    tensors = model(torch.Generator().manual_seed(k + 1))
+    flats = {name: t.reshape(-1) for name, t in tensors.items()}
+    cuts = {name: [0, n // 3, n - 1, n] for name, n in ((name, flat.numel()) for name, flat in flats.items())}
+    cuts["big"] = [0, 1000, 1024, 5 * 1024 + 7]  # a piece ending on a pass boundary, one starting on it
+    cuts["b"] = [0, 0, 1, 1]
+    sketch, total = lt.CountSketch(5, k), np.zeros(k)
+    for rank in range(3):
+        starts = {name: at[rank] for name, at in cuts.items()}
+        total += sketch({name: flat[starts[name]:cuts[name][rank + 1]] for name, flat in flats.items()}, starts)
+    assert_close(total, reference(5, k, tensors))
+
+
+@pytest.mark.parametrize("start", [2**31 - 700, 2**32 - 5, 2**33 - 2**18 - 3])
+def test_a_piece_far_into_its_tensor_is_sketched_at_its_global_indices(start: int) -> None:
+    values = torch.randn(3000, generator=torch.Generator().manual_seed(3)).double()
+    slots = sketch_hash(np.arange(start, start + 3000, dtype=np.int64), 9, "layers.0.weight", 64)
+    sums = np.bincount(slots, weights=values.numpy(), minlength=128)
+    assert_close(lt.CountSketch(9, 64)({"layers.0.weight": values}, {"layers.0.weight": start}), sums[:64] - sums[64:])
 
 
 class LiveBytes(TorchDispatchMode):
