@@ -104,7 +104,8 @@ class ShardedRun:
         cadence.costs["norms"].append(t1 - t0)
         sketch = digests = None
         if cadence.due("sketch", step):
-            sketch = Ready(self.fingerprints.sketch(tensors))
+            whole = self.fingerprints.sketch(tensors)  # on rank 0; None elsewhere
+            sketch = Ready(whole) if whole is not None else None
             cadence.costs["sketch"].append(time.perf_counter() - t1)
         if cadence.due("digests", step):
             t2 = time.perf_counter()

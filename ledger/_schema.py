@@ -169,8 +169,10 @@ class FingerprintPolicy:
         """The ``fingerprints`` map of genesis."""
         body = {"tensor_order": list(self.tensor_order), "norms": self.norms, "sketch": self.sketch,
                 "sketch_k": self.sketch_k, "sketch_seed": self.sketch_seed, "sketch_kind": self.sketch_kind,
-                "digests": self.digests, "overhead_budget": self.overhead_budget, "batch": self.batch,
-                "grad_norms": self.grad_norms}
+                "digests": self.digests, "overhead_budget": self.overhead_budget}
+        for name, legacy in (("batch", "every"), ("grad_norms", "every")):  # written when not what older ledgers did
+            if getattr(self, name) != legacy:
+                body[name] = getattr(self, name)
         if self.tensor_digest != "tensor/v1":
             body["tensor_digest"] = self.tensor_digest
         return body
