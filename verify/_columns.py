@@ -1,6 +1,7 @@
 """The recorded steps as columns: one array per field over all steps, instead of an object per step.
 
-:func:`read_steps` checks and reads step bodies — those of one shape at once through a
+:func:`step_entries` finds the step entries from the headers of all records at once;
+:func:`read_steps` checks and reads their bodies — those of one shape at once through a
 :class:`~ledger.verify._template.Template`, the rest one by one with ``decode_body`` and
 ``StepBody.from_body`` — into :class:`StepColumns`; :class:`Steps` is the run view's mapping from step
 to ``StepBody``, which decodes a body only when one is asked for.
@@ -8,6 +9,7 @@ to ``StepBody``, which decodes a body only when one is asked for.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -15,8 +17,10 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ledger._encoding import _SCAN_FROM, decode_body
+from ledger._record import FORMAT_VERSION, HEADER_SIZE, MAX_RECORD_BYTES, Header, Kind, decode_header
 from ledger._schema import Genesis, StepBody
 from ledger.errors import FormatError
+from ledger.verify._load import Loaded, header_field, header_matrix
 from ledger.verify._template import Template, template
 
 # what a schema decoder may still raise on a crafted body instead of FormatError (reported as malformed)
@@ -159,6 +163,43 @@ def _one(bodies: list[bytes], i: int, genesis: Genesis, out: StepsRead) -> StepB
     return step
 
 
+@dataclass(frozen=True)
+class StepEntries:
+    """The step entries of a ledger, in chain order: their record positions, seqs and steps."""
+
+    rows: list[int]
+    seqs: list[int]
+    steps: list[int]
+
+
+def step_entries(loaded: Loaded, records: list[bytes]) -> tuple[StepEntries, list[tuple[int, Header]]]:
+    """The step entries, their headers read all at once from the Arrow buffers, and the headers of
+    the other entries, read one by one; records whose header is damaged are left out (the chain
+    check names them)."""
+    matrix, lengths = header_matrix(loaded.table["record"])
+    matrix, lengths = matrix[:len(records)], lengths[:len(records)]
+    seqs, steps = header_field(matrix, "seq"), header_field(matrix, "step")
+    fast = ((lengths >= HEADER_SIZE) & (lengths <= MAX_RECORD_BYTES) & (header_field(matrix, "kind") == Kind.STEP)
+            & (header_field(matrix, "version") == FORMAT_VERSION) & (header_field(matrix, "reserved") == 0)
+            & (seqs >= 0))
+    rows = np.flatnonzero(fast).tolist()
+    entries = StepEntries(rows, seqs[fast].tolist(), steps[fast].tolist())
+    others: list[tuple[int, Header]] = []
+    for i in np.flatnonzero(~fast).tolist():
+        try:
+            header = decode_header(records[i])
+        except FormatError:
+            continue
+        if header.kind is Kind.STEP:  # a seq beyond int64 (the chain check fails it): in chain order
+            at = bisect.bisect(entries.rows, i)
+            entries.rows.insert(at, i)
+            entries.seqs.insert(at, header.seq)
+            entries.steps.insert(at, header.step)
+        else:
+            others.append((i, header))
+    return entries, others
+
+
 class Steps(Mapping[int, StepBody]):
     """The recorded steps that count, by step number (ascending): their columns, and each
     ``StepBody`` decoded from its body when asked for (kept once decoded)."""
@@ -168,6 +209,15 @@ class Steps(Mapping[int, StepBody]):
         self.columns, self._bodies, self._genesis = columns, bodies, genesis
         self._rows = {s: r for r, s in enumerate(columns.steps.tolist())}
         self._decoded: dict[int, StepBody] = dict(decoded or {})
+
+    @classmethod
+    def counted(cls, read: StepsRead, counted: dict[int, int], bodies: list[bytes], genesis: Genesis) -> Steps:
+        """The steps that count (step → index in ``read``, of ``bodies``), ascending."""
+        order = sorted(counted)
+        rows = np.asarray([counted[s] for s in order], dtype=np.int64)
+        read.columns.steps[rows] = order
+        decoded = {new: read.decoded[old] for new, old in enumerate(rows.tolist()) if old in read.decoded}
+        return cls(read.columns.take(rows), [bodies[r] for r in rows.tolist()], genesis, decoded)
 
     @classmethod
     def none(cls) -> Steps:
@@ -195,4 +245,4 @@ class Steps(Mapping[int, StepBody]):
         return self._rows[step]
 
 
-__all__ = ["DECODER_GAPS", "StepColumns", "Steps", "StepsRead", "read_steps"]
+__all__ = ["DECODER_GAPS", "StepColumns", "StepEntries", "Steps", "StepsRead", "read_steps", "step_entries"]

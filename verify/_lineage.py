@@ -374,14 +374,13 @@ def trajectory(view: Any, ours: dict[str, np.ndarray], foreign: dict[str, np.nda
     start = view.init.sketch
     steps, distance, cosine = [-1], [float(np.linalg.norm(start - sketch_f))], [0.0]
     toward = sketch_f - start
-    for s in sorted(view.steps):
-        sketch = view.steps[s].sketch
-        if sketch is not None:
-            moved = sketch - start
-            steps.append(s)
-            distance.append(float(np.linalg.norm(sketch - sketch_f)))
-            denominator = np.linalg.norm(moved) * np.linalg.norm(toward)
-            cosine.append(float(moved @ toward / denominator) if denominator else 0.0)
+    columns = view.steps.columns  # the sketches logged, by row (ascending steps)
+    for row, sketch in columns.sketches.items():
+        moved = sketch - start
+        steps.append(int(columns.steps[row]))
+        distance.append(float(np.linalg.norm(sketch - sketch_f)))
+        denominator = np.linalg.norm(moved) * np.linalg.norm(toward)
+        cosine.append(float(moved @ toward / denominator) if denominator else 0.0)
     baseline = distance[0]
     min_ratio = min(distance) / baseline if baseline else 0.0
     exact = _exact_at_checkpoints(view, mapping, foreign)

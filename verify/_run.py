@@ -6,14 +6,12 @@ import bisect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
-
-import numpy as np
+from typing import Any
 
 from ledger._blocked import TENSOR_V1, safetensors_digests_as
 from ledger._dcp import is_dcp
 from ledger._encoding import decode_body
-from ledger._record import FORMAT_VERSION, HEADER_SIZE, MAX_RECORD_BYTES, Kind, decode_header
+from ledger._record import HEADER_SIZE, Header, Kind
 from ledger._schema import (
     CheckpointBody,
     FingerprintPolicy,
@@ -26,8 +24,8 @@ from ledger._schema import (
     checkpoint_directory,
 )
 from ledger.errors import FormatError, LedgerError
-from ledger.verify._columns import DECODER_GAPS, Steps, StepsRead, read_steps
-from ledger.verify._load import Loaded, header_field, header_matrix
+from ledger.verify._columns import DECODER_GAPS, StepEntries, Steps, StepsRead, read_steps, step_entries
+from ledger.verify._load import Loaded
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,30 +192,27 @@ def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None, limit:
     records = loaded.records.materialize()
     if limit is not None:
         records = records[:limit]
-    headers = _headers(loaded, records)
-    step_records = [record for header, record in headers if header.kind is Kind.STEP]
-    read = read_steps([r[HEADER_SIZE:] for r in step_records], view.genesis)
-    decoded: list[tuple[_Entry, dict[str, Any]]] = []  # a step entry's body: {"index": its index in ``read``}
-    steps_seen = 0
-    for header, record in headers:
-        if header.kind is Kind.STEP:
-            index, steps_seen = steps_seen, steps_seen + 1
-            failure = read.failed.get(index)
-            if failure is not None and failure[0] == "decode":
-                view.malformed.append((header.seq, header.kind, failure[1]))
-            else:
-                decoded.append((header, {"index": index}))
-            continue
+    step_at, others = step_entries(loaded, records)
+    bodies = [records[i][HEADER_SIZE:] for i in step_at.rows]
+    read = read_steps(bodies, view.genesis)
+    # the malformed entries in the order of the passes that find them, each pass in chain order
+    # (by record position): bodies that do not decode, resumes, bodies that break their schema
+    undecoded: list[tuple[int, tuple[int, Kind, str]]] = [
+        (step_at.rows[i], (step_at.seqs[i], Kind.STEP, why)) for i, (stage, why) in read.failed.items()
+        if stage == "decode"]
+    decoded: list[tuple[int, Header, dict[str, Any]]] = []  # (record position, header, body)
+    for at, header in others:
         try:
             if header.kind not in (Kind.GENESIS, Kind.EVAL):
-                decoded.append((header, decode_body(record[HEADER_SIZE:])))
+                decoded.append((at, header, decode_body(records[at][HEADER_SIZE:])))
         except FormatError as exc:
-            view.malformed.append((header.seq, header.kind, str(exc)))
+            undecoded.append((at, (header.seq, header.kind, str(exc))))
         except DECODER_GAPS as exc:
-            view.malformed.append((header.seq, header.kind, f"{type(exc).__name__}: {exc}"))
+            undecoded.append((at, (header.seq, header.kind, f"{type(exc).__name__}: {exc}")))
+    view.malformed += [entry for _, entry in sorted(undecoded, key=_first)]
     superseded_seqs: set[int] = set()
     resumes: list[tuple[int, ResumeBody]] = []  # (seq, body): what lies after its checkpoint was abandoned
-    for header, body in decoded:  # resume entries come after the steps they supersede
+    for _, header, body in decoded:  # resume entries come after the steps they supersede
         if header.kind is Kind.RESUME:
             try:
                 resume = ResumeBody.from_body(body)
@@ -234,20 +229,11 @@ def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None, limit:
                 superseded_seqs.update(range(max(span.first_seq, 0), min(span.last_seq + 1, len(records))))
             resumes.append((header.seq, resume))
     pruned: set[bytes] = set()
-    counted: dict[int, int] = {}  # step -> its entry's index in ``read`` (the last entry of a step wins)
-    step_seqs: list[int] = []
     checkpoint_at: dict[int, tuple[int, bytes]] = {}  # seq -> (step, state digest) of every checkpoint entry
-    for header, body in decoded:
+    broken: list[tuple[int, tuple[int, Kind, str]]] = []
+    for at, header, body in decoded:
         try:
-            if header.kind is Kind.STEP:
-                step_seqs.append(header.seq)
-                if header.seq in superseded_seqs:
-                    view.superseded.append((header.seq, header.step))
-                elif (failure := read.failed.get(body["index"])) is not None:
-                    view.malformed.append((header.seq, header.kind, failure[1]))
-                else:
-                    counted[header.step] = body["index"]
-            elif header.kind is Kind.CHECKPOINT:
+            if header.kind is Kind.CHECKPOINT:
                 cp = CheckpointBody.from_body(body)
                 checkpoint_at[header.seq] = (header.step, cp.state_digest)
                 if not cp.stored_here:
@@ -260,10 +246,11 @@ def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None, limit:
             elif header.kind is Kind.SEAL:
                 view.seal = SealBody.from_body(body)
         except FormatError as exc:
-            view.malformed.append((header.seq, header.kind, str(exc)))
+            broken.append((at, (header.seq, header.kind, str(exc))))
         except DECODER_GAPS as exc:
-            view.malformed.append((header.seq, header.kind, f"{type(exc).__name__}: {exc}"))
-    view.steps = _steps(read, counted, step_records, view.genesis)
+            broken.append((at, (header.seq, header.kind, f"{type(exc).__name__}: {exc}")))
+    step_seqs = _count_steps(view, read, step_at, bodies, superseded_seqs, broken)
+    view.malformed += [entry for _, entry in sorted(broken, key=_first)]
     inside = _within(_abandoned(view, resumes, checkpoint_at, step_seqs, superseded_seqs))
     view.checkpoints = [Checkpoint(cp.seq, cp.step, cp.body, cp.directory, cp.body.state_digest in pruned,
                                    inside(cp.seq)) for cp in view.checkpoints]
@@ -271,44 +258,35 @@ def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None, limit:
     return view
 
 
-class _Entry(NamedTuple):
-    """What the run view needs of a record's header."""
-
-    kind: Kind
-    seq: int
-    step: int
+def _first(entry: tuple[int, Any]) -> int:
+    return int(entry[0])
 
 
-def _headers(loaded: Loaded, records: list[bytes]) -> list[tuple[_Entry, bytes]]:
-    """Each record with its header's kind, seq and step, in order; records whose header is damaged
-    are left out (the chain check names them). Step entries' headers are read all at once from the
-    Arrow buffers, the others one by one."""
-    matrix, lengths = header_matrix(loaded.table["record"])
-    matrix, lengths = matrix[:len(records)], lengths[:len(records)]
-    seqs, steps = header_field(matrix, "seq"), header_field(matrix, "step")
-    fast = ((lengths >= HEADER_SIZE) & (lengths <= MAX_RECORD_BYTES) & (header_field(matrix, "kind") == Kind.STEP)
-            & (header_field(matrix, "version") == FORMAT_VERSION) & (header_field(matrix, "reserved") == 0)
-            & (seqs >= 0))
-    out: list[tuple[_Entry, bytes]] = []
-    for record, quick, seq, step in zip(records, fast.tolist(), seqs.tolist(), steps.tolist(), strict=True):
-        if quick:
-            out.append((_Entry(Kind.STEP, seq, step), record))
-            continue
-        try:
-            header = decode_header(record)
-        except FormatError:
-            continue
-        out.append((_Entry(header.kind, header.seq, header.step), record))
-    return out
-
-
-def _steps(read: StepsRead, counted: dict[int, int], records: list[bytes], genesis: Genesis) -> Steps:
-    """The steps that count, ascending, as columns (with the bodies decoded on the way)."""
-    order = sorted(counted)
-    rows = np.asarray([counted[s] for s in order], dtype=np.int64)
-    read.columns.steps[rows] = order
-    decoded = {new: read.decoded[old] for new, old in enumerate(rows.tolist()) if old in read.decoded}
-    return Steps(read.columns.take(rows), [records[r][HEADER_SIZE:] for r in rows.tolist()], genesis, decoded)
+def _count_steps(view: RunView, read: StepsRead, entries: StepEntries, bodies: list[bytes], superseded: set[int],
+                 broken: list[tuple[int, tuple[int, Kind, str]]]) -> list[int]:
+    """Put the step entries that count in ``view.steps`` (the last entry of a step wins), list the
+    superseded ones, add those that break the schema to ``broken``; returns the seqs of every step
+    entry whose body decoded."""
+    failed = read.failed
+    counted: dict[int, int] = {}  # step -> its entry's index in ``read``
+    seqs: list[int] = []
+    if not failed and not superseded:
+        counted = dict(zip(entries.steps, range(len(entries.steps)), strict=True))
+        seqs = entries.seqs
+    else:
+        for i, (seq, step) in enumerate(zip(entries.seqs, entries.steps, strict=True)):
+            failure = failed.get(i)
+            if failure is not None and failure[0] == "decode":
+                continue
+            seqs.append(seq)
+            if seq in superseded:
+                view.superseded.append((seq, step))
+            elif failure is not None:
+                broken.append((entries.rows[i], (seq, Kind.STEP, failure[1])))
+            else:
+                counted[step] = i
+    view.steps = Steps.counted(read, counted, bodies, view.genesis)
+    return seqs
 
 
 def _abandoned(view: RunView, resumes: list[tuple[int, ResumeBody]], checkpoint_at: dict[int, tuple[int, bytes]],

@@ -127,22 +127,23 @@ def check_schedule(view: RunView, recipe: Any, seed: int) -> Schedule:
     if misfit is not None:
         return Schedule(misfit, None, 0)
     claimed = [dict(g) for g in view.optimizer.param_groups]
-    compared = 0
+    compared, columns = 0, view.steps.columns
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_SCHEDULER_ORDER_WARNING)
         for s in range(view.last_step + 1):
-            body = view.steps.get(s)
-            if body is not None:
-                for g, changes in enumerate(body.hyper or []):
+            if s in view.steps:
+                row = view.steps.row(s)
+                lrs = columns.lrs[row] if columns.has_lrs[row] else None
+                for g, changes in enumerate(columns.hyper.get(row) or []):
                     if g < len(claimed):
                         claimed[g].update(changes)
                 live = optimizer.param_groups
-                if body.lrs is not None:
+                if lrs is not None:
                     compared += 1
-                    if len(body.lrs) != len(live):
-                        return Schedule(None, f"step {s}: {len(body.lrs)} learning rate(s) logged for {len(live)} "
+                    if len(lrs) != len(live):
+                        return Schedule(None, f"step {s}: {len(lrs)} learning rate(s) logged for {len(live)} "
                                               "param group(s)", compared)
-                    for g, (logged, group) in enumerate(zip(body.lrs, live, strict=True)):
+                    for g, (logged, group) in enumerate(zip(lrs, live, strict=True)):
                         want = float(plain_number(group["lr"]))
                         if not _same(float(logged), want):
                             which = f" for group {g}" if len(live) > 1 else ""
