@@ -11,10 +11,9 @@ import json
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from ledger import _record
+from ledger._arrow import fixed_rows, int64_values, pylist_at, string_codes
 from ledger._crypto import PublicKey
 from ledger._encoding import decode_body, floats_equal
 from ledger._io import MiB, read_regular
@@ -23,7 +22,7 @@ from ledger._record import HEADER_SIZE, Kind, merkle_root
 from ledger._schema import SealBody
 from ledger.errors import FormatError, LedgerError
 from ledger.verify._context import Context
-from ledger.verify._load import Records, fixed_rows, header_field, header_matrix
+from ledger.verify._load import Records, header_field, header_matrix
 from ledger.verify._result import CheckResult, Status
 from ledger.verify._signatures import bad_signatures
 
@@ -69,18 +68,17 @@ def check_chain(ctx: Context) -> CheckResult:
         run_id = str(loaded.genesis.get("run_id", ""))
         flag((run_dg != np.frombuffer(_record.run_digest(run_id), np.uint8)).any(axis=1),
              "run-id digest differs from the genesis run (an entry from another run)")
-        flag(pc.not_equal(t["run_id"], run_id).to_numpy(zero_copy_only=False), "run_id column differs from genesis")
+        flag(string_codes(t["run_id"], [run_id]) != 0, "run_id column differs from genesis")
         gkid = loaded.genesis.get("key_id", b"")
         gkid_row = np.frombuffer(gkid if isinstance(gkid, bytes) and len(gkid) == 32 else bytes(32), np.uint8)
         flag((fixed_rows(t["key_id"]) != gkid_row).any(axis=1), "key_id column differs from the genesis key id")
     elif loaded.genesis_error:
         problems.setdefault(0, []).append(f"genesis unreadable: {loaded.genesis_error}")
     # typed columns against the header bytes
-    flag(t["seq"].to_numpy() != seq, "seq column differs from the record header")
-    flag(t["step"].to_numpy() != step, "step column differs from the record header")
-    flag(t["time_ns"].to_numpy() != time_ns, "time_ns column differs from the record header")
-    labels = pa.array([k.label for k in sorted(Kind)])  # index == kind code
-    kinds_col = pc.fill_null(pc.index_in(t["kind"], value_set=labels), -1).to_numpy()
+    flag(int64_values(t["seq"]) != seq, "seq column differs from the record header")
+    flag(int64_values(t["step"]) != step, "step column differs from the record header")
+    flag(int64_values(t["time_ns"]) != time_ns, "time_ns column differs from the record header")
+    kinds_col = string_codes(t["kind"], [k.label for k in sorted(Kind)])  # index == kind code, -1 none
     flag(kinds_col != kind, "kind column differs from the record header")
     flag((fixed_rows(t["hash"]) != hashes).any(axis=1), "hash column differs from the hash of the record bytes")
     if progress:
@@ -93,7 +91,7 @@ def check_chain(ctx: Context) -> CheckResult:
     skipped = sum(1 for i in decode if i > broken_at)
     decode = [i for i in decode if i <= broken_at]
     records: Records | list[bytes] = loaded.records.materialize() if sample is None else loaded.records
-    column_metrics = t["metrics"].take(decode).to_pylist()
+    column_metrics = pylist_at(t["metrics"], decode)
     for i, column in zip(decode, column_metrics, strict=True):
         if lengths[i] < HEADER_SIZE:
             continue
@@ -157,7 +155,7 @@ def check_signatures(ctx: Context) -> CheckResult:
     index = list(range(n)) if sample is None else sorted({0, n - 1, *rng.sample(range(n), min(sample, n))})
     column = loaded.table["signature"]
     records = loaded.records.materialize() if sample is None else [loaded.records[i] for i in index]
-    sigs = column.to_pylist() if sample is None else column.take(index).to_pylist()
+    sigs = column.to_pylist() if sample is None else pylist_at(column, index)
     bad = [index[i] for i in bad_signatures(used.raw, records, sigs, workers=workers,
                                             progress=(lambda d, t: progress("signatures", d, t)) if progress else None)]
     data: dict[str, Any] = {"key_id": used.key_id.hex(), "checked": len(index), "entries": n,

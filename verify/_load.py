@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from ledger import _parts, _record
+from ledger._arrow import binary_chunks
 from ledger._encoding import decode_body
 from ledger._reader import Ledger, Source
 from ledger._record import HEADER_LAYOUT, HEADER_OFFSETS, HEADER_SIZE, MAX_RECORD_BYTES, Kind
@@ -58,19 +59,6 @@ class Loaded:
     errors: list[tuple[str, str]]  # (source, reason) for unreadable parts
     genesis: dict[str, Any] | None
     genesis_error: str | None
-
-
-def binary_chunks(column: pa.ChunkedArray) -> Iterator[tuple[np.ndarray, memoryview]]:
-    """(int64 offsets, data bytes) of each non-empty chunk of a binary column, straight from the
-    Arrow buffers (nothing copied)."""
-    for chunk in column.chunks:
-        n = len(chunk)
-        if not n:
-            continue
-        width = 8 if pa.types.is_large_binary(chunk.type) else 4
-        offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64 if width == 8 else np.int32, count=n + 1,
-                                offset=chunk.offset * width).astype(np.int64)
-        yield offsets, memoryview(chunk.buffers()[2] or b"")
 
 
 def _leaf_hashes(column: pa.ChunkedArray) -> list[bytes]:
@@ -178,17 +166,6 @@ def header_matrix(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
         rows.append(block)
         lengths.append(size)
     return np.concatenate(rows), np.concatenate(lengths)
-
-
-def fixed_rows(column: pa.ChunkedArray) -> np.ndarray:
-    """(n, width) uint8 view of a fixed_size_binary column."""
-    width = column.type.byte_width
-    parts = [np.zeros((0, width), np.uint8)]
-    for chunk in column.chunks:
-        if len(chunk):
-            data = np.frombuffer(chunk.buffers()[1], dtype=np.uint8)
-            parts.append(data[chunk.offset * width:(chunk.offset + len(chunk)) * width].reshape(-1, width))
-    return np.concatenate(parts)
 
 
 _NUMPY_CODES = {"H": ">u2", "B": "u1", "Q": ">u8", "q": ">i8"}

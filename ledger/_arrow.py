@@ -1,0 +1,136 @@
+"""Arrow columns as numpy arrays and Python values, read from their buffers.
+
+pyarrow imports pandas (about 0.2 s of CPU, more than all of verify's own imports) on the first
+conversion that consults its pandas shim: ``pa.array`` and ``pa.scalar``, a Python value in a
+compute call, ``to_numpy``, ``take``. The verifier reads its columns through these functions
+instead (public pyarrow only: ``buffers()``, ``slice``, ``dictionary_encode``, ``to_pylist``), so
+``ledger verify`` never imports pandas; ``Ledger.to_pandas`` and ``ledger log`` still do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ledger.errors import FormatError
+
+
+def _valid(chunk: pa.Array) -> np.ndarray | None:
+    """The validity of each row of ``chunk`` as a bool vector, or None when it holds no null."""
+    if not chunk.null_count:
+        return None
+    bits = np.unpackbits(np.frombuffer(chunk.buffers()[0], np.uint8), bitorder="little")
+    return bits[chunk.offset:chunk.offset + len(chunk)].astype(bool)
+
+
+def _values(array: pa.Array, dtype: str) -> np.ndarray:
+    """The value buffer of a fixed-width ``array`` as a numpy vector (a view; nulls read as
+    whatever their slots hold)."""
+    width = np.dtype(dtype).itemsize
+    if not len(array):
+        return np.zeros(0, dtype)
+    return np.frombuffer(array.buffers()[1], dtype, count=len(array), offset=array.offset * width)
+
+
+def int64_values(column: pa.ChunkedArray) -> np.ndarray:
+    """The values of an int64 column as one int64 vector. A null (which no reader lets into a
+    column the format declares non-null) raises :class:`FormatError`."""
+    if not pa.types.is_int64(column.type):
+        raise TypeError(f"an int64 column was expected, not {column.type}")
+    parts = [np.zeros(0, np.int64)]
+    for chunk in column.chunks:
+        if chunk.null_count:
+            raise FormatError("a null in an integer column the format declares non-null")
+        if len(chunk):
+            parts.append(_values(chunk, "i8"))
+    return np.concatenate(parts)
+
+
+def map_entries(column: pa.ChunkedArray, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The entries of a ``map<string, float64>`` column (the metrics) whose key is one of ``keys``:
+    (row, index of its key in ``keys``, value; NaN for a null value), in order, a row's entries in
+    the order the map holds them; a null row has none."""
+    if not pa.types.is_map(column.type) or not pa.types.is_float64(column.type.item_type):
+        raise TypeError(f"a map<string, float64> column was expected, not {column.type}")
+    rows, codes, values, base = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0)], 0
+    for chunk in column.chunks:
+        n = len(chunk)
+        if n:
+            offsets = _values(chunk.offsets, "i4").astype(np.int64)  # into the keys and items of every row
+            spans = np.arange(offsets[0], offsets[-1])
+            row = np.searchsorted(offsets, spans, side="right") - 1  # the row each entry belongs to
+            code = string_codes(chunk.keys, keys)[spans]
+            valid = _valid(chunk)
+            mine = (code >= 0) if valid is None else (code >= 0) & valid[row]
+            items = chunk.items
+            value = _values(items, "f8").astype(np.float64)
+            present = _valid(items)
+            if present is not None:
+                value[~present] = np.nan
+            rows.append(base + row[mine])
+            codes.append(code[mine])
+            values.append(value[spans[mine]])
+        base += n
+    return np.concatenate(rows), np.concatenate(codes), np.concatenate(values)
+
+
+def binary_chunks(column: pa.ChunkedArray) -> Iterator[tuple[np.ndarray, memoryview]]:
+    """(int64 offsets, data bytes) of each non-empty chunk of a binary or string column, straight
+    from the Arrow buffers (nothing copied)."""
+    for chunk in column.chunks:
+        n = len(chunk)
+        if not n:
+            continue
+        large = pa.types.is_large_binary(chunk.type) or pa.types.is_large_string(chunk.type)
+        width = 8 if large else 4
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64 if large else np.int32, count=n + 1,
+                                offset=chunk.offset * width).astype(np.int64)
+        yield offsets, memoryview(chunk.buffers()[2] or b"")
+
+
+def fixed_rows(column: pa.ChunkedArray) -> np.ndarray:
+    """(n, width) uint8 view of a fixed_size_binary column."""
+    width = column.type.byte_width
+    parts = [np.zeros((0, width), np.uint8)]
+    for chunk in column.chunks:
+        if len(chunk):
+            data = np.frombuffer(chunk.buffers()[1], dtype=np.uint8)
+            parts.append(data[chunk.offset * width:(chunk.offset + len(chunk)) * width].reshape(-1, width))
+    return np.concatenate(parts)
+
+
+def string_codes(column: pa.ChunkedArray | pa.Array, labels: Sequence[str]) -> np.ndarray:
+    """For each row of a string column (or array), the index in ``labels`` of its value; -1 for a null or a
+    value not among them (int64 vector)."""
+    index = {label: i for i, label in enumerate(labels)}
+    parts = [np.zeros(0, np.int64)]
+    for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
+        if not len(chunk):
+            continue
+        encoded = chunk.dictionary_encode()  # a kernel over the column alone: no Python value converted
+        values = encoded.dictionary.to_pylist()
+        codes = np.array([index.get(v, -1) for v in values] + [-1], np.int64)  # the last: a null's
+        keys = encoded.indices
+        width = keys.type.bit_width // 8
+        rows = _values(keys, f"i{width}")
+        valid = _valid(keys)
+        rows = rows.astype(np.int64) if valid is None else np.where(valid, rows, len(values))
+        parts.append(codes[rows])
+    return np.concatenate(parts)
+
+
+def pylist_at(column: pa.ChunkedArray, rows: Sequence[int]) -> list[Any]:
+    """The Python values of ``rows`` of a column, in that order: one slice when they are a run of
+    consecutive rows, else row by row (``take`` would build its index array through pandas)."""
+    if not len(rows):
+        return []
+    if len(rows) == 1 or bool((np.diff(np.asarray(rows, np.int64)) == 1).all()):
+        values: list[Any] = column.slice(rows[0], len(rows)).to_pylist()
+        return values
+    return [column[i].as_py() for i in rows]
+
+
+__all__ = ["binary_chunks", "fixed_rows", "int64_values", "map_entries", "pylist_at", "string_codes"]
