@@ -7,7 +7,10 @@ elements (views, no copy), the blocks' norms are taken in one fused call accumul
 float64. A logged norm is then off by at most 65536·2⁻²⁴ relative (the verifier's tolerance,
 ``ledger.verify._bounds.norm_rtol``). The training thread only launches the kernels (on CUDA on a
 side stream, copied to pinned host memory: ``ledger._device``); the per-tensor sums are finished on
-the writer thread (no device synchronisation while training).
+the writer thread (no device synchronisation while training). Float32 and float64 blocks in CPU
+memory are instead summed by ``numpy.dot`` on views of the tensors' own memory (a BLAS dot: float32
+accumulated in float32, the same definition), 2.5–2.8× cheaper than torch's per-tensor CPU
+dispatch on small tensors (charlm's 29 tensors: 20 vs 55 µs; 113 tensors: 112 vs 282 µs).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from ledger._device import Landing, lane_of
+from ledger._device import HostBackend, Landing, lane_of
 
 BLOCK = 1 << 16
 POLICY = "every step (L2 of float32 blocks of 65536 accumulated in float64, tensor_order)"
@@ -35,11 +38,16 @@ class Pending:
     starts: tuple[npt.NDArray[np.int64], ...]  # per group: the first block of each tensor
     owners: tuple[npt.NDArray[np.int64], ...]  # per group: which tensor each run of blocks belongs to
     exact: tuple[int, ...]  # the tensors normed exactly (in float64)
+    host: tuple[npt.NDArray[np.float64], npt.NDArray[np.int64], npt.NDArray[np.int64]] | None = None
+    # CPU float32/float64 tensors: (squared norms of their blocks, first block of each, which tensor)
 
     def value(self) -> npt.NDArray[np.float64]:
         """The per-tensor norms (float64)."""
         results = self.landing.value()
         out = np.zeros(self.count)
+        if self.host is not None:
+            squares, starts, owners = self.host
+            out[owners] = np.add.reduceat(squares, starts)
         for norms, starts, owners in zip(results[:len(self.starts)], self.starts, self.owners, strict=True):
             out[owners] = np.add.reduceat(np.square(norms.double().numpy()), starts)
         for index, norm in zip(self.exact, results[len(self.starts):], strict=True):
@@ -69,9 +77,18 @@ class Norms:
         self.count = len(tensors)
         groups: dict[bool, tuple[list[torch.Tensor], list[int], list[int]]] = {False: ([], [], []), True: ([], [], [])}
         self.exact: list[int] = []
+        host: tuple[list[npt.NDArray[np.floating]], list[int], list[int]] = ([], [], [])
+        self._lane = lane_of(tensors)
+        streamless = type(self._lane.backend) is HostBackend  # a CPU model: no side stream to run on
         for i, tensor in enumerate(tensors):
             if not tensor.is_floating_point() or not tensor.is_contiguous() or tensor.numel() == 0:
                 self.exact.append(i)  # integer buffers, rare non-contiguous tensors: one exact float64 norm
+                continue
+            if streamless and tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64):
+                flat = tensor.detach().reshape(-1).numpy()  # a view of the tensor's memory
+                host[1].append(len(host[0]))
+                host[2].append(i)
+                host[0].extend(flat[lo:lo + BLOCK] for lo in range(0, flat.size, BLOCK))
                 continue
             blocks, starts, owners = groups[tensor.dtype in _LOW]
             starts.append(len(blocks))
@@ -79,7 +96,8 @@ class Norms:
             blocks.extend(torch.split(tensor.detach().reshape(-1), BLOCK))
         self._groups = [(low, blocks, np.asarray(starts, dtype=np.int64), np.asarray(owners, dtype=np.int64))
                         for low, (blocks, starts, owners) in groups.items() if blocks]
-        self._lane = lane_of(tensors)
+        self._host = (host[0], np.asarray(host[1], dtype=np.int64), np.asarray(host[2], dtype=np.int64)) \
+            if host[0] else None
 
     def measure(self, tensors: Sequence[torch.Tensor]) -> Pending:
         """Launch this step's norms (``tensors`` as given to the constructor, for the exact ones):
@@ -91,5 +109,9 @@ class Norms:
             return [_foreach_norms(b, low) for low, b in blocks] + [t.double().norm() for t in exact]
 
         landing = self._lane.launch(work, tensors)
+        host = None
+        if self._host is not None:
+            views, starts, owners = self._host
+            host = (np.fromiter((np.dot(v, v) for v in views), np.float64, len(views)), starts, owners)
         return Pending(self.count, landing, tuple(starts for _, _, starts, _ in self._groups),
-                       tuple(owners for *_, owners in self._groups), tuple(self.exact))
+                       tuple(owners for *_, owners in self._groups), tuple(self.exact), host)

@@ -25,7 +25,7 @@ import torch
 import ledger.torch as lt
 from ledger._blocked import TENSOR_BLOCKED_V1, safetensors_blocked_digests
 from ledger.errors import ConfigurationError
-from ledger.hooks._norms import Norms
+from ledger.hooks._norms import BLOCK, Norms
 from ledger.hooks._sharded import ShardedFingerprints, _flat_range, _pieces, local_part, sharded_state
 from ledger.torch import CountSketch, canonical_state, torch_digests
 
@@ -193,7 +193,7 @@ def test_one_process_without_a_process_group() -> None:
     assert not fp.is_sharded(tensors)
     assert fp.digests(tensors) == torch_digests(tensors, TENSOR_BLOCKED_V1)
     ref = Norms(list(tensors.values())).measure(list(tensors.values())).value()
-    assert np.allclose(fp.norms(tensors), ref, rtol=1e-12)
+    assert np.allclose(fp.norms(tensors), ref, rtol=BLOCK * 2.0**-24)  # the recorder sums CPU float32 with numpy
     sketch = fp.sketch(tensors)
     assert sketch is not None and np.allclose(sketch, CountSketch(SEED, K)(tensors), rtol=1e-12, atol=1e-12)
 
