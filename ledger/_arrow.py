@@ -9,7 +9,7 @@ instead (public pyarrow only: ``buffers()``, ``slice``, ``dictionary_encode``, `
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
 from typing import Any
 
 import numpy as np
@@ -133,4 +133,37 @@ def pylist_at(column: pa.ChunkedArray, rows: Sequence[int]) -> list[Any]:
     return [column[i].as_py() for i in rows]
 
 
-__all__ = ["binary_chunks", "fixed_rows", "int64_values", "map_entries", "pylist_at", "string_codes"]
+def typed_array(values: Sequence[Any], type_: pa.DataType) -> pa.Array:
+    """Python ``values`` (ints, strs, bytes of the type's width, or lists of (str, float) pairs for
+    a ``map<string, float64>``) as an Arrow array of ``type_`` without nulls, built from buffers;
+    an int out of int64's range raises ``OverflowError`` (as ``pa.array`` would)."""
+    n = len(values)
+    if pa.types.is_int64(type_) or pa.types.is_float64(type_):
+        data = np.array(values, np.int64 if pa.types.is_int64(type_) else np.float64)
+        return pa.Array.from_buffers(type_, n, [None, pa.py_buffer(data)])
+    if pa.types.is_fixed_size_binary(type_):
+        joined = b"".join(values)
+        if len(joined) != n * type_.byte_width or any(len(v) != type_.byte_width for v in values):
+            raise ValueError(f"values of {type_.byte_width} bytes were expected")
+        return pa.Array.from_buffers(type_, n, [None, pa.py_buffer(joined)])
+    if pa.types.is_string(type_):
+        raw = [v.encode() for v in values]
+        return pa.Array.from_buffers(type_, n, [None, pa.py_buffer(_offsets(raw)), pa.py_buffer(b"".join(raw))])
+    if pa.types.is_map(type_):
+        pairs = [pair for row in values for pair in row]
+        entries = pa.Array.from_buffers(pa.struct([type_.key_field, type_.item_field]), len(pairs), [None], children=[
+            typed_array([k for k, _ in pairs], type_.key_type), typed_array([v for _, v in pairs], type_.item_type)])
+        return pa.Array.from_buffers(type_, n, [None, pa.py_buffer(_offsets(values))], children=[entries])
+    raise TypeError(f"no builder for {type_}")
+
+
+def _offsets(rows: Sequence[Sized]) -> np.ndarray:
+    """int32 offsets of ``rows`` laid end to end (``OverflowError`` past 2 GiB)."""
+    offsets = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum([len(r) for r in rows], out=offsets[1:])
+    if offsets[-1] >= 1 << 31:
+        raise OverflowError("more than 2 GiB in one array")
+    return offsets.astype(np.int32)
+
+
+__all__ = ["binary_chunks", "fixed_rows", "int64_values", "map_entries", "pylist_at", "string_codes", "typed_array"]

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from ledger import _parts, _wal
+from ledger._arrow import typed_array
 from ledger._encoding import decode_body
 from ledger._entry import Entry
 from ledger._layout import Layout
@@ -294,7 +295,7 @@ def wal_table(frames: _wal.WalFrames, rows: list[int], run_id: str | None) -> pa
         "hash": [_leaf_hash(r) for r in records],
         "metrics": metrics,
     }
-    return pa.Table.from_arrays([arrays[f.name] if f.name in arrays else pa.array(columns[f.name], f.type)
+    return pa.Table.from_arrays([arrays[f.name] if f.name in arrays else typed_array(columns[f.name], f.type)
                                  for f in _parts.SCHEMA], schema=_parts.SCHEMA)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ledger._arrow import fixed_rows, int64_values, map_entries, pylist_at, string_codes
+from ledger._arrow import fixed_rows, int64_values, map_entries, pylist_at, string_codes, typed_array
 from ledger.errors import FormatError
 
 
@@ -61,15 +61,40 @@ def test_map_entries_are_the_metrics_entries_with_those_keys():
     np.testing.assert_array_equal(values, [e[2] for e in expected])
 
 
+def test_typed_arrays_equal_pyarrows_own():
+    cases = [([0, -1, 2**63 - 1, -2**63], pa.int64()), ([0.5, float("inf"), -0.0], pa.float64()),
+             (["step", "", "é", "genesis"], pa.string()), ([bytes([i]) * 32 for i in range(3)], pa.binary(32)),
+             ([[("loss", 1.0), ("lr", 2.0)], [], [("loss", 3.0)]], pa.map_(pa.string(), pa.float64()))]
+    for values, type_ in cases:
+        built = typed_array(values, type_)
+        built.validate(full=True)
+        assert built.equals(pa.array(values, type_)), type_
+        assert typed_array(values[:0], type_).equals(pa.array(values[:0], type_))
+    with pytest.raises(OverflowError):
+        typed_array([2**63], pa.int64())
+    with pytest.raises(ValueError):
+        typed_array([b"short"], pa.binary(32))
+
+
+CRASHED = r"""
+import os, sys
+from ledger import LedgerWriter, Signer
+writer = LedgerWriter.create(sys.argv[1], Signer.from_seed(bytes(range(32))), genesis={"config": {}},
+                             rollover_entries=8)
+for i in range(13):
+    writer.append("step", i, {"metrics": {"loss": 1.0 / (i + 1)}})
+os._exit(0)  # a crash: entries 8-13 stay in the log
+"""
+
 VERIFY = r"""
 import sys
 from ledger._cli import cli
-ledger, key, model = sys.argv[1:]
-for extra in (["--model", model], [], ["--json", "--sample", "3"]):
+ledger, key, model, crashed = sys.argv[1:]
+for path, extra in ((ledger, ["--model", model]), (ledger, []), (ledger, ["--json", "--sample", "3"]), (crashed, [])):
     try:
-        cli(["verify", ledger, "--key", key, *extra])
+        cli(["verify", path, "--key", key, *extra])
     except SystemExit as exc:
-        assert exc.code == 0, (extra, exc.code)
+        assert exc.code == 0, (path, extra, exc.code)
 print("pandas imported:", "pandas" in sys.modules)
 """
 
@@ -77,7 +102,7 @@ print("pandas imported:", "pandas" in sys.modules)
 @pytest.mark.xfail(strict=False, reason="verify/_series.py training_series still converts through pandas "
                    "(table.filter(pc.equal(kind, 'step')), to_numpy, np.asarray of Arrow arrays) until it "
                    "reads the columns through ledger._arrow")
-def test_verify_of_a_recorded_sealed_ledger_imports_no_pandas(tmp_path: Path):
+def test_verify_of_a_recorded_ledger_imports_no_pandas(tmp_path: Path):
     pytest.importorskip("torch")
     sys.path.insert(0, str(Path(__file__).parent))
     from recipes import TinyRecipe
@@ -90,7 +115,10 @@ def test_verify_of_a_recorded_sealed_ledger_imports_no_pandas(tmp_path: Path):
     train(TinyRecipe(), steps=6, path=tmp_path / "L", key=signer, seed=3, checkpoint_every=2,
           final_weights=tmp_path / "final.safetensors")
     (tmp_path / "pub.pem").write_bytes(public_key_pem(signer.public.raw))
+    subprocess.run([sys.executable, "-c", CRASHED, str(tmp_path / "crashed")], check=True, timeout=120)
+    assert (tmp_path / "crashed" / "wal.log").stat().st_size > 1000  # the unsealed ledger has a log tail
     done = subprocess.run([sys.executable, "-c", VERIFY, str(tmp_path / "L"), str(tmp_path / "pub.pem"),
-                           str(tmp_path / "final.safetensors")], capture_output=True, text=True, timeout=300)
+                           str(tmp_path / "final.safetensors"), str(tmp_path / "crashed")], capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines()[-1] == "pandas imported: False"
