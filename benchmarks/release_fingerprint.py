@@ -15,7 +15,8 @@ recorder writes, docs/FORMAT.md §12), then times, each in its own process, inte
 * ``model_signing`` ``model_signing sign key`` of the file's folder, when the package is installed;
 * ``import-cli``  ``import ledger._cli, ledger.verify``: the start-up every ``ledger verify`` pays;
 * ``import-pandas`` ``import pandas``, which pyarrow imports on the first array it converts when
-  pandas is installed (``pc.equal(column, "x")``, ``ChunkedArray.to_numpy()``): ``verify`` pays it too.
+  pandas is installed (``pa.array``, ``pc.equal(column, "x")``, ``to_numpy()``); ``verify`` reads its
+  columns from their buffers (``ledger/_arrow.py``) so as not to pay it.
 
 Prints the median wall seconds (whole process, start-up included), its ratio to ``bare-N``'s median
 and the median of the per-round (paired) ratios, the median CPU seconds, the median seconds the
