@@ -55,7 +55,14 @@ def test_every_entry_carries_exactly_what_the_fixed_cadence_states(tmp_path):
     genesis = ledger.open(tmp_path / "L").genesis()["fingerprints"]
     assert (genesis["sketch"], genesis["digests"], genesis["batch"]) == (3, 4, 2)
     assert genesis["overhead_budget"] == 0.01 and genesis["grad_norms"] == "auto"
-    assert verify_ledger(tmp_path / "L", key=SIGNER.public, model=tmp_path / "L.safetensors").verdict == "pass"
+    report = verify_ledger(tmp_path / "L", key=SIGNER.public, model=tmp_path / "L.safetensors")
+    continuity = report.check("continuity")
+    assert report.verdict == "pass" and continuity.data["sketch_steps_checked"] == 4
+    # pinned beyond the norms at the init, sketches 0 3 6 9, checkpoints 5 11: at most 3 steps apart
+    assert continuity.data["localisation_steps"] == 3 and "localised to ≤ 3 step(s)" in continuity.detail
+    record(tmp_path / "M", sketch=0)
+    continuity = verify_ledger(tmp_path / "M", key=SIGNER.public, model=tmp_path / "M.safetensors").check("continuity")
+    assert continuity.data["localisation_steps"] == 6 and "localised to ≤ 6 step(s)" in continuity.detail
 
 
 def test_budget_none_takes_every_optional_fingerprint_every_step(tmp_path):
