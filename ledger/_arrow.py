@@ -3,7 +3,8 @@
 pyarrow imports pandas (about 0.2 s of CPU, more than all of verify's own imports) on the first
 conversion that consults its pandas shim: ``pa.array`` and ``pa.scalar``, a Python value in a
 compute call, ``to_numpy``, ``take``. The verifier reads its columns through these functions
-instead (public pyarrow only: ``buffers()``, ``slice``, ``dictionary_encode``, ``to_pylist``), so
+instead (public pyarrow only: ``buffers()``, ``from_buffers``, ``slice``, ``to_pylist``, compute
+kernels given arrays alone), so
 ``ledger verify`` never imports pandas; ``Ledger.to_pandas`` and ``ledger log`` still do.
 """
 
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ledger.errors import FormatError
 
@@ -103,22 +105,18 @@ def fixed_rows(column: pa.ChunkedArray) -> np.ndarray:
 
 
 def string_codes(column: pa.ChunkedArray | pa.Array, labels: Sequence[str]) -> np.ndarray:
-    """For each row of a string column (or array), the index in ``labels`` of its value; -1 for a null or a
-    value not among them (int64 vector)."""
-    index = {label: i for i, label in enumerate(labels)}
+    """For each row of a string column (or array), the index in ``labels`` (distinct) of its value;
+    -1 for a null or a value not among them (int64 vector)."""
+    if not pa.types.is_string(column.type):
+        raise TypeError(f"a string column was expected, not {column.type}")
+    found = pc.index_in(column, value_set=typed_array(list(labels), pa.string()))  # arrays only: no pandas
     parts = [np.zeros(0, np.int64)]
-    for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
-        if not len(chunk):
-            continue
-        encoded = chunk.dictionary_encode()  # a kernel over the column alone: no Python value converted
-        values = encoded.dictionary.to_pylist()
-        codes = np.array([index.get(v, -1) for v in values] + [-1], np.int64)  # the last: a null's
-        keys = encoded.indices
-        width = keys.type.bit_width // 8
-        rows = _values(keys, f"i{width}")
-        valid = _valid(keys)
-        rows = rows.astype(np.int64) if valid is None else np.where(valid, rows, len(values))
-        parts.append(codes[rows])
+    for chunk in found.chunks if isinstance(found, pa.ChunkedArray) else [found]:
+        codes = _values(chunk, "i4").astype(np.int64)
+        valid = _valid(chunk)
+        if valid is not None:
+            codes[~valid] = -1
+        parts.append(codes)
     return np.concatenate(parts)
 
 

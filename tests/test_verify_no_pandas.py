@@ -39,7 +39,7 @@ def test_string_codes_name_each_value_among_the_labels():
     expected = [labels.index(v) if v in labels else -1 for v in values]
     assert string_codes(chunked(values, pa.string()), labels).tolist() == expected
     assert string_codes(pa.array(values, pa.string()), labels).tolist() == expected
-    assert string_codes(chunked(values, pa.large_string()), []).tolist() == [-1] * len(values)
+    assert string_codes(chunked(values, pa.string()), []).tolist() == [-1] * len(values)
 
 
 def test_fixed_rows_and_pylist_at_read_the_rows_asked_for():
