@@ -167,19 +167,21 @@ def test_bounds_over_all_steps_equal_step_by_step(kind, seed):
 @pytest.mark.parametrize("seed", range(5))
 def test_metric_series_is_each_steps_last_row(seed):
     pa = pytest.importorskip("pyarrow")
-    from ledger.verify._series import _metric
+    from ledger.verify._series import step_metrics
 
     rng = np.random.default_rng(seed)
-    steps, maps = [], []
+    kinds, steps, maps = [], [], []
     for _ in range(300):  # resumed runs re-record steps; rows without the key, with NaN, null, twice
+        kinds.append(str(rng.choice(["step", "step", "step", "eval", "checkpoint"])))
         steps.append(int(rng.integers(0, 60)))
         pairs = [(str(rng.choice(["loss", "lr", "acc"])), float(rng.choice([rng.random(), math.nan])))
                  for _ in range(int(rng.integers(0, 4)))]
         maps.append(None if rng.random() < 0.05 else pairs)
-    table = pa.table({"step": pa.array(steps, pa.int64()),
+    table = pa.table({"kind": pa.array(kinds), "step": pa.array(steps, pa.int64()),
                       "metrics": pa.array(maps, pa.map_(pa.string(), pa.float64()))})
     table = pa.concat_tables([table.slice(0, 100), table.slice(100)])  # two chunks
-    last = {s: dict(m or []) for s, m in zip(steps, maps, strict=True)}
-    for key in ("loss", "lr"):
+    last = {s: dict(m or []) for k, s, m in zip(kinds, steps, maps, strict=True) if k == "step"}
+    series = step_metrics(table, ("loss", "lr"))
+    for key, got in zip(("loss", "lr"), series, strict=True):
         xs = [s for s in sorted(last) if key in last[s] and not math.isnan(last[s][key])]
-        assert _metric(table, key) == (xs, [last[s][key] for s in xs])
+        assert got == (xs, [last[s][key] for s in xs])

@@ -37,12 +37,6 @@ ROUNDING = {"F64": 2.0 ** -53, "F32": U32, "BF16": 2.0 ** -8, "F16": 2.0 ** -11}
 KNOWN = {"torch.optim.adamw.AdamW": "adamw", "torch.optim.adam.Adam": "adam", "torch.optim.sgd.SGD": "sgd"}
 
 
-def adam_step(a: float, beta1: float, beta2: float, t: int) -> tuple[float, float]:
-    """One optimizer step of the recursion: (A_t, B_t) from A_{t−1} and the betas of step t."""
-    a = beta1 * beta1 / beta2 * a + (1 - beta1) ** 2 / (1 - beta2)
-    return a, math.sqrt(a) * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-
-
 def family(class_name: str, mro: tuple[str, ...]) -> str | None:
     """"adam", "adamw" or "sgd" when the optimizer is (a subclass of) torch's, from its recorded
     base classes; ledgers without them are recognised by the class's own name."""
@@ -154,11 +148,14 @@ class Bounds:
             beta1, beta2 = (float(b) for b in group["betas"])
             self.vacuous |= beta1 * beta1 > beta2
             a, coef = float(self.moments[g]), self.coef[lo:hi, g]
+            # A_t = (β1²/β2)·A_{t−1} + (1−β1)²/(1−β2), B_t = √A_t·√(1−β2^t)/(1−β1^t) per optimizer step
+            decay_a, drive_a = beta1 * beta1 / beta2, (1 - beta1) ** 2 / (1 - beta2)
+            sqrt = math.sqrt
             for row, (rate, steps, t) in enumerate(zip(lr.tolist(), k.tolist(), t0.tolist(), strict=True)):
                 c = 0.0
-                for j in range(1, steps + 1):
-                    a, b = adam_step(a, beta1, beta2, t + j)
-                    c += rate * b
+                for j in range(t + 1, t + steps + 1):
+                    a = decay_a * a + drive_a
+                    c += rate * (sqrt(a) * sqrt(1 - beta2**j) / (1 - beta1**j))
                 coef[row] = c
             self.moments[g] = a
             self.decay[lo:hi, g] = lr * wd * k if kind == "adamw" else 0.0

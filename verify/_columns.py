@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, TypeVar
 
 import numpy as np
@@ -56,8 +57,8 @@ class StepColumns:
 
     def take(self, rows: np.ndarray) -> StepColumns:
         """These rows, in this order."""
-        where = {old: new for new, old in enumerate(rows.tolist())} if self.sketches or self.hyper or self.each \
-            else {}
+        where = np.full(len(self.steps), -1, dtype=np.int64)  # old row -> new row
+        where[rows] = np.arange(len(rows))
         return StepColumns(self.steps[rows], self.norms[rows], self.optimizer_steps[rows], self.lrs[rows],
                            self.has_lrs[rows], self.grad_norms[rows], self.has_grad_norms[rows],
                            _moved(self.sketches, where), _moved(self.hyper, where), _moved(self.each, where))
@@ -93,9 +94,11 @@ class StepColumns:
                 self.each[row] = list(model.optimizer_steps_each)
 
 
-def _moved(by_row: dict[int, V], where: dict[int, int]) -> dict[int, V]:
-    """``by_row`` with its rows renumbered by ``where`` (rows not in it dropped), in the new order."""
-    return dict(sorted(((where[r], v) for r, v in by_row.items() if r in where), key=lambda pair: pair[0]))
+def _moved(by_row: dict[int, V], where: np.ndarray) -> dict[int, V]:
+    """``by_row`` with its rows renumbered by ``where`` (rows it maps to −1 dropped), in the new order."""
+    new = where[np.fromiter(by_row, dtype=np.int64, count=len(by_row))]
+    values = list(by_row.values())
+    return {int(new[i]): values[i] for i in np.argsort(new, kind="stable").tolist() if new[i] >= 0}
 
 
 @dataclass
@@ -207,8 +210,11 @@ class Steps(Mapping[int, StepBody]):
     def __init__(self, columns: StepColumns, bodies: list[bytes], genesis: Genesis | None,
                  decoded: dict[int, StepBody] | None = None) -> None:
         self.columns, self._bodies, self._genesis = columns, bodies, genesis
-        self._rows = {s: r for r, s in enumerate(columns.steps.tolist())}
         self._decoded: dict[int, StepBody] = dict(decoded or {})
+
+    @cached_property
+    def _rows(self) -> dict[int, int]:
+        return {s: r for r, s in enumerate(self.columns.steps.tolist())}
 
     @classmethod
     def counted(cls, read: StepsRead, counted: dict[int, int], bodies: list[bytes], genesis: Genesis) -> Steps:
@@ -235,10 +241,10 @@ class Steps(Mapping[int, StepBody]):
         return step in self._rows
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._rows)
+        return iter(self.columns.steps.tolist())
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self.columns.steps)
 
     def row(self, step: int) -> int:
         """The row of a recorded step in :attr:`columns`."""

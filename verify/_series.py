@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from ledger._arrow import int64_values, map_entries, string_codes
 from ledger._record import Kind
 from ledger.verify._load import Loaded
 from ledger.verify._run import RunView
@@ -24,8 +24,7 @@ def training_series(loaded: Loaded, view: RunView | None) -> dict[str, Any]:
     if not table.num_rows:
         notes["loss"] = notes["lrs"] = "the ledger holds no readable entries"
         return out
-    rows = table.filter(pc.equal(table["kind"], Kind.STEP.label))
-    loss, lr = _metric(rows, "loss"), _metric(rows, "lr")
+    loss, lr = step_metrics(table, ("loss", "lr"))
     if loss[0]:
         out["loss"] = loss
     if lr[0]:
@@ -42,24 +41,21 @@ def training_series(loaded: Loaded, view: RunView | None) -> dict[str, Any]:
     return out
 
 
-def _metric(rows: pa.Table, key: str) -> Series:
-    """(steps, values) of metric ``key`` by step, ascending: of each step its last row's value, where
-    that row logs one that is not NaN (a row logging a key twice: the last one)."""
-    n = rows.num_rows
-    if not n:
-        return [], []
-    steps = np.asarray(rows["step"].to_numpy(), dtype=np.int64)
-    _, first_reversed = np.unique(steps[::-1], return_index=True)
-    last = n - 1 - first_reversed  # each step's last row, by step
-    metrics = rows["metrics"].combine_chunks()
-    offsets = np.asarray(metrics.offsets, dtype=np.int64)  # into the keys and items of every row
-    hits = np.flatnonzero(np.asarray(pc.equal(metrics.keys, key)))
-    hits = hits[(hits >= offsets[0]) & (hits < offsets[-1])]
-    row = np.searchsorted(offsets, hits, side="right") - 1
-    keep = ~np.asarray(metrics.is_null())[row]
-    hits, row = hits[keep], row[keep]
-    found, where = np.unique(row[::-1], return_index=True)
-    values = np.full(n, np.nan)
-    values[found] = np.asarray(pc.fill_null(metrics.items, np.nan).to_numpy())[hits[::-1][where]]
-    chosen = last[~np.isnan(values[last])]
-    return steps[chosen].tolist(), values[chosen].tolist()
+def step_metrics(table: pa.Table, keys: tuple[str, ...]) -> list[Series]:
+    """For each metric in ``keys``, (steps, values) by step, ascending, of the step entries: of each
+    step its last row's value, where that row logs one that is not NaN (a row logging a key twice:
+    the last one). Read from the Arrow buffers."""
+    steps = int64_values(table["step"])
+    rows = np.flatnonzero(string_codes(table["kind"], [Kind.STEP.label]) == 0)
+    _, first_reversed = np.unique(steps[rows][::-1], return_index=True)
+    last = rows[len(rows) - 1 - first_reversed]  # each step's last row, by step
+    entry_rows, codes, entry_values = map_entries(table["metrics"], keys)
+    out: list[Series] = []
+    for code in range(len(keys)):
+        mine = codes == code
+        found, where = np.unique(entry_rows[mine][::-1], return_index=True)  # a row's last entry of the key
+        values = np.full(table.num_rows, np.nan)
+        values[found] = entry_values[mine][::-1][where]
+        chosen = last[~np.isnan(values[last])]
+        out.append((steps[chosen].tolist(), values[chosen].tolist()))
+    return out
