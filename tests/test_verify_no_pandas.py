@@ -99,9 +99,6 @@ print("pandas imported:", "pandas" in sys.modules)
 """
 
 
-@pytest.mark.xfail(strict=False, reason="verify/_series.py training_series still converts through pandas "
-                   "(table.filter(pc.equal(kind, 'step')), to_numpy, np.asarray of Arrow arrays) until it "
-                   "reads the columns through ledger._arrow")
 def test_verify_of_a_recorded_ledger_imports_no_pandas(tmp_path: Path):
     pytest.importorskip("torch")
     sys.path.insert(0, str(Path(__file__).parent))
