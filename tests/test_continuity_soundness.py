@@ -137,6 +137,14 @@ def test_a_subclass_of_adamw_is_recognised(tmp_path):
     assert result.status is Status.PASS and result.data["optimizer_family"] == "adamw"
 
 
+def test_adam_with_decoupled_weight_decay_is_bounded_as_adamw(tmp_path):
+    model = mlp()
+    record(tmp_path / "L", model, torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=0.5,
+                                                   decoupled_weight_decay=True), steps=12)
+    result = continuity(tmp_path / "L")
+    assert result.status is Status.PASS, result.detail
+
+
 def test_buffers_outside_the_optimizer_are_exempt_and_named(tmp_path):
     model = mlp(norm=torch.nn.BatchNorm1d)
     record(tmp_path / "L", model, torch.optim.AdamW(model.parameters(), lr=1e-2))

@@ -77,6 +77,9 @@ class Bounds:
         self.family = None if None in self.families else "+".join(known) if len(known) > 1 else known[0]
         self.unknown = [o.class_name for o, f in zip(optimizers, self.families, strict=True) if f is None]
         self.groups: list[dict[str, Any]] = [dict(g) for o in optimizers for g in o.param_groups]
+        # torch's Adam(decoupled_weight_decay=True) is AdamW's update rule
+        self.group_family = ["adamw" if f == "adam" and g.get("decoupled_weight_decay") else f
+                             for f, g in zip(self.group_family, self.groups, strict=True)]
         order = view.tensor_order
         self.group_of = np.full(len(order), -1)
         index = {name: i for i, name in enumerate(order)}

@@ -198,6 +198,10 @@ class _Walk:
                                                 "tensor": order[i],
                                                 "detail": "a parameter in no recorded optimizer group moved"}))
         moved_buffers.update(order[i] for i in np.flatnonzero((outside & moved & ~bounds.parameter).any(axis=0)))
+        if "sgd" in bounds.group_family:  # SGD's bound is built from the step's gradient norms
+            for row in np.flatnonzero(~cols.has_grad_norms & (cols.optimizer_steps > 0)).tolist():
+                found.append((row, 1, 0, {"step": int(steps[row]), "ratio": math.inf, "evidence": "entry",
+                                          "detail": "no gradient norms: the SGD update bound cannot be formed"}))
         self._confirm_lr(steps, bound, delta, slack, checked)
         has_bound = (~unbounded).any(axis=1)
         worst = np.argmax(np.where(unbounded, -np.inf, ratio), axis=1)
