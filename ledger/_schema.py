@@ -16,7 +16,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -187,16 +187,29 @@ class FingerprintPolicy:
         k = _int(_req(body, "sketch_k", int, "fingerprints"), "fingerprints 'sketch_k'")
         if k < 2 or k & (k - 1) or k > 1 << 20:
             raise FormatError(f"fingerprints 'sketch_k' {k} is not a power of two between 2 and 2^20")
-        return cls(list(order), _typed(body.get("sketch", "auto"), (str, int), "fingerprints 'sketch'"), k,
+        budget = body.get("overhead_budget", 0.01)
+        if budget is not None and not (isinstance(budget, (int, float)) and not isinstance(budget, bool)
+                                       and 0 < budget < 1):
+            raise FormatError("fingerprints 'overhead_budget' is not a fraction between 0 and 1 or null")
+        grads = _text(body, "grad_norms", "every", "fingerprints")
+        if grads not in ("auto", "every"):
+            raise FormatError(f"fingerprints 'grad_norms' {grads[:20]!r} is not 'auto' or 'every'")
+        return cls(list(order), _interval(body, "sketch", "auto", ("auto", "every")), k,
                    _int(_req(body, "sketch_seed", int, "fingerprints"), "fingerprints 'sketch_seed'"),
-                   _typed(body.get("digests", "auto"), (str, int), "fingerprints 'digests'"),
-                   None if body.get("overhead_budget", 0.01) is None else
-                   _number(body.get("overhead_budget", 0.01), "fingerprints 'overhead_budget'"),
+                   _interval(body, "digests", "auto", ("auto", "every", "checkpoints")),
+                   None if budget is None else float(budget),
                    _text(body, "norms", "", "fingerprints"),
                    _text(body, "sketch_kind", "count-sketch/v1", "fingerprints"),
                    _scheme(_text(body, "tensor_digest", "tensor/v1", "fingerprints")),
-                   _typed(body.get("batch", "every"), (str, int), "fingerprints 'batch'"),
-                   _text(body, "grad_norms", "every", "fingerprints"))
+                   _interval(body, "batch", "every", ("auto", "every")), grads)
+
+
+def _interval(body: Mapping[str, Any], key: str, default: str, words: tuple[str, ...]) -> str | int:
+    """An optional fingerprint's policy in genesis: one of ``words`` or a number of steps ≥ 0."""
+    value = body.get(key, default)
+    if value in words or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 62):
+        return cast(str | int, value)
+    raise FormatError(f"fingerprints '{key}' is not {', '.join(repr(w) for w in words)} or a number of steps")
 
 
 def _scheme(scheme: str) -> str:
