@@ -201,7 +201,7 @@ class Follower:
         self._refuse_closed("step")
         step, self._step = self._step, self._step + 1
         if self._sharded is not None:
-            self._sharded.sync(step, self._cadence, self._group)
+            self._sharded.sync(step, self._cadence, self._group, self._cadence.tick(step))
             if self._cache is None or step % RECALIBRATE_EVERY == 1:  # as rank 0 refreshes its tensors
                 self._cache = self._sharded.tensors()
             self._sharded.measure(step, self._cache, self._cadence)

@@ -73,8 +73,10 @@ class FingerprintOptions:
 class Cadence:
     """When the optional fingerprints are taken: each ``"auto"`` kind every n steps, n chosen from the
     median of the recent step times and of the kind's recent costs on the training thread so that
-    it stays within its share of the budget; re-measured every ``RECALIBRATE_EVERY`` steps. A kind
-    is due at step s when n > 0 and s % n == 0; every kind is due at step 0 (its first cost)."""
+    it stays within its share of the budget. A kind is due at step s when n > 0 and s % n == 0.
+    Until the first calibration every kind is taken at every step: the first two steps of a
+    recorder measure each (the first cost, which builds plans and warms caches, is not counted);
+    the third calibrates, and every ``RECALIBRATE_EVERY`` steps after it."""
 
     def __init__(self, options: FingerprintOptions) -> None:
         self.options = options
@@ -83,6 +85,25 @@ class Cadence:
         self.periods: collections.deque[float] = collections.deque(maxlen=32)
         self.costs: dict[str, collections.deque[float]] = {
             name: collections.deque(maxlen=5) for name in ("norms", *SHARES)}
+        self.start: int | None = None  # the first step this recorder records
+        self._warm: set[str] = set()
+
+    def tick(self, step: int) -> bool:
+        """Step ``step`` begins: calibrate when it is a calibration step; whether it was."""
+        if self.start is None:
+            self.start = step
+        n = step - self.start
+        if n >= 2 and n % RECALIBRATE_EVERY == 2:
+            self.calibrate()
+            return True
+        return False
+
+    def measured(self, kind: str, seconds: float) -> None:
+        """What taking ``kind`` cost on the training thread (the first time is not counted)."""
+        if kind in self._warm:
+            self.costs[kind].append(seconds)
+        else:
+            self._warm.add(kind)
 
     def due(self, kind: str, step: int) -> bool:
         """True when step ``step`` carries the optional fingerprint ``kind``."""

@@ -4,6 +4,7 @@ one thread."""
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -36,13 +37,14 @@ class WriterQueue:
         self._stopping = False
         self.waits = 0  # how many puts had to wait for a bound (for benchmarks and tests)
         self._alive = True  # until _loop ends (cheaper to read at every put than Thread.is_alive)
+        self._pid = os.getpid()  # a forked child has the queue but not the thread
         self._thread = threading.Thread(target=self._loop, name="ledger-writer", daemon=True)
         self._thread.start()
 
     @property
     def stopped(self) -> bool:
         """True once :meth:`stop` was called or the thread is gone: nothing queued would run."""
-        return self._stopping or not self._alive
+        return self._stopping or not self._alive or os.getpid() != self._pid
 
     def put(self, job: Any) -> None:
         """Queue a job (from the training thread); wait while a bound is reached. Raises

@@ -36,6 +36,7 @@ from ledger.hooks._sharded_run import ShardedRun, group_grad_norms, is_sharded, 
 from ledger.hooks._tsa import Timestamper, TsaOptions, options_of, timestamps_field
 
 MAX_LAG = 1.0  # seconds: the default time bound on what waits unwritten
+COPY_FLOOR = 4 << 20  # bytes of batch copies that may wait for the writer thread, whatever the model
 
 
 class Recorder:
@@ -209,6 +210,8 @@ class Recorder:
         self._last_step_time: float | None = None
         self._tensor_cache: dict[str, torch.Tensor] | None = None
         self._tensor_list: list[torch.Tensor] = []
+        # batch copies waiting for the writer thread: at most 5% of the model's bytes (4 MiB at least)
+        self._copies = lt.CopyAllowance(max(COPY_FLOOR, sum(t.nbytes for t in tensors.values()) // 20))
         self._norm_plan: Norms | None = None
         self._mirror: Any = None  # the MLflow mirror (ledger.hooks.mlflow.Mirror), when mirroring
         self._tsa = Timestamper(tsa, path / "heads").start() if tsa is not None else None
@@ -233,16 +236,16 @@ class Recorder:
         if self._last_step_time is not None:
             cadence.periods.append(now - self._last_step_time)
         step = self._step
+        recalibrated = cadence.tick(step)
         if step % RECALIBRATE_EVERY == 1:
             self._tensor_cache = None  # a module may have reassigned a parameter or buffer
-            cadence.calibrate()
         values = {} if loss is None else {"loss": detached(loss)}
         values.update({name: detached(v) for name, v in metrics.items()})
         hook = self._capture.gather()
         tensors = self._tensors()
         if self._sharded is not None:  # the same collectives on every rank
             if self._ranks is not None:
-                ShardedRun.sync(step, cadence, self._ranks)
+                ShardedRun.sync(step, cadence, self._ranks, recalibrated)
             self._enqueue(step, values, hook, *self._sharded.measure(step, tensors, cadence), batch)
             return
         if self._norm_plan is None:
@@ -250,16 +253,16 @@ class Recorder:
         t0 = time.perf_counter()
         norms = self._norm_plan.measure(self._tensor_list)
         t1 = time.perf_counter()
-        cadence.costs["norms"].append(t1 - t0)
+        cadence.measured("norms", t1 - t0)
         sketch = digests = None
         if cadence.due("sketch", step):
             sketch = self._sketcher.measure(tensors)  # finished on the writer thread
             t2 = time.perf_counter()
-            cadence.costs["sketch"].append(t2 - t1)
+            cadence.measured("sketch", t2 - t1)
             t1 = t2
         if cadence.due("digests", step):
             digests = lt.torch_digests(tensors)
-            cadence.costs["digests"].append(time.perf_counter() - t1)
+            cadence.measured("digests", time.perf_counter() - t1)
         self._enqueue(step, values, hook, norms, sketch, digests, batch)
 
     def _enqueue(self, step: int, values: dict[str, Any], hook: dict[str, Any], norms: Any, sketch: Any,
@@ -270,8 +273,8 @@ class Recorder:
         leaves = None
         if batch is not None and self._cadence.due("batch", step):
             t0 = time.perf_counter()
-            leaves = lt.BatchLeaves(batch)
-            self._cadence.costs["batch"].append(time.perf_counter() - t0)
+            leaves = lt.BatchLeaves(batch, allowance=self._copies)
+            self._cadence.measured("batch", time.perf_counter() - t0)
         capture = self._capture
         self._queue.put(Job(lambda: self._append(Kind.STEP, step, capture.body(
             values, hook, norms, sketch, digests, leaves.digest() if leaves is not None else None)), step))

@@ -26,7 +26,7 @@ import torch
 from ledger._blocked import TENSOR_BLOCKED_V1, safetensors_digests_as
 from ledger.errors import ConfigurationError, FormatError
 from ledger.hooks._norms import _LOW, _foreach_norms
-from ledger.hooks._options import RECALIBRATE_EVERY, Cadence
+from ledger.hooks._options import Cadence
 from ledger.hooks._sharded import ShardedFingerprints, local_part, sharded_state
 
 SCHEME = TENSOR_BLOCKED_V1
@@ -90,9 +90,9 @@ class ShardedRun:
         return self.fingerprints.digests(tensors), self.fingerprints.sketch(tensors), self.fingerprints.norms(tensors)
 
     @staticmethod
-    def sync(step: int, cadence: Cadence, group: Any) -> None:
-        """At step 0 and at each recalibration, every rank adopts rank 0's cadence."""
-        if step == 0 or step % RECALIBRATE_EVERY == 1:
+    def sync(step: int, cadence: Cadence, group: Any, recalibrated: bool) -> None:
+        """At the first step and at each recalibration, every rank adopts rank 0's cadence."""
+        if step == cadence.start or recalibrated:
             cadence.adopt(group.share(cadence.state()))
 
     def measure(self, step: int, tensors: Mapping[str, torch.Tensor],
@@ -101,16 +101,16 @@ class ShardedRun:
         t0 = time.perf_counter()
         norms = Ready(self.fingerprints.norms(tensors))
         t1 = time.perf_counter()
-        cadence.costs["norms"].append(t1 - t0)
+        cadence.measured("norms", t1 - t0)
         sketch = digests = None
         if cadence.due("sketch", step):
             whole = self.fingerprints.sketch(tensors)  # on rank 0; None elsewhere
             sketch = Ready(whole) if whole is not None else None
-            cadence.costs["sketch"].append(time.perf_counter() - t1)
+            cadence.measured("sketch", time.perf_counter() - t1)
         if cadence.due("digests", step):
             t2 = time.perf_counter()
             digests = self.fingerprints.digests(tensors)
-            cadence.costs["digests"].append(time.perf_counter() - t2)
+            cadence.measured("digests", time.perf_counter() - t2)
         return norms, sketch, digests
 
     def final(self, tensors: Mapping[str, torch.Tensor], names: list[str],

@@ -133,29 +133,57 @@ def batch_digest(batch: Any) -> bytes:
     return BatchLeaves(batch, copy_below=0).digest()
 
 
+class CopyAllowance:
+    """How many bytes of batch copies may wait for the writer thread at once (a recorder's queue
+    holds up to ``queue_size`` entries): beyond it, batches are digested on the training thread."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bool:
+        """Reserve ``size`` bytes; False when that would pass the limit."""
+        with self._lock:
+            if self.held + size > self.limit:
+                return False
+            self.held += size
+            return True
+
+    def give(self, size: int) -> None:
+        """Return ``size`` reserved bytes."""
+        with self._lock:
+            self.held -= size
+
+
 class BatchLeaves:
     """A batch taken apart on the training thread so that its digest can be finished on another
     thread (:meth:`digest`, equal to :func:`batch_digest`): while the batch's tensors add up to fewer
-    than ``copy_below`` bytes they are copied (a private CPU copy the caller cannot change; a copy
-    from an accelerator is asynchronous, into pinned memory, and waited for in :meth:`digest`),
-    else each tensor leaf is digested here."""
+    than ``copy_below`` bytes and ``allowance`` (if any) has room for them, they are copied (a
+    private CPU copy the caller cannot change; from a CUDA device asynchronously, into pinned memory,
+    waited for in :meth:`digest`), else each tensor leaf is digested here. A leaf the digest refuses
+    (its dtype) is refused here, on the caller's thread."""
 
-    __slots__ = ("_count", "_leaves", "_ready")
+    __slots__ = ("_allowance", "_count", "_digest", "_held", "_leaves", "_ready")
 
-    def __init__(self, batch: Any, copy_below: int = 1 << 20) -> None:
+    def __init__(self, batch: Any, copy_below: int = 1 << 20, allowance: CopyAllowance | None = None) -> None:
         from torch.utils._pytree import tree_flatten
 
         leaves, _ = tree_flatten(batch)
         tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-        copy = sum(t.nbytes for t in tensors) < copy_below
+        for tensor in tensors:
+            safetensors_dtype(tensor)  # refuses what cannot be fingerprinted, now
+        size = sum(t.nbytes for t in tensors)
+        copy = size < copy_below and (allowance is None or allowance.take(size))
+        self._allowance, self._held = allowance, size if copy and allowance is not None else 0
         self._count = len(leaves)
-        self._ready: Any = None  # a CUDA event once a copy is asynchronous
+        self._digest: bytes | None = None
+        self._ready: list[Any] = []  # a CUDA event per device copied from
         out: list[Any] = []
         for index, leaf in enumerate(leaves):
             if not isinstance(leaf, torch.Tensor):
                 out.append(hashlib.sha256(encode_body({"leaf": leaf})).digest())
             elif copy:
-                out.append(self._copy(leaf.detach()))
+                out.append(self._copy(leaf.detach().resolve_conj().resolve_neg()))
             else:
                 out.append(tensor_digest(str(index), safetensors_dtype(leaf), tuple(leaf.shape), tensor_bytes(leaf)))
         self._leaves = out
@@ -163,22 +191,30 @@ class BatchLeaves:
     def _copy(self, leaf: torch.Tensor) -> torch.Tensor:
         if leaf.device.type == "cpu":
             return leaf.clone()
-        host = torch.empty(leaf.shape, dtype=leaf.dtype, pin_memory=torch.cuda.is_available())
+        if leaf.device.type != "cuda":  # other accelerators: a copy that has landed when it returns
+            return leaf.cpu()
+        host = torch.empty(leaf.shape, dtype=leaf.dtype, pin_memory=True)
         host.copy_(leaf, non_blocking=True)
-        if leaf.device.type == "cuda":
-            self._ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            self._ready.record()
+        done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        done.record(torch.cuda.current_stream(leaf.device))
+        self._ready.append(done)
         return host
 
     def digest(self) -> bytes:
-        """The batch digest (any thread; waits for an asynchronous copy)."""
-        if self._ready is not None:
-            self._ready.synchronize()
+        """The batch digest (any thread; waits for an asynchronous copy; the copies are freed)."""
+        if self._digest is not None:
+            return self._digest
+        for done in self._ready:
+            done.synchronize()
         h = hashlib.sha256(BATCH_DOMAIN + self._count.to_bytes(8, "big"))
         for index, leaf in enumerate(self._leaves):
             h.update(leaf if isinstance(leaf, bytes) else
                      tensor_digest(str(index), safetensors_dtype(leaf), tuple(leaf.shape), tensor_bytes(leaf)))
-        return h.digest()
+        self._leaves, self._digest = [], h.digest()
+        if self._allowance is not None and self._held:
+            self._allowance.give(self._held)
+            self._held = 0
+        return self._digest
 
 
 # ----------------------------------------------------------------------------- count-sketch on any device
@@ -796,4 +832,4 @@ __all__ = ["RESEED_PER_STEP", "STREAM", "CountSketch", "Snapshot", "architecture
            "restore", "rng_state", "run_step", "safetensors_dtype", "seed_everything", "set_rng_state",
            "sketch_slots", "snapshot", "snapshot_digests", "tensor_bytes", "torch_digests", "unwrap_optimizer",
            "write_checkpoint", "place_checkpoint", "temporary_name", "being_written", "TEMPORARY", "BatchLeaves",
-           "PendingSketch"]
+           "CopyAllowance", "PendingSketch"]

@@ -106,14 +106,24 @@ def test_the_budget_sets_each_interval_from_measured_costs():
     assert unlimited.state() == (1, 1, 1)
 
 
+def test_the_first_cost_is_a_warm_up_and_calibration_follows_the_recorders_first_step():
+    cadence = Cadence(FingerprintOptions())
+    cadence.measured("sketch", 5.0)  # the first sketch builds its plan: not what the next ones cost
+    cadence.measured("sketch", 0.001)
+    assert list(cadence.costs["sketch"]) == [0.001]
+    # a resumed recorder starting at step 700 calibrates at its third step, then every 50
+    assert [s for s in range(700, 860) if cadence.tick(s)] == [702, 752, 802, 852]
+
+
 def test_an_auto_run_states_in_its_entries_what_the_budget_chose(tmp_path):
-    rec = record(tmp_path / "L", steps=130, sketch="auto", digests="auto")  # recalibrated at steps 1, 51, 101
+    rec = record(tmp_path / "L", steps=130, sketch="auto", digests="auto")  # recalibrated at steps 2, 52, 102
     bodies = step_bodies(tmp_path / "L")
     sketched = [s for s, b in enumerate(bodies) if "sketch" in b["carries"]]
     assert sketched[0] == 0 and all(("sketch" in b) == ("sketch" in b["carries"]) for b in bodies)
-    after = [s for s in sketched if s >= 101]  # the last calibration's interval holds from step 101 on
+    assert sketched[:2] == [0, 1]  # measured twice before the first calibration
+    after = [s for s in sketched if s >= 102]  # the last calibration's interval holds from step 102 on
     n = rec._cadence.every["sketch"]
-    assert after == [s for s in range(101, 130) if s % n == 0]
+    assert after == [s for s in range(102, 130) if s % n == 0]
     report = verify_ledger(tmp_path / "L", key=SIGNER.public, model=tmp_path / "L.safetensors")
     assert report.verdict == "pass", report.to_dict()["checks"]
 
@@ -139,3 +149,55 @@ def test_a_small_batch_is_copied_and_digested_later_a_large_one_at_once():
 def test_bad_options_are_refused_with_one_line(options, message):
     with pytest.raises(ConfigurationError, match=message):
         FingerprintOptions(**options)  # type: ignore[arg-type]
+
+
+def test_an_sgd_ledger_without_gradient_norms_fails_continuity(tmp_path, monkeypatch):
+    """The forger drops the gradient norms SGD's bound is built from (and swaps foreign weights in):
+    an unbounded step is a failure, not a pass resting on nothing."""
+    import ledger.hooks._recorder as recorder_module
+
+    monkeypatch.setattr(recorder_module, "reads_gradients", lambda optimizer, policy: False)
+    recipe = TinyRecipe()
+    foreign = recipe.build_model(99).state_dict()
+    model = recipe.build_model(3)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    rec = Recorder(tmp_path / "L", model=model, optimizer=opt, key=SIGNER, seed=3, checkpoint_every=6,
+                   fingerprints=FingerprintOptions(sketch=4))
+    for s in range(12):
+        x, y = recipe.batch(s)
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        if s == 6:
+            model.load_state_dict(foreign)
+        rec.step(batch=(x, y))
+    rec.close(final_weights=tmp_path / "L.safetensors")
+    assert not any("grad_norms" in b for b in step_bodies(tmp_path / "L"))
+    continuity = verify_ledger(tmp_path / "L", key=SIGNER.public, model=tmp_path / "L.safetensors").check("continuity")
+    assert continuity.status == "fail"
+    assert "no gradient norms: the SGD update bound cannot be formed" in continuity.detail
+
+
+def test_genesis_fingerprint_policies_out_of_range_are_refused(tmp_path):
+    from ledger._schema import FingerprintPolicy
+    from ledger.errors import FormatError
+
+    good = {"tensor_order": ["w"], "sketch_k": 256, "sketch_seed": 1, "sketch": "auto", "digests": 3,
+            "batch": "auto", "overhead_budget": None, "grad_norms": "auto"}
+    assert FingerprintPolicy.from_body(good).overhead_budget is None
+    for key, value in (("digests", -5), ("batch", "checkpoints"), ("sketch", 2**63), ("overhead_budget", -3),
+                       ("overhead_budget", float("nan")), ("grad_norms", "never"), ("sketch", True)):
+        with pytest.raises(FormatError, match=key):
+            FingerprintPolicy.from_body({**good, key: value})
+
+
+def test_a_batch_the_digest_refuses_is_refused_on_the_training_thread_and_copies_are_bounded():
+    with pytest.raises(ConfigurationError, match="cannot be fingerprinted"):
+        BatchLeaves((torch.zeros(2, dtype=torch.complex64),))
+    from ledger.torch import CopyAllowance
+
+    allowance = CopyAllowance(100)
+    x = torch.ones(20)  # 80 bytes
+    first, second = BatchLeaves(x, allowance=allowance), BatchLeaves(x, allowance=allowance)
+    assert allowance.held == 80  # the second is digested at once: no room left for its copy
+    assert first.digest() == second.digest() == batch_digest(x) and allowance.held == 0

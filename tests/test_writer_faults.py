@@ -375,3 +375,19 @@ def test_release_gives_up_a_failed_close_and_open_recovers(tmp_path, signer):
     assert reopened.recovery.recovered_entries == 4
     reopened.seal()
     assert len(ledger.open(path)) == 5 and verify_ledger(path, key=signer.public).verdict == "pass"
+
+
+def test_a_forked_child_sees_the_recorders_writer_queue_as_stopped():
+    """A child forked from a training process has the queue but not its thread: a put there would
+    wait for a writer that never runs, so the queue says it is stopped."""
+    from ledger.hooks._queue import WriterQueue
+
+    queue = WriterQueue(lambda job: None, 8, 0.05)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if queue.stopped else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0 and not queue.stopped
+    finally:
+        queue.stop()
