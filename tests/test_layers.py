@@ -19,14 +19,18 @@ def test_ledger_and_verify_import_without_torch_scipy_matplotlib_or_pandas():
 
 
 def test_only_the_torch_adapter_imports_torch_in_ledger():
-    """The format modules never import torch, not even inside a function: ledger/torch.py does."""
+    """The format modules never import torch, not even inside a function: the torch adapter does —
+    ledger/torch.py, and ledger/_device.py (where its measurements run), which only it imports."""
     import re
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent / "ledger"
     importing = sorted(p.name for p in root.glob("*.py")
                        if re.search(r"^\s*(import torch|from torch[ .])", p.read_text(), re.M))
-    assert importing == ["torch.py"]
+    assert importing == ["_device.py", "torch.py"]
+    device_users = sorted(p.name for p in root.glob("*.py") if re.search(r"ledger\._device|from ledger import _device",
+                                                                          p.read_text()))
+    assert device_users == ["torch.py"]
     adapter_users = sorted(p.name for p in root.glob("*.py")
                            if re.search(r"^\s*(from ledger\.torch |from ledger import torch|import ledger\.torch)",
                                         p.read_text(), re.M))
