@@ -86,6 +86,42 @@ class SubtreeCache:
         return node
 
 
+class PrefixTree:
+    """Every perfect subtree root over a sequence of leaf hashes, level by level (about n hashes,
+    computed once and held as 32 bytes each), so that the root of any prefix costs O(log n) hashes
+    however many prefixes are asked for (the seal's tree root and every signed tree head's)."""
+
+    def __init__(self, leaves: Sequence[bytes]) -> None:
+        self.size = len(leaves)
+        levels = [b"".join(leaves)]  # level l: the roots of leaves [i·2^l, (i+1)·2^l), joined
+        if len(levels[0]) != HASH_SIZE * self.size:
+            raise ProofError("leaf hashes are 32 bytes each")
+        pair, sha = 2 * HASH_SIZE, hashlib.sha256
+        while len(levels[-1]) >= pair:
+            below = levels[-1]
+            levels.append(b"".join([sha(b"\x01" + below[i:i + pair]).digest()
+                                    for i in range(0, len(below) - pair + 1, pair)]))
+        self._levels = levels
+
+    def root(self, size: int) -> bytes:
+        """MTH of the first ``size`` leaves (RFC 9162 §2.1.1): its perfect aligned subtrees, largest
+        first, folded from the right."""
+        if not 0 <= size <= self.size:
+            raise ProofError(f"no prefix of {size} leaves in a tree of {self.size}")
+        nodes, lo = [], 0
+        while lo < size:
+            level = (size - lo).bit_length() - 1
+            at = (lo >> level) * HASH_SIZE
+            nodes.append(self._levels[level][at:at + HASH_SIZE])
+            lo += 1 << level
+        if not nodes:
+            return EMPTY_ROOT
+        node = nodes[-1]
+        for left in reversed(nodes[:-1]):
+            node = _node(left, node)
+        return node
+
+
 def _roots(leaves: Sequence[bytes], tree: SubtreeCache | None) -> Callable[[int, int], bytes]:
     return tree.root if tree is not None else (lambda lo, hi: subtree_root(leaves, lo, hi))
 
@@ -204,5 +240,5 @@ def verify_consistency(old_size: int, size: int, old_root: bytes, root: bytes, p
     return sn == 0 and fr == old_root and sr == root
 
 
-__all__ = ["EMPTY_ROOT", "ProofError", "SubtreeCache", "consistency_proof", "inclusion_proof", "root_from_inclusion",
-           "subtree_root", "verify_consistency", "verify_inclusion"]
+__all__ = ["EMPTY_ROOT", "PrefixTree", "ProofError", "SubtreeCache", "consistency_proof", "inclusion_proof",
+           "root_from_inclusion", "subtree_root", "verify_consistency", "verify_inclusion"]

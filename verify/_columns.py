@@ -22,7 +22,7 @@ from ledger._record import FORMAT_VERSION, HEADER_SIZE, MAX_RECORD_BYTES, Header
 from ledger._schema import Genesis, StepBody
 from ledger.errors import FormatError
 from ledger.verify._load import Loaded, header_field, header_matrix
-from ledger.verify._template import Template, template
+from ledger.verify._template import Accepted, Template, template
 
 # what a schema decoder may still raise on a crafted body instead of FormatError (reported as malformed)
 DECODER_GAPS = (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError, RecursionError)
@@ -104,11 +104,13 @@ def _moved(by_row: dict[int, V], where: np.ndarray) -> dict[int, V]:
 @dataclass
 class StepsRead:
     """What :func:`read_steps` found: the columns (a row per body), the bodies it decoded one by one,
-    and per failed body the stage (``"decode"`` or ``"schema"``) and the message."""
+    per failed body the stage (``"decode"`` or ``"schema"``) and the message, and the metrics of
+    the bodies templates accepted (``positions`` index the bodies)."""
 
     columns: StepColumns
     decoded: dict[int, StepBody]
     failed: dict[int, tuple[str, str]]
+    accepted: list[Accepted] = field(default_factory=list)
 
 
 def read_steps(bodies: list[bytes], genesis: Genesis) -> StepsRead:
@@ -143,7 +145,10 @@ def _by_template(bodies: list[bytes], idx: np.ndarray, genesis: Genesis, out: St
             continue
         match = shape.matches(matrix[left])
         rows = left[match]
-        out.columns.fill_many(idx[rows], shape, matrix[rows], model)
+        block = matrix[rows]
+        out.columns.fill_many(idx[rows], shape, block, model)
+        if shape.metrics is not None:
+            out.accepted.append(Accepted(idx[rows], shape.metrics[0], shape.metric_values(block)))
         pending[idx[rows]] = False
         left = left[~match]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ledger._crypto import PublicKey
+from ledger._merkle import PrefixTree
 from ledger._reader import Ledger
 from ledger.errors import ConfigurationError
 from ledger.verify._inputs import ModelDigests
@@ -70,3 +71,15 @@ class Context:
     # draws --sample entries: one stream seeded with sample_seed, shared by the checks in order (chain,
     # then signatures), so a seed reproduces the whole draw
     rng: random.Random = field(default_factory=random.Random)
+    # what several checks derive from the same entries, derived once by the first that asks (:meth:`tree`);
+    # the registry's copies of the context share it
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    def tree(self) -> PrefixTree:
+        """The Merkle tree of the entry hashes (its perfect subtrees), built once: the seal's root and
+        the signed tree heads' prefix roots are read from it."""
+        tree = self.shared.get("tree")
+        if tree is None:
+            tree = self.shared["tree"] = PrefixTree(self.loaded.hashes)
+        assert isinstance(tree, PrefixTree)
+        return tree

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from ledger import _record
 from ledger._arrow import fixed_rows, int64_values, pylist_at, string_codes
@@ -18,7 +19,7 @@ from ledger._crypto import PublicKey
 from ledger._encoding import decode_body, floats_equal
 from ledger._io import MiB, read_regular
 from ledger._reader import Ledger
-from ledger._record import HEADER_SIZE, Kind, merkle_root
+from ledger._record import HEADER_SIZE, Kind
 from ledger._schema import SealBody
 from ledger.errors import FormatError, LedgerError
 from ledger.verify._context import Context
@@ -91,6 +92,12 @@ def check_chain(ctx: Context) -> CheckResult:
     skipped = sum(1 for i in decode if i > broken_at)
     decode = [i for i in decode if i <= broken_at]
     records: Records | list[bytes] = loaded.records.materialize() if sample is None else loaded.records
+    checked = len(decode)
+    if sample is None:  # the bodies templates accepted: their metrics compared with the column at once
+        decided, same = _accepted_metrics(ctx, n)
+        for i in np.flatnonzero(decided[:broken_at + 1] & ~same[:broken_at + 1]).tolist():
+            problems.setdefault(i, []).append("metrics column differs from the record body")
+        decode = np.flatnonzero(~decided[:broken_at + 1]).tolist()
     column_metrics = pylist_at(t["metrics"], decode)
     for i, column in zip(decode, column_metrics, strict=True):
         if lengths[i] < HEADER_SIZE:
@@ -103,7 +110,7 @@ def check_chain(ctx: Context) -> CheckResult:
             problems.setdefault(i, []).append(f"body: {exc}")
         except (TypeError, ValueError, AttributeError, OverflowError, RecursionError, MemoryError) as exc:
             problems.setdefault(i, []).append(f"body could not be decoded ({type(exc).__name__}: {exc})")
-    data: dict[str, Any] = {"entries": n, "bodies_decoded": len(decode)}
+    data: dict[str, Any] = {"entries": n, "bodies_decoded": checked}
     if skipped:
         data["bodies_not_decoded"] = skipped
     failures = [f"{name}: {reason}" for name, reason in loaded.errors]
@@ -118,9 +125,61 @@ def check_chain(ctx: Context) -> CheckResult:
                 data["first_bad_seq"] = n
                 where += f" (entries from seq {n} on cannot be read)"
         return CheckResult("chain", Status.FAIL, where, data)
-    sampled = "" if sample is None else f"; bodies decoded for {len(decode)} of them (--sample)"
+    sampled = "" if sample is None else f"; bodies decoded for {checked} of them (--sample)"
     return CheckResult("chain", Status.PASS, f"{n} entries linked from genesis to head {loaded.hashes[-1].hex()[:16]}…"
                        f", every hash recomputed{sampled}", data)
+
+
+def _accepted_metrics(ctx: Context, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(decided, same) per entry: whether its body is one a template accepted (canonical, so it
+    decodes; :attr:`RunView.accepted <ledger.verify._run.RunView.accepted>`) and its metrics column
+    row holds each of the body's metric names once and nothing else, no null among them; and then
+    whether the values are equal as :func:`_same_metrics` has them. The other entries are compared
+    one by one."""
+    decided, same = np.zeros(n, bool), np.zeros(n, bool)
+    accepted = ctx.view.accepted if ctx.view is not None else ()
+    names = sorted({name for block in accepted for name in block.names})
+    entries = _metric_entries(ctx.loaded.table["metrics"], names) if accepted else None
+    if entries is None:
+        return decided, same
+    starts, counts, codes, values = entries
+    for block in accepted:
+        k = len(block.names)
+        counted = counts[block.positions] == k
+        rows, want = block.positions[counted], block.values[counted]
+        slot = np.full(len(names) + 1, -1)  # name code -> the body's metric index; the last slot for code -1
+        slot[[names.index(name) for name in block.names]] = np.arange(k)
+        at = starts[rows, None] + np.arange(k)
+        slots = slot[codes[at]]  # each column entry's metric in the body (-1: a name the body lacks)
+        each_once = (np.sort(slots, axis=1) == np.arange(k)).all(axis=1)  # the body's names, none repeated
+        got, want = values[at[each_once]], np.take_along_axis(want[each_once], slots[each_once], axis=1)
+        equal = ((got == want) & (np.signbit(got) == np.signbit(want))) | (np.isnan(got) & np.isnan(want))
+        decided[rows[each_once]] = True
+        same[rows[each_once]] = equal.all(axis=1)
+    return decided, same
+
+
+def _metric_entries(column: pa.ChunkedArray, names: list[str]) -> tuple[np.ndarray, ...] | None:
+    """For the metrics column: per row the index of its first entry and its entry count, per entry
+    the index of its name in ``names`` (−1 for another) and its value; None unless it is a
+    ``map<string, float64>`` holding no null row, name or value."""
+    if not pa.types.is_map(column.type) or not pa.types.is_float64(column.type.item_type) or column.null_count:
+        return None
+    parts: list[tuple[np.ndarray, ...]] = [(np.zeros(0, np.int64),) * 3 + (np.zeros(0),)]
+    base = 0
+    for chunk in column.chunks:
+        keys, items, offsets = chunk.keys, chunk.items, chunk.offsets
+        if not len(chunk):
+            continue
+        if keys.null_count or items.null_count:
+            return None
+        bounds = np.frombuffer(offsets.buffers()[1], np.int32, len(chunk) + 1, 4 * offsets.offset).astype(np.int64)
+        lo, hi = int(bounds[0]), int(bounds[-1])
+        value = np.frombuffer(items.buffers()[1], np.float64, len(items), 8 * items.offset)
+        parts.append((bounds[:-1] - lo + base, np.diff(bounds), string_codes(keys, names)[lo:hi], value[lo:hi]))
+        base += hi - lo
+    starts, counts, codes, values = (np.concatenate(column) for column in zip(*parts, strict=True))
+    return starts, counts, codes, values
 
 
 def _same_metrics(column: list[tuple[str, float]], body: Any) -> bool:
@@ -208,7 +267,7 @@ def check_seal(ctx: Context) -> CheckResult:
         problems.append(f"entry_count {body.entry_count} but {n - 1} entries precede the seal")
     if body.head != (loaded.hashes[-2] if n > 1 else _record.ZERO_HASH):
         problems.append("head does not equal the hash of the entry before the seal")
-    if body.tree_root != merkle_root(loaded.hashes[:-1]):
+    if body.tree_root != ctx.tree().root(n - 1):
         problems.append("tree_root does not equal the Merkle tree hash of the entries before the seal")
     data = {"sealed": True, "entry_count": body.entry_count, "tree_root": body.tree_root.hex()}
     if problems:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ledger._blocked import TENSOR_V1, safetensors_digests_as
 from ledger._dcp import is_dcp
 from ledger._encoding import decode_body
@@ -26,6 +28,7 @@ from ledger._schema import (
 from ledger.errors import FormatError, LedgerError
 from ledger.verify._columns import DECODER_GAPS, StepEntries, Steps, StepsRead, read_steps, step_entries
 from ledger.verify._load import Loaded
+from ledger.verify._template import Accepted
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,9 @@ class RunView:
     # seqs of checkpoints an earlier check could not read: never read again (the registry sets it
     # from a result's ``damaged_seqs``)
     damaged: frozenset[int] = frozenset()
+    # the step bodies templates accepted (canonical, of a known shape), by record position, with their
+    # metrics: the chain check compares them with the metrics column without decoding them again
+    accepted: tuple[Accepted, ...] = ()
 
     @property
     def recorded(self) -> bool:
@@ -195,6 +201,8 @@ def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None, limit:
     step_at, others = step_entries(loaded, records)
     bodies = [records[i][HEADER_SIZE:] for i in step_at.rows]
     read = read_steps(bodies, view.genesis)
+    step_rows = np.asarray(step_at.rows, dtype=np.int64)
+    view.accepted = tuple(Accepted(step_rows[a.positions], a.names, a.values) for a in read.accepted)
     # the malformed entries in the order of the passes that find them, each pass in chain order
     # (by record position): bodies that do not decode, resumes, bodies that break their schema
     undecoded: list[tuple[int, tuple[int, Kind, str]]] = [

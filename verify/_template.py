@@ -8,7 +8,9 @@ contents, byte-string contents, floats) is the template's and each float is in t
 width the deterministic encoding demands (docs/FORMAT.md §3). Such a body is canonical CBOR of the
 same structure, so it decodes, and passes ``StepBody.from_body``, exactly as the template does, with
 its own payloads: no field ``from_body`` validates lies in a payload except the arrays, which it
-accepts at any value. Bodies that match no template are read one by one, as before.
+accepts at any value. Bodies that match no template are read one by one, as before. A template also
+says where each metric's float lies, so the chain check compares the metrics column with the bodies
+a template accepted without decoding them (:class:`Accepted`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ledger._canonical import TYPED_ARRAY_TAGS, payloads
+from ledger._encoding import decode_body
 from ledger._schema import StepBody
 
 ARRAYS = ("norms", "lrs", "grad_norms", "sketch")  # the StepBody arrays read from a template's payloads
@@ -34,6 +37,9 @@ class Template:
     expect: np.ndarray  # those bytes
     floats: tuple[tuple[int, int], ...]  # (position, width) of each float's bytes
     arrays: dict[str, tuple[int, int, np.dtype[Any]]]  # field -> (position, bytes, dtype)
+    # the names of the body's metrics in its order and where each one's float lies; None when a metric
+    # is not a float (such bodies are compared with the metrics column one by one)
+    metrics: tuple[tuple[str, ...], tuple[tuple[int, int], ...]] | None = None
 
     def matches(self, rows: np.ndarray) -> np.ndarray:
         """Which rows of an (n, length) uint8 matrix of bodies are canonical bodies of this shape."""
@@ -48,6 +54,27 @@ class Template:
         raw = np.ascontiguousarray(rows[:, pos:pos + size])
         values: np.ndarray = raw.view(dtype).reshape(len(rows), size // dtype.itemsize).astype(np.float64)
         return values
+
+    def metric_values(self, rows: np.ndarray) -> np.ndarray:
+        """The float64 value of each metric (rows × names, in :attr:`metrics`' order) of matching rows."""
+        assert self.metrics is not None
+        out = np.empty((len(rows), len(self.metrics[1])))
+        for j, (pos, width) in enumerate(self.metrics[1]):
+            out[:, j] = np.ascontiguousarray(rows[:, pos:pos + width]).view(_FLOATS[width]).ravel()
+        return out
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """Bodies a template accepted, for the chain check: the record positions of their entries, the
+    names of their metrics (the body's order) and the values (positions × names)."""
+
+    positions: np.ndarray
+    names: tuple[str, ...]
+    values: np.ndarray
+
+
+_FLOATS: dict[int, np.dtype[Any]] = {2: np.dtype(">f2"), 4: np.dtype(">f4"), 8: np.dtype(">f8")}
 
 
 def _shortest(raw: np.ndarray, width: int) -> np.ndarray:
@@ -72,10 +99,13 @@ def template(data: bytes, model: StepBody) -> Template | None:
     fixed = np.ones(len(data), dtype=bool)
     floats: list[tuple[int, int]] = []
     arrays: dict[str, tuple[int, int, np.dtype[Any]]] = {}
+    metric_floats: list[tuple[int, int]] = []
     for p in payloads(data):
         fixed[p.start:p.start + p.size] = False
         if p.info:
             floats.append((p.start, p.size))
+            if p.key == "metrics" and p.depth == 1:
+                metric_floats.append((p.start, p.size))
         elif p.tag is not None and p.key in ARRAYS and p.depth == 0:
             arrays[p.key] = (p.start, p.size, _DTYPES[p.tag])
         if (p.info or p.tag is not None) and p.key != "metrics" and p.key not in arrays:
@@ -83,4 +113,18 @@ def template(data: bytes, model: StepBody) -> Template | None:
     if model.hyper is not None or any(getattr(model, name) is not None and name not in arrays for name in ARRAYS):
         return None
     where = np.flatnonzero(fixed)
-    return Template(len(data), where, np.frombuffer(data, dtype=np.uint8)[where].copy(), tuple(floats), arrays)
+    return Template(len(data), where, np.frombuffer(data, dtype=np.uint8)[where].copy(), tuple(floats), arrays,
+                    _metrics(data, tuple(metric_floats)))
+
+
+def _metrics(data: bytes, floats: tuple[tuple[int, int], ...]) -> tuple[tuple[str, ...],
+                                                                      tuple[tuple[int, int], ...]] | None:
+    """The metric names of an accepted body and the (position, width) of each one's float, given the
+    floats directly under ``metrics``; None unless every metric is a float. The map's keys are text
+    in increasing order (the deterministic encoding), so the decoded dict holds them in the body's
+    order, and the floats at depth 1 are its values, in the same order."""
+    metrics = decode_body(data).get("metrics", {})
+    if not isinstance(metrics, dict) or len(floats) != len(metrics) \
+            or not all(type(v) is float for v in metrics.values()):
+        return None
+    return tuple(metrics), floats
