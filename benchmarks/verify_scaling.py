@@ -7,7 +7,8 @@ N) under ``--cache``, since recording 10⁵ steps takes minutes. Then times, as 
 by side in one run: ``ledger verify --sample 0``, a full ``ledger verify``, and the baseline — a
 plain Python script that reads every part with pyarrow and SHA-256s every stored record. Prints
 seconds, entries/s and the ratio to the baseline (medians of ``--repeat`` runs); ``--profile`` also
-runs ``--sample 0`` under cProfile and prints where the time goes. Figures only, no assertions.
+runs ``--sample 0`` under cProfile and prints where the time goes (``--profile full``: the full verify,
+whose signature workers the profile shows as the parent's wait). Figures only, no assertions.
 
     python benchmarks/verify_scaling.py                               # 10⁵ steps: minutes to record
     python benchmarks/verify_scaling.py --steps 20000 --optimizers sgd --profile
@@ -115,17 +116,18 @@ def entries(directory: Path) -> int:
     return int(done.stdout)
 
 
-def profile(directory: Path, top: int) -> None:
-    """``verify --sample 0`` in this process under cProfile: the functions with the most own time."""
+def profile(directory: Path, top: int, sample: bool) -> None:
+    """``verify --sample 0`` (or the full verify) in this process under cProfile: the functions with
+    the most own time, then by cumulative time."""
     from click.testing import CliRunner
 
     from ledger._cli import cli
 
     profiler = cProfile.Profile()
     profiler.enable()
-    result = CliRunner().invoke(cli, verify_command(directory, True)[3:])
+    result = CliRunner().invoke(cli, verify_command(directory, sample)[3:])
     profiler.disable()
-    print(f"\ncProfile of verify --sample 0 (exit {result.exit_code}), by own time:")
+    print(f"\ncProfile of verify{' --sample 0' if sample else ''} (exit {result.exit_code}), by own time:")
     pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
     pstats.Stats(profiler).sort_stats("cumulative").print_stats(top)
 
@@ -138,7 +140,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--full", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the full verify (every signature, every body)")
-    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile", nargs="?", const="sample0", choices=["sample0", "full"])
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -159,7 +161,7 @@ def main() -> int:
         b = statistics.median(base)
         rows.append((name, n, b, statistics.median(sample), statistics.median(full) if full else None, status))
         if args.profile:
-            profile(directory, args.top)
+            profile(directory, args.top, args.profile == "sample0")
     print(f"\n{'optimizer':<10}{'entries':>9}{'baseline s':>12}{'sample0 s':>11}{'k ent/s':>9}{'ratio':>8}"
           f"{'full s':>9}{'k ent/s':>9}{'ratio':>8}  exit")
     for name, n, b, s, f, status in rows:

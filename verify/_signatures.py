@@ -36,7 +36,7 @@ def bad_signatures(public_raw: bytes, records: Sequence[bytes], signatures: Sequ
         if progress:
             progress(n, n)
         return inline
-    chunk = max(512, min(16384, n // (workers * 8) or 1))
+    chunk = max(512, min(4096, n // (workers * 8) or 1))  # the last chunks leave a worker idle at most ~0.4 s
     bounds = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
     _SHARED = (public_raw, records, signatures)
     bad: list[int] = []
