@@ -29,6 +29,7 @@ DECODER_GAPS = (ValueError, TypeError, KeyError, AttributeError, IndexError, Ove
 V = TypeVar("V")
 MIN_GROUP = 16  # bodies of one length worth a template
 MAX_TEMPLATES = 16  # templates tried per body length (a hostile ledger may make every body different)
+MATCH_BYTES = 32 << 20  # bodies compared with a template at once (bounds the matching's extra memory)
 
 
 @dataclass
@@ -143,13 +144,18 @@ def _by_template(bodies: list[bytes], idx: np.ndarray, genesis: Genesis, out: St
         if model is None or shape is None:
             left = left[1:]
             continue
-        match = shape.matches(matrix[left])
+        per = max(1, MATCH_BYTES // matrix.shape[1])
+        match = np.concatenate([shape.matches(matrix[left[i:i + per]]) for i in range(0, len(left), per)])
         rows = left[match]
-        block = matrix[rows]
-        out.columns.fill_many(idx[rows], shape, block, model)
-        if shape.metrics is not None:
-            out.accepted.append(Accepted(idx[rows], shape.metrics[0], shape.metric_values(block)))
+        for i in range(0, len(rows), per):
+            part = rows[i:i + per]
+            block = matrix[part]
+            out.columns.fill_many(idx[part], shape, block, model)
+            if shape.metrics is not None:
+                out.accepted.append(Accepted(idx[part], shape.metrics[0], shape.metric_values(block)))
         pending[idx[rows]] = False
+        if len(rows) < MIN_GROUP:  # bodies that do not share shapes: the rest are read one by one
+            return
         left = left[~match]
 
 
