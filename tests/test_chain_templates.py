@@ -162,3 +162,56 @@ def test_seal_and_heads_share_one_tree(recorded: Path, monkeypatch: pytest.Monke
     status = {r.name: r.status for r in verify_ledger(recorded).checks}
     assert status["seal"] == "pass" and status["heads"] in ("pass", "warn")  # warn: no --key
     assert len(built) == 1
+
+
+def test_column_wise_comparison_agrees_with_same_metrics_row_by_row():
+    """Random blocks (no metrics, one, three) against random column rows: every row decided is decided
+    as ``_same_metrics`` decides it, a row left undecided does not hold the body's names once each, and
+    a column with a null map or value anywhere is left to the one-by-one comparison."""
+    from types import SimpleNamespace
+
+    from ledger.verify._integrity import _accepted_metrics, _same_metrics
+    from ledger.verify._template import Accepted
+
+    rng = np.random.default_rng(5)
+    pool = [0.0, -0.0, 1.5, -1.5, math.nan, math.inf, 2.0 ** -30]
+    shapes = [(), ("loss",), ("lr", "loss", "grad_norm")]
+    n = 600
+    owner = rng.integers(0, len(shapes), n)
+    bodies = [dict(zip(shapes[o], rng.choice(pool, len(shapes[o])).tolist(), strict=True)) for o in owner]
+    rows: list = []
+    for body in bodies:
+        entries = list(body.items())
+        pick = rng.integers(0, 8)
+        if pick == 1 and entries:
+            entries[0] = (entries[0][0], float(rng.choice(pool)))
+        elif pick == 2:
+            entries = entries[::-1]
+        elif pick == 3:
+            entries.append(("loss", 1.5))
+        elif pick == 4 and entries:
+            entries = entries[1:]
+        elif pick == 5 and entries:
+            entries[-1] = ("other", entries[-1][1])
+        rows.append(entries)
+    blocks = []
+    for o, names in enumerate(shapes):
+        mine = np.flatnonzero(owner == o)
+        values = np.array([list(bodies[i].values()) for i in mine], dtype=np.float64).reshape(len(mine), len(names))
+        blocks.append(Accepted(mine, names, values))
+
+    def compare(column_rows: list) -> tuple[np.ndarray, np.ndarray]:
+        whole = pa.array(column_rows, METRICS)
+        table = pa.table({"metrics": pa.chunked_array([whole.slice(0, 7), whole.slice(7, 0), whole.slice(7)])})
+        ctx = SimpleNamespace(view=SimpleNamespace(accepted=tuple(blocks)), loaded=SimpleNamespace(table=table))
+        return _accepted_metrics(ctx, n)  # type: ignore[arg-type]
+
+    decided, same = compare(rows)
+    assert decided.sum() > n // 2
+    for i in range(n):
+        if decided[i]:
+            assert same[i] == _same_metrics(rows[i], bodies[i]), (i, rows[i], bodies[i])
+        else:
+            assert len(rows[i]) != len(bodies[i]) or sorted(k for k, _ in rows[i]) != sorted(bodies[i])
+    assert not compare([None, *rows[1:]])[0].any()
+    assert not compare([[("loss", None)], *rows[1:]])[0].any()

@@ -143,14 +143,16 @@ def _accepted_metrics(ctx: Context, n: int) -> tuple[np.ndarray, np.ndarray]:
     if entries is None:
         return decided, same
     starts, counts, codes, values = entries
-    for block in accepted:
+    index = {name: i for i, name in enumerate(names)}
+    for block in accepted:  # each costs its own rows × names (a hostile ledger may have many blocks, many names)
         k = len(block.names)
         counted = counts[block.positions] == k
         rows, want = block.positions[counted], block.values[counted]
-        slot = np.full(len(names) + 1, -1)  # name code -> the body's metric index; the last slot for code -1
-        slot[[names.index(name) for name in block.names]] = np.arange(k)
+        own = np.array([index[name] for name in block.names], dtype=np.int64)  # the body's names as codes
+        order = np.argsort(own)
         at = starts[rows, None] + np.arange(k)
-        slots = slot[codes[at]]  # each column entry's metric in the body (-1: a name the body lacks)
+        found = np.minimum(np.searchsorted(own[order], codes[at]), max(k - 1, 0))
+        slots = np.where(own[order][found] == codes[at], order[found], -1) if k else found  # -1: not the body's
         each_once = (np.sort(slots, axis=1) == np.arange(k)).all(axis=1)  # the body's names, none repeated
         got, want = values[at[each_once]], np.take_along_axis(want[each_once], slots[each_once], axis=1)
         equal = ((got == want) & (np.signbit(got) == np.signbit(want))) | (np.isnan(got) & np.isnan(want))
