@@ -13,18 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ledger._fingerprint import SKETCH_K, check_sketch_k
+from ledger._schema import GRAD_NORM_POLICIES, POLICY_WORDS, budget_ok, interval_ok
 from ledger.errors import ConfigurationError
 
 OVERHEAD_BUDGET = 0.01  # the default budget of the optional fingerprints: ≤ 1% of the step time
 RECALIBRATE_EVERY = 50
 SHARES = {"sketch": 0.4, "digests": 0.4, "batch": 0.2}  # each optional kind's share of the budget
-GRAD_NORM_POLICY = {"auto": "when the update bound uses them (SGD); not for Adam/AdamW", "every": "every step"}
-
-
-def _interval(value: Any, what: str, words: tuple[str, ...]) -> None:
-    if not (value in words or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)):
-        raise ConfigurationError(f"{what} must be {', '.join(repr(w) for w in words)} or a number of steps "
-                                 "(0: never between checkpoints)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,14 +45,14 @@ class FingerprintOptions:
     grad_norms: str = "auto"
 
     def __post_init__(self) -> None:
-        _interval(self.sketch, "sketch", ("auto", "every"))
-        _interval(self.digests, "digests", ("auto", "every", "checkpoints"))
-        _interval(self.batch, "batch", ("auto", "every"))
-        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float))
-                                        or not 0 < self.budget < 1):
+        for kind, words in POLICY_WORDS.items():  # the rules genesis is read with (ledger._schema)
+            if not interval_ok(kind, getattr(self, kind)):
+                raise ConfigurationError(f"{kind} must be {', '.join(repr(w) for w in words)} or a number of "
+                                         "steps (0: never between checkpoints)")
+        if not budget_ok(self.budget):
             raise ConfigurationError("budget must be a fraction of the step time between 0 and 1 (e.g. 0.01), "
                                      "or None (every optional fingerprint every step)")
-        if self.grad_norms not in GRAD_NORM_POLICY:
+        if self.grad_norms not in GRAD_NORM_POLICIES:
             raise ConfigurationError("grad_norms must be 'auto' (when the update bound uses them) or 'every'")
         check_sketch_k(self.sketch_k)
 

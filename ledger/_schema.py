@@ -188,28 +188,45 @@ class FingerprintPolicy:
         if k < 2 or k & (k - 1) or k > 1 << 20:
             raise FormatError(f"fingerprints 'sketch_k' {k} is not a power of two between 2 and 2^20")
         budget = body.get("overhead_budget", 0.01)
-        if budget is not None and not (isinstance(budget, (int, float)) and not isinstance(budget, bool)
-                                       and 0 < budget < 1):
+        if not budget_ok(budget):
             raise FormatError("fingerprints 'overhead_budget' is not a fraction between 0 and 1 or null")
         grads = _text(body, "grad_norms", "every", "fingerprints")
-        if grads not in ("auto", "every"):
+        if grads not in GRAD_NORM_POLICIES:
             raise FormatError(f"fingerprints 'grad_norms' {grads[:20]!r} is not 'auto' or 'every'")
-        return cls(list(order), _interval(body, "sketch", "auto", ("auto", "every")), k,
+        return cls(list(order), _interval(body, "sketch", "auto"), k,
                    _int(_req(body, "sketch_seed", int, "fingerprints"), "fingerprints 'sketch_seed'"),
-                   _interval(body, "digests", "auto", ("auto", "every", "checkpoints")),
+                   _interval(body, "digests", "auto"),
                    None if budget is None else float(budget),
                    _text(body, "norms", "", "fingerprints"),
                    _text(body, "sketch_kind", "count-sketch/v1", "fingerprints"),
                    _scheme(_text(body, "tensor_digest", "tensor/v1", "fingerprints")),
-                   _interval(body, "batch", "every", ("auto", "every")), grads)
+                   _interval(body, "batch", "every"), grads)
 
 
-def _interval(body: Mapping[str, Any], key: str, default: str, words: tuple[str, ...]) -> str | int:
-    """An optional fingerprint's policy in genesis: one of ``words`` or a number of steps ≥ 0."""
+# the policies of the optional fingerprints, as FingerprintOptions takes them and genesis states them
+POLICY_WORDS = {"sketch": ("auto", "every"), "digests": ("auto", "every", "checkpoints"), "batch": ("auto", "every")}
+GRAD_NORM_POLICIES = ("auto", "every")
+
+
+def interval_ok(kind: str, value: Any) -> bool:
+    """Whether ``value`` is a policy of the optional fingerprint ``kind``: one of its words or a
+    number of steps ≥ 0."""
+    return value in POLICY_WORDS[kind] or (isinstance(value, int) and not isinstance(value, bool)
+                                           and 0 <= value < 1 << 62)
+
+
+def budget_ok(value: Any) -> bool:
+    """Whether ``value`` is an overhead budget: a fraction of the step time in (0, 1), or None."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1)
+
+
+def _interval(body: Mapping[str, Any], key: str, default: str) -> str | int:
+    """An optional fingerprint's policy in genesis (:func:`interval_ok`)."""
     value = body.get(key, default)
-    if value in words or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 62):
+    if interval_ok(key, value):
         return cast(str | int, value)
-    raise FormatError(f"fingerprints '{key}' is not {', '.join(repr(w) for w in words)} or a number of steps")
+    raise FormatError(f"fingerprints '{key}' is not {', '.join(repr(w) for w in POLICY_WORDS[key])} "
+                      "or a number of steps")
 
 
 def _scheme(scheme: str) -> str:
