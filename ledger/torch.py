@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ledger._device import Landing, lane_for
+from ledger._device import CudaBackend, Landing, lane_for
 from ledger._encoding import encode_body
 from ledger._fingerprint import (
     BATCH_DOMAIN,
@@ -193,8 +193,7 @@ class BatchLeaves:
             return leaf.clone()
         if leaf.device.type != "cuda":  # other accelerators: a copy that has landed when it returns
             return leaf.cpu()
-        host = torch.empty(leaf.shape, dtype=leaf.dtype, pin_memory=True)
-        host.copy_(leaf, non_blocking=True)
+        host = CudaBackend(leaf.device).to_host(leaf)  # pinned, not waited for
         done = torch.cuda.Event()  # type: ignore[no-untyped-call]
         done.record(torch.cuda.current_stream(leaf.device))
         self._ready.append(done)
