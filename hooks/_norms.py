@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from ledger._device import HostBackend, Landing, lane_of
+from ledger._device import NOTHING, HostBackend, Landing, lane_of
 
 BLOCK = 1 << 16
 POLICY = "every step (L2 of float32 blocks of 65536 accumulated in float64, tensor_order)"
@@ -76,13 +76,13 @@ class Norms:
     def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
         self.count = len(tensors)
         groups: dict[bool, tuple[list[torch.Tensor], list[int], list[int]]] = {False: ([], [], []), True: ([], [], [])}
-        self.exact: list[int] = []
+        exact: list[int] = []
         host: tuple[list[npt.NDArray[np.floating]], list[int], list[int]] = ([], [], [])
         self._lane = lane_of(tensors)
         streamless = type(self._lane.backend) is HostBackend  # a CPU model: no side stream to run on
         for i, tensor in enumerate(tensors):
             if not tensor.is_floating_point() or not tensor.is_contiguous() or tensor.numel() == 0:
-                self.exact.append(i)  # integer buffers, rare non-contiguous tensors: one exact float64 norm
+                exact.append(i)  # integer buffers, rare non-contiguous tensors: one exact float64 norm
                 continue
             if streamless and tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64):
                 flat = tensor.detach().reshape(-1).numpy()  # a view of the tensor's memory
@@ -98,20 +98,24 @@ class Norms:
                         for low, (blocks, starts, owners) in groups.items() if blocks]
         self._host = (host[0], np.asarray(host[1], dtype=np.int64), np.asarray(host[2], dtype=np.int64)) \
             if host[0] else None
+        self.exact = tuple(exact)
+        self._starts = tuple(starts for _, _, starts, _ in self._groups)
+        self._owners = tuple(owners for *_, owners in self._groups)
 
     def measure(self, tensors: Sequence[torch.Tensor]) -> Pending:
         """Launch this step's norms (``tensors`` as given to the constructor, for the exact ones):
         on CUDA on a side stream the training thread does not wait for (``ledger._device``)."""
-        exact = [tensors[i].detach() for i in self.exact]
-        blocks = [(low, blocks) for low, blocks, _, _ in self._groups]
+        landing = NOTHING
+        if self._groups or self.exact:
+            exact = [tensors[i].detach() for i in self.exact]
+            blocks = [(low, blocks) for low, blocks, _, _ in self._groups]
 
-        def work() -> list[torch.Tensor]:
-            return [_foreach_norms(b, low) for low, b in blocks] + [t.double().norm() for t in exact]
+            def work() -> list[torch.Tensor]:
+                return [_foreach_norms(b, low) for low, b in blocks] + [t.double().norm() for t in exact]
 
-        landing = self._lane.launch(work, tensors)
+            landing = self._lane.launch(work, tensors)
         host = None
         if self._host is not None:
             views, starts, owners = self._host
             host = (np.fromiter((np.dot(v, v) for v in views), np.float64, len(views)), starts, owners)
-        return Pending(self.count, landing, tuple(starts for _, _, starts, _ in self._groups),
-                       tuple(owners for *_, owners in self._groups), tuple(self.exact), host)
+        return Pending(self.count, landing, self._starts, self._owners, self.exact, host)
