@@ -10,14 +10,13 @@ producers, recipes and the errors. Format primitives (hashes, encodings, typed b
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ledger._crypto import PublicKey, Signer, generate_keypair, load_public_key, load_signer
 from ledger._entry import Entry
 from ledger._reader import Ledger, open  # noqa: A004 - ledger.open is the public name
 from ledger._recipe import Recipe, load_recipe
 from ledger._record import Kind
-from ledger._writer import LedgerWriter, Recovery
 from ledger.errors import (
     ConfigurationError,
     FormatError,
@@ -28,6 +27,9 @@ from ledger.errors import (
     StorageError,
     VerificationError,
 )
+
+if TYPE_CHECKING:  # imported on first use (module __getattr__): reading and verifying never need the writer
+    from ledger._writer import LedgerWriter, Recovery
 
 __version__ = "0.1.0"
 
@@ -62,14 +64,25 @@ _MOVED = {name: "ledger.format" for name in ("FORMAT_VERSION", "PAYLOAD_TYPE", "
 _MOVED["run_step"] = "ledger.torch"
 
 
+_LAZY = {"LedgerWriter": "ledger._writer", "Recovery": "ledger._writer"}
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
 def __getattr__(name: str) -> Any:
-    """Old import paths of moved names (``ledger.pae`` → ``ledger.format.pae``), with a
-    ``DeprecationWarning``; removed in the next release."""
+    """The writer's names, imported on first use; old import paths of moved names (``ledger.pae`` →
+    ``ledger.format.pae``), with a ``DeprecationWarning``; removed in the next release."""
+    import importlib
+
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     where = _MOVED.get(name)
     if where is None:
         raise AttributeError(f"module 'ledger' has no attribute {name!r}")
-    import importlib
-
     warnings.warn(f"ledger.{name} moved to {where}.{name}; the old name goes away in the next release",
                   DeprecationWarning, stacklevel=2)
     return getattr(importlib.import_module(where), name)

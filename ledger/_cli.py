@@ -26,9 +26,29 @@ METRIC_COLUMNS = 256  # `ledger log` and `ledger info` show at most this many di
 
 
 
+# commands defined in other modules: (module, function), imported only when the command is named, so
+# that starting any other command does not pay for their imports
+_ELSEWHERE = {"publish": ("ledger._cli_publish", "publish"), "prove": ("ledger._cli_proofs", "prove"),
+              "verify-proof": ("ledger._cli_proofs", "verify_proof"),
+              "consistency": ("ledger._cli_proofs", "consistency")}
+
+
 class _Commands(click.Group):
     """The command group; errors raised by a command become one line and their exit code here,
     where click's context knows whether ``--debug`` was given."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_ELSEWHERE})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in _ELSEWHERE:
+            import importlib
+
+            module, name = _ELSEWHERE[cmd_name]
+            command = getattr(importlib.import_module(module), name)
+            assert isinstance(command, click.Command)
+        return command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -507,10 +527,3 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("ledger: aborted", err=True)
         sys.exit(EXIT_CANNOT_RUN)
-
-
-from ledger._cli_proofs import register as _register_proofs  # noqa: E402
-from ledger._cli_publish import publish as _publish  # noqa: E402 - the command registers once the group exists
-
-cli.add_command(_publish)
-_register_proofs(cli)  # prove, verify-proof, consistency (ledger/_cli_proofs.py)

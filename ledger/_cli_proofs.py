@@ -122,9 +122,9 @@ def _recorded(loaded: Any) -> list[tuple[int, Any]]:
     from ledger._encoding import decode_body
     from ledger._record import HEADER_SIZE, Kind
     from ledger._schema import RecordedHead
-    from ledger.verify._load import header_field, header_matrix
+    from ledger.verify._load import header_field
 
-    headers, _ = header_matrix(loaded.table["record"])
+    headers, _ = loaded.headers()
     out = []
     for seq in (header_field(headers, "kind") == Kind.CHECKPOINT).nonzero()[0].tolist():
         body = decode_body(loaded.records[seq][HEADER_SIZE:])
@@ -298,9 +298,3 @@ def consistency(old_path: str, ledger_path: str, key: str | None) -> None:
     _require_extends(old, old_path, SubtreeCache(loaded.hashes))
     note = "" if given else " (checked with the key in genesis: signer not authenticated; pass --key)"
     click.echo(f"PASS: the ledger ({n} entries) extends the signed head of {old.size} entries{note}")
-
-
-def register(group: click.Group) -> None:
-    """Add the proof commands to the ``ledger`` command group."""
-    for command in (prove, verify_proof, consistency):
-        group.add_command(command)

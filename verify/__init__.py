@@ -21,7 +21,9 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ledger import __version__
 from ledger._arrow import string_codes
@@ -40,19 +42,35 @@ from ledger.verify._init import check_init
 from ledger.verify._inputs import ModelDigests, require_file
 from ledger.verify._integrity import check_chain, check_seal, check_signatures
 from ledger.verify._lineage import Lineage, compare_files
-from ledger.verify._load import Loaded, first_break, header_field, header_matrix
+from ledger.verify._load import Loaded, first_break, header_field
 from ledger.verify._load import load as _load
-from ledger.verify._mlflow import MlflowSource, check_mlflow, download_ledger
 from ledger.verify._model import check_model
 from ledger.verify._registry import Check, Requirement, extra, given, readable_genesis, recorded, run_checks
-from ledger.verify._replay import check_replay
 from ledger.verify._result import CheckResult, Report, Status
 from ledger.verify._run import RunView
 from ledger.verify._run import build as _build
 from ledger.verify._series import training_series
-from ledger.verify._timestamps import check_timestamps
 from ledger.verify.report import render_html, render_json, render_text
 
+if TYPE_CHECKING:
+    from ledger.verify._mlflow import MlflowSource
+    from ledger.verify._replay import check_replay
+
+
+
+def _imported_when_run(module: str, name: str) -> Callable[[Context], CheckResult]:
+    """Check ``name`` of ``module``, whose module is imported only when the check runs (its imports —
+    torch's replay, MLflow's client, the TSA's ASN.1 — serve no other check)."""
+    def run(ctx: Context) -> CheckResult:
+        result: CheckResult = getattr(importlib.import_module(module), name)(ctx)
+        return result
+
+    return run
+
+
+_REPLAY = _imported_when_run("ledger.verify._replay", "check_replay")
+_MLFLOW = _imported_when_run("ledger.verify._mlflow", "check_mlflow")
+_TIMESTAMPS = _imported_when_run("ledger.verify._timestamps", "check_timestamps")
 _TORCH = extra("torch", "torch", "regenerating the init and replaying steps")
 _RECORDED = (readable_genesis(), recorded())
 
@@ -76,14 +94,12 @@ CHECKS: tuple[Check, ...] = (
     Check("checkpoints", check_checkpoints, _RECORDED),
     Check("init", check_init, (*_RECORDED, _RECIPE_OR_BASE, _TORCH_UNLESS_BASE)),
     Check("continuity", check_continuity, _RECORDED),
-    Check("replay", check_replay, (*_RECORDED, given("recipe", "no --recipe given: no interval was re-executed"),
-                                   _TORCH)),
+    Check("replay", _REPLAY, (*_RECORDED, given("recipe", "no --recipe given: no interval was re-executed"), _TORCH)),
     Check("independence", check_independence,
           (given("against", "no --against given"), extra("scipy", "lineage", "the lineage tests"))),
-    Check("mlflow", check_mlflow, (readable_genesis(), given("mlflow", "no --mlflow-run given: no MLflow run was "
-                                                                       "compared"),
-                                   extra("mlflow", "mlflow", "comparing with an MLflow run"))),
-    Check("timestamps", check_timestamps,
+    Check("mlflow", _MLFLOW, (readable_genesis(), given("mlflow", "no --mlflow-run given: no MLflow run was compared"),
+                              extra("mlflow", "mlflow", "comparing with an MLflow run"))),
+    Check("timestamps", _TIMESTAMPS,
           (readable_genesis(), given("tsa_roots", "no --tsa-roots given: timestamps were not verified (no TSA is "
                                                   "trusted by default)"),
            extra("rfc3161_client", "tsa", "verifying timestamps"))),
@@ -146,6 +162,8 @@ def verify_mlflow_run(run_id: str, tracking_uri: str | None = None, *, live: boo
     if kwargs.get("key") is None:
         raise ConfigurationError("verifying from MLflow needs the trainer's public key (key=…): whoever can edit "
                                  "the run can replace its ledger and its key.pub")
+    from ledger.verify._mlflow import MlflowSource, download_ledger
+
     source = MlflowSource(run_id, tracking_uri, live)
     with tempfile.TemporaryDirectory(prefix="ledger-mlflow-") as tmp:
         path = download_ledger(source, Path(tmp))
@@ -223,8 +241,8 @@ def _refuse_newer_format(ledger: Ledger, loaded: Loaded) -> None:
     when every record — in the parts and in the log — says the same newer version. A version field
     damaged in some records is a broken chain, judged by ``chain`` at that seq. The log's versions
     are those the reader saw as it scanned it (a damaged log has none: the chain check reports it)."""
-    headers, lengths = header_matrix(loaded.table["record"])  # from the Arrow buffers: no record is copied
-    versions = {int(v) for v in header_field(headers, "version")[lengths >= HEADER_SIZE]}
+    headers, lengths = loaded.headers()  # from the Arrow buffers: no record is copied
+    versions = set(np.unique(header_field(headers, "version")[lengths >= HEADER_SIZE]).tolist())
     versions |= ledger.wal_versions
     if len(versions) == 1 and (version := versions.pop()) > FORMAT_VERSION:
         raise ConfigurationError(f"{ledger.path} is in format version {version}; this verifier (training-ledger "
@@ -258,15 +276,18 @@ __all__ = ["CHECKS", "Check", "CheckResult", "Context", "Lineage", "Options", "R
 
 # Names that were public here before 0.2; they keep working one release, with a warning.
 _MOVED = {"load": "ledger.verify._load", "build": "ledger.verify._run"}
+_LAZY = {"check_replay": "ledger.verify._replay"}  # imported on first use
 
 
 def __getattr__(name: str) -> Any:
-    """Old names (``ledger.verify.load``, ``build``), with a ``DeprecationWarning``."""
+    """``check_replay`` (imported on first use); old names (``ledger.verify.load``, ``build``), with a
+    ``DeprecationWarning``."""
+    if name in _LAZY:
+        value = globals()[name] = getattr(importlib.import_module(_LAZY[name]), name)
+        return value
     where = _MOVED.get(name)
     if where is None:
         raise AttributeError(f"module 'ledger.verify' has no attribute {name!r}")
-    import importlib
-
     warnings.warn(f"ledger.verify.{name} is internal now ({where}.{name}); use load_context", DeprecationWarning,
                   stacklevel=2)
     return getattr(importlib.import_module(where), name)

@@ -153,13 +153,17 @@ class Bounds:
             a, coef = float(self.moments[g]), self.coef[lo:hi, g]
             # A_t = (β1²/β2)·A_{t−1} + (1−β1)²/(1−β2), B_t = √A_t·√(1−β2^t)/(1−β1^t) per optimizer step
             decay_a, drive_a = beta1 * beta1 / beta2, (1 - beta1) ** 2 / (1 - beta2)
-            sqrt = math.sqrt
-            for row, (rate, steps, t) in enumerate(zip(lr.tolist(), k.tolist(), t0.tolist(), strict=True)):
-                c = 0.0
-                for j in range(t + 1, t + steps + 1):
-                    a = decay_a * a + drive_a
-                    c += rate * (sqrt(a) * sqrt(1 - beta2**j) / (1 - beta1**j))
-                coef[row] = c
+            if -1 < beta1 < 1 and 0 < beta2 < 1 and a >= 0 and len(k) and k.min() >= 0 \
+                    and k.sum() <= 16 * len(k) + 4096:
+                a = _adam_coef(a, int(t0[0]), k, lr, (beta1, beta2, decay_a, drive_a), coef)
+            else:  # hyperparameters no torch Adam takes (a crafted genesis): the same sums, step by step
+                sqrt = math.sqrt
+                for row, (rate, steps, t) in enumerate(zip(lr.tolist(), k.tolist(), t0.tolist(), strict=True)):
+                    c = 0.0
+                    for j in range(t + 1, t + steps + 1):
+                        a = decay_a * a + drive_a
+                        c += rate * (sqrt(a) * sqrt(1 - beta2**j) / (1 - beta1**j))
+                    coef[row] = c
             self.moments[g] = a
             self.decay[lo:hi, g] = lr * wd * k if kind == "adamw" else 0.0
             decay = self.decay[lo:hi, g, None]
@@ -182,3 +186,51 @@ class Bounds:
                 totals[row] = total
             self.buffer[g] = buffer
             bound[lo:hi, mask] = np.where(np.asarray(has)[:, None], totals[:, None], np.inf)
+
+
+def _adam_coef(a: float, t: int, k: np.ndarray, lr: Floats, betas: tuple[float, float, float, float],
+               coef: Floats) -> float:
+    """Adam's Σ α·B over each row's optimizer steps (``k[row]`` of them, numbered from ``t`` + 1 on,
+    row after row) into ``coef``, from A = ``a``; returns A after the last step. The same floating-point
+    operations, in the same order, as the step-by-step loop: A_j = (β1²/β2)·A_{j−1} + (1−β1)²/(1−β2)
+    one step after another (once A_j equals A_{j−1} it stays so: every later step computes the same
+    value), 1 − β^j as :func:`_one_minus_powers` gives it, then √A_j·√(1−β2^j)/(1−β1^j) per step and the
+    row sums 0 + α·B_j, … elementwise (IEEE operations, which numpy rounds as Python does). Needs
+    −1 < β1 < 1 and 0 < β2 < 1 (no division by zero, no square root of a negative) and every k ≥ 0."""
+    beta1, beta2, decay_a, drive_a = betas
+    total = int(k.sum())
+    moments: list[float] = []
+    for _ in range(total):
+        following = decay_a * a + drive_a
+        if following == a:
+            break
+        a = following
+        moments.append(a)
+    moments += [a] * (total - len(moments))
+    steps = range(t + 1, t + total + 1)
+    with np.errstate(all="ignore"):  # inf and NaN as Python's floats give them, without numpy's warnings
+        terms = np.sqrt(np.array(moments)) * np.sqrt(_one_minus_powers(beta2, steps)) \
+            / _one_minus_powers(beta1, steps)
+        first = np.cumsum(k) - k  # each row's first step in ``terms``
+        one = k == 1
+        coef[one] = 0.0 + lr[one] * terms[first[one]]
+        coef[k == 0] = 0.0
+    for row in np.flatnonzero(k > 1).tolist():
+        c, rate = 0.0, float(lr[row])
+        for term in terms[first[row]:first[row] + k[row]].tolist():
+            c += rate * term
+        coef[row] = c
+    return a
+
+
+def _one_minus_powers(beta: float, steps: range) -> Floats:
+    """1 − β^j for each j of ``steps`` (|β| < 1), each as Python computes ``1 - beta**j``. Once
+    |β^j| < 2⁻⁶⁰ the exact |β^j′| of every later j′ is smaller still, so any ``pow`` within 1 % of it
+    stays below 2⁻⁵⁴ and 1 − β^j′ rounds to 1.0 exactly: those are not computed."""
+    out: list[float] = []
+    for j in steps:
+        power = beta**j
+        if abs(power) < 2.0 ** -60:
+            break
+        out.append(1 - power)
+    return np.array(out + [1.0] * (len(steps) - len(out)))

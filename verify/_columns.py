@@ -21,7 +21,7 @@ from ledger._encoding import _SCAN_FROM, decode_body
 from ledger._record import FORMAT_VERSION, HEADER_SIZE, MAX_RECORD_BYTES, Header, Kind, decode_header
 from ledger._schema import Genesis, StepBody
 from ledger.errors import FormatError
-from ledger.verify._load import Loaded, header_field, header_matrix
+from ledger.verify._load import Loaded, header_field
 from ledger.verify._template import Accepted, Template, template
 
 # what a schema decoder may still raise on a crafted body instead of FormatError (reported as malformed)
@@ -190,7 +190,7 @@ def step_entries(loaded: Loaded, records: list[bytes]) -> tuple[StepEntries, lis
     """The step entries, their headers read all at once from the Arrow buffers, and the headers of
     the other entries, read one by one; records whose header is damaged are left out (the chain
     check names them)."""
-    matrix, lengths = header_matrix(loaded.table["record"])
+    matrix, lengths = loaded.headers()
     matrix, lengths = matrix[:len(records)], lengths[:len(records)]
     seqs, steps = header_field(matrix, "seq"), header_field(matrix, "step")
     fast = ((lengths >= HEADER_SIZE) & (lengths <= MAX_RECORD_BYTES) & (header_field(matrix, "kind") == Kind.STEP)

@@ -21,7 +21,7 @@ from ledger._record import HEADER_SIZE, Kind
 from ledger._schema import RecordedHead
 from ledger.errors import FormatError
 from ledger.verify._context import Context
-from ledger.verify._load import header_field, header_matrix
+from ledger.verify._load import header_field
 from ledger.verify._result import CheckResult, Status
 
 _SHOWN = 5  # problems named in the detail; the data lists up to 1000
@@ -46,7 +46,7 @@ def _recorded_heads(ctx: Context) -> tuple[list[tuple[int, RecordedHead]], list[
     loaded = ctx.loaded
     if not len(loaded.records):
         return [], []
-    headers, lengths = header_matrix(loaded.table["record"])
+    headers, lengths = loaded.headers()
     kinds = header_field(headers, "kind")
     heads, bad = [], []
     for seq in [int(i) for i in (kinds == Kind.CHECKPOINT).nonzero()[0]]:

@@ -23,7 +23,7 @@ from ledger._record import HEADER_SIZE, Kind
 from ledger._schema import SealBody
 from ledger.errors import FormatError, LedgerError
 from ledger.verify._context import Context
-from ledger.verify._load import Records, header_field, header_matrix
+from ledger.verify._load import Records, header_field
 from ledger.verify._result import CheckResult, Status
 from ledger.verify._signatures import bad_signatures
 
@@ -44,7 +44,7 @@ def check_chain(ctx: Context) -> CheckResult:
     if n == 0:
         reasons = [f"{name}: {reason}" for name, reason in loaded.errors] or ["the ledger holds no entries"]
         return CheckResult("chain", Status.FAIL, "; ".join(reasons), {"entries": 0, "first_bad_seq": 0})
-    headers, lengths = header_matrix(t["record"])
+    headers, lengths = loaded.headers()
     flag(lengths < HEADER_SIZE, f"record shorter than the {HEADER_SIZE}-byte header")
     version, kind, reserved = (header_field(headers, f) for f in ("version", "kind", "reserved"))
     seq, step, time_ns = (header_field(headers, f) for f in ("seq", "step", "time_ns"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -59,6 +59,17 @@ class Loaded:
     errors: list[tuple[str, str]]  # (source, reason) for unreadable parts
     genesis: dict[str, Any] | None
     genesis_error: str | None
+    # (table, header matrix, lengths) of the last :meth:`headers` call: several checks read them
+    _headers: tuple[pa.Table, np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False,
+                                                                    compare=False)
+
+    def headers(self) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`header_matrix` of the table's records, computed once per table (read-only arrays)."""
+        if self._headers is None or self._headers[0] is not self.table:
+            matrix, lengths = header_matrix(self.table["record"])
+            matrix.flags.writeable = lengths.flags.writeable = False
+            self._headers = (self.table, matrix, lengths)
+        return self._headers[1], self._headers[2]
 
 
 def _leaf_hashes(column: pa.ChunkedArray) -> list[bytes]:
@@ -190,7 +201,7 @@ def first_break(loaded: Loaded) -> int:
     n = len(loaded.records)
     if n == 0:
         return 0
-    headers, lengths = header_matrix(loaded.table["record"])
+    headers, lengths = loaded.headers()
     hashes = np.frombuffer(b"".join(loaded.hashes), dtype=np.uint8).reshape(n, 32)
     expected_prev = np.vstack([np.zeros((1, 32), np.uint8), hashes[:-1]])
     broken = (lengths < HEADER_SIZE) | (header_field(headers, "version") != _record.FORMAT_VERSION) \

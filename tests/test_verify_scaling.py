@@ -1,0 +1,91 @@
+"""The shortcuts that make ``verify --sample 0`` fast compute exactly what they replace: the Adam
+bound's sums equal the step-by-step loop bit for bit, the header matrix is read once per table, and
+a fresh ``ledger verify --sample 0`` imports no module that only other checks or commands need."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ledger._reader import Ledger
+from ledger.verify._bounds import _adam_coef
+from ledger.verify._load import header_matrix, load
+
+
+def _adam_loop(a: float, t: int, k: np.ndarray, lr: np.ndarray, beta1: float, beta2: float) -> tuple[np.ndarray, float]:
+    """Σ α·B per row, one optimizer step after another (the definition)."""
+    decay_a, drive_a = beta1 * beta1 / beta2, (1 - beta1) ** 2 / (1 - beta2)
+    coef, first = np.zeros(len(k)), t + np.cumsum(k) - k
+    for row, (rate, steps, t0) in enumerate(zip(lr.tolist(), k.tolist(), first.tolist(), strict=True)):
+        c = 0.0
+        for j in range(t0 + 1, t0 + steps + 1):
+            a = decay_a * a + drive_a
+            c += rate * (math.sqrt(a) * math.sqrt(1 - beta2**j) / (1 - beta1**j))
+        coef[row] = c
+    return coef, a
+
+
+def _same_floats(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal bit for bit, NaN payloads aside (NaN where NaN, every other value and sign the same)."""
+    nan = np.isnan(a)
+    return bool((nan == np.isnan(b)).all() and (a[~nan].view(np.int64) == b[~nan].view(np.int64)).all())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_adam_sums_equal_the_loop_bit_for_bit(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(60):
+        n = rng.choice([0, 1, 7, 300, 5000])
+        beta1 = rng.choice([0.9, 0.0, 0.5, -0.3, 0.999999, rng.random()])
+        beta2 = rng.choice([0.999, 0.5, 0.81, 0.01, 0.9999999, rng.random() or 0.5])
+        k = np.array([rng.choice([0, 1, 1, 1, 2, 5]) for _ in range(n)], np.int64)
+        lr = np.array([rng.choice([1e-3, 0.0, -0.0, math.nan, math.inf, -1e-5, rng.random()]) for _ in range(n)])
+        t, a = rng.choice([0, 7, 40_000, 10**9]), rng.choice([0.0, 1.0, 123.4, 1e300])
+        expected, expected_a = _adam_loop(a, t, k, lr, beta1, beta2)
+        coef = np.full(n, 42.0)
+        got_a = _adam_coef(a, t, k, lr, (beta1, beta2, beta1 * beta1 / beta2, (1 - beta1) ** 2 / (1 - beta2)), coef)
+        assert _same_floats(coef, expected), (beta1, beta2, t, a)
+        assert got_a == expected_a or (math.isnan(got_a) and math.isnan(expected_a))
+
+
+def test_header_matrix_read_once_per_table(make_ledger) -> None:
+    loaded = load(Ledger(make_ledger(steps=30)))
+    matrix, lengths = loaded.headers()
+    expected = header_matrix(loaded.table["record"])
+    assert (matrix == expected[0]).all() and (lengths == expected[1]).all()
+    assert loaded.headers()[0] is matrix and not matrix.flags.writeable  # shared: nobody may change it
+    shorter = dataclasses.replace(loaded, table=loaded.table.slice(0, 10))
+    assert len(shorter.headers()[0]) == 10  # another table: read again
+    loaded.table = loaded.table.slice(0, 5)
+    assert len(loaded.headers()[1]) == 5
+
+
+# modules the --sample 0 verify of a recorded, sealed ledger (key and model given) has no use for
+UNNEEDED = ("pandas", "torch", "scipy", "matplotlib", "mlflow", "ledger.hooks", "ledger._writer", "ledger._tsa",
+            "ledger.verify._mlflow", "ledger.verify._replay", "ledger._cli_proofs", "ledger._proofs")
+
+
+def test_sample0_verify_imports_only_what_it_uses(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from recipes import TinyRecipe
+
+    from ledger import generate_keypair, load_signer
+    from ledger.hooks import train
+
+    private, public = generate_keypair(tmp_path / "trainer")
+    path = tmp_path / "L"
+    train(TinyRecipe(), steps=24, path=path, key=load_signer(private), seed=3, checkpoint_every=12)
+    argv = ["verify", str(path), "--key", str(public), "--sample", "0", "--json"]
+    code = (f"import sys\nfrom ledger._cli import main\ntry:\n    main({argv!r})\nexcept SystemExit as exc:\n"
+            f"    print('exit', exc.code, file=sys.stderr)\n"
+            f"print(sorted(m for m in {UNNEEDED!r} if m in sys.modules), file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stderr.strip().splitlines()[-2:] == ["exit 0", "[]"], done.stderr
