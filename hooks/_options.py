@@ -18,6 +18,9 @@ from ledger.errors import ConfigurationError
 
 OVERHEAD_BUDGET = 0.01  # the default budget of the optional fingerprints: ≤ 1% of the step time
 RECALIBRATE_EVERY = 50
+# seconds between the writer thread's rounds by default: a round of several entries costs about half
+# the CPU per entry of a round of one or two (the training step evicts the writer's code and data)
+DRAIN_INTERVAL = 0.25
 SHARES = {"sketch": 0.4, "digests": 0.4, "batch": 0.2}  # each optional kind's share of the budget
 
 
@@ -70,7 +73,8 @@ class Cadence:
     it stays within its share of the budget. A kind is due at step s when n > 0 and s % n == 0.
     Until the first calibration every kind is taken at every step: the first two steps of a
     recorder measure each (the first cost, which builds plans and warms caches, is not counted);
-    the third calibrates, and every ``RECALIBRATE_EVERY`` steps after it."""
+    the third calibrates, and every ``RECALIBRATE_EVERY`` steps after it. A calibration lengthens
+    an interval at most to ``RECALIBRATE_EVERY`` steps or to four times what it was."""
 
     def __init__(self, options: FingerprintOptions) -> None:
         self.options = options
@@ -111,7 +115,10 @@ class Cadence:
         budget = self.options.budget * statistics.median(self.periods)
         for kind, share in SHARES.items():
             if self.options.fixed(kind) is None and self.costs[kind]:
-                self.every[kind] = max(1, math.ceil(statistics.median(self.costs[kind]) / (share * budget)))
+                wanted = max(1, math.ceil(statistics.median(self.costs[kind]) / (share * budget)))
+                # grows at most to RECALIBRATE_EVERY or fourfold: one slow measurement (a preempted
+                # sketch) must not push the kind out of reach of the measurements that would correct it
+                self.every[kind] = min(wanted, max(4 * self.every[kind], RECALIBRATE_EVERY))
 
     def state(self) -> tuple[int, ...]:
         """The intervals in force (sketch, digests, batch): what rank 0 broadcasts."""
@@ -144,12 +151,14 @@ def check_checkpointing(checkpoint_every: int | None, keep: Any) -> None:
         raise ConfigurationError("keep must be None, ('last', n) or ('every', n)")
 
 
-def check_queue(queue_size: int, drain_interval: float, max_lag: float) -> None:
-    """Refuse writer-queue bounds that are not positive."""
+def check_queue(queue_size: int, drain_interval: float | None, max_lag: float) -> float:
+    """Refuse writer-queue bounds that are not positive; the writer thread's interval (``None``:
+    :data:`DRAIN_INTERVAL`, at most a quarter of ``max_lag``)."""
     if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
         raise ConfigurationError("queue_size must be a positive number of entries")
-    if not drain_interval > 0 or not max_lag > 0:
+    if not (drain_interval is None or drain_interval > 0) or not max_lag > 0:
         raise ConfigurationError("drain_interval and max_lag must be positive numbers of seconds")
+    return min(DRAIN_INTERVAL, max_lag / 4) if drain_interval is None else drain_interval
 
 
 def callback_options(owner: str, options: dict[str, Any], ours: tuple[str, ...], mlflow: Any) -> dict[str, Any]:

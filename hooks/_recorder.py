@@ -93,7 +93,9 @@ class Recorder:
     on one rank only; nothing about the other ranks is recorded).
 
     **What a crash can lose.** ``step`` returns (the step is *acknowledged*) once its entry is
-    queued; a background thread appends queued entries every ``drain_interval`` seconds. Two bounds
+    queued; a background thread appends queued entries every ``drain_interval`` seconds (default
+    0.25 s, at most ``max_lag``/4: a round of several entries costs about half the CPU per entry
+    of a round of one or two, whose code and data the training step has evicted from the caches). Two bounds
     hold what may wait unappended: ``queue_size`` entries and ``max_lag`` seconds — ``step`` waits
     while ``queue_size`` entries wait or an entry queued more than ``max_lag`` seconds earlier is
     not yet appended (a checkpoint being written counts as waiting). So ``kill -9`` loses at most
@@ -107,7 +109,7 @@ class Recorder:
     def __init__(self, path: str | os.PathLike[str], *, model: Any, optimizer: Any, key: Any, seed: int,
                  checkpoint_every: int | None = None, config: Mapping[str, Any] | None = None, scheduler: Any = None,
                  fingerprints: FingerprintOptions | None = None, checkpoint_dir: str | os.PathLike[str] | None = None,
-                 keep: tuple[str, int] | None = None, queue_size: int = 256, drain_interval: float = 0.05,
+                 keep: tuple[str, int] | None = None, queue_size: int = 256, drain_interval: float | None = None,
                  passphrase: bytes | None = None, recipe: Any = None, determinism: Mapping[str, Any] | None = None,
                  base: Mapping[str, Any] | None = None, fsync: str = "group",
                  clock: Callable[[], int] = time.time_ns, max_lag: float = MAX_LAG,
@@ -117,7 +119,7 @@ class Recorder:
         with _distributed.announce(group) as told:  # every rank learns whether the model is sharded, or why not
             options = resolve_options(fingerprints, deprecated)
             check_checkpointing(checkpoint_every, keep)
-            check_queue(queue_size, drain_interval, max_lag)
+            drain_interval = check_queue(queue_size, drain_interval, max_lag)
             stamping = options_of(tsa)
             hookable(optimizer)  # nothing is written for an optimizer the recorder cannot hook
             model = _distributed.unwrap_model(model)
@@ -487,7 +489,7 @@ class Recorder:
     @classmethod
     def resume(cls, path: str | os.PathLike[str], *, model: Any, optimizer: Any, key: Any, scheduler: Any = None,
                passphrase: bytes | None = None, keep: tuple[str, int] | None = None, queue_size: int = 256,
-               drain_interval: float = 0.05, max_lag: float = MAX_LAG, fsync: str = "group",
+               drain_interval: float | None = None, max_lag: float = MAX_LAG, fsync: str = "group",
                at: Mapping[str, Any] | None = None, distributed: bool | None = None,
                mlflow: Any = None, tsa: str | TsaOptions | None = None) -> Recorder:
         """Continue a crashed run. Before acting on anything the ledger names, check its chain and
@@ -516,7 +518,7 @@ class Recorder:
                                                         resumed=(run_id, first)))
         with _distributed.announce(group) as told:
             check_checkpointing(None, keep)
-            check_queue(queue_size, drain_interval, max_lag)
+            drain_interval = check_queue(queue_size, drain_interval, max_lag)
             stamping = options_of(tsa)
             root = Path(path)
             model = _distributed.unwrap_model(model)

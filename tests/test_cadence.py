@@ -15,7 +15,7 @@ import ledger
 from ledger import Kind, Signer
 from ledger.errors import ConfigurationError
 from ledger.hooks import FingerprintOptions, Recorder
-from ledger.hooks._options import SHARES, Cadence
+from ledger.hooks._options import DRAIN_INTERVAL, SHARES, Cadence, check_queue
 from ledger.torch import BatchLeaves, batch_digest, torch_digests
 from ledger.verify import verify_ledger
 
@@ -104,6 +104,23 @@ def test_the_budget_sets_each_interval_from_measured_costs():
     unlimited.costs["sketch"].append(1.0)
     unlimited.calibrate()
     assert unlimited.state() == (1, 1, 1)
+
+
+def test_one_slow_measurement_cannot_put_a_kind_out_of_reach_of_the_next_ones():
+    """A sketch preempted once (267 ms instead of 1 ms) would set an interval of thousands of
+    steps, and no later sketch would come to correct it: an interval grows at most to 50 steps or
+    fourfold per calibration, so the next measurements arrive and the median settles."""
+    cadence = Cadence(FingerprintOptions())
+    cadence.periods.extend([0.028] * 5)  # charlm: a 28 ms step, 0.112 ms for the sketch
+    cadence.costs["sketch"].append(0.267)
+    cadence.calibrate()
+    assert cadence.every["sketch"] == 50  # not 2384
+    cadence.costs["sketch"].append(0.001)  # the sketch of step 50
+    cadence.calibrate()
+    assert cadence.every["sketch"] == 200  # median 134 ms would ask for 1197: fourfold at most
+    cadence.costs["sketch"].append(0.001)  # step 200: the median is an honest measurement again
+    cadence.calibrate()
+    assert cadence.every["sketch"] == 9
 
 
 def test_the_first_cost_is_a_warm_up_and_calibration_follows_the_recorders_first_step():
@@ -201,3 +218,16 @@ def test_a_batch_the_digest_refuses_is_refused_on_the_training_thread_and_copies
     first, second = BatchLeaves(x, allowance=allowance), BatchLeaves(x, allowance=allowance)
     assert allowance.held == 80  # the second is digested at once: no room left for its copy
     assert first.digest() == second.digest() == batch_digest(x) and allowance.held == 0
+
+
+def test_writer_rounds_default_to_a_quarter_second_within_a_quarter_of_max_lag() -> None:
+    """The writer thread drains in rounds of DRAIN_INTERVAL (several entries a round: less CPU per
+    entry), never longer than max_lag/4, so a put rarely waits for the lag bound; an explicit
+    interval is taken as given, and nonsense is refused."""
+    assert DRAIN_INTERVAL == 0.25
+    assert check_queue(256, None, 1.0) == 0.25
+    assert check_queue(256, None, 0.4) == pytest.approx(0.1)
+    assert check_queue(256, 0.05, 1.0) == 0.05 and check_queue(256, 30.0, 1.0) == 30.0
+    for bad in (0.0, -1.0):
+        with pytest.raises(ConfigurationError, match="drain_interval and max_lag"):
+            check_queue(256, bad, 1.0)
