@@ -12,7 +12,9 @@ For each, a plain and a recorded copy of the model (same seed, same batches) tra
 blocks (P R R P P R R P …) so machine noise hits both alike; warm-up blocks are dropped. The
 recorder runs at its defaults (the 1% budget, checkpoint_every=None); its step
 clock is reset at the start of each of its blocks so its cadence calibration does not count the
-plain blocks, and its queue is flushed (timed) at the end of each. Background costs are measured
+plain blocks, and its queue is flushed at the end of each, inside the block's time: the headline
+ratio compares whole blocks (a writer round left pending at a block's end counts towards it; the
+median step alone would leave the writer's work out). Background costs are measured
 by wrapping the recorder's queue ``put`` and ``LedgerWriter.append`` in this benchmark only. Peak
 memory: one subprocess per configuration, VmHWM reset once model and optimizer are built. One
 checkpoint of the 15M model (snapshot + write, fingerprinted, fsynced) is compared with plain
@@ -146,7 +148,7 @@ def interleaved(name: str, steps: int, block: int, warmup: int, tmp: Path) -> di
         recorder = rec if mode == "recorded" else None
         if recorder is not None:
             recorder._last_step_time = None  # its period estimate must not include the plain block
-        first = len(r[mode])
+        first, start = len(r[mode]), time.perf_counter()
         for _ in range(n):
             total, part = one_step(recipe, models[mode], opts[mode], recorder, r["next"][mode])
             r["next"][mode] += 1
@@ -156,12 +158,12 @@ def interleaved(name: str, steps: int, block: int, warmup: int, tmp: Path) -> di
             for k, v in rec._cadence.costs.items() if recorder else ():  # a changed value is a new measurement
                 if v and (not r["costs"][k] or r["costs"][k][-1] != v[-1]):
                     r["costs"][k].append(v[-1])
-        if keep:
-            r["blocks"][mode].append(statistics.median(r[mode][first:]))
-        if recorder is not None:
+        if recorder is not None:  # the writer's rounds the block left pending count towards it
             t0 = time.perf_counter()
             recorder.flush()
             r["flush"] += [time.perf_counter() - t0] if keep else []
+        if keep:  # per step: the block's whole time (its flush included) and its median step
+            r["blocks"][mode].append(((time.perf_counter() - start) / n, statistics.median(r[mode][first:])))
 
     for mode in ("plain", "recorded"):
         run_block(mode, warmup, keep=False)
@@ -213,14 +215,17 @@ def peak_rss(name: str, mode: str, steps: int, threads: int) -> float:
 
 def report_workload(name: str, r: dict[str, Any], rss: tuple[float, float, float]) -> list[Row]:
     plain, recorded = statistics.median(r["plain"]), statistics.median(r["recorded"])
-    mean_ratio = (sum(r["recorded"]) + sum(r["flush"])) / sum(r["plain"])
-    paired = statistics.median(b / a for a, b in zip(r["blocks"]["plain"], r["blocks"]["recorded"], strict=True))
+    pairs = list(zip(r["blocks"]["plain"], r["blocks"]["recorded"], strict=True))
+    paired = statistics.median(b[0] / a[0] for a, b in pairs)  # block totals, flushes included: the headline
+    ratios = sorted(b[0] / a[0] for a, b in pairs)
+    spread = (ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4])
     every, period = r["cadence"]
     c, probe, budget = r["costs"], r["probe"], plain * 1e4
     print(f"\n== {name}: {r['params']:,} parameters, {len(r['plain'])} timed steps per side, "
           f"torch threads {torch.get_num_threads()} ==")
-    print(f"median step: plain {1e3 * plain:.2f} ms, recorded {1e3 * recorded:.2f} ms → {recorded / plain:.4f}x "
-          f"(target ≤ 1.02x); paired blocks {paired:.4f}x; mean incl. block flushes {mean_ratio:.4f}x")
+    print(f"recorded/plain, paired blocks of whole time (the writer's block-end flush included): {paired:.4f}x "
+          f"(target ≤ 1.02x; quartiles {spread[0]:.4f}–{spread[1]:.4f}x over {len(pairs)} pairs); median step "
+          f"(flushes excluded): plain {1e3 * plain:.2f} ms, recorded {1e3 * recorded:.2f} ms → {recorded / plain:.4f}x")
     print(f"rec.step on the training thread: median {us(r['rec_step']):.0f} µs (1% budget of the plain step: "
           f"{budget:.0f} µs); optimizer hooks: pre-step {us(r['hook']):.0f} µs, post-step {us(r['post_hook']):.0f} µs")
     per = {kind: us(c[kind]) / max(every.get(kind, 1), 1) if every.get(kind, 1) else 0.0 for kind in c}
@@ -237,9 +242,9 @@ def report_workload(name: str, r: dict[str, Any], rss: tuple[float, float, float
         body, encoded = probe.body, encode_body(probe.body)  # sign ≈ Ed25519 over a message of the body's size
         enc, sign = (timeit.timeit(f, number=200) / 200 for f in (lambda: encode_body(body), lambda: KEY.sign(encoded)))
     job, app = us(probe.cpu["job"]), us(probe.cpu["append"])
-    print(f"background CPU per step (writer thread): job (body, batch digest) {job:.0f} µs + append {app:.0f} µs "
-          f"(encode ≈ {enc * 1e6:.0f}, sign ≈ {sign * 1e6:.0f}, rest framing/WAL write/fsync) = {job + app:.0f} µs; "
-          f"wall incl. GIL waits {us(probe.wall['job']):.0f} + {us(probe.wall['append']):.0f} µs")
+    print(f"writer thread CPU per step entry: {job:.0f} µs (body, batch digest, then append {app:.0f} µs: encode "
+          f"≈ {enc * 1e6:.0f}, sign ≈ {sign * 1e6:.0f} when warm, the rest framing/WAL write/fsync); wall incl. GIL "
+          f"waits {us(probe.wall['job']):.0f} µs")
     print(f"enqueue→appended {us(probe.wall['latency']):.0f} µs; block-end flush {us(r['flush']):.0f} µs; "
           f"close {1e3 * r['close']:.0f} ms")
     print(f"peak RSS while training (subprocess, from built model + optimizer): plain {rss[0]:.0f} MiB, "
@@ -247,11 +252,10 @@ def report_workload(name: str, r: dict[str, Any], rss: tuple[float, float, float
           f"{100 * (rss[1] - rss[0]) / r['param_mib']:.0f}% of the parameter bytes "
           f"({r['param_mib']:.1f} MiB; target ≤ 5%); beyond plain training with the recorder's libraries "
           f"loaded ({rss[2]:.0f} MiB): +{rss[1] - rss[2]:.0f} MiB = {100 * (rss[1] - rss[2]) / r['param_mib']:.0f}%")
-    return [(f"{name} median step recorded (ms)", 1e3 * recorded, "plain step; target ≤ 1.01x", 1e3 * plain),
-            (f"{name} paired-block step ratio", paired, "target ≤ 1.01", None),
-            (f"{name} mean step incl. flushes (ratio)", mean_ratio, "target ≤ 1.01", None),
+    return [(f"{name} recorded/plain, paired blocks", paired, "target ≤ 1.02", None),
+            (f"{name} median step recorded (ms)", 1e3 * recorded, "plain step, flushes excluded", 1e3 * plain),
             (f"{name} rec.step, training thread (µs)", us(r["rec_step"]), "1% of the plain step", budget),
-            (f"{name} background CPU per step (µs)", job + app, "1% of the plain step", budget),
+            (f"{name} writer CPU per step (µs)", job, "1% of the plain step", budget),
             (f"{name} sketch every (steps)", sketch_every, f"digests every {every['digests']}", None),
             (f"{name} peak RSS recorded (MiB)", rss[1], "plain peak RSS", rss[0])]
 
@@ -314,8 +318,8 @@ def profile(name: str, steps: int, tmp: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     pair: dict[str, Any] = {"type": int, "nargs": 3, "metavar": ("CHARLM", "15M", "MANY")}
-    parser.add_argument("--steps", **pair, default=[400, 60, 200], help="timed steps per side")
-    parser.add_argument("--block", **pair, default=[10, 5, 10], help="steps per interleaved block")
+    parser.add_argument("--steps", **pair, default=[800, 60, 400], help="timed steps per side")
+    parser.add_argument("--block", **pair, default=[40, 5, 20], help="steps per interleaved block")
     parser.add_argument("--warmup", **pair, default=[10, 3, 10], help="untimed steps per side first")
     parser.add_argument("--memory-steps", **pair, default=[60, 8, 30], help="steps of each memory subprocess")
     parser.add_argument("--profile", **pair, help="also print a cProfile of rec.step over this many steps")
