@@ -89,3 +89,31 @@ def test_sample0_verify_imports_only_what_it_uses(tmp_path: Path) -> None:
             f"print(sorted(m for m in {UNNEEDED!r} if m in sys.modules), file=sys.stderr)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stderr.strip().splitlines()[-2:] == ["exit 0", "[]"], done.stderr
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_bodies_read_from_buffers_equal_the_records_sliced(seed: int) -> None:
+    import pyarrow as pa
+
+    from ledger.verify._load import Bodies
+
+    rng = random.Random(seed)
+    lengths = [rng.choice([0, 3, 40, 40, 40, 41, 100]) for _ in range(600)]
+    if seed % 2:  # runs of one length back to back, as a recorder writes them
+        lengths = sorted(lengths)
+    records = [bytes(rng.getrandbits(8) for _ in range(n)) for n in lengths]
+    whole = pa.array(records, pa.binary())
+    column = pa.chunked_array([whole.slice(0, 7), whole.slice(7, 0), whole.slice(7, 300), whole.slice(307)])
+    rows = np.array(sorted(rng.sample(range(len(records)), 400)) if seed < 2 else range(len(records)), np.int64)
+    skip = rng.choice([0, 5, 12])
+    bodies = Bodies.of_records(column, rows, skip)
+    expected = [records[r][skip:] for r in rows.tolist()]
+    assert [bodies[i] for i in range(len(bodies))] == expected
+    assert bodies.lengths().tolist() == [len(b) for b in expected]
+    for size in set(bodies.lengths().tolist()):
+        idx = np.flatnonzero(bodies.lengths() == size)
+        assert bodies.matrix(idx).tobytes() == b"".join(expected[i] for i in idx.tolist())
+        assert Bodies.of(expected).matrix(idx).tobytes() == b"".join(expected[i] for i in idx.tolist())
+    order = np.array(rng.sample(range(len(rows)), 50), dtype=np.int64)
+    taken = bodies.take(order)
+    assert [taken[i] for i in range(len(taken))] == [expected[i] for i in order.tolist()]

@@ -21,7 +21,7 @@ from ledger._encoding import _SCAN_FROM, decode_body
 from ledger._record import FORMAT_VERSION, HEADER_SIZE, MAX_RECORD_BYTES, Header, Kind, decode_header
 from ledger._schema import Genesis, StepBody
 from ledger.errors import FormatError
-from ledger.verify._load import Loaded, header_field
+from ledger.verify._load import Bodies, Loaded, Records, header_field
 from ledger.verify._template import Accepted, Template, template
 
 # what a schema decoder may still raise on a crafted body instead of FormatError (reported as malformed)
@@ -114,13 +114,15 @@ class StepsRead:
     accepted: list[Accepted] = field(default_factory=list)
 
 
-def read_steps(bodies: list[bytes], genesis: Genesis) -> StepsRead:
+def read_steps(bodies: Bodies | list[bytes], genesis: Genesis) -> StepsRead:
     """Check and read step bodies, exactly as ``StepBody.from_body(decode_body(body), genesis)`` would
     one by one (same values, same refusals)."""
+    if not isinstance(bodies, Bodies):
+        bodies = Bodies.of(bodies)
     groups = sum(len(o.param_groups) for o in genesis.all_optimizers)
     out = StepsRead(StepColumns.empty(len(bodies), len(genesis.tensor_order), groups), {}, {})
     pending = np.ones(len(bodies), dtype=bool)
-    lengths = np.fromiter(map(len, bodies), dtype=np.int64, count=len(bodies))
+    lengths = bodies.lengths()
     sizes, counts = np.unique(lengths, return_counts=True)
     for size in sizes[(counts >= MIN_GROUP) & (sizes <= _SCAN_FROM)].tolist():
         _by_template(bodies, np.flatnonzero(lengths == size), genesis, out, pending)
@@ -129,10 +131,9 @@ def read_steps(bodies: list[bytes], genesis: Genesis) -> StepsRead:
     return out
 
 
-def _by_template(bodies: list[bytes], idx: np.ndarray, genesis: Genesis, out: StepsRead,
-                 pending: np.ndarray) -> None:
+def _by_template(bodies: Bodies, idx: np.ndarray, genesis: Genesis, out: StepsRead, pending: np.ndarray) -> None:
     """Read the bodies ``idx`` (all of one length) through templates taken from their own first bodies."""
-    matrix = np.frombuffer(b"".join([bodies[i] for i in idx.tolist()]), dtype=np.uint8).reshape(len(idx), -1)
+    matrix = bodies.matrix(idx)
     left = np.arange(len(idx))
     for _ in range(MAX_TEMPLATES):
         if len(left) < MIN_GROUP:
@@ -159,7 +160,7 @@ def _by_template(bodies: list[bytes], idx: np.ndarray, genesis: Genesis, out: St
         left = left[~match]
 
 
-def _one(bodies: list[bytes], i: int, genesis: Genesis, out: StepsRead) -> StepBody | None:
+def _one(bodies: Bodies, i: int, genesis: Genesis, out: StepsRead) -> StepBody | None:
     """Read body ``i`` on its own (None when it fails, recorded in ``out.failed``)."""
     stage = "decode"
     try:
@@ -186,12 +187,13 @@ class StepEntries:
     steps: list[int]
 
 
-def step_entries(loaded: Loaded, records: list[bytes]) -> tuple[StepEntries, list[tuple[int, Header]]]:
-    """The step entries, their headers read all at once from the Arrow buffers, and the headers of
-    the other entries, read one by one; records whose header is damaged are left out (the chain
-    check names them)."""
+def step_entries(loaded: Loaded, records: list[bytes] | Records,
+                 limit: int) -> tuple[StepEntries, list[tuple[int, Header]]]:
+    """The step entries among the first ``limit`` of ``records`` (those of ``loaded``), their headers
+    read all at once from the Arrow buffers, and the headers of the other entries, read one by one;
+    records whose header is damaged are left out (the chain check names them)."""
     matrix, lengths = loaded.headers()
-    matrix, lengths = matrix[:len(records)], lengths[:len(records)]
+    matrix, lengths = matrix[:limit], lengths[:limit]
     seqs, steps = header_field(matrix, "seq"), header_field(matrix, "step")
     fast = ((lengths >= HEADER_SIZE) & (lengths <= MAX_RECORD_BYTES) & (header_field(matrix, "kind") == Kind.STEP)
             & (header_field(matrix, "version") == FORMAT_VERSION) & (header_field(matrix, "reserved") == 0)
@@ -218,7 +220,7 @@ class Steps(Mapping[int, StepBody]):
     """The recorded steps that count, by step number (ascending): their columns, and each
     ``StepBody`` decoded from its body when asked for (kept once decoded)."""
 
-    def __init__(self, columns: StepColumns, bodies: list[bytes], genesis: Genesis | None,
+    def __init__(self, columns: StepColumns, bodies: Bodies, genesis: Genesis | None,
                  decoded: dict[int, StepBody] | None = None) -> None:
         self.columns, self._bodies, self._genesis = columns, bodies, genesis
         self._decoded: dict[int, StepBody] = dict(decoded or {})
@@ -228,18 +230,18 @@ class Steps(Mapping[int, StepBody]):
         return {s: r for r, s in enumerate(self.columns.steps.tolist())}
 
     @classmethod
-    def counted(cls, read: StepsRead, counted: dict[int, int], bodies: list[bytes], genesis: Genesis) -> Steps:
+    def counted(cls, read: StepsRead, counted: dict[int, int], bodies: Bodies, genesis: Genesis) -> Steps:
         """The steps that count (step → index in ``read``, of ``bodies``), ascending."""
         order = sorted(counted)
         rows = np.asarray([counted[s] for s in order], dtype=np.int64)
         read.columns.steps[rows] = order
         decoded = {new: read.decoded[old] for new, old in enumerate(rows.tolist()) if old in read.decoded}
-        return cls(read.columns.take(rows), [bodies[r] for r in rows.tolist()], genesis, decoded)
+        return cls(read.columns.take(rows), bodies.take(rows), genesis, decoded)
 
     @classmethod
     def none(cls) -> Steps:
         """No steps."""
-        return cls(StepColumns.empty(0, 0, 0), [], None)
+        return cls(StepColumns.empty(0, 0, 0), Bodies.of([]), None)
 
     def __getitem__(self, step: int) -> StepBody:
         row = self._rows[step]

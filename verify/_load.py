@@ -49,6 +49,74 @@ class Records:
         return self._list
 
 
+class Bodies:
+    """Byte strings lying in buffers — the bodies of records (each record past its header) in the
+    Arrow buffers of the record column, or a list's items —: each one's buffer, start and end. A
+    body becomes ``bytes`` only when it is asked for by itself; bodies of one length are gathered
+    into a matrix at once, a run of them at a constant stride (records one after another) as one
+    strided copy."""
+
+    def __init__(self, buffers: list[np.ndarray], chunk: np.ndarray, start: np.ndarray, end: np.ndarray) -> None:
+        self._buffers, self._chunk, self._start, self._end = buffers, chunk, start, end
+
+    @classmethod
+    def of(cls, items: list[bytes]) -> Bodies:
+        """The items of a list."""
+        lengths = np.fromiter(map(len, items), dtype=np.int64, count=len(items))
+        ends = np.cumsum(lengths)
+        return cls([np.frombuffer(b"".join(items), np.uint8)], np.zeros(len(items), np.int64), ends - lengths, ends)
+
+    @classmethod
+    def of_records(cls, column: pa.ChunkedArray, rows: np.ndarray, skip: int) -> Bodies:
+        """Records ``rows`` (positions, ascending) of a binary column past their first ``skip`` bytes."""
+        buffers, starts, ends, chunks, first = [], [], [], [], 0
+        for offsets, data in binary_chunks(column):
+            n = len(offsets) - 1
+            mine = rows[(rows >= first) & (rows < first + n)] - first
+            buffers.append(np.frombuffer(data, np.uint8))
+            ends.append(offsets[mine + 1])
+            starts.append(np.minimum(offsets[mine] + skip, ends[-1]))
+            chunks.append(np.full(len(mine), len(buffers) - 1, np.int64))
+            first += n
+        empty = [np.zeros(0, np.int64)]
+        return cls(buffers, *(np.concatenate(empty + part) for part in (chunks, starts, ends)))
+
+    def __len__(self) -> int:
+        return len(self._start)
+
+    def __getitem__(self, i: int) -> bytes:
+        return self._buffers[int(self._chunk[i])][int(self._start[i]):int(self._end[i])].tobytes()
+
+    def lengths(self) -> np.ndarray:
+        """The length of each body (int64)."""
+        lengths: np.ndarray = self._end - self._start
+        return lengths
+
+    def take(self, idx: np.ndarray) -> Bodies:
+        """Bodies ``idx``, in that order."""
+        return Bodies(self._buffers, self._chunk[idx], self._start[idx], self._end[idx])
+
+    def matrix(self, idx: np.ndarray) -> np.ndarray:
+        """The bodies ``idx`` (all of one length) as the rows of a uint8 matrix."""
+        size = int(self._end[idx[0]] - self._start[idx[0]]) if len(idx) else 0
+        chunk, start = self._chunk[idx], self._start[idx]
+        stride = np.diff(start)
+        # a run goes on while the chunk and the stride stay the same
+        new = np.ones(len(idx), dtype=bool)
+        new[1:] = chunk[1:] != chunk[:-1]
+        new[2:] |= stride[1:] != stride[:-1]
+        runs = np.flatnonzero(new).tolist() + [len(idx)]
+        if 16 * (len(runs) - 1) > len(idx):  # no runs to speak of (not a recorder's ledger): body by body
+            return np.frombuffer(b"".join([self[i] for i in idx.tolist()]), np.uint8).reshape(len(idx), size)
+        parts = [np.zeros((0, size), np.uint8)]
+        for lo, hi in zip(runs[:-1], runs[1:], strict=True):
+            buffer, at = self._buffers[int(chunk[lo])], int(start[lo])
+            step = int(stride[lo]) if hi - lo > 1 else size
+            parts.append(np.lib.stride_tricks.as_strided(buffer[at:], shape=(hi - lo, size), strides=(step, 1),
+                                                         writeable=False))
+        return np.concatenate(parts)
+
+
 @dataclass(slots=True)
 class Loaded:
     """The ledger's rows, with recomputed hashes (shared by the checks)."""

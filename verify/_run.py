@@ -27,7 +27,7 @@ from ledger._schema import (
 )
 from ledger.errors import FormatError, LedgerError
 from ledger.verify._columns import DECODER_GAPS, StepEntries, Steps, StepsRead, read_steps, step_entries
-from ledger.verify._load import Loaded
+from ledger.verify._load import Bodies, Loaded, Records, header_field
 from ledger.verify._template import Accepted
 
 
@@ -195,13 +195,15 @@ def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None, limit:
     view = RunView(genesis=Genesis.from_body(loaded.genesis or {}))
     if not view.recorded:
         return view  # nothing the provenance checks read: leave the bodies alone
-    records = loaded.records.materialize()
-    if limit is not None:
-        records = records[:limit]
-    step_at, others = step_entries(loaded, records)
-    bodies = [records[i][HEADER_SIZE:] for i in step_at.rows]
-    read = read_steps(bodies, view.genesis)
+    n = len(loaded.records) if limit is None else min(limit, len(loaded.records))
+    # the records other than steps are read one by one; as one list when they are many
+    headers, _ = loaded.headers()
+    many = int((header_field(headers[:n], "kind") != Kind.STEP).sum()) > 4096
+    records: list[bytes] | Records = loaded.records.materialize() if many else loaded.records
+    step_at, others = step_entries(loaded, records, n)
     step_rows = np.asarray(step_at.rows, dtype=np.int64)
+    bodies = Bodies.of_records(loaded.table["record"], step_rows, HEADER_SIZE)
+    read = read_steps(bodies, view.genesis)
     view.accepted = tuple(Accepted(step_rows[a.positions], a.names, a.values) for a in read.accepted)
     # the malformed entries in the order of the passes that find them, each pass in chain order
     # (by record position): bodies that do not decode, resumes, bodies that break their schema
@@ -234,7 +236,7 @@ def build(loaded: Loaded, ledger_root: Path, checkpoint_dir: Path | None, limit:
                 view.malformed.append((header.seq, header.kind, f"{type(exc).__name__}: {exc}"))
                 continue
             if span is not None:  # only seqs that exist (a crafted span may name 2**62 of them)
-                superseded_seqs.update(range(max(span.first_seq, 0), min(span.last_seq + 1, len(records))))
+                superseded_seqs.update(range(max(span.first_seq, 0), min(span.last_seq + 1, n)))
             resumes.append((header.seq, resume))
     pruned: set[bytes] = set()
     checkpoint_at: dict[int, tuple[int, bytes]] = {}  # seq -> (step, state digest) of every checkpoint entry
@@ -270,7 +272,7 @@ def _first(entry: tuple[int, Any]) -> int:
     return int(entry[0])
 
 
-def _count_steps(view: RunView, read: StepsRead, entries: StepEntries, bodies: list[bytes], superseded: set[int],
+def _count_steps(view: RunView, read: StepsRead, entries: StepEntries, bodies: Bodies, superseded: set[int],
                  broken: list[tuple[int, tuple[int, Kind, str]]]) -> list[int]:
     """Put the step entries that count in ``view.steps`` (the last entry of a step wins), list the
     superseded ones, add those that break the schema to ``broken``; returns the seqs of every step
