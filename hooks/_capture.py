@@ -62,32 +62,46 @@ class Capture:
             slot["grad_norms"] = torch.stack([total_norm([p.grad for p in group["params"] if p.grad is not None])
                                               for group in optimizer.param_groups])
 
-    def gather(self) -> dict[str, Any]:
-        """What the hooks saw since the last entry, every optimizer's groups in order (an optimizer
-        that took no step contributes its current learning rates and zero gradient norms)."""
+    def gather(self) -> list[dict[str, Any]]:
+        """What the hooks saw since the last entry, one slot per optimizer (on the training thread:
+        the slots change hands; an optimizer that took no step beside one that did is given its
+        current learning rates and hyperparameters). :meth:`body` reads them on the writer thread."""
         slots, self.slots = self.slots, [{} for _ in self.optimizers]
+        if any("lrs" in slot for slot in slots):
+            for opt, slot in zip(self.optimizers, slots, strict=True):
+                if "lrs" not in slot:
+                    slot["lrs"] = [_float(g["lr"]) for g in opt.param_groups]
+                if "hyper" not in slot:
+                    slot["hyper"] = [hyper(g) for g in opt.param_groups]
+                if self._gradients and "grad_norms" not in slot:
+                    slot["grad_norms"] = torch.zeros(len(opt.param_groups), dtype=torch.float64)
+        return slots
+
+    def _hook(self, slots: list[dict[str, Any]]) -> dict[str, Any]:
+        """The slots as one step's record: optimizer steps, and when one stepped, every optimizer's
+        groups in order (one that took no step: its current rates, zero gradient norms)."""
         each = [int(slot.get("steps", 0)) for slot in slots]
         if not any("lrs" in slot for slot in slots):
             return {"steps": sum(each)}
         lrs: list[float] = []
         hypers: list[dict[str, Any]] = []
         grads: list[torch.Tensor] = []
-        for opt, slot in zip(self.optimizers, slots, strict=True):
-            groups = opt.param_groups
-            lrs += slot.get("lrs") or [_float(g["lr"]) for g in groups]
-            hypers += slot.get("hyper") or [hyper(g) for g in groups]
+        for slot in slots:
+            lrs += slot["lrs"]
+            hypers += slot["hyper"]
             if self._gradients:
-                grads.append(slot.get("grad_norms", torch.zeros(len(groups), dtype=torch.float64)))
+                grads.append(slot["grad_norms"])
         hook = {"steps": sum(each), "lrs": lrs, "hyper": hypers,
                 "grad_norms": torch.cat([g.cpu() for g in grads]) if self._gradients else None}
         if len(each) > 1:
             hook["each"] = each
         return hook
 
-    def body(self, values: dict[str, Any], hook: dict[str, Any], norms: Pending,
+    def body(self, values: dict[str, Any], slots: list[dict[str, Any]], norms: Pending,
              sketch: Any, digests: dict[str, bytes] | None, batch_d: bytes | None) -> StepBody:
         """The step entry (on the writer thread): metrics, what ``gather`` returned (hyperparameters
         only when they changed since the last entry that logged them) and the fingerprints."""
+        hook = self._hook(slots)
         metrics = {name: float(v) for name, v in values.items()}
         carries = ["norms"]
         lrs = grad_norms = hypers = None

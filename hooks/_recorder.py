@@ -242,7 +242,8 @@ class Recorder:
         if step % RECALIBRATE_EVERY == 1:
             self._tensor_cache = None  # a module may have reassigned a parameter or buffer
         values = {} if loss is None else {"loss": detached(loss)}
-        values.update({name: detached(v) for name, v in metrics.items()})
+        if metrics:
+            values.update({name: detached(v) for name, v in metrics.items()})
         hook = self._capture.gather()
         tensors = self._tensors()
         if self._sharded is not None:  # the same collectives on every rank
@@ -267,7 +268,7 @@ class Recorder:
             cadence.measured("digests", time.perf_counter() - t1)
         self._enqueue(step, values, hook, norms, sketch, digests, batch)
 
-    def _enqueue(self, step: int, values: dict[str, Any], hook: dict[str, Any], norms: Any, sketch: Any,
+    def _enqueue(self, step: int, values: dict[str, Any], hook: list[dict[str, Any]], norms: Any, sketch: Any,
                  digests: dict[str, bytes] | None, batch: Any) -> None:
         """Queue step ``step``'s entry (encoded and appended on the writer thread), then its checkpoint
         when one is due. A batch due for its digest is copied now (the caller may reuse its buffers)
