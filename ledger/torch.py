@@ -166,9 +166,12 @@ class BatchLeaves:
     __slots__ = ("_allowance", "_count", "_digest", "_held", "_leaves", "_ready")
 
     def __init__(self, batch: Any, copy_below: int = 1 << 20, allowance: CopyAllowance | None = None) -> None:
-        from torch.utils._pytree import tree_flatten
+        if type(batch) in (tuple, list) and all(type(leaf) is torch.Tensor for leaf in batch):
+            leaves = list(batch)  # what tree_flatten gives for them, without its per-node dispatch
+        else:
+            from torch.utils._pytree import tree_flatten
 
-        leaves, _ = tree_flatten(batch)
+            leaves, _ = tree_flatten(batch)
         tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
         for tensor in tensors:
             safetensors_dtype(tensor)  # refuses what cannot be fingerprinted, now

@@ -159,6 +159,20 @@ def test_a_small_batch_is_copied_and_digested_later_a_large_one_at_once():
     assert torch_digests({"w": x})  # the live tensor is untouched by either path
 
 
+def test_a_flat_tuple_or_list_of_tensors_digests_as_its_pytree_does():
+    """A tuple or list of plain tensors skips tree_flatten; its digest is the one of the same leaves
+    flattened from a nested batch (the digest depends on the leaves in order), copied or not."""
+    x, y = torch.arange(12.0).reshape(3, 4), torch.tensor([1, 2, 3])
+    nested = batch_digest(((x, y),))
+    for flat in ((x, y), [x, y]):
+        assert BatchLeaves(flat).digest() == BatchLeaves(flat, copy_below=0).digest() == nested
+    later = BatchLeaves((x, y))
+    x += 1  # a flat batch is copied too
+    assert later.digest() == nested != batch_digest((x, y))
+    param = torch.nn.Parameter(x.clone())  # a tensor subclass goes through tree_flatten
+    assert BatchLeaves((param, y)).digest() == batch_digest(((param, y),))
+
+
 @pytest.mark.parametrize("options, message", [
     ({"budget": 0}, "budget must be"), ({"budget": 1.5}, "budget must be"), ({"sketch": -1}, "sketch must be"),
     ({"digests": "sometimes"}, "digests must be"), ({"batch": "checkpoints"}, "batch must be"),
