@@ -307,15 +307,15 @@ class LedgerWriter:
         entry = Entry(record=record, signature=self._signer.sign(record), key_id=self._signer.public.key_id)
         frame = _wal.encode_frame(entry)
         self._make_room(len(frame))
-        with _storage(f"append entry {self.next_seq} to {self.layout.wal}"):
+        with _storage(f"append entry {self.next_seq} to {self._wal.path}"):
             self._wal.append(frame)
         self.head, self.next_seq, self._last_step = entry.hash, self.next_seq + 1, header.step
-        self._tree.add(entry.hash)
+        self._tree.add(self.head)
         self._pending.append((entry, self.head, metrics))
         self._pending_bytes += len(frame)
         now = time.monotonic()
         if self._fsync == "always" or (self._fsync == "group" and now - self._last_sync >= self._fsync_interval):
-            with _storage(f"fsync {self.layout.wal} (entry {header.seq} is in the log but may not be durable)"):
+            with _storage(f"fsync {self._wal.path} (entry {header.seq} is in the log but may not be durable)"):
                 self._wal.fsync()
             self._last_sync = now
         if (len(self._pending) >= self._rollover_entries or self._pending_bytes >= self._rollover_bytes) \
