@@ -117,3 +117,51 @@ def test_bodies_read_from_buffers_equal_the_records_sliced(seed: int) -> None:
     order = np.array(rng.sample(range(len(rows)), 50), dtype=np.int64)
     taken = bodies.take(order)
     assert [taken[i] for i in range(len(taken))] == [expected[i] for i in order.tolist()]
+
+
+def test_steps_in_order_equal_steps_counted(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from recipes import TinyRecipe
+
+    from ledger import Signer
+    from ledger._record import HEADER_SIZE, Kind
+    from ledger.hooks import train
+    from ledger.verify._columns import Steps, read_steps
+    from ledger.verify._load import Bodies, header_field
+    from ledger.verify._run import build
+
+    path = tmp_path / "L"
+    train(TinyRecipe(), steps=40, path=path, key=Signer.from_seed(bytes(range(32))), seed=3, checkpoint_every=16)
+    loaded = load(Ledger(path))
+    genesis = build(loaded, path, None).genesis
+    rows = np.flatnonzero(header_field(loaded.headers()[0], "kind") == Kind.STEP)
+    steps = header_field(loaded.headers()[0], "step")[rows]
+    bodies = [loaded.records[i][HEADER_SIZE:] for i in rows.tolist()]
+    fast = Steps.in_order(read_steps(bodies, genesis), steps, Bodies.of(bodies), genesis)
+    slow = Steps.counted(read_steps(bodies, genesis), dict(zip(steps.tolist(), range(len(steps)), strict=True)),
+                         Bodies.of(bodies), genesis)
+    for name in ("steps", "norms", "optimizer_steps", "lrs", "has_lrs", "grad_norms", "has_grad_norms"):
+        assert np.array_equal(getattr(fast.columns, name), getattr(slow.columns, name), equal_nan=True), name
+    for name in ("sketches", "hyper", "each"):
+        a, b = getattr(fast.columns, name), getattr(slow.columns, name)
+        assert list(a) == list(b) and all(np.array_equal(a[k], b[k]) for k in a), name
+    assert list(fast) == list(slow) and all(repr(fast[s]) == repr(slow[s]) for s in steps.tolist())
+
+
+def test_step_lookup_by_bisection_answers_as_the_mapping() -> None:
+    from ledger.verify._columns import StepColumns, Steps
+    from ledger.verify._load import Bodies
+
+    columns = StepColumns.empty(5, 1, 1)
+    columns.steps[:] = [-(1 << 63), -3, 0, 7, (1 << 63) - 1]
+    steps = Steps(columns, Bodies.of([b""] * 5), None)
+    mapping = {s: r for r, s in enumerate(columns.steps.tolist())}
+    for key in [-(1 << 63), -(1 << 63) - 1, -3, -2, 0, 1, 7, 8, (1 << 63) - 1, 1 << 63, 1 << 70, True, False, 7.0,
+                np.int64(7), np.uint64(7), "7", None]:
+        assert (key in steps) == (key in mapping), key
+        if key in mapping:
+            assert steps.row(key) == mapping[key]
+        else:
+            with pytest.raises(KeyError):
+                steps.row(key)

@@ -146,11 +146,11 @@ def _by_template(bodies: Bodies, idx: np.ndarray, genesis: Genesis, out: StepsRe
             left = left[1:]
             continue
         per = max(1, MATCH_BYTES // matrix.shape[1])
-        match = np.concatenate([shape.matches(matrix[left[i:i + per]]) for i in range(0, len(left), per)])
+        match = np.concatenate([shape.matches(_rows(matrix, left[i:i + per])) for i in range(0, len(left), per)])
         rows = left[match]
         for i in range(0, len(rows), per):
             part = rows[i:i + per]
-            block = matrix[part]
+            block = _rows(matrix, part)
             out.columns.fill_many(idx[part], shape, block, model)
             if shape.metrics is not None:
                 out.accepted.append(Accepted(idx[part], shape.metrics[0], shape.metric_values(block)))
@@ -158,6 +158,15 @@ def _by_template(bodies: Bodies, idx: np.ndarray, genesis: Genesis, out: StepsRe
         if len(rows) < MIN_GROUP:  # bodies that do not share shapes: the rest are read one by one
             return
         left = left[~match]
+
+
+def _rows(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``matrix[rows]`` for ascending ``rows``: a view when they are consecutive."""
+    if len(rows) and int(rows[-1]) - int(rows[0]) == len(rows) - 1:
+        view: np.ndarray = matrix[int(rows[0]):int(rows[-1]) + 1]
+        return view
+    copy: np.ndarray = matrix[rows]
+    return copy
 
 
 def _one(bodies: Bodies, i: int, genesis: Genesis, out: StepsRead) -> StepBody | None:
@@ -226,8 +235,17 @@ class Steps(Mapping[int, StepBody]):
         self._decoded: dict[int, StepBody] = dict(decoded or {})
 
     @cached_property
-    def _rows(self) -> dict[int, int]:
+    def _rows(self) -> dict[object, int]:
         return {s: r for r, s in enumerate(self.columns.steps.tolist())}
+
+    def _find(self, step: object) -> int | None:
+        """The row of ``step``, or None: as :attr:`_rows` would say, found in the ascending steps by
+        bisection for an int (the mapping is built only for other keys)."""
+        if type(step) is int and -(1 << 63) <= step < 1 << 63:
+            steps = self.columns.steps
+            row = int(np.searchsorted(steps, step))
+            return row if row < len(steps) and int(steps[row]) == step else None
+        return self._rows.get(step)
 
     @classmethod
     def counted(cls, read: StepsRead, counted: dict[int, int], bodies: Bodies, genesis: Genesis) -> Steps:
@@ -235,8 +253,17 @@ class Steps(Mapping[int, StepBody]):
         order = sorted(counted)
         rows = np.asarray([counted[s] for s in order], dtype=np.int64)
         read.columns.steps[rows] = order
-        decoded = {new: read.decoded[old] for new, old in enumerate(rows.tolist()) if old in read.decoded}
+        where = np.full(len(read.columns.steps), -1, dtype=np.int64)  # index in ``read`` -> row
+        where[rows] = np.arange(len(rows))
+        decoded = {int(where[old]): body for old, body in read.decoded.items() if where[old] >= 0}
         return cls(read.columns.take(rows), bodies.take(rows), genesis, decoded)
+
+    @classmethod
+    def in_order(cls, read: StepsRead, steps: np.ndarray, bodies: Bodies, genesis: Genesis) -> Steps:
+        """Every entry of ``read`` counts and ``steps`` (theirs) ascend strictly: :meth:`counted` with
+        each step mapped to its own entry, without the mapping."""
+        read.columns.steps[:] = steps
+        return cls(read.columns.take(np.arange(len(steps))), bodies, genesis, read.decoded)
 
     @classmethod
     def none(cls) -> Steps:
@@ -244,14 +271,16 @@ class Steps(Mapping[int, StepBody]):
         return cls(StepColumns.empty(0, 0, 0), Bodies.of([]), None)
 
     def __getitem__(self, step: int) -> StepBody:
-        row = self._rows[step]
+        row = self._find(step)
+        if row is None:
+            raise KeyError(step)
         body = self._decoded.get(row)
         if body is None:
             body = self._decoded[row] = StepBody.from_body(decode_body(self._bodies[row]), self._genesis)
         return body
 
     def __contains__(self, step: object) -> bool:
-        return step in self._rows
+        return self._find(step) is not None
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.columns.steps.tolist())
@@ -261,7 +290,10 @@ class Steps(Mapping[int, StepBody]):
 
     def row(self, step: int) -> int:
         """The row of a recorded step in :attr:`columns`."""
-        return self._rows[step]
+        row = self._find(step)
+        if row is None:
+            raise KeyError(step)
+        return row
 
 
 __all__ = ["DECODER_GAPS", "StepColumns", "StepEntries", "Steps", "StepsRead", "read_steps", "step_entries"]

@@ -53,8 +53,7 @@ class Bodies:
     """Byte strings lying in buffers — the bodies of records (each record past its header) in the
     Arrow buffers of the record column, or a list's items —: each one's buffer, start and end. A
     body becomes ``bytes`` only when it is asked for by itself; bodies of one length are gathered
-    into a matrix at once, a run of them at a constant stride (records one after another) as one
-    strided copy."""
+    into a matrix at once."""
 
     def __init__(self, buffers: list[np.ndarray], chunk: np.ndarray, start: np.ndarray, end: np.ndarray) -> None:
         self._buffers, self._chunk, self._start, self._end = buffers, chunk, start, end
@@ -99,22 +98,12 @@ class Bodies:
     def matrix(self, idx: np.ndarray) -> np.ndarray:
         """The bodies ``idx`` (all of one length) as the rows of a uint8 matrix."""
         size = int(self._end[idx[0]] - self._start[idx[0]]) if len(idx) else 0
-        chunk, start = self._chunk[idx], self._start[idx]
-        stride = np.diff(start)
-        # a run goes on while the chunk and the stride stay the same
-        new = np.ones(len(idx), dtype=bool)
-        new[1:] = chunk[1:] != chunk[:-1]
-        new[2:] |= stride[1:] != stride[:-1]
-        runs = np.flatnonzero(new).tolist() + [len(idx)]
-        if 16 * (len(runs) - 1) > len(idx):  # no runs to speak of (not a recorder's ledger): body by body
-            return np.frombuffer(b"".join([self[i] for i in idx.tolist()]), np.uint8).reshape(len(idx), size)
-        parts = [np.zeros((0, size), np.uint8)]
-        for lo, hi in zip(runs[:-1], runs[1:], strict=True):
-            buffer, at = self._buffers[int(chunk[lo])], int(start[lo])
-            step = int(stride[lo]) if hi - lo > 1 else size
-            parts.append(np.lib.stride_tricks.as_strided(buffer[at:], shape=(hi - lo, size), strides=(step, 1),
-                                                         writeable=False))
-        return np.concatenate(parts)
+        out = np.empty((len(idx), size), np.uint8)
+        chunk = self._chunk[idx]
+        for c in np.unique(chunk).tolist():  # each body: a row of its buffer's sliding windows (a view), by start
+            mine = chunk == c
+            out[mine] = np.lib.stride_tricks.sliding_window_view(self._buffers[c], size)[self._start[idx[mine]]]
+        return out
 
 
 @dataclass(slots=True)
@@ -235,13 +224,13 @@ def header_matrix(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """(n, 92) uint8 header bytes of every record (zeros where a record is too short), and the
     record lengths; read straight from Arrow's buffers, chunk by chunk, without copying records."""
     rows, lengths = [np.zeros((0, HEADER_SIZE), np.uint8)], [np.zeros(0, np.int64)]
-    window = np.arange(HEADER_SIZE)
     for offsets, raw in binary_chunks(column):
         data = np.frombuffer(raw, dtype=np.uint8)
         size = np.diff(offsets)
         ok = size >= HEADER_SIZE
         block = np.zeros((len(size), HEADER_SIZE), np.uint8)
-        block[ok] = data[offsets[:-1][ok, None] + window]
+        if ok.any():  # each record's first bytes: rows of the buffer's sliding windows (a view), by start
+            block[ok] = np.lib.stride_tricks.sliding_window_view(data, HEADER_SIZE)[offsets[:-1][ok]]
         rows.append(block)
         lengths.append(size)
     return np.concatenate(rows), np.concatenate(lengths)

@@ -281,6 +281,10 @@ def _count_steps(view: RunView, read: StepsRead, entries: StepEntries, bodies: B
     counted: dict[int, int] = {}  # step -> its entry's index in ``read``
     seqs: list[int] = []
     if not failed and not superseded:
+        steps = np.asarray(entries.steps)
+        if steps.dtype == np.int64 and bool((steps[1:] > steps[:-1]).all()):  # each step once, in order
+            view.steps = Steps.in_order(read, steps, bodies, view.genesis)
+            return entries.seqs
         counted = dict(zip(entries.steps, range(len(entries.steps)), strict=True))
         seqs = entries.seqs
     else:
