@@ -224,13 +224,11 @@ def _adam_coef(a: float, t: int, k: np.ndarray, lr: Floats, betas: tuple[float, 
 
 
 def _one_minus_powers(beta: float, steps: range) -> Floats:
-    """1 − β^j for each j of ``steps`` (|β| < 1), each as Python computes ``1 - beta**j``. Once
-    |β^j| < 2⁻⁶⁰ the exact |β^j′| of every later j′ is smaller still, so any ``pow`` within 1 % of it
-    stays below 2⁻⁵⁴ and 1 − β^j′ rounds to 1.0 exactly: those are not computed."""
-    out: list[float] = []
-    for j in steps:
-        power = beta**j
-        if abs(power) < 2.0 ** -60:
-            break
-        out.append(1 - power)
-    return np.array(out + [1.0] * (len(steps) - len(out)))
+    """1 − β^j for each j of ``steps`` (|β| < 1), each as Python computes ``1 - beta**j``. Once some
+    |β^J| < 2⁻⁶⁰ the exact |β^j| of every j > J is smaller still, so any ``pow`` within 1 % of it stays
+    below 2⁻⁵⁴ and 1 − β^j rounds to 1.0 exactly: those are not computed (J: about 60 / log2(1/|β|))."""
+    cut = steps.start if beta == 0 else max(steps.start, math.ceil(-60 / math.log2(abs(beta))))
+    while cut < steps.stop and abs(beta**cut) >= 2.0 ** -60:
+        cut += 1 + cut // 64
+    cut = min(cut, steps.stop)
+    return np.array([1 - beta**j for j in range(steps.start, cut)] + [1.0] * (steps.stop - cut))

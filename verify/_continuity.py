@@ -415,6 +415,7 @@ def _interval(view: RunView, bounds: Bounds, rows: np.ndarray, before: dict[str,
     group_moves: dict[int, float] = {}
     group_rounding: dict[int, float] = {}  # squared L2 of the stored weights' rounding, per group
     group_eps: dict[int, float] = {}
+    group_sums: dict[int, tuple[float, float]] = {}
     for i, name in enumerate(order):
         old, new = before[name].astype(np.float64), after[name].astype(np.float64)
         g = int(bounds.group_of[i])
@@ -424,8 +425,9 @@ def _interval(view: RunView, bounds: Bounds, rows: np.ndarray, before: dict[str,
             continue
         kind = bounds.group_family[g]
         if kind in ("adam", "adamw"):
-            a = sum(bounds.coef[rows, g].tolist())
-            decay = sum(bounds.decay[rows, g].tolist())
+            if g not in group_sums:  # the group's Σ α·B and Σ α·λ over the interval, summed in step order
+                group_sums[g] = (sum(bounds.coef[rows, g].tolist()), sum(bounds.decay[rows, g].tolist()))
+            a, decay = group_sums[g]
             top = np.maximum(np.abs(old), np.abs(new)) + a
             limit = a + decay * top + opt_steps * rounding[i] * top
             ratio = float((np.abs(new - old) / (limit * (1 + 1e-9) + 1e-12)).max()) if old.size else 0.0
