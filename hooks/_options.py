@@ -74,7 +74,8 @@ class Cadence:
     Until the first calibration every kind is taken at every step: the first two steps of a
     recorder measure each (the first cost, which builds plans and warms caches, is not counted);
     the third calibrates, and every ``RECALIBRATE_EVERY`` steps after it. A calibration lengthens
-    an interval at most to ``RECALIBRATE_EVERY`` steps or to four times what it was."""
+    an interval at most to ``RECALIBRATE_EVERY`` steps, or to four times what it was when the kind
+    was measured since the last calibration."""
 
     def __init__(self, options: FingerprintOptions) -> None:
         self.options = options
@@ -85,6 +86,7 @@ class Cadence:
             name: collections.deque(maxlen=5) for name in ("norms", *SHARES)}
         self.start: int | None = None  # the first step this recorder records
         self._warm: set[str] = set()
+        self._fresh: set[str] = set()  # kinds measured since the last calibration
 
     def tick(self, step: int) -> bool:
         """Step ``step`` begins: calibrate when it is a calibration step; whether it was."""
@@ -100,6 +102,7 @@ class Cadence:
         """What taking ``kind`` cost on the training thread (the first time is not counted)."""
         if kind in self._warm:
             self.costs[kind].append(seconds)
+            self._fresh.add(kind)
         else:
             self._warm.add(kind)
 
@@ -116,9 +119,12 @@ class Cadence:
         for kind, share in SHARES.items():
             if self.options.fixed(kind) is None and self.costs[kind]:
                 wanted = max(1, math.ceil(statistics.median(self.costs[kind]) / (share * budget)))
-                # grows at most to RECALIBRATE_EVERY or fourfold: one slow measurement (a preempted
-                # sketch) must not push the kind out of reach of the measurements that would correct it
-                self.every[kind] = min(wanted, max(4 * self.every[kind], RECALIBRATE_EVERY))
+                # grows at most to RECALIBRATE_EVERY, or fourfold after a new measurement: one slow
+                # measurement (a preempted sketch) must not push the kind out of reach of the
+                # measurements that would correct it
+                grown = 4 * self.every[kind] if kind in self._fresh else self.every[kind]
+                self.every[kind] = min(wanted, max(grown, RECALIBRATE_EVERY))
+        self._fresh.clear()
 
     def state(self) -> tuple[int, ...]:
         """The intervals in force (sketch, digests, batch): what rank 0 broadcasts."""

@@ -112,13 +112,17 @@ def test_one_slow_measurement_cannot_put_a_kind_out_of_reach_of_the_next_ones():
     fourfold per calibration, so the next measurements arrive and the median settles."""
     cadence = Cadence(FingerprintOptions())
     cadence.periods.extend([0.028] * 5)  # charlm: a 28 ms step, 0.112 ms for the sketch
-    cadence.costs["sketch"].append(0.267)
+    cadence.measured("sketch", 0.5)  # the warm-up
+    cadence.measured("sketch", 0.267)
     cadence.calibrate()
     assert cadence.every["sketch"] == 50  # not 2384
-    cadence.costs["sketch"].append(0.001)  # the sketch of step 50
+    cadence.measured("sketch", 0.001)  # the sketch of step 50
     cadence.calibrate()
     assert cadence.every["sketch"] == 200  # median 134 ms would ask for 1197: fourfold at most
-    cadence.costs["sketch"].append(0.001)  # step 200: the median is an honest measurement again
+    for _ in range(3):  # calibrations without a new sketch: no further growth
+        cadence.calibrate()
+        assert cadence.every["sketch"] == 200
+    cadence.measured("sketch", 0.001)  # step 200: the median is an honest measurement again
     cadence.calibrate()
     assert cadence.every["sketch"] == 9
 
