@@ -65,6 +65,9 @@ def test_header_matrix_read_once_per_table(make_ledger) -> None:
     assert len(shorter.headers()[0]) == 10  # another table: read again
     loaded.table = loaded.table.slice(0, 5)
     assert len(loaded.headers()[1]) == 5
+    assert loaded.joined_hashes() == b"".join(loaded.hashes) and loaded.joined_hashes() is loaded.joined_hashes()
+    loaded.hashes = loaded.hashes[:3]
+    assert loaded.joined_hashes() == b"".join(loaded.hashes)  # another list: joined again
 
 
 # modules the --sample 0 verify of a recorded, sealed ledger (key and model given) has no use for

@@ -49,7 +49,7 @@ def check_chain(ctx: Context) -> CheckResult:
     version, kind, reserved = (header_field(headers, f) for f in ("version", "kind", "reserved"))
     seq, step, time_ns = (header_field(headers, f) for f in ("seq", "step", "time_ns"))
     run_dg, prev = header_field(headers, "run_digest"), header_field(headers, "prev_hash")
-    hashes = np.frombuffer(b"".join(loaded.hashes), dtype=np.uint8).reshape(n, 32)
+    hashes = np.frombuffer(loaded.joined_hashes(), dtype=np.uint8).reshape(n, 32)
     position = np.arange(n)
     flag(version > _record.FORMAT_VERSION, f"format version {int(version.max())}, newer than the version "
          f"{_record.FORMAT_VERSION} this verifier knows (upgrade training-ledger if the ledger is genuine; a damaged "

@@ -119,6 +119,14 @@ class Loaded:
     # (table, header matrix, lengths) of the last :meth:`headers` call: several checks read them
     _headers: tuple[pa.Table, np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False,
                                                                     compare=False)
+    _joined: tuple[list[bytes], int, bytes] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def joined_hashes(self) -> bytes:
+        """``b"".join(self.hashes)``, joined once per hash list (the chain check and the first broken
+        link read it)."""
+        if self._joined is None or self._joined[0] is not self.hashes or self._joined[1] != len(self.hashes):
+            self._joined = (self.hashes, len(self.hashes), b"".join(self.hashes))
+        return self._joined[2]
 
     def headers(self) -> tuple[np.ndarray, np.ndarray]:
         """:func:`header_matrix` of the table's records, computed once per table (read-only arrays)."""
@@ -259,7 +267,7 @@ def first_break(loaded: Loaded) -> int:
     if n == 0:
         return 0
     headers, lengths = loaded.headers()
-    hashes = np.frombuffer(b"".join(loaded.hashes), dtype=np.uint8).reshape(n, 32)
+    hashes = np.frombuffer(loaded.joined_hashes(), dtype=np.uint8).reshape(n, 32)
     expected_prev = np.vstack([np.zeros((1, 32), np.uint8), hashes[:-1]])
     broken = (lengths < HEADER_SIZE) | (header_field(headers, "version") != _record.FORMAT_VERSION) \
         | (header_field(headers, "reserved") != 0) | (header_field(headers, "kind") > max(Kind)) \
