@@ -8,7 +8,9 @@ import collections
 import dataclasses
 import math
 import statistics
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +107,25 @@ class Cadence:
             self._fresh.add(kind)
         else:
             self._warm.add(kind)
+
+    def take(self, step: int, norms: Callable[[], Any], sketch: Callable[[], Any],
+             digests: Callable[[], Any]) -> tuple[Any, Any, Any]:
+        """Step ``step``'s fingerprints on the training thread: the norms, and the sketch and the
+        digests when due (else None), each call's cost measured for the next calibration."""
+        t0 = time.perf_counter()
+        taken_norms = norms()
+        t1 = time.perf_counter()
+        self.measured("norms", t1 - t0)
+        taken_sketch = taken_digests = None
+        if self.due("sketch", step):
+            taken_sketch = sketch()
+            t2 = time.perf_counter()
+            self.measured("sketch", t2 - t1)
+            t1 = t2
+        if self.due("digests", step):
+            taken_digests = digests()
+            self.measured("digests", time.perf_counter() - t1)
+        return taken_norms, taken_sketch, taken_digests
 
     def due(self, kind: str, step: int) -> bool:
         """True when step ``step`` carries the optional fingerprint ``kind``."""

@@ -251,22 +251,10 @@ class Recorder:
                 ShardedRun.sync(step, cadence, self._ranks, recalibrated)
             self._enqueue(step, values, hook, *self._sharded.measure(step, tensors, cadence), batch)
             return
-        if self._norm_plan is None:
-            self._norm_plan = Norms(self._tensor_list)
-        t0 = time.perf_counter()
-        norms = self._norm_plan.measure(self._tensor_list)
-        t1 = time.perf_counter()
-        cadence.measured("norms", t1 - t0)
-        sketch = digests = None
-        if cadence.due("sketch", step):
-            sketch = self._sketcher.measure(tensors)  # finished on the writer thread
-            t2 = time.perf_counter()
-            cadence.measured("sketch", t2 - t1)
-            t1 = t2
-        if cadence.due("digests", step):
-            digests = lt.torch_digests(tensors)
-            cadence.measured("digests", time.perf_counter() - t1)
-        self._enqueue(step, values, hook, norms, sketch, digests, batch)
+        plan = self._norm_plan = self._norm_plan or Norms(self._tensor_list)
+        self._enqueue(step, values, hook, *cadence.take(  # norms and sketch are finished on the writer thread
+            step, lambda: plan.measure(self._tensor_list), lambda: self._sketcher.measure(tensors),
+            lambda: lt.torch_digests(tensors)), batch)
 
     def _enqueue(self, step: int, values: dict[str, Any], hook: list[dict[str, Any]], norms: Any, sketch: Any,
                  digests: dict[str, bytes] | None, batch: Any) -> None:

@@ -14,7 +14,6 @@ the final weights file.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -98,20 +97,14 @@ class ShardedRun:
     def measure(self, step: int, tensors: Mapping[str, torch.Tensor],
                 cadence: Cadence) -> tuple[Ready, Ready | None, dict[str, bytes] | None]:
         """This step's norms, sketch (when due) and digests (when due); costs recorded for the cadence."""
-        t0 = time.perf_counter()
-        norms = Ready(self.fingerprints.norms(tensors))
-        t1 = time.perf_counter()
-        cadence.measured("norms", t1 - t0)
-        sketch = digests = None
-        if cadence.due("sketch", step):
-            whole = self.fingerprints.sketch(tensors)  # on rank 0; None elsewhere
-            sketch = Ready(whole) if whole is not None else None
-            cadence.measured("sketch", time.perf_counter() - t1)
-        if cadence.due("digests", step):
-            t2 = time.perf_counter()
-            digests = self.fingerprints.digests(tensors)
-            cadence.measured("digests", time.perf_counter() - t2)
-        return norms, sketch, digests
+        fingerprints = self.fingerprints
+
+        def sketch() -> Ready | None:
+            whole = fingerprints.sketch(tensors)  # on rank 0; None elsewhere
+            return Ready(whole) if whole is not None else None
+
+        return cadence.take(step, lambda: Ready(fingerprints.norms(tensors)), sketch,
+                            lambda: fingerprints.digests(tensors))
 
     def final(self, tensors: Mapping[str, torch.Tensor], names: list[str],
               final_weights: str | os.PathLike[str] | None, group: Any) -> tuple[dict[str, bytes] | None, str | None]:
