@@ -98,9 +98,12 @@ def verify_command(directory: Path, sample: bool) -> list[str]:
 
 
 def timed(command: list[str]) -> tuple[float, int]:
-    """Wall seconds and exit status of a whole process."""
+    """Wall seconds and exit status of a whole process. It may write its bytecode, as an installed
+    package has it compiled: under PYTHONDONTWRITEBYTECODE every module edited since its .pyc was
+    written would be compiled again in every process (~10 ms for a large one)."""
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - started
     if done.returncode not in (0, 1):
         raise SystemExit(f"{' '.join(command)} exited {done.returncode}: {done.stderr.strip()}")
@@ -148,6 +151,7 @@ def main() -> int:
     for name in args.optimizers:
         directory = cached(args.cache, name, args.steps)
         n = entries(directory)
+        timed(verify_command(directory, True))  # a first run compiles what has changed since the last
         base, sample, full, status = [], [], [], set()
         for _ in range(args.repeat):  # interleaved, so that machine noise hits each alike
             base.append(timed([sys.executable, "-c", BASELINE, str(directory / "ledger")])[0])

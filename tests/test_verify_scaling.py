@@ -168,3 +168,21 @@ def test_step_lookup_by_bisection_answers_as_the_mapping() -> None:
         else:
             with pytest.raises(KeyError):
                 steps.row(key)
+
+
+@pytest.mark.parametrize("length", [1, 7, 8, 9, 64, 215, 300])
+def test_template_compares_fixed_bytes_as_a_bytewise_comparison(length: int) -> None:
+    from ledger.verify._template import Template
+
+    rng = np.random.default_rng(length)
+    for _ in range(20):
+        rows = rng.integers(0, 256, (120, length), dtype=np.uint8)
+        fixed = np.sort(rng.choice(length, int(rng.integers(0, length + 1)), replace=False))
+        expect = rows[0, fixed].copy()
+        rows[:60, fixed] = expect
+        for i in range(60, 90):  # one bit off in one fixed byte
+            rows[i] = rows[0]
+            if len(fixed):
+                rows[i, fixed[rng.integers(len(fixed))]] ^= 1 << int(rng.integers(8))
+        shape = Template(length, fixed, expect, (), {})
+        assert (shape.matches(rows) == np.all(rows[:, fixed] == expect, axis=1)).all()

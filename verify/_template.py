@@ -43,7 +43,14 @@ class Template:
 
     def matches(self, rows: np.ndarray) -> np.ndarray:
         """Which rows of an (n, length) uint8 matrix of bodies are canonical bodies of this shape."""
-        ok: np.ndarray = np.all(rows[:, self.fixed] == self.expect, axis=1)
+        # the fixed bytes compared 8 at a time: rows, template and mask padded to whole 64-bit words
+        width = -(-self.length // 8) * 8
+        padded, expect, mask = (np.zeros((len(rows), width), np.uint8), np.zeros(width, np.uint8),
+                                np.zeros(width, np.uint8))
+        padded[:, :self.length] = rows
+        expect[self.fixed], mask[self.fixed] = self.expect, 0xFF
+        words = padded.view(np.uint64)
+        ok: np.ndarray = ~((words ^ expect.view(np.uint64)) & mask.view(np.uint64)).any(axis=1)
         for pos, width in self.floats:
             ok &= _shortest(rows[:, pos:pos + width], width)
         return ok
