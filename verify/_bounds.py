@@ -206,10 +206,9 @@ def _adam_coef(a: float, t: int, k: np.ndarray, lr: Floats, betas: tuple[float, 
             break
         a = following
         moments.append(a)
-    moments += [a] * (total - len(moments))
     steps = range(t + 1, t + total + 1)
     with np.errstate(all="ignore"):  # inf and NaN as Python's floats give them, without numpy's warnings
-        terms = np.sqrt(np.array(moments)) * np.sqrt(_one_minus_powers(beta2, steps)) \
+        terms = np.sqrt(_then(moments, a, total)) * np.sqrt(_one_minus_powers(beta2, steps)) \
             / _one_minus_powers(beta1, steps)
         first = np.cumsum(k) - k  # each row's first step in ``terms``
         one = k == 1
@@ -230,5 +229,11 @@ def _one_minus_powers(beta: float, steps: range) -> Floats:
     cut = steps.start if beta == 0 else max(steps.start, math.ceil(-60 / math.log2(abs(beta))))
     while cut < steps.stop and abs(beta**cut) >= 2.0 ** -60:
         cut += 1 + cut // 64
-    cut = min(cut, steps.stop)
-    return np.array([1 - beta**j for j in range(steps.start, cut)] + [1.0] * (steps.stop - cut))
+    return _then([1 - beta**j for j in range(steps.start, min(cut, steps.stop))], 1.0, len(steps))
+
+
+def _then(values: list[float], rest: float, size: int) -> Floats:
+    """``values`` followed by ``rest`` up to ``size`` elements, as a float64 vector."""
+    out = np.full(size, rest)
+    out[:len(values)] = values
+    return out

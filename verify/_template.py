@@ -50,7 +50,7 @@ class Template:
         padded[:, :self.length] = rows
         expect[self.fixed], mask[self.fixed] = self.expect, 0xFF
         words = padded.view(np.uint64)
-        ok: np.ndarray = ~((words ^ expect.view(np.uint64)) & mask.view(np.uint64)).any(axis=1)
+        ok: np.ndarray = ~np.asarray(((words ^ expect.view(np.uint64)) & mask.view(np.uint64)).any(axis=1))
         for pos, width in self.floats:
             ok &= _shortest(rows[:, pos:pos + width], width)
         return ok
