@@ -12,7 +12,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ledger._fingerprint import SKETCH_K, check_sketch_k
 from ledger._schema import GRAD_NORM_POLICIES, POLICY_WORDS, budget_ok, interval_ok
@@ -23,6 +23,9 @@ RECALIBRATE_EVERY = 50
 # seconds between the writer thread's rounds by default: a round of several entries costs about half
 # the CPU per entry of a round of one or two (the training step evicts the writer's code and data)
 DRAIN_INTERVAL = 0.25
+N = TypeVar("N")  # what Cadence.take's measurements return: the norms, the sketch, the digests
+S = TypeVar("S")
+D = TypeVar("D")
 SHARES = {"sketch": 0.4, "digests": 0.4, "batch": 0.2}  # each optional kind's share of the budget
 
 
@@ -75,9 +78,9 @@ class Cadence:
     it stays within its share of the budget. A kind is due at step s when n > 0 and s % n == 0.
     Until the first calibration every kind is taken at every step: the first two steps of a
     recorder measure each (the first cost, which builds plans and warms caches, is not counted);
-    the third calibrates, and every ``RECALIBRATE_EVERY`` steps after it. A calibration lengthens
-    an interval at most to ``RECALIBRATE_EVERY`` steps, or to four times what it was when the kind
-    was measured since the last calibration."""
+    the third calibrates, and every ``RECALIBRATE_EVERY`` steps after it. While a kind has fewer
+    than three measurements, a calibration lengthens its interval at most to ``RECALIBRATE_EVERY``
+    steps, or to four times what it was when the kind was measured since the last calibration."""
 
     def __init__(self, options: FingerprintOptions) -> None:
         self.options = options
@@ -108,15 +111,16 @@ class Cadence:
         else:
             self._warm.add(kind)
 
-    def take(self, step: int, norms: Callable[[], Any], sketch: Callable[[], Any],
-             digests: Callable[[], Any]) -> tuple[Any, Any, Any]:
+    def take(self, step: int, norms: Callable[[], N], sketch: Callable[[], S | None],
+             digests: Callable[[], D]) -> tuple[N, S | None, D | None]:
         """Step ``step``'s fingerprints on the training thread: the norms, and the sketch and the
         digests when due (else None), each call's cost measured for the next calibration."""
         t0 = time.perf_counter()
         taken_norms = norms()
         t1 = time.perf_counter()
         self.measured("norms", t1 - t0)
-        taken_sketch = taken_digests = None
+        taken_sketch: S | None = None
+        taken_digests: D | None = None
         if self.due("sketch", step):
             taken_sketch = sketch()
             t2 = time.perf_counter()
@@ -139,12 +143,14 @@ class Cadence:
         budget = self.options.budget * statistics.median(self.periods)
         for kind, share in SHARES.items():
             if self.options.fixed(kind) is None and self.costs[kind]:
-                wanted = max(1, math.ceil(statistics.median(self.costs[kind]) / (share * budget)))
-                # grows at most to RECALIBRATE_EVERY, or fourfold after a new measurement: one slow
-                # measurement (a preempted sketch) must not push the kind out of reach of the
-                # measurements that would correct it
-                grown = 4 * self.every[kind] if kind in self._fresh else self.every[kind]
-                self.every[kind] = min(wanted, max(grown, RECALIBRATE_EVERY))
+                costs = self.costs[kind]
+                wanted = max(1, math.ceil(statistics.median(costs) / (share * budget)))
+                if len(costs) < 3:  # a median one slow measurement (a preempted sketch) can still set:
+                    # grow at most to RECALIBRATE_EVERY, or fourfold after a new measurement, so the
+                    # measurements that would correct it still come
+                    grown = 4 * self.every[kind] if kind in self._fresh else self.every[kind]
+                    wanted = min(wanted, max(grown, RECALIBRATE_EVERY))
+                self.every[kind] = wanted
         self._fresh.clear()
 
     def state(self) -> tuple[int, ...]:

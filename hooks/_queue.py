@@ -46,14 +46,17 @@ class WriterQueue:
         """True once :meth:`stop` was called or the thread is gone: nothing queued would run."""
         return self._stopping or not self._alive or os.getpid() != self._pid
 
-    def put(self, job: Any) -> None:
-        """Queue a job (from the training thread); wait while a bound is reached. Raises
+    def put(self, job: Any, *, wake: bool = False) -> None:
+        """Queue a job (from the training thread); wait while a bound is reached. ``wake``: start
+        a round now (a job that holds much memory until it runs: a checkpoint's snapshot). Raises
         :class:`ConfigurationError` once the thread is stopped (instead of waiting forever)."""
         if self.stopped:
             raise ConfigurationError(STOPPED)
         now = time.monotonic()
         self._jobs.append((now, job))
         self._queued += 1
+        if wake:
+            self._wake.set()
         if len(self._jobs) >= self._bound or now - self._oldest(now) >= self._max_lag:
             self.waits += 1
             self._wake.set()

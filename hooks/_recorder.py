@@ -93,9 +93,10 @@ class Recorder:
     on one rank only; nothing about the other ranks is recorded).
 
     **What a crash can lose.** ``step`` returns (the step is *acknowledged*) once its entry is
-    queued; a background thread appends queued entries every ``drain_interval`` seconds (default
-    0.25 s, at most ``max_lag``/4: a round of several entries costs about half the CPU per entry
-    of a round of one or two, whose code and data the training step has evicted from the caches). Two bounds
+    queued; a background thread appends queued entries every ``drain_interval`` seconds (by
+    default the lesser of 0.25 s and ``max_lag``/4: a round of several entries costs about half the
+    CPU per entry of a round of one or two, whose code and data the training step has evicted from
+    the caches; a checkpoint's snapshot is written at once). Two bounds
     hold what may wait unappended: ``queue_size`` entries and ``max_lag`` seconds — ``step`` waits
     while ``queue_size`` entries wait or an entry queued more than ``max_lag`` seconds earlier is
     not yet appended (a checkpoint being written counts as waiting). So ``kill -9`` loses at most
@@ -244,19 +245,19 @@ class Recorder:
         values = {} if loss is None else {"loss": detached(loss)}
         if metrics:
             values.update({name: detached(v) for name, v in metrics.items()})
-        hook = self._capture.gather()
+        slots = self._capture.gather()
         tensors = self._tensors()
         if self._sharded is not None:  # the same collectives on every rank
             if self._ranks is not None:
                 ShardedRun.sync(step, cadence, self._ranks, recalibrated)
-            self._enqueue(step, values, hook, *self._sharded.measure(step, tensors, cadence), batch)
+            self._enqueue(step, values, slots, *self._sharded.measure(step, tensors, cadence), batch)
             return
         plan = self._norm_plan = self._norm_plan or Norms(self._tensor_list)
-        self._enqueue(step, values, hook, *cadence.take(  # norms and sketch are finished on the writer thread
+        self._enqueue(step, values, slots, *cadence.take(  # norms and sketch are finished on the writer thread
             step, lambda: plan.measure(self._tensor_list), lambda: self._sketcher.measure(tensors),
             lambda: lt.torch_digests(tensors)), batch)
 
-    def _enqueue(self, step: int, values: dict[str, Any], hook: list[dict[str, Any]], norms: Any, sketch: Any,
+    def _enqueue(self, step: int, values: dict[str, Any], slots: list[dict[str, Any]], norms: Any, sketch: Any,
                  digests: dict[str, bytes] | None, batch: Any) -> None:
         """Queue step ``step``'s entry (encoded and appended on the writer thread), then its checkpoint
         when one is due. A batch due for its digest is copied now (the caller may reuse its buffers)
@@ -268,7 +269,7 @@ class Recorder:
             self._cadence.measured("batch", time.perf_counter() - t0)
         capture = self._capture
         self._queue.put(Job(lambda: self._append(Kind.STEP, step, capture.body(
-            values, hook, norms, sketch, digests, leaves.digest() if leaves is not None else None)), step))
+            values, slots, norms, sketch, digests, leaves.digest() if leaves is not None else None)), step))
         self._step = step + 1
         if bool(self.checkpoint_every) and (step + 1) % int(self.checkpoint_every or 1) == 0:
             self._checkpoint(step)
@@ -288,7 +289,8 @@ class Recorder:
     def _checkpoint(self, step: int) -> None:
         ranks = self._ranks.digests(self.model) if self._ranks else None
         snap = self._checkpoints.take(step, self.model, self.optimizer, self.scheduler)
-        self._queue.put(Job(lambda: self._checkpoints.write(snap, ranks)))
+        # written at once, not at the next round: a snapshot is a copy of the training state
+        self._queue.put(Job(lambda: self._checkpoints.write(snap, ranks)), wake=True)
 
     def checkpoint(self) -> dict[str, Any]:
         """Write a checkpoint of the training state after the last recorded step now (unless one of

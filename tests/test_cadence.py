@@ -3,8 +3,10 @@ and that what genesis and the entries state is what was recorded."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import FIXED_SEED
@@ -125,6 +127,15 @@ def test_one_slow_measurement_cannot_put_a_kind_out_of_reach_of_the_next_ones():
     cadence.measured("sketch", 0.001)  # step 200: the median is an honest measurement again
     cadence.calibrate()
     assert cadence.every["sketch"] == 9
+    costly = Cadence(FingerprintOptions())  # honestly expensive: 2 s digests of a 0.5 s step want 1000
+    costly.periods.extend([0.5] * 5)
+    taken = []
+    for step in range(1200):
+        costly.tick(step)
+        if costly.due("digests", step):
+            taken.append(step)
+            costly.measured("digests", 2.0)
+    assert taken == [0, 1, 50, 200, 1000]  # the ramp: capped until three measurements agree
 
 
 def test_the_first_cost_is_a_warm_up_and_calibration_follows_the_recorders_first_step():
@@ -249,3 +260,77 @@ def test_writer_rounds_default_to_a_quarter_second_within_a_quarter_of_max_lag()
     for bad in (0.0, -1.0):
         with pytest.raises(ConfigurationError, match="drain_interval and max_lag"):
             check_queue(256, bad, 1.0)
+
+
+def test_a_checkpoint_snapshot_is_written_at_once_not_at_the_next_round(tmp_path):
+    """A snapshot is a copy of the training state: its job wakes the writer thread instead of
+    waiting for the next round (here 30 s away), so snapshots do not pile up in memory."""
+    recipe = TinyRecipe()
+    model = recipe.build_model(3)
+    opt = recipe.build_optimizer(model)
+    rec = Recorder(tmp_path / "L", model=model, optimizer=opt, key=SIGNER, seed=3, checkpoint_every=2,
+                   drain_interval=30.0)
+    for s in range(2):
+        x, y = recipe.batch(s)
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        rec.step(loss=0.5)
+    deadline = time.monotonic() + 10
+    while rec._writer.next_seq < 5 and time.monotonic() < deadline:  # genesis, init checkpoint, 2 steps, checkpoint
+        time.sleep(0.01)
+    assert rec._writer.next_seq == 5 and rec._checkpoints.last_step == 1
+    rec.close()
+
+
+def test_two_optimizers_one_idle_record_each_groups_rate_at_the_step(tmp_path):
+    """Only one of two optimizers steps at odd steps: the entry still lists both optimizers'
+    groups, the idle one's learning rate as it was at rec.step (read on the training thread, not
+    when the writer thread builds the body), zero gradient norms for it, and the steps of each."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    a = torch.optim.SGD(model[0].parameters(), lr=0.1, momentum=0.9)
+    b = torch.optim.SGD(model[2].parameters(), lr=0.05, momentum=0.5)
+    rec = Recorder(tmp_path / "L", model=model, optimizer=[a, b], key=SIGNER, seed=0, checkpoint_every=3,
+                   drain_interval=30.0)  # the bodies are built long after the rates change below
+    expected = {}
+    for s in range(6):
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        a.zero_grad()
+        b.zero_grad()
+        loss.backward()
+        rates = (a.param_groups[0]["lr"], b.param_groups[0]["lr"])
+        a.step()
+        if s % 2 == 0:
+            b.step()
+        rec.step(loss=loss)
+        expected[s] = rates
+        for opt in (a, b):
+            opt.param_groups[0]["lr"] *= 0.5  # a scheduler moves both rates after the entry
+    rec.close()
+    for s, body in enumerate(step_bodies(tmp_path / "L")):
+        assert list(body["lrs"]) == list(expected[s]), s
+        assert list(body["optimizer_steps_each"]) == [1, 1 if s % 2 == 0 else 0]
+        assert body["grad_norms"][0] > 0 and (body["grad_norms"][1] > 0) == (s % 2 == 0)
+    assert verify_ledger(tmp_path / "L", key=SIGNER.public).check("chain").status.name == "PASS"
+
+
+def test_a_cpu_float32_model_launches_nothing_for_its_norms():
+    """Every float32 CPU tensor is summed by numpy on views: no lane launch at all; an integer
+    buffer or a half tensor still goes through the lane, and the norms are the exact ones."""
+    from ledger._device import NOTHING, lane_for
+    from ledger.hooks._norms import Norms
+
+    tensors = [torch.randn(70000), torch.randn(3, 3)]
+    lane = lane_for(torch.device("cpu"))
+    launched = []
+    original = lane.launch
+    lane.launch = lambda work, reads: launched.append(1) or original(work, reads)  # type: ignore[method-assign]
+    try:
+        pending = Norms(tensors).measure(tensors)
+        assert pending.landing is NOTHING and not launched
+        assert np.allclose(pending.value(), [float(t.double().norm()) for t in tensors], rtol=1e-6)
+        mixed = [*tensors, torch.tensor(3), torch.randn(4).half()]
+        Norms(mixed).measure(mixed).value()
+        assert launched == [1]
+    finally:
+        del lane.launch
