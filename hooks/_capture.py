@@ -11,10 +11,11 @@ import numpy as np
 import torch
 
 from ledger import torch as lt
+from ledger._device import Landing
 from ledger._fingerprint import model_digest
 from ledger._schema import Genesis, StepBody
 from ledger.errors import ConfigurationError
-from ledger.hooks._norms import Pending, total_norm
+from ledger.hooks._norms import Pending, group_norms
 
 HYPER_KEYS = ("betas", "momentum", "weight_decay", "eps", "dampening", "nesterov")
 
@@ -58,8 +59,8 @@ class Capture:
             return
         if self._grad_norms is not None:
             slot["grad_norms"] = self._grad_norms(optimizer)
-        else:
-            slot["grad_norms"] = torch.stack([total_norm([p.grad for p in group["params"] if p.grad is not None])
+        else:  # launched (on CUDA on a side stream), read on the writer thread
+            slot["grad_norms"] = group_norms([[p.grad for p in group["params"] if p.grad is not None]
                                               for group in optimizer.param_groups])
 
     def gather(self) -> list[dict[str, Any]]:
@@ -78,10 +79,10 @@ class Capture:
         return slots
 
     def _hook(self, slots: list[dict[str, Any]]) -> dict[str, Any]:
-        """The slots as one step's record: optimizer steps, and when one stepped, every optimizer's
-        groups in order (one that took no step: its current rates, zero gradient norms)."""
+        """What :meth:`gather` returned as one step's record: the optimizer steps, and when one
+        stepped, every optimizer's groups in order."""
         each = [int(slot.get("steps", 0)) for slot in slots]
-        if not any("lrs" in slot for slot in slots):
+        if "lrs" not in slots[0]:  # gather fills every slot or none
             return {"steps": sum(each)}
         lrs: list[float] = []
         hypers: list[dict[str, Any]] = []
@@ -90,7 +91,8 @@ class Capture:
             lrs += slot["lrs"]
             hypers += slot["hyper"]
             if self._gradients:
-                grads.append(slot["grad_norms"])
+                norms = slot["grad_norms"]
+                grads.append(norms.value()[0] if isinstance(norms, Landing) else norms)
         hook = {"steps": sum(each), "lrs": lrs, "hyper": hypers,
                 "grad_norms": torch.cat([g.cpu() for g in grads]) if self._gradients else None}
         if len(each) > 1:

@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from ledger._device import NOTHING, HostBackend, Landing, lane_of
+from ledger._device import NOTHING, Landing, lane_of
 
 BLOCK = 1 << 16
 POLICY = "every step (L2 of float32 blocks of 65536 accumulated in float64, tensor_order)"
@@ -60,14 +60,25 @@ def _foreach_norms(tensors: list[torch.Tensor], low: bool) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(tensors, dtype=torch.float32) if low else torch._foreach_norm(tensors))
 
 
-def total_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of several tensors together (float64; bf16/f16 accumulated in float32)."""
-    total = torch.zeros((), dtype=torch.float64)
+def total_norm(tensors: Sequence[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+    """The L2 norm of several tensors together (float64 on ``device``, default the CPU; bf16/f16
+    accumulated in float32)."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for low in (False, True):
         same = [t for t in tensors if (t.dtype in _LOW) == low]
         if same:
             total = total + _foreach_norms(same, low).double().square().sum().to(total.device)
     return total.sqrt()
+
+
+def group_norms(groups: Sequence[Sequence[torch.Tensor]]) -> Landing:
+    """Per group, the L2 norm of its tensors together (float64), launched on their lane: on one
+    CUDA device on a side stream, so the training thread does not wait for the device (tensors on
+    several devices: summed on the CPU). ``value()[0]`` is the vector of norms."""
+    reads = [t for group in groups for t in group]
+    devices = {t.device for t in reads}
+    device = devices.pop() if len(devices) == 1 else torch.device("cpu")
+    return lane_of(reads).launch(lambda: [torch.stack([total_norm(group, device) for group in groups])], reads)
 
 
 class Norms:
@@ -79,7 +90,7 @@ class Norms:
         exact: list[int] = []
         host: tuple[list[npt.NDArray[np.floating]], list[int], list[int]] = ([], [], [])
         self._lane = lane_of(tensors)
-        streamless = type(self._lane.backend) is HostBackend  # a CPU model: no side stream to run on
+        streamless = self._lane.streamless  # a CPU model: no side stream to run on
         for i, tensor in enumerate(tensors):
             if not tensor.is_floating_point() or not tensor.is_contiguous() or tensor.numel() == 0:
                 exact.append(i)  # integer buffers, rare non-contiguous tensors: one exact float64 norm

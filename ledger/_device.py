@@ -5,8 +5,9 @@ on the current stream, copies their results into pinned host memory without bloc
 the current stream wait (on the device, not the host) until they are done, so a later optimizer
 step cannot overwrite a tensor before it was read. The training thread never waits for the device;
 the thread that needs the values (the recorder's writer) waits on an event. Elsewhere (CPU, MPS)
-the same code runs with a backend whose streams do nothing: the work runs when launched, on the
-current stream, and the values are moved to the CPU when they are asked for.
+there is no stream to order: the work runs when launched, on the current stream, and the values
+are moved to the CPU when they are asked for (the stream calls of :class:`HostBackend` do nothing;
+a backend that only logs them tests the CUDA order of calls without a GPU).
 """
 
 from __future__ import annotations
@@ -124,13 +125,12 @@ class Lane:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.side = backend.new_stream()
-        self._streamless = type(backend) is HostBackend
-
+        self.streamless = type(backend) is HostBackend  # no stream to order: work runs when launched
 
     def launch(self, work: Callable[[], Sequence[torch.Tensor]], reads: Sequence[torch.Tensor]) -> Landing:
         """Run ``work`` (which reads ``reads`` and returns its results as tensors) on the side
         stream after the work queued so far; the current stream waits for it on the device."""
-        if self._streamless:  # nothing to order: the work runs now (the same steps, without their calls)
+        if self.streamless:  # nothing to order: the work runs now
             with torch.no_grad():
                 results = tuple(work())
             return Landing(results, _DONE, ())

@@ -25,7 +25,7 @@ import ledger.torch as lt
 from ledger._device import HostBackend, Lane, lane_for
 from ledger._fingerprint import sketch_hash
 from ledger._weights import NumpySketch
-from ledger.hooks._norms import BLOCK, Norms
+from ledger.hooks._norms import BLOCK, Norms, group_norms
 
 
 def reference(seed: int, k: int, tensors: dict[str, torch.Tensor]) -> np.ndarray:
@@ -218,11 +218,21 @@ def test_norms_and_sketch_launch_on_the_side_stream_and_wait_only_when_read(monk
     backend.log.clear()
     assert_close(sketch.value(), reference(11, 256, tensors))
     assert backend.log == [("synchronize", "event on side")]
+    backend.log.clear()
+
+    monkeypatch.setattr(norms_module, "lane_of", lambda tensors: lane)
+    grads = group_norms([[tensors["w"], tensors["h"]], [], [tensors["e"]]])  # the post-step gradient norms
+    assert backend.log == expected_log(1, 3)  # one vector of group norms; three tensors read
+    backend.log.clear()
+    expected = [float(np.sqrt(tensors["w"].double().square().sum() + tensors["h"].float().norm().double() ** 2)),
+                0.0, 0.0]
+    assert np.allclose(grads.value()[0].numpy(), expected, rtol=1e-6, atol=0)
+    assert backend.log == [("synchronize", "event on side")]
 
 
-def test_the_cpu_lane_runs_the_same_code_with_streams_that_do_nothing() -> None:
+def test_the_cpu_lane_runs_the_work_at_once() -> None:
     lane = lane_for(torch.device("cpu"))
-    assert isinstance(lane.backend, HostBackend)
+    assert isinstance(lane.backend, HostBackend) and lane.streamless
     landing = lane.launch(lambda: [torch.ones(3) * 2], [])
     assert landing.value()[0].tolist() == [2.0, 2.0, 2.0]
 
@@ -239,6 +249,7 @@ def test_cuda_norms_and_sketch_equal_the_cpu_ones_without_synchronising() -> Non
     torch.cuda.set_sync_debug_mode("error")
     try:
         pending_sketch, pending_norms = sketch.measure(cuda), plan.measure(list(cuda.values()))
+        pending_grads = group_norms([[cuda["w"], cuda["b"]], [cuda["big"]]])
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for t in cuda.values():
@@ -246,3 +257,5 @@ def test_cuda_norms_and_sketch_equal_the_cpu_ones_without_synchronising() -> Non
     assert_close(pending_sketch.value(), reference(7, 256, cpu))
     expected = Norms(list(cpu.values())).measure(list(cpu.values())).value()
     assert np.allclose(pending_norms.value(), expected, rtol=1e-6, atol=0)
+    grads = group_norms([[cpu["w"], cpu["b"]], [cpu["big"]]]).value()[0]
+    assert np.allclose(pending_grads.value()[0].numpy(), grads.numpy(), rtol=1e-6, atol=0)
