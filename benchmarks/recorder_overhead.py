@@ -111,10 +111,10 @@ class Probe:
 
             def timed_job() -> Any:
                 t0, c0 = time.perf_counter(), time.thread_time()
+                enqueued[0] = t_put
                 result = job.run()
                 self.wall["job"].append(time.perf_counter() - t0)
                 self.cpu["job"].append(time.thread_time() - c0)
-                enqueued[0] = t_put
                 return result
             put(dataclasses.replace(job, run=timed_job))
 
@@ -148,9 +148,10 @@ def interleaved(name: str, steps: int, block: int, warmup: int, tmp: Path) -> di
         recorder = rec if mode == "recorded" else None
         if recorder is not None:
             recorder._last_step_time = None  # its period estimate must not include the plain block
-        first, start = len(r[mode]), time.perf_counter()
+        start, bookkeeping = time.perf_counter(), 0.0
         for _ in range(n):
             total, part = one_step(recipe, models[mode], opts[mode], recorder, r["next"][mode])
+            t0 = time.perf_counter()
             r["next"][mode] += 1
             if keep:
                 r[mode].append(total)
@@ -158,12 +159,13 @@ def interleaved(name: str, steps: int, block: int, warmup: int, tmp: Path) -> di
             for k, v in rec._cadence.costs.items() if recorder else ():  # a changed value is a new measurement
                 if v and (not r["costs"][k] or r["costs"][k][-1] != v[-1]):
                     r["costs"][k].append(v[-1])
+            bookkeeping += time.perf_counter() - t0  # this benchmark's own, left out of the block's time
         if recorder is not None:  # the writer's rounds the block left pending count towards it
             t0 = time.perf_counter()
             recorder.flush()
             r["flush"] += [time.perf_counter() - t0] if keep else []
-        if keep:  # per step: the block's whole time (its flush included) and its median step
-            r["blocks"][mode].append(((time.perf_counter() - start) / n, statistics.median(r[mode][first:])))
+        if keep:  # per step: the block's whole time, its flush included
+            r["blocks"][mode].append((time.perf_counter() - start - bookkeeping) / n)
 
     for mode in ("plain", "recorded"):
         run_block(mode, warmup, keep=False)
@@ -216,8 +218,8 @@ def peak_rss(name: str, mode: str, steps: int, threads: int) -> float:
 def report_workload(name: str, r: dict[str, Any], rss: tuple[float, float, float]) -> list[Row]:
     plain, recorded = statistics.median(r["plain"]), statistics.median(r["recorded"])
     pairs = list(zip(r["blocks"]["plain"], r["blocks"]["recorded"], strict=True))
-    paired = statistics.median(b[0] / a[0] for a, b in pairs)  # block totals, flushes included: the headline
-    ratios = sorted(b[0] / a[0] for a, b in pairs)
+    ratios = sorted(b / a for a, b in pairs)  # block totals, flushes included: the headline
+    paired = statistics.median(ratios)
     spread = (ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4])
     every, period = r["cadence"]
     c, probe, budget = r["costs"], r["probe"], plain * 1e4
