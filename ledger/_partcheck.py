@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from ledger.errors import FormatError
 
@@ -331,6 +330,8 @@ def expand_dictionaries(table: pa.Table, columns: list[str], limit: int, name: s
         arrays = []
         for chunk in chunked.chunks:
             target = chunk.values.field("key") if top == "metrics" else chunk
+            import pyarrow.compute as pc  # here only: ~30 ms to import, and most parts have no such column
+
             lengths = pc.binary_length(target.dictionary)
             size = pc.sum(pc.take(lengths, target.indices)).as_py() or 0
             spent += size

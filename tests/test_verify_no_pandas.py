@@ -42,6 +42,27 @@ def test_string_codes_name_each_value_among_the_labels():
     assert string_codes(chunked(values, pa.string()), []).tolist() == [-1] * len(values)
 
 
+def test_string_codes_equal_pyarrow_compute_index_in_on_random_columns():
+    """Read from the offsets and bytes as pyarrow.compute's index_in reads them: random labels and
+    values (same lengths, prefixes, empty, non-ASCII, nulls), chunked and sliced, every row one
+    label (the back-to-back case), a repeated label (its first index)."""
+    import pyarrow.compute as pc
+
+    rng = np.random.default_rng(5)
+    alphabet = ["a", "b", "é", "step", "seal", ""]
+    for trial in range(300):
+        labels = list(dict.fromkeys("".join(rng.choice(alphabet, rng.integers(0, 3))) for _ in range(rng.integers(0, 6))))
+        pool = labels + ["".join(rng.choice(alphabet, rng.integers(0, 4))) for _ in range(3)] + [None]
+        values = [pool[i] for i in rng.integers(0, len(pool), rng.integers(4, 40))]
+        if trial % 7 == 0 and labels:
+            values = [labels[-1]] * len(values)  # every row the same label
+        for column in (chunked(values, pa.string()), pa.array(values, pa.string()).slice(1)):
+            found = pc.index_in(column, value_set=pa.array(labels, pa.string()))
+            expected = [-1 if v is None else v for v in found.to_pylist()]
+            assert string_codes(column, labels).tolist() == expected, (labels, values)
+    assert string_codes(pa.array(["x", "y", "x"]), ["x", "y", "x"]).tolist() == [0, 1, 0]
+
+
 def test_fixed_rows_and_pylist_at_read_the_rows_asked_for():
     values = [bytes([i]) * 4 for i in range(12)]
     column = chunked(values, pa.binary(4))

@@ -71,7 +71,7 @@ def test_header_matrix_read_once_per_table(make_ledger) -> None:
 
 
 # modules the --sample 0 verify of a recorded, sealed ledger (key and model given) has no use for
-UNNEEDED = ("pandas", "torch", "scipy", "matplotlib", "mlflow", "ledger.hooks", "ledger._writer", "ledger._tsa",
+UNNEEDED = ("pandas", "pyarrow.compute", "torch", "scipy", "matplotlib", "mlflow", "ledger.hooks", "ledger._writer", "ledger._tsa",
             "ledger.verify._mlflow", "ledger.verify._replay", "ledger._cli_proofs", "ledger._proofs")
 
 
