@@ -23,8 +23,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from ledger import __version__
 from ledger._arrow import string_codes
 from ledger._crypto import PublicKey, load_public_key
@@ -242,7 +240,8 @@ def _refuse_newer_format(ledger: Ledger, loaded: Loaded) -> None:
     damaged in some records is a broken chain, judged by ``chain`` at that seq. The log's versions
     are those the reader saw as it scanned it (a damaged log has none: the chain check reports it)."""
     headers, lengths = loaded.headers()  # from the Arrow buffers: no record is copied
-    versions = set(np.unique(header_field(headers, "version")[lengths >= HEADER_SIZE]).tolist())
+    stated = header_field(headers, "version")[lengths >= HEADER_SIZE]
+    versions = set(stated[stated != stated[0]].tolist()) | {int(stated[0])} if len(stated) else set()
     versions |= ledger.wal_versions
     if len(versions) == 1 and (version := versions.pop()) > FORMAT_VERSION:
         raise ConfigurationError(f"{ledger.path} is in format version {version}; this verifier (training-ledger "
