@@ -51,7 +51,8 @@ def test_string_codes_equal_pyarrow_compute_index_in_on_random_columns():
     rng = np.random.default_rng(5)
     alphabet = ["a", "b", "é", "step", "seal", ""]
     for trial in range(300):
-        labels = list(dict.fromkeys("".join(rng.choice(alphabet, rng.integers(0, 3))) for _ in range(rng.integers(0, 6))))
+        words = ("".join(rng.choice(alphabet, rng.integers(0, 3))) for _ in range(rng.integers(0, 6)))
+        labels = list(dict.fromkeys(words))
         pool = labels + ["".join(rng.choice(alphabet, rng.integers(0, 4))) for _ in range(3)] + [None]
         values = [pool[i] for i in rng.integers(0, len(pool), rng.integers(4, 40))]
         if trial % 7 == 0 and labels:

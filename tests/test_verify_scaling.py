@@ -71,8 +71,9 @@ def test_header_matrix_read_once_per_table(make_ledger) -> None:
 
 
 # modules the --sample 0 verify of a recorded, sealed ledger (key and model given) has no use for
-UNNEEDED = ("pandas", "pyarrow.compute", "torch", "scipy", "matplotlib", "mlflow", "ledger.hooks", "ledger._writer", "ledger._tsa",
-            "ledger.verify._mlflow", "ledger.verify._replay", "ledger._cli_proofs", "ledger._proofs")
+UNNEEDED = ("pandas", "pyarrow.compute", "numpy.ma", "torch", "scipy", "matplotlib", "mlflow", "ledger.hooks",
+            "ledger._writer", "ledger._tsa", "ledger.verify._mlflow", "ledger.verify._replay", "ledger._cli_proofs",
+            "ledger._proofs")
 
 
 def test_sample0_verify_imports_only_what_it_uses(tmp_path: Path) -> None:
