@@ -49,7 +49,7 @@ import ledger
 from ledger import Kind, Signer
 from ledger._parts import fsync_path
 from ledger.format import encode_body
-from ledger.hooks import Recorder
+from ledger.hooks import FingerprintOptions, Recorder
 from ledger.hooks._failures import Job
 from ledger.torch import canonical_state, snapshot, snapshot_digests
 from ledger.torch import write_checkpoint as write
@@ -132,12 +132,13 @@ class Probe:
         rec._writer.append = timed_append  # type: ignore[method-assign]
 
 
-def interleaved(name: str, steps: int, block: int, warmup: int, tmp: Path) -> dict[str, Any]:
+def interleaved(name: str, steps: int, block: int, warmup: int, tmp: Path, budget: float = 0.01) -> dict[str, Any]:
     """Train a plain and a recorded copy in ABBA-ordered blocks; per-step times and recorder figures."""
     recipe = make_recipe(name)
     models = {mode: recipe.build_model(SEED) for mode in ("plain", "recorded")}
     opts = {mode: recipe.build_optimizer(model) for mode, model in models.items()}
     rec = Recorder(tmp / name, model=models["recorded"], optimizer=opts["recorded"], key=KEY, seed=SEED,
+                   fingerprints=FingerprintOptions(budget=budget),
                    checkpoint_every=None)
     probe = Probe(rec)
     r: dict[str, Any] = {"plain": [], "recorded": [], "rec_step": [], "flush": [],
@@ -327,6 +328,8 @@ def main() -> None:
     parser.add_argument("--profile", **pair, help="also print a cProfile of rec.step over this many steps")
     parser.add_argument("--checkpoints", type=int, default=3, help="checkpoint repetitions")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (both sides)")
+    parser.add_argument("--budget", type=float, default=0.01, help="the recorder's budget (default 1%%)")
+    parser.add_argument("--only", nargs="+", choices=list(WORKLOADS), help="these workloads only")
     parser.add_argument("--child-memory", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -336,7 +339,9 @@ def main() -> None:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(WORKLOADS):
-            result = interleaved(name, args.steps[i], args.block[i], args.warmup[i], Path(tmp))
+            if args.only and name not in args.only:
+                continue
+            result = interleaved(name, args.steps[i], args.block[i], args.warmup[i], Path(tmp), args.budget)
             rss = (peak_rss(name, "plain", args.memory_steps[i], args.threads),
                    peak_rss(name, "recorded", args.memory_steps[i], args.threads),
                    peak_rss(name, "libraries", args.memory_steps[i], args.threads))
