@@ -94,9 +94,9 @@ class Recorder:
 
     **What a crash can lose.** ``step`` returns (the step is *acknowledged*) once its entry is
     queued; a background thread appends queued entries every ``drain_interval`` seconds (by
-    default the lesser of 0.25 s and ``max_lag``/4: a round of several entries costs about half the
-    CPU per entry of a round of one or two, whose code and data the training step has evicted from
-    the caches; a checkpoint's snapshot is written at once). Two bounds
+    default the lesser of 0.25 s and ``max_lag``/4, and a checkpoint's snapshot at once: a round of
+    several entries costs about half the CPU per entry of a round of one or two, whose code and data
+    the training step has evicted from the caches; an explicit interval is the writer's only clock). Two bounds
     hold what may wait unappended: ``queue_size`` entries and ``max_lag`` seconds — ``step`` waits
     while ``queue_size`` entries wait or an entry queued more than ``max_lag`` seconds earlier is
     not yet appended (a checkpoint being written counts as waiting). So ``kill -9`` loses at most
@@ -120,7 +120,7 @@ class Recorder:
         with _distributed.announce(group) as told:  # every rank learns whether the model is sharded, or why not
             options = resolve_options(fingerprints, deprecated)
             check_checkpointing(checkpoint_every, keep)
-            drain_interval = check_queue(queue_size, drain_interval, max_lag)
+            check_queue(queue_size, drain_interval, max_lag)
             stamping = options_of(tsa)
             hookable(optimizer)  # nothing is written for an optimizer the recorder cannot hook
             model = _distributed.unwrap_model(model)
@@ -185,7 +185,7 @@ class Recorder:
 
     def _attach(self, path: Path, model: Any, optimizer: Any, scheduler: Any, writer: LedgerWriter,
                 genesis: Genesis, options: FingerprintOptions, sketcher: lt.CountSketch, *, first_step: int,
-                keep: tuple[str, int] | None, queue_size: int, drain_interval: float, max_lag: float,
+                keep: tuple[str, int] | None, queue_size: int, drain_interval: float | None, max_lag: float,
                 last_checkpoint_step: int | None = None,
                 alive: Sequence[Alive] = (), sharded: ShardedRun | None = None,
                 group: _distributed.Ranks | None = None, tsa: TsaOptions | None = None) -> None:
@@ -207,7 +207,11 @@ class Recorder:
         self.checkpoint_root = self._checkpoints.root
         self._failures = Failures(writer, self._checkpoints, lock)
         self._closed = False
-        self._queue = WriterQueue(self._failures.run, queue_size, drain_interval, max_lag)
+        self._queue = WriterQueue(self._failures.run, queue_size, check_queue(queue_size, drain_interval, max_lag),
+                                  max_lag)
+        # at the default rounds a snapshot (a copy of the training state) is written at once; an explicit
+        # drain_interval is the writer's only clock, as its caller asked
+        self._snapshot_wakes = drain_interval is None
         self._capture = Capture(optimizer, genesis, self._names,  # the optimizer step hooks
                                 group_grad_norms if sharded else None, reads_gradients(optimizer, options.grad_norms))
         self._last_step_time: float | None = None
@@ -289,8 +293,7 @@ class Recorder:
     def _checkpoint(self, step: int) -> None:
         ranks = self._ranks.digests(self.model) if self._ranks else None
         snap = self._checkpoints.take(step, self.model, self.optimizer, self.scheduler)
-        # written at once, not at the next round: a snapshot is a copy of the training state
-        self._queue.put(Job(lambda: self._checkpoints.write(snap, ranks)), wake=True)
+        self._queue.put(Job(lambda: self._checkpoints.write(snap, ranks)), wake=self._snapshot_wakes)
 
     def checkpoint(self) -> dict[str, Any]:
         """Write a checkpoint of the training state after the last recorded step now (unless one of
@@ -509,7 +512,7 @@ class Recorder:
                                                         resumed=(run_id, first)))
         with _distributed.announce(group) as told:
             check_checkpointing(None, keep)
-            drain_interval = check_queue(queue_size, drain_interval, max_lag)
+            check_queue(queue_size, drain_interval, max_lag)
             stamping = options_of(tsa)
             root = Path(path)
             model = _distributed.unwrap_model(model)

@@ -263,13 +263,18 @@ def test_writer_rounds_default_to_a_quarter_second_within_a_quarter_of_max_lag()
 
 
 def test_a_checkpoint_snapshot_is_written_at_once_not_at_the_next_round(tmp_path):
-    """A snapshot is a copy of the training state: its job wakes the writer thread instead of
-    waiting for the next round (here 30 s away), so snapshots do not pile up in memory."""
+    """A snapshot is a copy of the training state: at the default rounds its job wakes the writer
+    thread instead of waiting for the next round, so snapshots do not pile up in memory (here the
+    round is made 30 s long)."""
     recipe = TinyRecipe()
     model = recipe.build_model(3)
     opt = recipe.build_optimizer(model)
     rec = Recorder(tmp_path / "L", model=model, optimizer=opt, key=SIGNER, seed=3, checkpoint_every=2,
-                   drain_interval=30.0)
+                   max_lag=120.0)
+    assert rec._queue._interval == 0.25  # the default's min(0.25 s, max_lag / 4)
+    rec._queue._interval = 30.0  # from the thread's next round on: cycle it once into a 30 s wait
+    rec._queue._wake.set()
+    time.sleep(0.3)
     for s in range(2):
         x, y = recipe.batch(s)
         opt.zero_grad()
