@@ -60,15 +60,21 @@ def _foreach_norms(tensors: list[torch.Tensor], low: bool) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(tensors, dtype=torch.float32) if low else torch._foreach_norm(tensors))
 
 
-def total_norm(tensors: Sequence[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
-    """The L2 norm of several tensors together (float64 on ``device``, default the CPU; bf16/f16
-    accumulated in float32)."""
+def total_square(tensors: Sequence[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+    """The sum of the tensors' squared L2 norms (float64 on ``device``, default the CPU; each norm
+    accumulated in float32, bf16/f16 widened first)."""
     total = torch.zeros((), dtype=torch.float64, device=device)
     for low in (False, True):
         same = [t for t in tensors if (t.dtype in _LOW) == low]
-        if same:
-            total = total + _foreach_norms(same, low).double().square().sum().to(total.device)
-    return total.sqrt()
+        for where in dict.fromkeys(t.device for t in same):  # one fused call per device
+            on = [t for t in same if t.device == where]
+            total = total + _foreach_norms(on, low).double().square().sum().to(total.device)
+    return total
+
+
+def total_norm(tensors: Sequence[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+    """The L2 norm of several tensors together (float64 on ``device``, default the CPU)."""
+    return total_square(tensors, device).sqrt()
 
 
 def group_norms(groups: Sequence[Sequence[torch.Tensor]]) -> Landing:

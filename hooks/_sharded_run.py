@@ -24,7 +24,7 @@ import torch
 
 from ledger._blocked import TENSOR_BLOCKED_V1, safetensors_digests_as
 from ledger.errors import ConfigurationError, FormatError
-from ledger.hooks._norms import _LOW, _foreach_norms
+from ledger.hooks._norms import total_square
 from ledger.hooks._options import Cadence
 from ledger.hooks._sharded import ShardedFingerprints, local_part, sharded_state
 
@@ -56,21 +56,26 @@ def refuse(what: str) -> ConfigurationError:
 
 def group_grad_norms(optimizer: Any) -> torch.Tensor:
     """Per param group, the L2 norm of the global gradients (float64), from each rank's local shards
-    (every rank calls it, in the optimizer's post-step hook)."""
-    squares = torch.zeros(len(optimizer.param_groups), dtype=torch.float64)
-    for i, group in enumerate(optimizer.param_groups):
+    (every rank calls it, in the optimizer's post-step hook): the squares summed where the shards
+    are, one all-reduce, one copy to the host (not one per parameter)."""
+    groups: list[list[torch.Tensor]] = []
+    for group in optimizer.param_groups:
+        flats = []
         for p in group["params"]:
             part = None if p.grad is None else local_part("gradient", p.grad)
             if part is not None and part.flat.numel():
-                flat = part.flat if part.flat.is_floating_point() else part.flat.double()
-                squares[i] += float(_foreach_norms([flat], flat.dtype in _LOW)[0].double().square().cpu())
-    if torch.distributed.is_initialized():
+                flats.append(part.flat if part.flat.is_floating_point() else part.flat.double())
+        groups.append(flats)
+    devices = {t.device for flats in groups for t in flats}
+    device = devices.pop() if len(devices) == 1 else torch.device("cpu")
+    if torch.distributed.is_initialized():  # the collective's device: CUDA for NCCL, the CPU otherwise
         device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(torch.distributed.get_backend()) \
             else torch.device("cpu")
-        reduced = squares.to(device)
-        torch.distributed.all_reduce(reduced)
-        squares = reduced.cpu()
-    return squares.sqrt()
+    squares = torch.stack([total_square(flats, device) for flats in groups]) if groups else \
+        torch.zeros(0, dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(squares)
+    return squares.cpu().sqrt()
 
 
 class ShardedRun:

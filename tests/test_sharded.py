@@ -8,6 +8,7 @@ Run as a script, this file is one rank of such a run:
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import socket
@@ -27,6 +28,7 @@ from ledger._blocked import TENSOR_BLOCKED_V1, safetensors_blocked_digests
 from ledger.errors import ConfigurationError
 from ledger.hooks._norms import BLOCK, Norms
 from ledger.hooks._sharded import ShardedFingerprints, _flat_range, _pieces, local_part, sharded_state
+from ledger.hooks._sharded_run import group_grad_norms
 from ledger.torch import CountSketch, canonical_state, torch_digests
 
 SEED, K = 7, 64
@@ -79,6 +81,10 @@ def worker(rank: int, world: int, port: str, out: Path) -> None:
     ids = torch.randint(0, BIG_ROWS, (4, 6), generator=torch.Generator().manual_seed(1))
     model(ids).pow(2).mean().backward()
     opt.step()
+    grad_norms = group_grad_norms(opt).tolist()  # every rank: a collective
+    full_grads = [[(p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).double() for p in g["params"]
+                   if p.grad is not None] for g in opt.param_groups]
+    grad_reference = [math.sqrt(sum(float(g.square().sum()) for g in grads)) for grads in full_grads]
     state = model.state_dict()
     assert sum(isinstance(t, DTensor) for t in state.values()) == 7, {n: type(t) for n, t in state.items()}
     mesh = init_device_mesh("cpu", (world,))
@@ -118,7 +124,8 @@ def worker(rank: int, world: int, port: str, out: Path) -> None:
         save_file({n: t.contiguous() for n, t in full.items()}, str(out / "model.safetensors"))
         result = {"world": world, "digests": {n: d.hex() for n, d in digests.items()}, "norms": norms.tolist(),
                   "sketch": sketch.tolist(), "sketch_again": again.tolist(), "reference": _reference(full),
-                  "refused": refused, "timings": timings, "ranks": every, "names": list(state)}
+                  "refused": refused, "timings": timings, "ranks": every, "names": list(state),
+                  "grad_norms": grad_norms, "grad_reference": grad_reference}
         (out / "result.json").write_text(json.dumps(result))
     else:
         assert sketch is None and digests is None
@@ -177,6 +184,9 @@ def test_combined_fingerprints_equal_the_gathered_weights(runs: dict[int, tuple[
     assert np.linalg.norm(np.asarray(result["sketch_again"]) - expected) <= 1e-9 * np.linalg.norm(expected)
     assert "embed.weight" in result["names"] and "seen" in result["names"]
     assert all(norms == result["norms"] for norms, _ in result["ranks"])  # every rank has the norms
+    # the gradient norms per param group from the local shards (one all-reduce) are the full gradients'
+    assert len(result["grad_norms"]) == 1 and result["grad_reference"][0] > 0
+    assert np.allclose(result["grad_norms"], result["grad_reference"], rtol=1e-6, atol=0)
 
 
 @pytest.mark.slow
