@@ -184,13 +184,17 @@ def check_checkpointing(checkpoint_every: int | None, keep: Any) -> None:
         raise ConfigurationError("keep must be None, ('last', n) or ('every', n)")
 
 
-def check_queue(queue_size: int, drain_interval: float | None, max_lag: float) -> float:
-    """Refuse writer-queue bounds that are not positive; the writer thread's interval (``None``:
-    :data:`DRAIN_INTERVAL`, at most a quarter of ``max_lag``)."""
+def check_queue(queue_size: int, drain_interval: float | None, max_lag: float) -> None:
+    """Refuse writer-queue bounds that are not positive (``drain_interval`` None: the default)."""
     if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
         raise ConfigurationError("queue_size must be a positive number of entries")
     if not (drain_interval is None or drain_interval > 0) or not max_lag > 0:
         raise ConfigurationError("drain_interval and max_lag must be positive numbers of seconds")
+
+
+def writer_interval(drain_interval: float | None, max_lag: float) -> float:
+    """The writer thread's interval: ``drain_interval``, or by default :data:`DRAIN_INTERVAL` and
+    at most a quarter of ``max_lag``."""
     return min(DRAIN_INTERVAL, max_lag / 4) if drain_interval is None else drain_interval
 
 

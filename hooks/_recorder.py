@@ -28,7 +28,14 @@ from ledger.hooks._checkpointing import Alive, Body, Checkpoints, reason, undo_c
 from ledger.hooks._failures import Failures, Job
 from ledger.hooks._genesis import build_genesis
 from ledger.hooks._norms import Norms
-from ledger.hooks._options import RECALIBRATE_EVERY, Cadence, FingerprintOptions, check_checkpointing, check_queue
+from ledger.hooks._options import (
+    RECALIBRATE_EVERY,
+    Cadence,
+    FingerprintOptions,
+    check_checkpointing,
+    check_queue,
+    writer_interval,
+)
 from ledger.hooks._options import resolve as resolve_options
 from ledger.hooks._queue import WriterQueue
 from ledger.hooks._sharded import sharded_state
@@ -207,8 +214,7 @@ class Recorder:
         self.checkpoint_root = self._checkpoints.root
         self._failures = Failures(writer, self._checkpoints, lock)
         self._closed = False
-        self._queue = WriterQueue(self._failures.run, queue_size, check_queue(queue_size, drain_interval, max_lag),
-                                  max_lag)
+        self._queue = WriterQueue(self._failures.run, queue_size, writer_interval(drain_interval, max_lag), max_lag)
         # at the default rounds a snapshot (a copy of the training state) is written at once; an explicit
         # drain_interval is the writer's only clock, as its caller asked
         self._snapshot_wakes = drain_interval is None
