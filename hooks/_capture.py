@@ -25,7 +25,7 @@ class Capture:
     matching genesis), and what they saw since the last step entry: ``slots``, one per optimizer."""
 
     def __init__(self, optimizer: Any, genesis: Genesis, names: list[str],
-                 grad_norms: Callable[[Any], torch.Tensor] | None = None, gradients: bool = True) -> None:
+                 grad_norms: Callable[[Any], Landing] | None = None, gradients: bool = True) -> None:
         self.optimizers = hookable(optimizer)
         self._grad_norms = grad_norms  # per-group norms of the global gradients (sharded runs: a collective)
         self._gradients = gradients  # whether the gradient norms are read (see reads_gradients)

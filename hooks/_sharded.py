@@ -9,6 +9,7 @@ collectives run on the default process group)::
     fp = ShardedFingerprints(seed=policy.sketch_seed, k=policy.sketch_k)
     fp.is_sharded(tensors)   # bool, no collective: some tensor is a DTensor
     fp.norms(tensors)        # np.ndarray of per-tensor L2 norms, on every rank (one all_reduce)
+    fp.launch_norms(tensors) # the same, launched: .value() waits (on CUDA the training thread never does)
     fp.sketch(tensors)       # the count-sketch (np.ndarray of k) on rank 0, None elsewhere (one reduce)
     fp.digests(tensors)      # {name: tensor-blocked/v1 digest} on rank 0, None elsewhere (one gather)
 
@@ -30,6 +31,7 @@ placement, raises :class:`~ledger.errors.ConfigurationError`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from ledger._blocked import BLOCK_ELEMENTS, Piece, blocked_digest, combine, piece
+from ledger._device import Landing, lane_of
 from ledger._fingerprint import SKETCH_K
 from ledger.errors import ConfigurationError
 from ledger.hooks._norms import _LOW, BLOCK, _foreach_norms
@@ -141,9 +144,36 @@ def sharded_state(model_or_state: Any) -> tuple[dict[str, torch.Tensor], dict[st
     return {n: t for n, t in state.items() if n in plain or n in kept}, aliases
 
 
+@functools.lru_cache(maxsize=16)
+def _index(owners: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The tensor index of each block, on ``device``: copied there once per layout (a host-to-device
+    copy at every step would make the training thread wait for the device)."""
+    return torch.tensor(owners, dtype=torch.int64).to(device)
+
+
+@dataclass(frozen=True, slots=True)
+class Summed:
+    """Per-tensor squared norms launched on a lane; :meth:`value` waits for them and takes the roots."""
+
+    landing: Landing
+
+    def value(self) -> npt.NDArray[np.float64]:
+        """The per-tensor L2 norms (float64)."""
+        return np.sqrt(self.landing.value()[0].numpy().astype(np.float64))
+
+
 def _collective_device() -> torch.device:
     backend = str(dist.get_backend()) if dist.is_initialized() else "gloo"
     return torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+
+
+def sum_device(reads: list[torch.Tensor]) -> torch.device:
+    """Where per-rank sums of ``reads`` are formed: the collective's device under a process group
+    (CUDA for NCCL, the CPU for gloo), else the tensors' one device (the CPU when several)."""
+    if dist.is_initialized():
+        return _collective_device()
+    devices = {t.device for t in reads}
+    return devices.pop() if len(devices) == 1 else torch.device("cpu")
 
 
 class ShardedFingerprints:
@@ -169,32 +199,45 @@ class ShardedFingerprints:
 
     def norms(self, tensors: Mapping[str, torch.Tensor]) -> npt.NDArray[np.float64]:
         """Per-tensor L2 norms of the global tensors, in the order given, on every rank."""
+        return self.launch_norms(tensors).value()
+
+    def launch_norms(self, tensors: Mapping[str, torch.Tensor]) -> Summed:
+        """:meth:`norms`, launched on the local shards' lane (``ledger._device``): on CUDA the block
+        norms, their per-tensor sums and the all-reduce are queued on a side stream and copied to
+        pinned host memory, so the training thread never waits for the device; ``value()`` (the
+        writer thread) waits. Elsewhere they run now (gloo's all-reduce included)."""
         parts = list(self.parts(tensors).values())
-        squares = torch.zeros(len(parts), dtype=torch.float64)
-        with torch.no_grad():
-            for low in (False, True):
-                blocks: list[torch.Tensor] = []
-                owners: list[int] = []
-                for i, part in enumerate(parts):
-                    if part is None or part.flat.numel() == 0:
-                        continue
-                    flat = part.flat
-                    if not flat.is_floating_point():
-                        if not low:
-                            squares[i] += float(flat.double().square().sum())
-                        continue
-                    if (flat.dtype in _LOW) == low:
-                        split = torch.split(flat, BLOCK)
-                        blocks.extend(split)
-                        owners.extend([i] * len(split))
-                if blocks:
-                    block_squares = _foreach_norms(blocks, low).double().square().cpu()
-                    squares.index_add_(0, torch.tensor(owners, dtype=torch.int64), block_squares)
-        if dist.is_initialized():
-            reduced = squares.to(_collective_device())
-            dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-            squares = reduced.cpu()
-        return np.sqrt(squares.numpy().astype(np.float64))
+        reads: list[torch.Tensor] = []
+        exact: list[tuple[int, torch.Tensor]] = []  # integer parts: one exact float64 square each
+        groups: dict[bool, tuple[list[torch.Tensor], list[int]]] = {False: ([], []), True: ([], [])}
+        for i, part in enumerate(parts):
+            if part is None or part.flat.numel() == 0:
+                continue
+            flat = part.flat
+            reads.append(flat)
+            if not flat.is_floating_point():
+                exact.append((i, flat))
+                continue
+            blocks, owners = groups[flat.dtype in _LOW]
+            split = torch.split(flat, BLOCK)
+            blocks.extend(split)
+            owners.extend([i] * len(split))
+        device = sum_device(reads)
+        work_groups = [(low, blocks, _index(tuple(owners), device))
+                       for low, (blocks, owners) in groups.items() if blocks]
+        count = len(parts)
+
+        def work() -> list[torch.Tensor]:
+            squares = torch.zeros(count, dtype=torch.float64, device=device)
+            for low, blocks, index in work_groups:
+                squares.index_add_(0, index, _foreach_norms(blocks, low).double().square().to(device))
+            for i, flat in exact:
+                squares[i] += flat.double().square().sum().to(device)
+            if dist.is_initialized():
+                dist.all_reduce(squares, op=dist.ReduceOp.SUM)
+            return [squares]
+
+        return Summed(lane_of(reads).launch(work, reads))
 
     def sketch(self, tensors: Mapping[str, torch.Tensor]) -> npt.NDArray[np.float64] | None:
         """The count-sketch of the global tensors (float64, k values) on rank 0; None on the others."""

@@ -6,7 +6,10 @@ rank on its local shards; digests in ``tensor-blocked/v1``, docs/FORMAT.md §10.
 Per step: the cadence (rank 0's choice, broadcast at step 0 and at every recalibration, so ranks
 never disagree about which collectives a step runs), the norms (one all-reduce of 8 bytes per
 tensor), the sketch when due (one reduce of 8·k bytes), full digests when due (one gather of block
-hashes); in the optimizer's post-step hook, the per-group gradient norms (one all-reduce). At
+hashes); in the optimizer's post-step hook, the per-group gradient norms (one all-reduce). The norms
+and gradient norms are launched on the shards' lane (``ledger._device``: on CUDA a side stream, the
+all-reduce included) and read by the writer thread, so the training thread does not wait for the
+device for them; the optional sketch and digests, scheduled by the cost budget, do wait. At
 ``close``: the final digests, and the full weights gathered to rank 0 only when the user asks for
 the final weights file.
 """
@@ -23,16 +26,17 @@ import numpy.typing as npt
 import torch
 
 from ledger._blocked import TENSOR_BLOCKED_V1, safetensors_digests_as
+from ledger._device import Landing, lane_of
 from ledger.errors import ConfigurationError, FormatError
 from ledger.hooks._norms import total_square
 from ledger.hooks._options import Cadence
-from ledger.hooks._sharded import ShardedFingerprints, local_part, sharded_state
+from ledger.hooks._sharded import ShardedFingerprints, Summed, local_part, sharded_state, sum_device
 
 SCHEME = TENSOR_BLOCKED_V1
 
 
 class Ready:
-    """Norms or a sketch already finished (the sharded path all-reduces them): the interface of a
+    """A sketch already finished (the sharded path reduces it to rank 0): the interface of a
     measurement launched and finished later (``Pending``, ``PendingSketch``)."""
 
     def __init__(self, values: npt.NDArray[np.float64]) -> None:
@@ -54,10 +58,11 @@ def refuse(what: str) -> ConfigurationError:
                               "torch.distributed.checkpoint and record it with rec.record_dcp(DIR)")
 
 
-def group_grad_norms(optimizer: Any) -> torch.Tensor:
-    """Per param group, the L2 norm of the global gradients (float64), from each rank's local shards
-    (every rank calls it, in the optimizer's post-step hook): the squares summed where the shards
-    are, one all-reduce, one copy to the host (not one per parameter)."""
+def group_grad_norms(optimizer: Any) -> Landing:
+    """Per param group, the L2 norm of the global gradients (float64; ``value()[0]``), from each
+    rank's local shards (every rank calls it, in the optimizer's post-step hook): the squares summed
+    where the shards are, one all-reduce, one copy to the host, launched on the shards' lane — on
+    CUDA a side stream, so the training thread does not wait for the device."""
     groups: list[list[torch.Tensor]] = []
     for group in optimizer.param_groups:
         flats = []
@@ -66,16 +71,17 @@ def group_grad_norms(optimizer: Any) -> torch.Tensor:
             if part is not None and part.flat.numel():
                 flats.append(part.flat if part.flat.is_floating_point() else part.flat.double())
         groups.append(flats)
-    devices = {t.device for flats in groups for t in flats}
-    device = devices.pop() if len(devices) == 1 else torch.device("cpu")
-    if torch.distributed.is_initialized():  # the collective's device: CUDA for NCCL, the CPU otherwise
-        device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(torch.distributed.get_backend()) \
-            else torch.device("cpu")
-    squares = torch.stack([total_square(flats, device) for flats in groups]) if groups else \
-        torch.zeros(0, dtype=torch.float64)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(squares)
-    return squares.cpu().sqrt()
+    reads = [t for flats in groups for t in flats]
+    device = sum_device(reads)
+
+    def work() -> list[torch.Tensor]:
+        squares = torch.stack([total_square(flats, device) for flats in groups]) if groups else \
+            torch.zeros(0, dtype=torch.float64, device=device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(squares)
+        return [squares.sqrt()]
+
+    return lane_of(reads).launch(work, reads)
 
 
 class ShardedRun:
@@ -100,7 +106,7 @@ class ShardedRun:
             cadence.adopt(group.share(cadence.state()))
 
     def measure(self, step: int, tensors: Mapping[str, torch.Tensor],
-                cadence: Cadence) -> tuple[Ready, Ready | None, dict[str, bytes] | None]:
+                cadence: Cadence) -> tuple[Summed, Ready | None, dict[str, bytes] | None]:
         """This step's norms, sketch (when due) and digests (when due); costs recorded for the cadence."""
         fingerprints = self.fingerprints
 
@@ -108,7 +114,7 @@ class ShardedRun:
             whole = fingerprints.sketch(tensors)  # on rank 0; None elsewhere
             return Ready(whole) if whole is not None else None
 
-        return cadence.take(step, lambda: Ready(fingerprints.norms(tensors)), sketch,
+        return cadence.take(step, lambda: fingerprints.launch_norms(tensors), sketch,
                             lambda: fingerprints.digests(tensors))
 
     def final(self, tensors: Mapping[str, torch.Tensor], names: list[str],

@@ -81,7 +81,7 @@ def worker(rank: int, world: int, port: str, out: Path) -> None:
     ids = torch.randint(0, BIG_ROWS, (4, 6), generator=torch.Generator().manual_seed(1))
     model(ids).pow(2).mean().backward()
     opt.step()
-    grad_norms = group_grad_norms(opt).tolist()  # every rank: a collective
+    grad_norms = group_grad_norms(opt).value()[0].tolist()  # every rank: a collective
     full_grads = [[(p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).double() for p in g["params"]
                    if p.grad is not None] for g in opt.param_groups]
     grad_reference = [math.sqrt(sum(float(g.square().sum()) for g in grads)) for grads in full_grads]

@@ -21,11 +21,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import ledger.hooks._norms as norms_module
+import ledger.hooks._sharded as sharded_module
+import ledger.hooks._sharded_run as run_module
 import ledger.torch as lt
 from ledger._device import HostBackend, Lane, lane_for
 from ledger._fingerprint import sketch_hash
 from ledger._weights import NumpySketch
 from ledger.hooks._norms import BLOCK, Norms, group_norms
+from ledger.hooks._sharded import ShardedFingerprints
+from ledger.hooks._sharded_run import group_grad_norms
 
 
 def reference(seed: int, k: int, tensors: dict[str, torch.Tensor]) -> np.ndarray:
@@ -230,6 +234,38 @@ def test_norms_and_sketch_launch_on_the_side_stream_and_wait_only_when_read(monk
     assert backend.log == [("synchronize", "event on side")]
 
 
+def test_sharded_norms_and_gradient_norms_launch_on_the_side_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FSDP2 path (hooks/_sharded.py, _sharded_run.py), here without a process group: the
+    per-tensor squares and the per-group gradient norms are launched on the lane (on CUDA: a side
+    stream, where the all-reduce also runs) and waited for only when the writer reads them."""
+    backend = RecordingBackend()
+    lane = Lane(backend)
+    monkeypatch.setattr(sharded_module, "lane_of", lambda tensors: lane)
+    monkeypatch.setattr(run_module, "lane_of", lambda tensors: lane)
+    g = torch.Generator().manual_seed(3)
+    tensors = {"w": torch.randn(3 * BLOCK + 5, generator=g), "h": torch.randn(9, generator=g).half(),
+               "n": torch.tensor([3, 4]), "e": torch.zeros(0)}
+    pending = ShardedFingerprints(7, 64).launch_norms(tensors)
+    assert backend.log == expected_log(1, 3)  # one vector of squares; the three non-empty tensors read
+    backend.log.clear()
+    direct = Norms(list(tensors.values())).measure(list(tensors.values())).value()
+    norms = pending.value()
+    assert np.allclose(norms, direct, rtol=BLOCK * 2.0**-24, atol=0) and norms[2] == 5.0 and norms[3] == 0.0
+    assert backend.log == [("synchronize", "event on side")]
+    backend.log.clear()
+
+    model = torch.nn.Sequential(torch.nn.Linear(300, 400), torch.nn.Linear(400, 2))
+    opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[1].parameters(), "lr": 0.5}], lr=0.1)
+    model(torch.randn(8, 300, generator=g)).square().mean().backward()
+    grads = group_grad_norms(opt)
+    assert backend.log == expected_log(1, 4)  # one vector of group norms; four gradients read
+    backend.log.clear()
+    expected = [float(torch.cat([p.grad.double().reshape(-1) for p in group["params"]]).norm())
+                for group in opt.param_groups]
+    assert np.allclose(grads.value()[0].numpy(), expected, rtol=1e-6, atol=0)
+    assert backend.log == [("synchronize", "event on side")]
+
+
 def test_the_cpu_lane_runs_the_work_at_once() -> None:
     lane = lane_for(torch.device("cpu"))
     assert isinstance(lane.backend, HostBackend) and lane.streamless
@@ -245,11 +281,14 @@ def test_cuda_norms_and_sketch_equal_the_cpu_ones_without_synchronising() -> Non
     cuda = {name: t.cuda() for name, t in cpu.items()}
     sketch, plan = lt.CountSketch(7), Norms(list(cuda.values()))
     sketch.measure(cuda).value()  # the plan of the passes (host-to-device copies) is built once
+    sharded = ShardedFingerprints(7, 64)
+    sharded.launch_norms(cuda).value()  # so is the sharded path's block index
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         pending_sketch, pending_norms = sketch.measure(cuda), plan.measure(list(cuda.values()))
         pending_grads = group_norms([[cuda["w"], cuda["b"]], [cuda["big"]]])
+        pending_sharded = sharded.launch_norms(cuda)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for t in cuda.values():
@@ -257,5 +296,6 @@ def test_cuda_norms_and_sketch_equal_the_cpu_ones_without_synchronising() -> Non
     assert_close(pending_sketch.value(), reference(7, 256, cpu))
     expected = Norms(list(cpu.values())).measure(list(cpu.values())).value()
     assert np.allclose(pending_norms.value(), expected, rtol=1e-6, atol=0)
+    assert np.allclose(pending_sharded.value(), expected, rtol=1e-6, atol=0)
     grads = group_norms([[cpu["w"], cpu["b"]], [cpu["big"]]]).value()[0]
     assert np.allclose(pending_grads.value()[0].numpy(), grads.numpy(), rtol=1e-6, atol=0)
