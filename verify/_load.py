@@ -71,7 +71,8 @@ class Bodies:
         buffers, starts, ends, chunks, first = [], [], [], [], 0
         for offsets, data in binary_chunks(column):
             n = len(offsets) - 1
-            mine = rows[(rows >= first) & (rows < first + n)] - first
+            lo, hi = np.searchsorted(rows, (first, first + n))  # rows ascending: this chunk's, without a pass
+            mine = rows[lo:hi] - first                           # over every row per chunk
             buffers.append(np.frombuffer(data, np.uint8))
             ends.append(offsets[mine + 1])
             starts.append(np.minimum(offsets[mine] + skip, ends[-1]))
@@ -99,10 +100,17 @@ class Bodies:
         """The bodies ``idx`` (all of one length) as the rows of a uint8 matrix."""
         size = int(self._end[idx[0]] - self._start[idx[0]]) if len(idx) else 0
         out = np.empty((len(idx), size), np.uint8)
-        chunk = self._chunk[idx]
-        for c in np.flatnonzero(np.bincount(chunk)).tolist():  # each body: a row of its buffer's sliding windows
-            mine = chunk == c
-            out[mine] = np.lib.stride_tricks.sliding_window_view(self._buffers[c], size)[self._start[idx[mine]]]
+        chunk, start = self._chunk[idx], self._start[idx]
+        order = None if bool((chunk[1:] >= chunk[:-1]).all()) else np.argsort(chunk, kind="stable")
+        if order is not None:
+            chunk, start = chunk[order], start[order]
+        cuts = [0, *(np.flatnonzero(chunk[1:] != chunk[:-1]) + 1).tolist(), len(chunk)]
+        for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):  # each run of one buffer's bodies: rows of its
+            if hi > lo:                                       # sliding windows (a view), by start
+                rows = np.lib.stride_tricks.sliding_window_view(self._buffers[int(chunk[lo])], size)[start[lo:hi]]
+                out[lo:hi] = rows
+        if order is not None:
+            out[order] = out.copy()
         return out
 
 
@@ -258,6 +266,26 @@ def header_field(headers: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(block).view(_NUMPY_CODES[code]).ravel().astype(np.int64)
 
 
+def rows_differ(rows: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Per row of an (n, w) uint8 matrix, whether it differs from the same row of ``other`` (n, w),
+    or from ``other`` itself when it is one row; 8 bytes at a time when w is a multiple of 8."""
+    rows, other = np.ascontiguousarray(rows), np.ascontiguousarray(other)
+    if rows.shape[-1] % 8 == 0:
+        rows, other = rows.view(np.uint64), other.view(np.uint64)
+    differ: np.ndarray = (rows != other).any(axis=-1)
+    return differ
+
+
+def links_broken(prev: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    """Per entry, whether its prev_hash (rows of ``prev``) is not the previous entry's hash (zeros
+    for the first)."""
+    broken = np.empty(len(prev), bool)
+    if len(prev):
+        broken[0] = rows_differ(prev[:1], np.zeros((1, prev.shape[1]), np.uint8))[0]
+        broken[1:] = rows_differ(prev[1:], hashes[:-1])
+    return broken
+
+
 def first_break(loaded: Loaded) -> int:
     """Position of the first entry whose header or link is broken (too short, an unknown version,
     kind or reserved byte, seq out of place, prev_hash not the previous hash), or the number of
@@ -268,10 +296,8 @@ def first_break(loaded: Loaded) -> int:
         return 0
     headers, lengths = loaded.headers()
     hashes = np.frombuffer(loaded.joined_hashes(), dtype=np.uint8).reshape(n, 32)
-    expected_prev = np.vstack([np.zeros((1, 32), np.uint8), hashes[:-1]])
     broken = (lengths < HEADER_SIZE) | (header_field(headers, "version") != _record.FORMAT_VERSION) \
         | (header_field(headers, "reserved") != 0) | (header_field(headers, "kind") > max(Kind)) \
-        | (header_field(headers, "seq") != np.arange(n)) \
-        | (header_field(headers, "prev_hash") != expected_prev).any(axis=1)
+        | (header_field(headers, "seq") != np.arange(n)) | links_broken(header_field(headers, "prev_hash"), hashes)
     bad = np.flatnonzero(broken)
     return int(bad[0]) if len(bad) else n
