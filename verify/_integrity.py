@@ -23,7 +23,7 @@ from ledger._record import HEADER_SIZE, Kind
 from ledger._schema import SealBody
 from ledger.errors import FormatError, LedgerError
 from ledger.verify._context import Context
-from ledger.verify._load import Records, header_field
+from ledger.verify._load import Records, header_field, links_broken, rows_differ
 from ledger.verify._result import CheckResult, Status
 from ledger.verify._signatures import bad_signatures
 
@@ -58,8 +58,7 @@ def check_chain(ctx: Context) -> CheckResult:
     flag(reserved != 0, "reserved header byte is not zero")
     flag(kind > max(Kind), "unknown entry kind")
     flag(seq != position, "seq is not contiguous here (an entry is missing, duplicated or moved)")
-    expected_prev = np.vstack([np.zeros((1, 32), np.uint8), hashes[:-1]])
-    flag((prev != expected_prev).any(axis=1), "prev_hash does not equal the previous entry's hash")
+    flag(links_broken(prev, hashes), "prev_hash does not equal the previous entry's hash")
     flag((kind == Kind.GENESIS) & (position != 0), "a genesis entry after the first position")
     flag((kind == Kind.SEAL) & (position != n - 1), "entries follow the seal")
     if kind[0] != Kind.GENESIS:
@@ -67,12 +66,12 @@ def check_chain(ctx: Context) -> CheckResult:
     # run id and signer: every entry names the genesis run and key
     if loaded.genesis is not None:
         run_id = str(loaded.genesis.get("run_id", ""))
-        flag((run_dg != np.frombuffer(_record.run_digest(run_id), np.uint8)).any(axis=1),
+        flag(rows_differ(run_dg, np.frombuffer(_record.run_digest(run_id), np.uint8)),
              "run-id digest differs from the genesis run (an entry from another run)")
         flag(string_codes(t["run_id"], [run_id]) != 0, "run_id column differs from genesis")
         gkid = loaded.genesis.get("key_id", b"")
         gkid_row = np.frombuffer(gkid if isinstance(gkid, bytes) and len(gkid) == 32 else bytes(32), np.uint8)
-        flag((fixed_rows(t["key_id"]) != gkid_row).any(axis=1), "key_id column differs from the genesis key id")
+        flag(rows_differ(fixed_rows(t["key_id"]), gkid_row), "key_id column differs from the genesis key id")
     elif loaded.genesis_error:
         problems.setdefault(0, []).append(f"genesis unreadable: {loaded.genesis_error}")
     # typed columns against the header bytes
@@ -81,7 +80,7 @@ def check_chain(ctx: Context) -> CheckResult:
     flag(int64_values(t["time_ns"]) != time_ns, "time_ns column differs from the record header")
     kinds_col = string_codes(t["kind"], [k.label for k in sorted(Kind)])  # index == kind code, -1 none
     flag(kinds_col != kind, "kind column differs from the record header")
-    flag((fixed_rows(t["hash"]) != hashes).any(axis=1), "hash column differs from the hash of the record bytes")
+    flag(rows_differ(fixed_rows(t["hash"]), hashes), "hash column differs from the hash of the record bytes")
     if progress:
         progress("chain", n, n)
     # bodies: genesis, seal and all others (or a sample) decoded and compared with the metrics column
