@@ -25,7 +25,7 @@ from ledger.verify._bounds import Bounds, dtype_rounding, norm_rtol
 from ledger.verify._columns import StepColumns
 from ledger.verify._context import Context
 from ledger.verify._intervals import state_distance
-from ledger.verify._result import CheckResult, Status
+from ledger.verify._result import CheckResult, Lists, Status
 from ledger.verify._run import RunView
 
 SKETCH_RTOL = 1e-6  # sketch of the same weights, another summation order (float64)
@@ -61,21 +61,21 @@ def check_continuity(ctx: Context) -> CheckResult:
     anomalies, notes = walk.anomalies, list(walk.notes)
     data: dict[str, Any] = {
         "steps_checked": len(view.steps), "anomalies": anomalies,
-        "margin": max(walk.ratios) if walk.ratios else None, "superseded_steps": [s for _, s in view.superseded],
+        "margin": walk.margin, "superseded_steps": [s for _, s in view.superseded],
         "skipped_steps": skipped[:1000],
         "checkpoint_intervals_checked": intervals, "sketch_steps_checked": walk.sketch_checks,
         "distance_from_init": walk.distance[:: max(1, len(walk.distance) // 1000)],
         "optimizer_family": bounds.family, "sketch_intervals_skipped": walk.sketch_skipped,
         "evidence": evidence, "buffers_moved": walk.buffers_moved, "localisation_steps": granularity,
     }
-    plot = {**walk.series, "family": bounds.family or "", "distance_from_init": walk.distance,
-            "checkpoint_distances": walk.checkpoint_distances}
+    plot = Lists({**walk.series, "family": bounds.family or "", "distance_from_init": walk.distance,
+                  "checkpoint_distances": walk.checkpoint_distances})
     name = bounds.family or "+".join(bounds.unknown)
     if anomalies:
         named = "; ".join(_describe(a) for a in anomalies[:6])
         return CheckResult("continuity", Status.FAIL, f"{len(anomalies)} update(s) break continuity ({name}): "
                            f"{named}{' …' if len(anomalies) > 6 else ''}", data, series=plot)
-    margin = f"largest honest ratio to the bound {max(walk.ratios):.4f}" if walk.ratios else "no ratios"
+    margin = f"largest honest ratio to the bound {walk.margin:.4f}" if walk.margin is not None else "no ratios"
     if view.superseded:
         notes.append(f"{len(view.superseded)} superseded step entries excluded")
     if walk.buffers_moved:
@@ -149,13 +149,17 @@ class _Walk:
         self.unconfirmed: list[tuple[int, float, float]] = []  # (step, logged lr, ratio at the checkpoints' lr)
         self.anomalies: list[dict[str, Any]] = [{"step": -1, "ratio": math.inf, "evidence": "entry", "detail": why}
                                                 for why in view.malformed_of(Kind.STEP, Kind.RESUME)]
-        self.ratios: list[float] = []
+        self.margin: float | None = None  # the largest ratio of an update within its bound
         self.notes: list[str] = []
-        self.series: dict[str, list[float]] = {"steps": [], "moved": [], "bound": [], "ratio": []}
+        self.series: dict[str, np.ndarray | list[float]] = {"steps": [], "moved": [], "bound": [], "ratio": []}
         self.distance: list[list[float]] = []
         self.sketch_checks = self.sketch_skipped = 0
         self.buffers_moved: list[str] = []
         self.checkpoint_distances: list[dict[str, Any]] = []
+
+    def fits(self, ratio: float) -> None:
+        """An update within its bound at this ratio (the margin is the largest)."""
+        self.margin = ratio if self.margin is None else max(self.margin, ratio)
 
     def run(self) -> None:
         """Walk every recorded step in order."""
@@ -214,19 +218,17 @@ class _Walk:
                                       "tensor": order[int(worst[row])], **what}))
         honest = has_bound & ~over
         finite = ~unbounded
-        self.series["steps"] += steps.tolist()
-        self.series["moved"] += np.where(finite, delta, 0.0).sum(axis=1).tolist()
-        self.series["bound"] += np.where(finite, bound, 0.0).sum(axis=1).tolist()
-        self.series["ratio"] += np.where(has_bound, np.where(finite, ratio, -np.inf).max(axis=1), 0.0).tolist()
+        self.series["steps"] = steps
+        self.series["moved"] = np.where(finite, delta, 0.0).sum(axis=1)
+        self.series["bound"] = np.where(finite, bound, 0.0).sum(axis=1)
+        self.series["ratio"] = np.where(has_bound, np.where(finite, ratio, -np.inf).max(axis=1), 0.0)
         budgets = np.sqrt(np.square(np.where(finite, bound + slack, 0.0)).sum(axis=1)).tolist()
         # a tensor outside every param group (e.g. BatchNorm running statistics) that moved has no
         # bound, so the sketch interval holding that step cannot be checked as a whole
         loose = (unbounded & moved).any(axis=1).tolist()
         sketch_ratios = self._sketches(cols, budgets, loose, jl, found)
-        ratios = np.concatenate([worst_ratio[honest], np.asarray([r for _, r in sketch_ratios])])
-        keys = np.concatenate([2 * np.flatnonzero(honest), np.asarray([2 * row + 1 for row, _ in sketch_ratios],
-                                                                      dtype=np.int64)])
-        self.ratios += ratios[np.argsort(keys, kind="stable")].tolist()
+        for r in ([float(worst_ratio[honest].max())] if honest.any() else []) + [r for _, r in sketch_ratios]:
+            self.fits(r)
         found.sort(key=lambda f: f[:3])
         self.anomalies += [a for *_, a in found]
 
@@ -327,7 +329,7 @@ def _check_checkpoints(view: RunView, bounds: Bounds, walk: _Walk, metas: dict[i
                     walk.anomalies.append({"step": cp.step, "from_step": t, "ratio": worst, "evidence": "checkpoint",
                                            "tensor": name, "rule": rule})
                 else:
-                    walk.ratios.append(worst)
+                    walk.fits(worst)
         previous = (cp.step, weights)
     return intervals
 

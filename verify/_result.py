@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+import numpy as np
 
 from ledger.errors import ConfigurationError, VerificationError
 
@@ -23,6 +25,26 @@ class Status(str, enum.Enum):
 
     def __format__(self, spec: str) -> str:
         return format(self.value, spec)
+
+
+class Lists(Mapping[str, Any]):
+    """A check's series: numpy arrays kept as they were computed, each turned into a list the first
+    time it is read (rendering and ``to_dict(series=True)`` read them; most verifications never do)."""
+
+    def __init__(self, items: Mapping[str, Any]) -> None:
+        self._items = dict(items)
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._items[key]
+        if isinstance(value, np.ndarray):
+            value = self._items[key] = value.tolist()
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 @dataclass(frozen=True, slots=True)
