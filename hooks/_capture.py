@@ -16,6 +16,7 @@ from ledger._fingerprint import model_digest
 from ledger._schema import Genesis, StepBody
 from ledger.errors import ConfigurationError
 from ledger.hooks._norms import Pending, group_norms
+from ledger.hooks._sharded import Summed
 
 HYPER_KEYS = ("betas", "momentum", "weight_decay", "eps", "dampening", "nesterov")
 
@@ -25,7 +26,7 @@ class Capture:
     matching genesis), and what they saw since the last step entry: ``slots``, one per optimizer."""
 
     def __init__(self, optimizer: Any, genesis: Genesis, names: list[str],
-                 grad_norms: Callable[[Any], Landing] | None = None, gradients: bool = True) -> None:
+                 grad_norms: Callable[[Any], Summed] | None = None, gradients: bool = True) -> None:
         self.optimizers = hookable(optimizer)
         self._grad_norms = grad_norms  # per-group norms of the global gradients (sharded runs: a collective)
         self._gradients = gradients  # whether the gradient norms are read (see reads_gradients)
@@ -92,7 +93,8 @@ class Capture:
             hypers += slot["hyper"]
             if self._gradients:
                 norms = slot["grad_norms"]
-                grads.append(norms.value()[0] if isinstance(norms, Landing) else norms)
+                grads.append(norms.value()[0] if isinstance(norms, Landing)  # launched on the lane
+                             else torch.from_numpy(norms.value()) if isinstance(norms, Summed) else norms)
         hook = {"steps": sum(each), "lrs": lrs, "hyper": hypers,
                 "grad_norms": torch.cat([g.cpu() for g in grads]) if self._gradients else None}
         if len(each) > 1:

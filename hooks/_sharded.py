@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,13 +153,37 @@ def _index(owners: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 @dataclass(frozen=True, slots=True)
 class Summed:
-    """Per-tensor squared norms launched on a lane; :meth:`value` waits for them and takes the roots."""
+    """Per-tensor (or per-group) squares launched on a lane and summed across ranks; :meth:`value`
+    (the writer thread) waits for them and takes the roots."""
 
     landing: Landing
+    collective: Any = None  # an all-reduce still running off the device's streams (gloo's work)
 
     def value(self) -> npt.NDArray[np.float64]:
-        """The per-tensor L2 norms (float64)."""
+        """The L2 norms (float64)."""
+        if self.collective is not None:
+            self.collective.wait()
         return np.sqrt(self.landing.value()[0].numpy().astype(np.float64))
+
+
+def launch_summed(reads: list[torch.Tensor], squares: Callable[[], torch.Tensor]) -> Summed:
+    """``squares()`` (of ``reads``, on :func:`sum_device`) launched on the reads' lane and summed
+    across ranks: on CUDA on the side stream, the NCCL all-reduce included, so the training thread
+    does not wait for the device; with gloo (a CPU collective) the all-reduce runs on gloo's
+    threads, waited for by :meth:`Summed.value` (the writer thread), not the training thread."""
+    lane, running = lane_of(reads), []
+
+    def work() -> list[torch.Tensor]:
+        total = squares()
+        if dist.is_initialized():
+            if total.device.type == "cpu":
+                running.append(dist.all_reduce(total, op=dist.ReduceOp.SUM, async_op=True))
+            else:  # ordered after the sums on the current (side) stream, without the host
+                dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return [total]
+
+    landing = lane.launch(work, reads)
+    return Summed(landing, running[0] if running else None)
 
 
 def _collective_device() -> torch.device:
@@ -227,17 +251,15 @@ class ShardedFingerprints:
                        for low, (blocks, owners) in groups.items() if blocks]
         count = len(parts)
 
-        def work() -> list[torch.Tensor]:
-            squares = torch.zeros(count, dtype=torch.float64, device=device)
+        def squares() -> torch.Tensor:
+            total = torch.zeros(count, dtype=torch.float64, device=device)
             for low, blocks, index in work_groups:
-                squares.index_add_(0, index, _foreach_norms(blocks, low).double().square().to(device))
+                total.index_add_(0, index, _foreach_norms(blocks, low).double().square().to(device))
             for i, flat in exact:
-                squares[i] += flat.double().square().sum().to(device)
-            if dist.is_initialized():
-                dist.all_reduce(squares, op=dist.ReduceOp.SUM)
-            return [squares]
+                total[i] += flat.double().square().sum().to(device)
+            return total
 
-        return Summed(lane_of(reads).launch(work, reads))
+        return launch_summed(reads, squares)
 
     def sketch(self, tensors: Mapping[str, torch.Tensor]) -> npt.NDArray[np.float64] | None:
         """The count-sketch of the global tensors (float64, k values) on rank 0; None on the others."""

@@ -8,8 +8,9 @@ never disagree about which collectives a step runs), the norms (one all-reduce o
 tensor), the sketch when due (one reduce of 8·k bytes), full digests when due (one gather of block
 hashes); in the optimizer's post-step hook, the per-group gradient norms (one all-reduce). The norms
 and gradient norms are launched on the shards' lane (``ledger._device``: on CUDA a side stream, the
-all-reduce included) and read by the writer thread, so the training thread does not wait for the
-device for them; the optional sketch and digests, scheduled by the cost budget, do wait. At
+all-reduce included; with gloo the all-reduce runs on gloo's threads) and read by the writer thread,
+so the training thread waits for neither; the optional sketch and digests, scheduled by the cost
+budget, do wait. At
 ``close``: the final digests, and the full weights gathered to rank 0 only when the user asks for
 the final weights file.
 """
@@ -26,11 +27,10 @@ import numpy.typing as npt
 import torch
 
 from ledger._blocked import TENSOR_BLOCKED_V1, safetensors_digests_as
-from ledger._device import Landing, lane_of
 from ledger.errors import ConfigurationError, FormatError
 from ledger.hooks._norms import total_square
 from ledger.hooks._options import Cadence
-from ledger.hooks._sharded import ShardedFingerprints, Summed, local_part, sharded_state, sum_device
+from ledger.hooks._sharded import ShardedFingerprints, Summed, launch_summed, local_part, sharded_state, sum_device
 
 SCHEME = TENSOR_BLOCKED_V1
 
@@ -58,11 +58,11 @@ def refuse(what: str) -> ConfigurationError:
                               "torch.distributed.checkpoint and record it with rec.record_dcp(DIR)")
 
 
-def group_grad_norms(optimizer: Any) -> Landing:
-    """Per param group, the L2 norm of the global gradients (float64; ``value()[0]``), from each
+def group_grad_norms(optimizer: Any) -> Summed:
+    """Per param group, the L2 norm of the global gradients (float64; ``value()``), from each
     rank's local shards (every rank calls it, in the optimizer's post-step hook): the squares summed
-    where the shards are, one all-reduce, one copy to the host, launched on the shards' lane — on
-    CUDA a side stream, so the training thread does not wait for the device."""
+    where the shards are, one all-reduce, one copy to the host, launched by :func:`launch_summed`
+    (the training thread waits neither for the device nor for gloo)."""
     groups: list[list[torch.Tensor]] = []
     for group in optimizer.param_groups:
         flats = []
@@ -73,15 +73,8 @@ def group_grad_norms(optimizer: Any) -> Landing:
         groups.append(flats)
     reads = [t for flats in groups for t in flats]
     device = sum_device(reads)
-
-    def work() -> list[torch.Tensor]:
-        squares = torch.stack([total_square(flats, device) for flats in groups]) if groups else \
-            torch.zeros(0, dtype=torch.float64, device=device)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(squares)
-        return [squares.sqrt()]
-
-    return lane_of(reads).launch(work, reads)
+    return launch_summed(reads, lambda: torch.stack([total_square(flats, device) for flats in groups]) if groups
+                         else torch.zeros(0, dtype=torch.float64, device=device))
 
 
 class ShardedRun:

@@ -81,7 +81,7 @@ def worker(rank: int, world: int, port: str, out: Path) -> None:
     ids = torch.randint(0, BIG_ROWS, (4, 6), generator=torch.Generator().manual_seed(1))
     model(ids).pow(2).mean().backward()
     opt.step()
-    grad_norms = group_grad_norms(opt).value()[0].tolist()  # every rank: a collective
+    grad_norms = group_grad_norms(opt).value().tolist()  # every rank: a collective
     full_grads = [[(p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).double() for p in g["params"]
                    if p.grad is not None] for g in opt.param_groups]
     grad_reference = [math.sqrt(sum(float(g.square().sum()) for g in grads)) for grads in full_grads]
@@ -95,6 +95,8 @@ def worker(rank: int, world: int, port: str, out: Path) -> None:
     began = time.perf_counter()
     norms = fp.norms(state)
     timings["norms"] = time.perf_counter() - began
+    launched = fp.launch_norms(state)  # gloo: the all-reduce runs on gloo's threads; value() waits for it
+    assert launched.collective is not None and launched.value().tolist() == norms.tolist()
     began = time.perf_counter()
     sketch, again = fp.sketch(state), fp.sketch(state)  # the second one reuses the first one's plan
     timings["sketch"] = time.perf_counter() - began
