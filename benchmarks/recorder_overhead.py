@@ -353,7 +353,8 @@ def main() -> None:
                    peak_rss(name, "recorded", args.memory_steps[i], args.threads),
                    peak_rss(name, "libraries", args.memory_steps[i], args.threads))
             rows += report_workload(name, result, rss)
-        rows += bench_checkpoint(args.checkpoints, Path(tmp))
+        if args.checkpoints > 0:  # --checkpoints 0: no checkpoint comparison
+            rows += bench_checkpoint(args.checkpoints, Path(tmp))
         for i, name in enumerate(WORKLOADS if args.profile else ()):
             profile(name, args.profile[i], Path(tmp))
     print("\n== summary ==")
