@@ -184,16 +184,17 @@ class Summed:
 def launch_summed(reads: list[torch.Tensor], squares: Callable[[], torch.Tensor]) -> Summed:
     """``squares()`` (of ``reads``, on :func:`sum_device`) launched on the reads' lane and summed
     across ranks: on CUDA on the side stream, the NCCL all-reduce included, so the training thread
-    does not wait for the device; with gloo (a CPU collective) the all-reduce runs on gloo's
-    threads, waited for by :meth:`Summed.value` (the writer thread), not the training thread."""
+    does not wait for the device; with gloo (a CPU collective) on CPU tensors the all-reduce runs on
+    gloo's threads, waited for by :meth:`Summed.value` (the writer thread), not the training thread.
+    (CUDA tensors under gloo reduce at once: the lane's host copy is taken when it is queued.)"""
     lane, running = lane_of(reads), []
 
     def work() -> list[torch.Tensor]:
         total = squares()
         if dist.is_initialized():
-            if total.device.type == "cpu":
+            if total.device.type == "cpu" and lane.streamless:  # the landing holds ``total`` itself
                 running.append(dist.all_reduce(total, op=dist.ReduceOp.SUM, async_op=True))
-            else:  # ordered after the sums on the current (side) stream, without the host
+            else:  # on the current (side) stream after the sums (NCCL: without the host)
                 dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return [total]
 
@@ -266,8 +267,8 @@ class ShardedFingerprints:
                        for low, (blocks, owners) in groups.items() if blocks]
         count = len(parts)
 
-        def squares() -> torch.Tensor:
-            total = torch.zeros(count, dtype=torch.float64, device=device)
+        def squares() -> torch.Tensor:  # on CUDA index_add_ sums with atomics: the order, and so the last
+            total = torch.zeros(count, dtype=torch.float64, device=device)  # bit of a float64, can vary
             for low, blocks, index in work_groups:
                 total.index_add_(0, index, _foreach_norms(blocks, low).double().square().to(device))
             for i, flat in exact:

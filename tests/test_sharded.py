@@ -23,8 +23,10 @@ import numpy as np
 import pytest
 import torch
 
+import ledger.hooks._sharded as sharded_module
 import ledger.torch as lt
 from ledger._blocked import TENSOR_BLOCKED_V1, safetensors_blocked_digests
+from ledger._device import HostBackend, Lane
 from ledger.errors import ConfigurationError
 from ledger.hooks._norms import BLOCK, Norms
 from ledger.hooks._sharded import ShardedFingerprints, _flat_range, _pieces, local_part, sharded_state
@@ -62,6 +64,13 @@ def _reference(full: dict[str, torch.Tensor]) -> dict[str, Any]:
             "sizes": [full[n].numel() for n in names]}
 
 
+class Copying(HostBackend):
+    """A lane backend with streams (like CUDA's): its host copy is taken when the work is queued."""
+
+    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.clone()
+
+
 def worker(rank: int, world: int, port: str, out: Path) -> None:
     """One rank: shard the model with fully_shard, take one SGD step on the same batch on every rank,
     fingerprint the local shards, and (rank 0) record them next to the gathered weights' values."""
@@ -97,6 +106,13 @@ def worker(rank: int, world: int, port: str, out: Path) -> None:
     timings["norms"] = time.perf_counter() - began
     launched = fp.launch_norms(state)  # gloo: the all-reduce runs on gloo's threads; value() waits for it
     assert launched.collective is not None and launched.value().tolist() == norms.tolist()
+    real_lane = sharded_module.lane_of
+    sharded_module.lane_of = lambda tensors: Lane(Copying())  # as CUDA tensors under gloo: a lane with streams
+    try:
+        copied = fp.launch_norms(state)
+    finally:
+        sharded_module.lane_of = real_lane
+    assert copied.collective is None and copied.value().tolist() == norms.tolist()  # reduced before the copy
     began = time.perf_counter()
     sketch, again = fp.sketch(state), fp.sketch(state)  # the second one reuses the first one's plan
     timings["sketch"] = time.perf_counter() - began
