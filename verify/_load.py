@@ -270,6 +270,8 @@ def rows_differ(rows: np.ndarray, other: np.ndarray) -> np.ndarray:
     """Per row of an (n, w) uint8 matrix, whether it differs from the same row of ``other`` (n, w),
     or from ``other`` itself when it is one row; 8 bytes at a time when w is a multiple of 8."""
     rows, other = np.ascontiguousarray(rows), np.ascontiguousarray(other)
+    if rows.shape[-1] != other.shape[-1]:
+        raise ValueError(f"rows of {rows.shape[-1]} bytes compared with rows of {other.shape[-1]}")
     if rows.shape[-1] % 8 == 0:
         rows, other = rows.view(np.uint64), other.view(np.uint64)
     differ: np.ndarray = (rows != other).any(axis=-1)

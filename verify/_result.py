@@ -46,6 +46,9 @@ class Lists(Mapping[str, Any]):
     def __len__(self) -> int:
         return len(self._items)
 
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
 
 @dataclass(frozen=True, slots=True)
 class CheckResult:
