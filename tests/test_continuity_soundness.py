@@ -5,12 +5,14 @@ that move betas, SGD with momentum and weight decay)."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from conftest import FIXED_SEED
@@ -407,3 +409,38 @@ def test_plain_sgd_one_step_interval_at_exactly_the_bound_passes(tmp_path: Path)
     check = verify_ledger(tmp_path / "ledger").check("continuity")
     assert check.status is Status.PASS, check.detail
     assert 0.999 < check.data["margin"] <= 1.0 + 1e-6  # the bound is tight, not loosened
+
+
+# ----------------------------------------------------------------------------- NaN is not evidence
+def test_a_nan_norm_or_sketch_hides_nothing(tmp_path):
+    """NaN compares as "not moved" and as "within the bound": a trainer logging NaN norms at a step
+    (where the weights were swapped) or NaN sketches would otherwise pass those checks. NaN norms of
+    a parameter fail; NaN sketches are not counted as evidence and the result says so."""
+    model = mlp()
+    honest = record(tmp_path / "honest", model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    assert continuity(honest).status is Status.PASS
+
+    def nan_norms(kind: Kind, step: int, body: dict) -> dict:
+        return {**body, "norms": np.asarray(body["norms"]) * math.nan} if kind is Kind.STEP and step == 5 else body
+
+    result = continuity(resign(honest, tmp_path / "norms", nan_norms))
+    assert result.status is Status.FAIL and "step 5: the norm, or the one before, is not finite" in result.detail
+
+    def nan_sketches(kind: Kind, step: int, body: dict) -> dict:
+        return {**body, "sketch": np.asarray(body["sketch"]) * math.nan} if kind is Kind.STEP and "sketch" in body \
+            else body
+
+    result = continuity(resign(honest, tmp_path / "sketches", nan_sketches))
+    assert result.data["sketch_steps_checked"] == 0 and not any("sketch" in e for e in result.data["evidence"])
+    assert "sketch evidence skipped for 2 sketch(es) whose distance to the one before is not a number" in result.detail
+
+
+def test_a_buffer_holding_minus_infinity_passes_and_its_sketches_are_not_evidence(tmp_path):
+    """An honest model with a -inf buffer (an additive mask): the buffer's norm is infinite and every
+    sketch holds an infinity, so the sketches are skipped (said so); the checkpoints still carry it."""
+    model = mlp()
+    model.register_buffer("mask", torch.full((4,), -math.inf))
+    result = continuity(record(tmp_path / "L", model, torch.optim.AdamW(model.parameters(), lr=1e-2)))
+    assert result.status is Status.PASS, result.detail
+    assert result.data["sketch_steps_checked"] == 0 and "is not a number" in result.detail
+    assert "2 checkpoint interval(s) on the real weights" in result.detail

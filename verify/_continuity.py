@@ -52,7 +52,7 @@ def check_continuity(ctx: Context) -> CheckResult:
     intervals = _check_checkpoints(view, bounds, walk, metas)
     if intervals:
         evidence.append(f"{intervals} checkpoint interval(s) on the real weights")
-    granularity = _granularity(view)
+    granularity = _granularity(view, walk.sketched)
     if walk.sketch_checks or intervals:
         evidence.append(f"a jump the norms miss localised to ≤ {granularity} step(s)")
     final, weak_final = _check_final(ctx, view, walk)
@@ -65,7 +65,7 @@ def check_continuity(ctx: Context) -> CheckResult:
         "skipped_steps": skipped[:1000],
         "checkpoint_intervals_checked": intervals, "sketch_steps_checked": walk.sketch_checks,
         "distance_from_init": walk.distance[:: max(1, len(walk.distance) // 1000)],
-        "optimizer_family": bounds.family, "sketch_intervals_skipped": walk.sketch_skipped,
+        "optimizer_family": bounds.family, "sketch_intervals_skipped": walk.sketch_skipped + walk.sketch_nan,
         "evidence": evidence, "buffers_moved": walk.buffers_moved, "localisation_steps": granularity,
     }
     plot = Lists({**walk.series, "family": bounds.family or "", "distance_from_init": walk.distance,
@@ -80,6 +80,9 @@ def check_continuity(ctx: Context) -> CheckResult:
         notes.append(f"{len(view.superseded)} superseded step entries excluded")
     if walk.buffers_moved:
         notes.append(f"buffers outside the optimizer changed and are exempt: {', '.join(walk.buffers_moved[:5])}")
+    if walk.sketch_nan:
+        notes.append(f"sketch evidence skipped for {walk.sketch_nan} sketch(es) whose distance to the one before is "
+                     "not a number (a NaN in the sketch, or an infinity in it and in the one before)")
     if walk.sketch_skipped:
         notes.append(f"sketch evidence skipped for {walk.sketch_skipped} interval(s) in which tensors outside the "
                      "optimizer (e.g. normalisation statistics) changed")
@@ -97,15 +100,15 @@ def check_continuity(ctx: Context) -> CheckResult:
     return CheckResult("continuity", Status.PASS, detail, data, series=plot)
 
 
-def _granularity(view: RunView) -> int:
-    """The most steps between two points where the weights are pinned beyond their norms — a logged
-    sketch or a stored checkpoint (the init counts, and so does the last step): what a jump the norms
-    do not show is localised to. The entries say which carry a sketch; this is what they gave."""
+def _granularity(view: RunView, sketched: set[int]) -> int:
+    """The most steps between two points where the weights are pinned beyond their norms — a sketch
+    checked against the bound (``sketched``: their steps) or a stored checkpoint (the init counts, and
+    so does the last step): what a jump the norms do not show is localised to. The entries say which
+    carry a sketch; this is what those that could be checked gave."""
     cols = view.steps.columns
     if not len(cols.steps):
         return 0
-    marks = {-1, int(cols.steps[-1])} | {int(cols.steps[row]) for row in cols.sketches} \
-        | {cp.step for cp in view.stored_checkpoints()}
+    marks = {-1, int(cols.steps[-1])} | sketched | {cp.step for cp in view.stored_checkpoints()}
     return int(np.diff(np.asarray(sorted(marks))).max())
 
 
@@ -153,7 +156,8 @@ class _Walk:
         self.notes: list[str] = []
         self.series: dict[str, np.ndarray | list[float]] = {"steps": [], "moved": [], "bound": [], "ratio": []}
         self.distance: list[list[float]] = []
-        self.sketch_checks = self.sketch_skipped = 0
+        self.sketch_checks = self.sketch_skipped = self.sketch_nan = 0
+        self.sketched: set[int] = set()  # the steps of the sketches checked against the bound
         self.buffers_moved: list[str] = []
         self.checkpoint_distances: list[dict[str, Any]] = []
 
@@ -202,6 +206,14 @@ class _Walk:
                                                 "tensor": order[i],
                                                 "detail": "a parameter in no recorded optimizer group moved"}))
         moved_buffers.update(order[i] for i in np.flatnonzero((outside & moved & ~bounds.parameter).any(axis=0)))
+        # a parameter whose norm (or the one before) is NaN or infinite moved by an unknown amount: NaN
+        # compares as "not moved", so without this a logged NaN would hide any jump (buffers may hold ±inf)
+        unknown = ~(np.isfinite(norms) & np.isfinite(prev)) & bounds.parameter
+        for i in np.flatnonzero(unknown.any(axis=0)).tolist():
+            rows = np.flatnonzero(unknown[:, i])
+            why = f"the norm, or the one before, is not finite ({len(rows)} step(s) from here): the update is unbounded"
+            found.append((int(rows[0]), 1, i, {"step": int(steps[rows[0]]), "ratio": math.inf, "evidence": "norms",
+                                               "tensor": order[i], "detail": why}))
         if "sgd" in bounds.group_family:  # SGD's bound is built from the step's gradient norms
             for row in np.flatnonzero(~cols.has_grad_norms & (cols.optimizer_steps > 0)).tolist():
                 found.append((row, 1, 0, {"step": int(steps[row]), "ratio": math.inf, "evidence": "entry",
@@ -247,13 +259,17 @@ class _Walk:
             s = int(cols.steps[row])
             distance = float(np.linalg.norm(sketch - sketch_prev))
             r = distance / (jl * budget + 1e-12)
-            if unbounded or self.bounds.family is None:
+            if math.isnan(r):  # a NaN in a sketch, or ±inf in it and the one before (a buffer holding
+                self.sketch_nan += 1  # one): it bounds nothing, and is not counted as evidence
+            elif unbounded or self.bounds.family is None:
                 self.sketch_skipped += 1
             elif r > 1:
                 found.append((row, 3, 0, {"step": s, "ratio": r, "evidence": "sketch", "since_step": sketch_at}))
+                self.sketched.add(s)
             else:
                 fits.append((row, r))
                 self.sketch_checks += 1
+                self.sketched.add(s)
             self.distance.append([s, float(np.linalg.norm(sketch - view.init.sketch))])
             sketch_at, sketch_prev, start = s, sketch, row + 1
         return fits
@@ -341,13 +357,16 @@ def fingerprint_problems(weights: dict[str, np.ndarray], order: list[str], sketc
     problems = []
     if any(n not in weights for n in order):
         return ["tensors of the ledger are missing from"]
-    if sketch is not None:
-        real = sketcher({n: weights[n] for n in order})
-        if float(np.linalg.norm(real - sketch)) > SKETCH_RTOL * max(float(np.linalg.norm(sketch)), 1e-12):
+    if sketch is not None:  # a buffer holding ±inf puts ±inf (or NaN, both signs in a slot) in both sketches,
+        real = sketcher({n: weights[n] for n in order})  # at the same slots: those must be the same, the rest close
+        finite = np.isfinite(real) & np.isfinite(sketch)
+        if not np.array_equal(real[~finite], sketch[~finite], equal_nan=True) or float(np.linalg.norm(
+                real[finite] - sketch[finite])) > SKETCH_RTOL * max(float(np.linalg.norm(sketch[finite])), 1e-12):
             problems.append("the logged sketch does not match")
-    if norms is not None:
+    if norms is not None:  # an infinite norm (a buffer holding ±inf) matches only itself, NaN nothing
         real_norms = np.array([float(np.linalg.norm(weights[n].astype(np.float64).ravel())) for n in order])
-        if not np.all(np.abs(real_norms - norms) <= rtol * np.maximum(norms, real_norms) + 1e-12):
+        if not np.all((real_norms == norms) | (np.abs(real_norms - norms) <= rtol * np.maximum(norms, real_norms)
+                                               + 1e-12)):
             problems.append("the logged norms do not match")
     return problems
 
