@@ -93,7 +93,10 @@ def local_part(name: str, tensor: torch.Tensor) -> Local | None:
     if not isinstance(tensor, DTensor):
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         return Local(tensor.detach().reshape(-1), 0, shape, dtype) if rank0 else None
-    layout = _shard_layout(name, shape, tensor.device_mesh, tuple(tensor.placements))
+    mesh = tensor.device_mesh
+    coordinate = mesh.get_coordinate()  # part of the key: this rank's place in the mesh
+    where = None if coordinate is None else tuple(coordinate)
+    layout = _shard_layout(name, shape, mesh, tuple(tensor.placements), where)
     if layout is None:
         return None
     local_shape, start = layout
@@ -105,11 +108,12 @@ def local_part(name: str, tensor: torch.Tensor) -> Local | None:
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _shard_layout(name: str, shape: tuple[int, ...], mesh: Any,
-                  placements: tuple[Any, ...]) -> tuple[tuple[int, ...], int] | None:
-    """(local shape, first flat index) of this rank's shard of the DTensor ``name`` of ``shape``
-    placed by ``placements`` on ``mesh``, or None when this rank does not count it; computed once per
-    layout (DTensor's own computation costs ~40 µs, at every step for every tensor otherwise)."""
+def _shard_layout(name: str, shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...],
+                  coordinate: tuple[int, ...] | None) -> tuple[tuple[int, ...], int] | None:
+    """(local shape, first flat index) of the shard at ``coordinate`` (this rank's in ``mesh``) of the
+    DTensor ``name`` of ``shape`` placed by ``placements``, or None when this rank does not count it;
+    computed once per layout (DTensor's own computation costs ~40 µs, at every step for every tensor
+    otherwise)."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     from torch.distributed.tensor.placement_types import _StridedShard
@@ -118,7 +122,6 @@ def _shard_layout(name: str, shape: tuple[int, ...], mesh: Any,
         if isinstance(p, _StridedShard) or not isinstance(p, (Shard, Replicate)):
             raise ConfigurationError(f"tensor {name!r} has the placement {p}: only Shard and Replicate placements "
                                      "can be fingerprinted shard by shard (reduce a Partial one first)")
-    coordinate = mesh.get_coordinate()
     if coordinate is None or any(c != 0 for c, p in zip(coordinate, placements, strict=True)
                                  if isinstance(p, Replicate)):
         return None
