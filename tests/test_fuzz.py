@@ -2,13 +2,14 @@
 
 The fuzz run (slow) gives each target — the record decoder, the write-ahead-log frame reader, the
 safetensors header reader, the signed-tree-head (note) reader and the proof-file reader and checker
-(tests/fuzz_targets.py) — 20 s under libFuzzer with a 2 GiB RSS limit; a
+(tests/fuzz_targets.py) — 20 s under libFuzzer with a 2 GiB RSS limit (above what the process inherits); a
 crash (any exception but FormatError, a timeout, an RSS blow-up) fails the test and names the input,
 which is then kept in tests/fuzz_corpus/<target>/ so the fast replay below guards it for ever.
 """
 
 from __future__ import annotations
 
+import resource
 import shutil
 import subprocess
 import sys
@@ -33,9 +34,14 @@ def test_fuzz(target, tmp_path):
     corpus, artifacts = tmp_path / "corpus", tmp_path / "artifacts"
     shutil.copytree(CORPUS / target, corpus)
     artifacts.mkdir()
+    # libFuzzer reads its peak RSS from getrusage, and a process started from this one inherits this
+    # one's peak as its own (Linux keeps ru_maxrss across fork and exec): after a memory-heavy test in
+    # this worker, a 2 GiB limit would fail every target at once. The limit is 2 GiB above that floor.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    inherited_mb = peak >> 20 if sys.platform == "darwin" else peak >> 10
     done = subprocess.run(
         [sys.executable, str(Path(__file__).parent / "fuzz_targets.py"), target, "-max_total_time=20",
-         "-rss_limit_mb=2048", "-timeout=10", f"-artifact_prefix={artifacts}/", str(corpus)],
+         f"-rss_limit_mb={2048 + inherited_mb}", "-timeout=10", f"-artifact_prefix={artifacts}/", str(corpus)],
         capture_output=True, text=True, timeout=120)
     found = sorted(artifacts.iterdir())
     assert done.returncode == 0 and not found, (
