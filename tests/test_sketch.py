@@ -260,7 +260,7 @@ def test_sharded_norms_and_gradient_norms_launch_on_the_side_stream(monkeypatch:
     backend.log.clear()
     expected = [float(torch.cat([p.grad.double().reshape(-1) for p in group["params"]]).norm())
                 for group in opt.param_groups]
-    assert np.allclose(grads.value(), expected, rtol=1e-6, atol=0)
+    assert np.allclose(grads.value(), expected, rtol=BLOCK * 2.0**-24, atol=0)  # float32 sums, any order
     assert backend.log == [("synchronize", "event on side")]
 
 
