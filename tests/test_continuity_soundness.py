@@ -424,7 +424,18 @@ def test_a_nan_norm_or_sketch_hides_nothing(tmp_path):
         return {**body, "norms": np.asarray(body["norms"]) * math.nan} if kind is Kind.STEP and step == 5 else body
 
     result = continuity(resign(honest, tmp_path / "norms", nan_norms))
-    assert result.status is Status.FAIL and "step 5: the norm, or the one before, is not finite" in result.detail
+    assert result.status is Status.FAIL and "step 5: the norm, or the one before, is NaN" in result.detail
+
+    def as_buffer(kind: Kind, step: int, body: dict) -> dict:  # genesis calls the parameter a buffer (review)
+        if kind is Kind.GENESIS:
+            tensors = [{**t, "kind": "buffer"} if t.get("name") == "0.weight" else t
+                       for t in body["architecture"]["tensors"]]
+            return {**body, "architecture": {**body["architecture"], "tensors": tensors}}
+        return nan_norms(kind, step, body)
+
+    result = continuity(resign(honest, tmp_path / "buffer", as_buffer))  # still in an optimizer group: bounded
+    assert result.status is Status.FAIL and "step 5: the norm, or the one before, is NaN" in result.detail \
+        and "(0.weight)" in result.detail
 
     def nan_sketches(kind: Kind, step: int, body: dict) -> dict:
         return {**body, "sketch": np.asarray(body["sketch"]) * math.nan} if kind is Kind.STEP and "sketch" in body \
@@ -432,15 +443,24 @@ def test_a_nan_norm_or_sketch_hides_nothing(tmp_path):
 
     result = continuity(resign(honest, tmp_path / "sketches", nan_sketches))
     assert result.data["sketch_steps_checked"] == 0 and not any("sketch" in e for e in result.data["evidence"])
-    assert "sketch evidence skipped for 2 sketch(es) whose distance to the one before is not a number" in result.detail
+    assert "sketch evidence skipped for 2 sketch(es) with no slot finite" in result.detail
 
 
-def test_a_buffer_holding_minus_infinity_passes_and_its_sketches_are_not_evidence(tmp_path):
-    """An honest model with a -inf buffer (an additive mask): the buffer's norm is infinite and every
-    sketch holds an infinity, so the sketches are skipped (said so); the checkpoints still carry it."""
+def test_a_buffer_holding_minus_infinity_passes_on_the_finite_slots_of_its_sketches(tmp_path):
+    """An honest model with a -inf buffer (an additive mask): the buffer's norm is infinite and some
+    sketch slots hold -inf; the sketches are compared on their other slots, the checkpoints match."""
     model = mlp()
     model.register_buffer("mask", torch.full((4,), -math.inf))
     result = continuity(record(tmp_path / "L", model, torch.optim.AdamW(model.parameters(), lr=1e-2)))
     assert result.status is Status.PASS, result.detail
-    assert result.data["sketch_steps_checked"] == 0 and "is not a number" in result.detail
-    assert "2 checkpoint interval(s) on the real weights" in result.detail
+    assert result.data["sketch_steps_checked"] == 2 and "2 checkpoint interval(s) on the real weights" in result.detail
+
+
+def test_a_frozen_parameter_holding_minus_infinity_warns_that_it_was_not_checked(tmp_path):
+    """A frozen parameter outside the optimizer holding -inf: its norm stays infinite, so its updates
+    cannot be checked by norms; the result warns and names it (review)."""
+    model = mlp()
+    model.frozen = torch.nn.Parameter(torch.full((4,), -math.inf), requires_grad=False)
+    trained = [p for n, p in model.named_parameters() if n != "frozen"]
+    result = continuity(record(tmp_path / "L", model, torch.optim.AdamW(trained, lr=1e-2)))
+    assert result.status is Status.WARN and "the norms of frozen stay infinite" in result.detail, result.detail

@@ -29,6 +29,7 @@ from ledger.verify._result import CheckResult, Lists, Status
 from ledger.verify._run import RunView
 
 SKETCH_RTOL = 1e-6  # sketch of the same weights, another summation order (float64)
+FLOAT32_SQUARES = math.sqrt(float(np.finfo(np.float32).max))  # a norm whose float32 sum of squares overflows
 HYPER_KEYS = ("betas", "momentum", "weight_decay", "eps")
 
 
@@ -81,8 +82,8 @@ def check_continuity(ctx: Context) -> CheckResult:
     if walk.buffers_moved:
         notes.append(f"buffers outside the optimizer changed and are exempt: {', '.join(walk.buffers_moved[:5])}")
     if walk.sketch_nan:
-        notes.append(f"sketch evidence skipped for {walk.sketch_nan} sketch(es) whose distance to the one before is "
-                     "not a number (a NaN in the sketch, or an infinity in it and in the one before)")
+        notes.append(f"sketch evidence skipped for {walk.sketch_nan} sketch(es) with no slot finite in it and in the "
+                     "sketch before (NaN, or infinities from a buffer holding ±inf)")
     if walk.sketch_skipped:
         notes.append(f"sketch evidence skipped for {walk.sketch_skipped} interval(s) in which tensors outside the "
                      "optimizer (e.g. normalisation statistics) changed")
@@ -139,6 +140,9 @@ def _weakness(bounds: Bounds, walk: _Walk, intervals: int) -> str:
     """Why a continuity pass would claim more than its evidence shows ("" when it does not)."""
     if bounds.vacuous:
         return "Adam with β1² > β2: the bound grows without limit, so it is vacuous"
+    if walk.unchecked:
+        return (f"the norms of {', '.join(walk.unchecked[:5])} stay infinite, so their updates were not checked "
+                "against the bound (a frozen tensor holding ±inf?)")
     if not walk.sketch_checks and not intervals:
         return "it rests on per-tensor norms alone (no sketches, no two stored checkpoints)"
     return ""
@@ -157,6 +161,7 @@ class _Walk:
         self.series: dict[str, np.ndarray | list[float]] = {"steps": [], "moved": [], "bound": [], "ratio": []}
         self.distance: list[list[float]] = []
         self.sketch_checks = self.sketch_skipped = self.sketch_nan = 0
+        self.unchecked: list[str] = []  # tensors whose norm stays infinite: their updates are not checked
         self.sketched: set[int] = set()  # the steps of the sketches checked against the bound
         self.buffers_moved: list[str] = []
         self.checkpoint_distances: list[dict[str, Any]] = []
@@ -206,14 +211,19 @@ class _Walk:
                                                 "tensor": order[i],
                                                 "detail": "a parameter in no recorded optimizer group moved"}))
         moved_buffers.update(order[i] for i in np.flatnonzero((outside & moved & ~bounds.parameter).any(axis=0)))
-        # a parameter whose norm (or the one before) is NaN or infinite moved by an unknown amount: NaN
-        # compares as "not moved", so without this a logged NaN would hide any jump (buffers may hold ±inf)
-        unknown = ~(np.isfinite(norms) & np.isfinite(prev)) & bounds.parameter
+        # NaN compares as "not moved": a logged NaN (or a change to or from an infinity) would hide any
+        # jump of a tensor the optimizer bounds, or of any parameter, whatever genesis calls it (only
+        # buffers outside every group are exempt); an infinity that stays is not checked and is named
+        watched = (bounds.group_of >= 0) | bounds.parameter
+        blind = ~(np.isfinite(norms) & np.isfinite(prev))
+        unknown = blind & ((norms != prev) | np.isnan(norms)) & watched
         for i in np.flatnonzero(unknown.any(axis=0)).tolist():
             rows = np.flatnonzero(unknown[:, i])
-            why = f"the norm, or the one before, is not finite ({len(rows)} step(s) from here): the update is unbounded"
+            why = (f"the norm, or the one before, is NaN or an infinity that changed ({len(rows)} step(s) from here): "
+                   "the update cannot be bounded (weights that became NaN, or a logged NaN)")
             found.append((int(rows[0]), 1, i, {"step": int(steps[rows[0]]), "ratio": math.inf, "evidence": "norms",
                                                "tensor": order[i], "detail": why}))
+        self.unchecked = [order[i] for i in np.flatnonzero((blind & ~unknown & watched).any(axis=0)).tolist()]
         if "sgd" in bounds.group_family:  # SGD's bound is built from the step's gradient norms
             for row in np.flatnonzero(~cols.has_grad_norms & (cols.optimizer_steps > 0)).tolist():
                 found.append((row, 1, 0, {"step": int(steps[row]), "ratio": math.inf, "evidence": "entry",
@@ -257,11 +267,15 @@ class _Walk:
                 budget += b
             unbounded = any(loose[start:row + 1])
             s = int(cols.steps[row])
-            distance = float(np.linalg.norm(sketch - sketch_prev))
-            r = distance / (jl * budget + 1e-12)
-            if math.isnan(r):  # a NaN in a sketch, or ±inf in it and the one before (a buffer holding
-                self.sketch_nan += 1  # one): it bounds nothing, and is not counted as evidence
-            elif unbounded or self.bounds.family is None:
+            # slots holding ±inf or NaN (a buffer holding ±inf) are left out: the distance over the others
+            # is at most the whole one, so an honest interval still fits; none left: no evidence
+            usable = np.isfinite(sketch) & np.isfinite(sketch_prev)
+            r = float(np.linalg.norm((sketch - sketch_prev)[usable])) / (jl * budget + 1e-12) if usable.any() \
+                else math.nan
+            if math.isnan(r):  # it bounds nothing and is not counted as evidence; the interval runs on to
+                self.sketch_nan += 1  # the next sketch from the last one that could be compared
+                continue
+            if unbounded or self.bounds.family is None:
                 self.sketch_skipped += 1
             elif r > 1:
                 found.append((row, 3, 0, {"step": s, "ratio": r, "evidence": "sketch", "since_step": sketch_at}))
@@ -354,19 +368,29 @@ def fingerprint_problems(weights: dict[str, np.ndarray], order: list[str], sketc
                           sketch: np.ndarray | None, norms: np.ndarray | None, rtol: np.ndarray) -> list[str]:
     """How logged fingerprints (sketch, norms) disagree with real weights, each phrase to be
     followed by what the weights are ("the checkpoint's weights")."""
-    problems = []
+    problems: list[str] = []
     if any(n not in weights for n in order):
         return ["tensors of the ledger are missing from"]
+    with np.errstate(invalid="ignore", over="ignore"):  # inf − inf (a buffer holding ±inf) is handled below
+        return problems + _mismatches(weights, order, sketcher, sketch, norms, rtol)
+
+
+def _mismatches(weights: dict[str, np.ndarray], order: list[str], sketcher: NumpySketch,
+                sketch: np.ndarray | None, norms: np.ndarray | None, rtol: np.ndarray) -> list[str]:
+    """:func:`fingerprint_problems` once every tensor is there."""
+    problems: list[str] = []
     if sketch is not None:  # a buffer holding ±inf puts ±inf (or NaN, both signs in a slot) in both sketches,
         real = sketcher({n: weights[n] for n in order})  # at the same slots: those must be the same, the rest close
         finite = np.isfinite(real) & np.isfinite(sketch)
         if not np.array_equal(real[~finite], sketch[~finite], equal_nan=True) or float(np.linalg.norm(
                 real[finite] - sketch[finite])) > SKETCH_RTOL * max(float(np.linalg.norm(sketch[finite])), 1e-12):
             problems.append("the logged sketch does not match")
-    if norms is not None:  # an infinite norm (a buffer holding ±inf) matches only itself, NaN nothing
+    if norms is not None:  # an infinite norm matches an infinite one, or a real norm past what a float32 sum
+        # of squares holds (the recorder's blocks overflow: a buffer of finfo.min); NaN matches nothing
         real_norms = np.array([float(np.linalg.norm(weights[n].astype(np.float64).ravel())) for n in order])
-        if not np.all((real_norms == norms) | (np.abs(real_norms - norms) <= rtol * np.maximum(norms, real_norms)
-                                               + 1e-12)):
+        overflow = np.isposinf(norms) & (real_norms >= FLOAT32_SQUARES)
+        close = np.isfinite(norms) & (np.abs(real_norms - norms) <= rtol * np.maximum(norms, real_norms) + 1e-12)
+        if not np.all((real_norms == norms) | overflow | close):
             problems.append("the logged norms do not match")
     return problems
 
