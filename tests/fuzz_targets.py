@@ -78,6 +78,19 @@ def run_one(target: str, data: bytes) -> None:
         pass
 
 
+def cap_memory(extra: int) -> None:
+    """Let this process map at most ``extra`` bytes beyond what it maps now (Linux): an input that
+    makes a reader allocate more raises MemoryError, a crash libFuzzer reports, whatever peak RSS this
+    process inherited from the one that started it (its -rss_limit_mb counts that peak too)."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return
+    import resource
+
+    size_kib = next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, ((size_kib << 10) + extra, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+
 def main() -> None:
     import atheris
 
@@ -96,6 +109,7 @@ def main() -> None:
     def one_input(data: bytes) -> None:
         run_one(target, data)
 
+    cap_memory(2 << 30)
     atheris.Setup(sys.argv, one_input)
     atheris.Fuzz()
 

@@ -36,7 +36,8 @@ def test_fuzz(target, tmp_path):
     artifacts.mkdir()
     # libFuzzer reads its peak RSS from getrusage, and a process started from this one inherits this
     # one's peak as its own (Linux keeps ru_maxrss across fork and exec): after a memory-heavy test in
-    # this worker, a 2 GiB limit would fail every target at once. The limit is 2 GiB above that floor.
+    # this worker, a 2 GiB limit would fail every target at once. The limit is 2 GiB above that floor,
+    # and the target itself may map at most 2 GiB more than at its start (fuzz_targets.cap_memory).
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     inherited_mb = peak >> 20 if sys.platform == "darwin" else peak >> 10
     done = subprocess.run(
