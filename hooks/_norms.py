@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from ledger._device import NOTHING, Landing, lane_of
+from ledger._device import NOTHING, Landing, common_device, lane_of
 
 BLOCK = 1 << 16
 ROWS = 4 * BLOCK  # CPU tensors of at least this many elements: their blocks' norms in one torch reduction
@@ -86,8 +86,7 @@ def group_norms(groups: Sequence[Sequence[torch.Tensor]]) -> Landing:
     CUDA device on a side stream, so the training thread does not wait for the device (tensors on
     several devices: summed on the CPU). ``value()[0]`` is the vector of norms."""
     reads = [t for group in groups for t in group]
-    devices = {t.device for t in reads}
-    device = devices.pop() if len(devices) == 1 else torch.device("cpu")
+    device = common_device(reads)
     return lane_of(reads).launch(lambda: [torch.stack([total_norm(group, device) for group in groups])], reads)
 
 

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from ledger._blocked import BLOCK_ELEMENTS, Piece, blocked_digest, combine, piece
-from ledger._device import Landing, lane_of
+from ledger._device import Landing, common_device, lane_of
 from ledger._fingerprint import SKETCH_K
 from ledger.errors import ConfigurationError
 from ledger.hooks._norms import _LOW, BLOCK, _foreach_norms
@@ -213,10 +213,7 @@ def _collective_device() -> torch.device:
 def sum_device(reads: list[torch.Tensor]) -> torch.device:
     """Where per-rank sums of ``reads`` are formed: the collective's device under a process group
     (CUDA for NCCL, the CPU for gloo), else the tensors' one device (the CPU when several)."""
-    if dist.is_initialized():
-        return _collective_device()
-    devices = {t.device for t in reads}
-    return devices.pop() if len(devices) == 1 else torch.device("cpu")
+    return _collective_device() if dist.is_initialized() else common_device(reads)
 
 
 class ShardedFingerprints:

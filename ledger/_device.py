@@ -152,8 +152,13 @@ def lane_for(device: torch.device) -> Lane:
     return Lane(CudaBackend(device) if device.type == "cuda" else HostBackend())
 
 
+def common_device(tensors: Sequence[torch.Tensor]) -> torch.device:
+    """The device of tensors all on one device; the CPU when they are on several (or none)."""
+    devices = {t.device for t in tensors}
+    return devices.pop() if len(devices) == 1 else torch.device("cpu")
+
+
 def lane_of(tensors: Sequence[torch.Tensor]) -> Lane:
     """The lane of tensors on one device (and of an empty list); tensors on several devices get
     the stream-less lane, whose work runs on each device's current stream."""
-    devices = {t.device for t in tensors}
-    return lane_for(devices.pop()) if len(devices) == 1 else lane_for(torch.device("cpu"))
+    return lane_for(common_device(tensors))
