@@ -262,7 +262,9 @@ class Recorder:
                 ShardedRun.sync(step, cadence, self._ranks, recalibrated)
             self._enqueue(step, values, slots, *self._sharded.measure(step, tensors, cadence), batch)
             return
-        plan = self._norm_plan = self._norm_plan or Norms(self._tensor_list)
+        plan = self._norm_plan
+        if plan is None or not plan.current(self._tensor_list):  # built, or a storage was replaced
+            plan = self._norm_plan = Norms(self._tensor_list)
         self._enqueue(step, values, slots, *cadence.take(  # norms and sketch are finished on the writer thread
             step, lambda: plan.measure(self._tensor_list), lambda: self._sketcher.measure(tensors),
             lambda: lt.torch_digests(tensors)), batch)

@@ -35,13 +35,15 @@ def mlp(dtype: torch.dtype = torch.float32, norm: type[torch.nn.Module] = torch.
 def record(path: Path, model: torch.nn.Module, optimizer: Any, *, steps: int = 8, every: int | None = 4,
            closure: bool = False, scheduler: Any = None, others: tuple[Any, ...] = (),
            before_close: Callable[[torch.nn.Module], None] | None = None, seal: bool = True,
-           fingerprints: FingerprintOptions | None = None) -> Path:
-    """A hand-written loop with the recorder; ``others`` are optimizers the recorder is not told about."""
+           fingerprints: FingerprintOptions | None = None,
+           after_step: Callable[[int], None] | None = None) -> Path:
+    """A hand-written loop with the recorder; ``others`` are optimizers the recorder is not told about;
+    ``after_step(step)`` runs after each optimizer step, before ``rec.step``."""
     rec = Recorder(path, model=model, optimizer=optimizer, key=SIGNER, seed=0, checkpoint_every=every,
                    scheduler=scheduler, fingerprints=fingerprints)
     g = torch.Generator().manual_seed(0)
     dtype = next(model.parameters()).dtype
-    for _ in range(steps):
+    for step in range(steps):
         x = torch.randn(8, 8, generator=g).to(dtype)
 
         def loss_fn(x: torch.Tensor = x) -> torch.Tensor:
@@ -58,6 +60,8 @@ def record(path: Path, model: torch.nn.Module, optimizer: Any, *, steps: int = 8
             opt.step()
         if scheduler is not None:
             scheduler.step()
+        if after_step is not None:
+            after_step(step)
         rec.step(loss=loss)
     if before_close is not None:
         before_close(model)
@@ -153,6 +157,40 @@ def test_buffers_outside_the_optimizer_are_exempt_and_named(tmp_path):
     result = continuity(tmp_path / "L")
     assert result.status is Status.PASS
     assert "1.running_mean" in result.data["buffers_moved"] and "exempt" in result.detail
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_a_parameter_whose_data_is_replaced_mid_run_is_normed_from_its_new_storage(tmp_path, big):
+    """``p.data = other`` (a dtype round trip, pruning, a loaded shard) swaps a parameter's storage
+    under the same Parameter object: the norms logged after it are the live tensor's, not the old
+    storage's, and the honest run passes (it used to log stale norms until the next recalibration,
+    then failed at the checkpoint). ``big``: the replaced tensor takes the row path (≥ ROWS)."""
+    from ledger.hooks._norms import ROWS
+
+    model = mlp()
+    if big:
+        model.register_parameter("big", torch.nn.Parameter(torch.zeros(ROWS + 5)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    seen: list[dict[str, float]] = []
+
+    def swap_storage(step: int) -> None:
+        if step == 3:
+            for name, p in model.named_parameters():
+                if name in ("0.weight", "big"):
+                    p.data = p.data.clone()  # same values, a new storage the optimizer now updates
+        seen.append({name: float(p.detach().double().norm()) for name, p in model.named_parameters()})
+
+    path = record(tmp_path / "L", model, optimizer, steps=8, every=4, after_step=swap_storage)
+    import ledger
+
+    entries = list(ledger.open(path).entries())
+    order = entries[0].body()["fingerprints"]["tensor_order"]
+    logged = [np.asarray(e.body()["norms"], dtype=np.float64) for e in entries if e.kind is Kind.STEP]
+    for step, (norms, real) in enumerate(zip(logged, seen, strict=True)):
+        for name, value in real.items():
+            assert norms[order.index(name)] == pytest.approx(value, rel=1e-4), (step, name)  # float32 blocks
+    result = continuity(path)
+    assert result.status is Status.PASS, result.detail
 
 
 # ----------------------------------------------------------------------------- forgeries
