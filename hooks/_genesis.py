@@ -14,7 +14,7 @@ import torch
 from ledger import torch as lt
 from ledger._environment import code_identity
 from ledger._fingerprint import model_digest
-from ledger._schema import FingerprintPolicy, Genesis, InitFingerprint, OptimizerInfo
+from ledger._schema import SKETCH_KINDS, FingerprintPolicy, Genesis, InitFingerprint, OptimizerInfo
 from ledger.errors import ConfigurationError
 from ledger.hooks._norms import POLICY as NORM_POLICY
 from ledger.hooks._options import FingerprintOptions
@@ -64,7 +64,9 @@ def build_genesis(*, model: Any, optimizer: Any, scheduler: Any, seed: int, conf
         init=InitFingerprint(init_digests, model_digest(init_digests), init_sketch, norms),
         fingerprints=FingerprintPolicy(list(tensors), options.sketch, options.sketch_k, sketcher.seed,
                                        options.digests, options.budget, norms=NORM_POLICY, tensor_digest=scheme,
-                                       batch=options.batch, grad_norms=options.grad_norms),
+                                       batch=options.batch, grad_norms=options.grad_norms,
+                                       sketch_kind=SKETCH_KINDS[1] if sketcher.skip else SKETCH_KINDS[0],
+                                       sketch_skips=tuple(sorted(sketcher.skip))),
         checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir,
         retention=list(keep) if keep else "all", step_convention=STEP_CONVENTION,
         base=_declared_base(base, init_digests), framework=_framework(framework),

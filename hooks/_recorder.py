@@ -140,8 +140,8 @@ class Recorder:
                   "checkpoint_every": checkpoint_every,  # the followers adopt rank 0's settings
                   "gradients": reads_gradients(optimizer, options.grad_norms)})
         with _distributed.announce(group) as told:  # every rank learns the run id, or why there is none
-            sketcher = lt.CountSketch(sketch_seed, options.sketch_k)
             tensors, aliases = sharded_state(model) if sharded else lt.canonical_state(model)
+            sketcher = lt.CountSketch(sketch_seed, options.sketch_k, lt.buffer_names(model, tensors))
             root = Path(path)
             config, mirror = _mlflow_config(mlflow, config)  # the run exists before genesis names it
             user_dir = str(Path(checkpoint_dir).absolute()) if checkpoint_dir and \
@@ -537,7 +537,8 @@ class Recorder:
                                      policy.overhead_budget, policy.grad_norms)
         recorder = cls.__new__(cls)
         recorder._attach(root, model, optimizer, scheduler, writer, plan.genesis, options,
-                         lt.CountSketch(policy.sketch_seed, policy.sketch_k), first_step=last.step + 1, keep=keep,
+                         lt.CountSketch(policy.sketch_seed, policy.sketch_k, policy.sketch_skips),
+                         first_step=last.step + 1, keep=keep,
                          queue_size=queue_size, drain_interval=drain_interval, max_lag=max_lag,
                          last_checkpoint_step=last.step,
                          alive=[c for c in plan.alive if c[0] <= last.seq], group=group, tsa=stamping)

@@ -6,7 +6,7 @@ API (every rank calls each method at the same point, with the same names in the 
 collectives run on the default process group)::
 
     tensors, aliases = sharded_state(model)  # canonical_state for DTensors (tied weights kept once)
-    fp = ShardedFingerprints(seed=policy.sketch_seed, k=policy.sketch_k)
+    fp = ShardedFingerprints(seed=policy.sketch_seed, k=policy.sketch_k, skip=policy.sketch_skips)
     fp.is_sharded(tensors)   # bool, no collective: some tensor is a DTensor
     fp.norms(tensors)        # np.ndarray of per-tensor L2 norms, on every rank (one all_reduce)
     fp.launch_norms(tensors) # the same, launched: .value() waits (on CUDA the training thread never does)
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -222,8 +222,8 @@ class ShardedFingerprints:
     ``fingerprints.sketch_seed`` and ``sketch_k``. Nothing is kept per element: the sketch's
     buckets and signs are recomputed at each call by :class:`ledger.torch.CountSketch`."""
 
-    def __init__(self, seed: int, k: int = SKETCH_K) -> None:
-        self._counts = CountSketch(seed, k)
+    def __init__(self, seed: int, k: int = SKETCH_K, skip: Iterable[str] = ()) -> None:
+        self._counts = CountSketch(seed, k, skip)  # skip: genesis ``fingerprints.sketch_skips``
 
     @staticmethod
     def is_sharded(tensors: Mapping[str, torch.Tensor]) -> bool:

@@ -31,6 +31,7 @@ from ledger.errors import ConfigurationError, FormatError
 from ledger.hooks._norms import total_square
 from ledger.hooks._options import Cadence
 from ledger.hooks._sharded import ShardedFingerprints, Summed, launch_summed, local_part, sharded_state, sum_device
+from ledger.torch import buffer_names
 
 SCHEME = TENSOR_BLOCKED_V1
 
@@ -82,7 +83,7 @@ class ShardedRun:
 
     def __init__(self, model: Any, sketch_seed: int, sketch_k: int) -> None:
         self.model = model
-        self.fingerprints = ShardedFingerprints(sketch_seed, sketch_k)
+        self.fingerprints = ShardedFingerprints(sketch_seed, sketch_k, buffer_names(model, self.tensors()))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The fingerprinted tensors (DTensors and plain ones), the same names on every rank."""

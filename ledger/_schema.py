@@ -164,12 +164,15 @@ class FingerprintPolicy:
     tensor_digest: str = "tensor/v1"  # the per-tensor digest scheme (docs/FORMAT.md §10.1); written when not v1
     batch: str | int = "every"  # batch digests: "auto" (budgeted), "every" or an interval; before 0.3 every step
     grad_norms: str = "every"  # "auto": only for optimizers whose update bound uses them (SGD); before 0.3 every step
+    sketch_skips: tuple[str, ...] = ()  # tensors every sketch leaves out (the buffers); written when some are
 
     def to_body(self) -> dict[str, Any]:
         """The ``fingerprints`` map of genesis."""
         body = {"tensor_order": list(self.tensor_order), "norms": self.norms, "sketch": self.sketch,
                 "sketch_k": self.sketch_k, "sketch_seed": self.sketch_seed, "sketch_kind": self.sketch_kind,
                 "digests": self.digests, "overhead_budget": self.overhead_budget}
+        if self.sketch_skips:
+            body["sketch_skips"] = list(self.sketch_skips)
         for name, legacy in (("batch", "every"), ("grad_norms", "every")):  # written when not what older ledgers did
             if getattr(self, name) != legacy:
                 body[name] = getattr(self, name)
@@ -193,16 +196,28 @@ class FingerprintPolicy:
         grads = _text(body, "grad_norms", "every", "fingerprints")
         if grads not in GRAD_NORM_POLICIES:
             raise FormatError(f"fingerprints 'grad_norms' {grads[:20]!r} is not 'auto' or 'every'")
+        kind = _text(body, "sketch_kind", SKETCH_KINDS[0], "fingerprints")
+        if kind not in SKETCH_KINDS:
+            raise FormatError(f"fingerprints 'sketch_kind' {kind[:40]!r} is not a sketch this verifier knows "
+                              f"({', '.join(SKETCH_KINDS)}): upgrade training-ledger")
+        skips = body.get("sketch_skips", [])
+        if not isinstance(skips, list) or not all(isinstance(n, str) for n in skips) \
+                or len(set(skips)) != len(skips) or not set(skips) <= set(order):
+            raise FormatError("fingerprints 'sketch_skips' is not a list of distinct names of 'tensor_order'")
+        if skips and kind == SKETCH_KINDS[0]:
+            raise FormatError(f"fingerprints 'sketch_skips' needs sketch_kind {SKETCH_KINDS[1]!r} (the sketch of "
+                              f"{SKETCH_KINDS[0]!r} covers every tensor)")
         return cls(list(order), _interval(body, "sketch", "auto"), k,
                    _int(_req(body, "sketch_seed", int, "fingerprints"), "fingerprints 'sketch_seed'"),
                    _interval(body, "digests", "auto"),
                    None if budget is None else float(budget),
-                   _text(body, "norms", "", "fingerprints"),
-                   _text(body, "sketch_kind", "count-sketch/v1", "fingerprints"),
+                   _text(body, "norms", "", "fingerprints"), kind,
                    _scheme(_text(body, "tensor_digest", "tensor/v1", "fingerprints")),
-                   _interval(body, "batch", "every"), grads)
+                   _interval(body, "batch", "every"), grads, tuple(skips))
 
 
+# count-sketch/v1: every tensor of tensor_order; v2: those not in sketch_skips (docs/FORMAT.md §10)
+SKETCH_KINDS = ("count-sketch/v1", "count-sketch/v2")
 # the policies of the optional fingerprints, as FingerprintOptions takes them and genesis states them
 POLICY_WORDS = {"sketch": ("auto", "every"), "digests": ("auto", "every", "checkpoints"), "batch": ("auto", "every")}
 GRAD_NORM_POLICIES = ("auto", "every")

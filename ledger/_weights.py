@@ -128,7 +128,7 @@ def file_fingerprints(path: str | os.PathLike[str], order: Sequence[str],
             _layout(shard.file, name, e.dtype)
             if name in wanted:
                 chunks = _with_squares(_chunks(shard, name, e), squares.setdefault(name, []))
-                if sketcher is not None:
+                if sketcher is not None and name not in sketcher.skip:
                     signed[name] = sketcher.signed(name, chunks)
                 else:
                     collections.deque(chunks, maxlen=0)  # read for the norms alone
@@ -137,7 +137,7 @@ def file_fingerprints(path: str | os.PathLike[str], order: Sequence[str],
     norms = np.sqrt(np.array([math.fsum(squares[n]) for n in order], dtype=np.float64))
     if sketcher is None:
         return norms, None
-    return norms, sketcher.total(signed[n] for n in dict.fromkeys(order))
+    return norms, sketcher.total(signed[n] for n in dict.fromkeys(order) if n not in sketcher.skip)
 
 
 # ----------------------------------------------------------------------------- count-sketch
@@ -154,16 +154,24 @@ class NumpySketch:
     buckets and signs, accumulated in float64, so the two agree up to summation order. Extra
     memory stays proportional to one chunk of coordinates, whatever the tensor sizes."""
 
-    def __init__(self, seed: int, k: int = SKETCH_K) -> None:
-        """A sketch with ``k`` buckets (a power of two ≥ 2) under ``seed``."""
+    def __init__(self, seed: int, k: int = SKETCH_K, skip: Iterable[str] = ()) -> None:
+        """A sketch with ``k`` buckets (a power of two ≥ 2) under ``seed``, leaving out the tensors
+        named in ``skip`` (genesis ``fingerprints.sketch_skips``)."""
         check_sketch_k(k)
-        self.seed, self.k = seed, k
+        self.seed, self.k, self.skip = seed, k, frozenset(skip)
+
+    @classmethod
+    def of(cls, policy: Any) -> NumpySketch:
+        """The sketch a ledger's fingerprint policy (:class:`ledger._schema.FingerprintPolicy`) defines."""
+        return cls(policy.sketch_seed, policy.sketch_k, policy.sketch_skips)
 
     def __call__(self, tensors: Mapping[str, npt.ArrayLike]) -> npt.NDArray[np.float64]:
-        """The sketch (float64, k values) of the named arrays, summed over arrays. Each array is
-        taken in C order; bool, integer and floating arrays are widened to float64."""
+        """The sketch (float64, k values) of the named arrays not in ``skip``, summed over arrays.
+        Each array is taken in C order; bool, integer and floating arrays are widened to float64."""
         parts = []
         for name, tensor in tensors.items():
+            if name in self.skip:
+                continue
             array = np.asarray(tensor)
             if array.dtype.kind not in "biuf":
                 raise ConfigurationError(f"tensor {name!r} of dtype {array.dtype} cannot be sketched")

@@ -22,7 +22,7 @@ import shutil
 import stat
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -397,14 +397,15 @@ class CountSketch:
     accelerator) whatever the model size; it is kept between calls, with the plan of the passes
     (a few numbers per tensor). A tensor may be a piece of a larger one (a rank's shard): ``starts``
     gives the flat index, in the larger tensor, of its first element, and the sketch of the pieces
-    summed is the larger tensor's.
+    summed is the larger tensor's. Tensors named in ``skip`` (genesis ``fingerprints.sketch_skips``)
+    are left out.
     """
 
-    def __init__(self, seed: int, k: int = SKETCH_K) -> None:
+    def __init__(self, seed: int, k: int = SKETCH_K, skip: Iterable[str] = ()) -> None:
         check_sketch_k(k)
         if k > 1 << 30:
             raise ConfigurationError("the sketch size k must be at most 2**30")
-        self.seed, self.k = seed, k
+        self.seed, self.k, self.skip = seed, k, frozenset(skip)
         self._plans: dict[torch.device, _Plan] = {}  # per device: the last one
         self._lock = threading.Lock()
 
@@ -418,7 +419,7 @@ class CountSketch:
         stream: ``ledger._device``); the result's ``value()`` is what calling the sketch returns."""
         groups: dict[torch.device, dict[str, torch.Tensor]] = {}
         for name, tensor in tensors.items():
-            if tensor.numel():
+            if tensor.numel() and name not in self.skip:
                 groups.setdefault(tensor.device, {})[name] = tensor.detach().reshape(-1)
         first = starts or {}
         return PendingSketch(self.k, tuple(
@@ -733,6 +734,15 @@ def environment(device: str) -> dict[str, Any]:
         env["cuda"] = torch.version.cuda
         env["gpu"] = torch.cuda.get_device_name()
     return env
+
+
+def buffer_names(model: Any, names: Iterable[str]) -> list[str]:
+    """Of ``names`` (fingerprinted tensors of ``model``), those that are not parameters: its buffers,
+    sorted. No optimizer bounds them, so the recorder leaves them out of its count-sketches (genesis
+    ``fingerprints.sketch_skips``): a moved buffer (BatchNorm statistics) would leave every sketch
+    interval without a bound, a buffer holding ±inf (an additive causal mask) every slot non-finite."""
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return sorted(name for name in names if name not in params)
 
 
 def architecture(model: Any, tensors: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> dict[str, Any]:

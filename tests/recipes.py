@@ -42,3 +42,11 @@ class TinyRecipe:
 
 
 recipe = TinyRecipe()
+
+
+class BatchNormRecipe(TinyRecipe):
+    """TinyRecipe with a BatchNorm1d: buffers (running statistics) that move at every training step."""
+
+    def build_model(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(8, self.width), nn.BatchNorm1d(self.width), nn.GELU(), nn.Linear(self.width, 1))

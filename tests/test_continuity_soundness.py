@@ -6,6 +6,7 @@ that move betas, SGD with momentum and weight decay)."""
 from __future__ import annotations
 
 import math
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -286,6 +287,12 @@ def test_weights_moving_when_the_optimizer_took_no_step_fail(tmp_path):
     (lambda k, s, b: {**b, "batch_digest": b"x"} if k is Kind.STEP and s == 2 else b, "continuity",
      "'batch_digest' is not a 32-byte digest"),
     (lambda k, s, b: {**b, "norms": [1.0]} if k is Kind.STEP and s == 2 else b, "continuity", "'norms' has 1 values"),
+    (lambda k, s, b: {**b, "fingerprints": {**b["fingerprints"], "sketch_skips": ["nope"]}} if k is Kind.GENESIS
+     else b, "continuity", "'sketch_skips' is not a list of distinct names of 'tensor_order'"),
+    (lambda k, s, b: {**b, "fingerprints": {**b["fingerprints"], "sketch_skips": ["0.bias"]}} if k is Kind.GENESIS
+     else b, "continuity", "'sketch_skips' needs sketch_kind 'count-sketch/v2'"),
+    (lambda k, s, b: {**b, "fingerprints": {**b["fingerprints"], "sketch_kind": "count-sketch/v9"}}
+     if k is Kind.GENESIS else b, "continuity", "is not a sketch this verifier knows"),
 ])
 def test_an_entry_that_breaks_the_schema_fails_the_check_that_reads_it(tmp_path, change, check, words):
     model = mlp()
@@ -492,6 +499,113 @@ def test_a_buffer_holding_minus_infinity_passes_on_the_finite_slots_of_its_sketc
     result = continuity(record(tmp_path / "L", model, torch.optim.AdamW(model.parameters(), lr=1e-2)))
     assert result.status is Status.PASS, result.detail
     assert result.data["sketch_steps_checked"] == 2 and "2 checkpoint interval(s) on the real weights" in result.detail
+
+
+def test_an_additive_causal_mask_is_left_out_of_the_sketches(tmp_path):
+    """A GPT-style -inf causal mask buffer put ±inf (or NaN) in every sketch slot, so every sketch
+    was skipped; the recorder now leaves buffers out of its sketches (genesis ``sketch_skips``)."""
+    model = mlp()
+    model.register_buffer("causal", torch.full((64, 64), -math.inf).triu(1))
+    path = record(tmp_path / "L", model, torch.optim.AdamW(model.parameters(), lr=1e-2), steps=8, every=4,
+                  fingerprints=FingerprintOptions(sketch=2, budget=None))
+    import ledger
+
+    genesis = next(iter(ledger.open(path).entries())).body()
+    assert genesis["fingerprints"]["sketch_skips"] == ["causal"] and np.isfinite(genesis["init"]["sketch"]).all()
+    result = continuity(path)
+    assert result.status is Status.PASS, result.detail
+    assert result.data["sketch_steps_checked"] == 4 and "no slot finite" not in result.detail
+
+
+def test_batchnorm_statistics_leave_the_sketches_checked_and_a_norm_preserving_swap_is_caught(tmp_path):
+    """Moving BatchNorm statistics (buffers no optimizer bounds) used to void every sketch interval:
+    a BatchNorm model had no sketch evidence at all. Left out of the sketches, every sketch is
+    checked, and a swap that keeps every norm (a permutation of a weight's entries between two
+    checkpoints) is caught by the sketch and localised to its step."""
+    options = FingerprintOptions(sketch=1, digests=10**6, budget=None)
+    model = mlp(norm=torch.nn.BatchNorm1d)
+    honest = record(tmp_path / "honest", model, torch.optim.AdamW(model.parameters(), lr=1e-2), steps=12,
+                    every=None, fingerprints=options)
+    result = continuity(honest)
+    assert result.data["sketch_steps_checked"] == 12 and result.data["sketch_intervals_skipped"] == 0, result.detail
+    assert not result.data["anomalies"] and "1.running_mean" in result.data["buffers_moved"]
+
+    model = mlp(norm=torch.nn.BatchNorm1d)
+
+    def permute(step: int) -> None:
+        if step == 6:
+            with torch.no_grad():
+                flat = model[0].weight.view(-1)
+                flat.copy_(flat.flip(0))  # the same norm, other weights
+
+    forged = record(tmp_path / "forged", model, torch.optim.AdamW(model.parameters(), lr=1e-2), steps=12,
+                    every=None, fingerprints=options, after_step=permute)
+    result = continuity(forged)
+    assert result.status is Status.FAIL, result.detail
+    assert [(a["step"], a["evidence"]) for a in result.data["anomalies"]] == [(6, "sketch")], result.data["anomalies"]
+
+
+def test_genesis_may_leave_only_buffers_out_of_the_sketches(tmp_path):
+    """``sketch_skips`` is the trainer's claim: naming a parameter there would hide its jumps from
+    every sketch, so continuity fails it."""
+    model = mlp()
+    honest = record(tmp_path / "honest", model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+
+    def skip_weight(kind: Kind, step: int, body: dict) -> dict:
+        if kind is Kind.GENESIS:
+            return {**body, "fingerprints": {**body["fingerprints"], "sketch_skips": ["0.weight"],
+                                             "sketch_kind": "count-sketch/v2"}}
+        return body
+
+    result = continuity(resign(honest, tmp_path / "forged", skip_weight))
+    assert result.status is Status.FAIL and "out of every sketch (fingerprints.sketch_skips)" in result.detail \
+        and "(0.weight)" in result.detail, result.detail
+
+
+def test_moved_buffers_holding_much_of_the_model_warn(tmp_path):
+    """Buffers are exempt from the bounds and left out of the sketches; weights kept as buffers and
+    moved by hand (review: the sketches then checked a single parameter, and the verdict became a
+    pass) are named, with their share of the coordinates, and continuity warns."""
+    model = mlp()
+    model.register_buffer("hidden", torch.randn(32, 32))
+
+    def move(step: int) -> None:
+        with torch.no_grad():
+            model.hidden.add_(0.1)
+
+    path = record(tmp_path / "L", model, torch.optim.AdamW(model.parameters(), lr=1e-2), after_step=move)
+    result = continuity(path)
+    assert result.status is Status.WARN and "buffers outside every optimizer group that changed (hidden) hold 86% of " \
+        "the model's floating-point coordinates" in result.detail, result.detail
+
+
+def test_tensor_sizes_in_genesis_are_checked_against_real_tensors(tmp_path):
+    """The Adam bound grows with √(size), and the sizes come from genesis's architecture: an inflated
+    size is caught by the shapes of a stored checkpoint or of --model, and with neither the result
+    says the sizes are unconfirmed."""
+    model = mlp()
+    honest = record(tmp_path / "honest", model, torch.optim.AdamW(model.parameters(), lr=1e-2), every=4,
+                    fingerprints=FingerprintOptions(digests="every"))
+
+    def inflate(kind: Kind, step: int, body: dict) -> dict:
+        if kind is Kind.GENESIS:
+            tensors = [{**t, "shape": [16000, 8]} if t["name"] == "0.weight" else t
+                       for t in body["architecture"]["tensors"]]
+            return {**body, "architecture": {**body["architecture"], "tensors": tensors}}
+        return body
+
+    forged = resign(honest, tmp_path / "forged", inflate)
+    result = continuity(forged)  # its checkpoints are stored
+    assert result.status is Status.FAIL and "the checkpoint's tensor shapes are not those genesis states " \
+        "(1 tensor(s): 0.weight)" in result.detail, result.detail
+    shutil.rmtree(forged / "checkpoints")
+    final = honest.parent / f"{honest.name}.safetensors"
+    result = continuity(forged, model=final)
+    assert result.status is Status.FAIL and f"the released weights' ({final.name}) tensor shapes are not those " \
+        "genesis states" in result.detail, result.detail
+    result = continuity(forged)
+    assert "the tensor sizes the Adam bound is built from are genesis's claims here" in result.detail, result.detail
+    assert "the tensor sizes" not in continuity(honest).detail
 
 
 def test_a_frozen_parameter_holding_minus_infinity_warns_that_it_was_not_checked(tmp_path):

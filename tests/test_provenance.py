@@ -26,7 +26,8 @@ RECIPE_SPEC = f"{Path(__file__).with_name('recipes.py')}:recipe"
 
 
 def record(path: Path, recipe: Any = None, *, before: Callable[[Any], None] | None = None,
-           during: Callable[[int, Any], bool] | None = None, steps: int = STEPS) -> Path:
+           during: Callable[[int, Any], bool] | None = None, steps: int = STEPS,
+           fingerprints: FingerprintOptions | None = None) -> Path:
     """Record a recipe run by hand. ``before(model)`` may alter the init; ``during(step, model)``
     may alter the weights before a step (returning True to skip the real training step, which is
     then logged as if it had happened)."""
@@ -38,7 +39,8 @@ def record(path: Path, recipe: Any = None, *, before: Callable[[Any], None] | No
     optimizer = recipe.build_optimizer(model)
     scheduler = build_scheduler(recipe, optimizer)
     rec = Recorder(path, model=model, optimizer=optimizer, scheduler=scheduler, key=SIGNER, seed=SEED,
-                   checkpoint_every=EVERY, recipe=recipe, fingerprints=FingerprintOptions(batch="every"),
+                   checkpoint_every=EVERY, recipe=recipe,
+                   fingerprints=fingerprints or FingerprintOptions(batch="every"),
                    determinism={"threads": torch.get_num_threads(), "rng": "reseed-per-step/v1"})
     for step in range(steps):
         if during and during(step, model):

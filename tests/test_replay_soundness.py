@@ -307,3 +307,25 @@ def test_betas_moved_by_the_scheduler_are_compared_as_logged_per_step(tmp_path):
     unlogged = verify(resign(path, tmp_path / "U", lambda k, s, b: hyper(k, s, b, {})), recipe=recipe).check("replay")
     assert unlogged.status == "fail" and "group 0 betas in effect" in unlogged.detail
     assert verify(path, recipe=recipe).check("replay").status == "pass"  # as the recorder logs it
+
+
+def test_a_forged_jump_of_batchnorm_statistics_is_the_interval_replay_takes(tmp_path):
+    """Buffers are exempt from the update bounds and left out of the sketches: only replay checks
+    them. The interval where they were forged is the largest update by the real weights (the
+    sketches would not see it), so replay takes it without any random draw (review)."""
+    from recipes import BatchNormRecipe
+
+    def tamper(step: int, model: Any) -> bool:
+        if step == 5:
+            with torch.no_grad():
+                model[1].running_var.mul_(100.0)
+                model[1].running_mean.add_(5.0)
+        return False
+
+    recipe = BatchNormRecipe()
+    every_step = FingerprintOptions(sketch=1, batch="every", budget=None)  # sketches at both ends of each interval
+    report = verify(record(tmp_path / "L", recipe, during=tamper, fingerprints=every_step), recipe=recipe, replay=0)
+    assert report.check("continuity").status == "pass"  # the statistics are exempt there
+    replay = report.check("replay")
+    assert replay.data["largest_update"]["evidence"] == "weights"
+    assert replay.status == "fail" and (3, 7) in spans(report, failing=True), replay.detail

@@ -49,6 +49,26 @@ def model(g: torch.Generator) -> dict[str, torch.Tensor]:
             "steps": torch.randint(-(2**40), 2**40, (300,), generator=g), "mask": torch.rand(77, generator=g) > 0.5}
 
 
+def test_skipped_tensors_are_left_out_by_both_sketches_and_the_file_pass(tmp_path) -> None:
+    """``skip`` (genesis ``sketch_skips``) drops whole tensors: torch, numpy and the bounded file
+    pass give the sketch of the other tensors."""
+    from safetensors.torch import save_file
+
+    from ledger._weights import file_fingerprints
+
+    tensors = model(torch.Generator().manual_seed(3))
+    skip = ["big", "steps"]
+    rest = {n: t for n, t in tensors.items() if n not in skip}
+    expected = reference(7, 64, rest)
+    assert_close(lt.CountSketch(7, 64, skip)(tensors), expected)
+    assert_close(NumpySketch(7, 64, skip)({n: t.double().numpy() for n, t in tensors.items()}), expected)
+    save_file({n: t.contiguous() for n, t in tensors.items()}, tmp_path / "m.safetensors")
+    found = file_fingerprints(tmp_path / "m.safetensors", list(tensors), NumpySketch(7, 64, skip))
+    assert found is not None and found[1] is not None
+    assert_close(found[1], expected)
+    assert not np.allclose(lt.CountSketch(7, 64)(tensors), expected)
+
+
 @pytest.mark.parametrize("chunk", [1 << 10, 1 << 18])
 @pytest.mark.parametrize("k", [2, 256, 1 << 17])
 def test_cache_free_sketch_equals_the_numpy_reference(monkeypatch: pytest.MonkeyPatch, chunk: int, k: int) -> None:

@@ -14,6 +14,7 @@ and says so). A verdict resting on norms alone warns.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,8 @@ def check_continuity(ctx: Context) -> CheckResult:
     if walk.sketch_checks:
         evidence.append(f"sketches at {walk.sketch_checks} step(s)")
     intervals = _check_checkpoints(view, bounds, walk, metas)
+    if ctx.model is not None:
+        _check_model_shapes(view, walk, ctx.model)
     if intervals:
         evidence.append(f"{intervals} checkpoint interval(s) on the real weights")
     granularity = _granularity(view, walk.sketched)
@@ -93,7 +96,8 @@ def check_continuity(ctx: Context) -> CheckResult:
                            f"its steps were checked only for gaps, logged fingerprints against checkpoints and the "
                            f"final state (evidence: {', '.join(evidence)}){tail}", data,
                            summary="optimizer without a known bound", series=plot)
-    weak = _weakness(bounds, walk, intervals) or weak_final or _unconfirmed_lr(walk)
+    weak = _weakness(view, bounds, walk, intervals) or weak_final or _unconfirmed_lr(walk) \
+        or _unconfirmed_sizes(bounds, walk)
     detail = f"{len(view.steps)} steps within the {bounds.family} update bound (evidence: {', '.join(evidence)}); " \
              f"{margin}{tail}"
     if weak:
@@ -136,16 +140,68 @@ def _unconfirmed_lr(walk: _Walk) -> str:
             "trainer's claims here; replay with --recipe checks them against the schedule")
 
 
-def _weakness(bounds: Bounds, walk: _Walk, intervals: int) -> str:
+def _unconfirmed_sizes(bounds: Bounds, walk: _Walk) -> str:
+    """The Adam bound is built from each tensor's size, which genesis states: unconfirmed when no
+    real tensor (a stored checkpoint, ``--model``) was read."""
+    if walk.shapes_seen or not any(f in ("adam", "adamw") for f in bounds.group_family):
+        return ""
+    return ("the tensor sizes the Adam bound is built from are genesis's claims here: no stored checkpoint or "
+            "--model was read to confirm them (give --model)")
+
+
+def _weakness(view: RunView, bounds: Bounds, walk: _Walk, intervals: int) -> str:
     """Why a continuity pass would claim more than its evidence shows ("" when it does not)."""
     if bounds.vacuous:
         return "Adam with β1² > β2: the bound grows without limit, so it is vacuous"
     if walk.unchecked:
         return (f"the norms of {', '.join(walk.unchecked[:5])} stay infinite, so their updates were not checked "
                 "against the bound (a frozen tensor holding ±inf?)")
+    share = _share(view, walk.buffers_moved)
+    if share > BUFFER_SHARE:
+        return (f"buffers outside every optimizer group that changed ({', '.join(walk.buffers_moved[:5])}) hold "
+                f"{share:.0%} of the model's floating-point coordinates: continuity checks none of their changes "
+                "(normalisation statistics hold far less; replay with --recipe checks them)")
     if not walk.sketch_checks and not intervals:
         return "it rests on per-tensor norms alone (no sketches, no two stored checkpoints)"
     return ""
+
+
+FLOATING = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+BUFFER_SHARE = 0.2  # moved buffers holding more of the floating-point coordinates than this: continuity warns
+
+
+def _share(view: RunView, names: list[str]) -> float:
+    """The share of the fingerprinted floating-point coordinates (genesis architecture) that ``names`` hold."""
+    sizes, tensors = view.genesis.tensor_sizes(), view.genesis.tensors()
+    floating = {n: sizes.get(n, 0) for n in view.tensor_order if tensors.get(n, {}).get("dtype") in FLOATING}
+    total = sum(floating.values())
+    return sum(floating.get(n, 0) for n in names) / total if total else 0.0
+
+
+def _shape_problem(view: RunView, walk: _Walk, shapes: dict[str, tuple[int, ...]], step: int, what: str) -> None:
+    """Real tensors' shapes against genesis's architecture, whose sizes the update bounds are built
+    from (a size inflated by the trainer would loosen them): an anomaly at ``step`` when they differ."""
+    claimed = view.genesis.tensors()
+    wrong = [n for n in view.tensor_order if n in shapes and tuple(claimed.get(n, {}).get("shape", ())) != shapes[n]]
+    walk.shapes_seen = True
+    if wrong:
+        walk.anomalies.append({"step": step, "ratio": math.inf, "evidence": "fingerprint",
+                               "detail": f"{what} tensor shapes are not those genesis states ({len(wrong)} tensor(s): "
+                                         f"{', '.join(wrong[:5])}), whose sizes the update bounds use"})
+
+
+def _check_model_shapes(view: RunView, walk: _Walk, model: Any) -> None:
+    """The ``--model`` file's tensor shapes (its header alone) against genesis's architecture; a file
+    that cannot be read is left to check ``model``."""
+    from ledger._fingerprint import read_shards
+    from ledger.errors import ConfigurationError, FormatError
+
+    try:
+        shapes = {name: tuple(e.shape) for shard in read_shards(model) for name, e in shard.entries.items()}
+    except (FormatError, ConfigurationError, OSError):
+        return
+    last = int(view.steps.columns.steps[-1]) if len(view.steps.columns.steps) else -1
+    _shape_problem(view, walk, shapes, last, f"the released weights' ({Path(model).name})")
 
 
 class _Walk:
@@ -162,6 +218,7 @@ class _Walk:
         self.distance: list[list[float]] = []
         self.sketch_checks = self.sketch_skipped = self.sketch_nan = 0
         self.unchecked: list[str] = []  # tensors whose norm stays infinite: their updates are not checked
+        self.shapes_seen = False  # real tensors' shapes compared with genesis's (a checkpoint, --model)
         self.sketched: set[int] = set()  # the steps of the sketches checked against the bound
         self.buffers_moved: list[str] = []
         self.checkpoint_distances: list[dict[str, Any]] = []
@@ -224,6 +281,13 @@ class _Walk:
             found.append((int(rows[0]), 1, i, {"step": int(steps[rows[0]]), "ratio": math.inf, "evidence": "norms",
                                                "tensor": order[i], "detail": why}))
         self.unchecked = [order[i] for i in np.flatnonzero((blind & ~unknown & watched).any(axis=0)).tolist()]
+        # the sketches leave out what genesis names in sketch_skips: only buffers outside every group may be,
+        # else a tensor the bound covers (or a parameter) could move inside the sketches' blind spot
+        skipped = np.isin(np.asarray(order, dtype=object), list(view.policy.sketch_skips))
+        for i in np.flatnonzero(skipped & watched).tolist():
+            found.append((0, 1, i, {"step": int(steps[0]), "ratio": math.inf, "evidence": "sketch", "tensor": order[i],
+                                    "detail": "genesis leaves a tensor of an optimizer group, or a parameter, out of "
+                                              "every sketch (fingerprints.sketch_skips): only buffers may be"}))
         if "sgd" in bounds.group_family:  # SGD's bound is built from the step's gradient norms
             for row in np.flatnonzero(~cols.has_grad_norms & (cols.optimizer_steps > 0)).tolist():
                 found.append((row, 1, 0, {"step": int(steps[row]), "ratio": math.inf, "evidence": "entry",
@@ -246,8 +310,9 @@ class _Walk:
         self.series["ratio"] = np.where(has_bound, np.where(finite, ratio, -np.inf).max(axis=1), 0.0)
         budgets = np.sqrt(np.square(np.where(finite, bound + slack, 0.0)).sum(axis=1)).tolist()
         # a tensor outside every param group (e.g. BatchNorm running statistics) that moved has no
-        # bound, so the sketch interval holding that step cannot be checked as a whole
-        loose = (unbounded & moved).any(axis=1).tolist()
+        # bound, so the sketch interval holding that step cannot be checked as a whole, unless the
+        # sketches leave it out (sketch_skips: the recorder leaves out every buffer)
+        loose = (unbounded & moved & ~skipped).any(axis=1).tolist()
         sketch_ratios = self._sketches(cols, budgets, loose, jl, found)
         for r in ([float(worst_ratio[honest].max())] if honest.any() else []) + [r for _, r in sketch_ratios]:
             self.fits(r)
@@ -331,13 +396,14 @@ def _check_checkpoints(view: RunView, bounds: Bounds, walk: _Walk, metas: dict[i
     """Between consecutive stored checkpoints, the real weights against the summed bound (per
     coordinate for Adam/AdamW, per group in L2 for SGD); at each, the logged sketch, norms and
     hyperparameters against what the checkpoint holds. Returns the intervals checked."""
-    sketcher = NumpySketch(view.policy.sketch_seed, view.policy.sketch_k)
+    sketcher = NumpySketch.of(view.policy)
     order = view.tensor_order
     rtol, rounding = norm_rtol(view), dtype_rounding(view)
     previous: tuple[int, dict[str, np.ndarray]] | None = None
     intervals = 0
     for cp in view.stored_checkpoints():
         weights = read_weights(cp.directory)
+        _shape_problem(view, walk, {n: tuple(w.shape) for n, w in weights.items()}, cp.step, "the checkpoint's")
         logged = view.steps.get(cp.step)
         sketch = view.init.sketch if cp.step == -1 else logged.sketch if logged else None
         norms = view.init.norms if cp.step == -1 else logged.norms if logged else None
@@ -517,7 +583,7 @@ def _check_final(ctx: Context, view: RunView, walk: _Walk) -> tuple[str, str]:
 
     weights = read_safetensors(ctx.model)
     body = view.steps[last]
-    sketcher = NumpySketch(view.policy.sketch_seed, view.policy.sketch_k)
+    sketcher = NumpySketch.of(view.policy)
     problems = fingerprint_problems(weights, view.tensor_order, sketcher, body.sketch, body.norms, norm_rtol(view))
     if problems:
         walk.anomalies.append({"step": last, "ratio": math.inf, "evidence": "final",

@@ -46,7 +46,9 @@ def state_distance(before: dict[str, np.ndarray], after: dict[str, np.ndarray], 
     squares, largest = 0.0, 0.0
     for name in order:
         if name in before and name in after and before[name].shape == after[name].shape and before[name].size:
-            diff = np.abs(after[name].astype(np.float64) - before[name].astype(np.float64))
+            a, b = before[name].astype(np.float64), after[name].astype(np.float64)
+            with np.errstate(invalid="ignore"):
+                diff = np.where(a == b, 0.0, np.abs(b - a))  # an unchanged ±inf (a mask) moved 0, not NaN
             squares += float(np.square(diff).sum())
             largest = max(largest, float(diff.max()))
     return {"distance": math.sqrt(squares), "max_coordinate": largest}
@@ -101,7 +103,7 @@ def interval_movement(view: RunView, pairs: list[Interval],
     sketch against the sketch of the end checkpoint's weights; else the sum of per-step norm changes."""
     known = {(m["from_step"], m["to_step"]): m for m in measured}
     order = view.tensor_order
-    sketcher = NumpySketch(view.policy.sketch_seed, view.policy.sketch_k)
+    sketcher = NumpySketch.of(view.policy)
     by_norms: dict[int, float] | None = None
     cache: dict[int, dict[str, np.ndarray]] = {}
 
@@ -116,10 +118,13 @@ def interval_movement(view: RunView, pairs: list[Interval],
             cache[cp.seq] = loaded
         return cache[cp.seq]
 
+    # sketches that leave tensors out (sketch_skips: buffers) do not see a jump of those tensors, which
+    # only replay checks: rank by the real weights then
+    partial = bool(view.policy.sketch_skips)
     out: list[dict[str, Any]] = []
     for interval in pairs:
         start_sketch, end_sketch = logged_sketch(view, interval.from_step), logged_sketch(view, interval.to_step)
-        if start_sketch is not None and end_sketch is not None:
+        if start_sketch is not None and end_sketch is not None and not partial:
             out.append({"distance": float(np.linalg.norm(end_sketch - start_sketch)), "evidence": "sketches"})
             continue
         if interval.start is not None and (interval.from_step, interval.to_step) in known:
@@ -130,7 +135,7 @@ def interval_movement(view: RunView, pairs: list[Interval],
         start = weights(interval.start) if interval.start is not None else None
         if start is not None and end is not None:
             out.append({**state_distance(start, end, order), "evidence": "weights"})
-        elif interval.start is None and start_sketch is not None and end is not None:
+        elif interval.start is None and start_sketch is not None and end is not None and not partial:
             real = sketcher({n: end[n] for n in order if n in end})
             out.append({"distance": float(np.linalg.norm(real - start_sketch)),
                         "evidence": "init sketch against the end checkpoint's weights"})

@@ -370,7 +370,7 @@ def trajectory(view: Any, ours: dict[str, np.ndarray], foreign: dict[str, np.nda
     if any(name not in mapping for name in order):
         return None
     policy = view.policy
-    sketch_f = NumpySketch(policy.sketch_seed, policy.sketch_k)({name: foreign[mapping[name]] for name in order})
+    sketch_f = NumpySketch.of(policy)({name: foreign[mapping[name]] for name in order})
     start = view.init.sketch
     steps, distance, cosine = [-1], [float(np.linalg.norm(start - sketch_f))], [0.0]
     toward = sketch_f - start

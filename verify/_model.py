@@ -126,7 +126,7 @@ def _unsealed(ctx: Context, model: Path) -> CheckResult:
             problems = [f"{len(differ)} tensor(s) differ from {where}: {', '.join(differ[:8])}"] if differ else []
         else:
             body = view.steps[last]
-            sketcher = NumpySketch(view.policy.sketch_seed, view.policy.sketch_k)
+            sketcher = NumpySketch.of(view.policy)
             problems = [f"{p} the file" for p in logged_problems(file_fingerprints(
                 model, view.tensor_order, sketcher if body.sketch is not None else None), body.sketch, body.norms,
                 norm_rtol(view))]

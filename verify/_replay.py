@@ -205,8 +205,8 @@ def _init_differs(view: RunView, model: Any, mode: str, rho: float) -> str | Non
     sketch = logged_sketch(view, -1)
     if mode == "tolerance" and sketch is not None and set(recorded) == set(digests):
         policy = view.policy
-        rebuilt = CountSketch(policy.sketch_seed, policy.sketch_k)({n: tensors[n] for n in view.tensor_order
-                                                                     if n in tensors})
+        rebuilt = CountSketch(policy.sketch_seed, policy.sketch_k, policy.sketch_skips)(
+            {n: tensors[n] for n in view.tensor_order if n in tensors})
         if float(np.linalg.norm(rebuilt - sketch)) <= rho * float(np.linalg.norm(sketch)):
             return None
     return (f"the recipe's init is not the genesis init ({len(differ)} tensor(s) differ: "
