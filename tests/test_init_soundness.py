@@ -504,3 +504,35 @@ def test_a_recipe_returning_the_foreign_model_at_the_genesis_seed_is_not_an_iden
     init = init_of(record(tmp_path / "L", recipe), recipe, against=[tmp_path / "F.safetensors"])
     assert init.status == "fail" and init.data["against"][0]["outcome"] == "is the foreign model"
     assert "the init is F.safetensors itself" in init.detail
+
+
+def test_a_parameter_genesis_calls_a_buffer_or_a_size_it_misstates_fails_against_the_recipe(tmp_path):
+    """Buffers are exempt from the seed test, the optimizer bounds and the sketches, and genesis's
+    word for each tensor is the trainer's: the recipe's model says which are parameters."""
+    from test_provenance import resign
+
+    from ledger import Kind
+
+    recipe = TinyRecipe()
+    honest = record(tmp_path / "honest", recipe)
+    assert init_of(honest, recipe).data["relabelled"] == []
+    (honest / "checkpoints").mkdir(exist_ok=True)
+
+    def as_buffer(kind: Kind, step: int, body: dict[str, Any]) -> dict[str, Any]:
+        if kind is not Kind.GENESIS:
+            return body
+        tensors = [{**t, "kind": "buffer"} if t["name"] == "0.weight" else t for t in body["architecture"]["tensors"]]
+        return {**body, "architecture": {**body["architecture"], "tensors": tensors}}
+
+    init = init_of(resign(honest, tmp_path / "forged", as_buffer), recipe)
+    assert init.status == "fail" and init.data["relabelled"] == ["0.weight"], init.detail
+    assert init.detail.startswith("genesis calls 1 parameter(s) of the recipe's model buffers (0.weight)")
+
+    def inflated(kind: Kind, step: int, body: dict[str, Any]) -> dict[str, Any]:  # the Adam bound grows with √size
+        if kind is not Kind.GENESIS:
+            return body
+        tensors = [{**t, "shape": [1600, 8]} if t["name"] == "0.weight" else t for t in body["architecture"]["tensors"]]
+        return {**body, "architecture": {**body["architecture"], "tensors": tensors}}
+
+    init = init_of(resign(honest, tmp_path / "inflated", inflated), recipe)
+    assert init.status == "fail" and init.data["reshaped"] == ["0.weight"], init.detail

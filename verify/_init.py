@@ -55,10 +55,11 @@ class _RecipeRaised(Exception):
                          f"{type(error).__name__}: {message}")
 
 
-def _draw(recipe: Any, seed: int, recipe_file: str | None, opened: dict[str, None]) -> dict[str, Any]:
-    """The recipe's init at ``seed`` as canonical torch tensors; the files the recipe opened meanwhile
-    are added to ``opened`` (disclosure)."""
-    from ledger.torch import canonical_state
+def _draw(recipe: Any, seed: int, recipe_file: str | None,
+          opened: dict[str, None]) -> tuple[dict[str, Any], list[str]]:
+    """The recipe's init at ``seed`` as canonical torch tensors, and which of them are buffers of its
+    model; the files the recipe opened meanwhile are added to ``opened`` (disclosure)."""
+    from ledger.torch import buffer_names, canonical_state
 
     with watch_files(ignore=[recipe_file] if recipe_file else []) as watch:
         try:
@@ -66,10 +67,11 @@ def _draw(recipe: Any, seed: int, recipe_file: str | None, opened: dict[str, Non
             if not hasattr(model, "state_dict"):
                 raise TypeError(f"build_model returned a {type(model).__name__}, not a torch.nn.Module")
             tensors, _ = canonical_state(model)
+            buffers = buffer_names(model, tensors)
         except (Exception, SystemExit) as exc:  # a recipe calling sys.exit() ends the check, not the verifier
             raise _RecipeRaised(seed, exc) from exc
     opened.update(dict.fromkeys(watch.files))
-    return tensors
+    return tensors, buffers
 
 
 def _recipe_file(recipe: Any) -> str | None:
@@ -218,17 +220,24 @@ def _check_recipe(ctx: Context) -> CheckResult:
                             "draw_seeds": list(seeds)}
     recipe_file = _recipe_file(recipe)
     opened: dict[str, None] = dict.fromkeys(ctx.recipe_files)
-    draws: list[dict[str, Any]] = []
+    drawn: list[tuple[dict[str, Any], list[str]]] = []
     try:
         for s in seeds:
-            draws.append(_draw(recipe, s, recipe_file, opened))
+            drawn.append(_draw(recipe, s, recipe_file, opened))
     except _RecipeRaised as exc:
         data.update(_disclosed(opened), raised=str(exc))
         return CheckResult("init", Status.WARN, str(exc), data, summary="the recipe raised")
+    draws = [d for d, _ in drawn]
     tensors, *others = draws
     rebuilt = torch_digests(tensors, view.digest_scheme)
     differ = sorted(n for n in set(recorded) | set(rebuilt) if recorded.get(n) != rebuilt.get(n))
     kinds = _kinds(view.genesis.architecture)
+    # genesis's "buffer" is the trainer's word, and buffers are exempt (from the seed test below, the
+    # optimizer bounds and the sketches): the recipe's model says which tensors are parameters
+    relabelled = sorted(n for n, kind in kinds.items() if kind == "buffer" and n in tensors and n not in drawn[0][1])
+    claimed = view.genesis.tensors()  # and the update bounds are built from the sizes genesis states
+    reshaped = sorted(n for n, t in claimed.items()
+                      if n in tensors and tuple(t.get("shape", ())) != tuple(tensors[n].shape))
 
     def same(name: str, other: dict[str, Any]) -> bool:
         t, o = tensors[name], other.get(name)
@@ -242,7 +251,8 @@ def _check_recipe(ctx: Context) -> CheckResult:
                         and any(same(n, o) for o in others))
     random_names = [n for n, t in tensors.items() if t.is_floating_point() and n not in constant and n not in identical
                     and n not in seed_blind and all(n in o and o[n].shape == t.shape for o in others)]
-    data.update(differ=differ, seed_independent=seed_blind, deterministic=deterministic)
+    data.update(differ=differ, seed_independent=seed_blind, deterministic=deterministic, relabelled=relabelled,
+                reshaped=reshaped)
     arrays = [{n: _numpy(d[n]) for n in random_names} for d in draws]
     lineage = importlib.util.find_spec("scipy") is not None
     problems: list[str] = []
@@ -310,6 +320,13 @@ def _check_recipe(ctx: Context) -> CheckResult:
     if differ:
         problems.insert(0, f"{len(differ)} of {len(recorded)} tensors differ from the genesis init fingerprint: "
                            f"{_names(differ)}")
+    if reshaped:
+        problems.insert(0, f"genesis states other shapes than the recipe's model for {len(reshaped)} tensor(s) "
+                           f"({_names(reshaped)}): the update bounds are built from those sizes")
+    if relabelled:
+        problems.insert(0, f"genesis calls {len(relabelled)} parameter(s) of the recipe's model buffers "
+                           f"({_names(relabelled)}): buffers are exempt from the seed test, the update bounds and "
+                           "the sketches")
     if seed_blind:
         problems.insert(1 if differ else 0, f"{len(seed_blind)} non-constant parameter(s) do not change with the seed "
                                             f"({_names(seed_blind)}): the recipe does not draw them from its seed")
@@ -442,7 +459,7 @@ def _check_base(ctx: Context, base: dict[str, Any]) -> CheckResult:
 
         opened: dict[str, None] = dict.fromkeys(ctx.recipe_files)
         try:
-            tensors = _draw(ctx.recipe, seed, _recipe_file(ctx.recipe), opened)
+            tensors, _ = _draw(ctx.recipe, seed, _recipe_file(ctx.recipe), opened)
         except _RecipeRaised as exc:
             data["raised"] = str(exc)
             return CheckResult("init", Status.WARN, f"{sentence}; {exc}", data, summary="the recipe raised")
