@@ -136,12 +136,13 @@ class Recorder:
             sharded = ShardedRun(model, sketch_seed, options.sketch_k) if is_sharded(model) else None
             if sharded is not None and checkpoint_every:
                 raise refuse("checkpoint_every")
-            told({"sharded": (sketch_seed, options.sketch_k) if sharded else None,
+            told({"sharded": (sketch_seed, options.sketch_k, sharded.skip) if sharded else None,
                   "checkpoint_every": checkpoint_every,  # the followers adopt rank 0's settings
                   "gradients": reads_gradients(optimizer, options.grad_norms)})
         with _distributed.announce(group) as told:  # every rank learns the run id, or why there is none
             tensors, aliases = sharded_state(model) if sharded else lt.canonical_state(model)
-            sketcher = lt.CountSketch(sketch_seed, options.sketch_k, lt.buffer_names(model, tensors))
+            sketcher = lt.CountSketch(sketch_seed, options.sketch_k,
+                                      sharded.skip if sharded else lt.buffer_names(model, tensors))
             root = Path(path)
             config, mirror = _mlflow_config(mlflow, config)  # the run exists before genesis names it
             user_dir = str(Path(checkpoint_dir).absolute()) if checkpoint_dir and \

@@ -18,7 +18,7 @@ the final weights file.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -81,9 +81,12 @@ def group_grad_norms(optimizer: Any) -> Summed:
 class ShardedRun:
     """The collectives of one sharded run on this rank (see the module docstring)."""
 
-    def __init__(self, model: Any, sketch_seed: int, sketch_k: int) -> None:
+    def __init__(self, model: Any, sketch_seed: int, sketch_k: int, skip: Sequence[str] | None = None) -> None:
+        """``skip``: the tensors the sketches leave out (rank 0's, which followers are told; by default
+        the model's buffers)."""
         self.model = model
-        self.fingerprints = ShardedFingerprints(sketch_seed, sketch_k, buffer_names(model, self.tensors()))
+        self.skip = tuple(buffer_names(model, self.tensors()) if skip is None else skip)
+        self.fingerprints = ShardedFingerprints(sketch_seed, sketch_k, self.skip)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The fingerprinted tensors (DTensors and plain ones), the same names on every rank."""

@@ -116,6 +116,7 @@ def worker(rank: int, world: int, port: str, out: Path) -> None:
     began = time.perf_counter()
     sketch, again = fp.sketch(state), fp.sketch(state)  # the second one reuses the first one's plan
     timings["sketch"] = time.perf_counter() - began
+    skipped = ShardedFingerprints(SEED, K, ["seen", "proj.weight"]).sketch(state)  # genesis sketch_skips
     began = time.perf_counter()
     digests = fp.digests(state)
     timings["digests"] = time.perf_counter() - began
@@ -142,6 +143,8 @@ def worker(rank: int, world: int, port: str, out: Path) -> None:
         save_file({n: t.contiguous() for n, t in full.items()}, str(out / "model.safetensors"))
         result = {"world": world, "digests": {n: d.hex() for n, d in digests.items()}, "norms": norms.tolist(),
                   "sketch": sketch.tolist(), "sketch_again": again.tolist(), "reference": _reference(full),
+                  "skipped": skipped.tolist(), "skipped_reference": CountSketch(SEED, K, ["seen", "proj.weight"])(
+                      full).tolist(),
                   "refused": refused, "timings": timings, "ranks": every, "names": list(state),
                   "grad_norms": grad_norms, "grad_reference": grad_reference}
         (out / "result.json").write_text(json.dumps(result))
@@ -200,6 +203,9 @@ def test_combined_fingerprints_equal_the_gathered_weights(runs: dict[int, tuple[
     sketch, expected = np.asarray(result["sketch"]), np.asarray(ref["sketch"])
     assert np.linalg.norm(sketch - expected) <= 1e-9 * np.linalg.norm(expected)
     assert np.linalg.norm(np.asarray(result["sketch_again"]) - expected) <= 1e-9 * np.linalg.norm(expected)
+    skipped, expected = np.asarray(result["skipped"]), np.asarray(result["skipped_reference"])
+    assert np.linalg.norm(skipped - expected) <= 1e-9 * np.linalg.norm(expected)
+    assert np.linalg.norm(skipped - np.asarray(result["sketch"])) > 1e-3 * np.linalg.norm(expected)
     assert "embed.weight" in result["names"] and "seen" in result["names"]
     assert all(norms == result["norms"] for norms, _ in result["ranks"])  # every rank has the norms
     # the gradient norms per param group from the local shards (one all-reduce) are the full gradients'
