@@ -290,7 +290,8 @@ def _architecture(value: Any) -> dict[str, Any]:
         for d in _req(t, "shape", list, what):
             _int(d, f"{what} 'shape'", 0)
         _opt(t, "dtype", str, what)
-        _opt(t, "kind", str, what)
+        if t.get("kind", "parameter") not in ("parameter", "buffer"):  # checks read exactly these two words
+            raise FormatError(f"{what} 'kind' is not 'parameter' or 'buffer'")
     return arch
 
 

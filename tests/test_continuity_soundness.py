@@ -293,6 +293,9 @@ def test_weights_moving_when_the_optimizer_took_no_step_fail(tmp_path):
      else b, "continuity", "'sketch_skips' needs sketch_kind 'count-sketch/v2'"),
     (lambda k, s, b: {**b, "fingerprints": {**b["fingerprints"], "sketch_kind": "count-sketch/v9"}}
      if k is Kind.GENESIS else b, "continuity", "is not a sketch this verifier knows"),
+    (lambda k, s, b: {**b, "architecture": {**b["architecture"], "tensors": [  # a third word passed for a buffer
+        {**t, "kind": "Buffer"} for t in b["architecture"]["tensors"]]}} if k is Kind.GENESIS else b, "continuity",
+     "'kind' is not 'parameter' or 'buffer'"),
 ])
 def test_an_entry_that_breaks_the_schema_fails_the_check_that_reads_it(tmp_path, change, check, words):
     model = mlp()

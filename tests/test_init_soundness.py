@@ -536,3 +536,25 @@ def test_a_parameter_genesis_calls_a_buffer_or_a_size_it_misstates_fails_against
 
     init = init_of(resign(honest, tmp_path / "inflated", inflated), recipe)
     assert init.status == "fail" and init.data["reshaped"] == ["0.weight"], init.detail
+
+
+def test_a_declared_base_does_not_exempt_genesis_from_the_recipes_model(based, tmp_path):
+    """Fine-tuning runs took another path through ``init`` that never compared genesis's words with
+    the recipe's model (review): a parameter called a buffer fails there too."""
+    import shutil
+
+    from test_provenance import resign
+
+    from ledger import Kind
+
+    source = shutil.copytree(based["ledger"], tmp_path / "honest")  # the fixture's ledger stays as it is
+    (source / "checkpoints").mkdir(exist_ok=True)
+
+    def as_buffer(kind: Kind, step: int, body: dict[str, Any]) -> dict[str, Any]:
+        if kind is not Kind.GENESIS:
+            return body
+        tensors = [{**t, "kind": "buffer"} if t["name"] == "4.weight" else t for t in body["architecture"]["tensors"]]
+        return {**body, "architecture": {**body["architecture"], "tensors": tensors}}
+
+    init = init_of(resign(source, tmp_path / "forged", as_buffer), TinyRecipe(), base=based["base"])
+    assert init.status == "fail" and init.data["relabelled"] == ["4.weight"], init.detail

@@ -8,7 +8,7 @@ import importlib.util
 import inspect
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +170,29 @@ def _seed_specific(claimed: dict[str, np.ndarray], others: list[dict[str, np.nda
     return min(p_of.values(), default=1.0), [n for _, n in bad]
 
 
+def _claims(view: Any, tensors: Mapping[str, Any], buffers: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+    """Genesis's word for each tensor against the recipe's model (``tensors`` and their ``buffers``):
+    the parameters it calls buffers (exempt from the seed test, the update bounds and the sketches),
+    the tensors whose shape or dtype it misstates (the bounds are built from those), and a phrase
+    for each kind of problem."""
+    from ledger.torch import safetensors_dtype
+
+    claimed = view.genesis.tensors()
+    relabelled = sorted(n for n, t in claimed.items() if t.get("kind") == "buffer" and n in tensors
+                        and n not in set(buffers))
+    misstated = sorted(n for n, t in claimed.items() if n in tensors and (
+        tuple(t.get("shape", ())) != tuple(tensors[n].shape) or t.get("dtype") != safetensors_dtype(tensors[n])))
+    problems = []
+    if relabelled:
+        problems.append(f"genesis calls {len(relabelled)} parameter(s) of the recipe's model buffers "
+                        f"({_names(relabelled)}): buffers are exempt from the seed test, the update bounds and the "
+                        "sketches")
+    if misstated:
+        problems.append(f"genesis states other shapes or dtypes than the recipe's model for {len(misstated)} "
+                        f"tensor(s) ({_names(misstated)}): the update bounds are built from those")
+    return relabelled, misstated, problems
+
+
 def _kinds(architecture: Mapping[str, Any]) -> dict[str, str]:
     """Tensor name → "parameter" or "buffer", from the genesis architecture."""
     return {str(t.get("name")): str(t.get("kind")) for t in architecture.get("tensors", []) if isinstance(t, Mapping)}
@@ -234,10 +257,7 @@ def _check_recipe(ctx: Context) -> CheckResult:
     kinds = _kinds(view.genesis.architecture)
     # genesis's "buffer" is the trainer's word, and buffers are exempt (from the seed test below, the
     # optimizer bounds and the sketches): the recipe's model says which tensors are parameters
-    relabelled = sorted(n for n, kind in kinds.items() if kind == "buffer" and n in tensors and n not in drawn[0][1])
-    claimed = view.genesis.tensors()  # and the update bounds are built from the sizes genesis states
-    reshaped = sorted(n for n, t in claimed.items()
-                      if n in tensors and tuple(t.get("shape", ())) != tuple(tensors[n].shape))
+    relabelled, reshaped, claim_problems = _claims(view, tensors, drawn[0][1])
 
     def same(name: str, other: dict[str, Any]) -> bool:
         t, o = tensors[name], other.get(name)
@@ -320,13 +340,7 @@ def _check_recipe(ctx: Context) -> CheckResult:
     if differ:
         problems.insert(0, f"{len(differ)} of {len(recorded)} tensors differ from the genesis init fingerprint: "
                            f"{_names(differ)}")
-    if reshaped:
-        problems.insert(0, f"genesis states other shapes than the recipe's model for {len(reshaped)} tensor(s) "
-                           f"({_names(reshaped)}): the update bounds are built from those sizes")
-    if relabelled:
-        problems.insert(0, f"genesis calls {len(relabelled)} parameter(s) of the recipe's model buffers "
-                           f"({_names(relabelled)}): buffers are exempt from the seed test, the update bounds and "
-                           "the sketches")
+    problems[:0] = claim_problems
     if seed_blind:
         problems.insert(1 if differ else 0, f"{len(seed_blind)} non-constant parameter(s) do not change with the seed "
                                             f"({_names(seed_blind)}): the recipe does not draw them from its seed")
@@ -431,6 +445,18 @@ def _check_base(ctx: Context, base: dict[str, Any]) -> CheckResult:
         return CheckResult("init", Status.FAIL, f"genesis declares fine-tuning from {label}, but the declared base "
                            f"differs from the init fingerprint in {len(unlike)} tensor(s): {_names(unlike)}", data)
     not_applied = "the seed-dependence and laundering tests do not apply to a declared base"
+    drawn: dict[str, Any] | None = None  # the recipe's model at the seed, when a recipe is given
+    if ctx.recipe is not None and importlib.util.find_spec("torch") is not None:
+        opened: dict[str, None] = dict.fromkeys(ctx.recipe_files)
+        try:
+            drawn, buffers = _draw(ctx.recipe, seed, _recipe_file(ctx.recipe), opened)
+        except _RecipeRaised as exc:
+            data["raised"] = str(exc)
+            return CheckResult("init", Status.WARN, f"fine-tuned from {label}: {exc}", data,
+                               summary="the recipe raised")
+        data["relabelled"], data["reshaped"], problems = _claims(view, drawn, buffers)
+        if problems:
+            return CheckResult("init", Status.FAIL, "; ".join(problems), data)
     if ctx.base is None:
         return CheckResult("init", Status.WARN, f"declares fine-tuning from {label}: give --base FILE to check it "
                            f"({not_applied})", data, summary=f"fine-tuning from {label} not checked (no --base)")
@@ -451,19 +477,13 @@ def _check_base(ctx: Context, base: dict[str, Any]) -> CheckResult:
     if absent and len(new) < len(absent):
         sentence += f"; {len(absent) - len(new)} buffer(s) not in it"
     if new:
-        if ctx.recipe is None or importlib.util.find_spec("torch") is None:
+        if drawn is None:
             return CheckResult("init", Status.WARN, f"{sentence}; {len(new)} parameter(s) are not in the base file and "
                                f"were not regenerated (give --recipe): {_names(new)} ({not_applied})", data,
                                summary="init tensors outside the base not regenerated")
         from ledger.torch import torch_digests
 
-        opened: dict[str, None] = dict.fromkeys(ctx.recipe_files)
-        try:
-            tensors, _ = _draw(ctx.recipe, seed, _recipe_file(ctx.recipe), opened)
-        except _RecipeRaised as exc:
-            data["raised"] = str(exc)
-            return CheckResult("init", Status.WARN, f"{sentence}; {exc}", data, summary="the recipe raised")
-        rebuilt = torch_digests({n: tensors[n] for n in new if n in tensors}, view.digest_scheme)
+        rebuilt = torch_digests({n: drawn[n] for n in new if n in drawn}, view.digest_scheme)
         wrong = sorted(n for n in new if rebuilt.get(n) != declared[n])
         data["regenerated"] = sorted(set(new) - set(wrong))
         if wrong:
