@@ -194,6 +194,21 @@ def test_a_parameter_whose_data_is_replaced_mid_run_is_normed_from_its_new_stora
     assert result.status is Status.PASS, result.detail
 
 
+def test_a_buffer_a_module_reassigns_at_every_step_is_read_from_its_new_object(tmp_path):
+    """``self.ema = 0.9 * self.ema + …`` puts a new tensor in the module at each step: the recorder
+    used to read the first object until its next refresh (50 steps), so the logged norms missed the
+    checkpoints and close() refused the final weights (review)."""
+    model = mlp()
+    model.register_buffer("ema", torch.zeros(16))
+
+    def update(step: int) -> None:
+        model.ema = 0.9 * model.ema + 0.1 * model[0].bias.detach()  # a new object each step
+
+    path = record(tmp_path / "L", model, torch.optim.AdamW(model.parameters(), lr=1e-2), after_step=update)
+    result = continuity(path, model=path.parent / f"{path.name}.safetensors")
+    assert result.status is Status.PASS and "ema" in result.data["buffers_moved"], result.detail
+
+
 # ----------------------------------------------------------------------------- forgeries
 def test_seal_swap_is_not_the_state_at_the_last_step(tmp_path):
     """Train honestly, load foreign weights just before close: the seal commits to them, but the
@@ -581,11 +596,22 @@ def test_moved_buffers_holding_much_of_the_model_warn(tmp_path):
     assert result.status is Status.WARN and "buffers outside every optimizer group that changed (hidden) hold 86% of " \
         "the model's floating-point coordinates" in result.detail, result.detail
 
+    model = mlp()
+    model.register_buffer("hidden", torch.randn(32, 32))
 
-def test_tensor_sizes_in_genesis_are_checked_against_real_tensors(tmp_path):
-    """The Adam bound grows with √(size), and the sizes come from genesis's architecture: an inflated
-    size is caught by the shapes of a stored checkpoint or of --model, and with neither the result
-    says the sizes are unconfirmed."""
+    def permute(step: int) -> None:  # the same norm at every step: only the digests show the change
+        with torch.no_grad():
+            model.hidden.copy_(model.hidden.roll(1, 0))
+
+    path = record(tmp_path / "P", model, torch.optim.AdamW(model.parameters(), lr=1e-2), after_step=permute)
+    result = continuity(path)
+    assert result.status is Status.WARN and "that changed (hidden) hold 86%" in result.detail, result.detail
+
+
+def test_tensor_sizes_and_dtypes_in_genesis_are_checked_against_real_tensors(tmp_path):
+    """The Adam bound grows with √(size) and its rounding slack with the dtype, both from genesis's
+    architecture: an inflated size or a coarser dtype is caught by the headers of a stored checkpoint
+    or of --model, and with neither the result says the sizes are unconfirmed."""
     model = mlp()
     honest = record(tmp_path / "honest", model, torch.optim.AdamW(model.parameters(), lr=1e-2), every=4,
                     fingerprints=FingerprintOptions(digests="every"))
@@ -599,16 +625,26 @@ def test_tensor_sizes_in_genesis_are_checked_against_real_tensors(tmp_path):
 
     forged = resign(honest, tmp_path / "forged", inflate)
     result = continuity(forged)  # its checkpoints are stored
-    assert result.status is Status.FAIL and "the checkpoint's tensor shapes are not those genesis states " \
+    assert result.status is Status.FAIL and "the checkpoint's tensor shapes or dtypes are not those genesis states " \
         "(1 tensor(s): 0.weight)" in result.detail, result.detail
     shutil.rmtree(forged / "checkpoints")
     final = honest.parent / f"{honest.name}.safetensors"
     result = continuity(forged, model=final)
-    assert result.status is Status.FAIL and f"the released weights' ({final.name}) tensor shapes are not those " \
-        "genesis states" in result.detail, result.detail
+    assert result.status is Status.FAIL and f"the released weights' ({final.name}) tensor shapes or dtypes are not " \
+        "those genesis states" in result.detail, result.detail
     result = continuity(forged)
     assert "the tensor sizes the Adam bound is built from are genesis's claims here" in result.detail, result.detail
     assert "the tensor sizes" not in continuity(honest).detail
+
+    def rounding(kind: Kind, step: int, body: dict) -> dict:  # bf16's rounding slack is 2^16 times float32's
+        if kind is Kind.GENESIS:
+            tensors = [{**t, "dtype": "BF16"} if t["name"] == "0.weight" else t
+                       for t in body["architecture"]["tensors"]]
+            return {**body, "architecture": {**body["architecture"], "tensors": tensors}}
+        return body
+
+    result = continuity(resign(honest, tmp_path / "bf16", rounding))
+    assert result.status is Status.FAIL and "tensor shapes or dtypes are not those genesis states" in result.detail
 
 
 def test_a_frozen_parameter_holding_minus_infinity_warns_that_it_was_not_checked(tmp_path):

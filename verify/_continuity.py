@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from ledger._blocked import TENSOR_V1
 from ledger._record import Kind
-from ledger._state import read_meta, read_weights
+from ledger._state import FILES, checkpoint_file, read_meta, read_weights
 from ledger._weights import NumpySketch
 from ledger.verify._bounds import Bounds, dtype_rounding, norm_rtol
 from ledger.verify._columns import StepColumns
@@ -52,8 +53,11 @@ def check_continuity(ctx: Context) -> CheckResult:
     if walk.sketch_checks:
         evidence.append(f"sketches at {walk.sketch_checks} step(s)")
     intervals = _check_checkpoints(view, bounds, walk, metas)
-    if ctx.model is not None:
-        _check_model_shapes(view, walk, ctx.model)
+    walk.buffers_moved = sorted(set(walk.buffers_moved) | _buffers_changed(view, bounds))
+    released = _header_layout(ctx.model) if ctx.model is not None else None
+    if ctx.model is not None and released is not None:
+        last = int(view.steps.columns.steps[-1]) if len(view.steps.columns.steps) else -1
+        _layout_problem(view, bounds, walk, released, last, f"the released weights' ({Path(ctx.model).name})")
     if intervals:
         evidence.append(f"{intervals} checkpoint interval(s) on the real weights")
     granularity = _granularity(view, walk.sketched)
@@ -156,7 +160,7 @@ def _weakness(view: RunView, bounds: Bounds, walk: _Walk, intervals: int) -> str
     if walk.unchecked:
         return (f"the norms of {', '.join(walk.unchecked[:5])} stay infinite, so their updates were not checked "
                 "against the bound (a frozen tensor holding ±inf?)")
-    share = _share(view, walk.buffers_moved)
+    share = _share(view, walk, walk.buffers_moved)
     if share > BUFFER_SHARE:
         return (f"buffers outside every optimizer group that changed ({', '.join(walk.buffers_moved[:5])}) hold "
                 f"{share:.0%} of the model's floating-point coordinates: continuity checks none of their changes "
@@ -170,38 +174,69 @@ FLOATING = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 BUFFER_SHARE = 0.2  # moved buffers holding more of the floating-point coordinates than this: continuity warns
 
 
-def _share(view: RunView, names: list[str]) -> float:
-    """The share of the fingerprinted floating-point coordinates (genesis architecture) that ``names`` hold."""
-    sizes, tensors = view.genesis.tensor_sizes(), view.genesis.tensors()
-    floating = {n: sizes.get(n, 0) for n in view.tensor_order if tensors.get(n, {}).get("dtype") in FLOATING}
+Layout = dict[str, tuple[tuple[int, ...], str]]  # tensor name → (shape, safetensors dtype)
+
+
+def _buffers_changed(view: RunView, bounds: Bounds) -> set[str]:
+    """Buffers outside every optimizer group whose digest differs between consecutive points where
+    the ledger holds the full digests (the init, each checkpoint entry, the last step's entry when it
+    carries them; other step entries are not decoded for this): a buffer replaced by another of the
+    same norm changes no norm, and the sketches leave buffers out (``count-sketch/v2``)."""
+    order = view.tensor_order
+    exempt = [n for i, n in enumerate(order) if bounds.group_of[i] < 0 and not bounds.parameter[i]]
+    if not exempt or view.digest_scheme != TENSOR_V1:  # checkpoint entries hold tensor/v1 digests
+        return set()
+    points = [(-1, 0, dict(view.init.tensor_digests))]
+    points += [(cp.step, 1, dict(cp.body.tensor_digests)) for cp in view.checkpoints if not cp.superseded]
+    last = view.steps.get(view.last_step) if len(view.steps.columns.steps) else None
+    if last is not None and last.tensor_digests is not None and len(last.tensor_digests) == 32 * len(order):
+        points.append((view.last_step, 0, {n: last.tensor_digests[32 * i:32 * (i + 1)] for i, n in enumerate(order)}))
+    points.sort(key=lambda p: p[:2])
+    changed: set[str] = set()
+    for (_, _, before), (_, _, after) in zip(points, points[1:], strict=False):
+        changed |= {n for n in exempt if n in before and n in after and before[n] != after[n]}
+    return changed
+
+
+def _share(view: RunView, walk: _Walk, names: list[str]) -> float:
+    """The share of the fingerprinted floating-point coordinates that ``names`` hold: by the shapes
+    and dtypes of the real tensors read (a checkpoint, ``--model``), else as genesis states them."""
+    claimed = view.genesis.tensors()
+    layout = {n: walk.layout.get(n) or (tuple(claimed.get(n, {}).get("shape", ())), claimed.get(n, {}).get("dtype"))
+              for n in view.tensor_order}
+    floating = {n: math.prod(shape) for n, (shape, dtype) in layout.items() if dtype in FLOATING}
     total = sum(floating.values())
     return sum(floating.get(n, 0) for n in names) / total if total else 0.0
 
 
-def _shape_problem(view: RunView, walk: _Walk, shapes: dict[str, tuple[int, ...]], step: int, what: str) -> None:
-    """Real tensors' shapes against genesis's architecture, whose sizes the update bounds are built
-    from (a size inflated by the trainer would loosen them): an anomaly at ``step`` when they differ."""
+def _layout_problem(view: RunView, bounds: Bounds, walk: _Walk, real: Layout, step: int, what: str) -> None:
+    """Real tensors' shapes and dtypes against genesis's architecture, whose sizes and dtypes the
+    update bounds are built from (a size or a rounding the trainer inflated would loosen them): an
+    anomaly at ``step`` when a tensor the bounds cover differs. Buffers outside every group are not
+    bounded (a buffer may take its shape at the first forward, as quantisation observers do): their
+    real layout only counts in :func:`_share`."""
     claimed = view.genesis.tensors()
-    wrong = [n for n in view.tensor_order if n in shapes and tuple(claimed.get(n, {}).get("shape", ())) != shapes[n]]
+    watched = {n for i, n in enumerate(view.tensor_order) if bounds.group_of[i] >= 0 or bounds.parameter[i]}
+    wrong = [n for n in view.tensor_order if n in real and n in watched
+             and (tuple(claimed.get(n, {}).get("shape", ())), claimed.get(n, {}).get("dtype")) != real[n]]
+    walk.layout.update(real)
     walk.shapes_seen = True
     if wrong:
         walk.anomalies.append({"step": step, "ratio": math.inf, "evidence": "fingerprint",
-                               "detail": f"{what} tensor shapes are not those genesis states ({len(wrong)} tensor(s): "
-                                         f"{', '.join(wrong[:5])}), whose sizes the update bounds use"})
+                               "detail": f"{what} tensor shapes or dtypes are not those genesis states ({len(wrong)} "
+                                         f"tensor(s): {', '.join(wrong[:5])}), which the update bounds use"})
 
 
-def _check_model_shapes(view: RunView, walk: _Walk, model: Any) -> None:
-    """The ``--model`` file's tensor shapes (its header alone) against genesis's architecture; a file
-    that cannot be read is left to check ``model``."""
+def _header_layout(path: Path) -> Layout | None:
+    """Each tensor's shape and dtype from a safetensors file's header (or every shard of an index);
+    None when it cannot be read (the checks that read the file say why)."""
     from ledger._fingerprint import read_shards
     from ledger.errors import ConfigurationError, FormatError
 
     try:
-        shapes = {name: tuple(e.shape) for shard in read_shards(model) for name, e in shard.entries.items()}
+        return {name: (tuple(e.shape), e.dtype) for shard in read_shards(path) for name, e in shard.entries.items()}
     except (FormatError, ConfigurationError, OSError):
-        return
-    last = int(view.steps.columns.steps[-1]) if len(view.steps.columns.steps) else -1
-    _shape_problem(view, walk, shapes, last, f"the released weights' ({Path(model).name})")
+        return None
 
 
 class _Walk:
@@ -219,6 +254,7 @@ class _Walk:
         self.sketch_checks = self.sketch_skipped = self.sketch_nan = 0
         self.unchecked: list[str] = []  # tensors whose norm stays infinite: their updates are not checked
         self.shapes_seen = False  # real tensors' shapes compared with genesis's (a checkpoint, --model)
+        self.layout: dict[str, tuple[tuple[int, ...], str]] = {}  # the real shapes and dtypes seen
         self.sketched: set[int] = set()  # the steps of the sketches checked against the bound
         self.buffers_moved: list[str] = []
         self.checkpoint_distances: list[dict[str, Any]] = []
@@ -403,7 +439,9 @@ def _check_checkpoints(view: RunView, bounds: Bounds, walk: _Walk, metas: dict[i
     intervals = 0
     for cp in view.stored_checkpoints():
         weights = read_weights(cp.directory)
-        _shape_problem(view, walk, {n: tuple(w.shape) for n, w in weights.items()}, cp.step, "the checkpoint's")
+        real = _header_layout(checkpoint_file(cp.directory, FILES[0]))
+        if real is not None:
+            _layout_problem(view, bounds, walk, real, cp.step, "the checkpoint's")
         logged = view.steps.get(cp.step)
         sketch = view.init.sketch if cp.step == -1 else logged.sketch if logged else None
         norms = view.init.norms if cp.step == -1 else logged.norms if logged else None
