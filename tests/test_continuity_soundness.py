@@ -353,6 +353,36 @@ def test_crafted_values_never_crash_the_verifier(tmp_path, change):
     assert out.returncode in (0, 1), out.stderr
 
 
+def test_optimizer_groups_in_genesis_are_checked_against_the_checkpoints_optimizer_state(tmp_path):
+    """Which group holds a tensor sets its learning rate, so its bound: a genesis that moves a
+    weight into a group of lr 1.0 (whose only real member is a dummy) fails at the stored
+    checkpoints, whose optimizer state holds other groups (review)."""
+    model = mlp()
+    dummy = torch.nn.Parameter(torch.zeros(3))
+    model.register_parameter("dummy", dummy)
+    optimizer = torch.optim.AdamW([{"params": [p for n, p in model.named_parameters() if n != "dummy"], "lr": 1e-3},
+                                   {"params": [dummy], "lr": 1.0}])
+    honest = record(tmp_path / "honest", model, optimizer)
+    assert continuity(honest).status is Status.PASS
+
+    def regroup(moves: list[str], leaves: list[str]) -> Callable[[Kind, int, dict], dict]:
+        def change(kind: Kind, step: int, body: dict) -> dict:
+            if kind is not Kind.GENESIS:
+                return body
+            first, second = body["optimizer"]["param_groups"]
+            first = {**first, "tensors": [n for n in first["tensors"] if n not in moves] + leaves}
+            second = {**second, "tensors": [n for n in second["tensors"] if n not in leaves] + moves}
+            return {**body, "optimizer": {**body["optimizer"], "param_groups": [first, second]}}
+        return change
+
+    result = continuity(resign(honest, tmp_path / "moved", regroup(["0.weight"], [])))
+    assert result.status is Status.FAIL and "group 0 holds 4 tensor(s), genesis names 3" in result.detail, result.detail
+    result = continuity(resign(honest, tmp_path / "swapped", regroup(["0.weight"], ["dummy"])))  # the counts kept
+    details = [a.get("detail", "") for a in result.data["anomalies"] if a["evidence"] == "optimizer groups"]
+    assert result.status is Status.FAIL and any("group 0's state at 0.bias has the shape of another tensor" in d
+                                                for d in details), result.data["anomalies"]
+
+
 # ----------------------------------------------------------------------------- weak evidence is named
 def test_norms_alone_warn(tmp_path):
     model = mlp()

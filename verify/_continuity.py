@@ -450,6 +450,7 @@ def _check_checkpoints(view: RunView, bounds: Bounds, walk: _Walk, metas: dict[i
                                    "detail": f"{problem} the checkpoint's weights"})
         if cp.step >= 0:
             walk.anomalies += _hyper_problems(view, bounds, cp.step, metas[cp.seq])
+        walk.anomalies += _membership_problems(bounds, cp.step, metas[cp.seq], weights, cp.directory)
         if previous is not None:
             t, before = previous
             walk.checkpoint_distances.append({"from_step": t, "to_step": cp.step,
@@ -497,6 +498,38 @@ def _mismatches(weights: dict[str, np.ndarray], order: list[str], sketcher: Nump
         if not np.all((real_norms == norms) | overflow | close):
             problems.append("the logged norms do not match")
     return problems
+
+
+def _membership_problems(bounds: Bounds, step: int, meta: dict[str, Any], weights: dict[str, np.ndarray],
+                         directory: Path) -> list[dict[str, Any]]:
+    """Genesis's optimizer groups (which tensors each holds: each group's bound and learning rate)
+    against the optimizer state a checkpoint holds: as many parameters in each group, and each
+    per-parameter state tensor (Adam's moments, SGD's momentum) of the shape of the tensor genesis
+    puts at that place. A tensor moved into a group of a larger learning rate would loosen its bound."""
+    stored = meta.get("param_groups")
+    if not isinstance(stored, list) or len(stored) != len(bounds.groups):
+        return []  # _hyper_problems and the checkpoints check speak for a state that does not fit
+    counts = meta.get("optimizer_groups", [len(stored)])
+    several = isinstance(counts, list) and len(counts) > 1
+    owners = [k for k, n in enumerate(counts) for _ in range(int(n))] if isinstance(counts, list) else []
+    state = _header_layout(checkpoint_file(directory, FILES[1])) or {}
+    wrong: list[str] = []
+    for g, (claimed, held) in enumerate(zip(bounds.groups, stored, strict=True)):
+        names, params = claimed.get("tensors", []), held.get("params") if isinstance(held, dict) else None
+        if not isinstance(params, list) or len(params) != len(names):
+            wrong.append(f"group {g} holds {len(params) if isinstance(params, list) else '?'} tensor(s), genesis "
+                         f"names {len(names)}")
+            continue
+        if bounds.group_family[g] not in ("adam", "adamw", "sgd"):  # others may keep factored state (Adafactor)
+            continue
+        prefix = f"{owners[g]}." if several and g < len(owners) else ""
+        for index, name in zip(params, names, strict=True):
+            shapes = {shape for key, (shape, _) in state.items() if key.startswith(f"state/{prefix}{index}/")
+                      and len(shape) > 0}
+            if name in weights and shapes and tuple(weights[name].shape) not in shapes:
+                wrong.append(f"group {g}'s state at {name} has the shape of another tensor")
+    detail = f"the checkpoint's optimizer state does not hold the groups genesis states: {'; '.join(wrong[:3])}"
+    return [{"step": step, "ratio": math.inf, "evidence": "optimizer groups", "detail": detail}] if wrong else []
 
 
 def _hyper_problems(view: RunView, bounds: Bounds, step: int, meta: dict[str, Any]) -> list[dict[str, Any]]:
