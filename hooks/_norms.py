@@ -26,11 +26,13 @@ import numpy.typing as npt
 import torch
 
 from ledger._device import NOTHING, Landing, common_device, lane_of
+from ledger.torch import host_bytes
 
 BLOCK = 1 << 16
 ROWS = 4 * BLOCK  # CPU tensors of at least this many elements: their blocks' norms in one torch reduction
 POLICY = "every step (L2 of float32 blocks of 65536 accumulated in float64, tensor_order)"
 _LOW = (torch.bfloat16, torch.float16)
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +120,8 @@ class Norms:
                 if whole:  # one reduction over the rows, on torch's intra-op threads
                     rows.append((blocks_before, tensor.detach().reshape(-1)[:whole].view(-1, BLOCK)))
                     blocks_before += whole // BLOCK
-                flat = tensor.detach().reshape(-1).numpy()[whole:]  # a view of the tensor's memory
+                # a view of the tensor's memory (not .numpy(), which would forbid resizing it for good)
+                flat = np.frombuffer(host_bytes(tensor.detach()), _NUMPY[tensor.dtype])[whole:]
                 for lo in range(0, flat.size, BLOCK):
                     host[0].append(flat[lo:lo + BLOCK])
                     small.append(blocks_before)

@@ -12,6 +12,7 @@ The byte-level definitions are in docs/FORMAT.md §10–§11 and in the torch-fr
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import os
@@ -79,20 +80,35 @@ def _numpy_safe_dtypes() -> frozenset[torch.dtype]:
                       torch.uint8})
 
 
+def host_bytes(tensor: torch.Tensor) -> memoryview:
+    """The memory of a contiguous, non-empty CPU tensor as bytes, read in place, without torch's
+    numpy bridge: ``Tensor.numpy()`` marks the storage never resizable again, so a module that
+    resizes its buffer later (a quantisation observer) would fail in its forward. The view keeps
+    the tensor alive; a storage resized meanwhile moves (``data_ptr`` changes), and whoever holds
+    the view must not read it then (``hooks._norms.Norms.current``)."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous() or not tensor.numel():
+        raise ValueError("host_bytes takes a contiguous, non-empty CPU tensor")
+    raw = (ctypes.c_char * (tensor.numel() * tensor.element_size())).from_address(tensor.data_ptr())
+    raw._tensor = tensor  # type: ignore[attr-defined]  # the storage lives as long as the view
+    return memoryview(raw).cast("B")
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """Little-endian contiguous bytes of a tensor, on the CPU (a copy; never touches the live tensor)."""
+    """Little-endian contiguous bytes of a tensor, on the CPU (a copy, or the tensor's own memory
+    read in place: :func:`host_bytes`; never changes the live tensor)."""
     if _zero_copy(tensor):  # memoryview cannot cast a (0, n) array: an empty tensor takes the path below
-        return tensor.detach().numpy().data.cast("B")  # zero-copy fast path (no torch ops)
+        return host_bytes(tensor.detach())  # zero-copy fast path (no torch ops)
     flat = tensor.detach().reshape(-1)
     if flat.device.type != "cpu":
         flat = flat.cpu()
     flat = flat.contiguous()
     if flat.dtype == torch.bool:
         flat = flat.to(torch.uint8)
-    raw = flat.view(torch.uint8).numpy() if flat.numel() else np.zeros(0, np.uint8)
+    if not flat.numel():
+        return np.zeros(0, np.uint8).data
     if sys.byteorder != "little" and flat.element_size() > 1:
-        raw = flat.numpy().byteswap().view(np.uint8)
-    return raw.data
+        return memoryview(flat.clone().numpy().byteswap().view(np.uint8))
+    return host_bytes(flat)
 
 
 def torch_digests(tensors: Mapping[str, torch.Tensor], scheme: str = "tensor/v1", *,

@@ -209,6 +209,26 @@ def test_a_buffer_a_module_reassigns_at_every_step_is_read_from_its_new_object(t
     assert result.status is Status.PASS and "ema" in result.data["buffers_moved"], result.detail
 
 
+def test_a_buffer_a_module_resizes_after_the_recorder_started_stays_resizable(tmp_path):
+    """A quantisation observer's buffer takes its size at the first forward (``resize_``). Reading
+    weights through ``Tensor.numpy()`` marked every storage never resizable again, so such a model
+    crashed in its own forward once recorded (review); the recorder reads them in place without it,
+    follows the new storage, and the run passes (buffers may take their shape late)."""
+    class Observed(torch.nn.Sequential):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.scale.numel() == 1:
+                self.scale.resize_(16).fill_(1.0)
+            self.scale.mul_(0.99)
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    model = Observed(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    model.register_buffer("scale", torch.ones(1))
+    path = record(tmp_path / "L", model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    result = continuity(path, model=path.parent / f"{path.name}.safetensors")
+    assert result.status is Status.PASS and "scale" in result.data["buffers_moved"], result.detail
+
+
 # ----------------------------------------------------------------------------- forgeries
 def test_seal_swap_is_not_the_state_at_the_last_step(tmp_path):
     """Train honestly, load foreign weights just before close: the seal commits to them, but the
