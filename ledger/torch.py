@@ -80,14 +80,25 @@ def _numpy_safe_dtypes() -> frozenset[torch.dtype]:
                       torch.uint8})
 
 
+def in_memory(tensor: torch.Tensor) -> bool:
+    """Whether a tensor's elements are plain bytes in CPU memory that :func:`host_bytes` can read: a
+    contiguous, non-empty plain tensor (not a subclass such as a masked or wrapper tensor, not a
+    zero tensor, no pending negation or conjugation) whose storage holds all of it."""
+    return type(tensor) in (torch.Tensor, torch.nn.Parameter) and tensor.device.type == "cpu" \
+        and tensor.is_contiguous() and tensor.numel() > 0 and not tensor._is_zerotensor() \
+        and not tensor.is_neg() and not tensor.is_conj() and tensor.data_ptr() != 0 \
+        and tensor.untyped_storage().nbytes() >= (tensor.storage_offset() + tensor.numel()) * tensor.element_size()
+
+
 def host_bytes(tensor: torch.Tensor) -> memoryview:
-    """The memory of a contiguous, non-empty CPU tensor as bytes, read in place, without torch's
+    """The memory of a tensor :func:`in_memory` accepts, as bytes read in place, without torch's
     numpy bridge: ``Tensor.numpy()`` marks the storage never resizable again, so a module that
     resizes its buffer later (a quantisation observer) would fail in its forward. The view keeps
-    the tensor alive; a storage resized meanwhile moves (``data_ptr`` changes), and whoever holds
-    the view must not read it then (``hooks._norms.Norms.current``)."""
-    if tensor.device.type != "cpu" or not tensor.is_contiguous() or not tensor.numel():
-        raise ValueError("host_bytes takes a contiguous, non-empty CPU tensor")
+    the storage object alive, not its allocation: a ``resize_`` may free or move the memory under
+    it, so whoever holds the view reads it only while the tensor keeps the address and size it had
+    (``hooks._norms.Norms.current``)."""
+    if not in_memory(tensor):
+        raise ValueError("host_bytes takes a contiguous, non-empty plain CPU tensor whose storage holds it")
     raw = (ctypes.c_char * (tensor.numel() * tensor.element_size())).from_address(tensor.data_ptr())
     raw._tensor = tensor  # type: ignore[attr-defined]  # the storage lives as long as the view
     return memoryview(raw).cast("B")
@@ -98,7 +109,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     read in place: :func:`host_bytes`; never changes the live tensor)."""
     if _zero_copy(tensor):  # memoryview cannot cast a (0, n) array: an empty tensor takes the path below
         return host_bytes(tensor.detach())  # zero-copy fast path (no torch ops)
-    flat = tensor.detach().reshape(-1)
+    flat = tensor.detach().resolve_conj().resolve_neg().reshape(-1)
     if flat.device.type != "cpu":
         flat = flat.cpu()
     flat = flat.contiguous()
@@ -106,8 +117,12 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
         flat = flat.to(torch.uint8)
     if not flat.numel():
         return np.zeros(0, np.uint8).data
+    if not in_memory(flat):
+        raise ConfigurationError(f"a {type(tensor).__name__} tensor (a subclass, or a zero tensor) cannot be "
+                                 "fingerprinted: give plain tensors")
     if sys.byteorder != "little" and flat.element_size() > 1:
-        return memoryview(flat.clone().numpy().byteswap().view(np.uint8))
+        same_size = {2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]  # numpy has no bf16
+        return memoryview(flat.view(same_size).clone().numpy().byteswap().view(np.uint8))
     return host_bytes(flat)
 
 
@@ -139,8 +154,7 @@ def torch_digests(tensors: Mapping[str, torch.Tensor], scheme: str = "tensor/v1"
 
 def _zero_copy(tensor: torch.Tensor) -> bool:
     """Whether :func:`tensor_bytes` reads the tensor's own CPU memory (no copy)."""
-    return tensor.device.type == "cpu" and tensor.dtype in _numpy_safe_dtypes() and tensor.is_contiguous() \
-        and sys.byteorder == "little" and bool(tensor.numel())
+    return tensor.dtype in _numpy_safe_dtypes() and sys.byteorder == "little" and in_memory(tensor)
 
 
 def batch_digest(batch: Any) -> bytes:

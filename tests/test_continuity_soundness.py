@@ -705,3 +705,21 @@ def test_a_frozen_parameter_holding_minus_infinity_warns_that_it_was_not_checked
     trained = [p for n, p in model.named_parameters() if n != "frozen"]
     result = continuity(record(tmp_path / "L", model, torch.optim.AdamW(trained, lr=1e-2)))
     assert result.status is Status.WARN and "the norms of frozen stay infinite" in result.detail, result.detail
+
+
+def test_a_checkpoints_parameter_indices_must_be_as_torch_writes_them():
+    """A crafted state.cbor naming indices no state tensor has (or counting groups that are not
+    there) would escape the group-membership comparison, or make the verifier allocate without
+    bound: such a state is named, not followed (review)."""
+    from ledger.verify._continuity import _indexing_problems
+
+    groups = [{"params": [0, 1]}, {"params": [2]}]
+    assert _indexing_problems(groups, [2]) == []
+    assert _indexing_problems([{"params": [0]}, {"params": [0, 1]}], [1, 1]) == []  # two optimizers
+    assert _indexing_problems(groups, [10**12]) == ["'optimizer_groups' does not count its param groups"]
+    assert _indexing_problems(groups, ["2"]) == ["'optimizer_groups' does not count its param groups"]
+    assert _indexing_problems([{"params": [10**6, 10**6 + 1]}, {"params": [2]}], [2]) == \
+        ["optimizer 0's parameter indices are not 0…2, each once"]
+    assert _indexing_problems([{"params": [0, 0]}, {"params": ["1"]}], [2]) == \
+        ["optimizer 0's parameter indices are not 0…2, each once"]
+    assert _indexing_problems(["x", {"params": [0]}], [2]) == ["optimizer 0's param groups hold no 'params' list"]

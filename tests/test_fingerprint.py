@@ -69,3 +69,22 @@ def test_a_one_ulp_change_changes_the_digest():
     assert torch_digests({"x": a}) != torch_digests({"x": b})
     assert torch_digests({"x": a}) != torch_digests({"y": a})  # the name is bound
     assert torch_digests({"x": a}) != torch_digests({"x": a.reshape(2, 5)})  # so is the shape
+
+
+def test_tensor_bytes_reads_only_plain_memory():
+    """Tensors whose elements are not plain bytes at their address (a zero tensor; a pending
+    negation) are materialised or refused with one line, never read in place (review: a zero tensor
+    or a wrapper subclass made the in-place read crash the process)."""
+    import pytest
+    import torch
+
+    from ledger.errors import ConfigurationError
+    from ledger.torch import in_memory, tensor_bytes
+
+    negated = torch.tensor([1 + 2j, 3 - 4j]).conj().imag
+    assert negated.is_neg() and not in_memory(negated)
+    assert bytes(tensor_bytes(negated)) == bytes(tensor_bytes(negated.resolve_neg().clone()))
+    zeros = torch._efficientzerotensor(4)
+    with pytest.raises(ConfigurationError, match="cannot be fingerprinted"):
+        tensor_bytes(zeros)
+    assert in_memory(torch.ones(3)) and not in_memory(torch.ones(0))

@@ -44,3 +44,12 @@ def test_the_cpu_paths_read_the_live_tensor_at_each_measure(size):
     w.mul_(2)  # an optimizer step updates the tensor in place
     second = plan.measure([w])
     assert first.value()[0] == np.sqrt(size) and second.value()[0] == 2 * np.sqrt(size)
+
+
+def test_the_plan_is_not_current_once_a_tensor_shrinks_in_place():
+    """``resize_`` to fewer elements keeps the address: the plan's views would read the old span."""
+    t = torch.zeros(16)
+    plan = Norms([t])
+    assert plan.current([t])
+    t.resize_(8)
+    assert t.data_ptr() == plan._addresses[0][0] and not plan.current([t])

@@ -510,19 +510,20 @@ def _membership_problems(bounds: Bounds, step: int, meta: dict[str, Any], weight
     if not isinstance(stored, list) or len(stored) != len(bounds.groups):
         return []  # _hyper_problems and the checkpoints check speak for a state that does not fit
     counts = meta.get("optimizer_groups", [len(stored)])
-    several = isinstance(counts, list) and len(counts) > 1
-    owners = [k for k, n in enumerate(counts) for _ in range(int(n))] if isinstance(counts, list) else []
+    wrong = _indexing_problems(stored, counts)
     state = _header_layout(checkpoint_file(directory, FILES[1])) or {}
-    wrong: list[str] = []
+    several = not wrong and len(counts) > 1
+    owners = [] if wrong else [k for k, n in enumerate(counts) for _ in range(n)]
     for g, (claimed, held) in enumerate(zip(bounds.groups, stored, strict=True)):
-        names, params = claimed.get("tensors", []), held.get("params") if isinstance(held, dict) else None
-        if not isinstance(params, list) or len(params) != len(names):
-            wrong.append(f"group {g} holds {len(params) if isinstance(params, list) else '?'} tensor(s), genesis "
-                         f"names {len(names)}")
+        if wrong:
+            break
+        names, params = claimed.get("tensors", []), held["params"]
+        if len(params) != len(names):
+            wrong.append(f"group {g} holds {len(params)} tensor(s), genesis names {len(names)}")
             continue
         if bounds.group_family[g] not in ("adam", "adamw", "sgd"):  # others may keep factored state (Adafactor)
             continue
-        prefix = f"{owners[g]}." if several and g < len(owners) else ""
+        prefix = f"{owners[g]}." if several else ""
         for index, name in zip(params, names, strict=True):
             shapes = {shape for key, (shape, _) in state.items() if key.startswith(f"state/{prefix}{index}/")
                       and len(shape) > 0}
@@ -530,6 +531,25 @@ def _membership_problems(bounds: Bounds, step: int, meta: dict[str, Any], weight
                 wrong.append(f"group {g}'s state at {name} has the shape of another tensor")
     detail = f"the checkpoint's optimizer state does not hold the groups genesis states: {'; '.join(wrong[:3])}"
     return [{"step": step, "ratio": math.inf, "evidence": "optimizer groups", "detail": detail}] if wrong else []
+
+
+def _indexing_problems(stored: list[Any], counts: Any) -> list[str]:
+    """What in a checkpoint's ``param_groups`` and ``optimizer_groups`` is not as torch writes them:
+    per optimizer, its groups' ``params`` are the distinct integers 0…n−1 (a crafted state could
+    otherwise name indices no state tensor has, and escape the shape comparison)."""
+    if not isinstance(counts, list) or not all(type(n) is int and n >= 0 for n in counts) \
+            or sum(counts) != len(stored):
+        return ["'optimizer_groups' does not count its param groups"]
+    start = 0
+    for k, n in enumerate(counts):
+        groups = stored[start:start + n]
+        start += n
+        if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+            return [f"optimizer {k}'s param groups hold no 'params' list"]
+        indices = [i for g in groups for i in g["params"]]
+        if not all(type(i) is int for i in indices) or sorted(indices) != list(range(len(indices))):
+            return [f"optimizer {k}'s parameter indices are not 0…{len(indices) - 1}, each once"]
+    return []
 
 
 def _hyper_problems(view: RunView, bounds: Bounds, step: int, meta: dict[str, Any]) -> list[dict[str, Any]]:
