@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import FIXED_SEED
 from safetensors.torch import save_model
-from test_provenance import resign
+from test_provenance import resign, restate
 
 from ledger import Kind, Signer
 from ledger.hooks import FingerprintOptions, Recorder
@@ -666,14 +666,7 @@ def test_tensor_sizes_and_dtypes_in_genesis_are_checked_against_real_tensors(tmp
     honest = record(tmp_path / "honest", model, torch.optim.AdamW(model.parameters(), lr=1e-2), every=4,
                     fingerprints=FingerprintOptions(digests="every"))
 
-    def inflate(kind: Kind, step: int, body: dict) -> dict:
-        if kind is Kind.GENESIS:
-            tensors = [{**t, "shape": [16000, 8]} if t["name"] == "0.weight" else t
-                       for t in body["architecture"]["tensors"]]
-            return {**body, "architecture": {**body["architecture"], "tensors": tensors}}
-        return body
-
-    forged = resign(honest, tmp_path / "forged", inflate)
+    forged = resign(honest, tmp_path / "forged", restate("0.weight", shape=[16000, 8]))
     result = continuity(forged)  # its checkpoints are stored
     assert result.status is Status.FAIL and "the checkpoint's tensor shapes or dtypes are not those genesis states " \
         "(1 tensor(s): 0.weight)" in result.detail, result.detail
@@ -686,13 +679,7 @@ def test_tensor_sizes_and_dtypes_in_genesis_are_checked_against_real_tensors(tmp
     assert "the tensor sizes the Adam bound is built from are genesis's claims here" in result.detail, result.detail
     assert "the tensor sizes" not in continuity(honest).detail
 
-    def rounding(kind: Kind, step: int, body: dict) -> dict:  # bf16's rounding slack is 2^16 times float32's
-        if kind is Kind.GENESIS:
-            tensors = [{**t, "dtype": "BF16"} if t["name"] == "0.weight" else t
-                       for t in body["architecture"]["tensors"]]
-            return {**body, "architecture": {**body["architecture"], "tensors": tensors}}
-        return body
-
+    rounding = restate("0.weight", dtype="BF16")  # bf16's rounding slack is 2^16 times float32's
     result = continuity(resign(honest, tmp_path / "bf16", rounding))
     assert result.status is Status.FAIL and "tensor shapes or dtypes are not those genesis states" in result.detail
 

@@ -509,31 +509,16 @@ def test_a_recipe_returning_the_foreign_model_at_the_genesis_seed_is_not_an_iden
 def test_a_parameter_genesis_calls_a_buffer_or_a_size_it_misstates_fails_against_the_recipe(tmp_path):
     """Buffers are exempt from the seed test, the optimizer bounds and the sketches, and genesis's
     word for each tensor is the trainer's: the recipe's model says which are parameters."""
-    from test_provenance import resign
-
-    from ledger import Kind
+    from test_provenance import resign, restate
 
     recipe = TinyRecipe()
     honest = record(tmp_path / "honest", recipe)
     assert init_of(honest, recipe).data["relabelled"] == []
     (honest / "checkpoints").mkdir(exist_ok=True)
-
-    def as_buffer(kind: Kind, step: int, body: dict[str, Any]) -> dict[str, Any]:
-        if kind is not Kind.GENESIS:
-            return body
-        tensors = [{**t, "kind": "buffer"} if t["name"] == "0.weight" else t for t in body["architecture"]["tensors"]]
-        return {**body, "architecture": {**body["architecture"], "tensors": tensors}}
-
-    init = init_of(resign(honest, tmp_path / "forged", as_buffer), recipe)
+    init = init_of(resign(honest, tmp_path / "forged", restate("0.weight", kind="buffer")), recipe)
     assert init.status == "fail" and init.data["relabelled"] == ["0.weight"], init.detail
     assert init.detail.startswith("genesis calls 1 parameter(s) of the recipe's model buffers (0.weight)")
-
-    def inflated(kind: Kind, step: int, body: dict[str, Any]) -> dict[str, Any]:  # the Adam bound grows with √size
-        if kind is not Kind.GENESIS:
-            return body
-        tensors = [{**t, "shape": [1600, 8]} if t["name"] == "0.weight" else t for t in body["architecture"]["tensors"]]
-        return {**body, "architecture": {**body["architecture"], "tensors": tensors}}
-
+    inflated = restate("0.weight", shape=[1600, 8])  # the Adam bound grows with √size
     init = init_of(resign(honest, tmp_path / "inflated", inflated), recipe)
     assert init.status == "fail" and init.data["reshaped"] == ["0.weight"], init.detail
 
@@ -543,18 +528,10 @@ def test_a_declared_base_does_not_exempt_genesis_from_the_recipes_model(based, t
     the recipe's model (review): a parameter called a buffer fails there too."""
     import shutil
 
-    from test_provenance import resign
-
-    from ledger import Kind
+    from test_provenance import resign, restate
 
     source = shutil.copytree(based["ledger"], tmp_path / "honest")  # the fixture's ledger stays as it is
     (source / "checkpoints").mkdir(exist_ok=True)
-
-    def as_buffer(kind: Kind, step: int, body: dict[str, Any]) -> dict[str, Any]:
-        if kind is not Kind.GENESIS:
-            return body
-        tensors = [{**t, "kind": "buffer"} if t["name"] == "4.weight" else t for t in body["architecture"]["tensors"]]
-        return {**body, "architecture": {**body["architecture"], "tensors": tensors}}
-
-    init = init_of(resign(source, tmp_path / "forged", as_buffer), TinyRecipe(), base=based["base"])
+    init = init_of(resign(source, tmp_path / "forged", restate("4.weight", kind="buffer")), TinyRecipe(),
+                   base=based["base"])
     assert init.status == "fail" and init.data["relabelled"] == ["4.weight"], init.detail

@@ -103,6 +103,16 @@ def resign(src: Path, dst: Path, change: Callable[[Kind, int, dict], dict]) -> P
     return dst
 
 
+def restate(name: str, **fields: Any) -> Callable[[Kind, int, dict], dict]:
+    """A :func:`resign` change: genesis's architecture states ``fields`` (kind, shape, dtype) for tensor ``name``."""
+    def change(kind: Kind, step: int, body: dict) -> dict:
+        if kind is not Kind.GENESIS:
+            return body
+        tensors = [{**t, **fields} if t["name"] == name else t for t in body["architecture"]["tensors"]]
+        return {**body, "architecture": {**body["architecture"], "tensors": tensors}}
+    return change
+
+
 @pytest.fixture(scope="module")
 def honest(tmp_path_factory) -> Path:
     return record(tmp_path_factory.mktemp("honest") / "L")
