@@ -511,7 +511,11 @@ def _membership_problems(bounds: Bounds, step: int, meta: dict[str, Any], weight
         return []  # _hyper_problems and the checkpoints check speak for a state that does not fit
     counts = meta.get("optimizer_groups", [len(stored)])
     wrong = _indexing_problems(stored, counts)
-    state = _header_layout(checkpoint_file(directory, FILES[1])) or {}
+    shapes_at: dict[str, set[tuple[int, ...]]] = {}  # "<k.>index" → the shapes of its state tensors
+    for key, (shape, _) in (_header_layout(checkpoint_file(directory, FILES[1])) or {}).items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == "state" and shape:  # Adam's step count is a scalar: left out
+            shapes_at.setdefault(parts[1], set()).add(shape)
     several = not wrong and len(counts) > 1
     owners = [] if wrong else [k for k, n in enumerate(counts) for _ in range(n)]
     for g, (claimed, held) in enumerate(zip(bounds.groups, stored, strict=True)):
@@ -525,8 +529,7 @@ def _membership_problems(bounds: Bounds, step: int, meta: dict[str, Any], weight
             continue
         prefix = f"{owners[g]}." if several else ""
         for index, name in zip(params, names, strict=True):
-            shapes = {shape for key, (shape, _) in state.items() if key.startswith(f"state/{prefix}{index}/")
-                      and len(shape) > 0}
+            shapes = shapes_at.get(f"{prefix}{index}")
             if name in weights and shapes and tuple(weights[name].shape) not in shapes:
                 wrong.append(f"group {g}'s state at {name} has the shape of another tensor")
     detail = f"the checkpoint's optimizer state does not hold the groups genesis states: {'; '.join(wrong[:3])}"
