@@ -188,9 +188,10 @@ def _buffers_changed(view: RunView, bounds: Bounds) -> set[str]:
         return set()
     points = [(-1, 0, dict(view.init.tensor_digests))]
     points += [(cp.step, 1, dict(cp.body.tensor_digests)) for cp in view.checkpoints if not cp.superseded]
-    last = view.steps.get(view.last_step) if len(view.steps.columns.steps) else None
+    steps = view.steps.columns.steps  # ascending
+    last = view.steps.get(int(steps[-1])) if len(steps) else None
     if last is not None and last.tensor_digests is not None and len(last.tensor_digests) == 32 * len(order):
-        points.append((view.last_step, 0, {n: last.tensor_digests[32 * i:32 * (i + 1)] for i, n in enumerate(order)}))
+        points.append((int(steps[-1]), 0, {n: last.tensor_digests[32 * i:32 * (i + 1)] for i, n in enumerate(order)}))
     points.sort(key=lambda p: p[:2])
     changed: set[str] = set()
     for (_, _, before), (_, _, after) in zip(points, points[1:], strict=False):
