@@ -299,6 +299,11 @@ class Recorder:
         if self._tensor_cache is None:
             self._norm_plan = None
             state = self.model.state_dict(keep_vars=True)
+            gone = [name for name in self._names if name not in state]
+            if gone:
+                names = ", ".join(gone[:3]) + (" …" if len(gone) > 3 else "")
+                raise ConfigurationError(f"the model no longer has {names} (set to None or deleted): the recorder "
+                                         "fingerprints the tensors the model had when it started; keep them in it")
             self._tensor_cache = {name: state[name] for name in self._names}
             self._tensor_list = list(self._tensor_cache.values())
             self._homes = _homes(self.model, self._tensor_cache)

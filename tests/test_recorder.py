@@ -159,6 +159,29 @@ def test_exception_leaves_a_valid_unsealed_ledger(tmp_path):
     assert [k for k, _ in kinds_steps(tmp_path / "L")].count("step") == 3
 
 
+def test_a_tensor_the_model_drops_mid_run_is_one_clear_error(tmp_path):
+    """A module that sets a registered buffer to None drops it from its state_dict: the recorder says
+    which tensor is gone (it died of a KeyError), and what was recorded before stays valid."""
+    from ledger.errors import ConfigurationError
+
+    model = torch.nn.Linear(4, 1)
+    model.register_buffer("scratch", torch.zeros(3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder(tmp_path / "L", model=model, optimizer=opt, key=SIGNER, seed=0)
+    for step in range(3):
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        if step == 2:
+            model.scratch = None
+            with pytest.raises(ConfigurationError, match="the model no longer has scratch"):
+                rec.step(loss=1.0)
+        else:
+            rec.step(loss=1.0)
+    rec.abort()
+    assert [k for k, _ in kinds_steps(tmp_path / "L")].count("step") == 2
+    assert verify_ledger(tmp_path / "L", key=SIGNER.public).check("chain").status == "pass"
+
+
 def test_sketch_estimates_distances_and_is_order_independent():
     torch.manual_seed(0)
     a = {f"w{i}": torch.randn(64, 64) for i in range(6)}
