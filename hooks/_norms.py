@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -61,6 +62,16 @@ class Pending:
         return np.sqrt(out)
 
 
+def _host_views(tensor: torch.Tensor) -> tuple[torch.Tensor | None, list[npt.NDArray[np.floating]]]:
+    """A CPU float tensor's whole blocks as the rows of one matrix (tensors of at least ``ROWS``
+    elements; else None) and its other blocks as numpy views of its memory (not ``.numpy()``,
+    which would forbid resizing it for good)."""
+    whole = tensor.numel() // BLOCK * BLOCK if tensor.numel() >= ROWS else 0
+    rows = tensor.detach().reshape(-1)[:whole].view(-1, BLOCK) if whole else None
+    flat = np.frombuffer(host_bytes(tensor.detach()), _NUMPY[tensor.dtype])[whole:]
+    return rows, [flat[lo:lo + BLOCK] for lo in range(0, flat.size, BLOCK)]
+
+
 def _where(tensors: Sequence[torch.Tensor]) -> tuple[list[int], list[int]]:
     """Each tensor's address and element count."""
     return list(map(torch.Tensor.data_ptr, tensors)), list(map(torch.Tensor.numel, tensors))
@@ -99,14 +110,22 @@ def group_norms(groups: Sequence[Sequence[torch.Tensor]]) -> Landing:
 
 class Norms:
     """The block views of a fixed list of tensors, built once; rebuild when :meth:`current` is false
-    (a tensor's storage was replaced: ``p.data = other``)."""
+    (a tensor's storage was replaced: ``p.data = other``), giving the plan before as ``previous``:
+    the views of the tensors that kept their address and size are taken from it, not made again
+    (a model that replaces one tensor at each step does not pay for all of them)."""
 
-    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+    def __init__(self, tensors: Sequence[torch.Tensor], previous: Norms | None = None) -> None:
         self.count = len(tensors)
         # The views below keep a replaced storage alive (``p.data = other``), so a new one never has
         # its address; a ``resize_`` keeps the address when it shrinks: addresses and sizes together
         # tell every change the views would misread (~0.2 µs a tensor).
         self._addresses = _where(tensors)
+        kept: list[Any] | None = None
+        if previous is not None and previous.count == self.count:
+            (addresses, sizes), (before, sized) = self._addresses, previous._addresses
+            kept = [piece if (addresses[i], sizes[i]) == (before[i], sized[i]) else None
+                    for i, piece in enumerate(previous._pieces)]
+        self._pieces: list[Any] = []  # per tensor, its views: ("host", rows, blocks), ("torch", blocks) or None
         groups: dict[bool, tuple[list[torch.Tensor], list[int], list[int]]] = {False: ([], [], []), True: ([], [], [])}
         exact: list[int] = []
         host: tuple[list[npt.NDArray[np.floating]], list[int], list[int]] = ([], [], [])
@@ -116,27 +135,32 @@ class Norms:
         self._lane = lane_of(tensors)
         streamless = self._lane.streamless  # a CPU model: no side stream to run on
         for i, tensor in enumerate(tensors):
+            piece = kept[i] if kept is not None else None
             if not tensor.is_floating_point() or not tensor.is_contiguous() or tensor.numel() == 0:
                 exact.append(i)  # integer buffers, rare non-contiguous tensors: one exact float64 norm
+                self._pieces.append(None)
                 continue
             if streamless and tensor.dtype in (torch.float32, torch.float64) and in_memory(tensor.detach()):
+                if piece is None or piece[0] != "host":
+                    piece = ("host", *_host_views(tensor))
+                self._pieces.append(piece)
+                _, whole_rows, views = piece
                 host[1].append(blocks_before)
                 host[2].append(i)
-                whole = tensor.numel() // BLOCK * BLOCK if tensor.numel() >= ROWS else 0
-                if whole:  # one reduction over the rows, on torch's intra-op threads
-                    rows.append((blocks_before, tensor.detach().reshape(-1)[:whole].view(-1, BLOCK)))
-                    blocks_before += whole // BLOCK
-                # a view of the tensor's memory (not .numpy(), which would forbid resizing it for good)
-                flat = np.frombuffer(host_bytes(tensor.detach()), _NUMPY[tensor.dtype])[whole:]
-                for lo in range(0, flat.size, BLOCK):
-                    host[0].append(flat[lo:lo + BLOCK])
-                    small.append(blocks_before)
-                    blocks_before += 1
+                if whole_rows is not None:  # one reduction over the rows, on torch's intra-op threads
+                    rows.append((blocks_before, whole_rows))
+                    blocks_before += whole_rows.shape[0]
+                host[0].extend(views)
+                small.extend(range(blocks_before, blocks_before + len(views)))
+                blocks_before += len(views)
                 continue
+            if piece is None or piece[0] != "torch":
+                piece = ("torch", torch.split(tensor.detach().reshape(-1), BLOCK))
+            self._pieces.append(piece)
             blocks, starts, owners = groups[tensor.dtype in _LOW]
             starts.append(len(blocks))
             owners.append(i)
-            blocks.extend(torch.split(tensor.detach().reshape(-1), BLOCK))
+            blocks.extend(piece[1])
         self._groups = [(low, blocks, np.asarray(starts, dtype=np.int64), np.asarray(owners, dtype=np.int64))
                         for low, (blocks, starts, owners) in groups.items() if blocks]
         self._host = (host[0], np.asarray(host[1], dtype=np.int64), np.asarray(host[2], dtype=np.int64)) \

@@ -266,7 +266,7 @@ class Recorder:
             return
         plan = self._norm_plan
         if plan is None or not plan.current(self._tensor_list):  # built, or a storage was replaced
-            plan = self._norm_plan = Norms(self._tensor_list)
+            plan = self._norm_plan = Norms(self._tensor_list, previous=plan)
         self._enqueue(step, values, slots, *cadence.take(  # norms and sketch are finished on the writer thread
             step, lambda: plan.measure(self._tensor_list), lambda: self._sketcher.measure(tensors),
             lambda: lt.torch_digests(tensors)), batch)
@@ -296,8 +296,7 @@ class Recorder:
             self._tensor_cache = None
         if self._tensor_cache is None and self._sharded is not None:
             self._tensor_cache = self._sharded.tensors()
-        if self._tensor_cache is None:
-            self._norm_plan = None
+        if self._tensor_cache is None:  # the norm plan follows by itself (Norms.current)
             state = self.model.state_dict(keep_vars=True)
             gone = [name for name in self._names if name not in state]
             if gone:

@@ -53,3 +53,20 @@ def test_the_plan_is_not_current_once_a_tensor_shrinks_in_place():
     assert plan.current([t])
     t.resize_(8)
     assert t.data_ptr() == plan._addresses[0][0] and not plan.current([t])
+
+
+def test_a_rebuild_keeps_the_views_of_the_tensors_that_did_not_move():
+    """A plan rebuilt after one tensor moved (``p.data = other``) takes the other tensors' views from
+    the plan before instead of making them again, and its norms are the live tensors'."""
+    g = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(4 * BLOCK + 3, generator=g), torch.randn(300, generator=g),
+               torch.randn(70_000, generator=g).to(torch.bfloat16), torch.arange(5)]
+    plan = Norms(tensors)
+    moved = [tensors[0], torch.randn(300, generator=g), tensors[2], tensors[3]]
+    assert not plan.current(moved)
+    again = Norms(moved, previous=plan)
+    assert again._pieces[0] is plan._pieces[0] and again._pieces[2] is plan._pieces[2]  # kept
+    assert again._pieces[1] is not plan._pieces[1]  # made again: its address changed
+    got = again.measure(moved).value()
+    want = np.array([exact(t) for t in moved])
+    assert np.all(np.abs(got - want) <= BLOCK * 2.0**-24 * want + 1e-300), (got, want)
