@@ -368,6 +368,10 @@ class Genesis:
         """Each fingerprinted tensor's architecture entry (name, shape, dtype, kind) by name."""
         return {t["name"]: dict(t) for t in self.architecture.get("tensors", [])}
 
+    def layouts(self) -> dict[str, tuple[tuple[int, ...], str | None]]:
+        """Each fingerprinted tensor's shape and dtype (safetensors name), as the architecture states them."""
+        return {name: (tuple(t["shape"]), t.get("dtype")) for name, t in self.tensors().items()}
+
     def tensor_sizes(self) -> dict[str, int]:
         """Element count of each fingerprinted tensor, from the architecture."""
         return {name: math.prod(t["shape"]) for name, t in self.tensors().items()}

@@ -777,14 +777,14 @@ def buffer_names(model: Any, names: Iterable[str]) -> list[str]:
 
 def architecture(model: Any, tensors: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> dict[str, Any]:
     """Module classes, and names, shapes and dtypes of the fingerprinted tensors."""
-    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    buffers = set(buffer_names(model, tensors))
     return {
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "modules": [[name, type(module).__name__] for name, module in model.named_modules()],
         "tensors": [{"name": name, "shape": list(t.shape), "dtype": safetensors_dtype(t),
-                     "kind": "parameter" if name in params else "buffer"} for name, t in tensors.items()],
+                     "kind": "buffer" if name in buffers else "parameter"} for name, t in tensors.items()],
         "aliases": dict(aliases),
-        "parameters": int(sum(t.numel() for name, t in tensors.items() if name in params)),
+        "parameters": int(sum(t.numel() for name, t in tensors.items() if name not in buffers)),
     }
 
 

@@ -89,6 +89,9 @@ class Bounds:
                     self.group_of[index[name]] = g
         tensors = view.genesis.tensors()
         self.parameter = np.array([tensors.get(n, {}).get("kind", "parameter") == "parameter" for n in order])
+        # what the bounds cover: tensors in a group, and every parameter (only buffers outside every
+        # group are exempt, whatever moved them)
+        self.watched = (self.group_of >= 0) | self.parameter
         sizes = view.genesis.tensor_sizes()
         self.sqrt_d = np.sqrt(np.array([sizes.get(n, 0) for n in order], dtype=np.float64))
         self.t = np.zeros(len(optimizers), dtype=np.int64)  # steps so far, per optimizer (Adam's step count)

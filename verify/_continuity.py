@@ -54,10 +54,9 @@ def check_continuity(ctx: Context) -> CheckResult:
         evidence.append(f"sketches at {walk.sketch_checks} step(s)")
     intervals = _check_checkpoints(view, bounds, walk, metas)
     walk.buffers_moved = sorted(set(walk.buffers_moved) | _buffers_changed(view, bounds))
-    released = _header_layout(ctx.model) if ctx.model is not None else None
-    if ctx.model is not None and released is not None:
+    if ctx.model is not None and (released := _header_layout(ctx.model)) is not None:
         last = int(view.steps.columns.steps[-1]) if len(view.steps.columns.steps) else -1
-        _layout_problem(view, bounds, walk, released, last, f"the released weights' ({Path(ctx.model).name})")
+        _layout_problem(view, bounds, walk, released, last, f"the released weights' ({ctx.model.name})")
     if intervals:
         evidence.append(f"{intervals} checkpoint interval(s) on the real weights")
     granularity = _granularity(view, walk.sketched)
@@ -147,7 +146,7 @@ def _unconfirmed_lr(walk: _Walk) -> str:
 def _unconfirmed_sizes(bounds: Bounds, walk: _Walk) -> str:
     """The Adam bound is built from each tensor's size, which genesis states: unconfirmed when no
     real tensor (a stored checkpoint, ``--model``) was read."""
-    if walk.shapes_seen or not any(f in ("adam", "adamw") for f in bounds.group_family):
+    if walk.layout or not any(f in ("adam", "adamw") for f in bounds.group_family):
         return ""
     return ("the tensor sizes the Adam bound is built from are genesis's claims here: no stored checkpoint or "
             "--model was read to confirm them (give --model)")
@@ -183,7 +182,7 @@ def _buffers_changed(view: RunView, bounds: Bounds) -> set[str]:
     carries them; other step entries are not decoded for this): a buffer replaced by another of the
     same norm changes no norm, and the sketches leave buffers out (``count-sketch/v2``)."""
     order = view.tensor_order
-    exempt = [n for i, n in enumerate(order) if bounds.group_of[i] < 0 and not bounds.parameter[i]]
+    exempt = [n for i, n in enumerate(order) if not bounds.watched[i]]
     if not exempt or view.digest_scheme != TENSOR_V1:  # checkpoint entries hold tensor/v1 digests
         return set()
     points = [(-1, 0, dict(view.init.tensor_digests))]
@@ -202,9 +201,8 @@ def _buffers_changed(view: RunView, bounds: Bounds) -> set[str]:
 def _share(view: RunView, walk: _Walk, names: list[str]) -> float:
     """The share of the fingerprinted floating-point coordinates that ``names`` hold: by the shapes
     and dtypes of the real tensors read (a checkpoint, ``--model``), else as genesis states them."""
-    claimed = view.genesis.tensors()
-    layout = {n: walk.layout.get(n) or (tuple(claimed.get(n, {}).get("shape", ())), claimed.get(n, {}).get("dtype"))
-              for n in view.tensor_order}
+    claimed = view.genesis.layouts()
+    layout = {n: walk.layout.get(n) or claimed.get(n, ((), None)) for n in view.tensor_order}
     floating = {n: math.prod(shape) for n, (shape, dtype) in layout.items() if dtype in FLOATING}
     total = sum(floating.values())
     return sum(floating.get(n, 0) for n in names) / total if total else 0.0
@@ -216,12 +214,10 @@ def _layout_problem(view: RunView, bounds: Bounds, walk: _Walk, real: Layout, st
     anomaly at ``step`` when a tensor the bounds cover differs. Buffers outside every group are not
     bounded (a buffer may take its shape at the first forward, as quantisation observers do): their
     real layout only counts in :func:`_share`."""
-    claimed = view.genesis.tensors()
-    watched = {n for i, n in enumerate(view.tensor_order) if bounds.group_of[i] >= 0 or bounds.parameter[i]}
-    wrong = [n for n in view.tensor_order if n in real and n in watched
-             and (tuple(claimed.get(n, {}).get("shape", ())), claimed.get(n, {}).get("dtype")) != real[n]]
+    claimed = view.genesis.layouts()
+    wrong = [n for i, n in enumerate(view.tensor_order)
+             if n in real and bounds.watched[i] and claimed.get(n) != real[n]]
     walk.layout.update(real)
-    walk.shapes_seen = True
     if wrong:
         walk.anomalies.append({"step": step, "ratio": math.inf, "evidence": "fingerprint",
                                "detail": f"{what} tensor shapes or dtypes are not those genesis states ({len(wrong)} "
@@ -254,8 +250,7 @@ class _Walk:
         self.distance: list[list[float]] = []
         self.sketch_checks = self.sketch_skipped = self.sketch_nan = 0
         self.unchecked: list[str] = []  # tensors whose norm stays infinite: their updates are not checked
-        self.shapes_seen = False  # real tensors' shapes compared with genesis's (a checkpoint, --model)
-        self.layout: dict[str, tuple[tuple[int, ...], str]] = {}  # the real shapes and dtypes seen
+        self.layout: Layout = {}  # the real shapes and dtypes seen (stored checkpoints, --model)
         self.sketched: set[int] = set()  # the steps of the sketches checked against the bound
         self.buffers_moved: list[str] = []
         self.checkpoint_distances: list[dict[str, Any]] = []
@@ -308,7 +303,7 @@ class _Walk:
         # NaN compares as "not moved": a logged NaN (or a change to or from an infinity) would hide any
         # jump of a tensor the optimizer bounds, or of any parameter, whatever genesis calls it (only
         # buffers outside every group are exempt); an infinity that stays is not checked and is named
-        watched = (bounds.group_of >= 0) | bounds.parameter
+        watched = bounds.watched
         blind = ~(np.isfinite(norms) & np.isfinite(prev))
         unknown = blind & ((norms != prev) | np.isnan(norms)) & watched
         for i in np.flatnonzero(unknown.any(axis=0)).tolist():

@@ -177,11 +177,10 @@ def _claims(view: Any, tensors: Mapping[str, Any], buffers: Sequence[str]) -> tu
     for each kind of problem."""
     from ledger.torch import safetensors_dtype
 
-    claimed = view.genesis.tensors()
-    relabelled = sorted(n for n, t in claimed.items() if t.get("kind") == "buffer" and n in tensors
+    relabelled = sorted(n for n, t in view.genesis.tensors().items() if t.get("kind") == "buffer" and n in tensors
                         and n not in set(buffers))
-    misstated = sorted(n for n, t in claimed.items() if n in tensors and (
-        tuple(t.get("shape", ())) != tuple(tensors[n].shape) or t.get("dtype") != safetensors_dtype(tensors[n])))
+    misstated = sorted(n for n, layout in view.genesis.layouts().items()
+                       if n in tensors and layout != (tuple(tensors[n].shape), safetensors_dtype(tensors[n])))
     problems = []
     if relabelled:
         problems.append(f"genesis calls {len(relabelled)} parameter(s) of the recipe's model buffers "
