@@ -279,6 +279,39 @@ def test_unsealed_ledger_compares_the_file_with_the_last_step(tmp_path):
     assert report.check("model").status is Status.FAIL and report.verdict == "fail"
 
 
+@pytest.mark.parametrize("seal", [True, False], ids=["sealed", "unsealed"])
+def test_released_weights_holding_infinities_match_the_last_steps_norms_and_sketch(tmp_path, seal):
+    """The file against the last step's norms and sketch (no checkpoint or digests there): a -inf
+    mask buffer and a frozen -inf parameter give infinite norms and non-finite sketch slots on both
+    sides. The unsealed ledger's ``model`` check compared them as finite numbers (inf − inf is NaN)
+    and failed an honest file; sealed or not, the file is now read in one bounded pass and judged by
+    the same rule as a checkpoint's weights, and a changed weight still fails."""
+    model = mlp()
+    model.register_buffer("mask", torch.full((4,), -math.inf))
+    model.frozen = torch.nn.Parameter(torch.full((4,), -math.inf), requires_grad=False)
+    trained = [p for n, p in model.named_parameters() if n != "frozen"]
+    options = FingerprintOptions(digests="checkpoints", sketch=1, budget=None)
+    path = record(tmp_path / "L", model, torch.optim.AdamW(trained, lr=1e-2), every=None, fingerprints=options,
+                  seal=seal)
+    ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
+    save_model(model, str(ours))
+    with torch.no_grad():
+        model[0].weight[0, 0] += 0.5
+    save_model(model, str(theirs))
+    honest, changed = (verify_ledger(path, key=SIGNER.public, model=m) for m in (ours, theirs))
+    if seal:  # the seal's digests are of the trained weights: only continuity ties them to the last step
+        assert honest.check("continuity").status is Status.WARN, honest.check("continuity").detail
+        assert "the released weights against step 7's norms and sketch" in honest.check("continuity").data["evidence"]
+        result = changed.check("continuity")
+        assert result.status is Status.FAIL and "step 7: the logged sketch does not match and the logged norms do " \
+            "not match the released weights (theirs.safetensors)" in result.detail, result.detail
+    else:
+        assert honest.check("model").status is Status.WARN, honest.check("model").detail
+        assert "matches the norms and sketch logged at step 7" in honest.check("model").detail
+        assert changed.check("model").status is Status.FAIL
+        assert "the logged sketch does not match the file" in changed.check("model").detail
+
+
 def test_a_parameter_trained_by_an_unrecorded_optimizer_fails(tmp_path):
     model = mlp()
     hidden = torch.optim.SGD(model[2].parameters(), lr=0.5)

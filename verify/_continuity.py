@@ -466,33 +466,41 @@ def _check_checkpoints(view: RunView, bounds: Bounds, walk: _Walk, metas: dict[i
 
 
 def fingerprint_problems(weights: dict[str, np.ndarray], order: list[str], sketcher: NumpySketch,
-                          sketch: np.ndarray | None, norms: np.ndarray | None, rtol: np.ndarray) -> list[str]:
-    """How logged fingerprints (sketch, norms) disagree with real weights, each phrase to be
-    followed by what the weights are ("the checkpoint's weights")."""
-    problems: list[str] = []
+                         sketch: np.ndarray | None, norms: np.ndarray | None, rtol: np.ndarray) -> list[str]:
+    """How logged fingerprints (sketch, norms) disagree with real weights held in memory, each
+    phrase to be followed by what the weights are ("the checkpoint's weights")."""
     if any(n not in weights for n in order):
+        return logged_problems(None, sketch, norms, rtol)
+    real_norms = np.array([float(np.linalg.norm(weights[n].astype(np.float64).ravel())) for n in order]
+                          if norms is not None else [])
+    real_sketch = sketcher({n: weights[n] for n in order}) if sketch is not None else None
+    return logged_problems((real_norms, real_sketch), sketch, norms, rtol)
+
+
+def logged_problems(real: tuple[np.ndarray, np.ndarray | None] | None, sketch: np.ndarray | None,
+                    norms: np.ndarray | None, rtol: np.ndarray) -> list[str]:
+    """How logged fingerprints (sketch, norms) disagree with the (norms, sketch) of real weights —
+    computed in memory (:func:`fingerprint_problems`) or in one bounded pass over a file
+    (:func:`ledger._weights.file_fingerprints`); None: tensors of the ledger are missing there.
+    Each phrase is to be followed by what the weights are."""
+    if real is None:
         return ["tensors of the ledger are missing from"]
-    with np.errstate(invalid="ignore", over="ignore"):  # inf − inf (a buffer holding ±inf) is handled below
-        return problems + _mismatches(weights, order, sketcher, sketch, norms, rtol)
-
-
-def _mismatches(weights: dict[str, np.ndarray], order: list[str], sketcher: NumpySketch,
-                sketch: np.ndarray | None, norms: np.ndarray | None, rtol: np.ndarray) -> list[str]:
-    """:func:`fingerprint_problems` once every tensor is there."""
+    real_norms, real_sketch = real
     problems: list[str] = []
-    if sketch is not None:  # a buffer holding ±inf puts ±inf (or NaN, both signs in a slot) in both sketches,
-        real = sketcher({n: weights[n] for n in order})  # at the same slots: those must be the same, the rest close
-        finite = np.isfinite(real) & np.isfinite(sketch)
-        if not np.array_equal(real[~finite], sketch[~finite], equal_nan=True) or float(np.linalg.norm(
-                real[finite] - sketch[finite])) > SKETCH_RTOL * max(float(np.linalg.norm(sketch[finite])), 1e-12):
-            problems.append("the logged sketch does not match")
-    if norms is not None:  # an infinite norm matches an infinite one, or a real norm past what a float32 sum
-        # of squares holds (the recorder's blocks overflow: a buffer of finfo.min); NaN matches nothing
-        real_norms = np.array([float(np.linalg.norm(weights[n].astype(np.float64).ravel())) for n in order])
-        overflow = np.isposinf(norms) & (real_norms >= FLOAT32_SQUARES)
-        close = np.isfinite(norms) & (np.abs(real_norms - norms) <= rtol * np.maximum(norms, real_norms) + 1e-12)
-        if not np.all((real_norms == norms) | overflow | close):
-            problems.append("the logged norms do not match")
+    with np.errstate(invalid="ignore", over="ignore"):  # inf − inf (a tensor holding ±inf) is handled below
+        if sketch is not None and real_sketch is not None:  # ±inf in a tensor puts ±inf (or NaN, both signs
+            # in a slot) in both sketches, at the same slots: those must be the same, the rest close
+            finite = np.isfinite(real_sketch) & np.isfinite(sketch)
+            if not np.array_equal(real_sketch[~finite], sketch[~finite], equal_nan=True) or float(np.linalg.norm(
+                    real_sketch[finite] - sketch[finite])) > SKETCH_RTOL * max(float(np.linalg.norm(sketch[finite])),
+                                                                              1e-12):
+                problems.append("the logged sketch does not match")
+        if norms is not None:  # an infinite norm matches an infinite one, or a real norm past what a float32
+            # sum of squares holds (the recorder's blocks overflow: a buffer of finfo.min); NaN matches nothing
+            overflow = np.isposinf(norms) & (real_norms >= FLOAT32_SQUARES)
+            close = np.isfinite(norms) & (np.abs(real_norms - norms) <= rtol * np.maximum(norms, real_norms) + 1e-12)
+            if not np.all((real_norms == norms) | overflow | close):
+                problems.append("the logged norms do not match")
     return problems
 
 
@@ -669,12 +677,12 @@ def _check_final(ctx: Context, view: RunView, walk: _Walk) -> tuple[str, str]:
     if ctx.model is None:
         return "", (f"the sealed final weights are tied to nothing the verifier could check: no checkpoint or "
                     f"digests at the last step {last} (give --model to compare its norms and sketch)")
-    from ledger._weights import read_safetensors
+    from ledger._weights import file_fingerprints
 
-    weights = read_safetensors(ctx.model)
-    body = view.steps[last]
-    sketcher = NumpySketch.of(view.policy)
-    problems = fingerprint_problems(weights, view.tensor_order, sketcher, body.sketch, body.norms, norm_rtol(view))
+    body = view.steps[last]  # one bounded pass over the file: memory O(a chunk), whatever its size
+    sketcher = NumpySketch.of(view.policy) if body.sketch is not None else None
+    problems = logged_problems(file_fingerprints(ctx.model, view.tensor_order, sketcher), body.sketch, body.norms,
+                               norm_rtol(view))
     if problems:
         walk.anomalies.append({"step": last, "ratio": math.inf, "evidence": "final",
                                "detail": f"{' and '.join(problems)} the released weights ({ctx.model.name})"})

@@ -7,15 +7,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ledger._blocked import TENSOR_V1, safetensors_digests_as
 from ledger._encoding import decode_body
 from ledger._record import HEADER_SIZE, Kind, decode_header
 from ledger._schema import SealBody
 from ledger.errors import ConfigurationError, FormatError
 from ledger.verify._context import Context
-from ledger.verify._continuity import SKETCH_RTOL
+from ledger.verify._continuity import logged_problems
 from ledger.verify._load import Records
 from ledger.verify._result import CheckResult, Status
 
@@ -89,23 +87,6 @@ def _check_model(ctx: Context) -> CheckResult:
         return CheckResult("model", Status.FAIL, "; ".join(parts), data)
     return CheckResult("model", Status.PASS,
                        f"all {len(sealed)} tensors of {os.fspath(model)} match the sealed final weights", data)
-
-
-def logged_problems(real: tuple[np.ndarray, np.ndarray | None] | None, sketch: np.ndarray | None,
-                    norms: np.ndarray | None, rtol: np.ndarray) -> list[str]:
-    """How logged fingerprints (sketch, norms) disagree with the (norms, sketch) of real weights
-    (:func:`ledger._weights.file_fingerprints`; None: tensors are missing), each phrase to be
-    followed by what the weights are — the rule of :func:`ledger.verify._continuity.fingerprint_problems`."""
-    if real is None:
-        return ["tensors of the ledger are missing from"]
-    real_norms, real_sketch = real
-    problems = []
-    if sketch is not None and real_sketch is not None and \
-            float(np.linalg.norm(real_sketch - sketch)) > SKETCH_RTOL * max(float(np.linalg.norm(sketch)), 1e-12):
-        problems.append("the logged sketch does not match")
-    if norms is not None and not np.all(np.abs(real_norms - norms) <= rtol * np.maximum(norms, real_norms) + 1e-12):
-        problems.append("the logged norms do not match")
-    return problems
 
 
 def _unsealed(ctx: Context, model: Path) -> CheckResult:
