@@ -11,6 +11,7 @@ import collections
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,19 @@ import numpy as np
 import numpy.typing as npt
 
 from ledger._filehash import read_exact
-from ledger._fingerprint import _CHUNK, SKETCH_K, Shard, TensorEntry, check_sketch_k, read_shards, sketch_hash
+from ledger._fingerprint import (
+    _CHUNK,
+    SKETCH_K,
+    Shard,
+    TensorEntry,
+    _open_shard,
+    check_sketch_k,
+    read_shards,
+    sketch_hash,
+)
 from ledger.errors import ConfigurationError, FormatError
 
-__all__ = ["NumpySketch", "file_fingerprints", "read_safetensors", "sketch_slots_numpy"]
+__all__ = ["NumpySketch", "TensorFile", "file_fingerprints", "read_safetensors", "sketch_slots_numpy"]
 
 # safetensors dtype → little-endian layout of its bytes in the file
 _FILE_LAYOUT: dict[str, np.dtype[Any]] = {
@@ -109,6 +119,43 @@ def read_safetensors(path: str | os.PathLike[str], names: Iterable[str] | None =
         missing = ", ".join(repr(n) for n in sorted(wanted - seen))
         raise ConfigurationError(f"{path} holds no tensor named {missing}")
     return tensors
+
+
+class TensorFile:
+    """One safetensors file held open, its header validated and every tensor's dtype readable
+    (FormatError otherwise), each tensor read by name in float64 chunks (:meth:`chunks`), never
+    whole and never memory-mapped: two stored states compared tensor by tensor take memory
+    O(chunk), whatever the model's size. A single file (a checkpoint's ``model.safetensors``)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        file = Path(path)
+        self._stack = ExitStack()
+        try:
+            handle, self.entries, start, _ = _open_shard(file, file, set(), self._stack)
+            for name, e in self.entries.items():
+                _layout(file, name, e.dtype)
+        except BaseException:
+            self._stack.close()
+            raise
+        self._shard = Shard(file, self.entries, handle.fileno(), start)
+
+    def __enter__(self) -> TensorFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def layout(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Each tensor's shape and safetensors dtype, from the header."""
+        return {name: (e.shape, e.dtype) for name, e in self.entries.items()}
+
+    def chunks(self, name: str) -> Iterator[npt.NDArray[np.float64]]:
+        """Tensor ``name``'s elements in C order as float64, :data:`_CHUNK` at a time (the chunks
+        :class:`NumpySketch` takes; bf16 exactly, as :func:`read_safetensors` reads it)."""
+        return _chunks(self._shard, name, self.entries[name])
 
 
 def file_fingerprints(path: str | os.PathLike[str], order: Sequence[str],

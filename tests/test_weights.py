@@ -17,7 +17,7 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
 import ledger._weights as weights_module
-from ledger._weights import NumpySketch, file_fingerprints, read_safetensors, sketch_slots_numpy
+from ledger._weights import NumpySketch, TensorFile, file_fingerprints, read_safetensors, sketch_slots_numpy
 from ledger.errors import ConfigurationError, FormatError
 from ledger.torch import CountSketch, sketch_slots
 
@@ -291,6 +291,28 @@ def test_file_fingerprints_memory_stays_one_chunk(tmp_path: Path, monkeypatch: p
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20, f"{peak} bytes traced for a 4 MiB tensor read in chunks of 64 KiB"  # the tensor: 4 MiB
+
+
+def test_a_tensor_file_streams_what_read_safetensors_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(weights_module, "_CHUNK", 1000)
+    tensors = {n: t for n, t in file_tensors().items() if not n.startswith("f8")}
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    arrays = read_safetensors(tmp_path / "w.safetensors")
+    fds = len(list(Path("/proc/self/fd").iterdir()))
+    with TensorFile(tmp_path / "w.safetensors") as file:
+        raw = (tmp_path / "w.safetensors").read_bytes()
+        header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+        assert file.layout() == {n: (tuple(e["shape"]), e["dtype"]) for n, e in header.items() if n != "__metadata__"}
+        for name, array in arrays.items():
+            chunks = list(file.chunks(name))
+            assert all(c.dtype == np.float64 and c.size <= 1000 for c in chunks)
+            whole = np.concatenate(chunks) if chunks else np.zeros(0)
+            assert same_bits(whole, array.astype(np.float64).ravel()), name
+    assert len(list(Path("/proc/self/fd").iterdir())) == fds  # closed
+    save_file({"fp8": torch.ones(4).to(torch.float8_e4m3fn)}, str(tmp_path / "f8.safetensors"))
+    with pytest.raises(FormatError, match="cannot be read without torch"):
+        TensorFile(tmp_path / "f8.safetensors")
+    assert len(list(Path("/proc/self/fd").iterdir())) == fds
 
 
 def test_documented_known_answers() -> None:

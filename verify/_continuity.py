@@ -13,7 +13,9 @@ and says so). A verdict resting on norms alone warns.
 
 from __future__ import annotations
 
+import collections
 import math
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +23,14 @@ import numpy as np
 
 from ledger._blocked import TENSOR_V1
 from ledger._record import Kind
-from ledger._state import FILES, checkpoint_file, read_meta, read_weights
-from ledger._weights import NumpySketch
+from ledger._state import FILES, checkpoint_file, read_meta
+from ledger._weights import NumpySketch, TensorFile, _with_squares
 from ledger.verify._bounds import Bounds, dtype_rounding, norm_rtol
 from ledger.verify._columns import StepColumns
 from ledger.verify._context import Context
-from ledger.verify._intervals import state_distance
+from ledger.verify._intervals import Distance
 from ledger.verify._result import CheckResult, Lists, Status
-from ledger.verify._run import RunView
+from ledger.verify._run import Checkpoint, RunView
 
 SKETCH_RTOL = 1e-6  # sketch of the same weights, another summation order (float64)
 FLOAT32_SQUARES = math.sqrt(float(np.finfo(np.float32).max))  # a norm whose float32 sum of squares overflows
@@ -427,62 +429,96 @@ def _describe(anomaly: dict[str, Any]) -> str:
 def _check_checkpoints(view: RunView, bounds: Bounds, walk: _Walk, metas: dict[int, dict[str, Any]]) -> int:
     """Between consecutive stored checkpoints, the real weights against the summed bound (per
     coordinate for Adam/AdamW, per group in L2 for SGD); at each, the logged sketch, norms and
-    hyperparameters against what the checkpoint holds. Returns the intervals checked."""
-    sketcher = NumpySketch.of(view.policy)
-    order = view.tensor_order
-    rtol, rounding = norm_rtol(view), dtype_rounding(view)
-    previous: tuple[int, dict[str, np.ndarray]] | None = None
+    hyperparameters against what the checkpoint holds. The weights are streamed: two checkpoint
+    files open at once, read tensor by tensor in chunks (memory O(chunk), whatever the model's
+    size). Returns the intervals checked."""
+    previous: tuple[int, TensorFile] | None = None
     intervals = 0
-    for cp in view.stored_checkpoints():
-        weights = read_weights(cp.directory)
-        real = _header_layout(checkpoint_file(cp.directory, FILES[0]))
-        if real is not None:
-            _layout_problem(view, bounds, walk, real, cp.step, "the checkpoint's")
-        logged = view.steps.get(cp.step)
-        sketch = view.init.sketch if cp.step == -1 else logged.sketch if logged else None
-        norms = view.init.norms if cp.step == -1 else logged.norms if logged else None
-        for problem in fingerprint_problems(weights, order, sketcher, sketch, norms, rtol):
-            walk.anomalies.append({"step": cp.step, "ratio": math.inf, "evidence": "fingerprint",
-                                   "detail": f"{problem} the checkpoint's weights"})
-        if cp.step >= 0:
-            walk.anomalies += _hyper_problems(view, bounds, cp.step, metas[cp.seq])
-        walk.anomalies += _membership_problems(bounds, cp.step, metas[cp.seq], weights, cp.directory)
+    try:
+        for cp in view.stored_checkpoints():
+            current = TensorFile(checkpoint_file(cp.directory, FILES[0]))
+            try:
+                intervals += _check_checkpoint(view, bounds, walk, metas[cp.seq], cp, current, previous)
+            except BaseException:
+                current.close()
+                raise
+            if previous is not None:
+                previous[1].close()
+            previous = (cp.step, current)
+    finally:
         if previous is not None:
-            t, before = previous
-            walk.checkpoint_distances.append({"from_step": t, "to_step": cp.step,
-                                              **state_distance(before, weights, order)})
-            steps = view.steps.columns.steps
-            rows = np.arange(np.searchsorted(steps, t + 1), np.searchsorted(steps, cp.step, side="right"))
-            if len(rows) and any(f is not None for f in bounds.group_family):
-                intervals += 1
-                worst, name, rule = _interval(view, bounds, rows, before, weights, rounding)
-                if worst > 1:
-                    walk.anomalies.append({"step": cp.step, "from_step": t, "ratio": worst, "evidence": "checkpoint",
-                                           "tensor": name, "rule": rule})
-                else:
-                    walk.fits(worst)
-        previous = (cp.step, weights)
+            previous[1].close()
     return intervals
 
 
-def fingerprint_problems(weights: dict[str, np.ndarray], order: list[str], sketcher: NumpySketch,
-                         sketch: np.ndarray | None, norms: np.ndarray | None, rtol: np.ndarray) -> list[str]:
-    """How logged fingerprints (sketch, norms) disagree with real weights held in memory, each
-    phrase to be followed by what the weights are ("the checkpoint's weights")."""
-    if any(n not in weights for n in order):
-        return logged_problems(None, sketch, norms, rtol)
-    real_norms = np.array([float(np.linalg.norm(weights[n].astype(np.float64).ravel())) for n in order]
-                          if norms is not None else [])
-    real_sketch = sketcher({n: weights[n] for n in order}) if sketch is not None else None
-    return logged_problems((real_norms, real_sketch), sketch, norms, rtol)
+def _check_checkpoint(view: RunView, bounds: Bounds, walk: _Walk, meta: dict[str, Any], cp: Checkpoint,
+                      weights: TensorFile, previous: tuple[int, TensorFile] | None) -> int:
+    """One stored checkpoint (:func:`_check_checkpoints`) and the interval from ``previous`` to it,
+    in one pass over its weights; returns the intervals checked (0 or 1)."""
+    real = weights.layout()
+    _layout_problem(view, bounds, walk, real, cp.step, "the checkpoint's")
+    logged = view.steps.get(cp.step)
+    sketch = view.init.sketch if cp.step == -1 else logged.sketch if logged else None
+    norms = view.init.norms if cp.step == -1 else logged.norms if logged else None
+    interval = None
+    if previous is not None:
+        steps = view.steps.columns.steps
+        rows = np.arange(np.searchsorted(steps, previous[0] + 1), np.searchsorted(steps, cp.step, side="right"))
+        checked = bool(len(rows)) and any(f is not None for f in bounds.group_family)
+        interval = _Interval(bounds, rows, dtype_rounding(view), checked)
+    sketcher = NumpySketch.of(view.policy) if sketch is not None else None
+    found = _stream(view.tensor_order, previous[1] if previous is not None else None, weights, sketcher, interval)
+    for problem in logged_problems(found, sketch, norms, norm_rtol(view)):
+        walk.anomalies.append({"step": cp.step, "ratio": math.inf, "evidence": "fingerprint",
+                               "detail": f"{problem} the checkpoint's weights"})
+    if cp.step >= 0:
+        walk.anomalies += _hyper_problems(view, bounds, cp.step, meta)
+    walk.anomalies += _membership_problems(bounds, cp.step, meta, real, cp.directory)
+    if previous is None or interval is None:
+        return 0
+    walk.checkpoint_distances.append({"from_step": previous[0], "to_step": cp.step, **interval.distance.result()})
+    if not interval.checked:
+        return 0
+    worst, name, rule = interval.result()
+    if worst > 1:
+        walk.anomalies.append({"step": cp.step, "from_step": previous[0], "ratio": worst, "evidence": "checkpoint",
+                               "tensor": name, "rule": rule})
+    else:
+        walk.fits(worst)
+    return 1
+
+
+def _stream(order: list[str], before: TensorFile | None, after: TensorFile, sketcher: NumpySketch | None,
+            interval: _Interval | None) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """One pass over the tensors of ``order`` in ``after``: their (norms, sketch — with a
+    ``sketcher``), None when one is missing; each chunk also goes to ``interval`` beside the same
+    chunk of ``before`` (when it holds the tensor in the same shape; a shape genesis does not state
+    is the layout check's)."""
+    squares: dict[str, list[float]] = {}
+    signed: list[np.ndarray | None] = []
+    for i, name in enumerate(order):
+        if name not in after.entries:
+            continue
+        chunks = _with_squares(after.chunks(name), squares.setdefault(name, []))
+        old = before.entries.get(name) if before is not None else None
+        if interval is not None and before is not None and old is not None and old.shape == after.entries[name].shape:
+            chunks = interval.follow(i, name, before.chunks(name), chunks)
+        if sketcher is not None and name not in sketcher.skip:
+            signed.append(sketcher.signed(name, chunks))
+        else:
+            collections.deque(chunks, maxlen=0)
+    if any(n not in squares for n in order):
+        return None
+    norms = np.sqrt(np.array([math.fsum(squares[n]) for n in order], dtype=np.float64))
+    return norms, sketcher.total(signed) if sketcher is not None else None
 
 
 def logged_problems(real: tuple[np.ndarray, np.ndarray | None] | None, sketch: np.ndarray | None,
                     norms: np.ndarray | None, rtol: np.ndarray) -> list[str]:
-    """How logged fingerprints (sketch, norms) disagree with the (norms, sketch) of real weights —
-    computed in memory (:func:`fingerprint_problems`) or in one bounded pass over a file
-    (:func:`ledger._weights.file_fingerprints`); None: tensors of the ledger are missing there.
-    Each phrase is to be followed by what the weights are."""
+    """How logged fingerprints (sketch, norms) disagree with the (norms, sketch) of real weights,
+    computed in one bounded pass over their file (:func:`_stream`,
+    :func:`ledger._weights.file_fingerprints`; None: tensors of the ledger are missing there), each
+    phrase to be followed by what the weights are ("the checkpoint's weights")."""
     if real is None:
         return ["tensors of the ledger are missing from"]
     real_norms, real_sketch = real
@@ -504,7 +540,7 @@ def logged_problems(real: tuple[np.ndarray, np.ndarray | None] | None, sketch: n
     return problems
 
 
-def _membership_problems(bounds: Bounds, step: int, meta: dict[str, Any], weights: dict[str, np.ndarray],
+def _membership_problems(bounds: Bounds, step: int, meta: dict[str, Any], real: Layout,
                          directory: Path) -> list[dict[str, Any]]:
     """Genesis's optimizer groups (which tensors each holds: each group's bound and learning rate)
     against the optimizer state a checkpoint holds: as many parameters in each group, and each
@@ -534,7 +570,7 @@ def _membership_problems(bounds: Bounds, step: int, meta: dict[str, Any], weight
         prefix = f"{owners[g]}." if several else ""
         for index, name in zip(params, names, strict=True):
             shapes = shapes_at.get(f"{prefix}{index}")
-            if name in weights and shapes and tuple(weights[name].shape) not in shapes:
+            if name in real and shapes and real[name][0] not in shapes:
                 wrong.append(f"group {g}'s state at {name} has the shape of another tensor")
     detail = f"the checkpoint's optimizer state does not hold the groups genesis states: {'; '.join(wrong[:3])}"
     return [{"step": step, "ratio": math.inf, "evidence": "optimizer groups", "detail": detail}] if wrong else []
@@ -615,47 +651,73 @@ def _plain(value: Any) -> Any:
         float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
-def _interval(view: RunView, bounds: Bounds, rows: np.ndarray, before: dict[str, np.ndarray],
-              after: dict[str, np.ndarray], rounding: np.ndarray) -> tuple[float, str, str]:
-    """(largest ratio to the bound, its tensor, the rule) between two stored states."""
-    worst, worst_name, rule = 0.0, "", "per-coordinate"
-    order = view.tensor_order
-    opt_steps = int(bounds.steps[rows].sum())
-    group_moves: dict[int, float] = {}
-    group_rounding: dict[int, float] = {}  # squared L2 of the stored weights' rounding, per group
-    group_eps: dict[int, float] = {}
-    group_sums: dict[int, tuple[float, float]] = {}
-    for i, name in enumerate(order):
-        old, new = before[name].astype(np.float64), after[name].astype(np.float64)
+class _Interval:
+    """The real weights' move between two stored checkpoints against the bound summed over the
+    interval's steps (``rows``), taken chunk by chunk of each tensor (:meth:`follow`): per coordinate
+    for Adam/AdamW, in L2 per group for SGD, unmoved for a parameter in no group; and the distance
+    between the states. ``checked``: the bound applies (steps in between, a known family)."""
+
+    def __init__(self, bounds: Bounds, rows: np.ndarray, rounding: np.ndarray, checked: bool) -> None:
+        self.bounds, self.rows, self.rounding, self.checked = bounds, rows, rounding, checked
+        self.distance = Distance()
+        self.opt_steps = int(bounds.steps[rows].sum())
+        self.worst, self.worst_name, self.rule = 0.0, "", "per-coordinate"
+        self.frozen_moved = ""  # the first parameter in no group that moved
+        self.group_sums: dict[int, tuple[float, float]] = {}  # Adam: the group's Σ α·B and Σ α·λ, in step order
+        self.group_moves: dict[int, float] = {}  # SGD: squared L2 of the move, per group
+        self.group_rounding: dict[int, float] = {}  # squared L2 of the stored weights' rounding, per group
+        self.group_eps: dict[int, float] = {}
+
+    def follow(self, i: int, name: str, before: Iterator[np.ndarray],
+               after: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """``after``'s chunks of tensor ``i`` of the order, passed on, each added with the same chunk
+        of ``before``."""
+        for new in after:
+            self._add(i, name, next(before), new)
+            yield new
+
+    def _add(self, i: int, name: str, old: np.ndarray, new: np.ndarray) -> None:
+        self.distance.add(old, new)
+        bounds = self.bounds
         g = int(bounds.group_of[i])
+        if not self.checked or (g < 0 and not bounds.parameter[i]):
+            return
         if g < 0:
-            if bounds.parameter[i] and not np.array_equal(old, new):
-                return math.inf, name, "no-optimizer"
-            continue
+            if not self.frozen_moved and not np.array_equal(old, new):
+                self.frozen_moved = name
+            return
         kind = bounds.group_family[g]
         if kind in ("adam", "adamw"):
-            if g not in group_sums:  # the group's Σ α·B and Σ α·λ over the interval, summed in step order
-                group_sums[g] = (sum(bounds.coef[rows, g].tolist()), sum(bounds.decay[rows, g].tolist()))
-            a, decay = group_sums[g]
+            if g not in self.group_sums:
+                rows = self.rows
+                self.group_sums[g] = (sum(bounds.coef[rows, g].tolist()), sum(bounds.decay[rows, g].tolist()))
+            a, decay = self.group_sums[g]
             top = np.maximum(np.abs(old), np.abs(new)) + a
-            limit = a + decay * top + opt_steps * rounding[i] * top
+            limit = a + decay * top + self.opt_steps * self.rounding[i] * top
             ratio = float((np.abs(new - old) / (limit * (1 + 1e-9) + 1e-12)).max()) if old.size else 0.0
-            if ratio > worst:
-                worst, worst_name, rule = ratio, name, "per-coordinate"
+            if ratio > self.worst:
+                self.worst, self.worst_name, self.rule = ratio, name, "per-coordinate"
         elif kind == "sgd":
-            group_moves[g] = group_moves.get(g, 0.0) + float(np.square(new - old).sum())
+            self.group_moves[g] = self.group_moves.get(g, 0.0) + float(np.square(new - old).sum())
             # each stored coordinate is rounded once per update: up to rounding × |w| each, in L2 over the group
             top = np.maximum(np.abs(old), np.abs(new))
-            group_rounding[g] = group_rounding.get(g, 0.0) + float(np.square(opt_steps * rounding[i] * top).sum())
-            group_eps[g] = max(group_eps.get(g, 0.0), float(rounding[i]))
-    for g, squared in group_moves.items():
-        # the update lr·g is itself rounded (relative eps) besides the weights it lands on
-        budget = sum(bounds.sgd_totals[rows, g].tolist()) * (1 + 4 * group_eps[g] + 1e-9)
-        budget += math.sqrt(group_rounding[g])
-        ratio = math.sqrt(squared) / (budget + 1e-12) if squared else 0.0
-        if ratio > worst:
-            worst, worst_name, rule = ratio, f"param group {g}", "group L2"
-    return worst, worst_name, rule
+            self.group_rounding[g] = self.group_rounding.get(g, 0.0) + float(
+                np.square(self.opt_steps * self.rounding[i] * top).sum())
+            self.group_eps[g] = max(self.group_eps.get(g, 0.0), float(self.rounding[i]))
+
+    def result(self) -> tuple[float, str, str]:
+        """(largest ratio to the bound, its tensor, the rule)."""
+        if self.frozen_moved:
+            return math.inf, self.frozen_moved, "no-optimizer"
+        worst, worst_name, rule = self.worst, self.worst_name, self.rule
+        for g, squared in self.group_moves.items():
+            # the update lr·g is itself rounded (relative eps) besides the weights it lands on
+            budget = sum(self.bounds.sgd_totals[self.rows, g].tolist()) * (1 + 4 * self.group_eps[g] + 1e-9)
+            budget += math.sqrt(self.group_rounding[g])
+            ratio = math.sqrt(squared) / (budget + 1e-12) if squared else 0.0
+            if ratio > worst:
+                worst, worst_name, rule = ratio, f"param group {g}", "group L2"
+        return worst, worst_name, rule
 
 
 # ----------------------------------------------------------------------------- the final state

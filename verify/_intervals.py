@@ -39,19 +39,35 @@ class Interval:
         return self.end.step
 
 
+class Distance:
+    """The L2 distance and the largest coordinate change between two stored states, added up tensor
+    by tensor or chunk by chunk (:meth:`add`)."""
+
+    def __init__(self) -> None:
+        self.squares, self.largest = 0.0, 0.0
+
+    def add(self, old: np.ndarray, new: np.ndarray) -> None:
+        """Two float64 arrays of one shape: the same coordinates before and after."""
+        if not old.size:
+            return
+        with np.errstate(invalid="ignore"):
+            diff = np.where(old == new, 0.0, np.abs(new - old))  # an unchanged ±inf (a mask) moved 0, not NaN
+        self.squares += float(np.square(diff).sum())
+        self.largest = max(self.largest, float(diff.max()))
+
+    def result(self) -> dict[str, float]:
+        return {"distance": math.sqrt(self.squares), "max_coordinate": self.largest}
+
+
 def state_distance(before: dict[str, np.ndarray], after: dict[str, np.ndarray], order: list[str]) -> dict[str, float]:
     """L2 distance and largest coordinate change between two stored states, over the tensors of
     ``order`` both hold with one shape (what replay ranks intervals by; continuity measures it
-    between checkpoints with the weights its bound check already holds)."""
-    squares, largest = 0.0, 0.0
+    between checkpoints as it streams them)."""
+    distance = Distance()
     for name in order:
-        if name in before and name in after and before[name].shape == after[name].shape and before[name].size:
-            a, b = before[name].astype(np.float64), after[name].astype(np.float64)
-            with np.errstate(invalid="ignore"):
-                diff = np.where(a == b, 0.0, np.abs(b - a))  # an unchanged ±inf (a mask) moved 0, not NaN
-            squares += float(np.square(diff).sum())
-            largest = max(largest, float(diff.max()))
-    return {"distance": math.sqrt(squares), "max_coordinate": largest}
+        if name in before and name in after and before[name].shape == after[name].shape:
+            distance.add(before[name].astype(np.float64), after[name].astype(np.float64))
+    return distance.result()
 
 
 def intervals(view: RunView, virtual_init: bool = True) -> list[Interval]:
