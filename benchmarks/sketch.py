@@ -7,7 +7,10 @@ noise hits all alike; medians of wall and CPU time per call:
 - ``cached``: what ``CountSketch`` did before (slots computed once per tensor, kept as int16, 2 bytes
   per parameter; each call one ``bincount`` per tensor), rebuilt here as the baseline;
 - ``cache-free``: :class:`ledger.torch.CountSketch` (bucket and sign recomputed at each call);
-- ``numpy``: the reference :class:`ledger._weights.NumpySketch` on the same arrays.
+- ``numpy``: the reference :class:`ledger._weights.NumpySketch` on the same arrays (what the verifier
+  computes for checkpoints and ``--model``; its slots hashed in uint32, in place);
+- ``numpy-int64``: the same with the slots of the int64 definition (``sketch_hash``: the 16-bit split
+  products), as ``NumpySketch`` computed them before 2026-12-01.
 
 Peak extra memory: one subprocess per (workload, variant); after the model is built (and, for
 ``cached``, its cache), VmHWM is reset to VmRSS, three sketches run, and VmHWM − VmRSS-before is
@@ -33,7 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recorder_overhead import SEED, make_recipe  # noqa: E402
 
+import ledger._weights as weights  # noqa: E402
 import ledger.torch as lt  # noqa: E402
+from ledger._fingerprint import sketch_hash  # noqa: E402
 from ledger._weights import NumpySketch  # noqa: E402
 
 K = 256
@@ -55,12 +60,23 @@ def cached_sketch(tensors: Mapping[str, torch.Tensor]) -> tuple[Sketch, int]:
 
 
 def variants(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, Sketch], int]:
-    """The three sketches of these tensors, and the cached one's cache size (bytes)."""
+    """The four sketches of these tensors, and the cached one's cache size (bytes)."""
     cached, cache_bytes = cached_sketch(tensors)
     numpy_sketch = NumpySketch(SEED, K)
     arrays = {name: t.detach().numpy() for name, t in tensors.items()}
+
+    def int64_slots(seed: int, name: str, start: int, stop: int, k: int) -> np.ndarray:
+        return sketch_hash(np.arange(start, stop, dtype=np.int64), seed, name, k)
+
+    def numpy_int64(_: Mapping[str, torch.Tensor]) -> np.ndarray:
+        fast, weights.sketch_slots_numpy = weights.sketch_slots_numpy, int64_slots  # type: ignore[assignment]
+        try:
+            return numpy_sketch(arrays)
+        finally:
+            weights.sketch_slots_numpy = fast
+
     return {"cached": cached, "cache-free": lt.CountSketch(SEED, K),
-            "numpy": lambda _: numpy_sketch(arrays)}, cache_bytes
+            "numpy": lambda _: numpy_sketch(arrays), "numpy-int64": numpy_int64}, cache_bytes
 
 
 def model_tensors(workload: str) -> dict[str, torch.Tensor]:
@@ -86,7 +102,7 @@ def child_memory(workload: str, variant: str) -> None:
 
 
 def timed(workload: str, rounds: int) -> None:
-    """Interleaved per-call timings of the three variants on one workload, printed with ratios."""
+    """Interleaved per-call timings of the variants on one workload, printed with ratios."""
     tensors = model_tensors(workload)
     sketches, cache_bytes = variants(tensors)
     reference = sketches["numpy"](tensors)
@@ -97,7 +113,7 @@ def timed(workload: str, rounds: int) -> None:
     cpu: dict[str, list[float]] = {name: [] for name in sketches}
     names = list(sketches)
     for r in range(rounds):
-        for name in names[r % 3:] + names[:r % 3]:
+        for name in names[r % len(names):] + names[:r % len(names)]:
             w, c = time.perf_counter(), time.process_time()
             sketches[name](tensors)
             wall[name].append(time.perf_counter() - w)

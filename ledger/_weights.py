@@ -21,9 +21,11 @@ import numpy.typing as npt
 from ledger._filehash import read_exact
 from ledger._fingerprint import (
     _CHUNK,
+    _MASK32,
     SKETCH_K,
     Shard,
     TensorEntry,
+    _name_salt,
     _open_shard,
     check_sketch_k,
     read_shards,
@@ -192,8 +194,38 @@ def sketch_slots_numpy(seed: int, name: str, start: int, stop: int, k: int) -> n
     """Slot of each coordinate in [start, stop) of tensor ``name``: bucket b ∈ [0, k) with sign +
     is slot b, with sign − slot k + b (int64). Equal to :func:`ledger.torch.sketch_slots`."""
     check_sketch_k(k)
-    slots: npt.NDArray[np.int64] = sketch_hash(np.arange(start, stop, dtype=np.int64), seed, name, k)
-    return slots
+    if k > 1 << 31:  # slots past what uint32 holds: the reference arithmetic
+        slots: npt.NDArray[np.int64] = sketch_hash(np.arange(start, stop, dtype=np.int64), seed, name, k)
+        return slots
+    a, b = _name_salt(seed, name)
+    out = np.empty(stop - start, dtype=np.int64)
+    lo = start
+    while lo < stop:  # within a run of 2^32 indices the high word is one number: hash in uint32, in place
+        hi = min(stop, ((lo >> 32) + 1) << 32)
+        x = np.arange(lo & _MASK32, (lo & _MASK32) + (hi - lo), dtype=np.uint32)
+        scratch = np.empty_like(x)
+        x ^= np.uint32(a)
+        _fmix32_inplace(x, scratch)
+        x ^= np.uint32(((lo >> 32) + b) & _MASK32)
+        _fmix32_inplace(x, scratch)
+        np.right_shift(x, 31, out=scratch)  # the sign bit: slot k + b for −
+        scratch *= np.uint32(k)
+        x &= np.uint32(k - 1)
+        x += scratch
+        out[lo - start:hi - start] = x
+        lo = hi
+    return out
+
+
+def _fmix32_inplace(x: npt.NDArray[np.uint32], scratch: npt.NDArray[np.uint32]) -> None:
+    """MurmurHash3's fmix32 on uint32 values, in place (uint32 products wrap modulo 2^32 as the
+    reference's ``_mul32`` computes them in int64)."""
+    for shift, factor in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+        np.right_shift(x, shift, out=scratch)
+        x ^= scratch
+        x *= np.uint32(factor)
+    np.right_shift(x, 16, out=scratch)
+    x ^= scratch
 
 
 class NumpySketch:

@@ -17,6 +17,7 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
 import ledger._weights as weights_module
+from ledger._fingerprint import sketch_hash
 from ledger._weights import NumpySketch, TensorFile, file_fingerprints, read_safetensors, sketch_slots_numpy
 from ledger.errors import ConfigurationError, FormatError
 from ledger.torch import CountSketch, sketch_slots
@@ -203,6 +204,15 @@ def test_slots_equal_torch(start: int, stop: int, k: int) -> None:
         assert ours.dtype == np.int64
         assert np.array_equal(ours, sketch_slots(seed, name, start, stop, k, "cpu").numpy())
         assert ours.min() >= 0 and ours.max() < 2 * k
+
+
+@pytest.mark.parametrize("start", [0, 2**32 - 70_000, 2**40 + 3, 2**63 - 50_001])
+@pytest.mark.parametrize("k", [2, 256, 1 << 20, 1 << 31, 1 << 32])
+def test_slots_equal_the_definition(start: int, k: int) -> None:
+    # hashed in uint32 in place (k ≤ 2^31), each run of 2^32 indices apart; the int64 definition otherwise
+    ours = sketch_slots_numpy(-7, "layers.0.w", start, start + 50_000, k)
+    assert ours.dtype == np.int64
+    assert np.array_equal(ours, sketch_hash(np.arange(start, start + 50_000, dtype=np.int64), -7, "layers.0.w", k))
 
 
 @pytest.fixture(scope="module")
