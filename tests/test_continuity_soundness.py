@@ -357,6 +357,31 @@ def test_checkpoint_intervals_stream_the_weights(tmp_path, monkeypatch):
         result.detail, result.detail
 
 
+@pytest.mark.parametrize("family", ["adamw", "sgd"])
+def test_an_infinity_that_stays_does_not_void_a_checkpoint_interval(family):
+    """A weight holding ±inf at a coordinate in both checkpoints: |new − old| there was inf − inf =
+    NaN, and the tensor's largest ratio (Adam) or its group's L2 move (SGD) became NaN, which
+    compares as within the bound, so a jump of every other coordinate passed. The infinity that
+    stayed moved 0; the jump is caught."""
+    from types import SimpleNamespace
+
+    from ledger.verify._continuity import _Interval
+
+    rows = np.arange(2)
+    bounds = SimpleNamespace(group_of=np.array([0]), parameter=np.array([True]), group_family=[family],
+                             steps=np.ones(2, dtype=np.int64), coef=np.full((2, 1), 1e-3),
+                             decay=np.zeros((2, 1)), sgd_totals=np.full((2, 1), 1e-3))
+    old = np.linspace(-1.0, 1.0, 1000)
+    old[3] = -math.inf
+    for jump, caught in ((0.0, False), (0.5, True)):
+        interval = _Interval(bounds, rows, np.array([2.0**-24]), checked=True)
+        new = old + jump
+        interval.follow(0, "w", iter([old]), [new]).__next__()
+        worst = interval.result()[0]
+        assert (worst > 1) is caught and not math.isnan(worst), (jump, worst)
+        assert interval.distance.result()["distance"] == pytest.approx(jump * math.sqrt(999))
+
+
 def test_a_parameter_trained_by_an_unrecorded_optimizer_fails(tmp_path):
     model = mlp()
     hidden = torch.optim.SGD(model[2].parameters(), lr=0.5)

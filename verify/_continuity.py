@@ -677,33 +677,44 @@ class _Interval:
             yield new
 
     def _add(self, i: int, name: str, old: np.ndarray, new: np.ndarray) -> None:
-        self.distance.add(old, new)
+        moved = self.distance.add(old, new)  # |new − old|, 0 where an infinity stayed (not NaN)
         bounds = self.bounds
         g = int(bounds.group_of[i])
         if not self.checked or (g < 0 and not bounds.parameter[i]):
             return
         if g < 0:
-            if not self.frozen_moved and not np.array_equal(old, new):
+            if not self.frozen_moved and moved.any():
                 self.frozen_moved = name
             return
         kind = bounds.group_family[g]
-        if kind in ("adam", "adamw"):
-            if g not in self.group_sums:
-                rows = self.rows
-                self.group_sums[g] = (sum(bounds.coef[rows, g].tolist()), sum(bounds.decay[rows, g].tolist()))
-            a, decay = self.group_sums[g]
-            top = np.maximum(np.abs(old), np.abs(new)) + a
-            limit = a + decay * top + self.opt_steps * self.rounding[i] * top
-            ratio = float((np.abs(new - old) / (limit * (1 + 1e-9) + 1e-12)).max()) if old.size else 0.0
-            if ratio > self.worst:
-                self.worst, self.worst_name, self.rule = ratio, name, "per-coordinate"
-        elif kind == "sgd":
-            self.group_moves[g] = self.group_moves.get(g, 0.0) + float(np.square(new - old).sum())
-            # each stored coordinate is rounded once per update: up to rounding × |w| each, in L2 over the group
-            top = np.maximum(np.abs(old), np.abs(new))
-            self.group_rounding[g] = self.group_rounding.get(g, 0.0) + float(
-                np.square(self.opt_steps * self.rounding[i] * top).sum())
+        if kind not in ("adam", "adamw", "sgd"):
+            return
+        top = np.abs(old)
+        np.maximum(top, np.abs(new), out=top)
+        rounding = self.opt_steps * float(self.rounding[i])
+        if kind == "sgd":
+            self.group_moves[g] = self.group_moves.get(g, 0.0) + float(np.dot(moved, moved))
+            # each stored coordinate is rounded once per update: up to rounding × |w| each, in L2 over the
+            # group; over the coordinates that moved (‖Δ_S‖ ≤ ‖u‖ + ‖e_S‖): one that stayed, an infinity
+            # among them, needs none
+            np.copyto(top, 0.0, where=moved == 0)
+            self.group_rounding[g] = self.group_rounding.get(g, 0.0) + rounding * rounding * float(np.dot(top, top))
             self.group_eps[g] = max(self.group_eps.get(g, 0.0), float(self.rounding[i]))
+            return
+        if g not in self.group_sums:
+            rows = self.rows
+            self.group_sums[g] = (sum(bounds.coef[rows, g].tolist()), sum(bounds.decay[rows, g].tolist()))
+        a, decay = self.group_sums[g]
+        limit = top  # a + decay·(top + a) + rounding·(top + a), with top = max(|old|, |new|); in place
+        limit += a
+        limit *= decay + rounding
+        limit += a
+        limit *= 1 + 1e-9
+        limit += 1e-12
+        ratio = float(np.divide(moved, limit, out=limit).max())
+        ratio = math.inf if math.isnan(ratio) else ratio  # a coordinate became or left ±inf, or is NaN
+        if ratio > self.worst:
+            self.worst, self.worst_name, self.rule = ratio, name, "per-coordinate"
 
     def result(self) -> tuple[float, str, str]:
         """(largest ratio to the bound, its tensor, the rule)."""
@@ -715,6 +726,7 @@ class _Interval:
             budget = sum(self.bounds.sgd_totals[self.rows, g].tolist()) * (1 + 4 * self.group_eps[g] + 1e-9)
             budget += math.sqrt(self.group_rounding[g])
             ratio = math.sqrt(squared) / (budget + 1e-12) if squared else 0.0
+            ratio = math.inf if math.isnan(ratio) else ratio  # a coordinate became or left ±inf, or is NaN
             if ratio > worst:
                 worst, worst_name, rule = ratio, f"param group {g}", "group L2"
         return worst, worst_name, rule

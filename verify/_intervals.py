@@ -46,14 +46,21 @@ class Distance:
     def __init__(self) -> None:
         self.squares, self.largest = 0.0, 0.0
 
-    def add(self, old: np.ndarray, new: np.ndarray) -> None:
-        """Two float64 arrays of one shape: the same coordinates before and after."""
-        if not old.size:
-            return
+    def add(self, old: np.ndarray, new: np.ndarray) -> np.ndarray:
+        """Two flat float64 arrays, the same coordinates before and after: their moves |new − old|
+        are added, and returned (an unchanged ±inf, a mask, moved 0, not NaN)."""
         with np.errstate(invalid="ignore"):
-            diff = np.where(old == new, 0.0, np.abs(new - old))  # an unchanged ±inf (a mask) moved 0, not NaN
-        self.squares += float(np.square(diff).sum())
-        self.largest = max(self.largest, float(diff.max()))
+            moved: np.ndarray = np.subtract(new, old)
+            np.abs(moved, out=moved)
+        if not moved.size:
+            return moved
+        squares = float(np.dot(moved, moved))
+        if math.isnan(squares):  # inf − inf, or a NaN
+            moved[old == new] = 0.0
+            squares = float(np.dot(moved, moved))
+        self.squares += squares
+        self.largest = max(self.largest, float(moved.max()))
+        return moved
 
     def result(self) -> dict[str, float]:
         return {"distance": math.sqrt(self.squares), "max_coordinate": self.largest}
@@ -66,7 +73,7 @@ def state_distance(before: dict[str, np.ndarray], after: dict[str, np.ndarray], 
     distance = Distance()
     for name in order:
         if name in before and name in after and before[name].shape == after[name].shape:
-            distance.add(before[name].astype(np.float64), after[name].astype(np.float64))
+            distance.add(before[name].astype(np.float64).ravel(), after[name].astype(np.float64).ravel())
     return distance.result()
 
 
