@@ -11,6 +11,7 @@ import collections
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ledger._filehash import read_exact
+from ledger._filehash import read_exact, threads
 from ledger._fingerprint import (
     _CHUNK,
     _MASK32,
@@ -194,15 +195,32 @@ def sketch_slots_numpy(seed: int, name: str, start: int, stop: int, k: int) -> n
     """Slot of each coordinate in [start, stop) of tensor ``name``: bucket b ∈ [0, k) with sign +
     is slot b, with sign − slot k + b (int64). Equal to :func:`ledger.torch.sketch_slots`."""
     check_sketch_k(k)
+    start, stop = int(start), max(int(start), int(stop))  # numpy integers would overflow the run arithmetic
     if k > 1 << 31:  # slots past what uint32 holds: the reference arithmetic
         slots: npt.NDArray[np.int64] = sketch_hash(np.arange(start, stop, dtype=np.int64), seed, name, k)
         return slots
-    a, b = _name_salt(seed, name)
+    salts = _name_salt(seed, name)
     out = np.empty(stop - start, dtype=np.int64)
-    lo = start
-    while lo < stop:  # within a run of 2^32 indices the high word is one number: hash in uint32, in place
-        hi = min(stop, ((lo >> 32) + 1) << 32)
-        x = np.arange(lo & _MASK32, (lo & _MASK32) + (hi - lo), dtype=np.uint32)
+    runs = [(lo, min(stop, lo + _SLOT_RUN)) for lo in range(start, stop, _SLOT_RUN)]
+    if len(runs) > 1 and (workers := min(threads(), len(runs))) > 1:  # numpy releases the GIL: one run a thread
+        with ThreadPoolExecutor(workers, thread_name_prefix="ledger-sketch") as pool:
+            collections.deque(pool.map(lambda run: _hash_run(out, start, run, salts, k), runs), maxlen=0)
+    else:
+        for run in runs:
+            _hash_run(out, start, run, salts, k)
+    return out
+
+
+_SLOT_RUN = 1 << 18  # coordinates hashed at a time (on one thread): scratch 2 MiB
+
+
+def _hash_run(out: npt.NDArray[np.int64], start: int, run: tuple[int, int], salts: tuple[int, int], k: int) -> None:
+    """``out[lo − start : hi − start]`` := the slots of the indices of ``run`` = [lo, hi), hashed in
+    uint32 in place."""
+    (lo, hi), (a, b) = run, salts
+    while lo < hi:  # within a run of 2^32 indices the high word is one number
+        end = min(hi, ((lo >> 32) + 1) << 32)
+        x = np.arange(lo & _MASK32, (lo & _MASK32) + (end - lo), dtype=np.uint32)
         scratch = np.empty_like(x)
         x ^= np.uint32(a)
         _fmix32_inplace(x, scratch)
@@ -212,9 +230,8 @@ def sketch_slots_numpy(seed: int, name: str, start: int, stop: int, k: int) -> n
         scratch *= np.uint32(k)
         x &= np.uint32(k - 1)
         x += scratch
-        out[lo - start:hi - start] = x
-        lo = hi
-    return out
+        out[lo - start:end - start] = x
+        lo = end
 
 
 def _fmix32_inplace(x: npt.NDArray[np.uint32], scratch: npt.NDArray[np.uint32]) -> None:

@@ -206,13 +206,17 @@ def test_slots_equal_torch(start: int, stop: int, k: int) -> None:
         assert ours.min() >= 0 and ours.max() < 2 * k
 
 
-@pytest.mark.parametrize("start", [0, 2**32 - 70_000, 2**40 + 3, 2**63 - 50_001])
+@pytest.mark.parametrize("start", [0, 2**32 - 300_000, 2**40 + 3, 2**63 - 50_001])
 @pytest.mark.parametrize("k", [2, 256, 1 << 20, 1 << 31, 1 << 32])
-def test_slots_equal_the_definition(start: int, k: int) -> None:
-    # hashed in uint32 in place (k ≤ 2^31), each run of 2^32 indices apart; the int64 definition otherwise
-    ours = sketch_slots_numpy(-7, "layers.0.w", start, start + 50_000, k)
+@pytest.mark.parametrize("n", [50_000, 700_000])
+def test_slots_equal_the_definition(start: int, k: int, n: int) -> None:
+    # hashed in uint32 in place (k ≤ 2^31), each run of 2^32 indices apart, runs of 2^18 on threads; the int64
+    # definition otherwise; numpy integers as bounds hash as Python ones
+    n = min(n, 2**63 - 1 - start)
+    ours = sketch_slots_numpy(-7, "layers.0.w", np.int64(start), start + n, k)
     assert ours.dtype == np.int64
-    assert np.array_equal(ours, sketch_hash(np.arange(start, start + 50_000, dtype=np.int64), -7, "layers.0.w", k))
+    assert np.array_equal(ours, sketch_hash(np.arange(start, start + n, dtype=np.int64), -7, "layers.0.w", k))
+    assert sketch_slots_numpy(-7, "w", start + 5, start, k).shape == (0,)
 
 
 @pytest.fixture(scope="module")
