@@ -10,11 +10,11 @@ from __future__ import annotations
 import collections
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -201,17 +201,24 @@ def sketch_slots_numpy(seed: int, name: str, start: int, stop: int, k: int) -> n
         return slots
     salts = _name_salt(seed, name)
     out = np.empty(stop - start, dtype=np.int64)
-    runs = [(lo, min(stop, lo + _SLOT_RUN)) for lo in range(start, stop, _SLOT_RUN)]
-    if len(runs) > 1 and (workers := min(threads(), len(runs))) > 1:  # numpy releases the GIL: one run a thread
-        with ThreadPoolExecutor(workers, thread_name_prefix="ledger-sketch") as pool:
-            collections.deque(pool.map(lambda run: _hash_run(out, start, run, salts, k), runs), maxlen=0)
-    else:
-        for run in runs:
-            _hash_run(out, start, run, salts, k)
+    map_runs(lambda lo, hi: _hash_run(out, start, (lo, hi), salts, k), start, stop)
     return out
 
 
-_SLOT_RUN = 1 << 18  # coordinates hashed at a time (on one thread): scratch 2 MiB
+_RUN = 1 << 18  # coordinates one thread takes at a time (2 MiB of float64): fixed, so no sum depends on the threads
+_T = TypeVar("_T")
+
+
+def map_runs(fn: Callable[[int, int], _T], start: int, stop: int) -> list[_T]:
+    """``fn(lo, hi)`` for each run [lo, hi) of :data:`_RUN` indices that cuts [start, stop) from
+    ``start``, the results in order; on every CPU when there are several runs (numpy releases the
+    GIL). The runs are the same whatever the threads, so results folded in order are too."""
+    runs = [(lo, min(stop, lo + _RUN)) for lo in range(start, stop, _RUN)]
+    workers = min(threads(), len(runs))
+    if workers < 2:
+        return [fn(lo, hi) for lo, hi in runs]
+    with ThreadPoolExecutor(workers, thread_name_prefix="ledger-runs") as pool:
+        return list(pool.map(lambda run: fn(*run), runs))
 
 
 def _hash_run(out: npt.NDArray[np.int64], start: int, run: tuple[int, int], salts: tuple[int, int], k: int) -> None:
@@ -282,8 +289,12 @@ class NumpySketch:
         k, lo = self.k, 0
         acc = np.zeros(2 * k, dtype=np.float64)
         for chunk in chunks:
-            slots = sketch_slots_numpy(self.seed, name, lo, lo + len(chunk), k)
-            acc += np.bincount(slots, weights=chunk, minlength=2 * k)
+            def part(a: int, b: int, chunk: npt.NDArray[np.float64] = chunk, lo: int = lo) -> npt.NDArray[Any]:
+                slots = sketch_slots_numpy(self.seed, name, lo + a, lo + b, k)
+                return np.bincount(slots, weights=chunk[a:b], minlength=2 * k)
+
+            for summed in map_runs(part, 0, len(chunk)):  # each run's slot sums, added in order
+                acc += summed
             lo += len(chunk)
         return acc[:k] - acc[k:] if lo else None
 

@@ -327,6 +327,10 @@ def test_checkpoint_intervals_stream_the_weights(tmp_path, monkeypatch):
     path = record(tmp_path / "L", model, torch.optim.AdamW(model.parameters(), lr=1e-2), steps=9)
     whole = continuity(path)
     assert whole.status is Status.PASS and whole.data["checkpoint_intervals_checked"] == 3, whole.detail
+    monkeypatch.setattr(weights_module, "threads", lambda: 1)  # runs of 2^18 on one thread: the same sums
+    alone = continuity(path)
+    assert alone.to_dict(series=True) == whole.to_dict(series=True)
+    monkeypatch.undo()
     original, peaks = continuity_module._check_checkpoints, []
 
     def traced(*args: Any) -> int:

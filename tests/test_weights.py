@@ -219,6 +219,14 @@ def test_slots_equal_the_definition(start: int, k: int, n: int) -> None:
     assert sketch_slots_numpy(-7, "w", start + 5, start, k).shape == (0,)
 
 
+def test_the_sketch_does_not_depend_on_the_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    # runs of 2^18 coordinates, each bincounted on a thread and added in order, whatever the threads
+    values = np.random.default_rng(5).standard_normal(1_500_000)
+    threaded = NumpySketch(3, 256)({"w": values})
+    monkeypatch.setattr(weights_module, "threads", lambda: 1)
+    assert NumpySketch(3, 256)({"w": values}).tobytes() == threaded.tobytes()
+
+
 @pytest.fixture(scope="module")
 def big() -> torch.Tensor:
     return torch.randn(5_000_000, generator=torch.Generator().manual_seed(7))  # crosses the 2**22 chunk size

@@ -14,6 +14,7 @@ and says so). A verdict resting on norms alone warns.
 from __future__ import annotations
 
 import collections
+import functools
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -24,11 +25,11 @@ import numpy as np
 from ledger._blocked import TENSOR_V1
 from ledger._record import Kind
 from ledger._state import FILES, checkpoint_file, read_meta
-from ledger._weights import NumpySketch, TensorFile, _with_squares
+from ledger._weights import NumpySketch, TensorFile, _with_squares, map_runs
 from ledger.verify._bounds import Bounds, dtype_rounding, norm_rtol
 from ledger.verify._columns import StepColumns
 from ledger.verify._context import Context
-from ledger.verify._intervals import Distance
+from ledger.verify._intervals import Distance, moves
 from ledger.verify._result import CheckResult, Lists, Status
 from ledger.verify._run import Checkpoint, RunView
 
@@ -670,40 +671,37 @@ class _Interval:
 
     def follow(self, i: int, name: str, before: Iterator[np.ndarray],
                after: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-        """``after``'s chunks of tensor ``i`` of the order, passed on, each added with the same chunk
-        of ``before``."""
+        """``after``'s chunks of tensor ``i`` of the order, passed on, each compared with the same
+        chunk of ``before``: in runs on every CPU, folded in order."""
+        g = int(self.bounds.group_of[i])
+        if self.checked and g >= 0 and self.bounds.group_family[g] in ("adam", "adamw") and g not in self.group_sums:
+            rows = self.rows
+            self.group_sums[g] = (sum(self.bounds.coef[rows, g].tolist()), sum(self.bounds.decay[rows, g].tolist()))
         for new in after:
-            self._add(i, name, next(before), new)
+            old = next(before)
+            for part in map_runs(functools.partial(self._part, i, old, new), 0, len(new)):
+                self._fold(i, name, *part)
             yield new
 
-    def _add(self, i: int, name: str, old: np.ndarray, new: np.ndarray) -> None:
-        moved = self.distance.add(old, new)  # |new − old|, 0 where an infinity stayed (not NaN)
-        bounds = self.bounds
-        g = int(bounds.group_of[i])
-        if not self.checked or (g < 0 and not bounds.parameter[i]):
-            return
-        if g < 0:
-            if not self.frozen_moved and moved.any():
-                self.frozen_moved = name
-            return
-        kind = bounds.group_family[g]
-        if kind not in ("adam", "adamw", "sgd"):
-            return
+    def _part(self, i: int, before: np.ndarray, after: np.ndarray, lo: int,
+              hi: int) -> tuple[float, float, float, float]:
+        """For coordinates [lo, hi) of a chunk of tensor ``i``: the sum of squares and the largest of
+        their moves, their largest ratio to the per-coordinate bound (Adam), their rounding slack
+        squared (SGD)."""
+        old, new = before[lo:hi], after[lo:hi]
+        moved, squares = moves(old, new)  # |new − old|, 0 where an infinity stayed (not NaN)
+        largest = float(moved.max())
+        g = int(self.bounds.group_of[i])
+        kind = self.bounds.group_family[g] if g >= 0 else None
+        if not self.checked or kind not in ("adam", "adamw", "sgd"):
+            return squares, largest, 0.0, 0.0
         top = np.abs(old)
         np.maximum(top, np.abs(new), out=top)
         rounding = self.opt_steps * float(self.rounding[i])
-        if kind == "sgd":
-            self.group_moves[g] = self.group_moves.get(g, 0.0) + float(np.dot(moved, moved))
-            # each stored coordinate is rounded once per update: up to rounding × |w| each, in L2 over the
-            # group; over the coordinates that moved (‖Δ_S‖ ≤ ‖u‖ + ‖e_S‖): one that stayed, an infinity
-            # among them, needs none
+        if kind == "sgd":  # each stored coordinate is rounded once per update: up to rounding × |w| each, in L2
+            # over the group; over the coordinates that moved (‖Δ_S‖ ≤ ‖u‖ + ‖e_S‖): one that stayed needs none
             np.copyto(top, 0.0, where=moved == 0)
-            self.group_rounding[g] = self.group_rounding.get(g, 0.0) + rounding * rounding * float(np.dot(top, top))
-            self.group_eps[g] = max(self.group_eps.get(g, 0.0), float(self.rounding[i]))
-            return
-        if g not in self.group_sums:
-            rows = self.rows
-            self.group_sums[g] = (sum(bounds.coef[rows, g].tolist()), sum(bounds.decay[rows, g].tolist()))
+            return squares, largest, 0.0, rounding * rounding * float(np.dot(top, top))
         a, decay = self.group_sums[g]
         limit = top  # a + decay·(top + a) + rounding·(top + a), with top = max(|old|, |new|); in place
         limit += a
@@ -712,8 +710,23 @@ class _Interval:
         limit *= 1 + 1e-9
         limit += 1e-12
         ratio = float(np.divide(moved, limit, out=limit).max())
-        ratio = math.inf if math.isnan(ratio) else ratio  # a coordinate became or left ±inf, or is NaN
-        if ratio > self.worst:
+        return squares, largest, math.inf if math.isnan(ratio) else ratio, 0.0  # NaN: ±inf came or went, or NaN
+
+    def _fold(self, i: int, name: str, squares: float, largest: float, ratio: float, rounding: float) -> None:
+        self.distance.add(squares, largest)
+        bounds = self.bounds
+        g = int(bounds.group_of[i])
+        if not self.checked or (g < 0 and not bounds.parameter[i]):
+            return
+        if g < 0:
+            if not self.frozen_moved and largest != 0:  # NaN too
+                self.frozen_moved = name
+            return
+        if bounds.group_family[g] == "sgd":
+            self.group_moves[g] = self.group_moves.get(g, 0.0) + squares
+            self.group_rounding[g] = self.group_rounding.get(g, 0.0) + rounding
+            self.group_eps[g] = max(self.group_eps.get(g, 0.0), float(self.rounding[i]))
+        elif ratio > self.worst:
             self.worst, self.worst_name, self.rule = ratio, name, "per-coordinate"
 
     def result(self) -> tuple[float, str, str]:

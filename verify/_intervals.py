@@ -39,28 +39,30 @@ class Interval:
         return self.end.step
 
 
+def moves(old: np.ndarray, new: np.ndarray) -> tuple[np.ndarray, float]:
+    """|new − old| per coordinate of two flat float64 arrays (the same coordinates before and after;
+    an unchanged ±inf, a mask, moved 0, not NaN) and its sum of squares."""
+    with np.errstate(invalid="ignore"):
+        moved: np.ndarray = np.subtract(new, old)
+        np.abs(moved, out=moved)
+    squares = float(np.dot(moved, moved)) if moved.size else 0.0
+    if math.isnan(squares):  # inf − inf, or a NaN
+        moved[old == new] = 0.0
+        squares = float(np.dot(moved, moved))
+    return moved, squares
+
+
 class Distance:
     """The L2 distance and the largest coordinate change between two stored states, added up tensor
-    by tensor or chunk by chunk (:meth:`add`)."""
+    by tensor or run by run (:meth:`add`, in order)."""
 
     def __init__(self) -> None:
         self.squares, self.largest = 0.0, 0.0
 
-    def add(self, old: np.ndarray, new: np.ndarray) -> np.ndarray:
-        """Two flat float64 arrays, the same coordinates before and after: their moves |new − old|
-        are added, and returned (an unchanged ±inf, a mask, moved 0, not NaN)."""
-        with np.errstate(invalid="ignore"):
-            moved: np.ndarray = np.subtract(new, old)
-            np.abs(moved, out=moved)
-        if not moved.size:
-            return moved
-        squares = float(np.dot(moved, moved))
-        if math.isnan(squares):  # inf − inf, or a NaN
-            moved[old == new] = 0.0
-            squares = float(np.dot(moved, moved))
+    def add(self, squares: float, largest: float) -> None:
+        """The sum of squares and the largest of some coordinates' moves (:func:`moves`)."""
         self.squares += squares
-        self.largest = max(self.largest, float(moved.max()))
-        return moved
+        self.largest = max(self.largest, largest)
 
     def result(self) -> dict[str, float]:
         return {"distance": math.sqrt(self.squares), "max_coordinate": self.largest}
@@ -72,8 +74,9 @@ def state_distance(before: dict[str, np.ndarray], after: dict[str, np.ndarray], 
     between checkpoints as it streams them)."""
     distance = Distance()
     for name in order:
-        if name in before and name in after and before[name].shape == after[name].shape:
-            distance.add(before[name].astype(np.float64).ravel(), after[name].astype(np.float64).ravel())
+        if name in before and name in after and before[name].shape == after[name].shape and before[name].size:
+            moved, squares = moves(before[name].astype(np.float64).ravel(), after[name].astype(np.float64).ravel())
+            distance.add(squares, float(moved.max()))
     return distance.result()
 
 
