@@ -293,8 +293,11 @@ class NumpySketch:
                 slots = sketch_slots_numpy(self.seed, name, lo + a, lo + b, k)
                 return np.bincount(slots, weights=chunk[a:b], minlength=2 * k)
 
-            for summed in map_runs(part, 0, len(chunk)):  # each run's slot sums, added in order
-                acc += summed
+            if 2 * k <= _RUN // 16:  # each run's slot sums on its thread, added in order
+                for summed in map_runs(part, 0, len(chunk)):
+                    acc += summed
+            else:  # so many slots that a run's sums would outweigh the run: one bincount of the chunk
+                acc += part(0, len(chunk))
             lo += len(chunk)
         return acc[:k] - acc[k:] if lo else None
 

@@ -362,19 +362,22 @@ def test_checkpoint_intervals_stream_the_weights(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["adamw", "sgd"])
-def test_an_infinity_that_stays_does_not_void_a_checkpoint_interval(family):
+@pytest.mark.parametrize("steps", [1, 0])
+def test_an_infinity_that_stays_does_not_void_a_checkpoint_interval(family, steps):
     """A weight holding ±inf at a coordinate in both checkpoints: |new − old| there was inf − inf =
     NaN, and the tensor's largest ratio (Adam) or its group's L2 move (SGD) became NaN, which
     compares as within the bound, so a jump of every other coordinate passed. The infinity that
-    stayed moved 0; the jump is caught."""
+    stayed moved 0; the jump is caught. Over steps without an optimizer update (gradient
+    accumulation, a step the scaler skipped) the infinity's limit is inf · 0 = NaN: it did not
+    move, so it fits (review: an honest run failed there)."""
     from types import SimpleNamespace
 
     from ledger.verify._continuity import _Interval
 
     rows = np.arange(2)
     bounds = SimpleNamespace(group_of=np.array([0]), parameter=np.array([True]), group_family=[family],
-                             steps=np.ones(2, dtype=np.int64), coef=np.full((2, 1), 1e-3),
-                             decay=np.zeros((2, 1)), sgd_totals=np.full((2, 1), 1e-3))
+                             steps=np.full(2, steps, dtype=np.int64), coef=np.full((2, 1), 1e-3 * steps),
+                             decay=np.zeros((2, 1)), sgd_totals=np.full((2, 1), 1e-3 * steps))
     old = np.linspace(-1.0, 1.0, 1000)
     old[3] = -math.inf
     for jump, caught in ((0.0, False), (0.5, True)):
@@ -384,6 +387,29 @@ def test_an_infinity_that_stays_does_not_void_a_checkpoint_interval(family):
         worst = interval.result()[0]
         assert (worst > 1) is caught and not math.isnan(worst), (jump, worst)
         assert interval.distance.result()["distance"] == pytest.approx(jump * math.sqrt(999))
+
+
+def test_an_infinity_in_an_optimizer_group_over_steps_without_an_update_passes(tmp_path):
+    """An honest run (review): a frozen -inf parameter inside the Adam group, checkpoints at every
+    step, two steps without an optimizer step. Between those checkpoints the bound is 0 and the
+    infinity's limit inf · 0; it did not move, so continuity warns as for any infinite norm, and
+    does not fail."""
+    model = mlp()
+    model.register_parameter("mask", torch.nn.Parameter(torch.full((4,), -math.inf), requires_grad=False))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    rec = Recorder(tmp_path / "L", model=model, optimizer=optimizer, key=SIGNER, seed=0, checkpoint_every=1)
+    g = torch.Generator().manual_seed(0)
+    for step in range(6):
+        optimizer.zero_grad()
+        loss = model(torch.randn(8, 8, generator=g)).pow(2).mean()
+        loss.backward()
+        if step not in (2, 3):  # accumulating: no optimizer step
+            optimizer.step()
+        rec.step(loss=loss)
+    rec.close()
+    result = continuity(tmp_path / "L")
+    assert result.status is Status.WARN and "the norms of mask stay infinite" in result.detail, result.detail
+    assert result.data["checkpoint_intervals_checked"] == 6 and not result.data["anomalies"]
 
 
 def test_a_parameter_trained_by_an_unrecorded_optimizer_fails(tmp_path):

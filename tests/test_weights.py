@@ -227,6 +227,21 @@ def test_the_sketch_does_not_depend_on_the_threads(monkeypatch: pytest.MonkeyPat
     assert NumpySketch(3, 256)({"w": values}).tobytes() == threaded.tobytes()
 
 
+def test_a_large_sketch_sums_a_chunk_at_once() -> None:
+    # with 2k slots past a sixteenth of a run, per-run sums (2k floats each) would outweigh the run: a
+    # genesis's sketch_k (up to 2^20) must not multiply the verifier's memory by the runs in a chunk (review)
+    import tracemalloc
+
+    values = np.random.default_rng(0).standard_normal(1 << 20)
+    tracemalloc.start()
+    try:
+        NumpySketch(0, 1 << 20)({"w": values})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 56 << 20, f"{peak >> 20} MiB"  # slots 8 MiB and one bincount's 2k floats (16 MiB), twice
+
+
 @pytest.fixture(scope="module")
 def big() -> torch.Tensor:
     return torch.randn(5_000_000, generator=torch.Generator().manual_seed(7))  # crosses the 2**22 chunk size

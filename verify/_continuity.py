@@ -704,13 +704,17 @@ class _Interval:
             return squares, largest, 0.0, rounding * rounding * float(np.dot(top, top))
         a, decay = self.group_sums[g]
         limit = top  # a + decay·(top + a) + rounding·(top + a), with top = max(|old|, |new|); in place
-        limit += a
-        limit *= decay + rounding
-        limit += a
-        limit *= 1 + 1e-9
-        limit += 1e-12
-        ratio = float(np.divide(moved, limit, out=limit).max())
-        return squares, largest, math.inf if math.isnan(ratio) else ratio, 0.0  # NaN: ±inf came or went, or NaN
+        with np.errstate(invalid="ignore"):  # inf · 0 over steps without an update: handled below
+            limit += a
+            limit *= decay + rounding
+            limit += a
+            limit *= 1 + 1e-9
+            limit += 1e-12
+            ratio = float(np.divide(moved, limit, out=limit).max())
+        if math.isnan(ratio):  # a coordinate that did not move fits any limit (0 / (inf · 0) is NaN: an infinity
+            limit[moved == 0] = 0.0  # that stayed over steps without an update); one that came or went, or a NaN,
+            ratio = float(limit.max())  # fits none
+        return squares, largest, math.inf if math.isnan(ratio) else ratio, 0.0
 
     def _fold(self, i: int, name: str, squares: float, largest: float, ratio: float, rounding: float) -> None:
         self.distance.add(squares, largest)
