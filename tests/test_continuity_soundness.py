@@ -302,14 +302,15 @@ def test_released_weights_holding_infinities_match_the_last_steps_norms_and_sket
     if seal:  # the seal's digests are of the trained weights: only continuity ties them to the last step
         assert honest.check("continuity").status is Status.WARN, honest.check("continuity").detail
         assert "the released weights against step 7's norms and sketch" in honest.check("continuity").data["evidence"]
-        result = changed.check("continuity")
-        assert result.status is Status.FAIL and "step 7: the logged sketch does not match and the logged norms do " \
-            "not match the released weights (theirs.safetensors)" in result.detail, result.detail
+        result = changed.check("continuity")  # the sketch too, unless the changed coordinate shares a slot with an
+        # infinity (the sketch seed is drawn per run: 4 of 256 slots), which hides it from the sketch, not the norm
+        assert result.status is Status.FAIL and "the logged norms do not match the released weights " \
+            "(theirs.safetensors)" in result.detail, result.detail
     else:
         assert honest.check("model").status is Status.WARN, honest.check("model").detail
         assert "matches the norms and sketch logged at step 7" in honest.check("model").detail
         assert changed.check("model").status is Status.FAIL
-        assert "the logged sketch does not match the file" in changed.check("model").detail
+        assert "the logged norms do not match the file" in changed.check("model").detail
 
 
 def test_checkpoint_intervals_stream_the_weights(tmp_path, monkeypatch):
