@@ -34,7 +34,8 @@ from ledger._fingerprint import (
 )
 from ledger.errors import ConfigurationError, FormatError
 
-__all__ = ["NumpySketch", "TensorFile", "file_fingerprints", "read_safetensors", "sketch_slots_numpy"]
+__all__ = ["Fingerprints", "NumpySketch", "TensorFile", "file_fingerprints", "map_runs", "read_safetensors",
+           "sketch_slots_numpy"]
 
 # safetensors dtype → little-endian layout of its bytes in the file
 _FILE_LAYOUT: dict[str, np.dtype[Any]] = {
@@ -161,9 +162,40 @@ class TensorFile:
         return _chunks(self._shard, name, self.entries[name])
 
 
+Fingerprint = tuple[npt.NDArray[np.float64], npt.NDArray[np.float64] | None]  # (norms, sketch or None)
+
+
+class Fingerprints:
+    """The L2 norms (float64) and, with a ``sketcher``, the sketch of tensors taken one at a time
+    as streams of float64 chunks (:meth:`take`), then put in a ledger's order (:meth:`result`)."""
+
+    def __init__(self, sketcher: NumpySketch | None) -> None:
+        self.sketcher = sketcher
+        self._squares: dict[str, list[float]] = {}
+        self._signed: dict[str, npt.NDArray[np.float64] | None] = {}
+
+    def take(self, name: str, chunks: Iterable[npt.NDArray[np.float64]]) -> None:
+        """Read tensor ``name``'s chunks (in C order) to the end."""
+        chunks = _with_squares(chunks, self._squares.setdefault(name, []))
+        if self.sketcher is not None and name not in self.sketcher.skip:
+            self._signed[name] = self.sketcher.signed(name, chunks)
+        else:
+            collections.deque(chunks, maxlen=0)  # read for the norms alone
+
+    def result(self, order: Sequence[str]) -> Fingerprint | None:
+        """The norms (one per name of ``order``) and the sketch summed in that order; None when a
+        name of ``order`` was not taken."""
+        if any(n not in self._squares for n in order):
+            return None
+        norms = np.sqrt(np.array([math.fsum(self._squares[n]) for n in order], dtype=np.float64))
+        sketcher = self.sketcher
+        if sketcher is None:
+            return norms, None
+        return norms, sketcher.total(self._signed[n] for n in dict.fromkeys(order) if n not in sketcher.skip)
+
+
 def file_fingerprints(path: str | os.PathLike[str], order: Sequence[str],
-                      sketcher: NumpySketch | None) -> tuple[npt.NDArray[np.float64],
-                                                              npt.NDArray[np.float64] | None] | None:
+                      sketcher: NumpySketch | None) -> Fingerprint | None:
     """The L2 norms (float64, one per name of ``order``) of tensors of a safetensors file (or of
     every shard named by a ``*.index.json``) and, with a ``sketcher``, their sketch: what
     :func:`read_safetensors` and the sketcher give (the sketch equal, the norms up to summation
@@ -171,23 +203,13 @@ def file_fingerprints(path: str | os.PathLike[str], order: Sequence[str],
     Every tensor is read as :func:`read_safetensors` reads it (FormatError for one it cannot read);
     None when a name of ``order`` is in no file."""
     wanted = set(order)
-    squares: dict[str, list[float]] = {}
-    signed: dict[str, npt.NDArray[np.float64] | None] = {}
+    found = Fingerprints(sketcher)
     for shard in read_shards(path):
         for name, e in shard.entries.items():
             _layout(shard.file, name, e.dtype)
             if name in wanted:
-                chunks = _with_squares(_chunks(shard, name, e), squares.setdefault(name, []))
-                if sketcher is not None and name not in sketcher.skip:
-                    signed[name] = sketcher.signed(name, chunks)
-                else:
-                    collections.deque(chunks, maxlen=0)  # read for the norms alone
-    if wanted - set(squares):
-        return None
-    norms = np.sqrt(np.array([math.fsum(squares[n]) for n in order], dtype=np.float64))
-    if sketcher is None:
-        return norms, None
-    return norms, sketcher.total(signed[n] for n in dict.fromkeys(order) if n not in sketcher.skip)
+                found.take(name, _chunks(shard, name, e))
+    return found.result(order)
 
 
 # ----------------------------------------------------------------------------- count-sketch

@@ -13,7 +13,6 @@ and says so). A verdict resting on norms alone warns.
 
 from __future__ import annotations
 
-import collections
 import functools
 import math
 from collections.abc import Iterable, Iterator
@@ -25,7 +24,7 @@ import numpy as np
 from ledger._blocked import TENSOR_V1
 from ledger._record import Kind
 from ledger._state import FILES, checkpoint_file, read_meta
-from ledger._weights import NumpySketch, TensorFile, _with_squares, map_runs
+from ledger._weights import Fingerprint, Fingerprints, NumpySketch, TensorFile, map_runs
 from ledger.verify._bounds import Bounds, dtype_rounding, norm_rtol
 from ledger.verify._columns import StepColumns
 from ledger.verify._context import Context
@@ -490,31 +489,36 @@ def _check_checkpoint(view: RunView, bounds: Bounds, walk: _Walk, meta: dict[str
 
 
 def _stream(order: list[str], before: TensorFile | None, after: TensorFile, sketcher: NumpySketch | None,
-            interval: _Interval | None) -> tuple[np.ndarray, np.ndarray | None] | None:
+            interval: _Interval | None) -> Fingerprint | None:
     """One pass over the tensors of ``order`` in ``after``: their (norms, sketch — with a
     ``sketcher``), None when one is missing; each chunk also goes to ``interval`` beside the same
     chunk of ``before`` (when it holds the tensor in the same shape; a shape genesis does not state
     is the layout check's)."""
-    squares: dict[str, list[float]] = {}
-    signed: list[np.ndarray | None] = []
+    found = Fingerprints(sketcher)
     for i, name in enumerate(order):
         if name not in after.entries:
             continue
-        chunks = _with_squares(after.chunks(name), squares.setdefault(name, []))
+        chunks: Iterable[np.ndarray] = after.chunks(name)
         old = before.entries.get(name) if before is not None else None
         if interval is not None and before is not None and old is not None and old.shape == after.entries[name].shape:
             chunks = interval.follow(i, name, before.chunks(name), chunks)
-        if sketcher is not None and name not in sketcher.skip:
-            signed.append(sketcher.signed(name, chunks))
-        else:
-            collections.deque(chunks, maxlen=0)
-    if any(n not in squares for n in order):
-        return None
-    norms = np.sqrt(np.array([math.fsum(squares[n]) for n in order], dtype=np.float64))
-    return norms, sketcher.total(signed) if sketcher is not None else None
+        found.take(name, chunks)
+    return found.result(order)
 
 
-def logged_problems(real: tuple[np.ndarray, np.ndarray | None] | None, sketch: np.ndarray | None,
+def file_problems(view: RunView, path: Path, step: int) -> list[str]:
+    """How the norms and sketch logged at ``step`` disagree with the tensors of a safetensors file
+    (or sharded index), read in one bounded pass (memory O(a chunk), whatever its size); each phrase
+    to be followed by what the file is."""
+    from ledger._weights import file_fingerprints
+
+    body = view.steps[step]
+    sketcher = NumpySketch.of(view.policy) if body.sketch is not None else None
+    return logged_problems(file_fingerprints(path, view.tensor_order, sketcher), body.sketch, body.norms,
+                           norm_rtol(view))
+
+
+def logged_problems(real: Fingerprint | None, sketch: np.ndarray | None,
                     norms: np.ndarray | None, rtol: np.ndarray) -> list[str]:
     """How logged fingerprints (sketch, norms) disagree with the (norms, sketch) of real weights,
     computed in one bounded pass over their file (:func:`_stream`,
@@ -768,12 +772,8 @@ def _check_final(ctx: Context, view: RunView, walk: _Walk) -> tuple[str, str]:
     if ctx.model is None:
         return "", (f"the sealed final weights are tied to nothing the verifier could check: no checkpoint or "
                     f"digests at the last step {last} (give --model to compare its norms and sketch)")
-    from ledger._weights import file_fingerprints
-
-    body = view.steps[last]  # one bounded pass over the file: memory O(a chunk), whatever its size
-    sketcher = NumpySketch.of(view.policy) if body.sketch is not None else None
-    problems = logged_problems(file_fingerprints(ctx.model, view.tensor_order, sketcher), body.sketch, body.norms,
-                               norm_rtol(view))
+    body = view.steps[last]
+    problems = file_problems(view, ctx.model, last)
     if problems:
         walk.anomalies.append({"step": last, "ratio": math.inf, "evidence": "final",
                                "detail": f"{' and '.join(problems)} the released weights ({ctx.model.name})"})

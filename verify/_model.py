@@ -13,7 +13,7 @@ from ledger._record import HEADER_SIZE, Kind, decode_header
 from ledger._schema import SealBody
 from ledger.errors import ConfigurationError, FormatError
 from ledger.verify._context import Context
-from ledger.verify._continuity import logged_problems
+from ledger.verify._continuity import file_problems
 from ledger.verify._load import Records
 from ledger.verify._result import CheckResult, Status
 
@@ -93,9 +93,6 @@ def _unsealed(ctx: Context, model: Path) -> CheckResult:
     """An unsealed ledger (an interrupted run, or one cut short): compare the file with the state at
     the last recorded step — its checkpoint or logged digests, else its norms and sketch. A match
     warns (nothing seals it as the released state); a mismatch fails."""
-    from ledger._weights import NumpySketch, file_fingerprints
-    from ledger.verify._bounds import norm_rtol
-
     view = ctx.view
     assert view is not None
     last, digests, where = view.last_state()
@@ -106,12 +103,8 @@ def _unsealed(ctx: Context, model: Path) -> CheckResult:
             differ = sorted(n for n in set(found) | set(digests) if found.get(n) != digests.get(n))
             problems = [f"{len(differ)} tensor(s) differ from {where}: {', '.join(differ[:8])}"] if differ else []
         else:
-            body = view.steps[last]
-            sketcher = NumpySketch.of(view.policy)
-            problems = [f"{p} the file" for p in logged_problems(file_fingerprints(
-                model, view.tensor_order, sketcher if body.sketch is not None else None), body.sketch, body.norms,
-                norm_rtol(view))]
-            where = f"the norms{' and sketch' if body.sketch is not None else ''} logged at step {last}"
+            problems = [f"{p} the file" for p in file_problems(view, model, last)]
+            where = f"the norms{' and sketch' if view.steps[last].sketch is not None else ''} logged at step {last}"
     except (FormatError, ConfigurationError) as exc:
         return CheckResult("model", Status.FAIL, f"{model}: {exc}", data)
     if problems:
